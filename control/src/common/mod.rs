@@ -1,0 +1,54 @@
+//! What every long-running binary shares: layered configuration (flags, config file,
+//! environment), overlay flags, logs, the Prometheus endpoint and shutdown on signals.
+
+pub mod config;
+pub mod http;
+pub mod net;
+pub mod overlay_args;
+pub mod telemetry;
+
+/// Resolves when the process receives SIGINT (Ctrl-C) or SIGTERM (`docker stop`, `kill`).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+    }
+}
+
+/// The `main` of every binary: parses the layered configuration of `C`, starts logs and a
+/// Tokio runtime, runs `run`, and turns an error into a message on stderr and exit code 1
+/// (usage errors exit with 2, as clap does).
+pub fn run_binary<C, F>(
+    name: &str,
+    debug: impl FnOnce(&C) -> bool,
+    run: impl FnOnce(C) -> F,
+) -> std::process::ExitCode
+where
+    C: clap::CommandFactory + clap::FromArgMatches,
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let cli: C = match config::parse_layered(std::env::args_os().collect(), "config") {
+        Ok(cli) => cli,
+        Err(error) => {
+            eprintln!("{name}: {error}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    telemetry::init_logs(debug(&cli));
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("{name}: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{name}: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

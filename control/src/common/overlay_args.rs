@@ -1,0 +1,99 @@
+//! The overlay flags every program takes, and how they become a [`NodeConfig`].
+
+use std::path::PathBuf;
+
+use crate::overlay::{
+    BootstrapAddr, NetworkKey, NodeConfig,
+    identity::{IdentityError, IdentitySource, KeyAlgorithm, expand_home},
+};
+
+/// Environment variable with whitespace-separated bootstrap addresses, used when neither the
+/// command line nor the config file names any (the allocator sets it for its instances).
+pub const BOOTSTRAPS_ENV: &str = "P2P_BOOTSTRAPS";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct OverlayArgs {
+    /// Multiaddr of a bootstrap node, ending in /p2p/<peer id>; repeat for several. Without
+    /// any, the whitespace-separated list in env P2P_BOOTSTRAPS is used.
+    #[arg(long = "bootstrap", value_name = "MULTIADDR")]
+    pub bootstraps: Vec<String>,
+
+    /// Passphrase of a private network: only nodes given the same one can connect. Empty means
+    /// an open network.
+    #[arg(
+        long,
+        env = "P2P_PSK",
+        value_name = "PASSPHRASE",
+        hide_env_values = true
+    )]
+    pub psk: Option<String>,
+
+    /// File holding this node's private key, created on first start; keeps the peer ID stable
+    /// across restarts.
+    #[arg(long, value_name = "FILE")]
+    pub keyfile: Option<PathBuf>,
+
+    /// Use a new identity for this run only: no key file is read or written.
+    #[arg(long)]
+    pub ephemeral: bool,
+
+    /// Key algorithm of a newly created identity.
+    #[arg(long, value_enum, default_value_t, value_name = "ALGORITHM")]
+    pub algo: KeyAlgorithm,
+}
+
+impl OverlayArgs {
+    /// The bootstrap addresses from the flags (or config file), else from P2P_BOOTSTRAPS.
+    /// An invalid one is an error naming it and where it came from.
+    pub fn bootstrap_addrs(&self) -> Result<Vec<BootstrapAddr>, String> {
+        if !self.bootstraps.is_empty() {
+            return self
+                .bootstraps
+                .iter()
+                .map(|text| text.parse().map_err(|e| format!("--bootstrap: {e}")))
+                .collect();
+        }
+        let from_env = std::env::var(BOOTSTRAPS_ENV).unwrap_or_default();
+        from_env
+            .split_whitespace()
+            .map(|text| text.parse().map_err(|e| format!("{BOOTSTRAPS_ENV}: {e}")))
+            .collect()
+    }
+
+    pub fn network_key(&self) -> Option<NetworkKey> {
+        self.psk
+            .as_deref()
+            .filter(|p| !p.is_empty())
+            .map(NetworkKey::from_passphrase)
+    }
+
+    /// Where the identity comes from; `default_keyfile` (e.g. `~/.privKeyPing`) unless
+    /// `--keyfile` names another.
+    pub fn identity(&self, default_keyfile: &str) -> IdentitySource {
+        if self.ephemeral {
+            return IdentitySource::Ephemeral(self.algo);
+        }
+        let path = self
+            .keyfile
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(default_keyfile));
+        IdentitySource::File(expand_home(&path), self.algo)
+    }
+
+    /// A node configuration for `role` from these flags, with default timing.
+    pub fn node_config(&self, role: &str, default_keyfile: &str) -> Result<NodeConfig, ArgsError> {
+        let keypair = self.identity(default_keyfile).load()?;
+        let mut config = NodeConfig::new(role, keypair);
+        config.bootstraps = self.bootstrap_addrs().map_err(ArgsError::Bootstrap)?;
+        config.network_key = self.network_key();
+        Ok(config)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArgsError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("{0}")]
+    Bootstrap(String),
+}

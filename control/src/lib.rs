@@ -1,0 +1,14 @@
+//! Control plane of multi-tier-cloud.
+//!
+//! - [`overlay`]: the libp2p network every program joins, with discovery by namespace.
+//! - [`rpc`]: typed request-response control protocols over overlay streams.
+//! - [`rtt`]: sliding-window RTT histograms per peer.
+//! - [`monitor`]: the `ping-monitor` bootstrap node and its Prometheus export.
+//! - [`common`]: what every binary shares: flags and config files, logs, the metrics endpoint,
+//!   shutdown on signals.
+
+pub mod common;
+pub mod monitor;
+pub mod overlay;
+pub mod rpc;
+pub mod rtt;

@@ -1,0 +1,64 @@
+//! The libp2p behaviours every node runs, and their protocol names.
+
+use std::time::Duration;
+
+use libp2p::{
+    StreamProtocol, identify, identity::PublicKey, kad, kad::store::MemoryStore, ping,
+    swarm::NetworkBehaviour,
+};
+
+use super::NodeConfig;
+
+/// Kademlia protocol of this overlay. Not IPFS's `/ipfs/kad/1.0.0`, so that our DHT never
+/// merges with a public one a node might also reach.
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/mtc/kad/1.0.0");
+/// Sent in identify so peers can tell overlay members from other libp2p software.
+pub const IDENTIFY_PROTOCOL_VERSION: &str = "/mtc/1.0.0";
+/// How long one DHT query (a provider lookup, an announcement) may run.
+const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    pub kad: kad::Behaviour<MemoryStore>,
+    pub identify: identify::Behaviour,
+    pub ping: ping::Behaviour,
+    pub streams: libp2p_stream::Behaviour,
+}
+
+impl Behaviour {
+    pub fn new(public: PublicKey, config: &NodeConfig) -> Self {
+        let peer_id = public.to_peer_id();
+        let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+        kad_config
+            .set_query_timeout(KAD_QUERY_TIMEOUT)
+            .set_provider_record_ttl(Some(config.timing.provider_ttl))
+            // Republish at half the lifetime so a record is renewed well before it expires.
+            .set_provider_publication_interval(Some(config.timing.provider_ttl / 2));
+        let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
+        // Every node answers DHT queries. Left to decide by itself, kad waits for a confirmed
+        // external address and stays a client on private networks: discovery then silently
+        // fails, as it did for the original system (its issue common#15).
+        kad.set_mode(Some(kad::Mode::Server));
+
+        let agent = format!(
+            "multi-tier-cloud/{} {}",
+            env!("CARGO_PKG_VERSION"),
+            config.role
+        );
+        let identify = identify::Behaviour::new(
+            identify::Config::new(IDENTIFY_PROTOCOL_VERSION.to_owned(), public)
+                .with_agent_version(agent),
+        );
+        let ping = ping::Behaviour::new(
+            ping::Config::new()
+                .with_interval(config.timing.ping_interval)
+                .with_timeout(config.timing.ping_timeout),
+        );
+        Self {
+            kad,
+            identify,
+            ping,
+            streams: libp2p_stream::Behaviour::new(),
+        }
+    }
+}

@@ -1,0 +1,440 @@
+//! The task that owns the libp2p swarm: it turns [`Command`]s from [`Node`](super::Node)
+//! handles into swarm calls and swarm events into RTT samples, provider results and bootstrap
+//! reconnections. All I/O of the overlay happens here.
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt, channel::mpsc as fmpsc};
+use libp2p::{
+    Multiaddr, PeerId, Swarm, TransportError,
+    core::transport::ListenerId,
+    identify, kad,
+    multiaddr::Protocol,
+    ping,
+    swarm::{
+        DialError, SwarmEvent,
+        dial_opts::{DialOpts, PeerCondition},
+    },
+};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    NodeConfig, StartError,
+    behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL},
+    bootstrap::{Action, Bootstraps, Timer},
+    namespace::record_key,
+};
+use crate::rtt::RttTable;
+
+/// Requests from [`Node`](super::Node) handles (and the driver's own timers).
+pub(crate) enum Command {
+    Advertise(String),
+    StopAdvertising(String),
+    Advertised(oneshot::Sender<Vec<String>>),
+    FindProviders(String, fmpsc::UnboundedSender<PeerId>),
+    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Timer(Timer),
+    Shutdown,
+}
+
+/// How often peers without recent RTT samples are looked for.
+const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Start-up in progress: listeners not yet bound, then joining.
+struct Startup {
+    reply: oneshot::Sender<Result<(), StartError>>,
+    unbound: HashMap<ListenerId, Multiaddr>,
+}
+
+/// One running provider search.
+struct Search {
+    results: fmpsc::UnboundedSender<PeerId>,
+    seen: HashSet<PeerId>,
+}
+
+pub(crate) struct Driver {
+    swarm: Swarm<Behaviour>,
+    bootstraps: Bootstraps,
+    advertised: BTreeSet<String>,
+    searches: HashMap<kad::QueryId, Search>,
+    rtt: Arc<RttTable>,
+    peer_expiry: Duration,
+    commands: mpsc::Receiver<Command>,
+    /// Timers post back into the command queue; weak so that pending timers do not keep a node
+    /// whose handles are all gone alive.
+    timers: mpsc::WeakSender<Command>,
+    startup: Option<Startup>,
+    stopping: bool,
+}
+
+impl Driver {
+    pub fn new(
+        swarm: Swarm<Behaviour>,
+        config: &NodeConfig,
+        rtt: Arc<RttTable>,
+        listeners: Vec<(ListenerId, Multiaddr)>,
+        commands: mpsc::Receiver<Command>,
+        timers: mpsc::WeakSender<Command>,
+        reply: oneshot::Sender<Result<(), StartError>>,
+    ) -> Self {
+        Self {
+            swarm,
+            bootstraps: Bootstraps::new(&config.bootstraps, config.timing.bootstrap),
+            advertised: BTreeSet::new(),
+            searches: HashMap::new(),
+            rtt,
+            peer_expiry: config.timing.peer_expiry,
+            commands,
+            timers,
+            startup: Some(Startup {
+                reply,
+                unbound: listeners.into_iter().collect(),
+            }),
+            stopping: false,
+        }
+    }
+}
+
+pub(crate) async fn run(stopped: tokio_util::sync::CancellationToken, mut driver: Driver) {
+    // Cancelled however the loop ends, even by a panic.
+    let _stopped = stopped.drop_guard();
+    let mut expiry = tokio::time::interval(EXPIRY_CHECK_INTERVAL);
+    expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !driver.stopping {
+        tokio::select! {
+            event = driver.swarm.select_next_some() => driver.on_swarm_event(event),
+            command = driver.commands.recv() => match command {
+                Some(command) => driver.on_command(command),
+                // Every handle is gone: nobody can use this node any more.
+                None => driver.stopping = true,
+            },
+            _ = expiry.tick() => {
+                for peer in driver.rtt.expire(Instant::now(), driver.peer_expiry) {
+                    tracing::debug!(%peer, "no RTT sample for too long, forgetting peer");
+                }
+            }
+        }
+    }
+    tracing::debug!(peer = %driver.swarm.local_peer_id(), "overlay node stopped");
+}
+
+impl Driver {
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Advertise(namespace) => {
+                self.publish(&namespace);
+                self.advertised.insert(namespace);
+            }
+            Command::StopAdvertising(namespace) => {
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .stop_providing(&record_key(&namespace));
+                self.advertised.remove(&namespace);
+            }
+            Command::Advertised(reply) => {
+                let _ = reply.send(self.advertised.iter().cloned().collect());
+            }
+            Command::FindProviders(namespace, results) => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(record_key(&namespace));
+                self.searches.insert(
+                    id,
+                    Search {
+                        results,
+                        seen: HashSet::new(),
+                    },
+                );
+            }
+            Command::ConnectedPeers(reply) => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::ListenAddrs(reply) => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::Timer(timer) => {
+                let actions = self.bootstraps.on_timer(timer);
+                self.apply(actions);
+            }
+            Command::Shutdown => self.stopping = true,
+        }
+    }
+
+    /// Announces one namespace to the DHT (kad republishes it every half record lifetime).
+    fn publish(&mut self, namespace: &str) {
+        if let Err(error) = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .start_providing(record_key(namespace))
+        {
+            tracing::warn!(namespace, %error, "cannot store own provider record");
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                tracing::debug!(%address, "listening");
+                if let Some(startup) = &mut self.startup
+                    && startup.unbound.remove(&listener_id).is_some()
+                    && startup.unbound.is_empty()
+                {
+                    self.join();
+                }
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason: Err(error),
+                ..
+            } => {
+                self.fail_listener(listener_id, error.to_string());
+            }
+            SwarmEvent::ListenerError { listener_id, error } => {
+                self.fail_listener(listener_id, error.to_string());
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                if num_established.get() == 1 {
+                    tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "peer connected");
+                }
+                let actions = self.bootstraps.on_connected(&peer_id);
+                self.apply(actions);
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                cause,
+                ..
+            } => {
+                tracing::debug!(peer = %peer_id, ?cause, "peer disconnected");
+                let actions = self.bootstraps.on_disconnected(&peer_id);
+                self.apply(actions);
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } => {
+                tracing::debug!(%peer, error = %dial_error_text(&error), "dial failed");
+                let actions = self
+                    .bootstraps
+                    .on_dial_failed(&peer, dial_error_text(&error));
+                self.apply(actions);
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                // With a private network, this is where peers with another key end up.
+                tracing::debug!(from = %send_back_addr, %error, "inbound connection failed");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result, .. })) => {
+                match result {
+                    Ok(rtt) => self.rtt.record(peer, rtt, Instant::now()),
+                    Err(error) => tracing::debug!(%peer, %error, "ping failed"),
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) if info.protocols.contains(&KAD_PROTOCOL) => {
+                // Peers that speak our DHT go into the routing table at the addresses they
+                // listen on, so lookups can reach them.
+                let kad = &mut self.swarm.behaviour_mut().kad;
+                for addr in info.listen_addrs {
+                    kad.add_address(&peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad_event(event),
+            _ => {}
+        }
+    }
+
+    fn on_kad_event(&mut self, event: kad::Event) {
+        let kad::Event::OutboundQueryProgressed {
+            id, result, step, ..
+        } = event
+        else {
+            return;
+        };
+        match result {
+            kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
+                providers,
+                ..
+            })) => self.deliver_providers(id, providers),
+            kad::QueryResult::GetProviders(_) => {
+                self.searches.remove(&id);
+            }
+            kad::QueryResult::StartProviding(Err(error)) => {
+                // Usual while the network is small or forming; the record is republished.
+                tracing::debug!(?error, "provider announcement incomplete");
+            }
+            _ => {}
+        }
+        if step.last {
+            self.searches.remove(&id);
+        }
+    }
+
+    fn deliver_providers(&mut self, id: kad::QueryId, providers: HashSet<PeerId>) {
+        let local = *self.swarm.local_peer_id();
+        let Some(search) = self.searches.get_mut(&id) else {
+            return;
+        };
+        let mut to_dial = Vec::new();
+        for peer in providers {
+            if peer == local || !search.seen.insert(peer) {
+                continue;
+            }
+            if search.results.unbounded_send(peer).is_err() {
+                // The caller stopped listening: no point in finishing the query.
+                self.searches.remove(&id);
+                if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                    query.finish();
+                }
+                return;
+            }
+            to_dial.push(peer);
+        }
+        for peer in to_dial {
+            // Dial while the query still holds the provider's addresses (kad hands them to the
+            // swarm only for the query's lifetime).
+            if !self.swarm.is_connected(&peer) {
+                let _ = self.swarm.dial(
+                    DialOpts::peer_id(peer)
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build(),
+                );
+            }
+        }
+    }
+
+    fn fail_listener(&mut self, listener: ListenerId, reason: String) {
+        if let Some(startup) = &mut self.startup
+            && let Some(addr) = startup.unbound.remove(&listener)
+        {
+            self.finish_startup(Err(StartError::Listen { addr, reason }));
+        } else {
+            tracing::warn!(%reason, "a listener failed");
+        }
+    }
+
+    /// All listeners are bound: join the overlay through the bootstraps.
+    fn join(&mut self) {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        for bootstrap in self.bootstraps.addrs() {
+            kad.add_address(&bootstrap.peer, without_p2p(&bootstrap.addr));
+        }
+        let actions = self.bootstraps.start();
+        self.apply(actions);
+    }
+
+    fn finish_startup(&mut self, result: Result<(), StartError>) {
+        if let Some(startup) = self.startup.take() {
+            if result.is_err() {
+                self.stopping = true;
+            }
+            let _ = startup.reply.send(result);
+        }
+    }
+
+    fn apply(&mut self, actions: Vec<Action>) {
+        let mut queue = std::collections::VecDeque::from(actions);
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Dial(peer, addr) => {
+                    let opts = DialOpts::peer_id(peer)
+                        .addresses(vec![without_p2p(&addr)])
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    match self.swarm.dial(opts) {
+                        Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
+                        Err(error) => queue.extend(
+                            self.bootstraps
+                                .on_dial_failed(&peer, dial_error_text(&error)),
+                        ),
+                    }
+                }
+                Action::Schedule(timer, delay) => {
+                    let commands = self.timers.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        if let Some(commands) = commands.upgrade() {
+                            let _ = commands.send(Command::Timer(timer)).await;
+                        }
+                    });
+                }
+                Action::Joined => {
+                    self.refresh_routing();
+                    self.finish_startup(Ok(()));
+                }
+                Action::JoinFailed(error) => self.finish_startup(Err(error.into())),
+                Action::Reconnected(peer) => {
+                    tracing::info!(%peer, "bootstrap reconnected, re-advertising");
+                    self.refresh_routing();
+                    for namespace in self.advertised.clone() {
+                        self.publish(&namespace);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fills the routing table from the peers known so far.
+    fn refresh_routing(&mut self) {
+        // Fails only when the routing table is empty: the first bootstrap of a network.
+        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+    }
+}
+
+fn without_p2p(addr: &Multiaddr) -> Multiaddr {
+    addr.iter()
+        .filter(|p| !matches!(p, Protocol::P2p(_)))
+        .collect()
+}
+
+/// The innermost cause of an error: "Connection refused", not five layers of wrapping.
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(source) = current.source() {
+        current = source;
+    }
+    current.to_string()
+}
+
+fn dial_error_text(error: &DialError) -> String {
+    match error {
+        DialError::Transport(attempts) => {
+            let causes: Vec<String> = attempts.iter().map(|(_, e)| root_cause(e)).collect();
+            causes.join("; ")
+        }
+        other => root_cause(other),
+    }
+}
+
+pub(crate) fn transport_error_text(error: &TransportError<std::io::Error>) -> String {
+    match error {
+        TransportError::MultiaddrNotSupported(addr) => {
+            format!("{addr} is not a TCP address this node can listen on")
+        }
+        TransportError::Other(e) => e.to_string(),
+    }
+}

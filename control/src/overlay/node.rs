@@ -1,0 +1,324 @@
+//! The handle programs use: start a node, advertise and find namespaces, read RTTs, open
+//! streams for the control protocols, shut down.
+
+use std::{
+    sync::{Arc, Mutex, Weak},
+    time::{Duration, Instant},
+};
+
+use futures::channel::mpsc as fmpsc;
+use libp2p::{Multiaddr, PeerId, identity::Keypair, multiaddr::Protocol};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    behaviour::Behaviour,
+    bootstrap::{BootstrapAddr, BootstrapPolicy, JoinError},
+    driver::{self, Command},
+    psk::NetworkKey,
+    transport,
+};
+use crate::rtt::{RttStats, RttTable, WindowShape};
+
+/// Timers and lifetimes of the overlay; the defaults suit a real network, tests shorten them.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    /// How often every connection is pinged (RTT samples).
+    pub ping_interval: Duration,
+    /// A ping without answer for this long counts as failed.
+    pub ping_timeout: Duration,
+    /// Lifetime of a provider record at the nodes that store it; the provider republishes it
+    /// every half of that. A provider that stops is forgotten at most this long afterwards.
+    pub provider_ttl: Duration,
+    /// Joining and reconnecting to bootstraps.
+    pub bootstrap: BootstrapPolicy,
+    /// Sliding window of the per-peer RTT histograms.
+    pub rtt_window: WindowShape,
+    /// A peer without an RTT sample for this long is dropped from the RTT table.
+    pub peer_expiry: Duration,
+    /// Deadline of one control-protocol request (open, send, answer).
+    pub request_timeout: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            ping_interval: Duration::from_secs(5),
+            ping_timeout: Duration::from_secs(10),
+            provider_ttl: Duration::from_secs(120),
+            bootstrap: BootstrapPolicy::default(),
+            rtt_window: WindowShape::default(),
+            peer_expiry: Duration::from_secs(600),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// What this program is ("ping-monitor", "proxy", ...): sent in identify and node info.
+    pub role: String,
+    pub keypair: Keypair,
+    /// Addresses to listen on; `/ip4/0.0.0.0/tcp/0` picks any free port.
+    pub listen: Vec<Multiaddr>,
+    pub bootstraps: Vec<BootstrapAddr>,
+    /// Set for a private network: only peers with the same key can connect.
+    pub network_key: Option<NetworkKey>,
+    pub timing: Timing,
+}
+
+impl NodeConfig {
+    /// A node with default timing that listens on a free port of every interface.
+    pub fn new(role: impl Into<String>, keypair: Keypair) -> Self {
+        Self {
+            role: role.into(),
+            keypair,
+            listen: vec!["/ip4/0.0.0.0/tcp/0".parse().expect("valid multiaddr")],
+            bootstraps: Vec::new(),
+            network_key: None,
+            timing: Timing::default(),
+        }
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+    #[error("cannot set up the transport: {0}")]
+    Transport(String),
+    #[error(transparent)]
+    Join(#[from] JoinError),
+    #[error("the node stopped while starting")]
+    Stopped,
+}
+
+/// A running overlay node. Cheap to clone; the node stops when [`Node::shutdown`] is called or
+/// the last clone is dropped.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    peer_id: PeerId,
+    role: String,
+    network_key: Option<NetworkKey>,
+    timing: Timing,
+    commands: mpsc::Sender<Command>,
+    streams: libp2p_stream::Control,
+    rtt: Arc<RttTable>,
+    /// Cancelled when the driver stops, for tasks serving the node's protocols.
+    stopped: CancellationToken,
+    driver: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Node {
+    /// Starts listening, joins the overlay through the bootstraps (dialing all of them at once,
+    /// retrying with backoff) and returns once at least one answered.
+    pub async fn start(config: NodeConfig) -> Result<Node, StartError> {
+        let peer_id = config.keypair.public().to_peer_id();
+        let psk = config.network_key.as_ref().map(NetworkKey::pre_shared_key);
+        let transport = transport::build(&config.keypair, psk)
+            .map_err(|e| StartError::Transport(e.to_string()))?;
+        let behaviour = Behaviour::new(config.keypair.public(), &config);
+        let mut swarm = libp2p::Swarm::new(
+            transport,
+            behaviour,
+            peer_id,
+            libp2p::swarm::Config::with_tokio_executor()
+                // Overlay connections stay up: the ping-monitor measures every member and a
+                // lost bootstrap connection triggers a reconnect. Idle timeouts would make both
+                // flap.
+                .with_idle_connection_timeout(Duration::from_secs(u64::MAX)),
+        );
+        let streams = swarm.behaviour().streams.new_control();
+        let rtt = Arc::new(RttTable::new(config.timing.rtt_window));
+
+        let mut listeners = Vec::new();
+        for addr in &config.listen {
+            let id = swarm
+                .listen_on(addr.clone())
+                .map_err(|e| StartError::Listen {
+                    addr: addr.clone(),
+                    reason: driver::transport_error_text(&e),
+                })?;
+            listeners.push((id, addr.clone()));
+        }
+
+        let (commands, command_rx) = mpsc::channel(64);
+        let (started_tx, started_rx) = oneshot::channel();
+        let stopped = CancellationToken::new();
+        let handle = tokio::spawn(driver::run(
+            stopped.clone(),
+            driver::Driver::new(
+                swarm,
+                &config,
+                Arc::clone(&rtt),
+                listeners,
+                command_rx,
+                commands.downgrade(),
+                started_tx,
+            ),
+        ));
+        match started_rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                let _ = handle.await;
+                return Err(error);
+            }
+            Err(_) => return Err(StartError::Stopped),
+        }
+        Ok(Node {
+            inner: Arc::new(Inner {
+                peer_id,
+                role: config.role,
+                network_key: config.network_key,
+                timing: config.timing,
+                commands,
+                streams,
+                rtt,
+                stopped,
+                driver: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.peer_id
+    }
+
+    pub fn role(&self) -> &str {
+        &self.inner.role
+    }
+
+    pub fn timing(&self) -> &Timing {
+        &self.inner.timing
+    }
+
+    /// The network key, for programs that hand it on (the allocator to its instances).
+    pub fn network_key(&self) -> Option<&NetworkKey> {
+        self.inner.network_key.as_ref()
+    }
+
+    /// The addresses the node listens on, each ending in `/p2p/<peer id>`: what others pass
+    /// as `--bootstrap`.
+    pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
+        let p2p = Protocol::P2p(self.inner.peer_id);
+        let addrs = self.command(Command::ListenAddrs).await.unwrap_or_default();
+        addrs.into_iter().map(|a| a.with(p2p.clone())).collect()
+    }
+
+    async fn command<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.commands.send(make(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// Announces that this node provides `namespace`; the announcement is renewed before it
+    /// expires and repeated whenever a lost bootstrap comes back, until
+    /// [`Node::stop_advertising`].
+    pub async fn advertise(&self, namespace: &str) {
+        let _ = self
+            .inner
+            .commands
+            .send(Command::Advertise(namespace.to_owned()))
+            .await;
+    }
+
+    /// Stops announcing `namespace`. Others forget it when their records expire
+    /// ([`Timing::provider_ttl`]).
+    pub async fn stop_advertising(&self, namespace: &str) {
+        let _ = self
+            .inner
+            .commands
+            .send(Command::StopAdvertising(namespace.to_owned()))
+            .await;
+    }
+
+    /// The namespaces this node advertises.
+    pub async fn advertised(&self) -> Vec<String> {
+        self.command(Command::Advertised).await.unwrap_or_default()
+    }
+
+    /// Finds the providers of `namespace` other than this node. Peers arrive as the DHT query
+    /// finds them, each once; the stream ends when the query does. The node dials each one
+    /// while the query still knows its addresses, so a stream can be opened to it right away.
+    pub async fn find_providers(&self, namespace: &str) -> fmpsc::UnboundedReceiver<PeerId> {
+        let (tx, rx) = fmpsc::unbounded();
+        let _ = self
+            .inner
+            .commands
+            .send(Command::FindProviders(namespace.to_owned(), tx))
+            .await;
+        rx
+    }
+
+    /// The peers this node has a connection to.
+    pub async fn connected_peers(&self) -> Vec<PeerId> {
+        self.command(Command::ConnectedPeers)
+            .await
+            .unwrap_or_default()
+    }
+
+    /// What this node has measured of the RTT to `peer`.
+    pub fn rtt(&self, peer: &PeerId) -> Option<RttStats> {
+        self.inner.rtt.get(peer, Instant::now())
+    }
+
+    /// The RTT table itself, for exporters that read every peer.
+    pub fn rtt_table(&self) -> &Arc<RttTable> {
+        &self.inner.rtt
+    }
+
+    /// A control to open and accept raw streams of the node's protocols.
+    pub fn streams(&self) -> libp2p_stream::Control {
+        self.inner.streams.clone()
+    }
+
+    /// A token cancelled once the node has stopped.
+    pub fn stopped(&self) -> CancellationToken {
+        self.inner.stopped.clone()
+    }
+
+    /// A handle that does not keep the node alive.
+    pub fn downgrade(&self) -> WeakNode {
+        WeakNode(Arc::downgrade(&self.inner))
+    }
+
+    /// Closes every connection and stops the node; other clones become inert.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.commands.send(Command::Shutdown).await;
+        let handle = self
+            .inner
+            .driver
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(handle) = handle {
+            let _ = handle.await;
+        }
+    }
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("peer_id", &self.inner.peer_id)
+            .field("role", &self.inner.role)
+            .finish()
+    }
+}
+
+/// A [`Node`] handle that does not keep the node running.
+#[derive(Clone)]
+pub struct WeakNode(Weak<Inner>);
+
+impl WeakNode {
+    /// The node, if some [`Node`] handle still exists.
+    pub fn upgrade(&self) -> Option<Node> {
+        self.0.upgrade().map(|inner| Node { inner })
+    }
+}

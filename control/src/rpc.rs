@@ -1,0 +1,281 @@
+//! Typed request-response over overlay streams: the control protocols (lookup, allocator, node
+//! info) are each one [`Protocol`] with a versioned ID and size limits.
+//!
+//! Wire format, one request per stream: the client writes one frame and closes its write side;
+//! the server answers with one frame and closes. A frame is a 4-byte big-endian length followed
+//! by that many bytes of CBOR. A length over the protocol's limit is refused before anything
+//! is allocated, so a peer cannot make another buffer more than the limit.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, StreamProtocol};
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::sync::Semaphore;
+
+use crate::overlay::Node;
+
+/// One control protocol: its ID (the version is part of it) and message types.
+pub trait Protocol: Send + Sync + 'static {
+    /// Versioned stream protocol ID, e.g. `/mtc/node-info/1`. An incompatible change gets a
+    /// new ID; a compatible one (new optional fields) keeps it.
+    const ID: StreamProtocol;
+    /// Largest encoded request a server accepts.
+    const MAX_REQUEST_BYTES: u32;
+    /// Largest encoded response a client accepts.
+    const MAX_RESPONSE_BYTES: u32;
+    type Request: Serialize + DeserializeOwned + Send + Sync + 'static;
+    type Response: Serialize + DeserializeOwned + Send + Sync + 'static;
+}
+
+/// Why a request or a frame failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    /// `target` reads "<protocol> to <peer>".
+    #[error("cannot open {target}: {reason}")]
+    Open { target: String, reason: String },
+    #[error("no answer to {target} within {timeout:?}")]
+    Timeout { target: String, timeout: Duration },
+    #[error("message of {len} bytes is over the limit of {limit} bytes")]
+    TooLarge { len: u64, limit: u32 },
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("stream failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Encodes `message` as one frame, refusing it if it exceeds `limit`.
+pub fn encode_frame<T: Serialize>(message: &T, limit: u32) -> Result<Vec<u8>, RpcError> {
+    let mut frame = vec![0; 4];
+    ciborium::into_writer(message, &mut frame).map_err(|e| RpcError::Malformed(e.to_string()))?;
+    let len = (frame.len() - 4) as u64;
+    if len > u64::from(limit) {
+        return Err(RpcError::TooLarge { len, limit });
+    }
+    frame[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(frame)
+}
+
+/// Decodes the body of a frame (without its length prefix).
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, RpcError> {
+    ciborium::from_reader(body).map_err(|e| RpcError::Malformed(e.to_string()))
+}
+
+/// Reads one frame, refusing lengths over `limit` before reading the body.
+pub async fn read_frame<T, R>(io: &mut R, limit: u32) -> Result<T, RpcError>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin,
+{
+    let mut len = [0; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len);
+    if len > limit {
+        return Err(RpcError::TooLarge {
+            len: len.into(),
+            limit,
+        });
+    }
+    let mut body = vec![0; len as usize];
+    io.read_exact(&mut body).await?;
+    decode_body(&body)
+}
+
+/// Writes one frame and flushes it.
+pub async fn write_frame<T, W>(io: &mut W, message: &T, limit: u32) -> Result<(), RpcError>
+where
+    T: Serialize,
+    W: AsyncWrite + Unpin,
+{
+    io.write_all(&encode_frame(message, limit)?).await?;
+    io.flush().await?;
+    Ok(())
+}
+
+/// How many requests of one protocol a node serves at once; more wait for a slot.
+const MAX_CONCURRENT_REQUESTS: usize = 256;
+
+impl Node {
+    /// Sends `request` to `peer` over protocol `P` and waits for the answer, within the node's
+    /// request timeout. Dials the peer if it is not connected.
+    pub async fn request<P: Protocol>(
+        &self,
+        peer: PeerId,
+        request: &P::Request,
+    ) -> Result<P::Response, RpcError> {
+        let timeout = self.timing().request_timeout;
+        let target = |peer: PeerId| format!("{} to {peer}", P::ID);
+        let exchange = async {
+            let mut stream =
+                self.streams()
+                    .open_stream(peer, P::ID)
+                    .await
+                    .map_err(|e| RpcError::Open {
+                        target: target(peer),
+                        reason: e.to_string(),
+                    })?;
+            write_frame(&mut stream, request, P::MAX_REQUEST_BYTES).await?;
+            stream.close().await?;
+            read_frame(&mut stream, P::MAX_RESPONSE_BYTES).await
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| RpcError::Timeout {
+                target: target(peer),
+                timeout,
+            })?
+    }
+
+    /// Serves protocol `P` with `handler` until the node stops. Each request runs in its own
+    /// task, at most [`MAX_CONCURRENT_REQUESTS`] at once; a peer that sends a malformed or
+    /// oversized request, or stalls, loses its stream and nothing else.
+    ///
+    /// # Panics
+    /// If `P` is already served by this node: a program wiring a protocol twice is a bug.
+    pub fn serve<P, H, F>(&self, handler: H)
+    where
+        P: Protocol,
+        H: Fn(PeerId, P::Request) -> F + Send + Sync + 'static,
+        F: Future<Output = P::Response> + Send + 'static,
+    {
+        let mut incoming = self
+            .streams()
+            .accept(P::ID)
+            .unwrap_or_else(|_| panic!("protocol {} is served twice", P::ID));
+        let timeout = self.timing().request_timeout;
+        let handler = Arc::new(handler);
+        let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS));
+        let stopped = self.stopped();
+        tokio::spawn(async move {
+            loop {
+                let (peer, mut stream) = tokio::select! {
+                    next = incoming.next() => match next {
+                        Some(next) => next,
+                        None => return,
+                    },
+                    () = stopped.cancelled() => return,
+                };
+                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                    return;
+                };
+                let handler = Arc::clone(&handler);
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let exchange = async {
+                        let request = read_frame(&mut stream, P::MAX_REQUEST_BYTES).await?;
+                        let response = handler(peer, request).await;
+                        write_frame(&mut stream, &response, P::MAX_RESPONSE_BYTES).await?;
+                        stream.close().await?;
+                        Ok::<_, RpcError>(())
+                    };
+                    match tokio::time::timeout(timeout, exchange).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => {
+                            tracing::debug!(%peer, protocol = %P::ID, %error, "request failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, protocol = %P::ID, "request timed out"),
+                    }
+                });
+            }
+        });
+    }
+}
+
+/// Every node answers this: what it is and what it provides. Used by `check` and by tests.
+pub struct NodeInfoProtocol;
+
+/// The answer to a node-info request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct NodeInfo {
+    /// The program: "ping-monitor", "proxy", ...
+    pub role: String,
+    /// The program's version.
+    pub version: String,
+    /// The namespaces the node advertises.
+    pub advertised: Vec<String>,
+}
+
+impl Protocol for NodeInfoProtocol {
+    const ID: StreamProtocol = StreamProtocol::new("/mtc/node-info/1");
+    const MAX_REQUEST_BYTES: u32 = 64;
+    const MAX_RESPONSE_BYTES: u32 = 64 * 1024;
+    type Request = ();
+    type Response = NodeInfo;
+}
+
+/// Serves [`NodeInfoProtocol`] on `node`.
+pub fn serve_node_info(node: &Node) {
+    // Weak: serving must not keep the node alive once its program dropped it.
+    let weak = node.downgrade();
+    let role = node.role().to_owned();
+    node.serve::<NodeInfoProtocol, _, _>(move |_peer, ()| {
+        let node = weak.upgrade();
+        let role = role.clone();
+        async move {
+            let advertised = match node {
+                Some(node) => node.advertised().await,
+                None => Vec::new(),
+            };
+            NodeInfo {
+                role,
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                advertised,
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let info = NodeInfo {
+            role: "proxy".into(),
+            version: "1".into(),
+            advertised: vec!["a".into()],
+        };
+        let frame = encode_frame(&info, 1024).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize,
+            frame.len() - 4
+        );
+        let back: NodeInfo = decode_body(&frame[4..]).unwrap();
+        assert_eq!(back, info);
+    }
+
+    #[test]
+    fn oversized_messages_are_refused_both_ways() {
+        let big = vec![7u8; 100];
+        assert!(matches!(
+            encode_frame(&big, 50),
+            Err(RpcError::TooLarge { limit: 50, .. })
+        ));
+        let frame = encode_frame(&big, 1000).unwrap();
+        let result = futures::executor::block_on(read_frame::<Vec<u8>, _>(
+            &mut futures::io::Cursor::new(frame),
+            50,
+        ));
+        assert!(
+            matches!(result, Err(RpcError::TooLarge { limit: 50, .. })),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn malformed_and_truncated_frames_are_errors() {
+        let garbage = [0, 0, 0, 3, 0xff, 0xff, 0xff];
+        let result = futures::executor::block_on(read_frame::<NodeInfo, _>(
+            &mut futures::io::Cursor::new(garbage),
+            100,
+        ));
+        assert!(matches!(result, Err(RpcError::Malformed(_))), "{result:?}");
+        let truncated = [0, 0, 0, 9, 1];
+        let result = futures::executor::block_on(read_frame::<NodeInfo, _>(
+            &mut futures::io::Cursor::new(truncated),
+            100,
+        ));
+        assert!(matches!(result, Err(RpcError::Io(_))), "{result:?}");
+    }
+}
