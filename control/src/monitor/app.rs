@@ -8,7 +8,7 @@ use libp2p::Multiaddr;
 use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
 
-use super::exporter::{PeerRow, PeersView, RttCollector};
+use super::exporter::{LabelStyle, PeerRow, PeersView, RttCollector};
 use crate::{
     common::{
         http,
@@ -52,6 +52,17 @@ pub struct Cli {
           value_parser = humantime::parse_duration)]
     pub peer_expiry: Duration,
 
+    /// Spelling of the peer label: `seed` writes the original's `targetHost`, `snake` writes
+    /// `target_host` as Prometheus's naming conventions want.
+    #[arg(
+        long,
+        env = "MTC_METRIC_LABELS",
+        value_enum,
+        default_value_t,
+        value_name = "STYLE"
+    )]
+    pub metric_labels: LabelStyle,
+
     /// TOML file with any of these flags as keys (`prom-listen-addr = ":9100"`); flags win over
     /// it, it wins over environment variables.
     #[arg(long, env = "PING_MONITOR_CONFIG", value_name = "FILE")]
@@ -84,17 +95,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         .context("cannot start the overlay node")?;
     serve_node_info(&node);
 
+    // Standard output is for people (and scripts) to copy from: the addresses to bootstrap
+    // from and where the metrics are.
     println!("ping-monitor {} listening on:", node.peer_id());
     for addr in node.listen_addrs().await {
         println!("{addr}");
     }
-    tracing::info!(metrics = %cli.prom_listen_addr, %host, "serving /metrics and /peers");
+    let metrics_addr = metrics.local_addr()?;
+    println!("metrics: http://{metrics_addr}/metrics (JSON table at /peers)");
+    tracing::info!(%metrics_addr, %host, "serving /metrics and /peers");
 
     let registry = Registry::new();
-    registry.register(Box::new(RttCollector::new(
+    let rtt = RttCollector::new(
         Arc::clone(node.rtt_table()),
         host.clone(),
-    )))?;
+        cli.metric_labels,
+    );
+    registry.register(Box::new(rtt))?;
     registry.register(Box::new(
         prometheus::process_collector::ProcessCollector::for_self(),
     ))?;

@@ -2,7 +2,9 @@
 //!
 //! Series names are the original ping-monitor's, so existing dashboards keep working:
 //! `ping_rtt` and `ping_ewma_rtt` (milliseconds) labelled `targetHost` (the peer ID) and `host`
-//! (this monitor's hostname). `ping_rtt_window` adds a summary of the sliding window (p50, p90,
+//! (this monitor's hostname). Prometheus's linter wants snake_case label names; the seed's
+//! camelCase `targetHost` is kept by default for compatibility, and [`LabelStyle::Snake`]
+//! (`--metric-labels snake`) writes `target_host` instead for a lint-clean exposition. `ping_rtt_window` adds a summary of the sliding window (p50, p90,
 //! p99, sum and count). The families are built at scrape time straight from the table, so a
 //! peer that expires from the table disappears from the metrics with no bookkeeping.
 
@@ -21,16 +23,37 @@ const EWMA: &str = "ping_ewma_rtt";
 const WINDOW: &str = "ping_rtt_window";
 const PEERS: &str = "ping_peers";
 
+/// How the label naming the measured peer is spelled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LabelStyle {
+    /// `targetHost`, as the original ping-monitor wrote it.
+    #[default]
+    Seed,
+    /// `target_host`, as Prometheus's naming conventions (and `promtool`) want it.
+    Snake,
+}
+
+impl LabelStyle {
+    fn peer_label(self) -> &'static str {
+        match self {
+            Self::Seed => "targetHost",
+            Self::Snake => "target_host",
+        }
+    }
+}
+
 /// Exports an [`RttTable`] with the seed-compatible metric names.
 pub struct RttCollector {
     table: Arc<RttTable>,
     host: String,
+    peer_label: &'static str,
     descs: Vec<Desc>,
 }
 
 impl RttCollector {
-    pub fn new(table: Arc<RttTable>, host: String) -> Self {
-        let labels = || vec!["targetHost".to_owned(), "host".to_owned()];
+    pub fn new(table: Arc<RttTable>, host: String, style: LabelStyle) -> Self {
+        let peer_label = style.peer_label();
+        let labels = || vec![peer_label.to_owned(), "host".to_owned()];
         let desc = |name: &str, help: &str, labels: Vec<String>| {
             Desc::new(name.to_owned(), help.to_owned(), labels, Default::default())
                 .expect("constant metric descriptions are valid")
@@ -57,7 +80,12 @@ impl RttCollector {
                 vec!["host".to_owned()],
             ),
         ];
-        Self { table, host, descs }
+        Self {
+            table,
+            host,
+            peer_label,
+            descs,
+        }
     }
 }
 
@@ -67,11 +95,8 @@ impl Collector for RttCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        families(
-            &self.descs,
-            &self.table.snapshot(Instant::now()),
-            &self.host,
-        )
+        let peers = self.table.snapshot(Instant::now());
+        families(&self.descs, &peers, &self.host, self.peer_label)
     }
 }
 
@@ -105,8 +130,13 @@ fn gauge(labels: Vec<LabelPair>, value: f64) -> Metric {
 
 /// Builds the families for a snapshot of the table. A family without series is left out, as
 /// Prometheus clients do.
-fn families(descs: &[Desc], peers: &[(PeerId, RttStats)], host: &str) -> Vec<MetricFamily> {
-    let labels = |peer: &PeerId| vec![label("host", host), label("targetHost", &peer.to_string())];
+fn families(
+    descs: &[Desc],
+    peers: &[(PeerId, RttStats)],
+    host: &str,
+    peer_label: &str,
+) -> Vec<MetricFamily> {
+    let labels = |peer: &PeerId| vec![label("host", host), label(peer_label, &peer.to_string())];
     let mut rtt = Vec::new();
     let mut ewma = Vec::new();
     let mut window = Vec::new();
@@ -182,6 +212,7 @@ mod tests {
             .register(Box::new(RttCollector::new(
                 Arc::clone(&table),
                 "edge-1".into(),
+                LabelStyle::Seed,
             )))
             .unwrap();
         let mut text = Vec::new();
@@ -208,7 +239,7 @@ mod tests {
         let table = Arc::new(RttTable::new(WindowShape::default()));
         let t0 = Instant::now();
         table.record(PeerId::random(), Duration::from_millis(3), t0);
-        let collector = RttCollector::new(Arc::clone(&table), "h".into());
+        let collector = RttCollector::new(Arc::clone(&table), "h".into(), LabelStyle::Snake);
         assert_eq!(collector.collect().len(), 4);
         table.expire(t0 + Duration::from_secs(11), Duration::from_secs(10));
         let families = collector.collect();

@@ -36,6 +36,7 @@ pub(crate) enum Command {
     StopAdvertising(String),
     Advertised(oneshot::Sender<Vec<String>>),
     FindProviders(String, fmpsc::UnboundedSender<PeerId>),
+    LocalProviders(String, oneshot::Sender<Vec<PeerId>>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Timer(Timer),
@@ -153,6 +154,13 @@ impl Driver {
                         seen: HashSet::new(),
                     },
                 );
+            }
+            Command::LocalProviders(namespace, reply) => {
+                let now = Instant::now();
+                let store = self.swarm.behaviour_mut().kad.store_mut();
+                let providers = kad::store::RecordStore::providers(store, &record_key(&namespace));
+                let live = providers.into_iter().filter(|p| !p.is_expired(now));
+                let _ = reply.send(live.map(|p| p.provider).collect());
             }
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());

@@ -30,6 +30,9 @@ pub struct Timing {
     /// Lifetime of a provider record at the nodes that store it; the provider republishes it
     /// every half of that. A provider that stops is forgotten at most this long afterwards.
     pub provider_ttl: Duration,
+    /// Limit on a connection's handshakes (pnet, noise, yamux). A peer with another network
+    /// key often fails only by this timeout: pnet itself cannot tell a wrong key.
+    pub handshake_timeout: Duration,
     /// Joining and reconnecting to bootstraps.
     pub bootstrap: BootstrapPolicy,
     /// Sliding window of the per-peer RTT histograms.
@@ -45,6 +48,7 @@ impl Default for Timing {
         Self {
             ping_interval: Duration::from_secs(5),
             ping_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
             provider_ttl: Duration::from_secs(120),
             bootstrap: BootstrapPolicy::default(),
             rtt_window: WindowShape::default(),
@@ -85,7 +89,7 @@ impl NodeConfig {
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr}: {reason}")]
+    #[error("cannot listen on {}: {reason}", describe_listen_addr(addr))]
     Listen { addr: Multiaddr, reason: String },
     #[error("cannot set up the transport: {0}")]
     Transport(String),
@@ -93,6 +97,17 @@ pub enum StartError {
     Join(#[from] JoinError),
     #[error("the node stopped while starting")]
     Stopped,
+}
+
+/// `IP:PORT (multiaddr)` for TCP addresses, so the error names the value the way users
+/// usually typed it.
+fn describe_listen_addr(addr: &Multiaddr) -> String {
+    let mut parts = addr.iter();
+    match (parts.next(), parts.next()) {
+        (Some(Protocol::Ip4(ip)), Some(Protocol::Tcp(port))) => format!("{ip}:{port} ({addr})"),
+        (Some(Protocol::Ip6(ip)), Some(Protocol::Tcp(port))) => format!("[{ip}]:{port} ({addr})"),
+        _ => addr.to_string(),
+    }
 }
 
 /// A running overlay node. Cheap to clone; the node stops when [`Node::shutdown`] is called or
@@ -121,7 +136,7 @@ impl Node {
     pub async fn start(config: NodeConfig) -> Result<Node, StartError> {
         let peer_id = config.keypair.public().to_peer_id();
         let psk = config.network_key.as_ref().map(NetworkKey::pre_shared_key);
-        let transport = transport::build(&config.keypair, psk)
+        let transport = transport::build(&config.keypair, psk, config.timing.handshake_timeout)
             .map_err(|e| StartError::Transport(e.to_string()))?;
         let behaviour = Behaviour::new(config.keypair.public(), &config);
         let mut swarm = libp2p::Swarm::new(
@@ -254,6 +269,15 @@ impl Node {
             .send(Command::FindProviders(namespace.to_owned(), tx))
             .await;
         rx
+    }
+
+    /// The providers of `namespace` this node's own DHT store holds (unexpired), without
+    /// asking anyone: what this node would answer to a lookup.
+    pub async fn local_providers(&self, namespace: &str) -> Vec<PeerId> {
+        let namespace = namespace.to_owned();
+        self.command(|reply| Command::LocalProviders(namespace, reply))
+            .await
+            .unwrap_or_default()
     }
 
     /// The peers this node has a connection to.

@@ -16,12 +16,10 @@ use libp2p::{
     tcp, yamux,
 };
 
-/// How long the whole connection upgrade (pnet, noise, yamux) may take.
-const UPGRADE_TIMEOUT: Duration = Duration::from_secs(20);
-
 pub(crate) fn build(
     keypair: &Keypair,
     psk: Option<PreSharedKey>,
+    handshake_timeout: Duration,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, noise::Error> {
     let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
     let maybe_private = match psk {
@@ -34,6 +32,6 @@ pub(crate) fn build(
         .upgrade(Version::V1Lazy)
         .authenticate(noise::Config::new(keypair)?)
         .multiplex(yamux::Config::default())
-        .timeout(UPGRADE_TIMEOUT)
+        .timeout(handshake_timeout)
         .boxed())
 }

@@ -1,0 +1,190 @@
+//! The overlay library on real TCP sockets on loopback: joining, discovery, expiry of
+//! providers, re-advertisement after a bootstrap comes back, the private network, and the
+//! typed request-response helper.
+
+mod support;
+
+use std::time::Duration;
+
+use control::{
+    overlay::{Node, StartError},
+    rpc::{NodeInfoProtocol, serve_node_info},
+};
+use libp2p::identity::Keypair;
+use support::*;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn five_nodes_find_a_provider_then_forget_it_after_it_stops() {
+    let bootstrap = start_node(&[], None).await;
+    let addr = bootstrap_of(&bootstrap).await;
+    let mut nodes = Vec::new();
+    for _ in 0..4 {
+        nodes.push(start_node(std::slice::from_ref(&addr), None).await);
+    }
+    for node in &nodes {
+        serve_node_info(node);
+    }
+    let provider = nodes[0].clone();
+    let seeker = nodes[3].clone();
+    provider.advertise("hello-world").await;
+
+    wait_until("the seeker to find the provider", DEADLINE, || async {
+        providers(&seeker, "hello-world")
+            .await
+            .contains(&provider.peer_id())
+    })
+    .await;
+    // The provider is reachable through the typed request helper right away.
+    let info = seeker
+        .request::<NodeInfoProtocol>(provider.peer_id(), &())
+        .await
+        .unwrap();
+    assert_eq!(info.role, "test");
+    assert_eq!(info.advertised, ["hello-world"]);
+    assert!(providers(&seeker, "no-such-namespace").await.is_empty());
+
+    // Stopped, it is forgotten once its record's lifetime (3 s here) has passed.
+    provider.shutdown().await;
+    let ttl = fast_timing().provider_ttl;
+    wait_until(
+        "the stopped provider to be forgotten",
+        ttl + DEADLINE,
+        || async {
+            !providers(&seeker, "hello-world")
+                .await
+                .contains(&provider.peer_id())
+        },
+    )
+    .await;
+    for node in nodes.iter().skip(1) {
+        node.shutdown().await;
+    }
+    bootstrap.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_bootstrap_that_comes_back_gets_reconnected_and_the_records_again() {
+    // The bootstrap keeps its key and port across the restart, as a real one would.
+    let key = Keypair::generate_ed25519();
+    let port = free_port();
+    let mut config = node_config("bootstrap", key.clone(), &[]);
+    config.listen = vec![loopback(port)];
+    let bootstrap = Node::start(config.clone()).await.unwrap();
+    let addr = bootstrap_of(&bootstrap).await;
+
+    let provider = start_node(std::slice::from_ref(&addr), None).await;
+    provider.advertise("svc").await;
+    wait_until("the bootstrap to store the record", DEADLINE, || async {
+        bootstrap
+            .local_providers("svc")
+            .await
+            .contains(&provider.peer_id())
+    })
+    .await;
+
+    bootstrap.shutdown().await;
+    wait_until("the provider to notice the loss", DEADLINE, || async {
+        provider.connected_peers().await.is_empty()
+    })
+    .await;
+
+    let restarted = Node::start(config).await.unwrap();
+    assert!(
+        restarted.local_providers("svc").await.is_empty(),
+        "a new process starts empty"
+    );
+    wait_until(
+        "the provider to reconnect and re-advertise",
+        DEADLINE,
+        || async {
+            restarted
+                .local_providers("svc")
+                .await
+                .contains(&provider.peer_id())
+        },
+    )
+    .await;
+    // And a newcomer that only knows the bootstrap finds the provider.
+    let newcomer = start_node(std::slice::from_ref(&addr), None).await;
+    wait_until("the newcomer to find the provider", DEADLINE, || async {
+        providers(&newcomer, "svc")
+            .await
+            .contains(&provider.peer_id())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn only_nodes_with_the_network_key_can_connect() {
+    let bootstrap = start_node(&[], Some("right passphrase")).await;
+    let addr = bootstrap_of(&bootstrap).await;
+
+    let member = start_node(std::slice::from_ref(&addr), Some("right passphrase")).await;
+    wait_until("the member to be connected", DEADLINE, || async {
+        bootstrap
+            .connected_peers()
+            .await
+            .contains(&member.peer_id())
+    })
+    .await;
+
+    for psk in [Some("wrong passphrase"), None] {
+        let mut config = node_config(
+            "outsider",
+            Keypair::generate_ed25519(),
+            std::slice::from_ref(&addr),
+        );
+        config.network_key = psk.map(control::overlay::NetworkKey::from_passphrase);
+        let error = Node::start(config)
+            .await
+            .expect_err("an outsider cannot join");
+        let StartError::Join(join) = &error else {
+            panic!("{error}")
+        };
+        assert_eq!(join.tried.len(), 1);
+        assert!(error.to_string().contains(&addr.to_string()), "{error}");
+    }
+    assert_eq!(
+        bootstrap.connected_peers().await,
+        [member.peer_id()],
+        "no outsider got in"
+    );
+
+    // Nor can an outsider reach a member directly, bypassing the bootstrap.
+    let outsider = start_node(&[], None).await;
+    let result = outsider
+        .request::<NodeInfoProtocol>(member.peer_id(), &())
+        .await;
+    assert!(result.is_err(), "{result:?}");
+}
+
+#[tokio::test]
+async fn joining_fails_with_a_message_naming_what_was_tried() {
+    // A port nobody listens on (bound then released), with a peer ID nobody has.
+    let port = free_port();
+    let peer = Keypair::generate_ed25519().public().to_peer_id();
+    let addr = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{peer}")
+        .parse()
+        .unwrap();
+    let config = node_config("lonely", Keypair::generate_ed25519(), &[addr]);
+    let error = Node::start(config).await.unwrap_err().to_string();
+    assert!(
+        error.contains(&format!("/ip4/127.0.0.1/tcp/{port}/p2p/{peer}")),
+        "{error}"
+    );
+    assert!(error.contains("3 attempts"), "{error}");
+}
+
+#[tokio::test]
+async fn rtt_to_connected_peers_is_measured() {
+    let a = start_node(&[], None).await;
+    let b = start_node(&[bootstrap_of(&a).await], None).await;
+    wait_until("RTT samples on both sides", DEADLINE, || async {
+        a.rtt(&b.peer_id()).is_some_and(|s| s.window.is_some()) && b.rtt(&a.peer_id()).is_some()
+    })
+    .await;
+    let stats = a.rtt(&b.peer_id()).unwrap();
+    assert!(stats.last < Duration::from_secs(1), "{stats:?}");
+}
