@@ -1,1 +1,44 @@
-fn main() {}
+//! Benchmarks of multi-tier-cloud that need whole programs or networks (micro-benchmarks of
+//! pure code are criterion benches under `benches/`). Each prints a Markdown table ready for
+//! `bench/RESULTS.md`.
+//!
+//! ```sh
+//! cargo build --release --workspace
+//! cargo run -p bench --release -- all          # or one: overlay, monitor-memory
+//! ```
+
+mod monitor_memory;
+mod overlay;
+mod stats;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "bench", about = "Benchmarks of multi-tier-cloud")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Every scenario, one after the other.
+    All,
+    /// N nodes in one process join one bootstrap; time to join and to answer provider lookups.
+    Overlay(overlay::Args),
+    /// Resident memory and CPU of an idle ping-monitor process with N peers.
+    MonitorMemory(monitor_memory::Args),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().scenario {
+        Scenario::All => {
+            overlay::run(overlay::Args::default()).await?;
+            monitor_memory::run(monitor_memory::Args::default()).await?;
+        }
+        Scenario::Overlay(args) => overlay::run(args).await?,
+        Scenario::MonitorMemory(args) => monitor_memory::run(args).await?,
+    }
+    Ok(())
+}

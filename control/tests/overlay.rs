@@ -45,9 +45,20 @@ async fn five_nodes_find_a_provider_then_forget_it_after_it_stops() {
     assert_eq!(info.advertised, ["hello-world"]);
     assert!(providers(&seeker, "no-such-namespace").await.is_empty());
 
+    // Records are renewed before they expire: the provider is found throughout two lifetimes.
+    let ttl = fast_timing().provider_ttl;
+    let until = tokio::time::Instant::now() + ttl * 2;
+    while tokio::time::Instant::now() < until {
+        let found = providers(&seeker, "hello-world").await;
+        assert!(
+            found.contains(&provider.peer_id()),
+            "record lapsed while its provider lives"
+        );
+        tokio::time::sleep(ttl / 8).await; // sampling interval, not synchronisation
+    }
+
     // Stopped, it is forgotten once its record's lifetime (3 s here) has passed.
     provider.shutdown().await;
-    let ttl = fast_timing().provider_ttl;
     wait_until(
         "the stopped provider to be forgotten",
         ttl + DEADLINE,

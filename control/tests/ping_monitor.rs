@@ -140,6 +140,27 @@ async fn metrics_cover_every_peer_and_a_real_prometheus_scrapes_them() {
 }
 
 #[tokio::test]
+async fn a_peer_unseen_for_the_expiry_leaves_the_metrics() {
+    let monitor = start_monitor(&["--ephemeral", "--peer-expiry", "1s"]).await;
+    let node = start_node(std::slice::from_ref(&monitor.bootstrap), None).await;
+    let series = format!("targetHost=\"{}\"", node.peer_id());
+    let has_series = || {
+        let (addr, series) = (monitor.metrics.clone(), series.clone());
+        async move {
+            http_get(&addr, "/metrics")
+                .await
+                .is_some_and(|(_, body)| body.contains(&series))
+        }
+    };
+    wait_until("the peer's series", DEADLINE, &has_series).await;
+    node.shutdown().await;
+    wait_until("the series to expire", DEADLINE, || async {
+        !has_series().await
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_redundant_bootstrap_keeps_the_network_joinable_and_the_first_one_is_rejoined() {
     let dir = tempfile::tempdir().unwrap();
     let keyfile = dir.path().join("first.key");
