@@ -1,1 +1,6 @@
-
+//! Data plane of multi-tier-cloud: the proxy that is both the local HTTP ingress and the
+//! sidecar of every service instance, carrying requests between proxies over QUIC and choosing
+//! instances from live RTT histograms.
+//!
+//! Being built in issue #4; the overlay it joins and the RTT histograms it chooses from live in
+//! the `control` crate (`control::overlay`, `control::rtt`).
