@@ -40,8 +40,15 @@ echo "metrics: http://127.0.0.1:9100/metrics   peers (JSON): http://127.0.0.1:91
 echo "logs: $log   Ctrl-C to stop"
 while true; do
   sleep 2
-  echo "--- RTT from the bootstrap, milliseconds ($(date +%T))"
-  curl -s http://127.0.0.1:9100/metrics |
-    awk -F'[{}",= ]+' '/^ping_rtt\{/ { printf "  peer %s  last %s\n", $5, $NF }
-                        /^ping_ewma_rtt\{/ { printf "  peer %s  ewma %s\n", $5, $NF }'
+  echo "--- RTT from the bootstrap to each peer, milliseconds ($(date +%T))"
+  curl -s http://127.0.0.1:9100/metrics | awk -F'[{}",= ]+' '
+    $1 == "ping_rtt"      { last[$5] = $NF }
+    $1 == "ping_ewma_rtt" { ewma[$5] = $NF }
+    $1 == "ping_rtt_window" && $7 == "0.5"  { p50[$5] = $NF }
+    $1 == "ping_rtt_window" && $7 == "0.99" { p99[$5] = $NF }
+    END {
+      printf "  %-54s %8s %8s %8s %8s\n", "peer", "last", "ewma", "p50", "p99"
+      for (peer in last)
+        printf "  %-54s %8.3f %8.3f %8.3f %8.3f\n", peer, last[peer], ewma[peer], p50[peer], p99[peer]
+    }'
 done
