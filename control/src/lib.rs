@@ -3,11 +3,15 @@
 //! - [`overlay`]: the libp2p network every program joins, with discovery by namespace.
 //! - [`rpc`]: typed request-response control protocols over overlay streams.
 //! - [`rtt`]: sliding-window RTT histograms per peer.
+//! - [`blob`]: content-addressed blobs on disk and their transfer over the overlay.
+//! - [`lookup`]: service records (name -> artifact) and the hl-service / hl-cli programs.
 //! - [`monitor`]: the `ping-monitor` bootstrap node and its Prometheus export.
 //! - [`common`]: what every binary shares: flags and config files, logs, the metrics endpoint,
 //!   shutdown on signals.
 
+pub mod blob;
 pub mod common;
+pub mod lookup;
 pub mod monitor;
 pub mod overlay;
 pub mod rpc;

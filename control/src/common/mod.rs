@@ -2,6 +2,7 @@
 //! environment), overlay flags, logs, the Prometheus endpoint and shutdown on signals.
 
 pub mod config;
+pub mod daemon;
 pub mod http;
 pub mod net;
 pub mod overlay_args;

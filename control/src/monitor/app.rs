@@ -2,22 +2,15 @@
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use anyhow::Context;
 use futures::FutureExt;
 use libp2p::Multiaddr;
-use prometheus::Registry;
-use tokio_util::sync::CancellationToken;
 
 use super::exporter::{LabelStyle, PeerRow, PeersView, RttCollector};
-use crate::{
-    common::{
-        http,
-        net::{parse_p2p_listen_addr, parse_socket_addr},
-        overlay_args::OverlayArgs,
-        shutdown_signal,
-    },
-    overlay::Node,
-    rpc::serve_node_info,
+use crate::common::{
+    daemon::Daemon,
+    http,
+    net::{parse_p2p_listen_addr, parse_socket_addr},
+    overlay_args::OverlayArgs,
 };
 
 /// Where the identity is kept unless --keyfile says otherwise (the original's default).
@@ -86,35 +79,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned());
 
-    // Bind the metrics port before joining, so a port in use fails at once.
-    let metrics = http::bind(cli.prom_listen_addr)
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let node = Node::start(config)
-        .await
-        .context("cannot start the overlay node")?;
-    serve_node_info(&node);
-
-    // Standard output is for people (and scripts) to copy from: the addresses to bootstrap
-    // from and where the metrics are.
-    println!("ping-monitor {} listening on:", node.peer_id());
-    for addr in node.listen_addrs().await {
-        println!("{addr}");
-    }
-    let metrics_addr = metrics.local_addr()?;
-    println!("metrics: http://{metrics_addr}/metrics (JSON table at /peers)");
-    tracing::info!(%metrics_addr, %host, "serving /metrics and /peers");
-
-    let registry = Registry::new();
+    let daemon = Daemon::start(config, cli.prom_listen_addr).await?;
+    let node = daemon.node.clone();
     let rtt = RttCollector::new(
         Arc::clone(node.rtt_table()),
         host.clone(),
         cli.metric_labels,
     );
-    registry.register(Box::new(rtt))?;
-    registry.register(Box::new(
-        prometheus::process_collector::ProcessCollector::for_self(),
-    ))?;
+    daemon.registry.register(Box::new(rtt))?;
     let peers_node = node.downgrade();
     let peers: http::Handler = Arc::new(move || {
         let node = peers_node.upgrade();
@@ -147,11 +119,5 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         .boxed()
     });
 
-    let stop = CancellationToken::new();
-    let server = http::spawn(metrics, registry, vec![("/peers", peers)], stop.clone());
-    shutdown_signal().await;
-    stop.cancel();
-    node.shutdown().await;
-    let _ = server.await;
-    Ok(())
+    daemon.run_until_signal(vec![("/peers", peers)]).await
 }

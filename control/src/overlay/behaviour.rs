@@ -35,10 +35,15 @@ impl Behaviour {
             // Republish at half the lifetime so a record is renewed well before it expires.
             .set_provider_publication_interval(Some(config.timing.provider_ttl / 2));
         let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
-        // Every node answers DHT queries. Left to decide by itself, kad waits for a confirmed
-        // external address and stays a client on private networks: discovery then silently
-        // fails, as it did for the original system (its issue common#15).
-        kad.set_mode(Some(kad::Mode::Server));
+        // Nodes answer DHT queries unless told they are short-lived clients. Left to decide by
+        // itself, kad waits for a confirmed external address and stays a client on private
+        // networks: discovery then silently fails, as it did for the original system (its
+        // issue common#15).
+        kad.set_mode(Some(if config.dht_server {
+            kad::Mode::Server
+        } else {
+            kad::Mode::Client
+        }));
 
         let agent = format!(
             "multi-tier-cloud/{} {}",

@@ -104,6 +104,14 @@ impl Driver {
 pub(crate) async fn run(stopped: tokio_util::sync::CancellationToken, mut driver: Driver) {
     // Cancelled however the loop ends, even by a panic.
     let _stopped = stopped.drop_guard();
+    if driver
+        .startup
+        .as_ref()
+        .is_some_and(|s| s.unbound.is_empty())
+    {
+        // A node that listens nowhere (a short-lived client) joins right away.
+        driver.join();
+    }
     let mut expiry = tokio::time::interval(EXPIRY_CHECK_INTERVAL);
     expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !driver.stopping {

@@ -69,6 +69,9 @@ pub struct NodeConfig {
     pub bootstraps: Vec<BootstrapAddr>,
     /// Set for a private network: only peers with the same key can connect.
     pub network_key: Option<NetworkKey>,
+    /// Whether this node answers DHT queries and stores records for others. Short-lived
+    /// clients (hl-cli) set it to false so that others do not route through them.
+    pub dht_server: bool,
     pub timing: Timing,
 }
 
@@ -81,6 +84,7 @@ impl NodeConfig {
             listen: vec!["/ip4/0.0.0.0/tcp/0".parse().expect("valid multiaddr")],
             bootstraps: Vec::new(),
             network_key: None,
+            dht_server: true,
             timing: Timing::default(),
         }
     }

@@ -1,0 +1,7 @@
+//! `hl-cli`: add, get, list and delete service records. See `control::lookup::cli`.
+
+use control::{common::run_binary, lookup::cli};
+
+fn main() -> std::process::ExitCode {
+    run_binary("hl-cli", |cli: &cli::Cli| cli.debug, cli::run)
+}

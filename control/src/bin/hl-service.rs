@@ -1,0 +1,7 @@
+//! `hl-service`: the lookup service. See `control::lookup`.
+
+use control::{common::run_binary, lookup::app};
+
+fn main() -> std::process::ExitCode {
+    run_binary("hl-service", |cli: &app::Cli| cli.debug, app::run)
+}

@@ -1,0 +1,347 @@
+//! Moving blobs between overlay nodes, no registry involved.
+//!
+//! Protocol `/mtc/blob/1`, one transfer per stream. Headers are frames as in [`crate::rpc`]
+//! (4-byte length + CBOR, at most [`HEADER_LIMIT`] bytes); the blob itself follows as raw bytes.
+//!
+//! - get: client sends `Get{digest}`; server answers `Sending{size}` and the bytes, or
+//!   `Refused{reason}`.
+//! - put: client sends `Put{digest, size}`; server answers `Proceed`, `AlreadyStored` or
+//!   `Refused`; after `Proceed` the client sends the bytes and closes, the server verifies
+//!   them and answers `Stored` or `Refused`.
+//!
+//! Every node that holds a blob advertises the namespace [`namespace`]`(digest)`; a fetch
+//! tries holders nearest first (lowest measured RTT) and falls back to the next.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::{AsyncRead, AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, Stream, StreamProtocol};
+use prometheus::IntCounter;
+use serde::{Deserialize, Serialize};
+use tokio_util::compat::TokioAsyncReadCompatExt;
+
+use super::{BlobError, BlobStore, Digest, store::CHUNK};
+use crate::{
+    overlay::Node,
+    rpc::{RpcError, read_frame, write_frame},
+};
+
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/mtc/blob/1");
+/// Largest header frame.
+pub const HEADER_LIMIT: u32 = 4096;
+/// A transfer with no byte moving for this long is abandoned.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The namespace holders of a blob advertise.
+pub fn namespace(digest: &Digest) -> String {
+    format!("blob/{}", digest.hex())
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Request {
+    Get { digest: Digest },
+    Put { digest: Digest, size: u64 },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Reply {
+    Sending { size: u64 },
+    Proceed,
+    AlreadyStored,
+    Stored,
+    Refused { reason: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("{peer} refused: {reason}")]
+    Refused { peer: PeerId, reason: String },
+    #[error("{peer}: {source}")]
+    Protocol { peer: PeerId, source: RpcError },
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error("cannot reach {peer}: {reason}")]
+    Unreachable { peer: PeerId, reason: String },
+    #[error("no node holds blob {digest}")]
+    NoHolder { digest: Digest },
+    #[error("every holder of blob {digest} failed: {}", failures.join("; "))]
+    AllFailed {
+        digest: Digest,
+        failures: Vec<String>,
+    },
+    #[error("{peer} answered out of protocol: {reply}")]
+    Unexpected { peer: PeerId, reply: String },
+}
+
+/// Byte counters of blob traffic, exported by the programs that move blobs.
+#[derive(Clone)]
+pub struct BlobCounters {
+    pub bytes_in: IntCounter,
+    pub bytes_out: IntCounter,
+}
+
+impl BlobCounters {
+    pub fn register(registry: &prometheus::Registry) -> prometheus::Result<Self> {
+        let bytes_in = IntCounter::new(
+            "blob_bytes_received_total",
+            "Blob bytes received and stored.",
+        )?;
+        let bytes_out =
+            IntCounter::new("blob_bytes_sent_total", "Blob bytes sent to other nodes.")?;
+        registry.register(Box::new(bytes_in.clone()))?;
+        registry.register(Box::new(bytes_out.clone()))?;
+        Ok(Self {
+            bytes_in,
+            bytes_out,
+        })
+    }
+}
+
+/// Serves `/mtc/blob/1` from `store` until the node stops, and advertises every blob the
+/// store holds (and each one received later).
+pub async fn serve(node: &Node, store: Arc<BlobStore>, counters: BlobCounters) {
+    for digest in store.list() {
+        node.advertise(&namespace(&digest)).await;
+    }
+    let mut incoming = node
+        .streams()
+        .accept(PROTOCOL)
+        .expect("blob protocol is served once per node");
+    let stopped = node.stopped();
+    let weak = node.downgrade();
+    tokio::spawn(async move {
+        loop {
+            let (peer, stream) = tokio::select! {
+                next = incoming.next() => match next { Some(next) => next, None => return },
+                () = stopped.cancelled() => return,
+            };
+            let (store, counters, weak) = (Arc::clone(&store), counters.clone(), weak.clone());
+            tokio::spawn(async move {
+                if let Err(error) = answer(stream, &store, &counters, &weak).await {
+                    tracing::debug!(%peer, %error, "blob transfer failed");
+                }
+            });
+        }
+    });
+}
+
+async fn answer(
+    mut stream: Stream,
+    store: &BlobStore,
+    counters: &BlobCounters,
+    node: &crate::overlay::WeakNode,
+) -> Result<(), RpcError> {
+    let request = tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut stream, HEADER_LIMIT))
+        .await
+        .map_err(|_| RpcError::Malformed("no request header in time".into()))??;
+    match request {
+        Request::Get { digest } => match store.open_verified(digest).await {
+            Ok((file, size)) => {
+                write_frame(&mut stream, &Reply::Sending { size }, HEADER_LIMIT).await?;
+                let sent = copy(&mut file.compat(), &mut stream).await?;
+                counters.bytes_out.inc_by(sent);
+                stream.close().await?;
+            }
+            Err(error) => {
+                if matches!(error, BlobError::Corrupt { .. } | BlobError::Missing { .. })
+                    && let Some(node) = node.upgrade()
+                {
+                    node.stop_advertising(&namespace(&digest)).await;
+                }
+                refuse(&mut stream, error.to_string()).await?;
+            }
+        },
+        Request::Put { digest, size } => {
+            if store.size_of(&digest) == Some(size) {
+                write_frame(&mut stream, &Reply::AlreadyStored, HEADER_LIMIT).await?;
+                return Ok(stream.close().await?);
+            }
+            write_frame(&mut stream, &Reply::Proceed, HEADER_LIMIT).await?;
+            match store
+                .write_from(digest, size, &mut stream, IDLE_TIMEOUT, |_| {})
+                .await
+            {
+                Ok(()) => {
+                    counters.bytes_in.inc_by(size);
+                    if let Some(node) = node.upgrade() {
+                        node.advertise(&namespace(&digest)).await;
+                    }
+                    write_frame(&mut stream, &Reply::Stored, HEADER_LIMIT).await?;
+                    stream.close().await?;
+                }
+                Err(error) => refuse(&mut stream, error.to_string()).await?,
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn refuse(stream: &mut Stream, reason: String) -> Result<(), RpcError> {
+    write_frame(stream, &Reply::Refused { reason }, HEADER_LIMIT).await?;
+    Ok(stream.close().await?)
+}
+
+/// Copies everything from `from` to `to` in [`CHUNK`]s; returns the byte count.
+async fn copy<R, W>(from: &mut R, to: &mut W) -> std::io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: futures::AsyncWrite + Unpin,
+{
+    let mut buffer = vec![0; CHUNK];
+    let mut total = 0;
+    loop {
+        let read = futures::AsyncReadExt::read(from, &mut buffer).await?;
+        if read == 0 {
+            to.flush().await?;
+            return Ok(total);
+        }
+        to.write_all(&buffer[..read]).await?;
+        total += read as u64;
+    }
+}
+
+async fn open(node: &Node, peer: PeerId) -> Result<Stream, TransferError> {
+    node.streams()
+        .open_stream(peer, PROTOCOL)
+        .await
+        .map_err(|e| TransferError::Unreachable {
+            peer,
+            reason: e.to_string(),
+        })
+}
+
+async fn reply(stream: &mut Stream, peer: PeerId) -> Result<Reply, TransferError> {
+    tokio::time::timeout(IDLE_TIMEOUT, read_frame(stream, HEADER_LIMIT))
+        .await
+        .map_err(|_| TransferError::Unreachable {
+            peer,
+            reason: format!("no answer within {IDLE_TIMEOUT:?}"),
+        })?
+        .map_err(|source| TransferError::Protocol { peer, source })
+}
+
+/// Uploads `size` bytes from `source` as blob `digest` to `peer`; `progress` is told the
+/// bytes sent so far.
+pub async fn upload<R: AsyncRead + Unpin>(
+    node: &Node,
+    peer: PeerId,
+    digest: Digest,
+    size: u64,
+    source: &mut R,
+    mut progress: impl FnMut(u64),
+) -> Result<(), TransferError> {
+    let protocol = |source| TransferError::Protocol { peer, source };
+    let mut stream = open(node, peer).await?;
+    write_frame(&mut stream, &Request::Put { digest, size }, HEADER_LIMIT)
+        .await
+        .map_err(protocol)?;
+    match reply(&mut stream, peer).await? {
+        Reply::Proceed => {}
+        Reply::AlreadyStored => {
+            progress(size);
+            return Ok(());
+        }
+        Reply::Refused { reason } => return Err(TransferError::Refused { peer, reason }),
+        other => {
+            return Err(TransferError::Unexpected {
+                peer,
+                reply: format!("{other:?}"),
+            });
+        }
+    }
+    let mut buffer = vec![0; CHUNK];
+    let mut sent = 0u64;
+    while sent < size {
+        let want = CHUNK.min((size - sent) as usize);
+        let read = futures::AsyncReadExt::read(source, &mut buffer[..want])
+            .await
+            .map_err(|e| protocol(e.into()))?;
+        if read == 0 {
+            return Err(BlobError::Truncated {
+                expected: digest,
+                size,
+                got: sent,
+            }
+            .into());
+        }
+        stream
+            .write_all(&buffer[..read])
+            .await
+            .map_err(|e| protocol(e.into()))?;
+        sent += read as u64;
+        progress(sent);
+    }
+    stream.close().await.map_err(|e| protocol(e.into()))?;
+    match reply(&mut stream, peer).await? {
+        Reply::Stored => Ok(()),
+        Reply::Refused { reason } => Err(TransferError::Refused { peer, reason }),
+        other => Err(TransferError::Unexpected {
+            peer,
+            reply: format!("{other:?}"),
+        }),
+    }
+}
+
+/// Downloads blob `digest` from `peer` into `store` (which verifies it).
+pub async fn download_from(
+    node: &Node,
+    peer: PeerId,
+    digest: Digest,
+    store: &BlobStore,
+) -> Result<u64, TransferError> {
+    let mut stream = open(node, peer).await?;
+    write_frame(&mut stream, &Request::Get { digest }, HEADER_LIMIT)
+        .await
+        .map_err(|source| TransferError::Protocol { peer, source })?;
+    match reply(&mut stream, peer).await? {
+        Reply::Sending { size } => {
+            store
+                .write_from(digest, size, &mut stream, IDLE_TIMEOUT, |_| {})
+                .await?;
+            Ok(size)
+        }
+        Reply::Refused { reason } => Err(TransferError::Refused { peer, reason }),
+        other => Err(TransferError::Unexpected {
+            peer,
+            reply: format!("{other:?}"),
+        }),
+    }
+}
+
+/// Fetches blob `digest` into `store` from the nearest node holding it, falling back to the
+/// next nearest on any failure (unreachable, refused, corrupt in transit). Afterwards this
+/// node advertises the blob too. Returns the holder it came from.
+pub async fn fetch(
+    node: &Node,
+    digest: Digest,
+    store: &BlobStore,
+) -> Result<PeerId, TransferError> {
+    let holders: Vec<PeerId> = node
+        .find_providers(&namespace(&digest))
+        .await
+        .collect()
+        .await;
+    if holders.is_empty() {
+        return Err(TransferError::NoHolder { digest });
+    }
+    let mut failures = Vec::new();
+    for peer in nearest_first(node, holders) {
+        match download_from(node, peer, digest, store).await {
+            Ok(_) => {
+                node.advertise(&namespace(&digest)).await;
+                return Ok(peer);
+            }
+            Err(error) => {
+                tracing::info!(%peer, %digest, %error, "blob fetch failed, trying the next holder");
+                failures.push(error.to_string());
+            }
+        }
+    }
+    Err(TransferError::AllFailed { digest, failures })
+}
+
+/// Peers sorted by their smoothed RTT; peers not yet measured go last.
+pub fn nearest_first(node: &Node, mut peers: Vec<PeerId>) -> Vec<PeerId> {
+    peers.sort_by_key(|peer| node.rtt(peer).map_or(Duration::MAX, |stats| stats.ewma));
+    peers
+}

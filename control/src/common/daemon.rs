@@ -1,0 +1,67 @@
+//! Start-up and shutdown shared by every long-running program: metrics endpoint bound first
+//! (a port in use fails before anything else happens), overlay node started, node info
+//! served, addresses printed for people to copy, then serving until SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::{http, shutdown_signal};
+use crate::{
+    overlay::{Node, NodeConfig},
+    rpc::serve_node_info,
+};
+
+/// A started program: its overlay node and the registry its `/metrics` serves.
+pub struct Daemon {
+    pub node: Node,
+    pub registry: Registry,
+    metrics: TcpListener,
+}
+
+impl Daemon {
+    pub async fn start(config: NodeConfig, metrics_addr: SocketAddr) -> anyhow::Result<Self> {
+        let metrics = http::bind(metrics_addr).await.map_err(anyhow::Error::msg)?;
+        let role = config.role.clone();
+        let node = Node::start(config)
+            .await
+            .context("cannot start the overlay node")?;
+        serve_node_info(&node);
+        let registry = Registry::new();
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+
+        // Standard output is for people (and scripts) to copy from: the addresses others
+        // bootstrap from and where the metrics are. Logs go to standard error.
+        println!("{role} {} listening on:", node.peer_id());
+        for addr in node.listen_addrs().await {
+            println!("{addr}");
+        }
+        let metrics_addr = metrics.local_addr()?;
+        println!("metrics: http://{metrics_addr}/metrics");
+        tracing::info!(%metrics_addr, peer = %node.peer_id(), "{role} started");
+        Ok(Self {
+            node,
+            registry,
+            metrics,
+        })
+    }
+
+    /// Serves `/metrics` and `routes` until SIGINT or SIGTERM, then stops the node.
+    pub async fn run_until_signal(
+        self,
+        routes: Vec<(&'static str, http::Handler)>,
+    ) -> anyhow::Result<()> {
+        let stop = CancellationToken::new();
+        let server = http::spawn(self.metrics, self.registry, routes, stop.clone());
+        shutdown_signal().await;
+        stop.cancel();
+        self.node.shutdown().await;
+        let _ = server.await;
+        Ok(())
+    }
+}

@@ -1,0 +1,58 @@
+//! Talking to lookup services: find them on the overlay (nearest first) and send requests,
+//! falling back to the next one if one fails.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::PeerId;
+
+use super::protocol::{LookupProtocol, LookupRequest, LookupResponse, NAMESPACE};
+use crate::{
+    blob::transfer::nearest_first,
+    overlay::{Backoff, Node},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no lookup service (hl-service) answered on the overlay after {attempts} searches")]
+    NoLookupService { attempts: u32 },
+    #[error("every lookup service failed: {}", .0.join("; "))]
+    AllFailed(Vec<String>),
+}
+
+/// How many times to search the DHT for lookup services before giving up.
+pub const SEARCH_ATTEMPTS: u32 = 5;
+
+/// Lookup services on the overlay, nearest first; searches again with backoff while none is
+/// found, [`SEARCH_ATTEMPTS`] times in all.
+pub async fn lookup_services(node: &Node) -> Result<Vec<PeerId>, ClientError> {
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(4));
+    for attempt in 1..=SEARCH_ATTEMPTS {
+        let found: Vec<PeerId> = node.find_providers(NAMESPACE).await.collect().await;
+        if !found.is_empty() {
+            return Ok(nearest_first(node, found));
+        }
+        if attempt < SEARCH_ATTEMPTS {
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+    Err(ClientError::NoLookupService {
+        attempts: SEARCH_ATTEMPTS,
+    })
+}
+
+/// Sends `request` to the nearest lookup service that answers. Returns the answer and who gave
+/// it.
+pub async fn call(
+    node: &Node,
+    request: &LookupRequest,
+) -> Result<(PeerId, LookupResponse), ClientError> {
+    let mut failures = Vec::new();
+    for peer in lookup_services(node).await? {
+        match node.request::<LookupProtocol>(peer, request).await {
+            Ok(response) => return Ok((peer, response)),
+            Err(error) => failures.push(format!("{peer}: {error}")),
+        }
+    }
+    Err(ClientError::AllFailed(failures))
+}
