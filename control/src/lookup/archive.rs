@@ -172,41 +172,85 @@ fn blob_path(digest: &str) -> Result<String, String> {
     Ok(format!("blobs/sha256/{}", digest.hex()))
 }
 
-/// Builds archives for tests: a docker-save-like tar with one config and one layer.
-#[cfg(test)]
-pub(crate) fn test_archive(config: &[u8], layer: &[u8], docker_format: bool) -> Vec<u8> {
+/// Writes a synthetic image archive to `out`: one config blob with `config` as content and one
+/// layer of `layer_size` deterministic bytes (streamed, never held in memory), in Docker's
+/// `docker save` layout (`manifest.json`) or as a bare OCI layout (`index.json`). For tests
+/// and benchmarks that need archives of any size without Docker. Returns the image ID.
+pub fn write_synthetic_archive<W: std::io::Write>(
+    out: W,
+    config: &[u8],
+    layer_size: u64,
+    docker_format: bool,
+) -> std::io::Result<Digest> {
     let config_digest = Digest::of(config);
-    let mut builder = tar::Builder::new(Vec::new());
-    let mut add = |path: &str, data: &[u8]| {
+    let mut builder = tar::Builder::new(out);
+    let mut add = |path: &str, size: u64, data: &mut dyn Read| {
         let mut header = tar::Header::new_gnu();
-        header.set_size(data.len() as u64);
+        header.set_size(size);
         header.set_mode(0o644);
         header.set_cksum();
-        builder.append_data(&mut header, path, data).unwrap();
+        builder.append_data(&mut header, path, data)
     };
     let config_path = format!("blobs/sha256/{}", config_digest.hex());
-    add(&config_path, config);
-    add("blobs/sha256/layer", layer);
+    add(&config_path, config.len() as u64, &mut &config[..])?;
+    // A cheap deterministic byte pattern that does not compress to nothing.
+    let mut layer = std::io::repeat(0).take(layer_size);
+    let mut pattern = PatternReader {
+        inner: &mut layer,
+        state: 0x9e37_79b9,
+    };
+    add("blobs/sha256/layer", layer_size, &mut pattern)?;
     if docker_format {
         let manifest = format!(
             r#"[{{"Config":"{config_path}","RepoTags":["me/app:1"],"Layers":["blobs/sha256/layer"]}}]"#
         );
-        add("manifest.json", manifest.as_bytes());
+        add(
+            "manifest.json",
+            manifest.len() as u64,
+            &mut manifest.as_bytes(),
+        )?;
     } else {
         let manifest = format!(
             r#"{{"schemaVersion":2,"config":{{"digest":"{config_digest}","size":1}},"layers":[]}}"#
         );
         let manifest_digest = Digest::of(manifest.as_bytes());
+        let manifest_path = format!("blobs/sha256/{}", manifest_digest.hex());
         add(
-            &format!("blobs/sha256/{}", manifest_digest.hex()),
-            manifest.as_bytes(),
-        );
-        add(
-            "index.json",
-            format!(r#"{{"manifests":[{{"digest":"{manifest_digest}"}}]}}"#).as_bytes(),
-        );
+            &manifest_path,
+            manifest.len() as u64,
+            &mut manifest.as_bytes(),
+        )?;
+        let index = format!(r#"{{"manifests":[{{"digest":"{manifest_digest}"}}]}}"#);
+        add("index.json", index.len() as u64, &mut index.as_bytes())?;
     }
-    builder.into_inner().unwrap()
+    builder.into_inner()?.flush()?;
+    Ok(config_digest)
+}
+
+/// Fills what it reads with a xorshift sequence.
+struct PatternReader<R> {
+    inner: R,
+    state: u32,
+}
+
+impl<R: Read> Read for PatternReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        for byte in &mut buf[..n] {
+            self.state ^= self.state << 13;
+            self.state ^= self.state >> 17;
+            self.state ^= self.state << 5;
+            *byte = self.state as u8;
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn test_archive(config: &[u8], layer_size: u64, docker_format: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_synthetic_archive(&mut out, config, layer_size, docker_format).unwrap();
+    out
 }
 
 #[cfg(test)]
@@ -216,7 +260,7 @@ mod tests {
     #[test]
     fn reads_docker_and_oci_archives() {
         for docker in [true, false] {
-            let bytes = test_archive(b"{\"config\":1}", &[7; 5000], docker);
+            let bytes = test_archive(b"{\"config\":1}", 5000, docker);
             let info = inspect(bytes.as_slice()).unwrap();
             assert_eq!(info.image_id, Digest::of(b"{\"config\":1}"));
             assert_eq!(info.digest, Digest::of(&bytes));
@@ -251,7 +295,7 @@ mod tests {
 
     #[test]
     fn a_config_that_does_not_match_its_name_is_refused() {
-        let mut bytes = test_archive(b"{\"config\":1}", b"layer", true);
+        let mut bytes = test_archive(b"{\"config\":1}", 5, true);
         // Flip a byte of the config's content (the first entry's data block).
         bytes[512] ^= 1;
         let error = inspect(bytes.as_slice()).unwrap_err();

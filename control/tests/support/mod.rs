@@ -170,28 +170,20 @@ unsafe extern "C" {
     fn libc_kill(pid: i32, signal: i32) -> i32;
 }
 
-/// A started ping-monitor with its bootstrap address and metrics address.
-pub struct Monitor {
+/// A started long-running program: its process, overlay address and metrics address.
+pub struct Daemon {
     pub process: Process,
     pub bootstrap: BootstrapAddr,
     pub metrics: String,
 }
 
 pub const PING_MONITOR: &str = env!("CARGO_BIN_EXE_ping-monitor");
+pub const HL_SERVICE: &str = env!("CARGO_BIN_EXE_hl-service");
+pub const HL_CLI: &str = env!("CARGO_BIN_EXE_hl-cli");
 
-/// Starts a ping-monitor on loopback with `extra` flags and waits until it prints its
-/// addresses.
-pub async fn start_monitor(extra: &[&str]) -> Monitor {
-    let mut args = vec![
-        "--p2p-listen-addr",
-        "127.0.0.1:0",
-        "--prom-listen-addr",
-        "127.0.0.1:0",
-        "--ping-interval",
-        "200ms",
-    ];
-    args.extend_from_slice(extra);
-    let process = Process::spawn(PING_MONITOR, &args, &[]);
+/// Starts `binary` with `args` and waits until it prints its overlay and metrics addresses.
+pub async fn start_daemon(binary: &str, args: &[&str]) -> Daemon {
+    let process = Process::spawn(binary, args, &[]);
     let deadline = Duration::from_secs(20);
     let bootstrap = process
         .line_containing("/p2p/", deadline)
@@ -204,11 +196,25 @@ pub async fn start_monitor(extra: &[&str]) -> Monitor {
         .next()
         .unwrap()
         .to_owned();
-    Monitor {
+    Daemon {
         process,
         bootstrap,
         metrics,
     }
+}
+
+/// Starts a ping-monitor on loopback with `extra` flags.
+pub async fn start_monitor(extra: &[&str]) -> Daemon {
+    let mut args = vec![
+        "--p2p-listen-addr",
+        "127.0.0.1:0",
+        "--prom-listen-addr",
+        "127.0.0.1:0",
+        "--ping-interval",
+        "200ms",
+    ];
+    args.extend_from_slice(extra);
+    start_daemon(PING_MONITOR, &args).await
 }
 
 /// GET `path` from `addr` (HOST:PORT); returns status and body, or `None` if not reachable.

@@ -1,0 +1,295 @@
+//! hl-service and hl-cli as users run them, with the embedded store: records added, read,
+//! listed, deleted; kept across a restart; bad input refused with nothing stored. And blobs
+//! moving between nodes: fetched from a holder, verified, a corrupt copy never served.
+
+mod support;
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use control::{
+    blob::{BlobStore, Digest, transfer},
+    lookup::archive::write_synthetic_archive,
+};
+use support::*;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+struct Network {
+    monitor: Daemon,
+    service: Daemon,
+    data: tempfile::TempDir,
+}
+
+async fn start_network() -> Network {
+    let monitor = start_monitor(&["--ephemeral"]).await;
+    let data = tempfile::tempdir().unwrap();
+    let service = start_service(&monitor, data.path()).await;
+    Network {
+        monitor,
+        service,
+        data,
+    }
+}
+
+async fn start_service(monitor: &Daemon, data: &Path) -> Daemon {
+    let bootstrap = monitor.bootstrap.to_string();
+    let keyfile = data.join("key");
+    start_daemon(
+        HL_SERVICE,
+        &[
+            "--bootstrap",
+            &bootstrap,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--keyfile",
+            keyfile.to_str().unwrap(),
+            "--p2p-listen-addr",
+            "127.0.0.1:0",
+            "--prom-listen-addr",
+            "127.0.0.1:0",
+        ],
+    )
+    .await
+}
+
+/// Runs hl-cli against the network; returns (success, stdout, stderr). It never panics,
+/// whatever the input.
+async fn cli(network: &Network, args: &[&str]) -> (bool, String, String) {
+    let bootstrap = network.monitor.bootstrap.to_string();
+    let mut all = vec!["-bootstrap", bootstrap.as_str()];
+    all.extend_from_slice(args);
+    let (ok, out, err) = run_to_exit(HL_CLI, &all, &[]).await;
+    assert!(!err.contains("panicked"), "hl-cli {args:?} panicked: {err}");
+    (ok, out, err)
+}
+
+fn archive(dir: &Path, name: &str, layer_size: u64) -> (String, Digest) {
+    let path = dir.join(name);
+    let file = std::fs::File::create(&path).unwrap();
+    let image_id = write_synthetic_archive(file, name.as_bytes(), layer_size, true).unwrap();
+    (path.to_str().unwrap().to_owned(), image_id)
+}
+
+#[tokio::test]
+async fn records_are_added_read_listed_deleted_and_survive_a_restart() {
+    let mut network = start_network().await;
+    let files = tempfile::tempdir().unwrap();
+    let (tar, image_id) = archive(files.path(), "hello.tar", 200_000);
+    let image = format!("me/hello-world-server:1.0@{image_id}");
+
+    let (ok, out, err) = cli(
+        &network,
+        &[
+            "add",
+            "--file",
+            &tar,
+            &image,
+            "hello-world-server",
+            "--soft-rtt",
+            "20ms",
+            "--hard-rtt",
+            "100ms",
+            "--cpu",
+            "0.5",
+            "--memory",
+            "64MiB",
+        ],
+    )
+    .await;
+    assert!(ok, "add failed: {out}{err}");
+    assert!(out.contains("Added hello-world-server"), "{out}");
+
+    let exe = files.path().join("server");
+    std::fs::write(&exe, b"\x7fELF pretend static binary").unwrap();
+    let (ok, out, err) = cli(
+        &network,
+        &[
+            "add",
+            "--exec",
+            exe.to_str().unwrap(),
+            "hello-proc",
+            "--",
+            "server",
+            "$SERVICE_PORT",
+        ],
+    )
+    .await;
+    assert!(ok, "add --exec failed: {out}{err}");
+
+    let (ok, out, _) = cli(&network, &["--json", "get", "hello-world-server"]).await;
+    assert!(ok, "{out}");
+    let record: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(record["artifact"]["image_id"], image_id.to_string());
+    assert_eq!(record["artifact"]["image"], "me/hello-world-server:1.0");
+    assert_eq!(record["limits"]["soft_rtt"], "20ms");
+    assert_eq!(record["limits"]["memory_bytes"], 64 << 20);
+    let digest = record["digest"].as_str().unwrap().to_owned();
+    assert_eq!(
+        digest,
+        control::blob::hash_file(Path::new(&tar))
+            .unwrap()
+            .to_string()
+    );
+
+    let (ok, out, _) = cli(&network, &["list"]).await;
+    assert!(
+        ok && out.contains("hello-world-server") && out.contains("hello-proc"),
+        "{out}"
+    );
+
+    // Restart the lookup service on the same data: records and blobs are still there.
+    assert!(network.service.process.terminate().await);
+    network.service = start_service(&network.monitor, network.data.path()).await;
+    let (ok, out, _) = cli(&network, &["--json", "get", "hello-proc"]).await;
+    assert!(ok, "{out}");
+    let record: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        record["artifact"]["command"],
+        serde_json::json!(["server", "$SERVICE_PORT"])
+    );
+    let fetcher = start_node(std::slice::from_ref(&network.monitor.bootstrap), None).await;
+    let store = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(store.path()).unwrap();
+    let from = transfer::fetch(&fetcher, digest.parse().unwrap(), &store)
+        .await
+        .unwrap();
+    assert_eq!(from, network.service.bootstrap.peer);
+    assert!(store.open_verified(digest.parse().unwrap()).await.is_ok());
+
+    let (ok, out, _) = cli(&network, &["delete", "hello-world-server"]).await;
+    assert!(ok, "{out}");
+    let (ok, _, err) = cli(&network, &["get", "hello-world-server"]).await;
+    assert!(
+        !ok && err.contains("no service named 'hello-world-server'"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&network, &["delete", "hello-world-server"]).await;
+    assert!(!ok && err.contains("no service named"), "{err}");
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_and_nothing_is_stored() {
+    let network = start_network().await;
+    let files = tempfile::tempdir().unwrap();
+    let (tar, image_id) = archive(files.path(), "app.tar", 10_000);
+    let not_archive = files.path().join("notes.txt");
+    std::fs::write(&not_archive, "not an image").unwrap();
+    let wrong = format!("me/app@{}", Digest::of(b"another image"));
+
+    let (ok, _, err) = cli(&network, &["add", "--file", &tar, &wrong, "app"]).await;
+    assert!(
+        !ok && err.contains(&image_id.to_string()) && err.contains("image ID"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(
+        &network,
+        &["add", "--file", not_archive.to_str().unwrap(), "app"],
+    )
+    .await;
+    assert!(
+        !ok && err.contains("notes.txt") && err.contains("not an image archive"),
+        "{err}"
+    );
+    for bad_name in ["", "has space", "bad/name"] {
+        let (ok, _, err) = cli(&network, &["add", "--file", &tar, bad_name]).await;
+        assert!(!ok && err.contains("service name"), "{bad_name:?}: {err}");
+    }
+    let (ok, _, err) = cli(&network, &["add", "--file", "/nonexistent.tar", "app"]).await;
+    assert!(!ok && err.contains("/nonexistent.tar"), "{err}");
+    let (ok, out, _) = cli(&network, &["--json", "list"]).await;
+    assert!(ok);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap(),
+        serde_json::json!([])
+    );
+    let blobs = std::fs::read_dir(network.data.path().join("blobs/sha256"))
+        .unwrap()
+        .count();
+    assert_eq!(blobs, 0, "no blob was uploaded for refused input");
+}
+
+#[tokio::test]
+async fn an_unreachable_lookup_is_reported_with_the_bootstraps_tried() {
+    // A bootstrap with no lookup service behind it.
+    let monitor = start_monitor(&["--ephemeral"]).await;
+    let bootstrap = monitor.bootstrap.to_string();
+    let (ok, _, err) = run_to_exit(HL_CLI, &["--bootstrap", &bootstrap, "list"], &[]).await;
+    assert!(
+        !ok && err.contains("no lookup service") && err.contains(&bootstrap),
+        "{err}"
+    );
+    // No bootstrap at all answering.
+    let dead = format!(
+        "/ip4/127.0.0.1/tcp/{}/p2p/{}",
+        free_port(),
+        monitor.bootstrap.peer
+    );
+    let (ok, _, err) = run_to_exit(HL_CLI, &["--bootstrap", &dead, "list"], &[]).await;
+    assert!(!ok && err.contains(&dead), "{err}");
+    let (ok, _, err) = run_to_exit(HL_CLI, &["list"], &[]).await;
+    assert!(!ok && err.contains("no bootstrap given"), "{err}");
+}
+
+#[tokio::test]
+async fn a_corrupt_holder_is_skipped_and_the_blob_fetched_from_another() {
+    let bootstrap = start_node(&[], None).await;
+    let addr = bootstrap_of(&bootstrap).await;
+    let bytes: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let digest = Digest::of(&bytes);
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(BlobStore::open(dir.path()).unwrap());
+        let mut source = futures::io::Cursor::new(bytes.clone());
+        store
+            .write_from(digest, bytes.len() as u64, &mut source, DEADLINE, |_| {})
+            .await
+            .unwrap();
+        let node = start_node(std::slice::from_ref(&addr), None).await;
+        let registry = prometheus::Registry::new();
+        transfer::serve(
+            &node,
+            Arc::clone(&store),
+            transfer::BlobCounters::register(&registry).unwrap(),
+        )
+        .await;
+        holders.push((node, dir));
+    }
+    // Flip bytes of the first holder's copy.
+    let path = holders[0].1.path().join("sha256").join(digest.hex());
+    let mut on_disk = std::fs::read(&path).unwrap();
+    on_disk[500_000] ^= 0xff;
+    std::fs::write(&path, on_disk).unwrap();
+
+    let fetcher = start_node(std::slice::from_ref(&addr), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(dir.path()).unwrap();
+    wait_until("both holders to be findable", DEADLINE, || async {
+        providers(&fetcher, &transfer::namespace(&digest))
+            .await
+            .len()
+            == 2
+    })
+    .await;
+    // Whichever holder is tried first, the blob comes intact from the good one.
+    let from = transfer::fetch(&fetcher, digest, &store).await.unwrap();
+    assert_eq!(from, holders[1].0.peer_id());
+    assert!(store.open_verified(digest).await.is_ok());
+    // The corrupt holder stops serving and advertising it.
+    let result = transfer::download_from(
+        &fetcher,
+        holders[0].0.peer_id(),
+        digest,
+        &BlobStore::open(tempfile::tempdir().unwrap().path()).unwrap(),
+    )
+    .await;
+    assert!(result.is_err(), "{result:?}");
+    assert!(
+        holders[0]
+            .1
+            .path()
+            .join("corrupt")
+            .join(digest.hex())
+            .exists()
+    );
+}
