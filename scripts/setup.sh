@@ -5,13 +5,13 @@
 set -euo pipefail
 
 # Debian packages and why each is here:
-#   protobuf-compiler  etcd-client's build script needs protoc
+#   protobuf-compiler  etcd-client's build script needs protoc (and libprotobuf-dev its includes)
 #   etcd-server        the lookup's cluster store (tests start their own etcd on loopback)
 #   etcd-client        etcdctl, for inspecting that store
 #   prometheus         tests scrape our /metrics with a real Prometheus; promtool lints them
 #   musl-tools         static binaries for FROM-scratch sidecar images
 #   iproute2, procps   network namespaces and process inspection in tests
-PACKAGES=(protobuf-compiler etcd-server etcd-client prometheus musl-tools iproute2 procps curl)
+PACKAGES=(protobuf-compiler libprotobuf-dev etcd-server etcd-client prometheus musl-tools iproute2 procps curl)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

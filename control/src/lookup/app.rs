@@ -1,11 +1,18 @@
 //! The hl-service program: a lookup service on the overlay.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context;
 use libp2p::Multiaddr;
 
 use super::{
+    client,
+    etcd::{self, EtcdStore, MemberAddProtocol, MemberAddRequest, MemberSpec},
     protocol::{LookupProtocol, NAMESPACE},
     service::{LookupMetrics, LookupService},
     store::{EmbeddedStore, Store},
@@ -17,7 +24,7 @@ use crate::{
         net::{parse_p2p_listen_addr, parse_socket_addr},
         overlay_args::OverlayArgs,
     },
-    overlay::identity::expand_home,
+    overlay::{Backoff, Node, identity::expand_home},
 };
 
 pub const DEFAULT_KEYFILE: &str = "~/.privKeyHashLookup";
@@ -47,6 +54,39 @@ pub struct Cli {
           value_parser = parse_socket_addr)]
     pub prom_listen_addr: SocketAddr,
 
+    /// Use this existing etcd cluster as the record store (comma-separated client URLs).
+    #[arg(
+        long,
+        env = "MTC_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        value_name = "URL,..."
+    )]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Start a new etcd cluster (an `etcd` process from PATH, supervised by this program) on
+    /// --etcd-ip and use it as the record store.
+    #[arg(long, conflicts_with = "etcd_endpoints")]
+    pub new_etcd_cluster: bool,
+
+    /// IP the etcd member listens on. Given without --new-etcd-cluster, this lookup service
+    /// joins the etcd cluster of the lookup services already on the overlay. [default with
+    /// --new-etcd-cluster: 127.0.0.1]
+    #[arg(
+        long,
+        env = "MTC_ETCD_IP",
+        value_name = "IP",
+        conflicts_with = "etcd_endpoints"
+    )]
+    pub etcd_ip: Option<IpAddr>,
+
+    /// Client port of the etcd member.
+    #[arg(long, default_value_t = 2379, value_name = "PORT")]
+    pub etcd_client_port: u16,
+
+    /// Peer port of the etcd member.
+    #[arg(long, default_value_t = 2380, value_name = "PORT")]
+    pub etcd_peer_port: u16,
+
     /// TOML file with any of these flags as keys; flags win over it, it wins over environment
     /// variables.
     #[arg(long, env = "HL_SERVICE_CONFIG", value_name = "FILE")]
@@ -64,13 +104,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let data_dir = expand_home(&cli.data_dir);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
-    let store = Store::Embedded(EmbeddedStore::open(&data_dir.join("lookup.redb"))?);
     let blobs = Arc::new(BlobStore::open(&data_dir.join("blobs"))?);
 
     let mut config = cli.overlay.node_config("hl-service", DEFAULT_KEYFILE)?;
     config.listen = vec![cli.p2p_listen_addr.clone()];
     let daemon = Daemon::start(config, cli.prom_listen_addr).await?;
     let node = daemon.node.clone();
+    // Kept until shutdown: dropping it stops the etcd member this program supervises.
+    let (store, _etcd_member) = open_store(&cli, &data_dir, &node).await?;
+    if let Store::Etcd(etcd) = &store {
+        let client = etcd.client();
+        node.serve::<MemberAddProtocol, _, _>(move |peer, request| {
+            let client = client.clone();
+            async move {
+                tracing::info!(%peer, name = %request.name, "adding etcd member");
+                etcd::add_member(client, &request).await
+            }
+        });
+    }
 
     let metrics = LookupMetrics::register(&daemon.registry)?;
     let counters = transfer::BlobCounters::register(&daemon.registry)?;
@@ -84,4 +135,79 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(data_dir = %data_dir.display(), "serving lookups");
 
     daemon.run_until_signal(vec![]).await
+}
+
+/// The record store the flags ask for: embedded by default, else etcd (existing cluster, new
+/// cluster, or joining the cluster of the lookup services on the overlay).
+async fn open_store(
+    cli: &Cli,
+    data_dir: &Path,
+    node: &Node,
+) -> anyhow::Result<(Store, Option<etcd::EtcdMember>)> {
+    if !cli.etcd_endpoints.is_empty() {
+        return Ok((
+            Store::Etcd(Box::new(EtcdStore::connect(&cli.etcd_endpoints).await?)),
+            None,
+        ));
+    }
+    if !cli.new_etcd_cluster && cli.etcd_ip.is_none() {
+        return Ok((
+            Store::Embedded(EmbeddedStore::open(&data_dir.join("lookup.redb"))?),
+            None,
+        ));
+    }
+    let spec = MemberSpec {
+        ip: cli.etcd_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        client_port: cli.etcd_client_port,
+        peer_port: cli.etcd_peer_port,
+        data_dir: etcd::member_dir(data_dir),
+    };
+    let own = format!("{}={}", spec.name(), spec.peer_url());
+    let member = if cli.new_etcd_cluster || spec.has_data() {
+        // A member that ran before rejoins from its own data; etcd ignores the cluster flags.
+        etcd::start_member(&spec, &own, spec.has_data() && !cli.new_etcd_cluster).await?
+    } else {
+        let initial_cluster = join_cluster(node, &spec).await?;
+        etcd::start_member(&spec, &initial_cluster, true).await?
+    };
+    let store = EtcdStore::connect(&[spec.client_url()]).await?;
+    Ok((Store::Etcd(Box::new(store)), Some(member)))
+}
+
+/// How long joining an etcd cluster may keep being refused. etcd refuses a new member while
+/// the last one added has not been healthy for a few seconds ("unhealthy cluster"), so
+/// services started together join one after the other.
+const JOIN_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Asks the lookup services on the overlay, nearest first, to add `spec` to their etcd
+/// cluster, retrying with backoff while they refuse; returns the initial cluster to start
+/// with.
+async fn join_cluster(node: &Node, spec: &MemberSpec) -> anyhow::Result<String> {
+    let request = MemberAddRequest {
+        name: spec.name(),
+        peer_url: spec.peer_url(),
+    };
+    let give_up = tokio::time::Instant::now() + JOIN_DEADLINE;
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(4));
+    loop {
+        let mut failures = Vec::new();
+        for peer in client::lookup_services(node).await? {
+            match node.request::<MemberAddProtocol>(peer, &request).await {
+                Ok(Ok(initial_cluster)) => {
+                    tracing::info!(%peer, %initial_cluster, "joined the etcd cluster");
+                    return Ok(initial_cluster);
+                }
+                Ok(Err(reason)) => failures.push(format!("{peer}: {reason}")),
+                Err(error) => failures.push(format!("{peer}: {error}")),
+            }
+        }
+        let failures = failures.join("; ");
+        if tokio::time::Instant::now() >= give_up {
+            anyhow::bail!(
+                "no lookup service added this one to its etcd cluster within {JOIN_DEADLINE:?}: {failures}"
+            );
+        }
+        tracing::info!(%failures, "etcd cluster not ready for a new member yet, retrying");
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
 }

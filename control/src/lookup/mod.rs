@@ -2,10 +2,13 @@
 //! digest, limits), kept by lookup services (`hl-service`) that also hold the artifacts
 //! themselves as blobs. `hl-cli` adds, gets, lists and deletes records.
 
+#[cfg(feature = "etcd")]
 pub mod app;
 pub mod archive;
 pub mod cli;
 pub mod client;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod protocol;
 pub mod record;
 pub mod service;

@@ -9,7 +9,7 @@ const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
 
 #[derive(Debug, thiserror::Error)]
 #[error("record store: {0}")]
-pub struct StoreError(String);
+pub struct StoreError(pub String);
 
 fn store_error(e: impl std::fmt::Display) -> StoreError {
     StoreError(e.to_string())
@@ -19,18 +19,25 @@ fn store_error(e: impl std::fmt::Display) -> StoreError {
 #[derive(Clone)]
 pub enum Store {
     Embedded(EmbeddedStore),
+    #[cfg(feature = "etcd")]
+    // Boxed: the etcd client is large and the store is moved around by value.
+    Etcd(Box<super::etcd::EtcdStore>),
 }
 
 impl Store {
     pub async fn put(&self, name: &str, value: Vec<u8>) -> Result<(), StoreError> {
         match self {
             Self::Embedded(store) => store.put(name.to_owned(), value).await,
+            #[cfg(feature = "etcd")]
+            Self::Etcd(store) => store.put(name, value).await,
         }
     }
 
     pub async fn get(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         match self {
             Self::Embedded(store) => store.get(name.to_owned()).await,
+            #[cfg(feature = "etcd")]
+            Self::Etcd(store) => store.get(name).await,
         }
     }
 
@@ -38,6 +45,8 @@ impl Store {
     pub async fn list(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         match self {
             Self::Embedded(store) => store.list().await,
+            #[cfg(feature = "etcd")]
+            Self::Etcd(store) => store.list().await,
         }
     }
 
@@ -45,6 +54,8 @@ impl Store {
     pub async fn delete(&self, name: &str) -> Result<u64, StoreError> {
         match self {
             Self::Embedded(store) => store.delete(name.to_owned()).await,
+            #[cfg(feature = "etcd")]
+            Self::Etcd(store) => store.delete(name).await,
         }
     }
 }
