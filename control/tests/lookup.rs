@@ -293,3 +293,90 @@ async fn a_corrupt_holder_is_skipped_and_the_blob_fetched_from_another() {
             .exists()
     );
 }
+
+#[tokio::test]
+async fn the_service_survives_bad_messages_and_refuses_records_without_blobs() {
+    use control::{
+        lookup::{
+            Artifact, Limits, ServiceRecord,
+            protocol::{LookupProtocol, LookupRequest, LookupResponse},
+            record::RECORD_VERSION,
+        },
+        rpc::Protocol,
+    };
+    use futures::{AsyncReadExt, AsyncWriteExt};
+
+    let network = start_network().await;
+    let client = start_node(std::slice::from_ref(&network.monitor.bootstrap), None).await;
+    let service = network.service.bootstrap.peer;
+    // Found the way every client finds it (which also connects to it).
+    let found = control::lookup::client::lookup_services(&client).await.unwrap();
+    assert_eq!(found, [service]);
+
+    // A length over the limit, then garbage that is not CBOR: each stream is dropped unread.
+    for frame in [
+        vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3],
+        vec![0, 0, 0, 4, 0xff, 0xfe, 0xfd, 0xfc],
+    ] {
+        let mut stream = client
+            .streams()
+            .open_stream(service, LookupProtocol::ID)
+            .await
+            .unwrap();
+        stream.write_all(&frame).await.unwrap();
+        stream.close().await.unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer).await;
+        assert!(
+            answer.is_empty(),
+            "no answer to a bad frame, got {answer:?}"
+        );
+    }
+
+    // A record whose blob was never uploaded is refused: no record without its blob.
+    let record = ServiceRecord {
+        version: RECORD_VERSION,
+        name: "ghost".into(),
+        digest: Digest::of(b"never uploaded"),
+        size: 14,
+        artifact: Artifact::Executable {
+            command: vec!["ghost".into()],
+        },
+        limits: Limits::default(),
+        unknown: Default::default(),
+    };
+    let answer = client
+        .request::<LookupProtocol>(service, &LookupRequest::Add(record))
+        .await
+        .unwrap();
+    let LookupResponse::Failed(reason) = answer else {
+        panic!("{answer:?}")
+    };
+    assert!(
+        reason.contains("not stored") && reason.contains("upload it first"),
+        "{reason}"
+    );
+    // Still serving, and nothing was stored.
+    let answer = client
+        .request::<LookupProtocol>(service, &LookupRequest::List)
+        .await
+        .unwrap();
+    assert_eq!(answer, LookupResponse::Services(vec![]));
+
+    // Every outcome is counted by operation.
+    let (_, metrics) = http_get(&network.service.metrics, "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"lookup_requests_total{op="add",outcome="error"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"lookup_requests_total{op="list",outcome="ok"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lookup_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
+}
