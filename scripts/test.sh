@@ -14,6 +14,19 @@ set +e
 cargo test --workspace --locked 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+# The protocol codec's fuzz target, briefly: any crash or failed round trip fails the run.
+# cargo-fuzz wants nightly flags; RUSTC_BOOTSTRAP lets the stable toolchain accept them, and
+# without a sanitizer none is needed.
+fuzz_log=$(mktemp)
+if ! (cd control/fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run codec --sanitizer none -- \
+      -max_total_time="${FUZZ_SECONDS:-20}") >"$fuzz_log" 2>&1; then
+  tail -40 "$fuzz_log"
+  echo "fuzzing the protocol codec failed (full log: $fuzz_log)"
+  status=1
+else
+  grep -E '^Done [0-9]+ runs' "$fuzz_log" | sed 's/^/fuzz codec: /'
+fi
+
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { passed += $4; failed += $6 } END { printf "%d passed, %d failed\n", passed, failed }' "$log"
 exit "$status"

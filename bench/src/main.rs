@@ -4,11 +4,13 @@
 //!
 //! ```sh
 //! cargo build --release --workspace
-//! cargo run -p bench --release -- all          # or one: overlay, monitor-memory
+//! cargo run -p bench --release -- all          # or one: overlay, monitor-memory, lookup
 //! ```
 
+mod lookup;
 mod monitor_memory;
 mod overlay;
+mod procs;
 mod stats;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +30,8 @@ enum Scenario {
     Overlay(overlay::Args),
     /// Resident memory and CPU of an idle ping-monitor process with N peers.
     MonitorMemory(monitor_memory::Args),
+    /// A large image archive through hl-cli, hl-service and a second node; get latency.
+    Lookup(lookup::Args),
 }
 
 #[tokio::main]
@@ -36,9 +40,11 @@ async fn main() -> anyhow::Result<()> {
         Scenario::All => {
             overlay::run(overlay::Args::default()).await?;
             monitor_memory::run(monitor_memory::Args::default()).await?;
+            lookup::run(lookup::Args::default()).await?;
         }
         Scenario::Overlay(args) => overlay::run(args).await?,
         Scenario::MonitorMemory(args) => monitor_memory::run(args).await?,
+        Scenario::Lookup(args) => lookup::run(args).await?,
     }
     Ok(())
 }

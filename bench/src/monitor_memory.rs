@@ -2,20 +2,13 @@
 //! nodes (in this process) joined to it, every peer pinged every second; then resident memory
 //! and CPU time over an idle minute are read from /proc.
 
-use std::{
-    path::PathBuf,
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use control::overlay::{BootstrapAddr, Node, NodeConfig};
+use control::overlay::{Node, NodeConfig};
 use futures::future::join_all;
 use libp2p::identity::Keypair;
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::Command,
-};
+
+use crate::procs::{cpu_time, start_daemon, status_kb};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -36,69 +29,19 @@ impl Default for Args {
     }
 }
 
-/// The ping-monitor built beside this benchmark (same profile).
-fn ping_monitor_binary() -> anyhow::Result<PathBuf> {
-    let path = std::env::current_exe()?.with_file_name("ping-monitor");
-    if !path.exists() {
-        bail!(
-            "{} not found: build it first with `cargo build --release --workspace`",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
-/// A field of /proc/PID/status in kB (VmRSS, VmHWM).
-fn status_kb(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(field)?
-                .trim_start_matches(':')
-                .trim()
-                .strip_suffix("kB")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))
-}
-
-/// User plus system CPU time of a process, from /proc/PID/stat (clock ticks of 10 ms).
-fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    Ok(Duration::from_millis(ticks * 10))
-}
-
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let mut monitor = Command::new(ping_monitor_binary()?)
-        .args([
+    let monitor = start_daemon(
+        "ping-monitor",
+        &[
             "--ephemeral",
             "--p2p-listen-addr",
             "127.0.0.1:0",
             "--prom-listen-addr",
             "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = monitor.id().context("monitor exited")?;
-    let mut lines = BufReader::new(monitor.stdout.take().context("stdout")?).lines();
-    let addr: BootstrapAddr = loop {
-        let line = lines
-            .next_line()
-            .await?
-            .context("monitor exited before printing its address")?;
-        if line.contains("/p2p/") {
-            break line.parse().map_err(anyhow::Error::msg)?;
-        }
-    };
+        ],
+    )
+    .await?;
+    let (pid, addr) = (monitor.pid, monitor.bootstrap.clone());
     let rss_alone = status_kb(pid, "VmRSS")?;
 
     let peers = join_all((0..args.peers).map(|_| {

@@ -310,7 +310,9 @@ async fn the_service_survives_bad_messages_and_refuses_records_without_blobs() {
     let client = start_node(std::slice::from_ref(&network.monitor.bootstrap), None).await;
     let service = network.service.bootstrap.peer;
     // Found the way every client finds it (which also connects to it).
-    let found = control::lookup::client::lookup_services(&client).await.unwrap();
+    let found = control::lookup::client::lookup_services(&client)
+        .await
+        .unwrap();
     assert_eq!(found, [service]);
 
     // A length over the limit, then garbage that is not CBOR: each stream is dropped unread.

@@ -1,0 +1,110 @@
+//! Running the project's release binaries as separate processes and reading their footprint
+//! from /proc.
+
+use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use anyhow::{Context, bail};
+use control::overlay::BootstrapAddr;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+/// A binary built beside this benchmark (same profile).
+pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    if !path.exists() {
+        bail!(
+            "{} not found: build it first with `cargo build --release --workspace`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A field of /proc/PID/status in kB (VmRSS, VmHWM).
+pub fn status_kb(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim_start_matches(':')
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+/// User plus system CPU time of a process, from /proc/PID/stat (clock ticks of 10 ms).
+pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    Ok(Duration::from_millis(ticks * 10))
+}
+
+/// A long-running program of ours, killed when dropped.
+pub struct Daemon {
+    /// Held so the process is killed when the daemon is dropped.
+    _child: Child,
+    pub pid: u32,
+    pub bootstrap: BootstrapAddr,
+}
+
+/// Starts binary `name` with `args` and waits for the overlay address it prints.
+pub async fn start_daemon(name: &str, args: &[&str]) -> anyhow::Result<Daemon> {
+    let mut child = Command::new(sibling_binary(name)?)
+        .args(args)
+        .env_remove("P2P_BOOTSTRAPS")
+        .env_remove("P2P_PSK")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().context("exited at once")?;
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let bootstrap = loop {
+        let line = lines
+            .next_line()
+            .await?
+            .with_context(|| format!("{name} exited before printing its address"))?;
+        if line.contains("/p2p/") {
+            break line.parse().map_err(anyhow::Error::msg)?;
+        }
+    };
+    // Keep draining standard output so the program never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(Daemon {
+        _child: child,
+        pid,
+        bootstrap,
+    })
+}
+
+/// Runs a binary to completion; returns its wall time and peak RSS in kB (from wait4's
+/// rusage, so it covers the whole run).
+pub fn run_measured(name: &str, args: &[&str]) -> anyhow::Result<(Duration, u64)> {
+    let start = std::time::Instant::now();
+    let child = std::process::Command::new(sibling_binary(name)?)
+        .args(args)
+        .env_remove("P2P_BOOTSTRAPS")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value, and wait4 only writes into the two
+    // out-parameters we own.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    if waited != pid || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("{name} {args:?} failed (status {status})");
+    }
+    Ok((start.elapsed(), usage.ru_maxrss as u64))
+}
