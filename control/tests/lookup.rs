@@ -116,6 +116,20 @@ async fn records_are_added_read_listed_deleted_and_survive_a_restart() {
     .await;
     assert!(ok, "add --exec failed: {out}{err}");
 
+    // The archive can come on standard input too, as `docker save IMAGE | hl-cli add --stdin`.
+    let bootstrap = network.monitor.bootstrap.to_string();
+    let piped = std::process::Command::new(HL_CLI)
+        .args(["-bootstrap", &bootstrap, "add", "--stdin", "from-stdin"])
+        .env_remove("P2P_BOOTSTRAPS")
+        .stdin(std::fs::File::open(&tar).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        piped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
+
     let (ok, out, _) = cli(&network, &["--json", "get", "hello-world-server"]).await;
     assert!(ok, "{out}");
     let record: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -136,6 +150,7 @@ async fn records_are_added_read_listed_deleted_and_survive_a_restart() {
         ok && out.contains("hello-world-server") && out.contains("hello-proc"),
         "{out}"
     );
+    assert!(out.contains("from-stdin"), "{out}");
 
     // Restart the lookup service on the same data: records and blobs are still there.
     assert!(network.service.process.terminate().await);

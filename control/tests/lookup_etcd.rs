@@ -140,5 +140,28 @@ async fn three_lookup_services_share_one_etcd_cluster_and_survive_losing_one() {
             );
         }
     }
+    // And through hl-cli: list sees both, delete removes one for everybody.
+    let bootstrap = monitor.bootstrap.to_string();
+    let hl_cli = |args: &'static [&'static str]| {
+        let bootstrap = bootstrap.clone();
+        async move {
+            let mut all = vec!["--bootstrap", bootstrap.as_str()];
+            all.extend_from_slice(args);
+            run_to_exit(HL_CLI, &all, &[]).await
+        }
+    };
+    let (ok, out, err) = hl_cli(&["list"]).await;
+    assert!(
+        ok && out.contains("before") && out.contains("after"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = hl_cli(&["delete", "before"]).await;
+    assert!(ok, "{out}{err}");
+    for peer in &services[..2] {
+        assert_eq!(
+            get(*peer, "before").await.unwrap(),
+            LookupResponse::NotFound
+        );
+    }
     drop((first, second));
 }
