@@ -19,7 +19,7 @@ use libp2p::identity::Keypair;
 
 use crate::{
     procs::{run_measured, start_daemon, status_kb},
-    stats::{ms, percentile},
+    stats::print_percentiles,
 };
 
 #[derive(clap::Args)]
@@ -69,17 +69,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let archive_bytes = std::fs::metadata(&tar)?.len();
     let digest = hash_file(&tar)?;
 
-    let monitor = start_daemon(
-        "ping-monitor",
-        &[
-            "--ephemeral",
-            "--p2p-listen-addr",
-            "127.0.0.1:0",
-            "--prom-listen-addr",
-            "127.0.0.1:0",
-        ],
-    )
-    .await?;
+    let monitor = start_daemon("ping-monitor", &[]).await?;
     let bootstrap = monitor.bootstrap.to_string();
     let data = dir.path().join("service");
     let service = start_daemon(
@@ -89,11 +79,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             &bootstrap,
             "--data-dir",
             data.to_str().context("path")?,
-            "--ephemeral",
-            "--p2p-listen-addr",
-            "127.0.0.1:0",
-            "--prom-listen-addr",
-            "127.0.0.1:0",
         ],
     )
     .await?;
@@ -178,20 +163,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         mib(service_peak_fetch)
     );
     println!();
-    println!("| get | p50 ms | p99 ms | max ms |");
-    println!("|---|---|---|---|");
-    for (name, samples) in [
-        ("warm (connection open)", &mut warm),
-        ("cold (join, find, ask)", &mut cold),
-    ] {
-        println!(
-            "| {name} | {} | {} | {} |",
-            ms(percentile(samples, 50.0)),
-            ms(percentile(samples, 99.0)),
-            ms(percentile(samples, 100.0))
-        );
-    }
-    println!();
+    print_percentiles(
+        "get",
+        &[50.0, 99.0, 100.0],
+        &mut [
+            ("warm (connection open)", &mut warm),
+            ("cold (join, find, ask)", &mut cold),
+        ],
+    );
     fetcher.shutdown().await;
     drop((service, monitor));
     Ok(())

@@ -30,17 +30,7 @@ impl Default for Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let monitor = start_daemon(
-        "ping-monitor",
-        &[
-            "--ephemeral",
-            "--p2p-listen-addr",
-            "127.0.0.1:0",
-            "--prom-listen-addr",
-            "127.0.0.1:0",
-        ],
-    )
-    .await?;
+    let monitor = start_daemon("ping-monitor", &[]).await?;
     let (pid, addr) = (monitor.pid, monitor.bootstrap.clone());
     let rss_alone = status_kb(pid, "VmRSS")?;
 

@@ -7,7 +7,7 @@ use control::overlay::{BootstrapAddr, Node, NodeConfig, Timing};
 use futures::{StreamExt, future::join_all};
 use libp2p::identity::Keypair;
 
-use crate::stats::{ms, percentile};
+use crate::stats::print_percentiles;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -82,26 +82,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "### Overlay: {} nodes join one bootstrap at once ({} runs)\n",
         args.nodes, args.runs
     );
-    println!("| measure | p50 ms | p90 ms | p99 ms | max ms |");
-    println!("|---|---|---|---|---|");
-    for (name, samples) in [
-        (
-            "one node's join (start to first bootstrap connection)",
-            &mut joins,
-        ),
-        ("all nodes joined", &mut all_joined),
-        ("provider lookup, first answer", &mut lookups),
-        ("same lookup again, connections warm", &mut warm_lookups),
-    ] {
-        println!(
-            "| {name} | {} | {} | {} | {} |",
-            ms(percentile(samples, 50.0)),
-            ms(percentile(samples, 90.0)),
-            ms(percentile(samples, 99.0)),
-            ms(percentile(samples, 100.0)),
-        );
-    }
-    println!();
+    print_percentiles(
+        "measure",
+        &[50.0, 90.0, 99.0, 100.0],
+        &mut [
+            (
+                "one node's join (start to first bootstrap connection)",
+                &mut joins,
+            ),
+            ("all nodes joined", &mut all_joined),
+            ("provider lookup, first answer", &mut lookups),
+            ("same lookup again, connections warm", &mut warm_lookups),
+        ],
+    );
     Ok(())
 }
 

@@ -57,9 +57,19 @@ pub struct Daemon {
     pub bootstrap: BootstrapAddr,
 }
 
-/// Starts binary `name` with `args` and waits for the overlay address it prints.
+/// Flags every benchmarked daemon gets: a throw-away identity and free loopback ports.
+const LOOPBACK: [&str; 5] = [
+    "--ephemeral",
+    "--p2p-listen-addr",
+    "127.0.0.1:0",
+    "--prom-listen-addr",
+    "127.0.0.1:0",
+];
+
+/// Starts binary `name` on loopback with `args` and waits for the overlay address it prints.
 pub async fn start_daemon(name: &str, args: &[&str]) -> anyhow::Result<Daemon> {
     let mut child = Command::new(sibling_binary(name)?)
+        .args(LOOPBACK)
         .args(args)
         .env_remove("P2P_BOOTSTRAPS")
         .env_remove("P2P_PSK")

@@ -16,6 +16,34 @@ pub fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1e3)
 }
 
+/// Prints a Markdown table of latency percentiles (in ms), one row per measure.
+pub fn print_percentiles(
+    first_column: &str,
+    percentiles: &[f64],
+    rows: &mut [(&str, &mut Vec<Duration>)],
+) {
+    let header: Vec<String> = percentiles
+        .iter()
+        .map(|&p| {
+            if p >= 100.0 {
+                "max ms".to_owned()
+            } else {
+                format!("p{p} ms")
+            }
+        })
+        .collect();
+    println!("| {first_column} | {} |", header.join(" | "));
+    println!("|---|{}", "---|".repeat(percentiles.len()));
+    for (name, samples) in rows.iter_mut() {
+        let cells: Vec<String> = percentiles
+            .iter()
+            .map(|&p| ms(percentile(samples, p)))
+            .collect();
+        println!("| {name} | {} |", cells.join(" | "));
+    }
+    println!();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
