@@ -87,8 +87,8 @@ impl RttWindow {
         self.current_start += self.slice_len * u32::try_from(passed).unwrap_or(u32::MAX);
     }
 
-    /// Quantiles of the samples still inside the window at `now`, or `None` if there are none.
-    pub fn summary(&mut self, now: Instant) -> Option<WindowSummary> {
+    /// The samples still inside the window at `now`, merged; `None` if there are none.
+    fn merged(&mut self, now: Instant) -> Option<Histogram<u32>> {
         self.advance(now);
         let mut merged = empty_histogram();
         for slice in &self.slices {
@@ -96,9 +96,18 @@ impl RttWindow {
                 .add(slice)
                 .expect("histograms with equal bounds always merge");
         }
-        if merged.is_empty() {
-            return None;
-        }
+        (!merged.is_empty()).then_some(merged)
+    }
+
+    /// One quantile (0.0 to 1.0) of the samples inside the window at `now`.
+    pub fn quantile(&mut self, now: Instant, quantile: f64) -> Option<Duration> {
+        let merged = self.merged(now)?;
+        Some(Duration::from_micros(merged.value_at_quantile(quantile)))
+    }
+
+    /// Quantiles of the samples still inside the window at `now`, or `None` if there are none.
+    pub fn summary(&mut self, now: Instant) -> Option<WindowSummary> {
+        let merged = self.merged(now)?;
         let at = |q: f64| Duration::from_micros(merged.value_at_quantile(q));
         Some(WindowSummary {
             samples: merged.len(),

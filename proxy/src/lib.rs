@@ -2,5 +2,9 @@
 //! sidecar of every service instance, carrying requests between proxies over QUIC and choosing
 //! instances from live RTT histograms.
 //!
-//! Being built in issue #4; the overlay it joins and the RTT histograms it chooses from live in
-//! the `control` crate (`control::overlay`, `control::rtt`).
+//! Being built in issue #4. So far the pure parts: [`config::perf`], the perf.conf the instance
+//! choice is tuned by, and [`select`], the choice itself. The overlay it joins and the RTT histograms it chooses from live in the `control`
+//! crate (`control::overlay`, `control::rtt`).
+
+pub mod config;
+pub mod select;

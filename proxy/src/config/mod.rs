@@ -1,0 +1,3 @@
+//! The proxy's configuration file.
+
+pub mod perf;

@@ -1,0 +1,176 @@
+use super::*;
+
+const MS: Duration = Duration::from_millis(1);
+const LIMITS: Limits = Limits {
+    soft_rtt: Duration::from_millis(20),
+    hard_rtt: Duration::from_millis(100),
+};
+
+/// A deterministic stand-in for randomness: cycles through 0, 1, 2, ...
+fn counter() -> impl FnMut(usize) -> usize {
+    let mut next = 0;
+    move |n| {
+        next += 1;
+        next % n
+    }
+}
+
+fn chooser(policy: Policy, rtts: &[(&'static str, u64)], now: Instant) -> Chooser<&'static str> {
+    let mut chooser = Chooser::new(policy);
+    for &(key, ms) in rtts {
+        chooser.add(key, now);
+        for _ in 0..10 {
+            chooser.record_rtt(&key, MS * ms as u32, now);
+        }
+    }
+    chooser
+}
+
+fn share(chooser: &mut Chooser<&'static str>, key: &str, now: Instant, rounds: usize) -> f64 {
+    let mut random = counter();
+    let hits = (0..rounds)
+        .filter(|_| chooser.choose(now, LIMITS, &mut random).pick == Some(key))
+        .count();
+    hits as f64 / rounds as f64
+}
+
+#[test]
+fn prefers_the_near_instance_under_both_rtt_policies() {
+    let now = Instant::now();
+    for policy in [Policy::RttHistogram, Policy::PeakEwma] {
+        let mut c = chooser(policy, &[("near", 2), ("far", 22)], now);
+        // "far" is over the soft limit, so all traffic goes to "near".
+        assert_eq!(share(&mut c, "near", now, 100), 1.0, "{policy:?}");
+        let mut c = chooser(policy, &[("a", 2), ("b", 10), ("c", 15)], now);
+        // All within soft: P2C favours the lowest RTT but spreads some load.
+        let a = share(&mut c, "a", now, 300);
+        assert!(a > 0.5, "{policy:?}: {a}");
+    }
+}
+
+#[test]
+fn in_flight_requests_spread_load_among_equals() {
+    let now = Instant::now();
+    let mut c = chooser(Policy::RttHistogram, &[("a", 5), ("b", 5)], now);
+    for _ in 0..5 {
+        c.start(&"a");
+    }
+    assert_eq!(share(&mut c, "b", now, 50), 1.0);
+}
+
+#[test]
+fn hard_limit_excludes_and_soft_limit_asks_for_a_nearer_instance() {
+    let now = Instant::now();
+    let mut c = chooser(Policy::RttHistogram, &[("slow", 150)], now);
+    assert_eq!(
+        c.choose(now, LIMITS, counter()),
+        Decision {
+            pick: None,
+            want_nearer: true
+        }
+    );
+    let mut c = chooser(Policy::RttHistogram, &[("meh", 50)], now);
+    assert_eq!(
+        c.choose(now, LIMITS, counter()),
+        Decision {
+            pick: Some("meh"),
+            want_nearer: true
+        }
+    );
+    let mut c = chooser(Policy::RttHistogram, &[("good", 5), ("meh", 50)], now);
+    assert_eq!(
+        c.choose(now, LIMITS, counter()),
+        Decision {
+            pick: Some("good"),
+            want_nearer: false
+        }
+    );
+    let mut empty: Chooser<&str> = Chooser::new(Policy::RttHistogram);
+    assert_eq!(
+        empty.choose(now, LIMITS, counter()),
+        Decision {
+            pick: None,
+            want_nearer: true
+        }
+    );
+}
+
+#[test]
+fn unmeasured_instances_wait_for_a_probe_unless_nothing_else_is_left() {
+    let now = Instant::now();
+    let mut c = chooser(Policy::RttHistogram, &[("known", 5)], now);
+    c.add("new", now);
+    assert_eq!(share(&mut c, "known", now, 50), 1.0);
+    c.remove(&"known");
+    assert_eq!(c.choose(now, LIMITS, counter()).pick, Some("new"));
+    c.record_rtt(&"new", MS, now);
+    assert_eq!(
+        c.choose(now, LIMITS, counter()),
+        Decision {
+            pick: Some("new"),
+            want_nearer: false
+        }
+    );
+}
+
+#[test]
+fn repeated_failures_eject_for_growing_periods() {
+    let t0 = Instant::now();
+    let mut c = chooser(Policy::RttHistogram, &[("flaky", 2), ("steady", 10)], t0);
+    let fail = |c: &mut Chooser<&'static str>, at: Instant| {
+        for _ in 0..EJECT_AFTER {
+            c.start(&"flaky");
+            c.finish(&"flaky", false, at);
+        }
+    };
+    fail(&mut c, t0);
+    assert_eq!(share(&mut c, "steady", t0, 20), 1.0, "ejected");
+    let back = t0 + FIRST_EJECTION;
+    assert!(
+        share(&mut c, "flaky", back, 20) > 0.5,
+        "back after the first period"
+    );
+    fail(&mut c, back);
+    assert_eq!(
+        share(&mut c, "steady", back + FIRST_EJECTION, 20),
+        1.0,
+        "second ejection is longer"
+    );
+    assert!(share(&mut c, "flaky", back + FIRST_EJECTION * 2, 20) > 0.5);
+    // A success forgets the history: the next ejection is short again.
+    c.finish(&"flaky", true, back + FIRST_EJECTION * 2);
+    let later = back + FIRST_EJECTION * 3;
+    fail(&mut c, later);
+    assert!(share(&mut c, "flaky", later + FIRST_EJECTION, 20) > 0.5);
+}
+
+#[test]
+fn traffic_moves_when_rtts_change() {
+    let t0 = Instant::now();
+    let mut c = chooser(Policy::RttHistogram, &[("a", 2), ("b", 30)], t0);
+    assert_eq!(share(&mut c, "a", t0, 20), 1.0);
+    // The window forgets: after it has turned over, only the new samples count.
+    let later = t0 + Duration::from_secs(21);
+    for _ in 0..10 {
+        c.record_rtt(&"a", MS * 30, later);
+        c.record_rtt(&"b", MS * 2, later);
+    }
+    assert_eq!(share(&mut c, "b", later + QUANTILE_REFRESH, 20), 1.0);
+}
+
+#[test]
+fn round_robin_ignores_rtt_but_not_ejection() {
+    let now = Instant::now();
+    let mut c = chooser(Policy::RoundRobin, &[("a", 1), ("b", 500), ("c", 1)], now);
+    let picks: Vec<_> = (0..6)
+        .map(|_| c.choose(now, LIMITS, counter()).pick.unwrap())
+        .collect();
+    assert_eq!(picks, ["a", "b", "c", "a", "b", "c"]);
+    for _ in 0..EJECT_AFTER {
+        c.finish(&"b", false, now);
+    }
+    let picks: Vec<_> = (0..4)
+        .map(|_| c.choose(now, LIMITS, counter()).pick.unwrap())
+        .collect();
+    assert!(!picks.contains(&"b"), "{picks:?}");
+}
