@@ -1,0 +1,438 @@
+//! How a request and its response cross between two proxies on one QUIC bidirectional stream.
+//!
+//! Each direction is a sequence of frames, `kind: u8 | length: u32 big-endian | payload`:
+//!
+//! | kind | payload |
+//! |---|---|
+//! | `HEAD` (1) | request: `version 1 | method (u8 length) | target (u16 length) | headers`; response: `version 1 | status u16 | headers` |
+//! | `DATA` (2) | body bytes, as they came |
+//! | `TRAILERS` (3) | `headers` |
+//!
+//! `headers` is `count: u16` then per field `name (u16 length) | value (u16 length)`. A
+//! direction is one `HEAD`, any number of `DATA`, at most one `TRAILERS`, then the end of the
+//! stream (QUIC FIN). The target is the path and query the sidecar sends to its service (the
+//! ingress already removed the `/<service>` segment).
+//!
+//! Body bytes are never copied into frames: a `DATA` frame is its 5-byte header written
+//! before the chunk hyper handed over. Decoding splits frames off the receive buffer without
+//! copying either. Limits ([`MAX_HEAD_BYTES`], [`MAX_HEADERS`], [`MAX_DATA_BYTES`]) are
+//! checked from the length prefix, before anything is buffered.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+
+pub const VERSION: u8 = 1;
+/// Largest encoded head or trailers frame.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Most header fields in one head or trailers frame.
+pub const MAX_HEADERS: usize = 256;
+/// Largest DATA frame a sender writes and a receiver accepts.
+pub const MAX_DATA_BYTES: usize = 1 << 20;
+/// Bytes before every frame's payload.
+pub const FRAME_HEADER_BYTES: usize = 5;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Head = 1,
+    Data = 2,
+    Trailers = 3,
+}
+
+/// One frame split off the receive buffer; the payload shares the buffer's memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: Kind,
+    pub payload: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("{kind:?} frame of {len} bytes is over the limit of {limit}")]
+    TooLarge {
+        kind: Kind,
+        len: usize,
+        limit: usize,
+    },
+    #[error("head version {0} is not supported (this proxy speaks {VERSION})")]
+    Version(u8),
+    #[error("truncated {0}")]
+    Truncated(&'static str),
+    #[error("more than {MAX_HEADERS} header fields")]
+    TooManyHeaders,
+    #[error("invalid {what}: {detail}")]
+    Invalid { what: &'static str, detail: String },
+}
+
+/// The head of a request between proxies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    pub method: Method,
+    /// Path and query for the service, starting with `/`.
+    pub target: String,
+    pub headers: HeaderMap,
+}
+
+/// The head of a response between proxies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+}
+
+/// The 5 bytes that precede a payload of `len` bytes.
+pub fn frame_header(kind: Kind, len: usize) -> [u8; FRAME_HEADER_BYTES] {
+    let len = u32::try_from(len).expect("frames are far below 4 GiB");
+    let mut header = [kind as u8, 0, 0, 0, 0];
+    header[1..].copy_from_slice(&len.to_be_bytes());
+    header
+}
+
+fn put_headers(headers: &HeaderMap, out: &mut BytesMut) {
+    out.put_u16(headers.len() as u16);
+    for (name, value) in headers {
+        out.put_u16(name.as_str().len() as u16);
+        out.put_slice(name.as_str().as_bytes());
+        out.put_u16(value.len() as u16);
+        out.put_slice(value.as_bytes());
+    }
+}
+
+/// Encodes a frame whose payload is written by `write`, patching its length in afterwards.
+fn framed(
+    kind: Kind,
+    out: &mut BytesMut,
+    write: impl FnOnce(&mut BytesMut),
+) -> Result<(), FrameError> {
+    let start = out.len();
+    out.put_slice(&frame_header(kind, 0));
+    write(out);
+    let len = out.len() - start - FRAME_HEADER_BYTES;
+    if len > MAX_HEAD_BYTES {
+        out.truncate(start);
+        return Err(FrameError::TooLarge {
+            kind,
+            len,
+            limit: MAX_HEAD_BYTES,
+        });
+    }
+    out[start..start + FRAME_HEADER_BYTES].copy_from_slice(&frame_header(kind, len));
+    Ok(())
+}
+
+fn check_count(headers: &HeaderMap) -> Result<(), FrameError> {
+    if headers.len() > MAX_HEADERS {
+        Err(FrameError::TooManyHeaders)
+    } else {
+        Ok(())
+    }
+}
+
+/// Appends a request `HEAD` frame to `out`.
+pub fn encode_request_head(head: &RequestHead, out: &mut BytesMut) -> Result<(), FrameError> {
+    check_count(&head.headers)?;
+    let method = head.method.as_str();
+    if method.len() > usize::from(u8::MAX) || head.target.len() > usize::from(u16::MAX) {
+        return Err(FrameError::TooLarge {
+            kind: Kind::Head,
+            len: head.target.len(),
+            limit: MAX_HEAD_BYTES,
+        });
+    }
+    framed(Kind::Head, out, |out| {
+        out.put_u8(VERSION);
+        out.put_u8(method.len() as u8);
+        out.put_slice(method.as_bytes());
+        out.put_u16(head.target.len() as u16);
+        out.put_slice(head.target.as_bytes());
+        put_headers(&head.headers, out);
+    })
+}
+
+/// Appends a response `HEAD` frame to `out`.
+pub fn encode_response_head(head: &ResponseHead, out: &mut BytesMut) -> Result<(), FrameError> {
+    check_count(&head.headers)?;
+    framed(Kind::Head, out, |out| {
+        out.put_u8(VERSION);
+        out.put_u16(head.status.as_u16());
+        put_headers(&head.headers, out);
+    })
+}
+
+/// Appends a `TRAILERS` frame to `out`.
+pub fn encode_trailers(trailers: &HeaderMap, out: &mut BytesMut) -> Result<(), FrameError> {
+    check_count(trailers)?;
+    framed(Kind::Trailers, out, |out| put_headers(trailers, out))
+}
+
+/// Splits the next complete frame off `buffer`, or returns `None` if more bytes are needed.
+/// Lengths over the limits are refused as soon as the 5-byte header is there.
+pub fn decode_frame(buffer: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+    if buffer.len() < FRAME_HEADER_BYTES {
+        return Ok(None);
+    }
+    let kind = match buffer[0] {
+        1 => Kind::Head,
+        2 => Kind::Data,
+        3 => Kind::Trailers,
+        other => return Err(FrameError::UnknownKind(other)),
+    };
+    let len = u32::from_be_bytes(buffer[1..5].try_into().expect("4 bytes")) as usize;
+    let limit = if kind == Kind::Data {
+        MAX_DATA_BYTES
+    } else {
+        MAX_HEAD_BYTES
+    };
+    if len > limit {
+        return Err(FrameError::TooLarge { kind, len, limit });
+    }
+    if buffer.len() < FRAME_HEADER_BYTES + len {
+        buffer.reserve(FRAME_HEADER_BYTES + len - buffer.len());
+        return Ok(None);
+    }
+    buffer.advance(FRAME_HEADER_BYTES);
+    Ok(Some(Frame {
+        kind,
+        payload: buffer.split_to(len).freeze(),
+    }))
+}
+
+fn take<'a>(payload: &mut &'a [u8], n: usize, what: &'static str) -> Result<&'a [u8], FrameError> {
+    if payload.len() < n {
+        return Err(FrameError::Truncated(what));
+    }
+    let (taken, rest) = payload.split_at(n);
+    *payload = rest;
+    Ok(taken)
+}
+
+fn take_u16(payload: &mut &[u8], what: &'static str) -> Result<usize, FrameError> {
+    let bytes = take(payload, 2, what)?;
+    Ok(usize::from(u16::from_be_bytes([bytes[0], bytes[1]])))
+}
+
+fn take_headers(payload: &mut &[u8]) -> Result<HeaderMap, FrameError> {
+    let count = take_u16(payload, "header count")?;
+    if count > MAX_HEADERS {
+        return Err(FrameError::TooManyHeaders);
+    }
+    let mut headers = HeaderMap::with_capacity(count);
+    for _ in 0..count {
+        let len = take_u16(payload, "header name")?;
+        let name = HeaderName::from_bytes(take(payload, len, "header name")?).map_err(|e| {
+            FrameError::Invalid {
+                what: "header name",
+                detail: e.to_string(),
+            }
+        })?;
+        let len = take_u16(payload, "header value")?;
+        let value = HeaderValue::from_bytes(take(payload, len, "header value")?).map_err(|e| {
+            FrameError::Invalid {
+                what: "header value",
+                detail: e.to_string(),
+            }
+        })?;
+        headers.append(name, value);
+    }
+    if !payload.is_empty() {
+        return Err(FrameError::Invalid {
+            what: "head",
+            detail: format!("{} bytes after the headers", payload.len()),
+        });
+    }
+    Ok(headers)
+}
+
+fn take_version(payload: &mut &[u8]) -> Result<(), FrameError> {
+    match take(payload, 1, "version")?[0] {
+        VERSION => Ok(()),
+        other => Err(FrameError::Version(other)),
+    }
+}
+
+pub fn decode_request_head(mut payload: &[u8]) -> Result<RequestHead, FrameError> {
+    let payload = &mut payload;
+    take_version(payload)?;
+    let len = usize::from(take(payload, 1, "method")?[0]);
+    let method =
+        Method::from_bytes(take(payload, len, "method")?).map_err(|e| FrameError::Invalid {
+            what: "method",
+            detail: e.to_string(),
+        })?;
+    let len = take_u16(payload, "target")?;
+    let target =
+        std::str::from_utf8(take(payload, len, "target")?).map_err(|e| FrameError::Invalid {
+            what: "target",
+            detail: e.to_string(),
+        })?;
+    if !target.starts_with('/') {
+        return Err(FrameError::Invalid {
+            what: "target",
+            detail: format!("'{target}' does not start with /"),
+        });
+    }
+    Ok(RequestHead {
+        method,
+        target: target.to_owned(),
+        headers: take_headers(payload)?,
+    })
+}
+
+pub fn decode_response_head(mut payload: &[u8]) -> Result<ResponseHead, FrameError> {
+    let payload = &mut payload;
+    take_version(payload)?;
+    let status = StatusCode::from_u16(take_u16(payload, "status")? as u16).map_err(|e| {
+        FrameError::Invalid {
+            what: "status",
+            detail: e.to_string(),
+        }
+    })?;
+    Ok(ResponseHead {
+        status,
+        headers: take_headers(payload)?,
+    })
+}
+
+pub fn decode_trailers(mut payload: &[u8]) -> Result<HeaderMap, FrameError> {
+    take_headers(&mut payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> RequestHead {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.append("x-many", HeaderValue::from_static("1"));
+        headers.append("x-many", HeaderValue::from_static("2"));
+        headers.insert("x-binary", HeaderValue::from_bytes(b"\xfe\xff ok").unwrap());
+        RequestHead {
+            method: Method::from_bytes(b"PROPFIND").unwrap(),
+            target: "/a/b?c=d&e".into(),
+            headers,
+        }
+    }
+
+    #[test]
+    fn heads_data_and_trailers_round_trip_across_arbitrary_splits() {
+        let mut wire = BytesMut::new();
+        encode_request_head(&request(), &mut wire).unwrap();
+        wire.put_slice(&frame_header(Kind::Data, 3));
+        wire.put_slice(b"abc");
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        encode_trailers(&trailers, &mut wire).unwrap();
+        let wire = wire.freeze();
+        // Whatever chunks the bytes arrive in, the same frames come out.
+        for chunk in [1, 2, 5, 7, wire.len()] {
+            let mut buffer = BytesMut::new();
+            let mut frames = Vec::new();
+            for piece in wire.chunks(chunk) {
+                buffer.put_slice(piece);
+                while let Some(frame) = decode_frame(&mut buffer).unwrap() {
+                    frames.push(frame);
+                }
+            }
+            assert_eq!(frames.len(), 3, "chunk {chunk}");
+            assert_eq!(decode_request_head(&frames[0].payload).unwrap(), request());
+            assert_eq!(
+                (frames[1].kind, &frames[1].payload[..]),
+                (Kind::Data, &b"abc"[..])
+            );
+            assert_eq!(decode_trailers(&frames[2].payload).unwrap(), trailers);
+        }
+    }
+
+    #[test]
+    fn response_heads_round_trip() {
+        let mut headers = HeaderMap::new();
+        headers.insert("server", HeaderValue::from_static("hello"));
+        let head = ResponseHead {
+            status: StatusCode::IM_A_TEAPOT,
+            headers,
+        };
+        let mut wire = BytesMut::new();
+        encode_response_head(&head, &mut wire).unwrap();
+        let frame = decode_frame(&mut wire).unwrap().unwrap();
+        assert_eq!(decode_response_head(&frame.payload).unwrap(), head);
+        assert!(wire.is_empty());
+    }
+
+    #[test]
+    fn limits_are_checked_from_the_length_prefix() {
+        let mut buffer = BytesMut::from(&frame_header(Kind::Head, MAX_HEAD_BYTES + 1)[..]);
+        assert!(matches!(
+            decode_frame(&mut buffer),
+            Err(FrameError::TooLarge {
+                kind: Kind::Head,
+                ..
+            })
+        ));
+        let mut buffer = BytesMut::from(&frame_header(Kind::Data, MAX_DATA_BYTES + 1)[..]);
+        assert!(matches!(
+            decode_frame(&mut buffer),
+            Err(FrameError::TooLarge {
+                kind: Kind::Data,
+                ..
+            })
+        ));
+        let mut buffer = BytesMut::from(&[9u8, 0, 0, 0, 0][..]);
+        assert_eq!(decode_frame(&mut buffer), Err(FrameError::UnknownKind(9)));
+        let mut head = request();
+        head.headers.insert(
+            "x-huge",
+            HeaderValue::from_bytes(&vec![b'a'; 65_000]).unwrap(),
+        );
+        head.headers.insert(
+            "x-huge-2",
+            HeaderValue::from_bytes(&vec![b'a'; 65_000]).unwrap(),
+        );
+        let mut out = BytesMut::new();
+        assert!(matches!(
+            encode_request_head(&head, &mut out),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert!(out.is_empty(), "a refused frame leaves nothing behind");
+    }
+
+    #[test]
+    fn malformed_heads_are_errors_not_panics() {
+        let mut wire = BytesMut::new();
+        encode_request_head(&request(), &mut wire).unwrap();
+        let payload = decode_frame(&mut wire).unwrap().unwrap().payload;
+        for cut in 0..payload.len() {
+            assert!(
+                decode_request_head(&payload[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut wrong_version = payload.to_vec();
+        wrong_version[0] = 7;
+        assert_eq!(
+            decode_request_head(&wrong_version),
+            Err(FrameError::Version(7))
+        );
+        let no_slash = [1, 3, b'G', b'E', b'T', 0, 1, b'x', 0, 0];
+        assert!(matches!(
+            decode_request_head(&no_slash),
+            Err(FrameError::Invalid { what: "target", .. })
+        ));
+        let bad_name = [
+            1, 3, b'G', b'E', b'T', 0, 1, b'/', 0, 1, 0, 2, b'a', b' ', 0, 0,
+        ];
+        assert!(matches!(
+            decode_request_head(&bad_name),
+            Err(FrameError::Invalid {
+                what: "header name",
+                ..
+            })
+        ));
+        let bad_status = [1, 0x03, 0xe8, 0, 0];
+        assert!(matches!(
+            decode_response_head(&bad_status),
+            Err(FrameError::Invalid { what: "status", .. })
+        ));
+    }
+}
