@@ -4,13 +4,14 @@
 //!
 //! ```sh
 //! cargo build --release --workspace
-//! cargo run -p bench --release -- all          # or one: overlay, monitor-memory, lookup
+//! cargo run -p bench --release -- all          # or one: overlay, monitor-memory, lookup, quic
 //! ```
 
 mod lookup;
 mod monitor_memory;
 mod overlay;
 mod procs;
+mod quic;
 mod stats;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +33,8 @@ enum Scenario {
     MonitorMemory(monitor_memory::Args),
     /// A large image archive through hl-cli, hl-service and a second node; get latency.
     Lookup(lookup::Args),
+    /// The data plane's QUIC transport: authenticated handshakes and stream round trips.
+    Quic(quic::Args),
 }
 
 #[tokio::main]
@@ -41,10 +44,12 @@ async fn main() -> anyhow::Result<()> {
             overlay::run(overlay::Args::default()).await?;
             monitor_memory::run(monitor_memory::Args::default()).await?;
             lookup::run(lookup::Args::default()).await?;
+            quic::run(quic::Args::default()).await?;
         }
         Scenario::Overlay(args) => overlay::run(args).await?,
         Scenario::MonitorMemory(args) => monitor_memory::run(args).await?,
         Scenario::Lookup(args) => lookup::run(args).await?,
+        Scenario::Quic(args) => quic::run(args).await?,
     }
     Ok(())
 }

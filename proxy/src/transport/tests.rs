@@ -1,0 +1,102 @@
+use std::net::{Ipv4Addr, SocketAddr};
+
+use super::*;
+
+const LOOPBACK: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+
+fn transport(key: Option<[u8; 32]>) -> Arc<Transport> {
+    Arc::new(Transport::bind(LOOPBACK, Keypair::generate_ed25519(), key).unwrap())
+}
+
+/// Serves echo on every authenticated connection; reports each accept's outcome.
+fn serve_echo(
+    server: Arc<Transport>,
+) -> tokio::sync::mpsc::UnboundedReceiver<Result<PeerId, String>> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(accepted) = server.accept().await {
+            match accepted {
+                Ok((peer, connection)) => {
+                    let _ = tx.send(Ok(peer));
+                    tokio::spawn(async move {
+                        while let Ok((mut send, mut recv)) = connection.accept_bi().await {
+                            let data = recv.read_to_end(1 << 20).await.unwrap();
+                            send.write_all(&data).await.unwrap();
+                            send.finish().unwrap();
+                        }
+                    });
+                }
+                Err(error) => {
+                    let _ = tx.send(Err(error.to_string()));
+                }
+            }
+        }
+    });
+    rx
+}
+
+async fn echo(connection: &Connection, data: &[u8]) -> Vec<u8> {
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    send.write_all(data).await.unwrap();
+    send.finish().unwrap();
+    recv.read_to_end(1 << 20).await.unwrap()
+}
+
+#[tokio::test]
+async fn peers_authenticate_each_other_and_share_one_connection() {
+    let key = Some([9; 32]);
+    let (server, client) = (transport(key), transport(key));
+    let mut accepted = serve_echo(Arc::clone(&server));
+    let addr = server.local_addr().unwrap();
+    let connection = client.connect(server.peer_id(), addr).await.unwrap();
+    assert_eq!(accepted.recv().await.unwrap(), Ok(client.peer_id()));
+    assert_eq!(echo(&connection, b"hello").await, b"hello");
+    // Every further request, concurrent or not, reuses the connection.
+    let again =
+        futures::future::join_all((0..8).map(|_| client.connect(server.peer_id(), addr))).await;
+    for other in again {
+        assert_eq!(other.unwrap().stable_id(), connection.stable_id());
+    }
+}
+
+#[tokio::test]
+async fn the_wrong_peer_is_refused() {
+    let (server, client) = (transport(None), transport(None));
+    let _accepted = serve_echo(Arc::clone(&server));
+    let someone_else = Keypair::generate_ed25519().public().to_peer_id();
+    let error = client
+        .connect(someone_else, server.local_addr().unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            TransportError::Auth {
+                source: AuthError::WrongPeer { .. },
+                ..
+            }
+        ),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn outside_the_network_nothing_is_served() {
+    for (server_key, client_key) in [
+        (Some([1; 32]), Some([2; 32])),
+        (Some([1; 32]), None),
+        (None, Some([2; 32])),
+    ] {
+        let (server, client) = (transport(server_key), transport(client_key));
+        let mut accepted = serve_echo(Arc::clone(&server));
+        let result = client
+            .connect(server.peer_id(), server.local_addr().unwrap())
+            .await;
+        assert!(result.is_err(), "{server_key:?} vs {client_key:?}");
+        let outcome = accepted.recv().await.unwrap();
+        assert!(
+            outcome.is_err(),
+            "the server served an outsider: {outcome:?}"
+        );
+    }
+}
