@@ -1,0 +1,137 @@
+//! Both ends of one request between proxies: [`forward`] on the ingress side sends a request
+//! over an authenticated QUIC connection and returns the streaming response; [`Sidecar`] on
+//! the instance side answers such streams by calling its service through a pooled hyper
+//! client.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body::Body;
+use http_body_util::{BodyExt, Full};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use quinn::{Connection, RecvStream, SendStream};
+
+use crate::{
+    framing::{
+        RequestHead, ResponseHead, decode_request_head, decode_response_head, encode_request_head,
+        encode_response_head,
+    },
+    stream::{FramedBody, StreamError, read_head, send_message},
+};
+
+/// Sends `head` and `body` on a new stream of `connection` and returns the response as soon as
+/// its head arrives; its body streams from the connection as the caller reads it. The request
+/// body is sent concurrently, so a service may answer before it has read all of it.
+pub async fn forward<B>(
+    connection: &Connection,
+    head: &RequestHead,
+    body: B,
+) -> Result<Response<FramedBody>, StreamError>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: std::fmt::Display + Send,
+{
+    let (mut send, mut recv) = connection
+        .open_bi()
+        .await
+        .map_err(|e| StreamError::Quic(e.to_string()))?;
+    let mut encoded = BytesMut::new();
+    encode_request_head(head, &mut encoded)?;
+    tokio::spawn(async move {
+        if let Err(error) = send_message(&mut send, encoded.freeze(), body).await {
+            tracing::debug!(%error, "request body not fully sent");
+            let _ = send.reset(0u32.into());
+        }
+    });
+    let (payload, rest) = read_head(&mut recv).await?;
+    let head = decode_response_head(&payload)?;
+    let mut response = Response::new(FramedBody::new(recv, rest));
+    *response.status_mut() = head.status;
+    *response.headers_mut() = head.headers;
+    Ok(response)
+}
+
+/// The instance side: requests arriving on QUIC streams go to the service at `upstream`.
+pub struct Sidecar {
+    upstream: SocketAddr,
+    client: Client<HttpConnector, FramedBody>,
+}
+
+impl Sidecar {
+    pub fn new(upstream: SocketAddr) -> Arc<Self> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        Arc::new(Self { upstream, client })
+    }
+
+    /// Serves every request stream of an authenticated connection until it closes.
+    pub async fn serve_connection(self: Arc<Self>, connection: Connection) {
+        while let Ok((send, recv)) = connection.accept_bi().await {
+            let this = Arc::clone(&self);
+            tokio::spawn(async move {
+                if let Err(error) = this.serve_stream(send, recv).await {
+                    tracing::debug!(%error, "request stream failed");
+                }
+            });
+        }
+    }
+
+    async fn serve_stream(
+        &self,
+        mut send: SendStream,
+        mut recv: RecvStream,
+    ) -> Result<(), StreamError> {
+        let (payload, rest) = read_head(&mut recv).await?;
+        let head = decode_request_head(&payload)?;
+        let uri = format!("http://{}{}", self.upstream, head.target);
+        let mut request = Request::new(FramedBody::new(recv, rest));
+        *request.method_mut() = head.method;
+        *request.uri_mut() = uri
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| StreamError::Body(e.to_string()))?;
+        *request.headers_mut() = head.headers;
+        let mut encoded = BytesMut::new();
+        match self.client.request(request).await {
+            Ok(response) => {
+                let (parts, body) = response.into_parts();
+                encode_response_head(
+                    &ResponseHead {
+                        status: parts.status,
+                        headers: parts.headers,
+                    },
+                    &mut encoded,
+                )?;
+                send_message(&mut send, encoded.freeze(), body).await
+            }
+            Err(error) => {
+                let text = format!("the service at {} did not answer: {error}\n", self.upstream);
+                let mut headers = http::HeaderMap::new();
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+                encode_response_head(
+                    &ResponseHead {
+                        status: StatusCode::BAD_GATEWAY,
+                        headers,
+                    },
+                    &mut encoded,
+                )?;
+                send_message(
+                    &mut send,
+                    encoded.freeze(),
+                    Full::new(Bytes::from(text)).map_err(|never| match never {}),
+                )
+                .await
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
