@@ -5,12 +5,14 @@
 //! Being built in issue #4. So far the pure parts: [`config::perf`], the perf.conf the instance
 //! choice is tuned by, [`select`], the choice itself, and [`framing`], how a request crosses
 //! between two proxies on a QUIC stream, the [`transport`] those streams run on, messages
-//! [`stream`]ed over it, and both ends of one request ([`forward`]). The overlay it joins and the RTT histograms it chooses from live in the `control`
+//! [`stream`]ed over it, both ends of one request ([`forward`]), and what the ingress does to
+//! a request's target and headers ([`rewrite`]). The overlay it joins and the RTT histograms it chooses from live in the `control`
 //! crate (`control::overlay`, `control::rtt`).
 
 pub mod config;
 pub mod forward;
 pub mod framing;
+pub mod rewrite;
 pub mod select;
 pub mod stream;
 pub mod transport;
