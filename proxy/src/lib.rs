@@ -6,9 +6,10 @@
 //! choice is tuned by, [`select`], the choice itself, and [`framing`], how a request crosses
 //! between two proxies on a QUIC stream, the [`transport`] those streams run on, messages
 //! [`stream`]ed over it, both ends of one request ([`forward`]), and what the ingress does to
-//! a request's target and headers ([`rewrite`]). The overlay it joins and the RTT histograms it chooses from live in the `control`
+//! a request's target and headers ([`rewrite`]); the [`cache`] its lookups go through. The overlay it joins and the RTT histograms it chooses from live in the `control`
 //! crate (`control::overlay`, `control::rtt`).
 
+pub mod cache;
 pub mod config;
 pub mod forward;
 pub mod framing;
