@@ -193,6 +193,10 @@ pub struct NodeInfo {
     pub version: String,
     /// The namespaces the node advertises.
     pub advertised: Vec<String>,
+    /// Where its data plane (a proxy's QUIC endpoint) listens. An unspecified IP (0.0.0.0)
+    /// means "the address you reach me at on the overlay".
+    #[serde(default)]
+    pub data_plane: Option<std::net::SocketAddr>,
 }
 
 impl Protocol for NodeInfoProtocol {
@@ -208,6 +212,7 @@ pub fn serve_node_info(node: &Node) {
     // Weak: serving must not keep the node alive once its program dropped it.
     let weak = node.downgrade();
     let role = node.role().to_owned();
+    let data_plane = node.data_plane();
     node.serve::<NodeInfoProtocol, _, _>(move |_peer, ()| {
         let node = weak.upgrade();
         let role = role.clone();
@@ -220,6 +225,7 @@ pub fn serve_node_info(node: &Node) {
                 role,
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 advertised,
+                data_plane,
             }
         }
     });
@@ -235,6 +241,7 @@ mod tests {
             role: "proxy".into(),
             version: "1".into(),
             advertised: vec!["a".into()],
+            data_plane: Some("127.0.0.1:4433".parse().unwrap()),
         };
         let frame = encode_frame(&info, 1024).unwrap();
         assert_eq!(

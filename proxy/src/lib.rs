@@ -13,6 +13,7 @@ pub mod cache;
 pub mod config;
 pub mod forward;
 pub mod framing;
+pub mod ingress;
 pub mod rewrite;
 pub mod select;
 pub mod stream;

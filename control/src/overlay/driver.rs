@@ -39,6 +39,7 @@ pub(crate) enum Command {
     LocalProviders(String, oneshot::Sender<Vec<PeerId>>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    RemoteAddr(PeerId, oneshot::Sender<Option<Multiaddr>>),
     Timer(Timer),
     Shutdown,
 }
@@ -63,6 +64,8 @@ pub(crate) struct Driver {
     bootstraps: Bootstraps,
     advertised: BTreeSet<String>,
     searches: HashMap<kad::QueryId, Search>,
+    /// The address each connected peer's latest connection comes from.
+    remote_addrs: HashMap<PeerId, Multiaddr>,
     rtt: Arc<RttTable>,
     peer_expiry: Duration,
     commands: mpsc::Receiver<Command>,
@@ -88,6 +91,7 @@ impl Driver {
             bootstraps: Bootstraps::new(&config.bootstraps, config.timing.bootstrap),
             advertised: BTreeSet::new(),
             searches: HashMap::new(),
+            remote_addrs: HashMap::new(),
             rtt,
             peer_expiry: config.timing.peer_expiry,
             commands,
@@ -173,6 +177,9 @@ impl Driver {
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }
+            Command::RemoteAddr(peer, reply) => {
+                let _ = reply.send(self.remote_addrs.get(&peer).cloned());
+            }
             Command::ListenAddrs(reply) => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
             }
@@ -203,6 +210,11 @@ impl Driver {
                 address,
             } => {
                 tracing::debug!(%address, "listening");
+                // The overlay assumes no NAT between members (as the original did): what we
+                // listen on is where others reach us. Declaring it external puts it in the
+                // provider records we publish, so a lookup answers with usable addresses even
+                // from a node that never met us.
+                self.swarm.add_external_address(address);
                 if let Some(startup) = &mut self.startup
                     && startup.unbound.remove(&listener_id).is_some()
                     && startup.unbound.is_empty()
@@ -229,6 +241,8 @@ impl Driver {
                 if num_established.get() == 1 {
                     tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "peer connected");
                 }
+                self.remote_addrs
+                    .insert(peer_id, endpoint.get_remote_address().clone());
                 let actions = self.bootstraps.on_connected(&peer_id);
                 self.apply(actions);
             }
@@ -239,6 +253,7 @@ impl Driver {
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, ?cause, "peer disconnected");
+                self.remote_addrs.remove(&peer_id);
                 let actions = self.bootstraps.on_disconnected(&peer_id);
                 self.apply(actions);
             }

@@ -72,6 +72,9 @@ pub struct NodeConfig {
     /// Whether this node answers DHT queries and stores records for others. Short-lived
     /// clients (hl-cli) set it to false so that others do not route through them.
     pub dht_server: bool,
+    /// Where this node's data plane (a proxy's QUIC endpoint) listens, told to others in node
+    /// info.
+    pub data_plane: Option<std::net::SocketAddr>,
     pub timing: Timing,
 }
 
@@ -85,6 +88,7 @@ impl NodeConfig {
             bootstraps: Vec::new(),
             network_key: None,
             dht_server: true,
+            data_plane: None,
             timing: Timing::default(),
         }
     }
@@ -125,6 +129,7 @@ struct Inner {
     peer_id: PeerId,
     role: String,
     network_key: Option<NetworkKey>,
+    data_plane: Option<std::net::SocketAddr>,
     timing: Timing,
     commands: mpsc::Sender<Command>,
     streams: libp2p_stream::Control,
@@ -195,6 +200,7 @@ impl Node {
                 peer_id,
                 role: config.role,
                 network_key: config.network_key,
+                data_plane: config.data_plane,
                 timing: config.timing,
                 commands,
                 streams,
@@ -215,6 +221,23 @@ impl Node {
 
     pub fn timing(&self) -> &Timing {
         &self.inner.timing
+    }
+
+    /// Where this node's data plane listens, if it has one.
+    pub fn data_plane(&self) -> Option<std::net::SocketAddr> {
+        self.inner.data_plane
+    }
+
+    /// The IP address `peer` is connected from, as this node sees it.
+    pub async fn remote_ip(&self, peer: PeerId) -> Option<std::net::IpAddr> {
+        let addr = self
+            .command(|reply| Command::RemoteAddr(peer, reply))
+            .await??;
+        addr.iter().find_map(|part| match part {
+            Protocol::Ip4(ip) => Some(ip.into()),
+            Protocol::Ip6(ip) => Some(ip.into()),
+            _ => None,
+        })
     }
 
     /// The network key, for programs that hand it on (the allocator to its instances).
