@@ -155,47 +155,17 @@ impl Transport {
         let exchange = async {
             let material = Self::keying_material(&connection)
                 .map_err(|reason| TransportError::Stream { addr, reason })?;
-            let stream_error = |e: &dyn std::fmt::Display| TransportError::Stream {
-                addr,
-                reason: e.to_string(),
-            };
-            let (mut send, mut recv) = connection.open_bi().await.map_err(|e| stream_error(&e))?;
-            let proof = Proof::new(
-                &self.keypair,
-                self.network_key.as_ref(),
-                Role::Client,
-                &material,
-            );
-            send.write_all(&proof.encode())
+            let (mut send, mut recv) = connection
+                .open_bi()
                 .await
-                .map_err(|e| stream_error(&e))?;
-            send.finish().map_err(|e| stream_error(&e))?;
-            let answer = recv
-                .read_to_end(MAX_PROOF_BYTES)
+                .map_err(|e| stream_error(addr, &e))?;
+            self.send_proof(&mut send, Role::Client, &material, addr)
+                .await?;
+            self.receive_proof(&mut recv, Some(peer), Role::Server, &material, addr)
                 .await
-                .map_err(|e| stream_error(&e))?;
-            Proof::decode(&answer)
-                .and_then(|proof| {
-                    proof.verify(
-                        Some(peer),
-                        self.network_key.as_ref(),
-                        Role::Server,
-                        &material,
-                    )
-                })
-                .map_err(|source| TransportError::Auth { addr, source })
         };
-        match tokio::time::timeout(AUTH_TIMEOUT, exchange).await {
-            Ok(Ok(_)) => Ok(connection),
-            Ok(Err(error)) => {
-                connection.close(CLOSE_AUTH_FAILED.into(), b"");
-                Err(error)
-            }
-            Err(_) => {
-                connection.close(CLOSE_AUTH_FAILED.into(), b"");
-                Err(TransportError::AuthTimeout { addr })
-            }
-        }
+        authenticated(&connection, addr, exchange).await?;
+        Ok(connection)
     }
 
     /// The next authenticated inbound connection and the peer on it. Connections that fail
@@ -216,51 +186,83 @@ impl Transport {
         let exchange = async {
             let material = Self::keying_material(&connection)
                 .map_err(|reason| TransportError::Stream { addr, reason })?;
-            let stream_error = |e: &dyn std::fmt::Display| TransportError::Stream {
-                addr,
-                reason: e.to_string(),
-            };
-            let (mut send, mut recv) =
-                connection.accept_bi().await.map_err(|e| stream_error(&e))?;
-            let claim = recv
-                .read_to_end(MAX_PROOF_BYTES)
+            let (mut send, mut recv) = connection
+                .accept_bi()
                 .await
-                .map_err(|e| stream_error(&e))?;
-            let peer = Proof::decode(&claim)
-                .and_then(|proof| {
-                    proof.verify(None, self.network_key.as_ref(), Role::Client, &material)
-                })
-                .map_err(|source| TransportError::Auth { addr, source })?;
+                .map_err(|e| stream_error(addr, &e))?;
+            let peer = self
+                .receive_proof(&mut recv, None, Role::Client, &material, addr)
+                .await?;
             // Only now does the server say who it is.
-            let proof = Proof::new(
-                &self.keypair,
-                self.network_key.as_ref(),
-                Role::Server,
-                &material,
-            );
-            send.write_all(&proof.encode())
-                .await
-                .map_err(|e| stream_error(&e))?;
-            send.finish().map_err(|e| stream_error(&e))?;
+            self.send_proof(&mut send, Role::Server, &material, addr)
+                .await?;
             Ok(peer)
         };
-        Some(match tokio::time::timeout(AUTH_TIMEOUT, exchange).await {
-            Ok(Ok(peer)) => Ok((peer, connection)),
-            Ok(Err(error)) => {
-                connection.close(CLOSE_AUTH_FAILED.into(), b"");
-                Err(error)
-            }
-            Err(_) => {
-                connection.close(CLOSE_AUTH_FAILED.into(), b"");
-                Err(TransportError::AuthTimeout { addr })
-            }
-        })
+        Some(
+            authenticated(&connection, addr, exchange)
+                .await
+                .map(|peer| (peer, connection)),
+        )
+    }
+
+    async fn send_proof(
+        &self,
+        send: &mut quinn::SendStream,
+        role: Role,
+        material: &[u8; KEYING_MATERIAL_BYTES],
+        addr: SocketAddr,
+    ) -> Result<(), TransportError> {
+        let proof = Proof::new(&self.keypair, self.network_key.as_ref(), role, material);
+        send.write_all(&proof.encode())
+            .await
+            .map_err(|e| stream_error(addr, &e))?;
+        send.finish().map_err(|e| stream_error(addr, &e))
+    }
+
+    async fn receive_proof(
+        &self,
+        recv: &mut quinn::RecvStream,
+        expected: Option<PeerId>,
+        role: Role,
+        material: &[u8; KEYING_MATERIAL_BYTES],
+        addr: SocketAddr,
+    ) -> Result<PeerId, TransportError> {
+        let bytes = recv
+            .read_to_end(MAX_PROOF_BYTES)
+            .await
+            .map_err(|e| stream_error(addr, &e))?;
+        Proof::decode(&bytes)
+            .and_then(|proof| proof.verify(expected, self.network_key.as_ref(), role, material))
+            .map_err(|source| TransportError::Auth { addr, source })
     }
 
     /// Closes every connection and stops listening.
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"shutting down");
     }
+}
+
+fn stream_error(addr: SocketAddr, error: &dyn std::fmt::Display) -> TransportError {
+    TransportError::Stream {
+        addr,
+        reason: error.to_string(),
+    }
+}
+
+/// Runs a proof exchange with its deadline; a connection that fails it is closed without
+/// anything else being sent.
+async fn authenticated<T>(
+    connection: &Connection,
+    addr: SocketAddr,
+    exchange: impl std::future::Future<Output = Result<T, TransportError>>,
+) -> Result<T, TransportError> {
+    let result = tokio::time::timeout(AUTH_TIMEOUT, exchange)
+        .await
+        .unwrap_or(Err(TransportError::AuthTimeout { addr }));
+    if result.is_err() {
+        connection.close(CLOSE_AUTH_FAILED.into(), b"");
+    }
+    result
 }
 
 #[cfg(test)]
