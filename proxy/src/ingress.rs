@@ -45,7 +45,10 @@ pub type ResponseBody = BoxBody<Bytes, BoxError>;
 
 /// How long an unknown service is remembered as unknown.
 const NEGATIVE_TTL: Duration = Duration::from_secs(5);
-/// How often the instances of a service are looked for again while it is in use.
+/// How long a service with no instance found waits before its instances are looked for again.
+const EMPTY_RETRY: Duration = Duration::from_secs(1);
+/// How often the instances of a service are looked for again (in the background) while it is
+/// in use.
 const INSTANCES_REFRESH: Duration = Duration::from_secs(10);
 
 /// The instances of one service (by its digest) and where their data planes listen.
@@ -53,6 +56,8 @@ struct Instances {
     chooser: Chooser<PeerId>,
     addrs: HashMap<PeerId, SocketAddr>,
     refreshed: Option<Instant>,
+    /// A background discovery is running (one at a time per service).
+    refreshing: bool,
 }
 
 pub struct Ingress {
@@ -270,7 +275,7 @@ impl Ingress {
 
     /// An instance for `record` (its peer and data-plane address), discovering instances when
     /// none are known or the list is old.
-    async fn choose(&self, record: &ServiceRecord) -> Option<(PeerId, SocketAddr)> {
+    async fn choose(self: &Arc<Self>, record: &ServiceRecord) -> Option<(PeerId, SocketAddr)> {
         let limits = self.perf.limits_for(
             &record.name,
             Overrides {
@@ -279,13 +284,34 @@ impl Ingress {
             },
         );
         let key = record.digest.to_string();
-        let stale = {
-            let all = self.instances.lock().unwrap_or_else(|p| p.into_inner());
-            all.get(&key)
-                .and_then(|i| i.refreshed)
-                .is_none_or(|at| at.elapsed() > INSTANCES_REFRESH)
+        // Known instances are served from at once and refreshed in the background; only a
+        // service with none known waits for a discovery.
+        let known = {
+            let mut all = self.instances.lock().unwrap_or_else(|p| p.into_inner());
+            match all.get_mut(&key) {
+                Some(instances) if !instances.chooser.is_empty() => {
+                    let stale = instances
+                        .refreshed
+                        .is_none_or(|at| at.elapsed() > INSTANCES_REFRESH);
+                    if stale && !instances.refreshing {
+                        instances.refreshing = true;
+                        let (this, key) = (Arc::clone(self), key.clone());
+                        tokio::spawn(async move { this.discover(&key).await });
+                    }
+                    true
+                }
+                // None found a moment ago: do not search the DHT on every request.
+                Some(instances)
+                    if instances
+                        .refreshed
+                        .is_some_and(|at| at.elapsed() < EMPTY_RETRY) =>
+                {
+                    true
+                }
+                _ => false,
+            }
         };
-        if stale {
+        if !known {
             self.discover(&key).await;
         }
         let mut all = self.instances.lock().unwrap_or_else(|p| p.into_inner());
@@ -332,6 +358,7 @@ impl Ingress {
                 chooser: Chooser::new(self.perf.policy),
                 addrs: HashMap::new(),
                 refreshed: None,
+                refreshing: false,
             });
         for (peer, addr) in found {
             instances.chooser.add(peer, now);
@@ -342,6 +369,7 @@ impl Ingress {
             instances.addrs.insert(peer, addr);
         }
         instances.refreshed = Some(now);
+        instances.refreshing = false;
     }
 }
 
