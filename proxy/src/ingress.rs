@@ -14,6 +14,7 @@ use std::{
 
 use bytes::Bytes;
 use control::{
+    common::http::accept_until,
     lookup::{
         ServiceRecord,
         client::{self, ClientError},
@@ -127,17 +128,7 @@ impl Ingress {
 
     /// Serves HTTP/1.1 and h2c on `listener` until `shutdown`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        loop {
-            let (stream, client) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        tracing::warn!(%error, "ingress accept failed");
-                        continue;
-                    }
-                },
-                () = shutdown.cancelled() => return,
-            };
+        accept_until(listener, shutdown, "ingress", move |stream, client| {
             let this = Arc::clone(&self);
             tokio::spawn(async move {
                 let service = service_fn(move |request| {
@@ -152,7 +143,8 @@ impl Ingress {
                     tracing::debug!(%error, "ingress connection failed");
                 }
             });
-        }
+        })
+        .await;
     }
 
     /// Answers one client request.

@@ -42,18 +42,11 @@ pub fn spawn(
         }),
     );
     let table = Arc::new(table);
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        tracing::warn!(%error, "metrics endpoint accept failed");
-                        continue;
-                    }
-                },
-                () = shutdown.cancelled() => return,
-            };
+    tokio::spawn(accept_until(
+        listener,
+        shutdown,
+        "metrics endpoint",
+        move |stream, _| {
             let table = Arc::clone(&table);
             let service = service_fn(move |request: Request<hyper::body::Incoming>| {
                 let table = Arc::clone(&table);
@@ -66,8 +59,28 @@ pub fn spawn(
                     tracing::debug!(%error, "metrics connection failed");
                 }
             });
+        },
+    ))
+}
+
+/// Accepts connections on `listener` until `shutdown`, handing each (with the client's
+/// address) to `on_connection`, which is expected to spawn whatever serves it. `what` names
+/// the listener in logs.
+pub async fn accept_until(
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    what: &'static str,
+    mut on_connection: impl FnMut(tokio::net::TcpStream, std::net::SocketAddr),
+) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, client)) => on_connection(stream, client),
+                Err(error) => tracing::warn!(%error, "{what} accept failed"),
+            },
+            () = shutdown.cancelled() => return,
         }
-    })
+    }
 }
 
 async fn answer<B>(
