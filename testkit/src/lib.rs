@@ -1,0 +1,275 @@
+//! Helpers shared by the integration tests of every crate: overlay nodes on loopback with
+//! short timers, child processes whose output can be waited on, a minimal HTTP GET, and
+//! waiting on conditions with a deadline (never a bare sleep).
+
+use std::{
+    future::Future,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use control::overlay::{BootstrapAddr, BootstrapPolicy, NetworkKey, Node, NodeConfig, Timing};
+use futures::StreamExt;
+use libp2p::{Multiaddr, PeerId, identity::Keypair};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    process::{Child, Command},
+};
+
+/// Timers short enough for tests: pings every 200 ms, provider records living 3 s.
+pub fn fast_timing() -> Timing {
+    Timing {
+        ping_interval: Duration::from_millis(200),
+        ping_timeout: Duration::from_secs(2),
+        handshake_timeout: Duration::from_secs(2),
+        provider_ttl: Duration::from_secs(3),
+        bootstrap: BootstrapPolicy {
+            join_attempts: 3,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(500),
+        },
+        request_timeout: Duration::from_secs(5),
+        ..Timing::default()
+    }
+}
+
+/// A node config listening on a free loopback port.
+pub fn node_config(role: &str, keypair: Keypair, bootstraps: &[BootstrapAddr]) -> NodeConfig {
+    let mut config = NodeConfig::new(role, keypair);
+    config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    config.bootstraps = bootstraps.to_vec();
+    config.timing = fast_timing();
+    config
+}
+
+pub async fn start_node(bootstraps: &[BootstrapAddr], psk: Option<&str>) -> Node {
+    let mut config = node_config("test", Keypair::generate_ed25519(), bootstraps);
+    config.network_key = psk.map(NetworkKey::from_passphrase);
+    Node::start(config).await.expect("node starts")
+}
+
+/// The first listen address of `node`, as a bootstrap address for others.
+pub async fn bootstrap_of(node: &Node) -> BootstrapAddr {
+    node.listen_addrs().await[0].to_string().parse().unwrap()
+}
+
+/// Polls `condition` until it holds; panics with `what` at the deadline.
+pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let give_up = tokio::time::Instant::now() + deadline;
+    loop {
+        if condition().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= give_up {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// All providers of `namespace` one search on `node` finds.
+pub async fn providers(node: &Node, namespace: &str) -> Vec<PeerId> {
+    node.find_providers(namespace).await.collect().await
+}
+
+/// A child process of one of our binaries, killed when dropped, whose standard output lines
+/// are collected so tests can wait for them.
+pub struct Process {
+    pub child: Child,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Process {
+    pub fn spawn(binary: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
+        let mut command = Command::new(binary);
+        command
+            .args(args)
+            .envs(env.iter().copied())
+            .env_remove("P2P_BOOTSTRAPS")
+            .env_remove("P2P_PSK")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let sink = Arc::clone(&stdout);
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut err = child.stderr.take().unwrap();
+        let sink = Arc::clone(&stderr);
+        tokio::spawn(async move {
+            let mut buffer = vec![0; 4096];
+            while let Ok(n) = err.read(&mut buffer).await {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buffer[..n]));
+            }
+        });
+        Process {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits for a standard-output line containing `needle` and returns it.
+    pub async fn line_containing(&self, needle: &str, deadline: Duration) -> String {
+        let mut found = None;
+        wait_until(&format!("a line with '{needle}'"), deadline, || {
+            found = self
+                .stdout
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+                .cloned();
+            std::future::ready(found.is_some())
+        })
+        .await;
+        found.unwrap()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns whether it exited successfully.
+    pub async fn terminate(mut self) -> bool {
+        let pid = self.child.id().expect("still running") as i32;
+        // SAFETY: kill(2) with a valid signal number has no memory-safety preconditions.
+        unsafe { libc_kill(pid, 15) };
+        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .expect("exits within 10 s of SIGTERM")
+            .unwrap();
+        status.success()
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, signal: i32) -> i32;
+}
+
+/// A started long-running program: its process, overlay address and metrics address.
+pub struct Daemon {
+    pub process: Process,
+    pub bootstrap: BootstrapAddr,
+    pub metrics: String,
+}
+
+/// Starts `binary` with `args` and waits until it prints its overlay and metrics addresses.
+pub async fn start_daemon(binary: &str, args: &[&str]) -> Daemon {
+    let process = Process::spawn(binary, args, &[]);
+    let deadline = Duration::from_secs(20);
+    let bootstrap = process
+        .line_containing("/p2p/", deadline)
+        .await
+        .parse()
+        .unwrap();
+    let metrics = process.line_containing("metrics: http://", deadline).await;
+    let metrics = metrics["metrics: http://".len()..]
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    Daemon {
+        process,
+        bootstrap,
+        metrics,
+    }
+}
+
+/// GET `path` from `addr` (HOST:PORT); returns status and body, or `None` if not reachable.
+pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, dechunk(&body)))
+}
+
+/// Undoes HTTP/1.1 chunked transfer encoding if the body uses it (good enough for tests).
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            return body.to_owned();
+        };
+        if size == 0 || tail.len() < size {
+            break;
+        }
+        out.push_str(&tail[..size]);
+        rest = tail[size..].trim_start_matches("\r\n");
+    }
+    if out.is_empty() { body.to_owned() } else { out }
+}
+
+/// A TCP port free right now on loopback, for programs that cannot report the port they
+/// bound (Prometheus).
+pub fn free_port() -> u16 {
+    free_ports(1)[0]
+}
+
+/// `n` distinct free loopback ports (all held at once while choosing, so none repeats).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// The multiaddr of a loopback TCP port.
+pub fn loopback(port: u16) -> Multiaddr {
+    format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap()
+}
+
+/// Runs a binary to completion with a deadline; returns (exit success, stdout, stderr).
+pub async fn run_to_exit(
+    binary: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (bool, String, String) {
+    let output = tokio::time::timeout(
+        Duration::from_secs(30),
+        Command::new(binary)
+            .args(args)
+            .env_remove("P2P_BOOTSTRAPS")
+            .env_remove("P2P_PSK")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{binary} {args:?} did not exit within 30 s"))
+    .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
