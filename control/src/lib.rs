@@ -5,10 +5,12 @@
 //! - [`rtt`]: sliding-window RTT histograms per peer.
 //! - [`blob`]: content-addressed blobs on disk and their transfer over the overlay.
 //! - [`lookup`]: service records (name -> artifact) and the hl-service / hl-cli programs.
+//! - [`allocator`]: starting service instances on demand (so far its protocol).
 //! - [`monitor`]: the `ping-monitor` bootstrap node and its Prometheus export.
 //! - [`common`]: what every binary shares: flags and config files, logs, the metrics endpoint,
 //!   shutdown on signals.
 
+pub mod allocator;
 pub mod blob;
 pub mod common;
 pub mod lookup;

@@ -11,6 +11,7 @@ use sha3::{Digest, Sha3_256};
 #[derive(Clone)]
 pub struct NetworkKey {
     passphrase: String,
+    digest: [u8; 32],
     key: PreSharedKey,
 }
 
@@ -20,6 +21,7 @@ impl NetworkKey {
         let digest: [u8; 32] = Sha3_256::digest(passphrase.as_bytes()).into();
         Self {
             passphrase: passphrase.to_owned(),
+            digest,
             key: PreSharedKey::new(digest),
         }
     }
@@ -27,6 +29,11 @@ impl NetworkKey {
     /// The passphrase this key was derived from.
     pub fn passphrase(&self) -> &str {
         &self.passphrase
+    }
+
+    /// The 32-byte key itself (the proxies' data plane proves knowledge of it).
+    pub fn key_bytes(&self) -> &[u8; 32] {
+        &self.digest
     }
 
     /// The key used by the transport's pnet handshake.

@@ -1,0 +1,43 @@
+//! `/mtc/allocator/start/1`: a proxy asks an allocator to start an instance of a service.
+//!
+//! The allocator answers once the instance is started. The instance is ready when its sidecar
+//! appears as a provider of the service's digest on the overlay: the requester watches for
+//! that rather than trusting an address in the answer, so an instance is only used once its
+//! proxy really serves.
+
+use libp2p::StreamProtocol;
+use serde::{Deserialize, Serialize};
+
+use crate::rpc::Protocol;
+
+/// Allocators advertise themselves under this namespace.
+pub const NAMESPACE: &str = "allocator";
+
+pub struct StartProtocol;
+
+impl Protocol for StartProtocol {
+    const ID: StreamProtocol = StreamProtocol::new("/mtc/allocator/start/1");
+    const MAX_REQUEST_BYTES: u32 = 4 * 1024;
+    const MAX_RESPONSE_BYTES: u32 = 64 * 1024;
+    type Request = StartRequest;
+    type Response = StartResponse;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartRequest {
+    /// The service's name in the lookup.
+    pub service: String,
+    /// The digest of its artifact, as the lookup record names it (`sha256:<hex>`); the
+    /// allocator refuses to run anything else.
+    pub digest: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StartResponse {
+    /// An instance was started (or one already starting was reused): `instance` names it on
+    /// the allocator's machine (a container or process ID). It is ready when a provider of the
+    /// digest appears.
+    Started { instance: String, reused: bool },
+    /// Nothing was started; the text says why.
+    Refused(String),
+}
