@@ -3,7 +3,11 @@
 //! the instance side answers such streams by calling its service through a pooled hyper
 //! client.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -20,7 +24,8 @@ use crate::{
         RequestHead, ResponseHead, decode_request_head, decode_response_head, encode_request_head,
         encode_response_head,
     },
-    stream::{FramedBody, StreamError, read_head, send_message},
+    metrics::Activity,
+    stream::{FramedBody, Opening, StreamError, read_head, read_opening, send_message, send_ping},
 };
 
 /// Sends `head` and `body` on a new stream of `connection` and returns the response as soon as
@@ -55,18 +60,39 @@ where
     Ok(response)
 }
 
+/// Measures the round trip to the proxy at the other end of `connection`: a PING on a new
+/// stream, answered by the sidecar without involving its service.
+pub async fn probe(connection: &Connection) -> Result<Duration, StreamError> {
+    let begin = Instant::now();
+    let (mut send, mut recv) = connection
+        .open_bi()
+        .await
+        .map_err(|e| StreamError::Quic(e.to_string()))?;
+    send_ping(&mut send).await?;
+    match read_opening(&mut recv).await? {
+        Opening::Ping => Ok(begin.elapsed()),
+        Opening::Head(..) => Err(StreamError::Unexpected(crate::framing::Kind::Head)),
+    }
+}
+
 /// The instance side: requests arriving on QUIC streams go to the service at `upstream`.
 pub struct Sidecar {
     upstream: SocketAddr,
     client: Client<HttpConnector, FramedBody>,
+    activity: Arc<Activity>,
 }
 
 impl Sidecar {
-    pub fn new(upstream: SocketAddr) -> Arc<Self> {
+    /// `activity` is told of every request served (the allocator culls idle instances).
+    pub fn new(upstream: SocketAddr, activity: Arc<Activity>) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        Arc::new(Self { upstream, client })
+        Arc::new(Self {
+            upstream,
+            client,
+            activity,
+        })
     }
 
     /// Serves every request stream of an authenticated connection until it closes.
@@ -86,8 +112,12 @@ impl Sidecar {
         mut send: SendStream,
         mut recv: RecvStream,
     ) -> Result<(), StreamError> {
-        let (payload, rest) = read_head(&mut recv).await?;
+        let (payload, rest) = match read_opening(&mut recv).await? {
+            Opening::Head(payload, rest) => (payload, rest),
+            Opening::Ping => return send_ping(&mut send).await,
+        };
         let head = decode_request_head(&payload)?;
+        self.activity.touch();
         let uri = format!("http://{}{}", self.upstream, head.target);
         let mut request = Request::new(FramedBody::new(recv, rest));
         *request.method_mut() = head.method;
@@ -95,6 +125,11 @@ impl Sidecar {
             .parse()
             .map_err(|e: http::uri::InvalidUri| StreamError::Body(e.to_string()))?;
         *request.headers_mut() = head.headers;
+        // This proxy carries trailers, so it says so: an HTTP/1.1 service sends trailers
+        // only to a client that accepts them (TE itself is hop-by-hop, set per hop).
+        request
+            .headers_mut()
+            .insert(header::TE, HeaderValue::from_static("trailers"));
         let mut encoded = BytesMut::new();
         match self.client.request(request).await {
             Ok(response) => {

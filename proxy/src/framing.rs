@@ -7,10 +7,13 @@
 //! | `HEAD` (1) | request: `version 1 | method (u8 length) | target (u16 length) | headers`; response: `version 1 | status u16 | headers` |
 //! | `DATA` (2) | body bytes, as they came |
 //! | `TRAILERS` (3) | `headers` |
+//! | `PING` (4) | empty |
 //!
 //! `headers` is `count: u16` then per field `name (u16 length) | value (u16 length)`. A
 //! direction is one `HEAD`, any number of `DATA`, at most one `TRAILERS`, then the end of the
-//! stream (QUIC FIN). The target is the path and query the sidecar sends to its service (the
+//! stream (QUIC FIN). A stream that opens with `PING` instead of `HEAD` is a probe: the
+//! sidecar answers with one `PING` and ends the stream, so the ingress measures the round trip
+//! to the instance's proxy without troubling its service. The target is the path and query the sidecar sends to its service (the
 //! ingress already removed the `/<service>` segment).
 //!
 //! Body bytes are never copied into frames: a `DATA` frame is its 5-byte header written
@@ -36,6 +39,7 @@ pub enum Kind {
     Head = 1,
     Data = 2,
     Trailers = 3,
+    Ping = 4,
 }
 
 /// One frame split off the receive buffer; the payload shares the buffer's memory.
@@ -176,6 +180,7 @@ pub fn decode_frame(buffer: &mut BytesMut) -> Result<Option<Frame>, FrameError> 
         1 => Kind::Head,
         2 => Kind::Data,
         3 => Kind::Trailers,
+        4 => Kind::Ping,
         other => return Err(FrameError::UnknownKind(other)),
     };
     let len = u32::from_be_bytes(buffer[1..5].try_into().expect("4 bytes")) as usize;

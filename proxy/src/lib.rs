@@ -9,11 +9,14 @@
 //! a request's target and headers ([`rewrite`]); the [`cache`] its lookups go through. The overlay it joins and the RTT histograms it chooses from live in the `control`
 //! crate (`control::overlay`, `control::rtt`).
 
+pub mod app;
 pub mod cache;
 pub mod config;
 pub mod forward;
 pub mod framing;
 pub mod ingress;
+pub mod metrics;
+pub mod retry;
 pub mod rewrite;
 pub mod select;
 pub mod stream;

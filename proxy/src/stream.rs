@@ -74,15 +74,40 @@ fn poll_next_frame(
     }
 }
 
-/// Reads the HEAD frame that opens a stream direction; returns its payload and the buffer
-/// holding whatever arrived after it (the start of the body).
-pub async fn read_head(recv: &mut RecvStream) -> Result<(Bytes, BytesMut), StreamError> {
+/// How a stream direction opens: a message head, or a probe.
+pub enum Opening {
+    /// The HEAD frame's payload and the buffer holding whatever arrived after it (the start
+    /// of the body).
+    Head(Bytes, BytesMut),
+    Ping,
+}
+
+/// Reads the frame that opens a stream direction.
+pub async fn read_opening(recv: &mut RecvStream) -> Result<Opening, StreamError> {
     let mut buffer = BytesMut::new();
     match next_frame(recv, &mut buffer).await? {
-        Some(frame) if frame.kind == Kind::Head => Ok((frame.payload, buffer)),
+        Some(frame) if frame.kind == Kind::Head => Ok(Opening::Head(frame.payload, buffer)),
+        Some(frame) if frame.kind == Kind::Ping => Ok(Opening::Ping),
         Some(frame) => Err(StreamError::Unexpected(frame.kind)),
         None => Err(StreamError::NoHead),
     }
+}
+
+/// Reads the HEAD frame that opens a stream direction; returns its payload and the buffer
+/// holding whatever arrived after it (the start of the body).
+pub async fn read_head(recv: &mut RecvStream) -> Result<(Bytes, BytesMut), StreamError> {
+    match read_opening(recv).await? {
+        Opening::Head(payload, rest) => Ok((payload, rest)),
+        Opening::Ping => Err(StreamError::Unexpected(Kind::Ping)),
+    }
+}
+
+/// Writes a PING frame and ends the stream direction: a probe, or the answer to one.
+pub async fn send_ping(send: &mut SendStream) -> Result<(), StreamError> {
+    send.write_all(&frame_header(Kind::Ping, 0))
+        .await
+        .map_err(quic)?;
+    send.finish().map_err(quic)
 }
 
 /// Writes an encoded head, then streams `body` as DATA frames and its trailers, then finishes
@@ -164,7 +189,7 @@ impl Body for FramedBody {
             Kind::Trailers => decode_trailers(&frame.payload)
                 .map(BodyFrame::trailers)
                 .map_err(Into::into),
-            Kind::Head => Err(StreamError::Unexpected(Kind::Head)),
+            kind @ (Kind::Head | Kind::Ping) => Err(StreamError::Unexpected(kind)),
         }))
     }
 

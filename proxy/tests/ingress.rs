@@ -24,7 +24,12 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
 };
 use libp2p::identity::Keypair;
-use proxy::{config::perf::PerfConfig, forward::Sidecar, ingress::Ingress, transport::Transport};
+use proxy::{
+    forward::Sidecar,
+    ingress::{Ingress, IngressSettings},
+    metrics::{Activity, IngressMetrics},
+    transport::Transport,
+};
 use tokio_util::sync::CancellationToken;
 
 const LOOPBACK: &str = "127.0.0.1:0";
@@ -168,7 +173,7 @@ async fn a_request_goes_through_ingress_and_sidecar_to_the_service_and_back() {
     )
     .await;
     sidecar_node.advertise(&digest.to_string()).await;
-    let sidecar = Sidecar::new(upstream);
+    let sidecar = Sidecar::new(upstream, Activity::new());
     let accepting = Arc::clone(&sidecar_transport);
     tokio::spawn(async move {
         while let Some(accepted) = accepting.accept().await {
@@ -186,8 +191,9 @@ async fn a_request_goes_through_ingress_and_sidecar_to_the_service_and_back() {
     let ingress = Ingress::new(
         ingress_node,
         ingress_transport,
-        PerfConfig::default(),
-        Duration::from_secs(60),
+        IngressSettings::default(),
+        IngressMetrics::register(&registry).unwrap(),
+        Activity::new(),
     );
     let listener = tokio::net::TcpListener::bind(LOOPBACK).await.unwrap();
     let port = listener.local_addr().unwrap().port();

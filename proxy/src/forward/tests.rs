@@ -49,7 +49,7 @@ async fn echo_service() -> SocketAddr {
 /// connection to the sidecar (the transport must live as long as the connection is used).
 async fn sidecar_connection(upstream: SocketAddr) -> (Transport, Connection) {
     let server = Arc::new(Transport::bind(LOOPBACK, Keypair::generate_ed25519(), None).unwrap());
-    let sidecar = Sidecar::new(upstream);
+    let sidecar = Sidecar::new(upstream, crate::metrics::Activity::new());
     let serving = Arc::clone(&server);
     tokio::spawn(async move {
         while let Some(Ok((_, connection))) = serving.accept().await {

@@ -1,79 +1,93 @@
 //! The ingress: HTTP/1.1 and h2c on a local port; each request `/<service>/<rest>` is resolved
-//! through the lookup (cached), sent to the instance chosen from live RTTs over an
-//! authenticated QUIC connection, and the response streamed back.
+//! through the lookup ([`records`]), sent to the instance chosen from live RTTs
+//! ([`instances`]) over an authenticated QUIC connection, and the response streamed back.
+//! A service with no instance gets one from an allocator ([`allocation`]) while its requests
+//! wait; a failed attempt is retried on another instance within the [`RetryBudget`].
+
+mod allocation;
+mod instances;
+mod records;
+
+pub use allocation::Reason;
+pub use records::fetch_record;
 
 use std::{
-    cell::Cell,
-    collections::HashMap,
     convert::Infallible,
-    hash::{BuildHasher, RandomState},
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    pin::pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use control::{
-    common::http::accept_until,
-    lookup::{
-        ServiceRecord,
-        client::{self, ClientError},
-        protocol::{LookupRequest, LookupResponse},
-    },
-    overlay::Node,
-    rpc::NodeInfoProtocol,
-};
-use futures::StreamExt;
-use http::{HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use control::{lookup::ServiceRecord, overlay::Node};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::Body;
+use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use libp2p::PeerId;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    cache::{Read, TtlCache},
     config::perf::{Overrides, PerfConfig},
     forward::forward,
     framing::RequestHead,
+    metrics::{Activity, IngressMetrics, ServiceView, UNKNOWN_SERVICE},
+    retry::RetryBudget,
     rewrite::{forward_request_headers, forward_response_headers, split_target},
-    select::Chooser,
+    transport::Transport,
 };
+use allocation::{Begin, ask_allocators};
+use instances::{PROBE_INTERVAL, Services};
+use records::Records;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ResponseBody = BoxBody<Bytes, BoxError>;
 
-/// How long an unknown service is remembered as unknown.
-const NEGATIVE_TTL: Duration = Duration::from_secs(5);
-/// How long a service with no instance found waits before its instances are looked for again.
-const EMPTY_RETRY: Duration = Duration::from_secs(1);
-/// How often the instances of a service are looked for again (in the background) while it is
-/// in use.
-const INSTANCES_REFRESH: Duration = Duration::from_secs(10);
+/// How the ingress behaves; the proxy's flags set it.
+#[derive(Debug, Clone)]
+pub struct IngressSettings {
+    pub perf: PerfConfig,
+    /// How long a resolved service record is used before it is asked for again.
+    pub record_ttl: Duration,
+    /// How long a request waits for an instance of a service that has none.
+    pub instance_wait: Duration,
+    /// Most requests waiting for instances at once; more are answered 503 at once.
+    pub max_waiting: usize,
+    /// Largest request head (request line and headers) accepted, in bytes.
+    pub max_head_bytes: usize,
+    /// A client that has not sent a whole request head within this is disconnected.
+    pub head_timeout: Duration,
+}
 
-/// The instances of one service (by its digest) and where their data planes listen.
-struct Instances {
-    chooser: Chooser<PeerId>,
-    addrs: HashMap<PeerId, SocketAddr>,
-    refreshed: Option<Instant>,
-    /// A background discovery is running (one at a time per service).
-    refreshing: bool,
+impl Default for IngressSettings {
+    fn default() -> Self {
+        Self {
+            perf: PerfConfig::default(),
+            record_ttl: Duration::from_secs(3600),
+            instance_wait: Duration::from_secs(15),
+            max_waiting: 1024,
+            max_head_bytes: 64 * 1024,
+            head_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 pub struct Ingress {
     node: Node,
-    transport: Arc<crate::transport::Transport>,
-    perf: PerfConfig,
-    records: Mutex<Records>,
-    instances: Mutex<HashMap<String, Instances>>,
-}
-
-/// Resolved service records, and the names being refreshed in the background (one refresh
-/// per name at a time).
-struct Records {
-    cache: TtlCache<String, ServiceRecord>,
-    refreshing: std::collections::HashSet<String>,
+    transport: Arc<Transport>,
+    settings: IngressSettings,
+    records: Arc<Records>,
+    services: Arc<Services>,
+    metrics: IngressMetrics,
+    activity: Arc<Activity>,
+    retries: RetryBudget,
+    waiting: AtomicUsize,
 }
 
 fn plain(status: StatusCode, text: String) -> Response<ResponseBody> {
@@ -90,61 +104,70 @@ fn plain(status: StatusCode, text: String) -> Response<ResponseBody> {
     response
 }
 
-thread_local! {
-    static RANDOM: Cell<u64> = Cell::new(RandomState::new().hash_one(std::thread::current().id()) | 1);
+/// Methods a request may be sent twice with (RFC 9110 section 9.2.2).
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
-/// A number below `n` from a per-thread xorshift generator: choosing instances needs speed,
-/// not cryptographic quality.
-fn random_below(n: usize) -> usize {
-    RANDOM.with(|state| {
-        let mut x = state.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        state.set(x);
-        (x % n as u64) as usize
-    })
+/// Counts a request waiting for an instance while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Ingress {
+    /// `activity` is told of every request (the allocator culls on it); `metrics` counts them.
     pub fn new(
         node: Node,
-        transport: Arc<crate::transport::Transport>,
-        perf: PerfConfig,
-        record_ttl: Duration,
+        transport: Arc<Transport>,
+        settings: IngressSettings,
+        metrics: IngressMetrics,
+        activity: Arc<Activity>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            records: Records::new(node.clone(), settings.record_ttl),
+            services: Services::new(node.clone(), Arc::clone(&transport), settings.perf.policy),
             node,
             transport,
-            perf,
-            records: Mutex::new(Records {
-                cache: TtlCache::new(record_ttl, NEGATIVE_TTL),
-                refreshing: Default::default(),
-            }),
-            instances: Mutex::default(),
+            settings,
+            metrics,
+            activity,
+            retries: RetryBudget::default(),
+            waiting: AtomicUsize::new(0),
         })
     }
 
-    /// Serves HTTP/1.1 and h2c on `listener` until `shutdown`.
+    /// The instances of every service used, for metrics.
+    pub fn view(&self) -> Vec<ServiceView> {
+        self.services.view()
+    }
+
+    /// Serves HTTP/1.1 and h2c on `listener` until `shutdown`, and probes the instances of
+    /// the services in use meanwhile.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        accept_until(listener, shutdown, "ingress", move |stream, client| {
-            let this = Arc::clone(&self);
-            tokio::spawn(async move {
-                let service = service_fn(move |request| {
-                    let this = Arc::clone(&this);
-                    async move { Ok::<_, Infallible>(this.handle(request, client).await) }
-                });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                if let Err(error) = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    tracing::debug!(%error, "ingress connection failed");
+        let services = Arc::downgrade(&self.services);
+        let stop_probing = shutdown.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(PROBE_INTERVAL);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    _ = stop_probing.cancelled() => return,
                 }
-            });
-        })
-        .await;
+                match services.upgrade() {
+                    Some(services) => services.probe_round(),
+                    None => return,
+                }
+            }
+        });
+        accept_until_shutdown(self, listener, shutdown).await;
     }
 
     /// Answers one client request.
@@ -153,31 +176,37 @@ impl Ingress {
         request: Request<Incoming>,
         client: SocketAddr,
     ) -> Response<ResponseBody> {
+        let begin = Instant::now();
+        self.activity.touch();
+        self.retries.deposit();
+        let (service, response) = self.route(request, client).await;
+        self.metrics
+            .answered(&service, response.status(), begin.elapsed());
+        response
+    }
+
+    /// The response to `request` and the service it was for (its metrics label).
+    async fn route(
+        self: &Arc<Self>,
+        request: Request<Incoming>,
+        client: SocketAddr,
+    ) -> (String, Response<ResponseBody>) {
+        let unknown = || UNKNOWN_SERVICE.to_owned();
         let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
-        let (service, target) = match split_target(path) {
-            Ok((service, target)) => (service.to_owned(), target),
-            Err(error) => return plain(StatusCode::BAD_REQUEST, error.to_string()),
+        let (name, target) = match split_target(path) {
+            Ok((name, target)) => (name.to_owned(), target),
+            Err(error) => return (unknown(), plain(StatusCode::BAD_REQUEST, error.to_string())),
         };
-        let record = match self.resolve(&service).await {
+        let record = match self.records.resolve(&name).await {
             Ok(Some(record)) => record,
             Ok(None) => {
-                return plain(
-                    StatusCode::NOT_FOUND,
-                    format!("no service named '{service}'"),
-                );
+                let text = format!("no service named '{name}'");
+                return (unknown(), plain(StatusCode::NOT_FOUND, text));
             }
             Err(reason) => {
-                return plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("the lookup service is unreachable: {reason}"),
-                );
+                let text = format!("the lookup service is unreachable: {reason}");
+                return (unknown(), plain(StatusCode::SERVICE_UNAVAILABLE, text));
             }
-        };
-        let Some((peer, addr)) = self.choose(&record).await else {
-            return plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("no instance of '{service}' is running"),
-            );
         };
         let (parts, body) = request.into_parts();
         let mut headers = parts.headers;
@@ -187,193 +216,263 @@ impl Ingress {
             target,
             headers,
         };
-        self.with_instances(&record, |instances| instances.chooser.start(&peer));
-        let begin = Instant::now();
-        let result = match self.transport.connect(peer, addr).await {
-            Ok(connection) => forward(&connection, &head, body)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(error) => Err(error.to_string()),
-        };
-        let now = Instant::now();
-        self.with_instances(&record, |instances| {
-            instances.chooser.finish(&peer, result.is_ok(), now);
-            if result.is_ok() {
-                instances.chooser.record_rtt(&peer, now - begin, now);
-            }
-        });
-        match result {
-            Ok(response) => {
-                let (mut parts, body) = response.into_parts();
-                forward_response_headers(&mut parts.headers);
-                Response::from_parts(parts, body.map_err(BoxError::from).boxed())
-            }
-            Err(reason) => plain(
-                StatusCode::BAD_GATEWAY,
-                format!("instance {peer} of '{service}' failed: {reason}"),
-            ),
-        }
+        let response = self.send(&record, &head, body).await;
+        (name, response)
     }
 
-    /// The record of `service`: from the cache, else from the lookup. A refresh due is done
-    /// in the background, so a warm cache never waits on the lookup.
-    async fn resolve(self: &Arc<Self>, service: &str) -> Result<Option<ServiceRecord>, String> {
-        let now = Instant::now();
-        let cached = {
-            let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-            let read = match records.cache.get(&service.to_owned(), now) {
-                Read::Found { value, refresh_due } => Some((Some(value.clone()), refresh_due)),
-                Read::Absent => Some((None, false)),
-                Read::Miss => None,
-            };
-            if let Some((_, true)) = read
-                && records.refreshing.insert(service.to_owned())
-            {
-                let (this, service) = (Arc::clone(self), service.to_owned());
-                tokio::spawn(async move {
-                    let fetched = fetch_record(&this.node, &service).await;
-                    let mut records = this.records.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Ok(record) = fetched {
-                        records
-                            .cache
-                            .insert(service.clone(), record, Instant::now());
-                    }
-                    records.refreshing.remove(&service);
-                });
-            }
-            read
-        };
-        match cached {
-            Some((record, _)) => Ok(record),
-            None => {
-                let record = fetch_record(&self.node, service).await?;
-                let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-                records
-                    .cache
-                    .insert(service.to_owned(), record.clone(), Instant::now());
-                Ok(record)
-            }
-        }
-    }
-
-    fn with_instances<T>(
-        &self,
+    /// Sends a request to an instance of `record`, and again to another one if that fails and
+    /// it may be: when nothing was sent yet, or when the request is idempotent and has no body
+    /// (so nothing of it is lost), as long as the retry budget lasts.
+    async fn send(
+        self: &Arc<Self>,
         record: &ServiceRecord,
-        f: impl FnOnce(&mut Instances) -> T,
-    ) -> Option<T> {
-        let mut all = self.instances.lock().unwrap_or_else(|p| p.into_inner());
-        all.get_mut(&record.digest.to_string()).map(f)
+        head: &RequestHead,
+        body: Incoming,
+    ) -> Response<ResponseBody> {
+        let replayable = idempotent(&head.method) && body.is_end_stream();
+        let mut body = Some(body);
+        let mut failed: Option<PeerId> = None;
+        loop {
+            let (peer, addr) = match self.pick(record, failed.as_ref()).await {
+                Ok(pick) => pick,
+                Err(response) => return response,
+            };
+            let digest = record.digest.to_string();
+            self.services
+                .with(&digest, &record.name, |s| s.chooser.start(&peer));
+            let begin = Instant::now();
+            let (result, body_sent) = match self.transport.connect(peer, addr).await {
+                Err(error) => (Err(error.to_string()), false),
+                Ok(connection) => {
+                    let result = match body.take() {
+                        Some(body) if !replayable => forward(&connection, head, body).await,
+                        _ => forward(&connection, head, Empty::<Bytes>::new()).await,
+                    };
+                    (result.map_err(|e| e.to_string()), !replayable)
+                }
+            };
+            let now = Instant::now();
+            self.services.with(&digest, &record.name, |s| {
+                s.chooser.finish(&peer, result.is_ok(), now);
+                if result.is_ok() {
+                    s.chooser.record_rtt(&peer, now - begin, now);
+                }
+            });
+            match result {
+                Ok(response) => {
+                    let (mut parts, body) = response.into_parts();
+                    forward_response_headers(&mut parts.headers);
+                    return Response::from_parts(parts, body.map_err(BoxError::from).boxed());
+                }
+                Err(reason) => {
+                    let may_retry = !body_sent || replayable;
+                    let retry = may_retry && self.retries.withdraw();
+                    if may_retry {
+                        self.metrics.retried(&record.name, retry);
+                    }
+                    tracing::debug!(service = %record.name, %peer, %reason, retry, "attempt failed");
+                    if !retry {
+                        return plain(
+                            StatusCode::BAD_GATEWAY,
+                            format!("instance {peer} of '{}' failed: {reason}", record.name),
+                        );
+                    }
+                    failed = Some(peer);
+                }
+            }
+        }
     }
 
-    /// An instance for `record` (its peer and data-plane address), discovering instances when
-    /// none are known or the list is old.
-    async fn choose(self: &Arc<Self>, record: &ServiceRecord) -> Option<(PeerId, SocketAddr)> {
-        let limits = self.perf.limits_for(
+    /// An instance for `record` (its peer and data-plane address). With none, one allocation
+    /// is asked for and the request waits for an instance until its deadline. When the best
+    /// one is over the soft limit, a nearer one is asked for and this one used meanwhile.
+    async fn pick(
+        self: &Arc<Self>,
+        record: &ServiceRecord,
+        avoid: Option<&PeerId>,
+    ) -> Result<(PeerId, SocketAddr), Response<ResponseBody>> {
+        let limits = self.settings.perf.limits_for(
             &record.name,
             Overrides {
                 soft_rtt: record.limits.soft_rtt,
                 hard_rtt: record.limits.hard_rtt,
             },
         );
-        let key = record.digest.to_string();
-        // Known instances are served from at once and refreshed in the background; only a
-        // service with none known waits for a discovery.
-        let known = {
-            let mut all = self.instances.lock().unwrap_or_else(|p| p.into_inner());
-            match all.get_mut(&key) {
-                Some(instances) if !instances.chooser.is_empty() => {
-                    let stale = instances
-                        .refreshed
-                        .is_none_or(|at| at.elapsed() > INSTANCES_REFRESH);
-                    if stale && !instances.refreshing {
-                        instances.refreshing = true;
-                        let (this, key) = (Arc::clone(self), key.clone());
-                        tokio::spawn(async move { this.discover(&key).await });
-                    }
-                    true
-                }
-                // None found a moment ago: do not search the DHT on every request.
-                Some(instances)
-                    if instances
-                        .refreshed
-                        .is_some_and(|at| at.elapsed() < EMPTY_RETRY) =>
+        let digest = record.digest.to_string();
+        let name = &record.name;
+        let arrived = Instant::now();
+        let deadline = tokio::time::Instant::now() + self.settings.instance_wait;
+        let changed = self
+            .services
+            .with(&digest, name, |s| Arc::clone(&s.changed));
+        let mut waiting = None;
+        let mut discovered = false;
+        loop {
+            // Registered before looking, so that a change in between is not missed.
+            let mut notified = pin!(changed.notified());
+            notified.as_mut().enable();
+            let choice = self.services.choose(&digest, name, limits, avoid);
+            if let (Some(peer), Some(addr)) = (choice.decision.pick, choice.addr) {
+                if choice.decision.want_nearer
+                    && let Some(rtt) = choice.decision.pick_rtt
                 {
-                    true
+                    self.allocate(record, Reason::Nearer(rtt));
                 }
-                _ => false,
+                return Ok((peer, addr));
             }
-        };
-        if !known {
-            self.discover(&key).await;
+            if choice.discover_now && !discovered {
+                discovered = true;
+                self.services.discover(&digest).await;
+                continue;
+            }
+            let failure = self.services.with(&digest, name, |s| {
+                s.allocation.failure_since(arrived).map(str::to_owned)
+            });
+            let failure = failure.or(match self.allocate(record, Reason::NoInstance) {
+                Begin::Failed(reason) => Some(reason),
+                Begin::Start | Begin::Running | Begin::Recent => None,
+            });
+            if let Some(reason) = failure {
+                return Err(plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "no instance of '{name}' is running and none could be started: {reason}"
+                    ),
+                ));
+            }
+            if waiting.is_none() {
+                if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.settings.max_waiting {
+                    self.waiting.fetch_sub(1, Ordering::Relaxed);
+                    return Err(plain(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "no instance of '{name}' is running and {} requests already wait for instances",
+                            self.settings.max_waiting
+                        ),
+                    ));
+                }
+                waiting = Some(Waiting(&self.waiting));
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(plain(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "no instance of '{name}' became available within {:?}",
+                            self.settings.instance_wait
+                        ),
+                    ));
+                }
+            }
         }
-        let mut all = self.instances.lock().unwrap_or_else(|p| p.into_inner());
-        let instances = all.get_mut(&key)?;
-        let decision = instances
-            .chooser
-            .choose(Instant::now(), limits, random_below);
-        let peer = decision.pick?;
-        Some((peer, *instances.addrs.get(&peer)?))
     }
 
-    /// Finds the providers of `namespace` and asks each new one where its data plane listens.
-    async fn discover(&self, namespace: &str) {
-        let mut providers = self.node.find_providers(namespace).await;
-        let mut found = Vec::new();
-        while let Some(peer) = providers.next().await {
-            let known = {
-                let all = self.instances.lock().unwrap_or_else(|p| p.into_inner());
-                all.get(namespace)
-                    .is_some_and(|i| i.addrs.contains_key(&peer))
-            };
-            if known {
-                continue;
-            }
-            let Ok(info) = self.node.request::<NodeInfoProtocol>(peer, &()).await else {
-                continue;
-            };
-            let Some(mut addr) = info.data_plane else {
-                continue;
-            };
-            if addr.ip().is_unspecified() {
-                match self.node.remote_ip(peer).await {
-                    Some(ip) => addr.set_ip(ip),
-                    None => continue,
-                }
-            }
-            found.push((peer, addr));
+    /// Starts an allocation for `record` unless one is running or has just ended.
+    fn allocate(self: &Arc<Self>, record: &ServiceRecord, reason: Reason) -> Begin {
+        let digest = record.digest.to_string();
+        let begin = self.services.with(&digest, &record.name, |s| {
+            s.allocation.begin(reason, Instant::now())
+        });
+        if begin == Begin::Start {
+            let (this, record) = (Arc::clone(self), record.clone());
+            tokio::spawn(async move { this.run_allocation(record, reason).await });
         }
-        let now = Instant::now();
-        let mut all = self.instances.lock().unwrap_or_else(|p| p.into_inner());
-        let instances = all
-            .entry(namespace.to_owned())
-            .or_insert_with(|| Instances {
-                chooser: Chooser::new(self.perf.policy),
-                addrs: HashMap::new(),
-                refreshed: None,
-                refreshing: false,
-            });
-        for (peer, addr) in found {
-            instances.chooser.add(peer, now);
-            // The overlay's ping RTT is a first sample until requests measure the path.
-            if let Some(stats) = self.node.rtt(&peer) {
-                instances.chooser.record_rtt(&peer, stats.ewma, now);
-            }
-            instances.addrs.insert(peer, addr);
+        begin
+    }
+
+    /// Asks allocators for an instance and waits for it to appear as a provider; then wakes
+    /// the requests waiting for it (or tells them why not).
+    async fn run_allocation(self: Arc<Self>, record: ServiceRecord, reason: Reason) {
+        let digest = record.digest.to_string();
+        let before = self.services.known(&digest);
+        let result = match ask_allocators(&self.node, &record, reason).await {
+            Ok((allocator, instance)) => self
+                .wait_for_new_instance(&digest, &before)
+                .await
+                .map_err(|waited| {
+                    format!(
+                        "allocator {allocator} started instance {instance}, but its proxy did \
+                         not appear within {waited:?}"
+                    )
+                }),
+            Err(reason) => Err(reason),
+        };
+        if let Err(error) = &result {
+            tracing::warn!(service = %record.name, %error, "allocation failed");
         }
-        instances.refreshed = Some(now);
-        instances.refreshing = false;
+        self.metrics
+            .allocation(&record.name, reason.label(), result.is_ok());
+        self.services.with(&digest, &record.name, |s| {
+            s.allocation.end(reason, result, Instant::now());
+            s.changed.notify_waiters();
+        });
+    }
+
+    /// Looks for the providers of `digest` until one not in `before` appears; `Err` with the
+    /// time waited when none did within the instance wait.
+    async fn wait_for_new_instance(
+        &self,
+        digest: &str,
+        before: &std::collections::HashSet<PeerId>,
+    ) -> Result<(), Duration> {
+        let waited = self.settings.instance_wait;
+        let give_up = tokio::time::Instant::now() + waited;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            self.services.discover(digest).await;
+            if self
+                .services
+                .known(digest)
+                .iter()
+                .any(|p| !before.contains(p))
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() + pause > give_up {
+                return Err(waited);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
     }
 }
 
-/// Asks the lookup for `service`: `Some(record)`, `None` if it does not exist.
-async fn fetch_record(node: &Node, service: &str) -> Result<Option<ServiceRecord>, String> {
-    match client::call(node, &LookupRequest::Get(service.to_owned())).await {
-        Ok((_, LookupResponse::Found(record))) => Ok(Some(record)),
-        Ok((_, LookupResponse::NotFound)) => Ok(None),
-        Ok((_, LookupResponse::Failed(reason))) => Err(reason),
-        Ok((_, other)) => Err(format!("unexpected answer {other:?}")),
-        Err(error @ (ClientError::NoLookupService { .. } | ClientError::AllFailed(_))) => {
-            Err(error.to_string())
-        }
-    }
+/// Accepts clients until `shutdown`: HTTP/1.1 or HTTP/2 with prior knowledge (h2c), heads
+/// bounded in size and time.
+async fn accept_until_shutdown(
+    ingress: Arc<Ingress>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) {
+    control::common::http::accept_until(listener, shutdown, "ingress", move |stream, client| {
+        let ingress = Arc::clone(&ingress);
+        tokio::spawn(async move {
+            let (head_timeout, max_head_bytes) = (
+                ingress.settings.head_timeout,
+                ingress.settings.max_head_bytes,
+            );
+            let service = service_fn(move |request| {
+                let ingress = Arc::clone(&ingress);
+                async move { Ok::<_, Infallible>(ingress.handle(request, client).await) }
+            });
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(head_timeout)
+                .max_buf_size(max_head_bytes);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_header_list_size(max_head_bytes as u32);
+            if let Err(error) = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%error, "ingress connection failed");
+            }
+        });
+    })
+    .await;
 }

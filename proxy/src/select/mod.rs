@@ -15,6 +15,10 @@
 //!    window ([`Policy::RttHistogram`]) or the peak EWMA ([`Policy::PeakEwma`]);
 //!    [`Policy::RoundRobin`] ignores RTT altogether, as a baseline.
 //!
+//! The window is short ([`ROUTING_WINDOW`]) so that a change of path is followed within about a
+//! second; an instance whose window ran empty (no traffic, no probe answered yet) keeps its
+//! last estimate rather than becoming "unmeasured" again.
+//!
 //! An instance failing [`EJECT_AFTER`] times in a row is ejected for a period that doubles with
 //! each ejection (up to [`MAX_EJECTION`]); a success resets it.
 
@@ -31,9 +35,14 @@ pub const FIRST_EJECTION: Duration = Duration::from_secs(1);
 pub const MAX_EJECTION: Duration = Duration::from_secs(60);
 /// Quantile of the RTT window the `rtt-histogram` policy routes on.
 pub const ROUTING_QUANTILE: f64 = 0.9;
+/// The samples an estimate is built from: the last second, in four slices.
+pub const ROUTING_WINDOW: WindowShape = WindowShape {
+    slices: 4,
+    slice: Duration::from_millis(250),
+};
 /// How long a computed quantile is reused: summarising a window costs microseconds, too much
 /// for every request, and RTTs do not move faster than this matters.
-const QUANTILE_REFRESH: Duration = Duration::from_millis(100);
+const QUANTILE_REFRESH: Duration = Duration::from_millis(50);
 /// Time constant of the peak EWMA (linkerd and Finagle use 10 s).
 const EWMA_DECAY: Duration = Duration::from_secs(10);
 
@@ -56,13 +65,7 @@ impl<K> Instance<K> {
     fn new(key: K, now: Instant) -> Self {
         Self {
             key,
-            window: RttWindow::new(
-                WindowShape {
-                    slices: 4,
-                    slice: Duration::from_secs(5),
-                },
-                now,
-            ),
+            window: RttWindow::new(ROUTING_WINDOW, now),
             quantile: None,
             peak_ewma: None,
             in_flight: 0,
@@ -106,7 +109,14 @@ impl<K> Instance<K> {
                 {
                     return Some(value);
                 }
-                let value = self.window.quantile(now, ROUTING_QUANTILE)?;
+                // An empty window keeps the last estimate (its time is not renewed, so the
+                // next call looks at the window again), or else the EWMA of what was seen.
+                let Some(value) = self.window.quantile(now, ROUTING_QUANTILE) else {
+                    return self.quantile.map(|(_, value)| value).or_else(|| {
+                        self.peak_ewma
+                            .map(|(_, secs)| Duration::from_secs_f64(secs))
+                    });
+                };
                 self.quantile = Some((now, value));
                 Some(value)
             }
@@ -126,6 +136,18 @@ pub struct Decision<K> {
     /// No usable instance is within the soft limit (or there is none at all): ask an allocator
     /// for a nearer one.
     pub want_nearer: bool,
+    /// The RTT estimate of the pick, when it has one: a nearer instance must beat it.
+    pub pick_rtt: Option<Duration>,
+}
+
+/// What the chooser knows of one instance, for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceView<K> {
+    pub key: K,
+    /// p50, p90 and p99 of the window, if it holds samples.
+    pub quantiles: Option<[Duration; 3]>,
+    pub in_flight: u32,
+    pub ejected: bool,
 }
 
 /// The instances of one service and the state to choose among them.
@@ -171,6 +193,23 @@ impl<K: Clone + PartialEq> Chooser<K> {
         self.instances.is_empty()
     }
 
+    pub fn contains(&self, key: &K) -> bool {
+        self.instances.iter().any(|i| &i.key == key)
+    }
+
+    /// Every instance as it stands at `now`.
+    pub fn view(&mut self, now: Instant) -> Vec<InstanceView<K>> {
+        self.instances
+            .iter_mut()
+            .map(|i| InstanceView {
+                key: i.key.clone(),
+                quantiles: i.window.summary(now).map(|s| [s.p50, s.p90, s.p99]),
+                in_flight: i.in_flight,
+                ejected: i.ejected(now),
+            })
+            .collect()
+    }
+
     /// An RTT sample of `key` (path RTT or a request's round trip).
     pub fn record_rtt(&mut self, key: &K, rtt: Duration, now: Instant) {
         if let Some(instance) = self.find(key) {
@@ -191,6 +230,15 @@ impl<K: Clone + PartialEq> Chooser<K> {
             return;
         };
         instance.in_flight = instance.in_flight.saturating_sub(1);
+        self.outcome(key, success, now);
+    }
+
+    /// The outcome of an exchange with `key` that was not a request in flight (a probe); a
+    /// failure counts towards ejection, a success forgives past failures.
+    pub fn outcome(&mut self, key: &K, success: bool, now: Instant) {
+        let Some(instance) = self.find(key) else {
+            return;
+        };
         if success {
             instance.failures_in_a_row = 0;
             instance.ejections = 0;
@@ -212,11 +260,23 @@ impl<K: Clone + PartialEq> Chooser<K> {
         &mut self,
         now: Instant,
         limits: Limits,
+        random: impl FnMut(usize) -> usize,
+    ) -> Decision<K> {
+        self.choose_avoiding(now, limits, random, None)
+    }
+
+    /// Like [`Chooser::choose`], but `avoid` (the instance a retried request just failed on)
+    /// is only picked when it is the only one left.
+    pub fn choose_avoiding(
+        &mut self,
+        now: Instant,
+        limits: Limits,
         mut random: impl FnMut(usize) -> usize,
+        avoid: Option<&K>,
     ) -> Decision<K> {
         let policy = self.policy;
         if policy == Policy::RoundRobin {
-            return self.in_turn(now);
+            return self.in_turn(now, avoid);
         }
         // Usable instances by class: within soft, within hard, not measured yet. The buffers
         // live in the chooser so that choosing allocates nothing.
@@ -224,8 +284,13 @@ impl<K: Clone + PartialEq> Chooser<K> {
             instances, classes, ..
         } = self;
         classes.iter_mut().for_each(Vec::clear);
+        let avoided = |instance: &Instance<K>| avoid == Some(&instance.key);
+        let others = instances
+            .iter()
+            .filter(|i| !i.ejected(now) && !avoided(i))
+            .count();
         for (index, instance) in instances.iter_mut().enumerate() {
-            if instance.ejected(now) {
+            if instance.ejected(now) || (others > 0 && avoided(instance)) {
                 continue;
             }
             match instance.estimate(policy, now) {
@@ -237,9 +302,9 @@ impl<K: Clone + PartialEq> Chooser<K> {
         }
         let want_nearer = classes[0].is_empty();
         let candidates = classes.iter().find(|c| !c.is_empty());
-        let pick = candidates.map(|candidates| {
-            let index = match candidates.len() {
-                1 => candidates[0].0,
+        let picked = candidates.map(|candidates| {
+            match candidates.len() {
+                1 => candidates[0],
                 n => {
                     // Power of two choices: two distinct candidates, the cheaper one wins.
                     let a = random(n);
@@ -248,29 +313,42 @@ impl<K: Clone + PartialEq> Chooser<K> {
                         rtt.as_secs_f64() * f64::from(instances[index].in_flight + 1)
                     };
                     if cost(candidates[a]) <= cost(candidates[b]) {
-                        candidates[a].0
+                        candidates[a]
                     } else {
-                        candidates[b].0
+                        candidates[b]
                     }
                 }
-            };
-            instances[index].key.clone()
+            }
         });
-        Decision { pick, want_nearer }
+        Decision {
+            pick: picked.map(|(index, _)| instances[index].key.clone()),
+            want_nearer,
+            // Unmeasured instances are in the list with a zero RTT: that is no estimate.
+            pick_rtt: picked.and_then(|(_, rtt)| (!rtt.is_zero()).then_some(rtt)),
+        }
     }
 
     /// Round robin over the instances not ejected, RTT ignored.
-    fn in_turn(&mut self, now: Instant) -> Decision<K> {
+    fn in_turn(&mut self, now: Instant, avoid: Option<&K>) -> Decision<K> {
         let n = self.instances.len();
-        let pick = (0..n)
-            .map(|step| (self.next_in_turn + step) % n)
-            .find(|&i| !self.instances[i].ejected(now));
+        let usable = |i: usize, avoiding: bool| {
+            let instance = &self.instances[i];
+            let avoided = avoiding && avoid == Some(&instance.key);
+            !(instance.ejected(now) || avoided)
+        };
+        let in_order = |avoiding| {
+            (0..n)
+                .map(|step| (self.next_in_turn + step) % n)
+                .find(|&i| usable(i, avoiding))
+        };
+        let pick = in_order(true).or_else(|| in_order(false));
         if let Some(index) = pick {
             self.next_in_turn = (index + 1) % n;
         }
         Decision {
             pick: pick.map(|i| self.instances[i].key.clone()),
             want_nearer: pick.is_none(),
+            pick_rtt: None,
         }
     }
 }

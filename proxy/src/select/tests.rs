@@ -15,6 +15,15 @@ fn counter() -> impl FnMut(usize) -> usize {
     }
 }
 
+/// A decision with its RTT in whole milliseconds (the histogram keeps two significant digits).
+fn summary(decision: Decision<&'static str>) -> (Option<&'static str>, bool, Option<u128>) {
+    (
+        decision.pick,
+        decision.want_nearer,
+        decision.pick_rtt.map(|rtt| rtt.as_millis()),
+    )
+}
+
 fn chooser(policy: Policy, rtts: &[(&'static str, u64)], now: Instant) -> Chooser<&'static str> {
     let mut chooser = Chooser::new(policy);
     for &(key, ms) in rtts {
@@ -66,31 +75,27 @@ fn hard_limit_excludes_and_soft_limit_asks_for_a_nearer_instance() {
         c.choose(now, LIMITS, counter()),
         Decision {
             pick: None,
-            want_nearer: true
+            want_nearer: true,
+            pick_rtt: None,
         }
     );
     let mut c = chooser(Policy::RttHistogram, &[("meh", 50)], now);
     assert_eq!(
-        c.choose(now, LIMITS, counter()),
-        Decision {
-            pick: Some("meh"),
-            want_nearer: true
-        }
+        summary(c.choose(now, LIMITS, counter())),
+        (Some("meh"), true, Some(50))
     );
     let mut c = chooser(Policy::RttHistogram, &[("good", 5), ("meh", 50)], now);
     assert_eq!(
-        c.choose(now, LIMITS, counter()),
-        Decision {
-            pick: Some("good"),
-            want_nearer: false
-        }
+        summary(c.choose(now, LIMITS, counter())),
+        (Some("good"), false, Some(5))
     );
     let mut empty: Chooser<&str> = Chooser::new(Policy::RttHistogram);
     assert_eq!(
         empty.choose(now, LIMITS, counter()),
         Decision {
             pick: None,
-            want_nearer: true
+            want_nearer: true,
+            pick_rtt: None,
         }
     );
 }
@@ -105,11 +110,8 @@ fn unmeasured_instances_wait_for_a_probe_unless_nothing_else_is_left() {
     assert_eq!(c.choose(now, LIMITS, counter()).pick, Some("new"));
     c.record_rtt(&"new", MS, now);
     assert_eq!(
-        c.choose(now, LIMITS, counter()),
-        Decision {
-            pick: Some("new"),
-            want_nearer: false
-        }
+        summary(c.choose(now, LIMITS, counter())),
+        (Some("new"), false, Some(1))
     );
 }
 
@@ -150,7 +152,7 @@ fn traffic_moves_when_rtts_change() {
     let mut c = chooser(Policy::RttHistogram, &[("a", 2), ("b", 30)], t0);
     assert_eq!(share(&mut c, "a", t0, 20), 1.0);
     // The window forgets: after it has turned over, only the new samples count.
-    let later = t0 + Duration::from_secs(21);
+    let later = t0 + ROUTING_WINDOW.slice * ROUTING_WINDOW.slices as u32;
     for _ in 0..10 {
         c.record_rtt(&"a", MS * 30, later);
         c.record_rtt(&"b", MS * 2, later);
@@ -173,4 +175,55 @@ fn round_robin_ignores_rtt_but_not_ejection() {
         .map(|_| c.choose(now, LIMITS, counter()).pick.unwrap())
         .collect();
     assert!(!picks.contains(&"b"), "{picks:?}");
+}
+
+#[test]
+fn an_instance_whose_window_ran_empty_keeps_its_last_estimate() {
+    let t0 = Instant::now();
+    let mut c = chooser(Policy::RttHistogram, &[("quiet", 3)], t0);
+    c.add("new", t0);
+    let much_later = t0 + Duration::from_secs(60);
+    let decision = c.choose(much_later, LIMITS, counter());
+    assert_eq!(decision.pick, Some("quiet"), "still measured, unlike 'new'");
+    let rtt = decision.pick_rtt.unwrap();
+    assert!(rtt >= MS * 3 && rtt < MS * 4, "{rtt:?}");
+}
+
+#[test]
+fn the_view_shows_quantiles_in_flight_and_ejection() {
+    let now = Instant::now();
+    let mut c = chooser(Policy::RttHistogram, &[("a", 4)], now);
+    c.add("b", now);
+    c.start(&"a");
+    for _ in 0..EJECT_AFTER {
+        c.finish(&"b", false, now);
+    }
+    let view = c.view(now);
+    assert_eq!(view.len(), 2);
+    assert_eq!(view[0].key, "a");
+    assert_eq!(view[0].in_flight, 1);
+    let [p50, _, p99] = view[0].quantiles.unwrap();
+    assert!(p50 >= MS * 4 && p99 < MS * 5, "{p50:?} {p99:?}");
+    assert!(!view[0].ejected);
+    assert_eq!(view[1].quantiles, None);
+    assert!(view[1].ejected);
+}
+
+#[test]
+fn a_retry_avoids_the_instance_that_failed_unless_it_is_the_only_one() {
+    let now = Instant::now();
+    for policy in [Policy::RttHistogram, Policy::PeakEwma, Policy::RoundRobin] {
+        let mut c = chooser(policy, &[("near", 1), ("far", 30)], now);
+        for _ in 0..10 {
+            let pick = c
+                .choose_avoiding(now, LIMITS, counter(), Some(&"near"))
+                .pick;
+            assert_eq!(pick, Some("far"), "{policy:?}");
+        }
+        c.remove(&"far");
+        let pick = c
+            .choose_avoiding(now, LIMITS, counter(), Some(&"near"))
+            .pick;
+        assert_eq!(pick, Some("near"), "{policy:?}");
+    }
 }

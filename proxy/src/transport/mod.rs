@@ -22,9 +22,11 @@ use auth::{AuthError, EXPORTER_LABEL, KEYING_MATERIAL_BYTES, MAX_PROOF_BYTES, Pr
 
 /// How long the proof exchange after the TLS handshake may take.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
-/// Idle connections are closed after this; keep-alives (below) prevent it while in use.
-const MAX_IDLE: Duration = Duration::from_secs(30);
-const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// A connection that hears nothing from its peer for this long is closed. Keep-alives (below)
+/// keep live connections open; a peer that died is noticed within this, and the requests
+/// waiting on it fail and are retried elsewhere.
+const MAX_IDLE: Duration = Duration::from_secs(4);
+const KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// Application close codes.
 const CLOSE_AUTH_FAILED: u32 = 1;
 
@@ -57,7 +59,7 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut config = quinn::TransportConfig::default();
     config
         .max_idle_timeout(Some(
-            MAX_IDLE.try_into().expect("30 s is a valid idle timeout"),
+            MAX_IDLE.try_into().expect("4 s is a valid idle timeout"),
         ))
         .keep_alive_interval(Some(KEEP_ALIVE))
         .max_concurrent_bidi_streams(1024u32.into());
@@ -234,6 +236,11 @@ impl Transport {
         Proof::decode(&bytes)
             .and_then(|proof| proof.verify(expected, self.network_key.as_ref(), role, material))
             .map_err(|source| TransportError::Auth { addr, source })
+    }
+
+    /// Resolves once every connection has closed (or gone idle).
+    pub async fn wait_idle(&self) {
+        self.endpoint.wait_idle().await;
     }
 
     /// Closes every connection and stops listening.

@@ -1,0 +1,274 @@
+//! The `proxy` program: the local ingress of a machine (anonymous mode) or the sidecar of one
+//! service instance (service mode), with the original's command line.
+//!
+//! ```text
+//! proxy [OPTIONS] PORT                                   # anonymous: ingress on 127.0.0.1:PORT
+//! proxy [OPTIONS] PORT SERVICE IP:SERVICE_PORT [METRICS_PORT]   # sidecar of SERVICE
+//! ```
+//!
+//! In service mode the proxy also serves an ingress on PORT (for the service's own outgoing
+//! requests), answers requests arriving over QUIC on `--quic-addr` (UDP, by default the same
+//! port number as PORT) by calling the service at IP:SERVICE_PORT, and advertises the
+//! service's digest on the overlay once the lookup has told it.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context;
+use control::{
+    common::{
+        daemon::Daemon,
+        net::{parse_p2p_listen_addr, parse_socket_addr},
+        overlay_args::OverlayArgs,
+    },
+    overlay::{Backoff, Node},
+};
+use libp2p::Multiaddr;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::perf::PerfConfig,
+    forward::Sidecar,
+    ingress::{Ingress, IngressSettings, fetch_record},
+    metrics::{Activity, IngressMetrics, LiveCollector},
+    transport::Transport,
+};
+
+/// How long in-flight requests may finish after SIGINT/SIGTERM.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// Sidecar and local ingress: `/<service>/<path>` on 127.0.0.1:PORT goes to the nearest
+/// instance of <service> over QUIC. Given SERVICE and IP:SERVICE_PORT, also the sidecar of one
+/// instance of SERVICE.
+#[derive(clap::Parser, Debug)]
+#[command(name = "proxy", version)]
+pub struct Cli {
+    /// Port of the HTTP ingress on --listen-ip (HTTP/1.1 and h2c).
+    #[arg(value_name = "PORT")]
+    pub port: u16,
+
+    /// Service mode: the service this proxy is the sidecar of.
+    #[arg(value_name = "SERVICE", requires = "address")]
+    pub service: Option<String>,
+
+    /// Service mode: where the service listens (IP:SERVICE_PORT).
+    #[arg(value_name = "IP:SERVICE_PORT", value_parser = parse_service_addr)]
+    pub address: Option<SocketAddr>,
+
+    /// Port of /metrics (the original's fourth argument); --metrics-addr says more.
+    #[arg(value_name = "METRICS_PORT", requires = "address")]
+    pub metrics_port: Option<u16>,
+
+    /// perf.conf: RTT limits and the choice policy (TOML, or the original's JSON). Built-in
+    /// defaults (those of the repository's perf.conf) without it.
+    #[arg(long, env = "MTC_PERF_CONF", value_name = "FILE")]
+    pub configfile: Option<PathBuf>,
+
+    /// IP the ingress listens on.
+    #[arg(
+        long,
+        env = "MTC_LISTEN_IP",
+        default_value = "127.0.0.1",
+        value_name = "IP"
+    )]
+    pub listen_ip: IpAddr,
+
+    /// Data-plane (QUIC, UDP) listen address, advertised on the overlay. [default: :PORT in
+    /// service mode, :0 otherwise]
+    #[arg(long, env = "MTC_QUIC_ADDR", value_name = "ADDR", value_parser = parse_socket_addr)]
+    pub quic_addr: Option<SocketAddr>,
+
+    /// Data-plane address advertised instead of --quic-addr, for when others reach this proxy
+    /// at another address (NAT, a relay).
+    #[arg(long, env = "MTC_QUIC_ADVERTISE_ADDR", value_name = "ADDR")]
+    pub quic_advertise_addr: Option<SocketAddr>,
+
+    /// Address of the Prometheus endpoint: IP:PORT or :PORT. [default: :METRICS_PORT if given,
+    /// else :0, printed at start]
+    #[arg(long, env = "MTC_METRICS_ADDR", value_name = "ADDR", value_parser = parse_socket_addr)]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// P2P listen address: IP:PORT, :PORT or a TCP multiaddr.
+    #[arg(long, env = "MTC_P2P_LISTEN_ADDR", default_value = ":0", value_name = "ADDR",
+          value_parser = parse_p2p_listen_addr)]
+    pub p2p_listen_addr: Multiaddr,
+
+    /// How long a resolved service record is used before the lookup is asked again: seconds
+    /// (as the original) or a duration ("1h").
+    #[arg(long, default_value = "3600", value_name = "DURATION", value_parser = parse_duration)]
+    pub rcache_ttl: Duration,
+
+    /// How long a request waits for an instance of a service that has none (one is being
+    /// started) before it is answered 503.
+    #[arg(long, default_value = "15s", value_name = "DURATION", value_parser = parse_duration)]
+    pub instance_wait: Duration,
+
+    /// Most requests waiting for instances at once; more are answered 503 at once.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    pub max_waiting: usize,
+
+    /// Largest request head (request line and headers) in bytes; larger ones get 431.
+    #[arg(long, default_value_t = 64 * 1024, value_name = "BYTES")]
+    pub max_head_bytes: usize,
+
+    /// A client that has not sent a whole request head within this is disconnected.
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    pub head_timeout: Duration,
+
+    /// TOML file with any of these flags as keys; flags win over it, it wins over environment
+    /// variables.
+    #[arg(long, env = "PROXY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Debug logs (RUST_LOG overrides).
+    #[arg(long)]
+    pub debug: bool,
+
+    #[command(flatten)]
+    pub overlay: OverlayArgs,
+}
+
+fn parse_service_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse()
+        .map_err(|_| format!("'{text}' is not a service address: expected IP:SERVICE_PORT"))
+}
+
+/// Seconds ("3600", as the original's -rcache-ttl) or a duration with its unit ("1h").
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    humantime::parse_duration(text)
+        .map_err(|e| format!("'{text}' is not a duration ({e}): write e.g. 3600, 10s or 1h"))
+}
+
+impl Cli {
+    fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr.unwrap_or_else(|| {
+            let port = if self.service.is_some() { self.port } else { 0 };
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)
+        })
+    }
+
+    fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr.unwrap_or_else(|| {
+            SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                self.metrics_port.unwrap_or(0),
+            )
+        })
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let perf = match &cli.configfile {
+        Some(path) => PerfConfig::load(path)?,
+        None => PerfConfig::default(),
+    };
+    let ingress_addr = SocketAddr::new(cli.listen_ip, cli.port);
+    let listener = tokio::net::TcpListener::bind(ingress_addr)
+        .await
+        .with_context(|| format!("cannot listen on {ingress_addr}"))?;
+
+    // The data plane proves the overlay identity, so both use one key pair.
+    let default_keyfile = format!("~/.privKeyProxy-{}", cli.port);
+    let mut config = cli.overlay.node_config("proxy", &default_keyfile)?;
+    let transport = Arc::new(Transport::bind(
+        cli.quic_addr(),
+        config.keypair.clone(),
+        config.network_key.as_ref().map(|key| *key.key_bytes()),
+    )?);
+    config.listen = vec![cli.p2p_listen_addr.clone()];
+    config.data_plane = Some(match cli.quic_advertise_addr {
+        Some(addr) => addr,
+        None => transport.local_addr()?,
+    });
+    let daemon = Daemon::start(config, cli.metrics_addr()).await?;
+    let node = daemon.node.clone();
+    println!("ingress: http://{}", listener.local_addr()?);
+    println!("data plane (QUIC): {}", transport.local_addr()?);
+
+    let activity = Activity::new();
+    let settings = IngressSettings {
+        perf,
+        record_ttl: cli.rcache_ttl,
+        instance_wait: cli.instance_wait,
+        max_waiting: cli.max_waiting,
+        max_head_bytes: cli.max_head_bytes,
+        head_timeout: cli.head_timeout,
+    };
+    let metrics = IngressMetrics::register(&daemon.registry)?;
+    let ingress = Ingress::new(
+        node.clone(),
+        Arc::clone(&transport),
+        settings,
+        metrics,
+        Arc::clone(&activity),
+    );
+    let viewed = Arc::downgrade(&ingress);
+    LiveCollector::register(&daemon.registry, Arc::clone(&activity), move || {
+        viewed.upgrade().map(|i| i.view()).unwrap_or_default()
+    })?;
+
+    let sidecar = match (&cli.service, cli.address) {
+        (Some(service), Some(upstream)) => {
+            tokio::spawn(advertise_service(node.clone(), service.clone()));
+            tracing::info!(%service, %upstream, "sidecar");
+            Some(Sidecar::new(upstream, Arc::clone(&activity)))
+        }
+        _ => None,
+    };
+    tokio::spawn(accept_peers(Arc::clone(&transport), sidecar));
+
+    let stop = CancellationToken::new();
+    let serving = tokio::spawn(Arc::clone(&ingress).serve(listener, stop.clone()));
+    daemon.run_until_signal(vec![]).await?;
+    stop.cancel();
+    let _ = serving.await;
+    // Requests in flight may finish; then every connection is closed.
+    let _ = tokio::time::timeout(DRAIN, transport.wait_idle()).await;
+    transport.close();
+    Ok(())
+}
+
+/// Serves the requests of authenticated peers (service mode); in anonymous mode there is
+/// nothing to serve and their connections are closed.
+async fn accept_peers(transport: Arc<Transport>, sidecar: Option<Arc<Sidecar>>) {
+    while let Some(accepted) = transport.accept().await {
+        match (accepted, &sidecar) {
+            (Ok((peer, connection)), Some(sidecar)) => {
+                tracing::debug!(%peer, "peer connected");
+                tokio::spawn(Arc::clone(sidecar).serve_connection(connection));
+            }
+            (Ok((_, connection)), None) => connection.close(0u32.into(), b"not a sidecar"),
+            (Err(error), _) => tracing::info!(%error, "data-plane connection refused"),
+        }
+    }
+}
+
+/// Resolves `service` through the lookup (retrying while it cannot) and advertises its
+/// digest, so that ingresses find this instance.
+async fn advertise_service(node: Node, service: String) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let stopped = node.stopped();
+    loop {
+        match fetch_record(&node, &service).await {
+            Ok(Some(record)) => {
+                let digest = record.digest.to_string();
+                node.advertise(&digest).await;
+                tracing::info!(%service, %digest, "advertising this instance");
+                return;
+            }
+            Ok(None) => tracing::warn!(%service, "the lookup knows no such service; asking again"),
+            Err(error) => tracing::warn!(%service, %error, "cannot resolve the service; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = stopped.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! Asking allocators for instances: when a service has none, or when its best one is over the
+//! soft RTT limit. One allocation per service at a time, however many requests wait for it;
+//! after one ends, the next waits a cool-down so a failing allocator is not asked in a loop.
+
+use std::time::{Duration, Instant};
+
+use control::{
+    allocator::protocol::{NAMESPACE, StartProtocol, StartRequest, StartResponse},
+    lookup::ServiceRecord,
+    overlay::Node,
+    rpc::NodeInfoProtocol,
+};
+use futures::StreamExt;
+use libp2p::PeerId;
+
+/// After an allocation for a service with no instance ended, the next may start this much
+/// later.
+const RETRY_NONE: Duration = Duration::from_secs(2);
+/// After an allocation for a nearer instance, the next one may start this much later: a
+/// nearer instance takes a moment to be measured as such.
+const RETRY_NEARER: Duration = Duration::from_secs(30);
+/// How long allocators are searched for on the overlay.
+const FIND_ALLOCATORS: Duration = Duration::from_secs(3);
+
+/// Why an instance is asked for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Reason {
+    /// The service has no usable instance.
+    NoInstance,
+    /// The best instance is over the soft limit at this RTT: only an allocator nearer than
+    /// that helps.
+    Nearer(Duration),
+}
+
+impl Reason {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::NoInstance => "none",
+            Self::Nearer(_) => "nearer",
+        }
+    }
+
+    fn cool_down(&self) -> Duration {
+        match self {
+            Self::NoInstance => RETRY_NONE,
+            Self::Nearer(_) => RETRY_NEARER,
+        }
+    }
+}
+
+/// Whether an allocation starts now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begin {
+    /// Yes: the caller runs it and calls [`AllocationState::end`].
+    Start,
+    /// One is running; its end will be announced.
+    Running,
+    /// The last one failed a moment ago, for this reason; none starts before the cool-down.
+    Failed(String),
+    /// The last one succeeded a moment ago; none starts before the cool-down.
+    Recent,
+}
+
+/// The allocation state of one service (pure).
+#[derive(Debug, Default)]
+pub struct AllocationState {
+    running: bool,
+    /// When the last allocation ended, why it was asked for, and its failure if it failed.
+    last: Option<(Instant, Reason, Option<String>)>,
+}
+
+impl AllocationState {
+    pub fn begin(&mut self, reason: Reason, now: Instant) -> Begin {
+        if self.running {
+            return Begin::Running;
+        }
+        if let Some((ended, last_reason, failure)) = &self.last {
+            // A nearer-instance request never holds back one for a service with none.
+            let same_kind = last_reason.label() == reason.label();
+            if same_kind && now.saturating_duration_since(*ended) < reason.cool_down() {
+                return match failure {
+                    Some(failure) => Begin::Failed(failure.clone()),
+                    None => Begin::Recent,
+                };
+            }
+        }
+        self.running = true;
+        Begin::Start
+    }
+
+    pub fn end(&mut self, reason: Reason, result: Result<(), String>, now: Instant) {
+        self.running = false;
+        self.last = Some((now, reason, result.err()));
+    }
+
+    /// The failure of an allocation that ended after `since`.
+    pub fn failure_since(&self, since: Instant) -> Option<&str> {
+        match &self.last {
+            Some((ended, _, Some(failure))) if *ended >= since => Some(failure),
+            _ => None,
+        }
+    }
+}
+
+/// Asks the allocators on the overlay, nearest first, to start an instance of `record`;
+/// returns the allocator that did and its name for the instance. For [`Reason::Nearer`] only
+/// allocators nearer than the given RTT are asked.
+pub async fn ask_allocators(
+    node: &Node,
+    record: &ServiceRecord,
+    reason: Reason,
+) -> Result<(PeerId, String), String> {
+    let mut allocators = Vec::new();
+    let mut found = node.find_providers(NAMESPACE).await;
+    let search = async {
+        while let Some(peer) = found.next().await {
+            allocators.push(peer);
+        }
+    };
+    let _ = tokio::time::timeout(FIND_ALLOCATORS, search).await;
+    if allocators.is_empty() {
+        return Err("no allocator found on the overlay".into());
+    }
+    let mut by_rtt = Vec::with_capacity(allocators.len());
+    for peer in allocators {
+        if let Some(rtt) = rtt_to(node, peer).await {
+            by_rtt.push((rtt, peer));
+        }
+    }
+    by_rtt.sort();
+    if let Reason::Nearer(limit) = reason {
+        by_rtt.retain(|(rtt, _)| *rtt < limit);
+        if by_rtt.is_empty() {
+            return Err(format!("no allocator is nearer than {limit:?}"));
+        }
+    }
+    let request = StartRequest {
+        service: record.name.clone(),
+        digest: record.digest.to_string(),
+    };
+    let mut failures = Vec::new();
+    for (_, allocator) in by_rtt {
+        match node.request::<StartProtocol>(allocator, &request).await {
+            Ok(StartResponse::Started { instance, .. }) => {
+                tracing::info!(service = %record.name, %allocator, %instance, "instance started");
+                return Ok((allocator, instance));
+            }
+            Ok(StartResponse::Refused(why)) => failures.push(format!("{allocator}: {why}")),
+            Err(error) => failures.push(format!("{allocator}: {error}")),
+        }
+    }
+    Err(format!("every allocator refused: {}", failures.join("; ")))
+}
+
+/// The overlay RTT to `peer`: the ping monitor's average if there is one, else the time of a
+/// node-info round trip; `None` if it does not answer.
+async fn rtt_to(node: &Node, peer: PeerId) -> Option<Duration> {
+    if let Some(stats) = node.rtt(&peer) {
+        return Some(stats.ewma);
+    }
+    let begin = Instant::now();
+    node.request::<NodeInfoProtocol>(peer, &())
+        .await
+        .ok()
+        .map(|_| begin.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_allocation_at_a_time_and_a_cool_down_after_each() {
+        let t0 = Instant::now();
+        let mut state = AllocationState::default();
+        assert_eq!(state.begin(Reason::NoInstance, t0), Begin::Start);
+        assert_eq!(state.begin(Reason::NoInstance, t0), Begin::Running);
+        assert_eq!(
+            state.begin(Reason::Nearer(Duration::from_millis(30)), t0),
+            Begin::Running
+        );
+        state.end(Reason::NoInstance, Err("no allocator".into()), t0);
+        assert_eq!(
+            state.begin(Reason::NoInstance, t0 + Duration::from_millis(10)),
+            Begin::Failed("no allocator".into())
+        );
+        assert_eq!(state.failure_since(t0), Some("no allocator"));
+        assert_eq!(state.failure_since(t0 + Duration::from_millis(1)), None);
+        assert_eq!(
+            state.begin(Reason::NoInstance, t0 + RETRY_NONE),
+            Begin::Start
+        );
+        state.end(Reason::NoInstance, Ok(()), t0 + RETRY_NONE);
+        assert_eq!(
+            state.begin(Reason::NoInstance, t0 + RETRY_NONE),
+            Begin::Recent
+        );
+    }
+
+    #[test]
+    fn a_nearer_allocation_cools_down_longer_and_does_not_hold_back_a_missing_one() {
+        let t0 = Instant::now();
+        let nearer = Reason::Nearer(Duration::from_millis(40));
+        let mut state = AllocationState::default();
+        assert_eq!(state.begin(nearer, t0), Begin::Start);
+        state.end(nearer, Ok(()), t0);
+        assert_eq!(state.begin(nearer, t0 + RETRY_NONE), Begin::Recent);
+        assert_eq!(state.begin(Reason::NoInstance, t0), Begin::Start);
+        state.end(Reason::NoInstance, Ok(()), t0);
+        assert_eq!(state.begin(nearer, t0 + RETRY_NEARER), Begin::Start);
+    }
+}

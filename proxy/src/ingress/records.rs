@@ -1,0 +1,103 @@
+//! Service records for the ingress: resolved through the lookup, cached with a TTL (and a
+//! short negative TTL for names that do not exist), refreshed in the background before they
+//! expire so that a warm cache never waits on the lookup.
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use control::{
+    lookup::{
+        ServiceRecord,
+        client::{self, ClientError},
+        protocol::{LookupRequest, LookupResponse},
+    },
+    overlay::Node,
+};
+
+use crate::cache::{Read, TtlCache};
+
+/// How long an unknown service is remembered as unknown.
+const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+
+pub(super) struct Records {
+    node: Node,
+    state: Mutex<State>,
+}
+
+struct State {
+    cache: TtlCache<String, ServiceRecord>,
+    /// Names being refreshed in the background (one refresh per name at a time).
+    refreshing: HashSet<String>,
+}
+
+impl Records {
+    pub(super) fn new(node: Node, ttl: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            node,
+            state: Mutex::new(State {
+                cache: TtlCache::new(ttl, NEGATIVE_TTL),
+                refreshing: HashSet::new(),
+            }),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The record of `service`: `Some(record)`, `None` if it does not exist, an error if the
+    /// lookup cannot be asked.
+    pub(super) async fn resolve(
+        self: &Arc<Self>,
+        service: &str,
+    ) -> Result<Option<ServiceRecord>, String> {
+        let cached = {
+            let mut state = self.state();
+            let read = match state.cache.get(&service.to_owned(), Instant::now()) {
+                Read::Found { value, refresh_due } => Some((Some(value.clone()), refresh_due)),
+                Read::Absent => Some((None, false)),
+                Read::Miss => None,
+            };
+            if let Some((_, true)) = read
+                && state.refreshing.insert(service.to_owned())
+            {
+                let (this, service) = (Arc::clone(self), service.to_owned());
+                tokio::spawn(async move {
+                    let fetched = fetch_record(&this.node, &service).await;
+                    let mut state = this.state();
+                    if let Ok(record) = fetched {
+                        state.cache.insert(service.clone(), record, Instant::now());
+                    }
+                    state.refreshing.remove(&service);
+                });
+            }
+            read
+        };
+        match cached {
+            Some((record, _)) => Ok(record),
+            None => {
+                let record = fetch_record(&self.node, service).await?;
+                self.state()
+                    .cache
+                    .insert(service.to_owned(), record.clone(), Instant::now());
+                Ok(record)
+            }
+        }
+    }
+}
+
+/// Asks the lookup for `service`: `Some(record)`, `None` if it does not exist.
+pub async fn fetch_record(node: &Node, service: &str) -> Result<Option<ServiceRecord>, String> {
+    match client::call(node, &LookupRequest::Get(service.to_owned())).await {
+        Ok((_, LookupResponse::Found(record))) => Ok(Some(record)),
+        Ok((_, LookupResponse::NotFound)) => Ok(None),
+        Ok((_, LookupResponse::Failed(reason))) => Err(reason),
+        Ok((_, other)) => Err(format!("unexpected answer {other:?}")),
+        Err(error @ (ClientError::NoLookupService { .. } | ClientError::AllFailed(_))) => {
+            Err(error.to_string())
+        }
+    }
+}
