@@ -49,7 +49,13 @@ impl<K: Eq + Hash, V> TtlCache<K, V> {
         }
     }
 
-    pub fn get(&self, key: &K, now: Instant) -> Read<'_, V> {
+    /// What is known of `key` at `now` (looked up by any borrowed form, so a `&str` finds a
+    /// `String` key without allocating).
+    pub fn get<Q>(&self, key: &Q, now: Instant) -> Read<'_, V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let Some(entry) = self.entries.get(key) else {
             return Read::Miss;
         };

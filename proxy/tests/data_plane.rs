@@ -461,13 +461,16 @@ async fn killing_an_instance_under_load_loses_no_idempotent_request() {
 }
 
 /// A stand-in for the allocator of issue #5, which is not written yet: a node that serves the
-/// allocator's start protocol and starts a sidecar (a real `proxy` process) in front of a test
-/// service when asked; it refuses services whose name starts with "refused".
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_for_a_service_with_no_instance_wait_for_one_allocation() {
-    let network = Network::start().await;
-    let record = network.register("on-demand", Limits::default()).await;
-    network.register("refused-service", Limits::default()).await;
+/// allocator's start protocol and, when asked, starts a sidecar (a real `proxy` process) in
+/// front of a test service tagged "allocated"; it refuses services whose name starts with
+/// "refused". Returns the node (keep it), how many times it was asked, and what it started.
+async fn allocator_double(
+    network: &Network,
+) -> (
+    control::overlay::Node,
+    Arc<AtomicUsize>,
+    Arc<tokio::sync::Mutex<Vec<Process>>>,
+) {
     let allocator = support::node(
         "allocator",
         std::slice::from_ref(&network.boot),
@@ -476,49 +479,51 @@ async fn requests_for_a_service_with_no_instance_wait_for_one_allocation() {
     )
     .await;
     let asked = Arc::new(AtomicUsize::new(0));
-    let started: Arc<tokio::sync::Mutex<Vec<Proxy>>> = Arc::default();
+    let started: Arc<tokio::sync::Mutex<Vec<Process>>> = Arc::default();
     let boot = network.boot_arg();
-    {
-        let (asked, started) = (Arc::clone(&asked), Arc::clone(&started));
-        allocator.serve::<StartProtocol, _, _>(move |_, request| {
-            let (asked, started, boot) = (Arc::clone(&asked), Arc::clone(&started), boot.clone());
-            async move {
-                asked.fetch_add(1, Ordering::SeqCst);
-                if request.service.starts_with("refused") {
-                    return StartResponse::Refused("no capacity for this test".into());
-                }
-                let upstream = test_service("allocated").await.to_string();
-                let process = Process::spawn(
-                    PROXY,
-                    &[
-                        "--bootstrap",
-                        &boot,
-                        "--ephemeral",
-                        "--quic-addr",
-                        "127.0.0.1:0",
-                        "--metrics-addr",
-                        "127.0.0.1:0",
-                        "0",
-                        &request.service,
-                        &upstream,
-                    ],
-                    &[("RUST_LOG", "warn")],
-                );
-                let id = process.child.id().unwrap().to_string();
-                started.lock().await.push(Proxy {
-                    process,
-                    ingress: String::new(),
-                    metrics: String::new(),
-                    quic: "127.0.0.1:0".parse().unwrap(),
-                });
-                StartResponse::Started {
-                    instance: id,
-                    reused: false,
-                }
+    let (counting, keeping) = (Arc::clone(&asked), Arc::clone(&started));
+    allocator.serve::<StartProtocol, _, _>(move |_, request| {
+        let (asked, started, boot) = (Arc::clone(&counting), Arc::clone(&keeping), boot.clone());
+        async move {
+            asked.fetch_add(1, Ordering::SeqCst);
+            if request.service.starts_with("refused") {
+                return StartResponse::Refused("no capacity for this test".into());
             }
-        });
-    }
+            let upstream = test_service("allocated").await.to_string();
+            let process = Process::spawn(
+                PROXY,
+                &[
+                    "--bootstrap",
+                    &boot,
+                    "--ephemeral",
+                    "--quic-addr",
+                    "127.0.0.1:0",
+                    "--metrics-addr",
+                    "127.0.0.1:0",
+                    "0",
+                    &request.service,
+                    &upstream,
+                ],
+                &[("RUST_LOG", "warn")],
+            );
+            let instance = process.child.id().unwrap().to_string();
+            started.lock().await.push(process);
+            StartResponse::Started {
+                instance,
+                reused: false,
+            }
+        }
+    });
     allocator.advertise(ALLOCATORS).await;
+    (allocator, asked, started)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_for_a_service_with_no_instance_wait_for_one_allocation() {
+    let network = Network::start().await;
+    network.register("on-demand", Limits::default()).await;
+    network.register("refused-service", Limits::default()).await;
+    let (_allocator, asked, started) = allocator_double(&network).await;
     let front = ingress(&network, &[]).await;
 
     let requests: Vec<_> = (0..20)
@@ -546,11 +551,69 @@ async fn requests_for_a_service_with_no_instance_wait_for_one_allocation() {
         Some(1.0),
         "{text}"
     );
-    let _ = record;
 
     let (status, text) = get(&front.ingress, "/refused-service/").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(text.contains("no capacity for this test"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_over_the_soft_limit_is_used_until_a_nearer_one_answers() {
+    let network = Network::start().await;
+    network.register("far-away", Limits::default()).await;
+    // The only instance is 30 ms away (over the default soft limit of 20 ms).
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let relay = UdpDelayRelay::start(port, Duration::from_millis(15)).await;
+    let (quic, advertised) = (port.to_string(), relay.addr.to_string());
+    let upstream = test_service("far").await.to_string();
+    let _far = start_proxy(
+        &network,
+        &[
+            "--quic-addr",
+            &quic,
+            "--quic-advertise-addr",
+            &advertised,
+            "0",
+            "far-away",
+            &upstream,
+        ],
+    )
+    .await;
+    let (_allocator, asked, _started) = allocator_double(&network).await;
+    let front = ingress(&network, &[]).await;
+    // The far instance serves while a nearer one starts, then the nearer one once it
+    // answers: wait for 20 answers in a row from it (every request in between must succeed).
+    wait_for_ok(&front.ingress, "/far-away/tag").await;
+    let mut far_served = 0;
+    let mut in_a_row = 0;
+    let give_up = Instant::now() + DEADLINE;
+    while in_a_row < 20 {
+        assert!(
+            Instant::now() < give_up,
+            "traffic never moved to the nearer instance"
+        );
+        let (status, tag) = get(&front.ingress, "/far-away/tag").await;
+        assert_eq!(status, StatusCode::OK, "{tag}");
+        in_a_row = if tag == "allocated" { in_a_row + 1 } else { 0 };
+        far_served += usize::from(tag == "far");
+    }
+    assert!(
+        far_served > 0,
+        "the far instance served until the nearer one answered"
+    );
+    assert_eq!(asked.load(Ordering::SeqCst), 1);
+    let text = metrics_of(&front).await;
+    assert_eq!(
+        metric(
+            &text,
+            "proxy_allocations_total{outcome=\"started\",reason=\"nearer\",service=\"far-away\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

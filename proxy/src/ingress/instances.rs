@@ -61,6 +61,8 @@ pub(super) struct Choice {
     /// No instance is known and none was looked for a moment ago: the caller should discover
     /// before giving up.
     pub discover_now: bool,
+    /// Instances known, usable or not.
+    pub known: usize,
 }
 
 pub(super) struct Services {
@@ -104,6 +106,10 @@ impl Services {
     /// Runs `f` on the service of `digest`, created empty if it is new.
     pub(super) fn with<T>(&self, digest: &str, name: &str, f: impl FnOnce(&mut Service) -> T) -> T {
         let mut all = self.all();
+        // Looked up first: the key is only copied when the service is new.
+        if let Some(service) = all.get_mut(digest) {
+            return f(service);
+        }
         let service = all.entry(digest.to_owned()).or_insert_with(|| Service {
             name: name.to_owned(),
             chooser: Chooser::new(self.policy),
@@ -148,6 +154,7 @@ impl Services {
                 decision,
                 addr,
                 discover_now,
+                known: service.chooser.len(),
             }
         })
     }

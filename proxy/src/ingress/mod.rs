@@ -23,7 +23,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use control::{lookup::ServiceRecord, overlay::Node};
+use control::overlay::Node;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Body;
 use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
@@ -44,7 +44,7 @@ use crate::{
 };
 use allocation::{Begin, ask_allocators};
 use instances::{PROBE_INTERVAL, Services};
-use records::Records;
+use records::{Records, Resolved};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ResponseBody = BoxBody<Bytes, BoxError>;
@@ -180,32 +180,34 @@ impl Ingress {
         self.activity.touch();
         self.retries.deposit();
         let (service, response) = self.route(request, client).await;
+        let label = service
+            .as_ref()
+            .map_or(UNKNOWN_SERVICE, |s| s.record.name.as_str());
         self.metrics
-            .answered(&service, response.status(), begin.elapsed());
+            .answered(label, response.status(), begin.elapsed());
         response
     }
 
-    /// The response to `request` and the service it was for (its metrics label).
+    /// The response to `request` and the service it was for, if it exists.
     async fn route(
         self: &Arc<Self>,
         request: Request<Incoming>,
         client: SocketAddr,
-    ) -> (String, Response<ResponseBody>) {
-        let unknown = || UNKNOWN_SERVICE.to_owned();
+    ) -> (Option<Arc<Resolved>>, Response<ResponseBody>) {
         let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
         let (name, target) = match split_target(path) {
-            Ok((name, target)) => (name.to_owned(), target),
-            Err(error) => return (unknown(), plain(StatusCode::BAD_REQUEST, error.to_string())),
+            Ok(split) => split,
+            Err(error) => return (None, plain(StatusCode::BAD_REQUEST, error.to_string())),
         };
-        let record = match self.records.resolve(&name).await {
-            Ok(Some(record)) => record,
+        let service = match self.records.resolve(name).await {
+            Ok(Some(service)) => service,
             Ok(None) => {
                 let text = format!("no service named '{name}'");
-                return (unknown(), plain(StatusCode::NOT_FOUND, text));
+                return (None, plain(StatusCode::NOT_FOUND, text));
             }
             Err(reason) => {
                 let text = format!("the lookup service is unreachable: {reason}");
-                return (unknown(), plain(StatusCode::SERVICE_UNAVAILABLE, text));
+                return (None, plain(StatusCode::SERVICE_UNAVAILABLE, text));
             }
         };
         let (parts, body) = request.into_parts();
@@ -216,8 +218,8 @@ impl Ingress {
             target,
             headers,
         };
-        let response = self.send(&record, &head, body).await;
-        (name, response)
+        let response = self.send(&service, &head, body).await;
+        (Some(service), response)
     }
 
     /// Sends a request to an instance of `record`, and again to another one if that fails and
@@ -225,25 +227,27 @@ impl Ingress {
     /// (so nothing of it is lost), as long as the retry budget lasts.
     async fn send(
         self: &Arc<Self>,
-        record: &ServiceRecord,
+        service: &Arc<Resolved>,
         head: &RequestHead,
         body: Incoming,
     ) -> Response<ResponseBody> {
         let replayable = idempotent(&head.method) && body.is_end_stream();
         let mut body = Some(body);
         let mut failed: Option<PeerId> = None;
+        let (digest, name) = (&service.digest, &service.record.name);
         loop {
-            let (peer, addr) = match self.pick(record, failed.as_ref()).await {
+            let (peer, addr) = match self.pick(service, failed.as_ref()).await {
                 Ok(pick) => pick,
                 Err(response) => return response,
             };
-            let digest = record.digest.to_string();
-            self.services
-                .with(&digest, &record.name, |s| s.chooser.start(&peer));
-            let begin = Instant::now();
+            self.services.with(digest, name, |s| s.chooser.start(&peer));
+            let mut begin = Instant::now();
             let (result, body_sent) = match self.transport.connect(peer, addr).await {
                 Err(error) => (Err(error.to_string()), false),
                 Ok(connection) => {
+                    // The round trip measured is the request's, not a new connection's
+                    // handshakes.
+                    begin = Instant::now();
                     let result = match body.take() {
                         Some(body) if !replayable => forward(&connection, head, body).await,
                         _ => forward(&connection, head, Empty::<Bytes>::new()).await,
@@ -252,7 +256,7 @@ impl Ingress {
                 }
             };
             let now = Instant::now();
-            self.services.with(&digest, &record.name, |s| {
+            self.services.with(digest, name, |s| {
                 s.chooser.finish(&peer, result.is_ok(), now);
                 if result.is_ok() {
                     s.chooser.record_rtt(&peer, now - begin, now);
@@ -268,13 +272,13 @@ impl Ingress {
                     let may_retry = !body_sent || replayable;
                     let retry = may_retry && self.retries.withdraw();
                     if may_retry {
-                        self.metrics.retried(&record.name, retry);
+                        self.metrics.retried(name, retry);
                     }
-                    tracing::debug!(service = %record.name, %peer, %reason, retry, "attempt failed");
+                    tracing::debug!(service = %name, %peer, %reason, retry, "attempt failed");
                     if !retry {
                         return plain(
                             StatusCode::BAD_GATEWAY,
-                            format!("instance {peer} of '{}' failed: {reason}", record.name),
+                            format!("instance {peer} of '{name}' failed: {reason}"),
                         );
                     }
                     failed = Some(peer);
@@ -288,9 +292,10 @@ impl Ingress {
     /// one is over the soft limit, a nearer one is asked for and this one used meanwhile.
     async fn pick(
         self: &Arc<Self>,
-        record: &ServiceRecord,
+        service: &Arc<Resolved>,
         avoid: Option<&PeerId>,
     ) -> Result<(PeerId, SocketAddr), Response<ResponseBody>> {
+        let record = &service.record;
         let limits = self.settings.perf.limits_for(
             &record.name,
             Overrides {
@@ -298,46 +303,45 @@ impl Ingress {
                 hard_rtt: record.limits.hard_rtt,
             },
         );
-        let digest = record.digest.to_string();
-        let name = &record.name;
+        let (digest, name) = (service.digest.as_str(), record.name.as_str());
         let arrived = Instant::now();
         let deadline = tokio::time::Instant::now() + self.settings.instance_wait;
-        let changed = self
-            .services
-            .with(&digest, name, |s| Arc::clone(&s.changed));
+        let changed = self.services.with(digest, name, |s| Arc::clone(&s.changed));
         let mut waiting = None;
         let mut discovered = false;
         loop {
             // Registered before looking, so that a change in between is not missed.
             let mut notified = pin!(changed.notified());
             notified.as_mut().enable();
-            let choice = self.services.choose(&digest, name, limits, avoid);
+            let choice = self.services.choose(digest, name, limits, avoid);
             if let (Some(peer), Some(addr)) = (choice.decision.pick, choice.addr) {
                 if choice.decision.want_nearer
                     && let Some(rtt) = choice.decision.pick_rtt
                 {
-                    self.allocate(record, Reason::Nearer(rtt));
+                    self.allocate(service, Reason::Nearer(rtt));
                 }
                 return Ok((peer, addr));
             }
             if choice.discover_now && !discovered {
                 discovered = true;
-                self.services.discover(&digest).await;
+                self.services.discover(digest).await;
                 continue;
             }
-            let failure = self.services.with(&digest, name, |s| {
+            let failure = self.services.with(digest, name, |s| {
                 s.allocation.failure_since(arrived).map(str::to_owned)
             });
-            let failure = failure.or(match self.allocate(record, Reason::NoInstance) {
+            let failure = failure.or(match self.allocate(service, Reason::NoInstance) {
                 Begin::Failed(reason) => Some(reason),
                 Begin::Start | Begin::Running | Begin::Recent => None,
             });
             if let Some(reason) = failure {
+                let known = match choice.known {
+                    0 => "is running".to_owned(),
+                    n => format!("of {n} known is usable (over the hard RTT limit or failing)"),
+                };
                 return Err(plain(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "no instance of '{name}' is running and none could be started: {reason}"
-                    ),
+                    format!("no instance of '{name}' {known} and none could be started: {reason}"),
                 ));
             }
             if waiting.is_none() {
@@ -369,33 +373,35 @@ impl Ingress {
     }
 
     /// Starts an allocation for `record` unless one is running or has just ended.
-    fn allocate(self: &Arc<Self>, record: &ServiceRecord, reason: Reason) -> Begin {
-        let digest = record.digest.to_string();
-        let begin = self.services.with(&digest, &record.name, |s| {
-            s.allocation.begin(reason, Instant::now())
-        });
+    fn allocate(self: &Arc<Self>, service: &Arc<Resolved>, reason: Reason) -> Begin {
+        let begin = self
+            .services
+            .with(&service.digest, &service.record.name, |s| {
+                s.allocation.begin(reason, Instant::now())
+            });
         if begin == Begin::Start {
-            let (this, record) = (Arc::clone(self), record.clone());
-            tokio::spawn(async move { this.run_allocation(record, reason).await });
+            let (this, service) = (Arc::clone(self), Arc::clone(service));
+            tokio::spawn(async move { this.run_allocation(service, reason).await });
         }
         begin
     }
 
     /// Asks allocators for an instance and waits for it to appear as a provider; then wakes
     /// the requests waiting for it (or tells them why not).
-    async fn run_allocation(self: Arc<Self>, record: ServiceRecord, reason: Reason) {
-        let digest = record.digest.to_string();
-        let before = self.services.known(&digest);
-        let result = match ask_allocators(&self.node, &record, reason).await {
-            Ok((allocator, instance)) => self
-                .wait_for_new_instance(&digest, &before)
-                .await
-                .map_err(|waited| {
-                    format!(
-                        "allocator {allocator} started instance {instance}, but its proxy did \
+    async fn run_allocation(self: Arc<Self>, service: Arc<Resolved>, reason: Reason) {
+        let (digest, record) = (&service.digest, &service.record);
+        let before = self.services.known(digest);
+        let result = match ask_allocators(&self.node, record, reason).await {
+            Ok((allocator, instance)) => {
+                self.wait_for_new_instance(digest, &before)
+                    .await
+                    .map_err(|waited| {
+                        format!(
+                            "allocator {allocator} started instance {instance}, but its proxy did \
                          not appear within {waited:?}"
-                    )
-                }),
+                        )
+                    })
+            }
             Err(reason) => Err(reason),
         };
         if let Err(error) = &result {
@@ -403,7 +409,7 @@ impl Ingress {
         }
         self.metrics
             .allocation(&record.name, reason.label(), result.is_ok());
-        self.services.with(&digest, &record.name, |s| {
+        self.services.with(digest, &record.name, |s| {
             s.allocation.end(reason, result, Instant::now());
             s.changed.notify_waiters();
         });

@@ -27,8 +27,24 @@ pub(super) struct Records {
     state: Mutex<State>,
 }
 
+/// A service record and what the request path derives from it, computed once per lookup
+/// rather than per request.
+#[derive(Debug)]
+pub struct Resolved {
+    pub record: ServiceRecord,
+    /// The record's digest as text: the namespace its instances advertise.
+    pub digest: String,
+}
+
+impl Resolved {
+    fn new(record: ServiceRecord) -> Arc<Self> {
+        let digest = record.digest.to_string();
+        Arc::new(Self { record, digest })
+    }
+}
+
 struct State {
-    cache: TtlCache<String, ServiceRecord>,
+    cache: TtlCache<String, Arc<Resolved>>,
     /// Names being refreshed in the background (one refresh per name at a time).
     refreshing: HashSet<String>,
 }
@@ -53,11 +69,11 @@ impl Records {
     pub(super) async fn resolve(
         self: &Arc<Self>,
         service: &str,
-    ) -> Result<Option<ServiceRecord>, String> {
+    ) -> Result<Option<Arc<Resolved>>, String> {
         let cached = {
             let mut state = self.state();
-            let read = match state.cache.get(&service.to_owned(), Instant::now()) {
-                Read::Found { value, refresh_due } => Some((Some(value.clone()), refresh_due)),
+            let read = match state.cache.get(service, Instant::now()) {
+                Read::Found { value, refresh_due } => Some((Some(Arc::clone(value)), refresh_due)),
                 Read::Absent => Some((None, false)),
                 Read::Miss => None,
             };
@@ -69,7 +85,10 @@ impl Records {
                     let fetched = fetch_record(&this.node, &service).await;
                     let mut state = this.state();
                     if let Ok(record) = fetched {
-                        state.cache.insert(service.clone(), record, Instant::now());
+                        let resolved = record.map(Resolved::new);
+                        state
+                            .cache
+                            .insert(service.clone(), resolved, Instant::now());
                     }
                     state.refreshing.remove(&service);
                 });
@@ -79,11 +98,11 @@ impl Records {
         match cached {
             Some((record, _)) => Ok(record),
             None => {
-                let record = fetch_record(&self.node, service).await?;
+                let resolved = fetch_record(&self.node, service).await?.map(Resolved::new);
                 self.state()
                     .cache
-                    .insert(service.to_owned(), record.clone(), Instant::now());
-                Ok(record)
+                    .insert(service.to_owned(), resolved.clone(), Instant::now());
+                Ok(resolved)
             }
         }
     }
