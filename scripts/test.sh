@@ -8,6 +8,13 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# The proxy is baked into every service image: it must not link the etcd or a Docker client.
+proxy_deps=$(cargo tree -p proxy -e normal --prefix none --locked)
+if grep -Eq '^(etcd-client|bollard) ' <<<"$proxy_deps"; then
+  echo "test: the proxy's dependency tree contains etcd-client or bollard" >&2
+  exit 1
+fi
+
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
