@@ -3,8 +3,13 @@
 //!
 //! ```text
 //! proxy [OPTIONS] PORT                                   # anonymous: ingress on 127.0.0.1:PORT
-//! proxy [OPTIONS] PORT SERVICE IP:SERVICE_PORT [METRICS_PORT]   # sidecar of SERVICE
+//! proxy [OPTIONS] PORT SERVICE IP:SERVICE_PORT [METRICS_PORT] [-- COMMAND ARGS]   # sidecar
 //! ```
+//!
+//! The positionals may come from the environment an allocator gives a container: PORT from
+//! `PROXY_PORT`, SERVICE from `SERVICE_NAME`, IP:SERVICE_PORT from `PROXY_IP` and
+//! `SERVICE_PORT`, METRICS_PORT from `METRICS_PORT`. After `--`, the service's command line:
+//! the proxy starts it and supervises it (see [`crate::supervise`]).
 //!
 //! In service mode the proxy also serves an ingress on PORT (for the service's own outgoing
 //! requests), answers requests arriving over QUIC on `--quic-addr` (UDP, by default the same
@@ -35,6 +40,7 @@ use crate::{
     forward::Sidecar,
     ingress::{Ingress, IngressSettings, fetch_record},
     metrics::{Activity, IngressMetrics, LiveCollector},
+    supervise::Service,
     transport::Transport,
 };
 
@@ -48,20 +54,25 @@ const DRAIN: Duration = Duration::from_secs(5);
 #[command(name = "proxy", version)]
 pub struct Cli {
     /// Port of the HTTP ingress on --listen-ip (HTTP/1.1 and h2c).
-    #[arg(value_name = "PORT")]
+    #[arg(value_name = "PORT", env = "PROXY_PORT")]
     pub port: u16,
 
     /// Service mode: the service this proxy is the sidecar of.
-    #[arg(value_name = "SERVICE", requires = "address")]
+    #[arg(value_name = "SERVICE", env = "SERVICE_NAME")]
     pub service: Option<String>,
 
-    /// Service mode: where the service listens (IP:SERVICE_PORT).
+    /// Service mode: where the service listens. [env: PROXY_IP and SERVICE_PORT]
     #[arg(value_name = "IP:SERVICE_PORT", value_parser = parse_service_addr)]
     pub address: Option<SocketAddr>,
 
     /// Port of /metrics (the original's fourth argument); --metrics-addr says more.
-    #[arg(value_name = "METRICS_PORT", requires = "address")]
+    #[arg(value_name = "METRICS_PORT", env = "METRICS_PORT")]
     pub metrics_port: Option<u16>,
+
+    /// Service mode: the service's command line, started and supervised by the proxy;
+    /// `$VAR` and `${VAR}` in it are expanded from the environment.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
 
     /// perf.conf: RTT limits and the choice policy (TOML, or the original's JSON). Built-in
     /// defaults (those of the repository's perf.conf) without it.
@@ -147,6 +158,36 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 impl Cli {
+    /// The service's address: the positional, else `PROXY_IP:SERVICE_PORT` from the
+    /// environment. Service mode needs one; anonymous mode must not have one.
+    fn service_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        let from_env = || -> Option<String> {
+            Some(format!(
+                "{}:{}",
+                std::env::var("PROXY_IP").ok()?,
+                std::env::var("SERVICE_PORT").ok()?
+            ))
+        };
+        match (&self.service, self.address) {
+            (Some(_), Some(addr)) => Ok(Some(addr)),
+            (Some(service), None) => match from_env() {
+                Some(text) => parse_service_addr(&text)
+                    .map(Some)
+                    .map_err(|e| anyhow::anyhow!("PROXY_IP and SERVICE_PORT: {e}")),
+                None => anyhow::bail!(
+                    "service mode needs the address of '{service}': give IP:SERVICE_PORT after \
+                     the service name (or set PROXY_IP and SERVICE_PORT)"
+                ),
+            },
+            (None, _) if !self.command.is_empty() => {
+                anyhow::bail!(
+                    "a command after '--' needs service mode: PORT SERVICE IP:SERVICE_PORT"
+                )
+            }
+            (None, _) => Ok(None),
+        }
+    }
+
     fn quic_addr(&self) -> SocketAddr {
         self.quic_addr.unwrap_or_else(|| {
             let port = if self.service.is_some() { self.port } else { 0 };
@@ -165,6 +206,7 @@ impl Cli {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let service_addr = cli.service_addr()?;
     let perf = match &cli.configfile {
         Some(path) => PerfConfig::load(path)?,
         None => PerfConfig::default(),
@@ -214,7 +256,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         viewed.upgrade().map(|i| i.view()).unwrap_or_default()
     })?;
 
-    let sidecar = match (&cli.service, cli.address) {
+    let sidecar = match (&cli.service, service_addr) {
         (Some(service), Some(upstream)) => {
             tokio::spawn(advertise_service(node.clone(), service.clone()));
             tracing::info!(%service, %upstream, "sidecar");
@@ -226,13 +268,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let stop = CancellationToken::new();
     let serving = tokio::spawn(Arc::clone(&ingress).serve(listener, stop.clone()));
-    daemon.run_until_signal(vec![]).await?;
+    let mut service = if cli.command.is_empty() {
+        None
+    } else {
+        Some(Service::start(&cli.command).map_err(anyhow::Error::msg)?)
+    };
+    // Runs until a signal, or until the supervised service exits.
+    let mut service_exit = None;
+    let until = async {
+        match service.as_mut() {
+            Some(service) => tokio::select! {
+                () = control::common::shutdown_signal() => {}
+                exit = service.exited() => service_exit = Some(exit),
+            },
+            None => control::common::shutdown_signal().await,
+        }
+    };
+    daemon.run_until(vec![], until).await?;
     stop.cancel();
     let _ = serving.await;
+    if let Some(service) = service {
+        service.stop().await;
+    }
     // Requests in flight may finish; then every connection is closed.
     let _ = tokio::time::timeout(DRAIN, transport.wait_idle()).await;
     transport.close();
-    Ok(())
+    match service_exit {
+        Some(exit) => anyhow::bail!("{exit}"),
+        None => Ok(()),
+    }
 }
 
 /// Serves the requests of authenticated peers (service mode); in anonymous mode there is

@@ -20,4 +20,5 @@ pub mod retry;
 pub mod rewrite;
 pub mod select;
 pub mod stream;
+pub mod supervise;
 pub mod transport;

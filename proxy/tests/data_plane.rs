@@ -656,3 +656,85 @@ async fn outside_the_private_network_the_data_plane_answers_nothing() {
     let connection = insider.connect(sidecar_peer, side.quic).await.unwrap();
     proxy::forward::probe(&connection).await.unwrap();
 }
+
+/// The sidecar's positionals from the environment an allocator sets, and a service it starts
+/// and supervises (Python's http.server stands in for a service binary here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_configured_by_environment_supervises_its_service() {
+    let network = Network::start().await;
+    network.register("py", Limits::default()).await;
+    let service_port = free_port().to_string();
+    let boot = network.boot_arg();
+    let args = [
+        "--bootstrap",
+        &boot,
+        "--ephemeral",
+        "--quic-addr",
+        "127.0.0.1:0",
+        "--p2p-listen-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--",
+        "python3",
+        "-m",
+        "http.server",
+        "${SERVICE_PORT}",
+        "--bind",
+        "127.0.0.1",
+    ];
+    let env = [
+        ("PROXY_PORT", "0"),
+        ("SERVICE_NAME", "py"),
+        ("PROXY_IP", "127.0.0.1"),
+        ("SERVICE_PORT", service_port.as_str()),
+        ("RUST_LOG", "warn"),
+    ];
+    let mut side = Process::spawn(PROXY, &args, &env);
+    side.line_containing("data plane (QUIC)", DEADLINE).await;
+    let front = ingress(&network, &[]).await;
+    wait_for_ok(&front.ingress, "/py/").await;
+
+    // The service dies: so does its sidecar, saying why.
+    let pgrep = |pattern: String| async move {
+        let out = tokio::process::Command::new("pgrep")
+            .args(["-f", &pattern])
+            .output()
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let pattern = format!("http.server {service_port}");
+    let pid = pgrep(pattern.clone()).await;
+    assert!(!pid.is_empty(), "the service runs");
+    tokio::process::Command::new("kill")
+        .arg(&pid)
+        .status()
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(DEADLINE, side.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!status.success());
+    assert!(
+        side.stderr().contains("the service 'python3' exited"),
+        "{}",
+        side.stderr()
+    );
+
+    // SIGTERM to a sidecar stops its service too.
+    let side = Process::spawn(PROXY, &args, &env);
+    side.line_containing("data plane (QUIC)", DEADLINE).await;
+    wait_until("the service started", DEADLINE, || {
+        let pattern = pattern.clone();
+        async move { !pgrep(pattern).await.is_empty() }
+    })
+    .await;
+    assert!(side.terminate().await);
+    wait_until("the service stopped", DEADLINE, || {
+        let pattern = pattern.clone();
+        async move { pgrep(pattern).await.is_empty() }
+    })
+    .await;
+}

@@ -56,9 +56,18 @@ impl Daemon {
         self,
         routes: Vec<(&'static str, http::Handler)>,
     ) -> anyhow::Result<()> {
+        self.run_until(routes, shutdown_signal()).await
+    }
+
+    /// Serves `/metrics` and `routes` until `stop` resolves, then stops the node.
+    pub async fn run_until(
+        self,
+        routes: Vec<(&'static str, http::Handler)>,
+        until: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         let stop = CancellationToken::new();
         let server = http::spawn(self.metrics, self.registry, routes, stop.clone());
-        shutdown_signal().await;
+        until.await;
         stop.cancel();
         self.node.shutdown().await;
         let _ = server.await;
