@@ -33,8 +33,9 @@ pub struct OverlayArgs {
     #[arg(long, value_name = "FILE")]
     pub keyfile: Option<PathBuf>,
 
-    /// Use a new identity for this run only: no key file is read or written.
-    #[arg(long)]
+    /// Use a new identity for this run only: no key file is read or written (what service
+    /// instances started by an allocator do).
+    #[arg(long, env = "P2P_EPHEMERAL")]
     pub ephemeral: bool,
 
     /// Key algorithm of a newly created identity.
