@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::perf::PerfConfig,
     forward::Sidecar,
-    ingress::{Ingress, IngressSettings, fetch_record},
+    ingress::{Ingress, IngressSettings},
     metrics::{Activity, IngressMetrics, LiveCollector},
     supervise::Service,
     transport::Transport,
@@ -320,7 +320,7 @@ async fn advertise_service(node: Node, service: String) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let stopped = node.stopped();
     loop {
-        match fetch_record(&node, &service).await {
+        match control::lookup::client::get(&node, &service).await {
             Ok(Some(record)) => {
                 let digest = record.digest.to_string();
                 node.advertise(&digest).await;

@@ -1,4 +1,16 @@
-//! The allocator: starts service instances on demand. So far its protocol, which proxies use
-//! to ask for an instance; the program itself is issue #5.
+//! The allocator: starts service instances on demand, where proxies ask for them.
+//!
+//! - [`protocol`]: `/mtc/allocator/start/1`, what proxies send.
+//! - [`ports`]: the ports each instance gets, from a range outside the kernel's ephemeral one.
+//! - [`book`]: the instances and the decisions about them: reuse, culling (pure).
+//! - `runtime`: Docker containers or processes, behind one interface.
+//! - `app`: the `allocator` program.
 
+pub mod book;
+pub mod ports;
 pub mod protocol;
+
+#[cfg(feature = "docker")]
+pub mod app;
+#[cfg(feature = "docker")]
+pub mod runtime;

@@ -56,3 +56,15 @@ pub async fn call(
     }
     Err(ClientError::AllFailed(failures))
 }
+
+/// The record of `service`: `Some(record)`, `None` if the lookup has no such service, an error
+/// saying why if no lookup service could answer.
+pub async fn get(node: &Node, service: &str) -> Result<Option<super::ServiceRecord>, String> {
+    match call(node, &LookupRequest::Get(service.to_owned())).await {
+        Ok((_, LookupResponse::Found(record))) => Ok(Some(record)),
+        Ok((_, LookupResponse::NotFound)) => Ok(None),
+        Ok((_, LookupResponse::Failed(reason))) => Err(reason),
+        Ok((peer, other)) => Err(format!("unexpected answer from {peer}: {other:?}")),
+        Err(error) => Err(error.to_string()),
+    }
+}

@@ -9,7 +9,6 @@ mod instances;
 mod records;
 
 pub use allocation::Reason;
-pub use records::fetch_record;
 
 use std::{
     convert::Infallible,

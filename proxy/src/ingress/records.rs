@@ -9,11 +9,7 @@ use std::{
 };
 
 use control::{
-    lookup::{
-        ServiceRecord,
-        client::{self, ClientError},
-        protocol::{LookupRequest, LookupResponse},
-    },
+    lookup::{ServiceRecord, client::get as fetch_record},
     overlay::Node,
 };
 
@@ -104,19 +100,6 @@ impl Records {
                     .insert(service.to_owned(), resolved.clone(), Instant::now());
                 Ok(resolved)
             }
-        }
-    }
-}
-
-/// Asks the lookup for `service`: `Some(record)`, `None` if it does not exist.
-pub async fn fetch_record(node: &Node, service: &str) -> Result<Option<ServiceRecord>, String> {
-    match client::call(node, &LookupRequest::Get(service.to_owned())).await {
-        Ok((_, LookupResponse::Found(record))) => Ok(Some(record)),
-        Ok((_, LookupResponse::NotFound)) => Ok(None),
-        Ok((_, LookupResponse::Failed(reason))) => Err(reason),
-        Ok((_, other)) => Err(format!("unexpected answer {other:?}")),
-        Err(error @ (ClientError::NoLookupService { .. } | ClientError::AllFailed(_))) => {
-            Err(error.to_string())
         }
     }
 }

@@ -1,0 +1,7 @@
+//! `allocator`: starts service instances on demand. See `control::allocator`.
+
+use control::{allocator::app, common::run_binary};
+
+fn main() -> std::process::ExitCode {
+    run_binary("allocator", |cli: &app::Cli| cli.debug, app::run)
+}
