@@ -14,55 +14,6 @@ use support::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-struct Network {
-    monitor: Daemon,
-    service: Daemon,
-    data: tempfile::TempDir,
-}
-
-async fn start_network() -> Network {
-    let monitor = start_monitor(&["--ephemeral"]).await;
-    let data = tempfile::tempdir().unwrap();
-    let service = start_service(&monitor, data.path()).await;
-    Network {
-        monitor,
-        service,
-        data,
-    }
-}
-
-async fn start_service(monitor: &Daemon, data: &Path) -> Daemon {
-    let bootstrap = monitor.bootstrap.to_string();
-    let keyfile = data.join("key");
-    start_daemon(
-        HL_SERVICE,
-        &[
-            "--bootstrap",
-            &bootstrap,
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--keyfile",
-            keyfile.to_str().unwrap(),
-            "--p2p-listen-addr",
-            "127.0.0.1:0",
-            "--prom-listen-addr",
-            "127.0.0.1:0",
-        ],
-    )
-    .await
-}
-
-/// Runs hl-cli against the network; returns (success, stdout, stderr). It never panics,
-/// whatever the input.
-async fn cli(network: &Network, args: &[&str]) -> (bool, String, String) {
-    let bootstrap = network.monitor.bootstrap.to_string();
-    let mut all = vec!["-bootstrap", bootstrap.as_str()];
-    all.extend_from_slice(args);
-    let (ok, out, err) = run_to_exit(HL_CLI, &all, &[]).await;
-    assert!(!err.contains("panicked"), "hl-cli {args:?} panicked: {err}");
-    (ok, out, err)
-}
-
 fn archive(dir: &Path, name: &str, layer_size: u64) -> (String, Digest) {
     let path = dir.join(name);
     let file = std::fs::File::create(&path).unwrap();

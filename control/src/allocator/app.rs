@@ -406,7 +406,7 @@ impl Allocator {
             Arc::clone(starting.entry(request.service.clone()).or_default())
         };
         let _one_at_a_time = lock.lock().await;
-        let response = match self.reused(&request.service) {
+        let response = match self.reused(&request.service, &request.digest) {
             Some(instance) => StartResponse::Started {
                 instance,
                 reused: true,
@@ -436,11 +436,13 @@ impl Allocator {
         response
     }
 
-    /// The instance of `service` started within the reuse window, if it still runs.
-    fn reused(&self, service: &str) -> Option<String> {
+    /// The instance of `service` with `digest` started within the reuse window, if it still
+    /// runs.
+    fn reused(&self, service: &str, digest: &str) -> Option<String> {
         let state = self.state();
         let (at, id) = state.last_start.get(service)?;
-        (reuses(Some(*at), Instant::now(), self.reuse_window) && state.instances.contains_key(id))
+        let running = state.instances.get(id)?;
+        (reuses(Some(*at), Instant::now(), self.reuse_window) && running.instance.digest == digest)
             .then(|| id.clone())
     }
 

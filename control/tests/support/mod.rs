@@ -5,6 +5,8 @@
 
 pub use testkit::*;
 
+use std::path::Path;
+
 pub const PING_MONITOR: &str = env!("CARGO_BIN_EXE_ping-monitor");
 pub const HL_SERVICE: &str = env!("CARGO_BIN_EXE_hl-service");
 pub const HL_CLI: &str = env!("CARGO_BIN_EXE_hl-cli");
@@ -21,4 +23,54 @@ pub async fn start_monitor(extra: &[&str]) -> Daemon {
     ];
     args.extend_from_slice(extra);
     start_daemon(PING_MONITOR, &args).await
+}
+
+/// A ping-monitor and an hl-service (embedded store) as processes.
+pub struct Network {
+    pub monitor: Daemon,
+    pub service: Daemon,
+    pub data: tempfile::TempDir,
+}
+
+pub async fn start_network() -> Network {
+    let monitor = start_monitor(&["--ephemeral"]).await;
+    let data = tempfile::tempdir().unwrap();
+    let service = start_service(&monitor, data.path()).await;
+    Network {
+        monitor,
+        service,
+        data,
+    }
+}
+
+pub async fn start_service(monitor: &Daemon, data: &Path) -> Daemon {
+    let bootstrap = monitor.bootstrap.to_string();
+    let keyfile = data.join("key");
+    start_daemon(
+        HL_SERVICE,
+        &[
+            "--bootstrap",
+            &bootstrap,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--keyfile",
+            keyfile.to_str().unwrap(),
+            "--p2p-listen-addr",
+            "127.0.0.1:0",
+            "--prom-listen-addr",
+            "127.0.0.1:0",
+        ],
+    )
+    .await
+}
+
+/// Runs hl-cli against the network; returns (success, stdout, stderr). It never panics,
+/// whatever the input.
+pub async fn cli(network: &Network, args: &[&str]) -> (bool, String, String) {
+    let bootstrap = network.monitor.bootstrap.to_string();
+    let mut all = vec!["-bootstrap", bootstrap.as_str()];
+    all.extend_from_slice(args);
+    let (ok, out, err) = run_to_exit(HL_CLI, &all, &[]).await;
+    assert!(!err.contains("panicked"), "hl-cli {args:?} panicked: {err}");
+    (ok, out, err)
 }

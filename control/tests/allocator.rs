@@ -1,0 +1,317 @@
+//! The allocator as users run it, with the process runtime (the Docker runtime's tests are in
+//! allocator_docker.rs): a ping-monitor, an hl-service, an allocator and proxies as processes;
+//! the service is the project's helloworldserver, registered as a static executable.
+
+mod support;
+
+use std::{path::PathBuf, time::Duration};
+
+use control::{
+    allocator::protocol::{StartProtocol, StartRequest, StartResponse},
+    lookup::ServiceRecord,
+};
+use libp2p::PeerId;
+use support::*;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+const ALLOCATOR: &str = env!("CARGO_BIN_EXE_allocator");
+
+/// A binary of another package of the workspace, built beside this one by
+/// `cargo test --workspace`.
+fn sibling(name: &str) -> PathBuf {
+    let path = PathBuf::from(ALLOCATOR).with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p proxy -p helloworld`)",
+        path.display()
+    );
+    path
+}
+
+/// Registers helloworldserver as the executable of `name`; returns its record.
+async fn register_hello(network: &Network, name: &str) -> ServiceRecord {
+    let hello = sibling("helloworldserver");
+    let (ok, _, err) = cli(
+        network,
+        &[
+            "add",
+            "--exec",
+            hello.to_str().unwrap(),
+            name,
+            "--",
+            "helloworldserver",
+            "$SERVICE_PORT",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(network, &["get", "--json", name]).await;
+    assert!(ok, "{err}");
+    ServiceRecord::from_json(out.as_bytes()).unwrap()
+}
+
+struct Allocator {
+    daemon: Daemon,
+    peer: PeerId,
+}
+
+/// Starts an allocator with the process runtime and short timers; `dir` holds its key and
+/// data, so a restart with the same `dir` is the same allocator.
+async fn start_allocator(network: &Network, dir: &std::path::Path, extra: &[&str]) -> Allocator {
+    let bootstrap = network.monitor.bootstrap.to_string();
+    let (key, data) = (dir.join("key"), dir.join("data"));
+    let proxy = sibling("proxy");
+    let mut args = vec![
+        "--bootstrap",
+        &bootstrap,
+        "--runtime",
+        "process",
+        "--proxy-binary",
+        proxy.to_str().unwrap(),
+        "--keyfile",
+        key.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--p2p-listen-addr",
+        "127.0.0.1:0",
+        "--prom-listen-addr",
+        "127.0.0.1:0",
+        "--host-ip",
+        "127.0.0.1",
+        "--check-interval",
+        "200ms",
+    ];
+    args.extend_from_slice(extra);
+    let daemon = start_daemon(ALLOCATOR, &args).await;
+    let peer = daemon.bootstrap.peer;
+    Allocator { daemon, peer }
+}
+
+async fn metrics(daemon: &Daemon) -> String {
+    http_get(&daemon.metrics, "/metrics").await.unwrap().1
+}
+
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// The processes whose command line contains `needle`.
+async fn processes_with(needle: &str) -> Vec<String> {
+    let out = tokio::process::Command::new("pgrep")
+        .args(["-f", needle])
+        .output()
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_instances_start_once_serve_and_are_culled_when_idle() {
+    let network = start_network().await;
+    let record = register_hello(&network, "hello-world-server").await;
+    let dir = tempfile::tempdir().unwrap();
+    let allocator = start_allocator(
+        &network,
+        dir.path(),
+        &[
+            "--idle-timeout",
+            "5s",
+            "--boot-grace",
+            "1s",
+            "--port-range",
+            "21000-21099",
+        ],
+    )
+    .await;
+
+    // 20 concurrent start requests, as from 20 proxies at once: one instance.
+    let asker = start_node(&[network.monitor.bootstrap.clone()], None).await;
+    // Found as proxies find it: a provider of the allocator namespace (which dials it).
+    wait_until("the allocator found on the overlay", DEADLINE, || async {
+        providers(&asker, control::allocator::protocol::NAMESPACE)
+            .await
+            .contains(&allocator.peer)
+    })
+    .await;
+    let request = StartRequest {
+        service: record.name.clone(),
+        digest: record.digest.to_string(),
+    };
+    let answers = futures::future::join_all(
+        (0..20).map(|_| asker.request::<StartProtocol>(allocator.peer, &request)),
+    )
+    .await;
+    let mut ids = std::collections::BTreeSet::new();
+    for answer in answers {
+        match answer.unwrap() {
+            StartResponse::Started { instance, .. } => ids.insert(instance),
+            StartResponse::Refused(why) => panic!("refused: {why}"),
+        };
+    }
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let id = ids.into_iter().next().unwrap();
+    let text = metrics(&allocator.daemon).await;
+    assert_eq!(
+        value(&text, "allocator_starts_total{outcome=\"started\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "allocator_starts_total{outcome=\"reused\"}"),
+        Some(19.0)
+    );
+    assert_eq!(
+        value(&text, "allocator_instances{service=\"hello-world-server\"}"),
+        Some(1.0)
+    );
+
+    // Its environment is the container contract.
+    let instance_dir = dir.path().join("data/instances").join(&id);
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(instance_dir.join("instance.json")).unwrap())
+            .unwrap();
+    let pid = state["pid"].as_u64().unwrap();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    for name in [
+        "PROXY_PORT=",
+        "PROXY_IP=127.0.0.1",
+        "SERVICE_PORT=",
+        "METRICS_PORT=",
+        "P2P_BOOTSTRAPS=",
+        "SERVICE_NAME=hello-world-server",
+    ] {
+        assert!(
+            environ.split('\0').any(|v| v.starts_with(name)),
+            "{name} missing: {environ}"
+        );
+    }
+    let bootstraps = environ
+        .split('\0')
+        .find(|v| v.starts_with("P2P_BOOTSTRAPS="))
+        .unwrap();
+    assert!(
+        bootstraps.contains(&allocator.peer.to_string()),
+        "the allocator itself: {bootstraps}"
+    );
+
+    // A wrong digest is refused, and nothing more is run.
+    let wrong = StartRequest {
+        service: record.name.clone(),
+        digest: format!("sha256:{}", "0".repeat(64)),
+    };
+    let other = StartRequest {
+        service: "no-such-service".into(),
+        ..wrong.clone()
+    };
+    for (request, expected) in [(&wrong, "digest mismatch"), (&other, "no service named")] {
+        match asker
+            .request::<StartProtocol>(allocator.peer, request)
+            .await
+            .unwrap()
+        {
+            StartResponse::Refused(why) => assert!(why.contains(expected), "{why}"),
+            started => panic!("{request:?} was not refused: {started:?}"),
+        }
+    }
+    let text = metrics(&allocator.daemon).await;
+    assert_eq!(
+        value(&text, "allocator_starts_total{outcome=\"refused\"}"),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(&text, "allocator_instances{service=\"hello-world-server\"}"),
+        Some(1.0)
+    );
+
+    // Unused, the instance is culled after the idle timeout (its boot grace passed).
+    wait_until("the idle instance culled", DEADLINE, || async {
+        value(
+            &metrics(&allocator.daemon).await,
+            "allocator_culls_total{reason=\"idle\"}",
+        ) == Some(1.0)
+    })
+    .await;
+    wait_until("its processes gone", DEADLINE, || async {
+        processes_with(instance_dir.to_str().unwrap())
+            .await
+            .is_empty()
+    })
+    .await;
+    assert!(!instance_dir.exists());
+    assert!(allocator.daemon.process.terminate().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_to_an_ingress_starts_an_instance_and_a_restarted_allocator_adopts_it() {
+    let network = start_network().await;
+    register_hello(&network, "hello-world-server").await;
+    let dir = tempfile::tempdir().unwrap();
+    let range = ["--port-range", "21100-21199"];
+    let allocator = start_allocator(
+        &network,
+        dir.path(),
+        &[&["--idle-timeout", "1h"][..], &range].concat(),
+    )
+    .await;
+
+    // request -> allocation -> response, through a real ingress proxy.
+    let bootstrap = network.monitor.bootstrap.to_string();
+    let ingress = Process::spawn(
+        sibling("proxy").to_str().unwrap(),
+        &[
+            "--bootstrap",
+            &bootstrap,
+            "--ephemeral",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "0",
+        ],
+        &[("RUST_LOG", "warn")],
+    );
+    let line = ingress.line_containing("ingress: http://", DEADLINE).await;
+    let addr = line["ingress: http://".len()..].to_owned();
+    let (status, body) = http_get(&addr, "/hello-world-server/").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "Hello, world\n"));
+
+    // Killed outright and restarted: the instance is adopted, not orphaned.
+    let mut killed = allocator.daemon.process;
+    killed.child.start_kill().unwrap();
+    killed.child.wait().await.unwrap();
+    let instances = dir.path().join("data/instances");
+    assert_eq!(
+        std::fs::read_dir(&instances).unwrap().count(),
+        1,
+        "the instance outlived it"
+    );
+    let restarted = start_allocator(
+        &network,
+        dir.path(),
+        &[&["--idle-timeout", "1s", "--boot-grace", "1s"][..], &range].concat(),
+    )
+    .await;
+    assert_eq!(restarted.peer, allocator.peer, "same key, same allocator");
+    let text = metrics(&restarted.daemon).await;
+    assert_eq!(
+        value(&text, "allocator_instances{service=\"hello-world-server\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    // Adopted instances are culled like its own: nothing is left behind.
+    wait_until("the adopted instance culled", DEADLINE, || async {
+        value(
+            &metrics(&restarted.daemon).await,
+            "allocator_culls_total{reason=\"idle\"}",
+        ) == Some(1.0)
+    })
+    .await;
+    wait_until("no instance left", DEADLINE, || async {
+        processes_with(instances.to_str().unwrap()).await.is_empty()
+    })
+    .await;
+    assert_eq!(std::fs::read_dir(&instances).unwrap().count(), 0);
+}
