@@ -129,7 +129,7 @@ async fn process_instances_start_once_serve_and_are_culled_when_idle() {
     .await;
 
     // 20 concurrent start requests, as from 20 proxies at once: one instance.
-    let asker = start_node(&[network.monitor.bootstrap.clone()], None).await;
+    let asker = start_node(std::slice::from_ref(&network.monitor.bootstrap), None).await;
     // Found as proxies find it: a provider of the allocator namespace (which dials it).
     wait_until("the allocator found on the overlay", DEADLINE, || async {
         providers(&asker, control::allocator::protocol::NAMESPACE)
