@@ -290,9 +290,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(service) = service {
         service.stop().await;
     }
-    // Requests in flight may finish; then every connection is closed.
-    let _ = tokio::time::timeout(DRAIN, transport.wait_idle()).await;
+    // Requests in flight may finish (for a while); then every connection is closed.
+    let give_up = tokio::time::Instant::now() + DRAIN;
+    while activity.in_flight() > 0 && tokio::time::Instant::now() < give_up {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     transport.close();
+    let _ = tokio::time::timeout(Duration::from_secs(1), transport.wait_idle()).await;
     match service_exit {
         Some(exit) => anyhow::bail!("{exit}"),
         None => Ok(()),

@@ -117,7 +117,7 @@ impl Sidecar {
             Opening::Ping => return send_ping(&mut send).await,
         };
         let head = decode_request_head(&payload)?;
-        self.activity.touch();
+        let _serving = self.activity.serve();
         let uri = format!("http://{}{}", self.upstream, head.target);
         let mut request = Request::new(FramedBody::new(recv, rest));
         *request.method_mut() = head.method;

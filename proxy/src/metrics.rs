@@ -31,6 +31,16 @@ pub struct Activity {
     /// Milliseconds from `started` to the last request.
     last_millis: AtomicU64,
     served: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+/// A request being served; counted in [`Activity::in_flight`] until dropped.
+pub struct Serving<'a>(&'a Activity);
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Activity {
@@ -39,14 +49,22 @@ impl Activity {
             started: Instant::now(),
             last_millis: AtomicU64::new(0),
             served: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
         })
     }
 
-    /// A request is being served.
-    pub fn touch(&self) {
+    /// A request is being served, until the returned guard is dropped.
+    pub fn serve(&self) -> Serving<'_> {
         let millis = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_millis.fetch_max(millis, Ordering::Relaxed);
         self.served.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Serving(self)
+    }
+
+    /// Requests being served now (a shutdown waits for them).
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     /// Time since the last request (or since start) at `now`.
@@ -270,7 +288,10 @@ mod tests {
         let activity = Activity::new();
         let start = activity.started;
         assert_eq!(activity.idle(start + Duration::from_secs(5)).as_secs(), 5);
-        activity.touch();
+        let serving = activity.serve();
+        assert_eq!(activity.in_flight(), 1);
+        drop(serving);
+        assert_eq!(activity.in_flight(), 0);
         assert!(activity.idle(Instant::now() + Duration::from_secs(1)) < Duration::from_secs(2));
         assert_eq!(activity.served(), 1);
     }
@@ -279,7 +300,7 @@ mod tests {
     fn the_live_collector_exports_instances_and_idle_time() {
         let registry = Registry::new();
         let activity = Activity::new();
-        activity.touch();
+        drop(activity.serve());
         let peer = libp2p::PeerId::random();
         LiveCollector::register(&registry, Arc::clone(&activity), move || {
             vec![ServiceView {
