@@ -15,6 +15,15 @@ if grep -Eq '^(etcd-client|bollard) ' <<<"$proxy_deps"; then
   exit 1
 fi
 
+# The FROM-scratch test image (static proxy and helloworldserver) the Docker tests run,
+# built once here rather than by each test. Without a Docker engine those tests skip.
+if docker info >/dev/null 2>&1; then
+  MTC_TEST_IMAGE_TAR=$(./sidecar-image/build.sh target/test-image)
+  export MTC_TEST_IMAGE_TAR
+else
+  echo "test: no Docker engine answers; the Docker runtime's tests will be skipped" >&2
+fi
+
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

@@ -141,10 +141,8 @@ async fn process_instances_start_once_serve_and_are_culled_when_idle() {
         service: record.name.clone(),
         digest: record.digest.to_string(),
     };
-    let answers = futures::future::join_all(
-        (0..20).map(|_| asker.request::<StartProtocol>(allocator.peer, &request)),
-    )
-    .await;
+    let answers =
+        futures::future::join_all((0..20).map(|_| ask(&asker, allocator.peer, &request))).await;
     let mut ids = std::collections::BTreeSet::new();
     for answer in answers {
         match answer.unwrap() {
@@ -218,10 +216,46 @@ async fn process_instances_start_once_serve_and_are_culled_when_idle() {
             started => panic!("{request:?} was not refused: {started:?}"),
         }
     }
+    // A blob corrupt at its only holder is never run: the reason reaches the requester.
+    let other_executable = dir.path().join("other-executable");
+    let mut bytes = std::fs::read(sibling("helloworldserver")).unwrap();
+    bytes.extend_from_slice(b"another build");
+    std::fs::write(&other_executable, &bytes).unwrap();
+    let (ok, _, err) = cli(
+        &network,
+        &[
+            "add",
+            "--exec",
+            other_executable.to_str().unwrap(),
+            "damaged",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let (_, out, _) = cli(&network, &["get", "--json", "damaged"]).await;
+    let damaged = ServiceRecord::from_json(out.as_bytes()).unwrap();
+    let stored = network
+        .data
+        .path()
+        .join("blobs/sha256")
+        .join(damaged.digest.hex());
+    std::fs::write(&stored, b"not what was registered").unwrap();
+    let request = StartRequest {
+        service: "damaged".into(),
+        digest: damaged.digest.to_string(),
+    };
+    match asker
+        .request::<StartProtocol>(allocator.peer, &request)
+        .await
+        .unwrap()
+    {
+        StartResponse::Refused(why) => assert!(why.contains("cannot fetch the artifact"), "{why}"),
+        started => panic!("a corrupt artifact was started: {started:?}"),
+    }
     let text = metrics(&allocator.daemon).await;
     assert_eq!(
         value(&text, "allocator_starts_total{outcome=\"refused\"}"),
-        Some(2.0)
+        Some(3.0)
     );
     assert_eq!(
         value(&text, "allocator_instances{service=\"hello-world-server\"}"),

@@ -74,3 +74,24 @@ pub async fn cli(network: &Network, args: &[&str]) -> (bool, String, String) {
     assert!(!err.contains("panicked"), "hl-cli {args:?} panicked: {err}");
     (ok, out, err)
 }
+
+/// Sends a start request to `allocator`, again (twice at most) if the overlay connection
+/// failed under it: a loaded machine can drop one, and proxies ask again too. A refusal is an
+/// answer and is returned at once.
+pub async fn ask(
+    node: &control::overlay::Node,
+    allocator: libp2p::PeerId,
+    request: &control::allocator::protocol::StartRequest,
+) -> Result<control::allocator::protocol::StartResponse, control::rpc::RpcError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match node
+            .request::<control::allocator::protocol::StartProtocol>(allocator, request)
+            .await
+        {
+            Err(error) if attempt < 3 => eprintln!("start request failed, asking again: {error}"),
+            answer => return answer,
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! The allocator's Docker runtime against the real engine of this machine: the test image
+//! (sidecar-image/build.sh: the static proxy and helloworldserver in a FROM-scratch image) is
+//! registered through hl-service from its `docker save` tarball and removed from the engine,
+//! so the allocator must fetch it from the overlay, verify it and load it. Without an engine
+//! the test says so and passes vacuously (the process runtime's tests still run).
+
+mod support;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use control::{
+    allocator::protocol::{NAMESPACE, StartRequest, StartResponse},
+    lookup::ServiceRecord,
+};
+use support::*;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+const ALLOCATOR: &str = env!("CARGO_BIN_EXE_allocator");
+const IMAGE_TAG: &str = "multi-tier-cloud/hello-world-server:latest";
+
+fn docker(args: &[&str]) -> (bool, String) {
+    let output = Command::new("docker").args(args).output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).trim().to_owned(),
+    )
+}
+
+/// The test image's tarball: `MTC_TEST_IMAGE_TAR` if set (scripts/test.sh builds it once),
+/// else built now.
+fn test_image() -> PathBuf {
+    if let Ok(path) = std::env::var("MTC_TEST_IMAGE_TAR") {
+        return path.into();
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let output = Command::new(root.join("sidecar-image/build.sh"))
+        .arg(root.join("target/test-image"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "sidecar-image/build.sh failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+}
+
+/// Removes every container labelled as `allocator`'s when dropped, even if the test failed.
+struct Containers(String);
+
+impl Containers {
+    fn ids(&self) -> Vec<String> {
+        let filter = format!("label=mtc.allocator={}", self.0);
+        let (_, out) = docker(&["ps", "-aq", "--filter", &filter]);
+        out.lines().map(str::to_owned).collect()
+    }
+}
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        for id in self.ids() {
+            docker(&["rm", "-f", &id]);
+        }
+    }
+}
+
+fn sibling(name: &str) -> PathBuf {
+    let path = PathBuf::from(ALLOCATOR).with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
+
+async fn metrics_value(daemon: &Daemon, series: &str) -> Option<f64> {
+    let text = http_get(&daemon.metrics, "/metrics").await?.1;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+async fn start_allocator(network: &Network, dir: &Path, extra: &[&str]) -> Daemon {
+    let bootstrap = network.monitor.bootstrap.to_string();
+    let (key, data) = (dir.join("key"), dir.join("data"));
+    let mut args = vec![
+        "--bootstrap",
+        &bootstrap,
+        "--runtime",
+        "docker",
+        "--keyfile",
+        key.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--p2p-listen-addr",
+        "127.0.0.1:0",
+        "--prom-listen-addr",
+        "127.0.0.1:0",
+        "--host-ip",
+        "127.0.0.1",
+        "--check-interval",
+        "200ms",
+        "--port-range",
+        "21200-21299",
+    ];
+    args.extend_from_slice(extra);
+    start_daemon(ALLOCATOR, &args).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_instances_load_from_the_overlay_serve_are_culled_and_adopted() {
+    if !docker(&["info"]).0 {
+        eprintln!("skipped: no Docker engine answers here");
+        return;
+    }
+    let tarball = test_image();
+    let network = start_network().await;
+    let (ok, _, err) = cli(
+        &network,
+        &[
+            "add",
+            "--file",
+            tarball.to_str().unwrap(),
+            "hello-world-server",
+            "--cpu",
+            "0.5",
+            "--memory",
+            "64MiB",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let (_, out, _) = cli(&network, &["get", "--json", "hello-world-server"]).await;
+    let record = ServiceRecord::from_json(out.as_bytes()).unwrap();
+    let control::lookup::Artifact::DockerArchive { image_id, .. } = &record.artifact else {
+        panic!("not an image record: {record:?}");
+    };
+    // The engine forgets the image: the allocator has to bring it from the overlay.
+    docker(&["rmi", "-f", IMAGE_TAG]);
+    docker(&["rmi", "-f", &image_id.to_string()]);
+    assert!(!docker(&["image", "inspect", &image_id.to_string()]).0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let allocator = start_allocator(&network, dir.path(), &["--idle-timeout", "1h"]).await;
+    let peer = allocator.bootstrap.peer;
+    let containers = Containers(peer.to_string());
+
+    // 20 concurrent start requests: one container.
+    let asker = start_node(std::slice::from_ref(&network.monitor.bootstrap), None).await;
+    wait_until("the allocator found", DEADLINE, || async {
+        providers(&asker, NAMESPACE).await.contains(&peer)
+    })
+    .await;
+    let request = StartRequest {
+        service: record.name.clone(),
+        digest: record.digest.to_string(),
+    };
+    let answers = futures::future::join_all((0..20).map(|_| ask(&asker, peer, &request))).await;
+    for answer in answers {
+        match answer {
+            Ok(StartResponse::Started { .. }) => {}
+            other => panic!(
+                "{other:?}; the allocator ({:?}) said: {}",
+                allocator.process.child.id(),
+                allocator.process.stderr()
+            ),
+        }
+    }
+    let ids = containers.ids();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert!(
+        docker(&["image", "inspect", &image_id.to_string()]).0,
+        "loaded"
+    );
+
+    // As asked: environment, limits, labels, host networking.
+    let (_, inspect) = docker(&["inspect", &ids[0]]);
+    let inspect: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    let container = &inspect[0];
+    assert_eq!(container["HostConfig"]["NanoCpus"], 500_000_000);
+    assert_eq!(container["HostConfig"]["Memory"], 64 << 20);
+    assert_eq!(container["HostConfig"]["NetworkMode"], "host");
+    let labels = &container["Config"]["Labels"];
+    assert_eq!(labels["mtc.service"], "hello-world-server");
+    assert_eq!(labels["mtc.digest"], record.digest.to_string());
+    let env: Vec<&str> = container["Config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for name in [
+        "PROXY_PORT=",
+        "PROXY_IP=127.0.0.1",
+        "SERVICE_PORT=",
+        "METRICS_PORT=",
+        "P2P_BOOTSTRAPS=",
+        "SERVICE_NAME=hello-world-server",
+    ] {
+        assert!(
+            env.iter().any(|v| v.starts_with(name)),
+            "{name} missing: {env:?}"
+        );
+    }
+
+    // request -> (instance) -> response through an ingress proxy.
+    let bootstrap = network.monitor.bootstrap.to_string();
+    let ingress = Process::spawn(
+        sibling("proxy").to_str().unwrap(),
+        &[
+            "--bootstrap",
+            &bootstrap,
+            "--ephemeral",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "0",
+        ],
+        &[("RUST_LOG", "warn")],
+    );
+    let line = ingress.line_containing("ingress: http://", DEADLINE).await;
+    let addr = line["ingress: http://".len()..].to_owned();
+    let (status, body) = http_get(&addr, "/hello-world-server/").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "Hello, world\n"));
+
+    // Killed and restarted with a short idle timeout: the container is adopted, then culled;
+    // nothing is left with its label.
+    let mut killed = allocator.process;
+    killed.child.start_kill().unwrap();
+    killed.child.wait().await.unwrap();
+    assert_eq!(
+        containers.ids().len(),
+        1,
+        "the container outlived the allocator"
+    );
+    let restarted = start_allocator(
+        &network,
+        dir.path(),
+        &["--idle-timeout", "1s", "--boot-grace", "1s"],
+    )
+    .await;
+    assert_eq!(restarted.bootstrap.peer, peer);
+    assert_eq!(
+        metrics_value(
+            &restarted,
+            "allocator_instances{service=\"hello-world-server\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+    wait_until("the adopted container culled", DEADLINE, || async {
+        metrics_value(&restarted, "allocator_culls_total{reason=\"idle\"}").await == Some(1.0)
+    })
+    .await;
+    assert!(
+        containers.ids().is_empty(),
+        "orphans: {:?}",
+        containers.ids()
+    );
+}
