@@ -3,7 +3,7 @@
 //! latency of `get`, cold (a new client joins and finds the service) and warm (the client's
 //! connection is open). Peak RSS of hl-cli and hl-service shows that blobs stream.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use control::{
@@ -18,8 +18,8 @@ use control::{
 use libp2p::identity::Keypair;
 
 use crate::{
-    procs::{run_measured, start_daemon, status_kb},
-    stats::print_percentiles,
+    procs::{mib, run_measured, start_daemon, status_kb},
+    stats::{mib_per_s, print_percentiles},
 };
 
 #[derive(clap::Args)]
@@ -51,10 +51,6 @@ fn client_config(bootstrap: &BootstrapAddr) -> NodeConfig {
     config.dht_server = false;
     config.bootstraps = vec![bootstrap.clone()];
     config
-}
-
-fn mib_per_s(bytes: u64, took: Duration) -> f64 {
-    bytes as f64 / (1 << 20) as f64 / took.as_secs_f64()
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -135,7 +131,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         node.shutdown().await;
     }
 
-    let mib = |kb: u64| format!("{:.1} MiB", kb as f64 / 1024.0);
     println!(
         "### Lookup: a {} MiB image archive, and `get` latency\n",
         args.archive_mib

@@ -4,14 +4,20 @@
 //!
 //! ```sh
 //! cargo build --release --workspace
-//! cargo run -p bench --release -- all          # or one: overlay, monitor-memory, lookup, quic
+//! cargo run -p bench --release -- all          # or one: overlay, monitor-memory, lookup, quic,
+//!                                              # proxy-latency, proxy-stream
 //! ```
 
+mod body;
+mod load;
 mod lookup;
 mod monitor_memory;
 mod overlay;
 mod procs;
+mod proxy_path;
+mod proxy_stream;
 mod quic;
+mod serve;
 mod stats;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +41,14 @@ enum Scenario {
     Lookup(lookup::Args),
     /// The data plane's QUIC transport: authenticated handshakes and stream round trips.
     Quic(quic::Args),
+    /// Latency at a fixed request rate, direct and through ingress -> QUIC -> sidecar; the
+    /// proxies' CPU and memory; closed-loop throughput.
+    ProxyLatency(proxy_path::Args),
+    /// A large response and a large upload through ingress and sidecar: throughput, memory.
+    ProxyStream(proxy_stream::Args),
+    /// The HTTP service behind the proxies (the data-plane scenarios start it themselves).
+    #[command(hide = true)]
+    Serve(serve::Args),
 }
 
 #[tokio::main]
@@ -45,11 +59,16 @@ async fn main() -> anyhow::Result<()> {
             monitor_memory::run(monitor_memory::Args::default()).await?;
             lookup::run(lookup::Args::default()).await?;
             quic::run(quic::Args::default()).await?;
+            proxy_path::run(proxy_path::Args::default()).await?;
+            proxy_stream::run(proxy_stream::Args::default()).await?;
         }
         Scenario::Overlay(args) => overlay::run(args).await?,
         Scenario::MonitorMemory(args) => monitor_memory::run(args).await?,
         Scenario::Lookup(args) => lookup::run(args).await?,
         Scenario::Quic(args) => quic::run(args).await?,
+        Scenario::ProxyLatency(args) => proxy_path::run(args).await?,
+        Scenario::ProxyStream(args) => proxy_stream::run(args).await?,
+        Scenario::Serve(args) => serve::run(args).await?,
     }
     Ok(())
 }

@@ -1,7 +1,11 @@
 //! Running the project's release binaries as separate processes and reading their footprint
 //! from /proc.
 
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
 
 use anyhow::{Context, bail};
 use control::overlay::BootstrapAddr;
@@ -39,6 +43,11 @@ pub fn status_kb(pid: u32, field: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
+/// A size in kB (as /proc and rusage give it) in MiB.
+pub fn mib(kb: u64) -> String {
+    format!("{:.1} MiB", kb as f64 / 1024.0)
+}
+
 /// User plus system CPU time of a process, from /proc/PID/stat (clock ticks of 10 ms).
 pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -49,10 +58,52 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_millis(ticks * 10))
 }
 
-/// A long-running program of ours, killed when dropped.
+/// A child process, killed when dropped; its standard output is drained in the background
+/// once read, so it never blocks on a full pipe.
+pub struct Process {
+    /// Held so the process is killed when this is dropped.
+    _child: Child,
+    pub pid: u32,
+}
+
+/// Starts `program` with `args` (no overlay settings inherited from the environment) and
+/// reads its standard output line by line until `wanted` picks what the caller waits for
+/// (an address it prints once it is ready).
+pub async fn spawn_reading<T>(
+    program: &Path,
+    args: &[&str],
+    mut wanted: impl FnMut(&str) -> Option<T>,
+) -> anyhow::Result<(Process, T)> {
+    let mut child = Command::new(program)
+        .args(args)
+        .env_remove("P2P_BOOTSTRAPS")
+        .env_remove("P2P_PSK")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", program.display()))?;
+    let pid = child.id().context("exited at once")?;
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let found = loop {
+        let line = lines.next_line().await?.with_context(|| {
+            format!(
+                "{} exited before printing what was awaited",
+                program.display()
+            )
+        })?;
+        if let Some(found) = wanted(&line) {
+            break found;
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((Process { _child: child, pid }, found))
+}
+
+/// A long-running overlay program of ours, killed when dropped.
 pub struct Daemon {
     /// Held so the process is killed when the daemon is dropped.
-    _child: Child,
+    _process: Process,
     pub pid: u32,
     pub bootstrap: BootstrapAddr,
 }
@@ -68,32 +119,16 @@ const LOOPBACK: [&str; 5] = [
 
 /// Starts binary `name` on loopback with `args` and waits for the overlay address it prints.
 pub async fn start_daemon(name: &str, args: &[&str]) -> anyhow::Result<Daemon> {
-    let mut child = Command::new(sibling_binary(name)?)
-        .args(LOOPBACK)
-        .args(args)
-        .env_remove("P2P_BOOTSTRAPS")
-        .env_remove("P2P_PSK")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = child.id().context("exited at once")?;
-    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-    let bootstrap = loop {
-        let line = lines
-            .next_line()
-            .await?
-            .with_context(|| format!("{name} exited before printing its address"))?;
-        if line.contains("/p2p/") {
-            break line.parse().map_err(anyhow::Error::msg)?;
-        }
-    };
-    // Keep draining standard output so the program never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let all: Vec<&str> = LOOPBACK.iter().chain(args).copied().collect();
+    let (process, bootstrap) = spawn_reading(&sibling_binary(name)?, &all, |line| {
+        line.contains("/p2p/")
+            .then(|| line.parse::<BootstrapAddr>())
+    })
+    .await?;
     Ok(Daemon {
-        _child: child,
-        pid,
-        bootstrap,
+        pid: process.pid,
+        _process: process,
+        bootstrap: bootstrap.map_err(anyhow::Error::msg)?,
     })
 }
 

@@ -1,6 +1,9 @@
-//! Percentiles of a handful of measured durations.
+//! Percentiles of measured durations (a handful of samples, or an HDR histogram) and the
+//! Markdown tables they are printed as.
 
 use std::time::Duration;
+
+use hdrhistogram::Histogram;
 
 /// Nearest-rank percentile of `samples` (sorted in place); zero for no samples.
 pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
@@ -16,12 +19,45 @@ pub fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1e3)
 }
 
+/// Milliseconds with two decimals, for sub-millisecond latencies.
+pub fn ms2(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1e3)
+}
+
+/// Throughput of `bytes` moved in `took`.
+pub fn mib_per_s(bytes: u64, took: Duration) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / took.as_secs_f64()
+}
+
 /// Prints a Markdown table of latency percentiles (in ms), one row per measure.
 pub fn print_percentiles(
     first_column: &str,
     percentiles: &[f64],
     rows: &mut [(&str, &mut Vec<Duration>)],
 ) {
+    let cells: Vec<(&str, Vec<String>)> = rows
+        .iter_mut()
+        .map(|(name, samples)| {
+            let cells = percentiles
+                .iter()
+                .map(|&p| ms(percentile(samples, p)))
+                .collect();
+            (*name, cells)
+        })
+        .collect();
+    print_table(first_column, percentiles, &cells);
+}
+
+/// Values of a histogram recorded in microseconds at each percentile (100 is the maximum).
+pub fn histogram_percentiles(histogram: &Histogram<u64>, percentiles: &[f64]) -> Vec<Duration> {
+    percentiles
+        .iter()
+        .map(|&p| Duration::from_micros(histogram.value_at_percentile(p)))
+        .collect()
+}
+
+/// Prints a Markdown table with one column per percentile (in ms) and already formatted cells.
+pub fn print_table(first_column: &str, percentiles: &[f64], rows: &[(&str, Vec<String>)]) {
     let header: Vec<String> = percentiles
         .iter()
         .map(|&p| {
@@ -34,11 +70,7 @@ pub fn print_percentiles(
         .collect();
     println!("| {first_column} | {} |", header.join(" | "));
     println!("|---|{}", "---|".repeat(percentiles.len()));
-    for (name, samples) in rows.iter_mut() {
-        let cells: Vec<String> = percentiles
-            .iter()
-            .map(|&p| ms(percentile(samples, p)))
-            .collect();
+    for (name, cells) in rows {
         println!("| {name} | {} |", cells.join(" | "));
     }
     println!();

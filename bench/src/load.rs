@@ -1,0 +1,174 @@
+//! HTTP load generators. Open loop: GETs at a fixed rate whatever the answers do, each
+//! latency measured from the request's intended send time, so a stall is charged to every
+//! request it delays (no coordinated omission). Closed loop: N workers sending back to back,
+//! for the most requests a second a path can take.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http::{StatusCode, Uri};
+use http_body_util::Empty;
+use hyper::body::Body;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use tokio::{
+    sync::{Semaphore, mpsc},
+    task::JoinSet,
+};
+
+use crate::body::drain;
+
+/// Every request (and a waiting one's wait for a slot) gets this long, then it is an error.
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// Most open-loop requests in flight at once: one due while this many are outstanding waits
+/// for a slot, and the wait counts in its latency.
+const MAX_IN_FLIGHT: usize = 1024;
+
+pub type GetClient = Client<HttpConnector, Empty<Bytes>>;
+
+/// A keep-alive HTTP/1.1 client; no Nagle delay, so small requests leave at once.
+pub fn client<B>() -> Client<HttpConnector, B>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+{
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// One GET, answered 200 and read to the end.
+async fn get(client: &GetClient, uri: Uri) -> anyhow::Result<()> {
+    let response = client.get(uri).await?;
+    let status = response.status();
+    drain(response.into_body()).await?;
+    anyhow::ensure!(status == StatusCode::OK, "answered {status}");
+    Ok(())
+}
+
+/// What an open-loop run measured.
+pub struct OpenLoop {
+    /// Latency of each answered request in microseconds, from its intended send time.
+    pub latency: Histogram<u64>,
+    pub sent: u64,
+    pub errors: u64,
+    /// The first error, to say what went wrong.
+    pub first_error: Option<String>,
+}
+
+/// GETs `uri` `rate` times a second for `duration`. Requests are released by a pacer thread
+/// that sleeps with nanosleep (tens of microseconds of slack, where the runtime's timer
+/// rounds to milliseconds, which would be charged to every request).
+pub async fn open_loop(
+    client: &GetClient,
+    uri: Uri,
+    rate: u32,
+    duration: Duration,
+) -> anyhow::Result<OpenLoop> {
+    let sent = (duration.as_secs_f64() * f64::from(rate)) as u64;
+    let interval = 1.0 / f64::from(rate);
+    let (done, mut results) = mpsc::unbounded_channel();
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let runtime = tokio::runtime::Handle::current();
+    let client = client.clone();
+    let pacer = tokio::task::spawn_blocking(move || {
+        let start = Instant::now();
+        for i in 0..sent {
+            let intended = start + Duration::from_secs_f64(i as f64 * interval);
+            if let Some(wait) = intended.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let (client, uri, slots, done) = (
+                client.clone(),
+                uri.clone(),
+                Arc::clone(&slots),
+                done.clone(),
+            );
+            runtime.spawn(async move {
+                let answered = tokio::time::timeout(TIMEOUT, async {
+                    let _slot = slots.acquire_owned().await?;
+                    get(&client, uri).await
+                })
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {TIMEOUT:?}")));
+                // The receiver outlives every request.
+                let _ = done.send(answered.map(|()| intended.elapsed()));
+            });
+        }
+    });
+    let mut latency = Histogram::new_with_bounds(1, 60_000_000, 3)?;
+    let (mut errors, mut first_error) = (0, None);
+    // Ends when the pacer and every request (each holding a sender) are done.
+    while let Some(answered) = results.recv().await {
+        match answered {
+            Ok(took) => latency.saturating_record(took.as_micros() as u64),
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+    }
+    pacer.await.context("pacer")?;
+    Ok(OpenLoop {
+        latency,
+        sent,
+        errors,
+        first_error,
+    })
+}
+
+/// What a closed-loop run measured.
+pub struct ClosedLoop {
+    pub answered: u64,
+    pub errors: u64,
+    pub took: Duration,
+}
+
+impl ClosedLoop {
+    pub fn per_second(&self) -> f64 {
+        self.answered as f64 / self.took.as_secs_f64()
+    }
+}
+
+/// `workers` tasks GET `uri` back to back for `duration` (requests started before its end
+/// may finish, within [`TIMEOUT`]).
+pub async fn closed_loop(
+    client: &GetClient,
+    uri: Uri,
+    workers: usize,
+    duration: Duration,
+) -> anyhow::Result<ClosedLoop> {
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    for _ in 0..workers {
+        let (client, uri) = (client.clone(), uri.clone());
+        tasks.spawn(async move {
+            let (mut answered, mut errors) = (0u64, 0u64);
+            while start.elapsed() < duration {
+                match tokio::time::timeout(TIMEOUT, get(&client, uri.clone())).await {
+                    Ok(Ok(())) => answered += 1,
+                    _ => errors += 1,
+                }
+            }
+            (answered, errors)
+        });
+    }
+    let (mut answered, mut errors) = (0, 0);
+    while let Some(counts) = tasks.join_next().await {
+        let (a, e) = counts?;
+        answered += a;
+        errors += e;
+    }
+    Ok(ClosedLoop {
+        answered,
+        errors,
+        took: start.elapsed(),
+    })
+}
