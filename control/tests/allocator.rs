@@ -30,7 +30,24 @@ fn sibling(name: &str) -> PathBuf {
 
 /// Registers helloworldserver as the executable of `name`; returns its record.
 async fn register_hello(network: &Network, name: &str) -> ServiceRecord {
-    let hello = sibling("helloworldserver");
+    register_executable(network, name, &sibling("helloworldserver")).await
+}
+
+/// A copy of helloworldserver with `tag` appended: it runs the same, but its digest (so its
+/// instances) is its own.
+fn variant(dir: &std::path::Path, tag: &str) -> PathBuf {
+    let path = dir.join(tag);
+    let mut bytes = std::fs::read(sibling("helloworldserver")).unwrap();
+    bytes.extend_from_slice(tag.as_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+async fn register_executable(
+    network: &Network,
+    name: &str,
+    hello: &std::path::Path,
+) -> ServiceRecord {
     let (ok, _, err) = cli(
         network,
         &[
@@ -145,9 +162,12 @@ async fn process_instances_start_once_serve_and_are_culled_when_idle() {
         futures::future::join_all((0..20).map(|_| ask(&asker, allocator.peer, &request))).await;
     let mut ids = std::collections::BTreeSet::new();
     for answer in answers {
-        match answer.unwrap() {
-            StartResponse::Started { instance, .. } => ids.insert(instance),
-            StartResponse::Refused(why) => panic!("refused: {why}"),
+        match answer {
+            Ok(StartResponse::Started { instance, .. }) => ids.insert(instance),
+            other => panic!(
+                "{other:?}; the allocator said: {}",
+                allocator.daemon.process.stderr()
+            ),
         };
     }
     assert_eq!(ids.len(), 1, "{ids:?}");
@@ -217,23 +237,8 @@ async fn process_instances_start_once_serve_and_are_culled_when_idle() {
         }
     }
     // A blob corrupt at its only holder is never run: the reason reaches the requester.
-    let other_executable = dir.path().join("other-executable");
-    let mut bytes = std::fs::read(sibling("helloworldserver")).unwrap();
-    bytes.extend_from_slice(b"another build");
-    std::fs::write(&other_executable, &bytes).unwrap();
-    let (ok, _, err) = cli(
-        &network,
-        &[
-            "add",
-            "--exec",
-            other_executable.to_str().unwrap(),
-            "damaged",
-        ],
-    )
-    .await;
-    assert!(ok, "{err}");
-    let (_, out, _) = cli(&network, &["get", "--json", "damaged"]).await;
-    let damaged = ServiceRecord::from_json(out.as_bytes()).unwrap();
+    let damaged =
+        register_executable(&network, "damaged", &variant(dir.path(), "another build")).await;
     let stored = network
         .data
         .path()
@@ -285,11 +290,16 @@ async fn a_request_to_an_ingress_starts_an_instance_and_a_restarted_allocator_ad
     let network = start_network().await;
     register_hello(&network, "hello-world-server").await;
     let dir = tempfile::tempdir().unwrap();
+    register_executable(&network, "other-service", &variant(dir.path(), "other")).await;
     let range = ["--port-range", "21100-21199"];
     let allocator = start_allocator(
         &network,
         dir.path(),
-        &[&["--idle-timeout", "1h"][..], &range].concat(),
+        &[
+            &["--idle-timeout", "1h", "--max-instances", "1"][..],
+            &range,
+        ]
+        .concat(),
     )
     .await;
 
@@ -312,6 +322,11 @@ async fn a_request_to_an_ingress_starts_an_instance_and_a_restarted_allocator_ad
     let (status, body) = http_get(&addr, "/hello-world-server/").await.unwrap();
     assert_eq!((status, body.as_str()), (200, "Hello, world\n"));
 
+    // At --max-instances, another service is refused, saying why.
+    let (status, body) = http_get(&addr, "/other-service/").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("maximum of 1 instances"), "{body}");
+
     // Killed outright and restarted: the instance is adopted, not orphaned.
     let mut killed = allocator.daemon.process;
     killed.child.start_kill().unwrap();
@@ -322,10 +337,13 @@ async fn a_request_to_an_ingress_starts_an_instance_and_a_restarted_allocator_ad
         1,
         "the instance outlived it"
     );
+    // Adopted instances boot again as far as culling goes: idle for longer than the timeout
+    // already, this one is still not culled before the grace has passed.
+    let restarted_at = std::time::Instant::now();
     let restarted = start_allocator(
         &network,
         dir.path(),
-        &[&["--idle-timeout", "1s", "--boot-grace", "1s"][..], &range].concat(),
+        &[&["--idle-timeout", "1s", "--boot-grace", "3s"][..], &range].concat(),
     )
     .await;
     assert_eq!(restarted.peer, allocator.peer, "same key, same allocator");
@@ -343,9 +361,21 @@ async fn a_request_to_an_ingress_starts_an_instance_and_a_restarted_allocator_ad
         ) == Some(1.0)
     })
     .await;
+    assert!(
+        restarted_at.elapsed() >= Duration::from_secs(3),
+        "culled while booting"
+    );
     wait_until("no instance left", DEADLINE, || async {
         processes_with(instances.to_str().unwrap()).await.is_empty()
     })
     .await;
+    assert_eq!(std::fs::read_dir(&instances).unwrap().count(), 0);
+
+    // A new instance, then SIGTERM: the allocator stops what it started.
+    let (status, _) = http_get(&addr, "/hello-world-server/").await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(std::fs::read_dir(&instances).unwrap().count(), 1);
+    assert!(restarted.daemon.process.terminate().await);
+    assert!(processes_with(instances.to_str().unwrap()).await.is_empty());
     assert_eq!(std::fs::read_dir(&instances).unwrap().count(), 0);
 }

@@ -149,7 +149,26 @@ async fn docker_instances_load_from_the_overlay_serve_are_culled_and_adopted() {
     let peer = allocator.bootstrap.peer;
     let containers = Containers(peer.to_string());
 
-    // 20 concurrent start requests: one container.
+    // request -> allocation -> response, through an ingress proxy.
+    let bootstrap = network.monitor.bootstrap.to_string();
+    let ingress = Process::spawn(
+        sibling("proxy").to_str().unwrap(),
+        &[
+            "--bootstrap",
+            &bootstrap,
+            "--ephemeral",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "0",
+        ],
+        &[("RUST_LOG", "warn")],
+    );
+    let line = ingress.line_containing("ingress: http://", DEADLINE).await;
+    let addr = line["ingress: http://".len()..].to_owned();
+    let (status, body) = http_get(&addr, "/hello-world-server/").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "Hello, world\n"));
+
+    // 20 more start requests at once, as from 20 proxies: still one container.
     let asker = start_node(std::slice::from_ref(&network.monitor.bootstrap), None).await;
     wait_until("the allocator found", DEADLINE, || async {
         providers(&asker, NAMESPACE).await.contains(&peer)
@@ -206,25 +225,6 @@ async fn docker_instances_load_from_the_overlay_serve_are_culled_and_adopted() {
             "{name} missing: {env:?}"
         );
     }
-
-    // request -> (instance) -> response through an ingress proxy.
-    let bootstrap = network.monitor.bootstrap.to_string();
-    let ingress = Process::spawn(
-        sibling("proxy").to_str().unwrap(),
-        &[
-            "--bootstrap",
-            &bootstrap,
-            "--ephemeral",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "0",
-        ],
-        &[("RUST_LOG", "warn")],
-    );
-    let line = ingress.line_containing("ingress: http://", DEADLINE).await;
-    let addr = line["ingress: http://".len()..].to_owned();
-    let (status, body) = http_get(&addr, "/hello-world-server/").await.unwrap();
-    assert_eq!((status, body.as_str()), (200, "Hello, world\n"));
 
     // Killed and restarted with a short idle timeout: the container is adopted, then culled;
     // nothing is left with its label.

@@ -489,6 +489,13 @@ async fn allocator_double(
             if request.service.starts_with("refused") {
                 return StartResponse::Refused("no capacity for this test".into());
             }
+            if request.service.starts_with("phantom") {
+                // Says it started one, but nothing ever appears.
+                return StartResponse::Started {
+                    instance: "ghost".into(),
+                    reused: false,
+                };
+            }
             let upstream = test_service("allocated").await.to_string();
             let process = Process::spawn(
                 PROXY,
@@ -523,6 +530,7 @@ async fn requests_for_a_service_with_no_instance_wait_for_one_allocation() {
     let network = Network::start().await;
     network.register("on-demand", Limits::default()).await;
     network.register("refused-service", Limits::default()).await;
+    network.register("phantom-service", Limits::default()).await;
     let (_allocator, asked, started) = allocator_double(&network).await;
     let front = ingress(&network, &[]).await;
 
@@ -555,6 +563,14 @@ async fn requests_for_a_service_with_no_instance_wait_for_one_allocation() {
     let (status, text) = get(&front.ingress, "/refused-service/").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(text.contains("no capacity for this test"), "{text}");
+
+    // An instance that never appears: the waiting request gets a 503 at its deadline.
+    let impatient = ingress(&network, &["--instance-wait", "2s"]).await;
+    let begin = Instant::now();
+    let (status, text) = get(&impatient.ingress, "/phantom-service/").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert!(text.contains("within 2s"), "{text}");
+    assert!(begin.elapsed() >= Duration::from_secs(2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,7 +90,10 @@ pub async fn ask(
             .request::<control::allocator::protocol::StartProtocol>(allocator, request)
             .await
         {
-            Err(error) if attempt < 3 => eprintln!("start request failed, asking again: {error}"),
+            Err(error) if attempt < 3 => {
+                eprintln!("start request failed, asking again: {error}");
+                tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+            }
             answer => return answer,
         }
     }

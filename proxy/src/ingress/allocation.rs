@@ -140,7 +140,16 @@ pub async fn ask_allocators(
     };
     let mut failures = Vec::new();
     for (_, allocator) in by_rtt {
-        match node.request::<StartProtocol>(allocator, &request).await {
+        // A connection that broke under the request is worth one more try: the allocator
+        // may well have answered on a fresh one.
+        let answer = match node.request::<StartProtocol>(allocator, &request).await {
+            Err(error) => {
+                tracing::debug!(%allocator, %error, "start request failed, asking again");
+                node.request::<StartProtocol>(allocator, &request).await
+            }
+            answer => answer,
+        };
+        match answer {
             Ok(StartResponse::Started { instance, .. }) => {
                 tracing::info!(service = %record.name, %allocator, %instance, "instance started");
                 return Ok((allocator, instance));

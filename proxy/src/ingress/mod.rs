@@ -434,10 +434,11 @@ impl Ingress {
             {
                 return Ok(());
             }
-            if tokio::time::Instant::now() + pause > give_up {
+            let now = tokio::time::Instant::now();
+            if now >= give_up {
                 return Err(waited);
             }
-            tokio::time::sleep(pause).await;
+            tokio::time::sleep(pause.min(give_up - now)).await;
             pause = (pause * 2).min(Duration::from_millis(500));
         }
     }

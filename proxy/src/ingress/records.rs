@@ -3,7 +3,7 @@
 //! expire so that a warm cache never waits on the lookup.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -43,6 +43,8 @@ struct State {
     cache: TtlCache<String, Arc<Resolved>>,
     /// Names being refreshed in the background (one refresh per name at a time).
     refreshing: HashSet<String>,
+    /// Names being looked up on the request path, each behind a lock its waiters share.
+    fetching: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl Records {
@@ -52,6 +54,7 @@ impl Records {
             state: Mutex::new(State {
                 cache: TtlCache::new(ttl, NEGATIVE_TTL),
                 refreshing: HashSet::new(),
+                fetching: HashMap::new(),
             }),
         })
     }
@@ -66,6 +69,32 @@ impl Records {
         self: &Arc<Self>,
         service: &str,
     ) -> Result<Option<Arc<Resolved>>, String> {
+        if let Some(cached) = self.cached(service) {
+            return Ok(cached);
+        }
+        // A miss: one lookup per name however many requests missed at once; the others wait
+        // for it and read the cache it filled.
+        let turn = {
+            let mut state = self.state();
+            Arc::clone(state.fetching.entry(service.to_owned()).or_default())
+        };
+        let _turn = turn.lock().await;
+        if let Some(cached) = self.cached(service) {
+            return Ok(cached);
+        }
+        let fetched = fetch_record(&self.node, service).await;
+        let mut state = self.state();
+        state.fetching.remove(service);
+        let resolved = fetched?.map(Resolved::new);
+        state
+            .cache
+            .insert(service.to_owned(), resolved.clone(), Instant::now());
+        Ok(resolved)
+    }
+
+    /// What the cache says of `service` (`Some(None)`: known not to exist), starting a
+    /// background refresh when one is due; `None` on a miss.
+    fn cached(self: &Arc<Self>, service: &str) -> Option<Option<Arc<Resolved>>> {
         let cached = {
             let mut state = self.state();
             let read = match state.cache.get(service, Instant::now()) {
@@ -91,15 +120,6 @@ impl Records {
             }
             read
         };
-        match cached {
-            Some((record, _)) => Ok(record),
-            None => {
-                let resolved = fetch_record(&self.node, service).await?.map(Resolved::new);
-                self.state()
-                    .cache
-                    .insert(service.to_owned(), resolved.clone(), Instant::now());
-                Ok(resolved)
-            }
-        }
+        cached.map(|(record, _)| record)
     }
 }
