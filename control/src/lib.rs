@@ -7,11 +7,13 @@
 //! - [`lookup`]: service records (name -> artifact) and the hl-service / hl-cli programs.
 //! - [`allocator`]: starting service instances on demand (so far its protocol).
 //! - [`monitor`]: the `ping-monitor` bootstrap node and its Prometheus export.
+//! - [`check`]: the `check` program, a health report of a network from one machine.
 //! - [`common`]: what every binary shares: flags and config files, logs, the metrics endpoint,
 //!   shutdown on signals.
 
 pub mod allocator;
 pub mod blob;
+pub mod check;
 pub mod common;
 pub mod lookup;
 pub mod monitor;

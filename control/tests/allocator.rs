@@ -4,105 +4,12 @@
 
 mod support;
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
-use control::{
-    allocator::protocol::{StartProtocol, StartRequest, StartResponse},
-    lookup::ServiceRecord,
-};
-use libp2p::PeerId;
+use control::allocator::protocol::{StartProtocol, StartRequest, StartResponse};
 use support::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
-const ALLOCATOR: &str = env!("CARGO_BIN_EXE_allocator");
-
-/// A binary of another package of the workspace, built beside this one by
-/// `cargo test --workspace`.
-fn sibling(name: &str) -> PathBuf {
-    let path = PathBuf::from(ALLOCATOR).with_file_name(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p proxy -p helloworld`)",
-        path.display()
-    );
-    path
-}
-
-/// Registers helloworldserver as the executable of `name`; returns its record.
-async fn register_hello(network: &Network, name: &str) -> ServiceRecord {
-    register_executable(network, name, &sibling("helloworldserver")).await
-}
-
-/// A copy of helloworldserver with `tag` appended: it runs the same, but its digest (so its
-/// instances) is its own.
-fn variant(dir: &std::path::Path, tag: &str) -> PathBuf {
-    let path = dir.join(tag);
-    let mut bytes = std::fs::read(sibling("helloworldserver")).unwrap();
-    bytes.extend_from_slice(tag.as_bytes());
-    std::fs::write(&path, bytes).unwrap();
-    path
-}
-
-async fn register_executable(
-    network: &Network,
-    name: &str,
-    hello: &std::path::Path,
-) -> ServiceRecord {
-    let (ok, _, err) = cli(
-        network,
-        &[
-            "add",
-            "--exec",
-            hello.to_str().unwrap(),
-            name,
-            "--",
-            "helloworldserver",
-            "$SERVICE_PORT",
-        ],
-    )
-    .await;
-    assert!(ok, "{err}");
-    let (ok, out, err) = cli(network, &["get", "--json", name]).await;
-    assert!(ok, "{err}");
-    ServiceRecord::from_json(out.as_bytes()).unwrap()
-}
-
-struct Allocator {
-    daemon: Daemon,
-    peer: PeerId,
-}
-
-/// Starts an allocator with the process runtime and short timers; `dir` holds its key and
-/// data, so a restart with the same `dir` is the same allocator.
-async fn start_allocator(network: &Network, dir: &std::path::Path, extra: &[&str]) -> Allocator {
-    let bootstrap = network.monitor.bootstrap.to_string();
-    let (key, data) = (dir.join("key"), dir.join("data"));
-    let proxy = sibling("proxy");
-    let mut args = vec![
-        "--bootstrap",
-        &bootstrap,
-        "--runtime",
-        "process",
-        "--proxy-binary",
-        proxy.to_str().unwrap(),
-        "--keyfile",
-        key.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--p2p-listen-addr",
-        "127.0.0.1:0",
-        "--prom-listen-addr",
-        "127.0.0.1:0",
-        "--host-ip",
-        "127.0.0.1",
-        "--check-interval",
-        "200ms",
-    ];
-    args.extend_from_slice(extra);
-    let daemon = start_daemon(ALLOCATOR, &args).await;
-    let peer = daemon.bootstrap.peer;
-    Allocator { daemon, peer }
-}
 
 async fn metrics(daemon: &Daemon) -> String {
     http_get(&daemon.metrics, "/metrics").await.unwrap().1

@@ -19,7 +19,6 @@ use control::{
 use support::*;
 
 const DEADLINE: Duration = Duration::from_secs(60);
-const ALLOCATOR: &str = env!("CARGO_BIN_EXE_allocator");
 const IMAGE_TAG: &str = "multi-tier-cloud/hello-world-server:latest";
 
 fn docker(args: &[&str]) -> (bool, String) {
@@ -66,16 +65,6 @@ impl Drop for Containers {
             docker(&["rm", "-f", &id]);
         }
     }
-}
-
-fn sibling(name: &str) -> PathBuf {
-    let path = PathBuf::from(ALLOCATOR).with_file_name(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo test --workspace`",
-        path.display()
-    );
-    path
 }
 
 async fn metrics_value(daemon: &Daemon, series: &str) -> Option<f64> {

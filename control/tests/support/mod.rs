@@ -5,11 +5,15 @@
 
 pub use testkit::*;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use control::lookup::ServiceRecord;
 
 pub const PING_MONITOR: &str = env!("CARGO_BIN_EXE_ping-monitor");
 pub const HL_SERVICE: &str = env!("CARGO_BIN_EXE_hl-service");
 pub const HL_CLI: &str = env!("CARGO_BIN_EXE_hl-cli");
+pub const ALLOCATOR: &str = env!("CARGO_BIN_EXE_allocator");
+pub const CHECK: &str = env!("CARGO_BIN_EXE_check");
 
 /// Starts a ping-monitor on loopback with `extra` flags.
 pub async fn start_monitor(extra: &[&str]) -> Daemon {
@@ -97,4 +101,96 @@ pub async fn ask(
             answer => return answer,
         }
     }
+}
+
+/// A binary of another package of the workspace, built beside this one by
+/// `cargo test --workspace`.
+pub fn sibling(name: &str) -> PathBuf {
+    let path = PathBuf::from(ALLOCATOR).with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p proxy -p helloworld`)",
+        path.display()
+    );
+    path
+}
+
+/// Registers helloworldserver as the executable of `name`; returns its record.
+pub async fn register_hello(network: &Network, name: &str) -> ServiceRecord {
+    register_executable(network, name, &sibling("helloworldserver")).await
+}
+
+/// A copy of helloworldserver with `tag` appended: it runs the same, but its digest (so its
+/// instances) is its own.
+pub fn variant(dir: &std::path::Path, tag: &str) -> PathBuf {
+    let path = dir.join(tag);
+    let mut bytes = std::fs::read(sibling("helloworldserver")).unwrap();
+    bytes.extend_from_slice(tag.as_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+pub async fn register_executable(
+    network: &Network,
+    name: &str,
+    hello: &std::path::Path,
+) -> ServiceRecord {
+    let (ok, _, err) = cli(
+        network,
+        &[
+            "add",
+            "--exec",
+            hello.to_str().unwrap(),
+            name,
+            "--",
+            "helloworldserver",
+            "$SERVICE_PORT",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(network, &["get", "--json", name]).await;
+    assert!(ok, "{err}");
+    ServiceRecord::from_json(out.as_bytes()).unwrap()
+}
+
+pub struct Allocator {
+    pub daemon: Daemon,
+    pub peer: libp2p::PeerId,
+}
+
+/// Starts an allocator with the process runtime and short timers; `dir` holds its key and
+/// data, so a restart with the same `dir` is the same allocator.
+pub async fn start_allocator(
+    network: &Network,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> Allocator {
+    let bootstrap = network.monitor.bootstrap.to_string();
+    let (key, data) = (dir.join("key"), dir.join("data"));
+    let proxy = sibling("proxy");
+    let mut args = vec![
+        "--bootstrap",
+        &bootstrap,
+        "--runtime",
+        "process",
+        "--proxy-binary",
+        proxy.to_str().unwrap(),
+        "--keyfile",
+        key.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--p2p-listen-addr",
+        "127.0.0.1:0",
+        "--prom-listen-addr",
+        "127.0.0.1:0",
+        "--host-ip",
+        "127.0.0.1",
+        "--check-interval",
+        "200ms",
+    ];
+    args.extend_from_slice(extra);
+    let daemon = start_daemon(ALLOCATOR, &args).await;
+    let peer = daemon.bootstrap.peer;
+    Allocator { daemon, peer }
 }
