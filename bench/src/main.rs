@@ -5,10 +5,11 @@
 //! ```sh
 //! cargo build --release --workspace
 //! cargo run -p bench --release -- all          # or one: overlay, monitor-memory, lookup, quic,
-//!                                              # proxy-latency, proxy-stream
+//!                                              # proxy-latency, proxy-stream, cold-start
 //! ```
 
 mod body;
+mod cold_start;
 mod load;
 mod lookup;
 mod monitor_memory;
@@ -46,6 +47,9 @@ enum Scenario {
     ProxyLatency(proxy_path::Args),
     /// A large response and a large upload through ingress and sidecar: throughput, memory.
     ProxyStream(proxy_stream::Args),
+    /// Request to first byte for a service with no instance: an allocator starts one (process
+    /// and Docker runtimes), the first run and the later ones apart, where the time goes.
+    ColdStart(cold_start::Args),
     /// The HTTP service behind the proxies (the data-plane scenarios start it themselves).
     #[command(hide = true)]
     Serve(serve::Args),
@@ -61,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
             quic::run(quic::Args::default()).await?;
             proxy_path::run(proxy_path::Args::default()).await?;
             proxy_stream::run(proxy_stream::Args::default()).await?;
+            cold_start::run(cold_start::Args::default()).await?;
         }
         Scenario::Overlay(args) => overlay::run(args).await?,
         Scenario::MonitorMemory(args) => monitor_memory::run(args).await?,
@@ -68,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Quic(args) => quic::run(args).await?,
         Scenario::ProxyLatency(args) => proxy_path::run(args).await?,
         Scenario::ProxyStream(args) => proxy_stream::run(args).await?,
+        Scenario::ColdStart(args) => cold_start::run(args).await?,
         Scenario::Serve(args) => serve::run(args).await?,
     }
     Ok(())

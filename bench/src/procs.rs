@@ -2,9 +2,10 @@
 //! from /proc.
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::Stdio,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
@@ -12,6 +13,7 @@ use control::overlay::BootstrapAddr;
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
+    sync::mpsc,
 };
 
 /// A binary built beside this benchmark (same profile).
@@ -62,8 +64,30 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
 /// once read, so it never blocks on a full pipe.
 pub struct Process {
     /// Held so the process is killed when this is dropped.
-    _child: Child,
+    child: Child,
     pub pid: u32,
+}
+
+impl Process {
+    /// Asks it to stop (SIGTERM) and waits up to `grace` for it to exit; killed if it has not.
+    pub async fn terminate(mut self, grace: Duration) {
+        // SAFETY: kill(2) has no memory-safety preconditions; the child is not yet reaped, so
+        // the PID is still ours.
+        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
+        let _ = tokio::time::timeout(grace, self.child.wait()).await;
+    }
+}
+
+/// A line a program wrote to its standard error, and when it was read.
+pub type LogLine = (Instant, String);
+
+/// More to a spawned program than its arguments.
+#[derive(Default)]
+pub struct Extra<'a> {
+    /// Added to its environment (`RUST_LOG`, say).
+    pub env: &'a [(&'a str, &'a str)],
+    /// Where its standard error goes, line by line as read; discarded without.
+    pub stderr: Option<mpsc::UnboundedSender<LogLine>>,
 }
 
 /// Starts `program` with `args` (no overlay settings inherited from the environment) and
@@ -72,18 +96,42 @@ pub struct Process {
 pub async fn spawn_reading<T>(
     program: &Path,
     args: &[&str],
+    wanted: impl FnMut(&str) -> Option<T>,
+) -> anyhow::Result<(Process, T)> {
+    spawn_reading_with(program, args, Extra::default(), wanted).await
+}
+
+/// [`spawn_reading`] with an environment added and standard error kept.
+pub async fn spawn_reading_with<T>(
+    program: &Path,
+    args: &[&str],
+    extra: Extra<'_>,
     mut wanted: impl FnMut(&str) -> Option<T>,
 ) -> anyhow::Result<(Process, T)> {
     let mut child = Command::new(program)
         .args(args)
         .env_remove("P2P_BOOTSTRAPS")
         .env_remove("P2P_PSK")
+        .envs(extra.env.iter().copied())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(if extra.stderr.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("cannot start {}", program.display()))?;
     let pid = child.id().context("exited at once")?;
+    if let (Some(to), Some(stderr)) = (extra.stderr, child.stderr.take()) {
+        let mut lines = BufReader::new(stderr).lines();
+        // Read to the end even once nobody listens, so it never blocks on a full pipe.
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = to.send((Instant::now(), line));
+            }
+        });
+    }
     let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
     let found = loop {
         let line = lines.next_line().await?.with_context(|| {
@@ -97,15 +145,23 @@ pub async fn spawn_reading<T>(
         }
     };
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok((Process { _child: child, pid }, found))
+    Ok((Process { child, pid }, found))
 }
 
 /// A long-running overlay program of ours, killed when dropped.
 pub struct Daemon {
-    /// Held so the process is killed when the daemon is dropped.
-    _process: Process,
+    process: Process,
     pub pid: u32,
     pub bootstrap: BootstrapAddr,
+    /// Its Prometheus endpoint (`http://ADDR/metrics`).
+    pub metrics: SocketAddr,
+}
+
+impl Daemon {
+    /// Stops it as SIGTERM does (an allocator stops its instances), killed after `grace`.
+    pub async fn terminate(self, grace: Duration) {
+        self.process.terminate(grace).await;
+    }
 }
 
 /// Flags every benchmarked daemon gets: a throw-away identity and free loopback ports.
@@ -117,19 +173,65 @@ const LOOPBACK: [&str; 5] = [
     "127.0.0.1:0",
 ];
 
-/// Starts binary `name` on loopback with `args` and waits for the overlay address it prints.
+/// Starts binary `name` on loopback with `args` and waits for the overlay and metrics
+/// addresses it prints.
 pub async fn start_daemon(name: &str, args: &[&str]) -> anyhow::Result<Daemon> {
+    start_daemon_with(name, args, None, Extra::default()).await
+}
+
+/// [`start_daemon`], waiting also for a line starting with `ready` if given (after the
+/// addresses: an allocator's `runtime: `, once it serves start requests), with `extra`.
+pub async fn start_daemon_with(
+    name: &str,
+    args: &[&str],
+    ready: Option<&str>,
+    extra: Extra<'_>,
+) -> anyhow::Result<Daemon> {
     let all: Vec<&str> = LOOPBACK.iter().chain(args).copied().collect();
-    let (process, bootstrap) = spawn_reading(&sibling_binary(name)?, &all, |line| {
-        line.contains("/p2p/")
-            .then(|| line.parse::<BootstrapAddr>())
-    })
-    .await?;
+    let (mut bootstrap, mut metrics) = (None, None);
+    let (process, (bootstrap, metrics)) =
+        spawn_reading_with(&sibling_binary(name)?, &all, extra, |line| {
+            if bootstrap.is_none() && line.contains("/p2p/") {
+                bootstrap = Some(line.parse::<BootstrapAddr>());
+            }
+            if let Some(addr) = line
+                .strip_prefix("metrics: http://")
+                .and_then(|rest| rest.strip_suffix("/metrics"))
+            {
+                metrics = Some(addr.parse::<SocketAddr>());
+            }
+            let done = metrics.is_some() && ready.is_none_or(|ready| line.starts_with(ready));
+            done.then(|| (bootstrap.take(), metrics.take()))
+        })
+        .await?;
     Ok(Daemon {
         pid: process.pid,
-        _process: process,
-        bootstrap: bootstrap.map_err(anyhow::Error::msg)?,
+        process,
+        bootstrap: bootstrap
+            .context("no overlay address printed")?
+            .map_err(anyhow::Error::msg)?,
+        metrics: metrics.context("no metrics address printed")??,
     })
+}
+
+/// Runs a binary to completion and returns its standard output; an error with its standard
+/// error if it fails.
+pub async fn run_output(name: &str, args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new(sibling_binary(name)?)
+        .args(args)
+        .env_remove("P2P_BOOTSTRAPS")
+        .env_remove("P2P_PSK")
+        .stdin(Stdio::null())
+        .output()
+        .await?;
+    if !output.status.success() {
+        bail!(
+            "{name} {args:?} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8(output.stdout)?)
 }
 
 /// Runs a binary to completion; returns its wall time and peak RSS in kB (from wait4's

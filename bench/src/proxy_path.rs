@@ -17,8 +17,8 @@ use tempfile::TempDir;
 use crate::{
     load::{self, ClosedLoop, OpenLoop},
     procs::{
-        Daemon, Process, cpu_time, mib, run_measured, sibling_binary, spawn_reading, start_daemon,
-        status_kb,
+        Daemon, Extra, Process, cpu_time, mib, run_measured, sibling_binary, spawn_reading_with,
+        start_daemon, status_kb,
     },
     serve,
     stats::{histogram_percentiles, ms2, print_table},
@@ -37,19 +37,23 @@ pub struct ProxyPath {
     pub ingress: SocketAddr,
     pub ingress_pid: u32,
     pub sidecar_pid: u32,
-    /// Held so they live as long as the path: the proxies, the service, the lookup, the
-    /// bootstrap, and the lookup's data directory.
-    _held: (Process, Process, Process, Daemon, Daemon, TempDir),
+    /// Held so they live as long as the path: the proxies, the service, the lookup and the
+    /// bootstrap.
+    _held: (Process, Process, Process, Lookup),
 }
 
-/// Peak RSS (VmHWM) of the two proxies, in kB.
-pub struct Peaks {
-    pub ingress: u64,
-    pub sidecar: u64,
+/// A ping-monitor (the bootstrap) and an hl-service (the lookup) with its data directory,
+/// killed when dropped.
+pub struct Lookup {
+    /// The bootstrap's multiaddr, for `--bootstrap`.
+    pub bootstrap: String,
+    /// Held so they live as long as this (killed before the directory is removed).
+    _daemons: (Daemon, Daemon),
+    /// A temporary directory removed when dropped (the lookup's data is under it).
+    pub dir: TempDir,
 }
 
-impl ProxyPath {
-    /// Starts every process and waits until a request through the ingress is answered.
+impl Lookup {
     pub async fn start() -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let monitor = start_daemon("ping-monitor", &[]).await?;
@@ -65,25 +69,47 @@ impl ProxyPath {
             ],
         )
         .await?;
-        // The record needs an artifact; the service is never started from it.
-        let artifact = dir.path().join("artifact");
-        std::fs::write(&artifact, b"bench-echo artifact\n")?;
-        let artifact = artifact.to_str().context("path")?.to_owned();
-        let registering = bootstrap.clone();
+        Ok(Self {
+            bootstrap,
+            _daemons: (lookup, monitor),
+            dir,
+        })
+    }
+
+    /// Registers a service: `hl-cli --bootstrap B add ARGS...`.
+    pub async fn add(&self, args: &[&str]) -> anyhow::Result<()> {
+        let mut all = vec![
+            "--bootstrap".to_owned(),
+            self.bootstrap.clone(),
+            "add".into(),
+        ];
+        all.extend(args.iter().map(|a| (*a).to_owned()));
         tokio::task::spawn_blocking(move || {
-            run_measured(
-                "hl-cli",
-                &[
-                    "--bootstrap",
-                    &registering,
-                    "add",
-                    "--exec",
-                    &artifact,
-                    SERVICE,
-                ],
-            )
+            let all: Vec<&str> = all.iter().map(String::as_str).collect();
+            run_measured("hl-cli", &all)
         })
         .await??;
+        Ok(())
+    }
+}
+
+/// Peak RSS (VmHWM) of the two proxies, in kB.
+pub struct Peaks {
+    pub ingress: u64,
+    pub sidecar: u64,
+}
+
+impl ProxyPath {
+    /// Starts every process and waits until a request through the ingress is answered.
+    pub async fn start() -> anyhow::Result<Self> {
+        let lookup = Lookup::start().await?;
+        // The record needs an artifact; the service is never started from it.
+        let artifact = lookup.dir.path().join("artifact");
+        std::fs::write(&artifact, b"bench-echo artifact\n")?;
+        lookup
+            .add(&["--exec", artifact.to_str().context("path")?, SERVICE])
+            .await?;
+        let bootstrap = lookup.bootstrap.clone();
 
         let (service_process, service) = serve::start().await?;
         let (sidecar, _) = start_proxy(&bootstrap, &[SERVICE, &service.to_string()]).await?;
@@ -93,14 +119,7 @@ impl ProxyPath {
             ingress,
             ingress_pid: ingress_proxy.pid,
             sidecar_pid: sidecar.pid,
-            _held: (
-                ingress_proxy,
-                sidecar,
-                service_process,
-                lookup,
-                monitor,
-                dir,
-            ),
+            _held: (ingress_proxy, sidecar, service_process, lookup),
         };
         path.wait_ready().await?;
         Ok(path)
@@ -152,6 +171,15 @@ impl ProxyPath {
 /// Starts a proxy on loopback (ingress on a free port; a sidecar with `service` given as
 /// `[SERVICE, ADDR]`); returns it and its ingress address once its data plane is up.
 async fn start_proxy(bootstrap: &str, service: &[&str]) -> anyhow::Result<(Process, SocketAddr)> {
+    start_proxy_with(bootstrap, service, Extra::default()).await
+}
+
+/// [`start_proxy`] with `extra` (its logs kept, say).
+pub async fn start_proxy_with(
+    bootstrap: &str,
+    service: &[&str],
+    extra: Extra<'_>,
+) -> anyhow::Result<(Process, SocketAddr)> {
     let mut args = vec![
         "--bootstrap",
         bootstrap,
@@ -167,7 +195,7 @@ async fn start_proxy(bootstrap: &str, service: &[&str]) -> anyhow::Result<(Proce
     args.extend_from_slice(service);
     // The ingress line comes first, the data plane's once everything listens.
     let mut ingress = None;
-    spawn_reading(&sibling_binary("proxy")?, &args, |line| {
+    spawn_reading_with(&sibling_binary("proxy")?, &args, extra, |line| {
         if let Some(addr) = line.strip_prefix("ingress: http://") {
             ingress = addr.parse().ok();
         }

@@ -56,13 +56,16 @@ pub fn histogram_percentiles(histogram: &Histogram<u64>, percentiles: &[f64]) ->
         .collect()
 }
 
-/// Prints a Markdown table with one column per percentile (in ms) and already formatted cells.
+/// Prints a Markdown table with one column per percentile (in ms; 0 is the minimum, 100 the
+/// maximum) and already formatted cells.
 pub fn print_table(first_column: &str, percentiles: &[f64], rows: &[(&str, Vec<String>)]) {
     let header: Vec<String> = percentiles
         .iter()
         .map(|&p| {
             if p >= 100.0 {
                 "max ms".to_owned()
+            } else if p <= 0.0 {
+                "min ms".to_owned()
             } else {
                 format!("p{p} ms")
             }

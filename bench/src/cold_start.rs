@@ -1,0 +1,536 @@
+//! The `cold-start` scenario (issue #5): request to first byte for a service with no instance
+//! running, so that the ingress asks an allocator to start one. Per runtime (processes, then
+//! Docker if an engine answers): a ping-monitor, an hl-service where hl-cli registers the
+//! hello-world service, an allocator culling idle instances after a second, and for every run
+//! a fresh ingress proxy (a culled instance would stay in a long-lived ingress's list until
+//! ejected). A run waits until the allocator reports no instance of the service, starts the
+//! ingress, then times `GET /<service>/` to the first byte of a 200 "Hello, world".
+//!
+//! Where the time goes comes from the programs' logs, timed as the benchmark reads them: the
+//! allocator's "start requested", the ingress's "instance started" (the allocator answered)
+//! and "instance found" (the new sidecar appeared as a provider and told its data-plane
+//! address), and the allocator's `allocator_start_duration_seconds`.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use http::{StatusCode, Uri};
+use http_body_util::BodyExt;
+use tokio::sync::mpsc;
+
+use crate::{
+    load::{self, GetClient},
+    procs::{Extra, LogLine, run_output, sibling_binary, start_daemon_with},
+    proxy_path::{Lookup, start_proxy_with},
+    stats::{ms, percentile, print_table},
+};
+
+/// Where `sidecar-image/build.sh` puts the image archive (under the workspace).
+const IMAGE_DIR: &str = "target/bench-image";
+/// The tag the benchmark's image is built with, apart from `:latest` that others may use.
+const IMAGE_TAG: &str = "multi-tier-cloud/hello-world-server:bench";
+/// The ingress logs what the breakdown needs: "instance started" (info) and "instance found"
+/// (debug).
+const INGRESS_LOG: &str = "info,proxy::ingress::instances=debug";
+/// How often the allocator's metrics are read while waiting for a cull.
+const POLL: Duration = Duration::from_millis(100);
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Runtime {
+    Process,
+    Docker,
+}
+
+impl Runtime {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Process => "process",
+            Self::Docker => "docker",
+        }
+    }
+
+    /// The name the service is registered under.
+    fn service(self) -> &'static str {
+        match self {
+            Self::Process => "hello-world-server",
+            Self::Docker => "hello-world-docker",
+        }
+    }
+
+    /// The allocator's ports (apart, so the two never meet in the kernel's TIME_WAITs).
+    fn port_range(self) -> &'static str {
+        match self {
+            Self::Process => "22000-22999",
+            Self::Docker => "23000-23999",
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Cold starts measured per runtime, after a first one (which fetches the artifact to the
+    /// allocator and, with Docker, loads the image).
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// The runtimes measured, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["process", "docker"])]
+    runtimes: Vec<Runtime>,
+    /// A run (waiting for the cull, starting the ingress, the request) that takes longer
+    /// fails.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// The hello-world image archive; by default `sidecar-image/build.sh target/bench-image`
+    /// builds it (minutes the first time: static musl binaries).
+    #[arg(long)]
+    image_tar: Option<PathBuf>,
+}
+
+impl Default for Args {
+    fn default() -> Self {
+        Self {
+            runs: 10,
+            runtimes: vec![Runtime::Process, Runtime::Docker],
+            timeout: Duration::from_secs(30),
+            image_tar: None,
+        }
+    }
+}
+
+/// When each step of one cold start was seen, from the request's send.
+#[derive(Default, Clone, Copy)]
+struct Steps {
+    /// The allocator logged "start requested".
+    asked: Option<Duration>,
+    /// The ingress logged "instance started": the allocator's answer arrived.
+    answered: Option<Duration>,
+    /// The ingress logged "instance found": the sidecar is a provider, its address known.
+    found: Option<Duration>,
+    /// The allocator's `allocator_start_duration_seconds` for this start.
+    allocator_metric: Option<Duration>,
+}
+
+/// One cold start: its request-to-first-byte time, or why it failed.
+struct Run {
+    outcome: Result<Duration, String>,
+    steps: Steps,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    for &runtime in &args.runtimes {
+        if runtime == Runtime::Docker && !docker_available().await {
+            println!(
+                "### Cold start, Docker runtime\n\nDocker is not available (`docker info` \
+                 failed): the Docker runtime is skipped.\n"
+            );
+            continue;
+        }
+        let runs = measure(runtime, &args).await?;
+        report(runtime, &runs);
+    }
+    Ok(())
+}
+
+async fn docker_available() -> bool {
+    tokio::process::Command::new("docker")
+        .arg("info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success())
+}
+
+/// Sets up one runtime and runs the first cold start and then `args.runs` more.
+async fn measure(runtime: Runtime, args: &Args) -> anyhow::Result<Vec<Run>> {
+    let service = runtime.service();
+    let lookup = Lookup::start().await?;
+    let proxy = sibling_binary("proxy")?;
+    let proxy = proxy.to_str().context("path")?;
+    match runtime {
+        Runtime::Process => {
+            let executable = sibling_binary("helloworldserver")?;
+            let executable = executable.to_str().context("path")?;
+            let command = ["--", "helloworldserver", "$SERVICE_PORT"];
+            let mut add = vec!["--exec", executable, service];
+            add.extend(command);
+            lookup.add(&add).await?;
+        }
+        Runtime::Docker => {
+            let tar = match &args.image_tar {
+                Some(tar) => tar.clone(),
+                None => build_image().await?,
+            };
+            lookup
+                .add(&["--file", tar.to_str().context("path")?, service])
+                .await?;
+            // So that the first start loads the image from the archive the overlay holds.
+            remove_image(&image_id(&lookup, service).await?).await?;
+        }
+    }
+
+    let data = lookup.dir.path().join("allocator");
+    let (allocator_logs, mut allocator_log) = mpsc::unbounded_channel();
+    let mut flags = vec![
+        "--bootstrap",
+        &lookup.bootstrap,
+        "--runtime",
+        runtime.name(),
+        "--data-dir",
+        data.to_str().context("path")?,
+        "--host-ip",
+        "127.0.0.1",
+        "--check-interval",
+        "200ms",
+        "--idle-timeout",
+        "1s",
+        "--boot-grace",
+        "0s",
+        "--port-range",
+        runtime.port_range(),
+    ];
+    if runtime == Runtime::Process {
+        flags.extend(["--proxy-binary", proxy]);
+    }
+    let allocator = start_daemon_with(
+        "allocator",
+        &flags,
+        Some("runtime: "),
+        Extra {
+            env: &[("RUST_LOG", "info")],
+            stderr: Some(allocator_logs),
+        },
+    )
+    .await?;
+
+    let client: GetClient = load::client();
+    let mut runs = Vec::with_capacity(args.runs + 1);
+    for i in 0..=args.runs {
+        let run = cold_start(
+            &client,
+            &lookup.bootstrap,
+            allocator.metrics,
+            &mut allocator_log,
+            service,
+            args.timeout,
+        )
+        .await;
+        match &run.outcome {
+            Ok(took) => eprintln!("{} run {i}: {} ms", runtime.name(), ms(*took)),
+            Err(why) => eprintln!("{} run {i} failed: {why}", runtime.name()),
+        }
+        runs.push(run);
+    }
+    // The last instance goes as the others did, so that nothing outlives the allocator.
+    if let Err(why) = no_instance(&client, allocator.metrics, service, args.timeout).await {
+        eprintln!("the last {} instance was not culled: {why}", runtime.name());
+    }
+    allocator.terminate(Duration::from_secs(15)).await;
+    Ok(runs)
+}
+
+/// One cold start: waits until the service has no instance, starts a fresh ingress, times the
+/// request.
+async fn cold_start(
+    client: &GetClient,
+    bootstrap: &str,
+    metrics: SocketAddr,
+    allocator_log: &mut mpsc::UnboundedReceiver<LogLine>,
+    service: &str,
+    timeout: Duration,
+) -> Run {
+    let mut steps = Steps::default();
+    let outcome = async {
+        let give_up = tokio::time::Instant::now() + timeout;
+        no_instance(client, metrics, service, timeout).await?;
+        let before = start_histogram(client, metrics).await?;
+        let (logs, mut ingress_log) = mpsc::unbounded_channel();
+        let extra = Extra {
+            env: &[("RUST_LOG", INGRESS_LOG)],
+            stderr: Some(logs),
+        };
+        let (ingress, addr) =
+            tokio::time::timeout_at(give_up, start_proxy_with(bootstrap, &[], extra))
+                .await
+                .map_err(|_| "the ingress did not start in time".to_owned())?
+                .map_err(|e| format!("the ingress did not start: {e:#}"))?;
+        while allocator_log.try_recv().is_ok() {}
+        let uri: Uri = format!("http://{addr}/{service}/")
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+
+        let sent = Instant::now();
+        let answer = tokio::time::timeout_at(give_up, client.get(uri)).await;
+        let took = sent.elapsed();
+        let response = answer
+            .map_err(|_| format!("no answer within {timeout:?}"))?
+            .map_err(|e| format!("request failed: {e}"))?;
+        let status = response.status();
+        let body = tokio::time::timeout_at(give_up, response.into_body().collect())
+            .await
+            .map_err(|_| "the body did not arrive in time".to_owned())?
+            .map_err(|e| format!("body failed: {e}"))?
+            .to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        if status != StatusCode::OK || !body.contains("Hello, world") {
+            return Err(format!("answered {status}: {}", body.trim()));
+        }
+
+        // The lines were written before the response; give the readers a moment.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let since = |at: Instant| at.checked_duration_since(sent);
+        while let Ok((at, line)) = allocator_log.try_recv() {
+            if steps.asked.is_none() && line.contains("start requested") {
+                steps.asked = since(at);
+            }
+        }
+        while let Ok((at, line)) = ingress_log.try_recv() {
+            if steps.answered.is_none() && line.contains("instance started") {
+                steps.answered = since(at);
+            }
+            if steps.found.is_none() && line.contains("instance found") {
+                steps.found = since(at);
+            }
+        }
+        let after = start_histogram(client, metrics).await?;
+        if after.1 == before.1 + 1 {
+            steps.allocator_metric = Some(Duration::from_secs_f64(after.0 - before.0));
+        }
+        drop(ingress);
+        Ok(took)
+    }
+    .await;
+    Run { outcome, steps }
+}
+
+/// Until the allocator's `allocator_instances{service="..."}` is 0 or absent.
+async fn no_instance(
+    client: &GetClient,
+    metrics: SocketAddr,
+    service: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let series = format!("allocator_instances{{service=\"{service}\"}}");
+    let give_up = Instant::now() + timeout;
+    loop {
+        let text = scrape(client, metrics).await?;
+        if value(&text, &series).unwrap_or(0.0) == 0.0 {
+            return Ok(());
+        }
+        if Instant::now() > give_up {
+            return Err(format!("an instance still ran after {timeout:?}"));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Sum and count of the allocator's `allocator_start_duration_seconds`.
+async fn start_histogram(client: &GetClient, metrics: SocketAddr) -> Result<(f64, u64), String> {
+    let text = scrape(client, metrics).await?;
+    let sum = value(&text, "allocator_start_duration_seconds_sum").unwrap_or(0.0);
+    let count = value(&text, "allocator_start_duration_seconds_count").unwrap_or(0.0);
+    Ok((sum, count as u64))
+}
+
+async fn scrape(client: &GetClient, metrics: SocketAddr) -> Result<String, String> {
+    let uri: Uri = format!("http://{metrics}/metrics")
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let read = async {
+        let response = client.get(uri).await.map_err(|e| e.to_string())?;
+        let body = response.into_body().collect().await;
+        let body = body.map_err(|e| e.to_string())?.to_bytes();
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .map_err(|_| "the allocator's metrics did not answer".to_owned())?
+        .map_err(|e: String| format!("the allocator's metrics: {e}"))
+}
+
+/// The value of `series` (name and labels as printed) in a Prometheus text exposition.
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?.strip_prefix(' ')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// Builds the image archive with `sidecar-image/build.sh` and returns its path.
+async fn build_image() -> anyhow::Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("the workspace")?;
+    eprintln!("building the image: sidecar-image/build.sh {IMAGE_DIR} (minutes the first time)");
+    let output = tokio::process::Command::new(root.join("sidecar-image/build.sh"))
+        .arg(IMAGE_DIR)
+        .current_dir(root)
+        .env("IMAGE_TAG", IMAGE_TAG)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .await
+        .context("cannot run sidecar-image/build.sh")?;
+    if !output.status.success() {
+        bail!("sidecar-image/build.sh failed ({})", output.status);
+    }
+    let stdout = String::from_utf8(output.stdout)?;
+    let tar = stdout.lines().last().context("build.sh printed no path")?;
+    Ok(PathBuf::from(tar.trim()))
+}
+
+/// The image ID in the lookup's record of `service`.
+async fn image_id(lookup: &Lookup, service: &str) -> anyhow::Result<String> {
+    let json = run_output(
+        "hl-cli",
+        &["--bootstrap", &lookup.bootstrap, "get", "--json", service],
+    )
+    .await?;
+    let record: serde_json::Value = serde_json::from_str(&json)?;
+    record["artifact"]["image_id"]
+        .as_str()
+        .map(str::to_owned)
+        .context("the record names no image ID")
+}
+
+/// Removes the image (every tag of it) from the engine; gone already is fine.
+async fn remove_image(id: &str) -> anyhow::Result<()> {
+    let output = tokio::process::Command::new("docker")
+        .args(["rmi", "-f", id])
+        .stdin(Stdio::null())
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() && !stderr.contains("No such image") {
+        bail!("docker rmi -f {id} failed: {}", stderr.trim());
+    }
+    eprintln!(
+        "removed image {id} from the engine{}",
+        if output.status.success() {
+            ""
+        } else {
+            " (it was not there)"
+        }
+    );
+    Ok(())
+}
+
+const PERCENTILES: [f64; 4] = [50.0, 99.0, 0.0, 100.0];
+
+/// The cells of a row of [`PERCENTILES`]; dashes for no samples.
+fn cells(samples: &mut [Duration]) -> Vec<String> {
+    PERCENTILES
+        .iter()
+        .map(|&p| {
+            if samples.is_empty() {
+                "-".to_owned()
+            } else {
+                ms(percentile(samples, p))
+            }
+        })
+        .collect()
+}
+
+fn report(runtime: Runtime, runs: &[Run]) {
+    let (first, rest) = runs.split_first().expect("at least the first run");
+    let (name, loaded) = match runtime {
+        Runtime::Process => ("process", "artifact fetched"),
+        Runtime::Docker => ("Docker", "artifact fetched, image loaded"),
+    };
+    println!("### Cold start, {name} runtime (`{}`)\n", runtime.service());
+
+    let mut first_sample: Vec<Duration> = first.outcome.iter().copied().collect();
+    let first_name = format!(
+        "first run ({loaded}; {} failed)",
+        usize::from(first.outcome.is_err())
+    );
+    let mut samples: Vec<Duration> = rest.iter().filter_map(|r| r.outcome.clone().ok()).collect();
+    let rest_name = format!(
+        "{} cold starts after it ({} failed)",
+        rest.len(),
+        rest.len() - samples.len()
+    );
+    print_table(
+        "request to first byte",
+        &PERCENTILES,
+        &[
+            (&first_name, cells(&mut first_sample)),
+            (&rest_name, cells(&mut samples)),
+        ],
+    );
+
+    // Where the time goes, over the runs after the first.
+    let between = |from: fn(&Steps) -> Option<Duration>, to: fn(&Steps) -> Option<Duration>| {
+        rest.iter()
+            .filter(|r| r.outcome.is_ok())
+            .filter_map(|r| to(&r.steps)?.checked_sub(from(&r.steps)?))
+            .collect::<Vec<_>>()
+    };
+    let start = |_: &Steps| Some(Duration::ZERO);
+    let found_to_byte: Vec<Duration> = rest
+        .iter()
+        .filter_map(|r| r.outcome.as_ref().ok()?.checked_sub(r.steps.found?))
+        .collect();
+    let mut phases = [
+        (
+            "ingress: record lookup, provider search, allocator search (to the allocator's \
+             \"start requested\")",
+            between(start, |s| s.asked),
+        ),
+        (
+            "allocator: start request to instance started (`allocator_start_duration_seconds`)",
+            rest.iter()
+                .filter(|r| r.outcome.is_ok())
+                .filter_map(|r| r.steps.allocator_metric)
+                .collect(),
+        ),
+        (
+            "\"start requested\" to the answer at the ingress (logs)",
+            between(|s| s.asked, |s| s.answered),
+        ),
+        (
+            "answer to the sidecar found as a provider (ingress \"instance found\")",
+            between(|s| s.answered, |s| s.found),
+        ),
+        (
+            "found to first byte: probe, QUIC handshake, request",
+            found_to_byte,
+        ),
+    ];
+    let rows: Vec<(&str, Vec<String>)> = phases
+        .iter_mut()
+        .map(|(name, samples)| (*name, cells(samples)))
+        .collect();
+    print_table(
+        &format!(
+            "where the time goes ({} runs after the first)",
+            samples.len()
+        ),
+        &PERCENTILES,
+        &rows,
+    );
+
+    let steps = |r: &Run| {
+        let s = &r.steps;
+        let at = |d: Option<Duration>| d.map(ms).unwrap_or_else(|| "-".into());
+        format!(
+            "asked {} / answered {} / found {} (allocator metric {})",
+            at(s.asked),
+            at(s.answered),
+            at(s.found),
+            at(s.allocator_metric)
+        )
+    };
+    println!("Each run (ms from the request; steps as seen in the logs):\n");
+    for (i, r) in runs.iter().enumerate() {
+        match &r.outcome {
+            Ok(took) => println!("- run {i}: first byte {}: {}", ms(*took), steps(r)),
+            Err(why) => println!("- run {i}: failed: {why}"),
+        }
+    }
+    println!();
+}
