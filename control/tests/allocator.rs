@@ -38,6 +38,7 @@ async fn process_instances_start_once_serve_and_are_culled_when_idle() {
     let network = start_network().await;
     let record = register_hello(&network, "hello-world-server").await;
     let dir = tempfile::tempdir().unwrap();
+    let _reaper = InstanceReaper(dir.path().join("data"));
     let allocator = start_allocator(
         &network,
         dir.path(),
@@ -197,6 +198,7 @@ async fn a_request_to_an_ingress_starts_an_instance_and_a_restarted_allocator_ad
     let network = start_network().await;
     register_hello(&network, "hello-world-server").await;
     let dir = tempfile::tempdir().unwrap();
+    let _reaper = InstanceReaper(dir.path().join("data"));
     register_executable(&network, "other-service", &variant(dir.path(), "other")).await;
     let range = ["--port-range", "21100-21199"];
     let allocator = start_allocator(

@@ -14,6 +14,7 @@ async fn check_reports_a_healthy_network_and_each_kind_of_breakage() {
     let network = start_network().await;
     register_hello(&network, "hello-world-server").await;
     let dir = tempfile::tempdir().unwrap();
+    let _reaper = InstanceReaper(dir.path().join("data"));
     let allocator = start_allocator(&network, dir.path(), &["--port-range", "21300-21399"]).await;
     let boot = network.monitor.bootstrap.to_string();
 

@@ -161,6 +161,20 @@ pub struct Allocator {
 
 /// Starts an allocator with the process runtime and short timers; `dir` holds its key and
 /// data, so a restart with the same `dir` is the same allocator.
+/// Kills, when dropped, every process started from under `dir` (the instances a process
+/// allocator with that data directory started), so that a failing test leaves none behind:
+/// instances run in sessions of their own and outlive a killed allocator by design.
+pub struct InstanceReaper(pub PathBuf);
+
+impl Drop for InstanceReaper {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("pkill")
+            .arg("-f")
+            .arg(self.0.as_os_str())
+            .status();
+    }
+}
+
 pub async fn start_allocator(
     network: &Network,
     dir: &std::path::Path,
