@@ -423,7 +423,9 @@ impl Ingress {
     ) -> Result<(), Duration> {
         let waited = self.settings.instance_wait;
         let give_up = tokio::time::Instant::now() + waited;
-        let mut pause = Duration::from_millis(50);
+        // A sidecar usually advertises within tens of milliseconds of its start: look often
+        // at first, then back off.
+        let mut pause = Duration::from_millis(10);
         loop {
             self.services.discover(digest).await;
             if self
