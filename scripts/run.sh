@@ -65,13 +65,12 @@ wait_for hl-service 'metrics:' >/dev/null
 if docker info >/dev/null 2>&1; then
   runtime=docker
   tar=${MTC_IMAGE_TAR:-$(./sidecar-image/build.sh "$work/image")}
-  artifact=(--file "$tar")
+  artifact=(--file "$tar" hello-world-server)
 else
   runtime=process
-  artifact=(--exec "$bin/helloworldserver")
+  artifact=(--exec "$bin/helloworldserver" hello-world-server -- helloworldserver '$SERVICE_PORT')
 fi
-if ! "$bin/hl-cli" --bootstrap "$boot" add "${artifact[@]}" hello-world-server \
-  -- helloworldserver '$SERVICE_PORT' >"$work/hl-cli.out" 2>"$work/hl-cli.err"; then
+if ! "$bin/hl-cli" --bootstrap "$boot" add "${artifact[@]}" >"$work/hl-cli.out" 2>"$work/hl-cli.err"; then
   cat "$work/hl-cli.err" >&2
   exit 1
 fi
@@ -80,6 +79,7 @@ start allocator "$bin/allocator" --ephemeral --bootstrap "$boot" --runtime "$run
   --proxy-binary "$bin/proxy" --data-dir "$work/allocator" --host-ip 127.0.0.1 \
   --p2p-listen-addr 127.0.0.1:0 --prom-listen-addr 127.0.0.1:9101
 wait_for allocator 'runtime:' >/dev/null
+allocator=$(wait_for allocator 'listening on' | cut -d' ' -f2)
 
 start proxy "$bin/proxy" --ephemeral --bootstrap "$boot" --metrics-addr 127.0.0.1:0 4200
 proxy_metrics=$(wait_for proxy 'metrics:')
@@ -95,6 +95,7 @@ serves nothing for 60 s is stopped. Metrics: ping-monitor http://127.0.0.1:9100/
 allocator http://127.0.0.1:9101/metrics, hl-service http://127.0.0.1:9102/metrics,
 ingress proxy ${proxy_metrics#metrics: }.
 Bootstrap: $boot
+Allocator: $allocator (its instances carry the label mtc.allocator=$allocator)
 Logs: $work (removed on exit). Ctrl-C stops everything.
 MSG
 wait "${pids[@]}"

@@ -97,9 +97,14 @@ impl Process {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = command
+        let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
+        Self::from_child(child)
+    }
+
+    /// Collects the output of a child started with piped standard output and error.
+    pub fn from_child(mut child: Child) -> Process {
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
