@@ -6,11 +6,7 @@
 
 mod support;
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{path::Path, time::Duration};
 
 use control::{
     allocator::protocol::{NAMESPACE, StartRequest, StartResponse},
@@ -20,52 +16,6 @@ use support::*;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 const IMAGE_TAG: &str = "multi-tier-cloud/hello-world-server:latest";
-
-fn docker(args: &[&str]) -> (bool, String) {
-    let output = Command::new("docker").args(args).output().unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).trim().to_owned(),
-    )
-}
-
-/// The test image's tarball: `MTC_TEST_IMAGE_TAR` if set (scripts/test.sh builds it once),
-/// else built now.
-fn test_image() -> PathBuf {
-    if let Ok(path) = std::env::var("MTC_TEST_IMAGE_TAR") {
-        return path.into();
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let output = Command::new(root.join("sidecar-image/build.sh"))
-        .arg(root.join("target/test-image"))
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "sidecar-image/build.sh failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
-}
-
-/// Removes every container labelled as `allocator`'s when dropped, even if the test failed.
-struct Containers(String);
-
-impl Containers {
-    fn ids(&self) -> Vec<String> {
-        let filter = format!("label=mtc.allocator={}", self.0);
-        let (_, out) = docker(&["ps", "-aq", "--filter", &filter]);
-        out.lines().map(str::to_owned).collect()
-    }
-}
-
-impl Drop for Containers {
-    fn drop(&mut self) {
-        for id in self.ids() {
-            docker(&["rm", "-f", &id]);
-        }
-    }
-}
 
 async fn metrics_value(daemon: &Daemon, series: &str) -> Option<f64> {
     let text = http_get(&daemon.metrics, "/metrics").await?.1;

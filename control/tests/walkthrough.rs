@@ -1,0 +1,173 @@
+//! The original system's walkthrough (../shared/seed/walkthrough.md) with this project's
+//! binaries and the seed's single-dash flags, as processes on one machine: a bootstrap
+//! ping-monitor, an allocator, hl-service, the hello-world image built and saved, `hl-cli add`,
+//! an anonymous proxy on 4200 and `curl 127.0.0.1:4200/hello-world-server` -> "Hello, world";
+//! the instance carries the project's labels and is culled after the idle timeout. Once with
+//! Docker (when an engine answers here), once with the process runtime.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+async fn walk(docker_runtime: bool) {
+    // $ ./ping-monitor
+    let monitor = start_daemon(
+        PING_MONITOR,
+        &[
+            "-ephemeral",
+            "-p2p-listen-addr",
+            "127.0.0.1:0",
+            "-prom-listen-addr",
+            "127.0.0.1:0",
+        ],
+    )
+    .await;
+    let boot = monitor.bootstrap.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let _reaper = InstanceReaper(dir.path().join("allocator"));
+
+    // $ ./allocator -bootstrap <bootstrap-p2p-addr> -configfile ../conf/conf.json
+    let conf = dir.path().join("conf.json");
+    std::fs::write(&conf, "{}").unwrap();
+    let runtime = if docker_runtime { "docker" } else { "process" };
+    let proxy = sibling("proxy");
+    let data = dir.path().join("allocator");
+    let allocator = start_daemon(
+        ALLOCATOR,
+        &[
+            "-bootstrap",
+            &boot,
+            "-configfile",
+            conf.to_str().unwrap(),
+            "-ephemeral",
+            "-runtime",
+            runtime,
+            "-proxy-binary",
+            proxy.to_str().unwrap(),
+            "-data-dir",
+            data.to_str().unwrap(),
+            "-p2p-listen-addr",
+            "127.0.0.1:0",
+            "-prom-listen-addr",
+            "127.0.0.1:0",
+            "-host-ip",
+            "127.0.0.1",
+            "-idle-timeout",
+            "2s",
+            "-boot-grace",
+            "1s",
+            "-check-interval",
+            "200ms",
+            "-port-range",
+            "21400-21499",
+        ],
+    )
+    .await;
+    let containers = Containers(allocator.bootstrap.peer.to_string());
+
+    // $ ./hl-service -bootstrap <bootstrap-p2p-addr>
+    let lookup_data = dir.path().join("hl-service");
+    let _hl_service = start_daemon(
+        HL_SERVICE,
+        &[
+            "-bootstrap",
+            &boot,
+            "-ephemeral",
+            "-data-dir",
+            lookup_data.to_str().unwrap(),
+            "-p2p-listen-addr",
+            "127.0.0.1:0",
+            "-prom-listen-addr",
+            "127.0.0.1:0",
+        ],
+    )
+    .await;
+
+    // $ docker build ... && docker save ... && ./hl-cli -bootstrap <addr> add ... (or the
+    // executable for the process runtime)
+    let hello = sibling("helloworldserver");
+    let tarball = docker_runtime.then(test_image);
+    let add: Vec<&str> = match &tarball {
+        Some(tar) => vec!["add", "--file", tar.to_str().unwrap(), "hello-world-server"],
+        None => vec![
+            "add",
+            "--exec",
+            hello.to_str().unwrap(),
+            "hello-world-server",
+            "--",
+            "helloworldserver",
+            "$SERVICE_PORT",
+        ],
+    };
+    let mut args = vec!["-bootstrap", &boot];
+    args.extend(add);
+    let (ok, _, err) = run_to_exit(HL_CLI, &args, &[]).await;
+    assert!(ok, "{err}");
+
+    // $ ./proxy -bootstrap <bootstrap-p2p-addr> 4200
+    let ingress = Process::spawn(
+        proxy.to_str().unwrap(),
+        &[
+            "-bootstrap",
+            &boot,
+            "-ephemeral",
+            "-metrics-addr",
+            "127.0.0.1:0",
+            "4200",
+        ],
+        &[("RUST_LOG", "warn")],
+    );
+    ingress
+        .line_containing("ingress: http://127.0.0.1:4200", DEADLINE)
+        .await;
+
+    // $ curl 127.0.0.1:4200/hello-world-server
+    let (status, body) = http_get("127.0.0.1:4200", "/hello-world-server")
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "Hello, world\n"),
+        "{runtime}"
+    );
+
+    // The instance, with the project's labels, is culled after the idle timeout.
+    let instances = data.join("instances");
+    if docker_runtime {
+        let ids = containers.ids();
+        assert_eq!(ids.len(), 1);
+        let (_, service) = docker(&[
+            "inspect",
+            "-f",
+            "{{index .Config.Labels \"mtc.service\"}}",
+            &ids[0],
+        ]);
+        assert_eq!(service, "hello-world-server");
+    } else {
+        assert_eq!(std::fs::read_dir(&instances).unwrap().count(), 1);
+    }
+    wait_until("the idle instance culled", DEADLINE, || async {
+        if docker_runtime {
+            containers.ids().is_empty()
+        } else {
+            std::fs::read_dir(&instances).unwrap().count() == 0
+        }
+    })
+    .await;
+    assert!(ingress.terminate().await);
+    assert!(allocator.process.terminate().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_walkthrough_works_with_docker_and_with_processes() {
+    if docker(&["info"]).0 {
+        walk(true).await;
+    } else {
+        eprintln!("no Docker engine here: the walkthrough with the process runtime only");
+    }
+    walk(false).await;
+}
