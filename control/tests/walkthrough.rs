@@ -171,3 +171,23 @@ async fn the_seed_walkthrough_works_with_docker_and_with_processes() {
     }
     walk(false).await;
 }
+
+/// The scrape configuration README points to is one Prometheus accepts.
+#[tokio::test]
+async fn the_repositorys_prometheus_config_is_valid() {
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join("prometheus.yml");
+    let (ok, out, err) = run_to_exit(
+        "promtool",
+        &["check", "config", config.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    for job in ["ping-monitor", "allocator", "hl-service", "proxy"] {
+        let text = std::fs::read_to_string(&config).unwrap();
+        assert!(text.contains(&format!("job_name: {job}")), "{job}");
+    }
+}
