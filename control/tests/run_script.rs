@@ -128,14 +128,10 @@ impl SignalOk for std::process::ExitStatus {
 async fn the_local_network_serves_the_curl_line_and_stops_cleanly_every_time() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let bin_dir = Path::new(PING_MONITOR).parent().unwrap();
-    let engine = std::process::Command::new("docker")
-        .arg("info")
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let engine = docker_engine();
     let runs: &[bool] = if engine {
         &[true, true, false]
     } else {
-        eprintln!("no Docker engine here: the process runtime only");
         &[false, false]
     };
     for &docker in runs {

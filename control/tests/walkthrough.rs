@@ -164,10 +164,8 @@ async fn walk(docker_runtime: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_walkthrough_works_with_docker_and_with_processes() {
-    if docker(&["info"]).0 {
+    if docker_engine() {
         walk(true).await;
-    } else {
-        eprintln!("no Docker engine here: the walkthrough with the process runtime only");
     }
     walk(false).await;
 }

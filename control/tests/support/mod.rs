@@ -257,3 +257,19 @@ impl Drop for Containers {
         }
     }
 }
+
+/// Whether the Docker tests run: yes when an engine answers. A machine without one fails them
+/// loudly, unless MTC_SKIP_DOCKER=1 says it is meant to have none.
+pub fn docker_engine() -> bool {
+    if docker(&["info"]).0 {
+        return true;
+    }
+    if std::env::var("MTC_SKIP_DOCKER").is_ok_and(|v| v == "1") {
+        eprintln!("MTC_SKIP_DOCKER=1: the Docker runtime's tests are skipped");
+        return false;
+    }
+    panic!(
+        "no Docker engine answers (`docker info` fails): start it, or set MTC_SKIP_DOCKER=1 \
+         on a machine meant to have none"
+    );
+}
