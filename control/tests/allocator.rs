@@ -42,6 +42,7 @@ async fn process_instances_start_once_serve_and_are_culled_when_idle() {
     let allocator = start_allocator(
         &network,
         dir.path(),
+        "process",
         &[
             "--idle-timeout",
             "5s",
@@ -204,6 +205,7 @@ async fn a_request_to_an_ingress_starts_an_instance_and_a_restarted_allocator_ad
     let allocator = start_allocator(
         &network,
         dir.path(),
+        "process",
         &[
             &["--idle-timeout", "1h", "--max-instances", "1"][..],
             &range,
@@ -213,21 +215,7 @@ async fn a_request_to_an_ingress_starts_an_instance_and_a_restarted_allocator_ad
     .await;
 
     // request -> allocation -> response, through a real ingress proxy.
-    let bootstrap = network.monitor.bootstrap.to_string();
-    let ingress = Process::spawn(
-        sibling("proxy").to_str().unwrap(),
-        &[
-            "--bootstrap",
-            &bootstrap,
-            "--ephemeral",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "0",
-        ],
-        &[("RUST_LOG", "warn")],
-    );
-    let line = ingress.line_containing("ingress: http://", DEADLINE).await;
-    let addr = line["ingress: http://".len()..].to_owned();
+    let (_ingress, addr) = start_ingress(&network).await;
     let (status, body) = http_get(&addr, "/hello-world-server/").await.unwrap();
     assert_eq!((status, body.as_str()), (200, "Hello, world\n"));
 
@@ -252,6 +240,7 @@ async fn a_request_to_an_ingress_starts_an_instance_and_a_restarted_allocator_ad
     let restarted = start_allocator(
         &network,
         dir.path(),
+        "process",
         &[&["--idle-timeout", "1s", "--boot-grace", "3s"][..], &range].concat(),
     )
     .await;

@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use control::{
     allocator::protocol::{NAMESPACE, StartRequest, StartResponse},
@@ -21,33 +21,6 @@ async fn metrics_value(daemon: &Daemon, series: &str) -> Option<f64> {
     let text = http_get(&daemon.metrics, "/metrics").await?.1;
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
-async fn start_allocator(network: &Network, dir: &Path, extra: &[&str]) -> Daemon {
-    let bootstrap = network.monitor.bootstrap.to_string();
-    let (key, data) = (dir.join("key"), dir.join("data"));
-    let mut args = vec![
-        "--bootstrap",
-        &bootstrap,
-        "--runtime",
-        "docker",
-        "--keyfile",
-        key.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--p2p-listen-addr",
-        "127.0.0.1:0",
-        "--prom-listen-addr",
-        "127.0.0.1:0",
-        "--host-ip",
-        "127.0.0.1",
-        "--check-interval",
-        "200ms",
-        "--port-range",
-        "21200-21299",
-    ];
-    args.extend_from_slice(extra);
-    start_daemon(ALLOCATOR, &args).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,26 +56,19 @@ async fn docker_instances_load_from_the_overlay_serve_are_culled_and_adopted() {
     assert!(!docker(&["image", "inspect", &image_id.to_string()]).0);
 
     let dir = tempfile::tempdir().unwrap();
-    let allocator = start_allocator(&network, dir.path(), &["--idle-timeout", "1h"]).await;
-    let peer = allocator.bootstrap.peer;
+    let range = ["--port-range", "21200-21299"];
+    let allocator = start_allocator(
+        &network,
+        dir.path(),
+        "docker",
+        &[&["--idle-timeout", "1h"][..], &range].concat(),
+    )
+    .await;
+    let peer = allocator.peer;
     let containers = Containers(peer.to_string());
 
     // request -> allocation -> response, through an ingress proxy.
-    let bootstrap = network.monitor.bootstrap.to_string();
-    let ingress = Process::spawn(
-        sibling("proxy").to_str().unwrap(),
-        &[
-            "--bootstrap",
-            &bootstrap,
-            "--ephemeral",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "0",
-        ],
-        &[("RUST_LOG", "warn")],
-    );
-    let line = ingress.line_containing("ingress: http://", DEADLINE).await;
-    let addr = line["ingress: http://".len()..].to_owned();
+    let (_ingress, addr) = start_ingress(&network).await;
     let (status, body) = http_get(&addr, "/hello-world-server/").await.unwrap();
     assert_eq!((status, body.as_str()), (200, "Hello, world\n"));
 
@@ -122,8 +88,8 @@ async fn docker_instances_load_from_the_overlay_serve_are_culled_and_adopted() {
             Ok(StartResponse::Started { .. }) => {}
             other => panic!(
                 "{other:?}; the allocator ({:?}) said: {}",
-                allocator.process.child.id(),
-                allocator.process.stderr()
+                allocator.daemon.process.child.id(),
+                allocator.daemon.process.stderr()
             ),
         }
     }
@@ -166,7 +132,7 @@ async fn docker_instances_load_from_the_overlay_serve_are_culled_and_adopted() {
 
     // Killed and restarted with a short idle timeout: the container is adopted, then culled;
     // nothing is left with its label.
-    let mut killed = allocator.process;
+    let mut killed = allocator.daemon.process;
     killed.child.start_kill().unwrap();
     killed.child.wait().await.unwrap();
     assert_eq!(
@@ -177,20 +143,22 @@ async fn docker_instances_load_from_the_overlay_serve_are_culled_and_adopted() {
     let restarted = start_allocator(
         &network,
         dir.path(),
-        &["--idle-timeout", "1s", "--boot-grace", "1s"],
+        "docker",
+        &[&["--idle-timeout", "1s", "--boot-grace", "1s"][..], &range].concat(),
     )
     .await;
-    assert_eq!(restarted.bootstrap.peer, peer);
+    assert_eq!(restarted.peer, peer);
     assert_eq!(
         metrics_value(
-            &restarted,
+            &restarted.daemon,
             "allocator_instances{service=\"hello-world-server\"}"
         )
         .await,
         Some(1.0)
     );
     wait_until("the adopted container culled", DEADLINE, || async {
-        metrics_value(&restarted, "allocator_culls_total{reason=\"idle\"}").await == Some(1.0)
+        metrics_value(&restarted.daemon, "allocator_culls_total{reason=\"idle\"}").await
+            == Some(1.0)
     })
     .await;
     assert!(

@@ -162,8 +162,6 @@ pub struct Allocator {
     pub peer: libp2p::PeerId,
 }
 
-/// Starts an allocator with the process runtime and short timers; `dir` holds its key and
-/// data, so a restart with the same `dir` is the same allocator.
 /// Kills, when dropped, every process started from under `dir` (the instances a process
 /// allocator with that data directory started), so that a failing test leaves none behind:
 /// instances run in sessions of their own and outlive a killed allocator by design.
@@ -178,9 +176,12 @@ impl Drop for InstanceReaper {
     }
 }
 
+/// Starts an allocator with the `runtime` ("process" or "docker") and short timers; `dir`
+/// holds its key and data, so a restart with the same `dir` is the same allocator.
 pub async fn start_allocator(
     network: &Network,
     dir: &std::path::Path,
+    runtime: &str,
     extra: &[&str],
 ) -> Allocator {
     let bootstrap = network.monitor.bootstrap.to_string();
@@ -190,7 +191,7 @@ pub async fn start_allocator(
         "--bootstrap",
         &bootstrap,
         "--runtime",
-        "process",
+        runtime,
         "--proxy-binary",
         proxy.to_str().unwrap(),
         "--keyfile",
@@ -210,6 +211,28 @@ pub async fn start_allocator(
     let daemon = start_daemon(ALLOCATOR, &args).await;
     let peer = daemon.bootstrap.peer;
     Allocator { daemon, peer }
+}
+
+/// An anonymous (ingress) proxy joined to `network`; the process and its ingress HOST:PORT.
+pub async fn start_ingress(network: &Network) -> (Process, String) {
+    let bootstrap = network.monitor.bootstrap.to_string();
+    let ingress = Process::spawn(
+        sibling("proxy").to_str().unwrap(),
+        &[
+            "--bootstrap",
+            &bootstrap,
+            "--ephemeral",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "0",
+        ],
+        &[("RUST_LOG", "warn")],
+    );
+    let line = ingress
+        .line_containing("ingress: http://", std::time::Duration::from_secs(30))
+        .await;
+    let addr = line["ingress: http://".len()..].to_owned();
+    (ingress, addr)
 }
 
 pub fn docker(args: &[&str]) -> (bool, String) {
