@@ -11,7 +11,10 @@ set -euo pipefail
 #   prometheus         tests scrape our /metrics with a real Prometheus; promtool lints them
 #   musl-tools         static binaries for FROM-scratch sidecar images
 #   iproute2, procps   network namespaces and process inspection in tests
-PACKAGES=(protobuf-compiler libprotobuf-dev etcd-server etcd-client prometheus musl-tools iproute2 procps curl)
+#   nginx, haproxy     the proxies the benchmarks compare ours with (their own processes,
+#                      generated configs; the packaged services are stopped)
+#   util-linux         taskset, to pin benchmark processes to CPUs
+PACKAGES=(protobuf-compiler libprotobuf-dev etcd-server etcd-client prometheus musl-tools iproute2 procps curl nginx haproxy util-linux)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
@@ -30,9 +33,12 @@ if ((${#missing[@]})); then
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # Debian's packages start their daemons where an init system runs; our tests start their
   # own instances on loopback ports, so stop the packaged ones if they came up.
-  for svc in prometheus etcd; do
+  for svc in prometheus etcd nginx haproxy; do
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
       $SUDO systemctl stop "$svc" || true
+    elif [ -x "/etc/init.d/$svc" ]; then
+      # No systemd (a container): the package's init script may have started it.
+      $SUDO "/etc/init.d/$svc" stop >/dev/null 2>&1 || true
     fi
   done
 fi
