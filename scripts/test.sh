@@ -27,11 +27,20 @@ elif [ "${MTC_SKIP_DOCKER:-}" != 1 ]; then
 fi
 
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+trap 'rm -f "$log" "$log.bench"' EXIT
 set +e
 cargo test --workspace --locked 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+# The side-by-side benchmark suite in its quick mode: proves it runs end to end (ours, nginx,
+# haproxy, direct); nothing is asserted about speed.
+if [ "$status" -eq 0 ]; then
+  if ! cargo run -q -p bench --locked -- side-by-side --quick >"$log.bench" 2>&1; then
+    tail -40 "$log.bench"
+    echo "the benchmark suite's quick mode failed"
+    status=1
+  fi
+fi
 # The protocol codec's fuzz target, briefly: any crash or failed round trip fails the run.
 # cargo-fuzz wants nightly flags; RUSTC_BOOTSTRAP lets the stable toolchain accept them, and
 # without a sanitizer none is needed.

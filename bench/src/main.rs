@@ -5,7 +5,8 @@
 //! ```sh
 //! cargo build --release --workspace
 //! cargo run -p bench --release -- all          # or one: overlay, monitor-memory, lookup, quic,
-//!                                              # proxy-latency, proxy-stream, cold-start
+//!                                              # proxy-latency, proxy-stream, cold-start,
+//!                                              # side-by-side
 //! ```
 
 mod body;
@@ -19,6 +20,7 @@ mod proxy_path;
 mod proxy_stream;
 mod quic;
 mod serve;
+mod side_by_side;
 mod stats;
 
 use clap::{Parser, Subcommand};
@@ -50,6 +52,9 @@ enum Scenario {
     /// Request to first byte for a service with no instance: an allocator starts one (process
     /// and Docker runtimes), the first run and the later ones apart, where the time goes.
     ColdStart(cold_start::Args),
+    /// The same rates through direct, ours (ingress -> QUIC -> sidecar), two nginx and two
+    /// haproxy (Debian's, started here): latency, CPU and memory per hop, maximum throughput.
+    SideBySide(side_by_side::Args),
     /// The HTTP service behind the proxies (the data-plane scenarios start it themselves).
     #[command(hide = true)]
     Serve(serve::Args),
@@ -66,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
             proxy_path::run(proxy_path::Args::default()).await?;
             proxy_stream::run(proxy_stream::Args::default()).await?;
             cold_start::run(cold_start::Args::default()).await?;
+            side_by_side::run(side_by_side::Args::default()).await?;
         }
         Scenario::Overlay(args) => overlay::run(args).await?,
         Scenario::MonitorMemory(args) => monitor_memory::run(args).await?,
@@ -74,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::ProxyLatency(args) => proxy_path::run(args).await?,
         Scenario::ProxyStream(args) => proxy_stream::run(args).await?,
         Scenario::ColdStart(args) => cold_start::run(args).await?,
+        Scenario::SideBySide(args) => side_by_side::run(args).await?,
         Scenario::Serve(args) => serve::run(args).await?,
     }
     Ok(())

@@ -37,6 +37,8 @@ pub struct ProxyPath {
     pub ingress: SocketAddr,
     pub ingress_pid: u32,
     pub sidecar_pid: u32,
+    /// The service process (`bench serve`).
+    pub service_pid: u32,
     /// Held so they live as long as the path: the proxies, the service, the lookup and the
     /// bootstrap.
     _held: (Process, Process, Process, Lookup),
@@ -119,6 +121,7 @@ impl ProxyPath {
             ingress,
             ingress_pid: ingress_proxy.pid,
             sidecar_pid: sidecar.pid,
+            service_pid: service_process.pid,
             _held: (ingress_proxy, sidecar, service_process, lookup),
         };
         path.wait_ready().await?;
