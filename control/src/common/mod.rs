@@ -30,6 +30,21 @@ where
     C: clap::CommandFactory + clap::FromArgMatches,
     F: std::future::Future<Output = anyhow::Result<()>>,
 {
+    run_binary_with_threads(name, debug, |_| None, run)
+}
+
+/// [`run_binary`] with the number of runtime worker threads chosen from the configuration
+/// (`None`: one per core, Tokio's default).
+pub fn run_binary_with_threads<C, F>(
+    name: &str,
+    debug: impl FnOnce(&C) -> bool,
+    worker_threads: impl FnOnce(&C) -> Option<usize>,
+    run: impl FnOnce(C) -> F,
+) -> std::process::ExitCode
+where
+    C: clap::CommandFactory + clap::FromArgMatches,
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
     let cli: C = match config::parse_layered(std::env::args_os().collect(), "config") {
         Ok(cli) => cli,
         Err(error) => {
@@ -38,7 +53,11 @@ where
         }
     };
     telemetry::init_logs(debug(&cli));
-    let runtime = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = worker_threads(&cli) {
+        builder.worker_threads(threads.max(1));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("{name}: cannot start the async runtime: {error}");

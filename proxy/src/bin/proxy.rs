@@ -1,8 +1,13 @@
 //! `proxy`: the local ingress and sidecar. See `proxy::app`.
 
-use control::common::run_binary;
+use control::common::run_binary_with_threads;
 use proxy::app;
 
 fn main() -> std::process::ExitCode {
-    run_binary("proxy", |cli: &app::Cli| cli.debug, app::run)
+    run_binary_with_threads(
+        "proxy",
+        |cli: &app::Cli| cli.debug,
+        |cli| Some(cli.worker_threads),
+        app::run,
+    )
 }
