@@ -18,7 +18,7 @@ use control::{
 use libp2p::identity::Keypair;
 
 use crate::{
-    procs::{mib, run_measured, start_daemon, status_kb},
+    procs::{mib, run_measured, start_monitor_and_lookup, status_kb},
     stats::{mib_per_s, print_percentiles},
 };
 
@@ -65,19 +65,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let archive_bytes = std::fs::metadata(&tar)?.len();
     let digest = hash_file(&tar)?;
 
-    let monitor = start_daemon("ping-monitor", &[]).await?;
+    let (monitor, service) = start_monitor_and_lookup(&dir.path().join("service")).await?;
     let bootstrap = monitor.bootstrap.to_string();
-    let data = dir.path().join("service");
-    let service = start_daemon(
-        "hl-service",
-        &[
-            "--bootstrap",
-            &bootstrap,
-            "--data-dir",
-            data.to_str().context("path")?,
-        ],
-    )
-    .await?;
     let service_start_rss = status_kb(service.pid, "VmRSS")?;
 
     let tar_arg = tar.to_str().context("path")?.to_owned();

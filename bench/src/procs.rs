@@ -179,6 +179,20 @@ pub async fn start_daemon(name: &str, args: &[&str]) -> anyhow::Result<Daemon> {
     start_daemon_with(name, args, None, Extra::default()).await
 }
 
+/// A bootstrap `ping-monitor` and an `hl-service` (embedded store under `data`) joined to it:
+/// the control side every whole-system scenario starts from. Returns (monitor, hl-service).
+pub async fn start_monitor_and_lookup(data: &std::path::Path) -> anyhow::Result<(Daemon, Daemon)> {
+    let monitor = start_daemon("ping-monitor", &[]).await?;
+    let bootstrap = monitor.bootstrap.to_string();
+    let data = data.to_str().context("the data directory is not UTF-8")?;
+    let lookup = start_daemon(
+        "hl-service",
+        &["--bootstrap", &bootstrap, "--data-dir", data],
+    )
+    .await?;
+    Ok((monitor, lookup))
+}
+
 /// [`start_daemon`], waiting also for a line starting with `ready` if given (after the
 /// addresses: an allocator's `runtime: `, once it serves start requests), with `extra`.
 pub async fn start_daemon_with(

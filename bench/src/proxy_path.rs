@@ -18,7 +18,7 @@ use crate::{
     load::{self, ClosedLoop, OpenLoop},
     procs::{
         Daemon, Extra, Process, cpu_time, mib, run_measured, sibling_binary, spawn_reading_with,
-        start_daemon, status_kb,
+        start_monitor_and_lookup, status_kb,
     },
     serve,
     stats::{histogram_percentiles, ms2, print_table},
@@ -58,19 +58,8 @@ pub struct Lookup {
 impl Lookup {
     pub async fn start() -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let monitor = start_daemon("ping-monitor", &[]).await?;
+        let (monitor, lookup) = start_monitor_and_lookup(&dir.path().join("lookup")).await?;
         let bootstrap = monitor.bootstrap.to_string();
-        let data = dir.path().join("lookup");
-        let lookup = start_daemon(
-            "hl-service",
-            &[
-                "--bootstrap",
-                &bootstrap,
-                "--data-dir",
-                data.to_str().context("path")?,
-            ],
-        )
-        .await?;
         Ok(Self {
             bootstrap,
             _daemons: (lookup, monitor),
