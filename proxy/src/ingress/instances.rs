@@ -225,6 +225,7 @@ impl Services {
                 if !service.probing.insert(peer) {
                     continue;
                 }
+                service.chooser.probe_sent(&peer, now);
                 let (this, digest) = (Arc::clone(self), digest.clone());
                 tokio::spawn(async move {
                     let result = tokio::time::timeout(PROBE_TIMEOUT, async {
@@ -243,6 +244,7 @@ impl Services {
                         return;
                     };
                     service.probing.remove(&peer);
+                    service.chooser.probe_ended(&peer);
                     match result {
                         Ok(rtt) => {
                             service.chooser.record_rtt(&peer, rtt, now);

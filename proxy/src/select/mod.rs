@@ -19,6 +19,11 @@
 //! second; an instance whose window ran empty (no traffic, no probe answered yet) keeps its
 //! last estimate rather than becoming "unmeasured" again.
 //!
+//! A probe still unanswered is a lower bound on the RTT: an instance whose probe has been out
+//! for longer than its estimate is routed on the probe's age instead. A stalled instance (a
+//! frozen process, a dead link) so loses its traffic within a probe interval plus the RTT of
+//! the next instance, where waiting for probes to time out and eject it would take seconds.
+//!
 //! An instance failing [`EJECT_AFTER`] times in a row is ejected for a period that doubles with
 //! each ejection (up to [`MAX_EJECTION`]); a success resets it.
 
@@ -56,6 +61,8 @@ struct Instance<K> {
     /// Peak EWMA in seconds and the time of its last update.
     peak_ewma: Option<(Instant, f64)>,
     in_flight: u32,
+    /// When the probe now outstanding was sent.
+    probe_sent: Option<Instant>,
     failures_in_a_row: u32,
     ejections: u32,
     ejected_until: Option<Instant>,
@@ -69,6 +76,7 @@ impl<K> Instance<K> {
             quantile: None,
             peak_ewma: None,
             in_flight: 0,
+            probe_sent: None,
             failures_in_a_row: 0,
             ejections: 0,
             ejected_until: None,
@@ -97,8 +105,17 @@ impl<K> Instance<K> {
         }
     }
 
-    /// The RTT estimate `policy` routes on, or `None` before the first sample.
+    /// The RTT estimate `policy` routes on, or `None` before the first sample: the policy's
+    /// estimate from samples, or the age of the outstanding probe if that is more.
     fn estimate(&mut self, policy: Policy, now: Instant) -> Option<Duration> {
+        let sampled = self.sampled_estimate(policy, now)?;
+        let waited = self
+            .probe_sent
+            .map_or(Duration::ZERO, |sent| now.saturating_duration_since(sent));
+        Some(sampled.max(waited))
+    }
+
+    fn sampled_estimate(&mut self, policy: Policy, now: Instant) -> Option<Duration> {
         match policy {
             Policy::PeakEwma => self
                 .peak_ewma
@@ -214,6 +231,21 @@ impl<K: Clone + PartialEq> Chooser<K> {
     pub fn record_rtt(&mut self, key: &K, rtt: Duration, now: Instant) {
         if let Some(instance) = self.find(key) {
             instance.record(rtt, now);
+        }
+    }
+
+    /// A probe of `key` was sent; until [`Chooser::probe_ended`], its age bounds the RTT
+    /// estimate from below.
+    pub fn probe_sent(&mut self, key: &K, now: Instant) {
+        if let Some(instance) = self.find(key) {
+            instance.probe_sent = Some(now);
+        }
+    }
+
+    /// The probe of `key` was answered or gave up (its outcome is reported apart).
+    pub fn probe_ended(&mut self, key: &K) {
+        if let Some(instance) = self.find(key) {
+            instance.probe_sent = None;
         }
     }
 

@@ -227,3 +227,37 @@ fn a_retry_avoids_the_instance_that_failed_unless_it_is_the_only_one() {
         assert_eq!(pick, Some("near"), "{policy:?}");
     }
 }
+
+#[test]
+fn an_unanswered_probe_moves_traffic_away_once_it_is_older_than_the_next_instance() {
+    let start = Instant::now();
+    for policy in [Policy::RttHistogram, Policy::PeakEwma] {
+        let mut c = chooser(policy, &[("edge", 1), ("cloud", 15)], start);
+        assert_eq!(share(&mut c, "edge", start, 50), 1.0, "{policy:?}");
+        // The edge freezes: its probe goes unanswered.
+        c.probe_sent(&"edge", start);
+        let soon = start + MS * 5;
+        assert_eq!(
+            share(&mut c, "edge", soon, 50),
+            1.0,
+            "{policy:?}: 5 ms is no news"
+        );
+        let later = start + MS * 30;
+        assert_eq!(
+            share(&mut c, "cloud", later, 50),
+            1.0,
+            "{policy:?}: 30 ms > 15 ms"
+        );
+        let much_later = start + MS * 150;
+        let decision = c.choose(much_later, LIMITS, counter());
+        assert_eq!(
+            decision.pick,
+            Some("cloud"),
+            "{policy:?}: edge over the hard limit"
+        );
+        // The answer comes: the edge is back on its samples.
+        c.probe_ended(&"edge");
+        c.record_rtt(&"edge", MS, much_later);
+        assert_eq!(share(&mut c, "edge", much_later, 50), 1.0, "{policy:?}");
+    }
+}
