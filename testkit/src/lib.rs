@@ -1,6 +1,7 @@
-//! Helpers shared by the integration tests of every crate: overlay nodes on loopback with
-//! short timers, child processes whose output can be waited on, a minimal HTTP GET, and
-//! waiting on conditions with a deadline (never a bare sleep).
+//! Helpers shared by the integration tests of every crate (and the benchmarks): overlay nodes
+//! on loopback with short timers, child processes whose output can be waited on, a minimal
+//! HTTP GET, waiting on conditions with a deadline (never a bare sleep), and a UDP delay relay
+//! that emulates a long link.
 
 use std::{
     future::Future,
@@ -16,6 +17,9 @@ use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     process::{Child, Command},
 };
+
+mod delay_relay;
+pub use delay_relay::UdpDelayRelay;
 
 /// Timers short enough for tests: pings every 200 ms, provider records living 3 s.
 pub fn fast_timing() -> Timing {
