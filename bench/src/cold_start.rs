@@ -27,6 +27,8 @@ use crate::{
     load::{self, GetClient},
     procs::{Extra, LogLine, run_output, sibling_binary, start_daemon_with},
     proxy_path::{Lookup, start_proxy_with},
+    report::{Report, outln},
+    scrape::{scrape, value},
     stats::{ms, percentile, print_table},
 };
 
@@ -101,6 +103,24 @@ impl Default for Args {
     }
 }
 
+impl Args {
+    /// Two runs; Docker only with an image already built (`MTC_TEST_IMAGE_TAR`, as
+    /// `scripts/test.sh` sets it), since building one takes minutes.
+    pub fn quick() -> Self {
+        let image_tar = std::env::var_os("MTC_TEST_IMAGE_TAR").map(PathBuf::from);
+        let mut runtimes = vec![Runtime::Process];
+        if image_tar.is_some() {
+            runtimes.push(Runtime::Docker);
+        }
+        Self {
+            runs: 2,
+            runtimes,
+            timeout: Duration::from_secs(30),
+            image_tar,
+        }
+    }
+}
+
 /// When each step of one cold start was seen, from the request's send.
 #[derive(Default, Clone, Copy)]
 struct Steps {
@@ -120,17 +140,30 @@ struct Run {
     steps: Steps,
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
+pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
+    let command = out.command("cold-start");
+    outln!(
+        out,
+        "## Cold start: request to first byte with no instance running\n\n`{command}`\n\n\
+         Per runtime: a ping-monitor, an hl-service where hl-cli registers the hello-world \
+         service, an allocator culling idle instances after a second, and for every run a \
+         fresh ingress proxy. A run waits until the allocator reports no instance of the \
+         service, then times `GET /<service>/` to the first byte of a 200 \"Hello, world\". \
+         Where the time goes comes from the programs' logs as the benchmark reads them \
+         (allocator \"start requested\", ingress \"instance started\" and \"instance found\") \
+         and the allocator's `allocator_start_duration_seconds`.\n"
+    );
     for &runtime in &args.runtimes {
         if runtime == Runtime::Docker && !docker_available().await {
-            println!(
-                "### Cold start, Docker runtime\n\nDocker is not available (`docker info` \
-                 failed): the Docker runtime is skipped.\n"
+            outln!(
+                out,
+                "### Docker runtime\n\nDocker is not available (`docker info` failed): the \
+                 Docker runtime is skipped.\n"
             );
             continue;
         }
         let runs = measure(runtime, &args).await?;
-        report(runtime, &runs);
+        report(out, runtime, &runs);
     }
     Ok(())
 }
@@ -253,11 +286,12 @@ async fn cold_start(
             env: &[("RUST_LOG", INGRESS_LOG)],
             stderr: Some(logs),
         };
-        let (ingress, addr) =
-            tokio::time::timeout_at(give_up, start_proxy_with(bootstrap, &[], extra))
+        let ingress =
+            tokio::time::timeout_at(give_up, start_proxy_with(bootstrap, &[], &[], extra))
                 .await
                 .map_err(|_| "the ingress did not start in time".to_owned())?
                 .map_err(|e| format!("the ingress did not start: {e:#}"))?;
+        let addr = ingress.ingress;
         while allocator_log.try_recv().is_ok() {}
         let uri: Uri = format!("http://{addr}/{service}/")
             .parse()
@@ -336,30 +370,6 @@ async fn start_histogram(client: &GetClient, metrics: SocketAddr) -> Result<(f64
     Ok((sum, count as u64))
 }
 
-async fn scrape(client: &GetClient, metrics: SocketAddr) -> Result<String, String> {
-    let uri: Uri = format!("http://{metrics}/metrics")
-        .parse()
-        .map_err(|e| format!("{e}"))?;
-    let read = async {
-        let response = client.get(uri).await.map_err(|e| e.to_string())?;
-        let body = response.into_body().collect().await;
-        let body = body.map_err(|e| e.to_string())?.to_bytes();
-        Ok(String::from_utf8_lossy(&body).into_owned())
-    };
-    tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .map_err(|_| "the allocator's metrics did not answer".to_owned())?
-        .map_err(|e: String| format!("the allocator's metrics: {e}"))
-}
-
-/// The value of `series` (name and labels as printed) in a Prometheus text exposition.
-fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let rest = line.strip_prefix(series)?.strip_prefix(' ')?;
-        rest.split_whitespace().next()?.parse().ok()
-    })
-}
-
 /// Builds the image archive with `sidecar-image/build.sh` and returns its path.
 async fn build_image() -> anyhow::Result<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -435,13 +445,13 @@ fn cells(samples: &mut [Duration]) -> Vec<String> {
         .collect()
 }
 
-fn report(runtime: Runtime, runs: &[Run]) {
+fn report(out: &mut Report, runtime: Runtime, runs: &[Run]) {
     let (first, rest) = runs.split_first().expect("at least the first run");
     let (name, loaded) = match runtime {
         Runtime::Process => ("process", "artifact fetched"),
         Runtime::Docker => ("Docker", "artifact fetched, image loaded"),
     };
-    println!("### Cold start, {name} runtime (`{}`)\n", runtime.service());
+    outln!(out, "### {name} runtime (`{}`)\n", runtime.service());
 
     let mut first_sample: Vec<Duration> = first.outcome.iter().copied().collect();
     let first_name = format!(
@@ -455,6 +465,7 @@ fn report(runtime: Runtime, runs: &[Run]) {
         rest.len() - samples.len()
     );
     print_table(
+        out,
         "request to first byte",
         &PERCENTILES,
         &[
@@ -506,6 +517,7 @@ fn report(runtime: Runtime, runs: &[Run]) {
         .map(|(name, samples)| (*name, cells(samples)))
         .collect();
     print_table(
+        out,
         &format!(
             "where the time goes ({} runs after the first)",
             samples.len()
@@ -525,12 +537,15 @@ fn report(runtime: Runtime, runs: &[Run]) {
             at(s.allocator_metric)
         )
     };
-    println!("Each run (ms from the request; steps as seen in the logs):\n");
+    outln!(
+        out,
+        "Each run (ms from the request; steps as seen in the logs):\n"
+    );
     for (i, r) in runs.iter().enumerate() {
         match &r.outcome {
-            Ok(took) => println!("- run {i}: first byte {}: {}", ms(*took), steps(r)),
-            Err(why) => println!("- run {i}: failed: {why}"),
+            Ok(took) => outln!(out, "- run {i}: first byte {}: {}", ms(*took), steps(r)),
+            Err(why) => outln!(out, "- run {i}: failed: {why}"),
         }
     }
-    println!();
+    outln!(out);
 }

@@ -19,6 +19,7 @@ use libp2p::identity::Keypair;
 
 use crate::{
     procs::{mib, run_measured, start_monitor_and_lookup, status_kb},
+    report::{Report, outln},
     stats::{mib_per_s, print_percentiles},
 };
 
@@ -45,6 +46,16 @@ impl Default for Args {
     }
 }
 
+impl Args {
+    pub fn quick() -> Self {
+        Self {
+            archive_mib: 8,
+            gets: 20,
+            cold_gets: 3,
+        }
+    }
+}
+
 fn client_config(bootstrap: &BootstrapAddr) -> NodeConfig {
     let mut config = NodeConfig::new("bench-client", Keypair::generate_ed25519());
     config.listen = Vec::new();
@@ -53,7 +64,8 @@ fn client_config(bootstrap: &BootstrapAddr) -> NodeConfig {
     config
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
+pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
+    let command = out.command("lookup");
     let dir = tempfile::tempdir()?;
     let tar = dir.path().join("app.tar");
     let size = args.archive_mib << 20;
@@ -120,34 +132,51 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         node.shutdown().await;
     }
 
-    println!(
-        "### Lookup: a {} MiB image archive, and `get` latency\n",
+    outln!(
+        out,
+        "## Lookup: a {} MiB image archive, and `get` latency\n\n`{command}`\n\n\
+         `ping-monitor` and `hl-service` (embedded store) as processes; `hl-cli add --file` of \
+         a synthetic image archive (docker-save layout, one layer); a second node in this \
+         process fetches the blob over the overlay; then `get` from a client whose connection \
+         is open (warm) and from a new client that joins, finds the lookup through the DHT and \
+         asks (cold). Peak RSS of hl-cli is `ru_maxrss` from `wait4`, of hl-service `VmHWM`. \
+         Both ends stream 256 KiB chunks and hash as they go, so memory does not grow with \
+         the blob.\n",
         args.archive_mib
     );
-    println!("| measure | value |");
-    println!("|---|---|");
-    println!(
+    outln!(out, "| measure | value |");
+    outln!(out, "|---|---|");
+    outln!(
+        out,
         "| `hl-cli add --file` (inspect, hash, upload, record) | {:.2} s, {:.0} MiB/s |",
         add_took.as_secs_f64(),
         mib_per_s(archive_bytes, add_took)
     );
-    println!("| hl-cli peak RSS | {} |", mib(cli_peak));
-    println!("| hl-service RSS at start | {} |", mib(service_start_rss));
-    println!(
+    outln!(out, "| hl-cli peak RSS | {} |", mib(cli_peak));
+    outln!(
+        out,
+        "| hl-service RSS at start | {} |",
+        mib(service_start_rss)
+    );
+    outln!(
+        out,
         "| hl-service peak RSS after the upload | {} |",
         mib(service_peak_upload)
     );
-    println!(
+    outln!(
+        out,
         "| second node fetches the blob over the overlay | {:.2} s, {:.0} MiB/s |",
         fetch_took.as_secs_f64(),
         mib_per_s(archive_bytes, fetch_took)
     );
-    println!(
+    outln!(
+        out,
         "| hl-service peak RSS after serving the fetch | {} |",
         mib(service_peak_fetch)
     );
-    println!();
+    outln!(out);
     print_percentiles(
+        out,
         "get",
         &[50.0, 99.0, 100.0],
         &mut [

@@ -1,41 +1,60 @@
 //! Benchmarks of multi-tier-cloud that need whole programs or networks (micro-benchmarks of
-//! pure code are criterion benches under `benches/`). Each prints a Markdown table ready for
-//! `bench/RESULTS.md`.
+//! pure code are criterion benches under `benches/`). Each writes Markdown tables into a
+//! [`Report`]; `all` writes them to `bench/RESULTS.md`.
 //!
 //! ```sh
 //! cargo build --release --workspace
 //! cargo run -p bench --release -- all          # or one: overlay, monitor-memory, lookup, quic,
-//!                                              # proxy-latency, proxy-stream, cold-start,
-//!                                              # side-by-side
+//!                                              # side-by-side, stream, cold-start, tiers
 //! ```
 
 mod body;
 mod cold_start;
+mod compare;
+mod foreign;
 mod load;
 mod lookup;
 mod monitor_memory;
 mod overlay;
+mod paths;
+mod pinning;
+mod plot;
 mod procs;
 mod proxy_path;
-mod proxy_stream;
 mod quic;
+mod report;
+mod scrape;
 mod serve;
 mod side_by_side;
 mod stats;
+mod stream;
+mod tiers;
+
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+
+use crate::report::Report;
 
 #[derive(Parser)]
 #[command(name = "bench", about = "Benchmarks of multi-tier-cloud")]
 struct Cli {
+    /// Where `all` writes RESULTS.md, and every scenario its plots (under `results/`).
+    #[arg(long, global = true, default_value = env!("CARGO_MANIFEST_DIR"))]
+    out: PathBuf,
     #[command(subcommand)]
     scenario: Scenario,
 }
 
 #[derive(Subcommand)]
 enum Scenario {
-    /// Every scenario, one after the other.
-    All,
+    /// Every scenario, one after the other; writes RESULTS.md and the plots.
+    All {
+        /// Small sizes and short runs: proves the suite works end to end, measures nothing
+        /// worth keeping (CI runs this, with `--out` elsewhere).
+        #[arg(long)]
+        quick: bool,
+    },
     /// N nodes in one process join one bootstrap; time to join and to answer provider lookups.
     Overlay(overlay::Args),
     /// Resident memory and CPU of an idle ping-monitor process with N peers.
@@ -44,17 +63,18 @@ enum Scenario {
     Lookup(lookup::Args),
     /// The data plane's QUIC transport: authenticated handshakes and stream round trips.
     Quic(quic::Args),
-    /// Latency at a fixed request rate, direct and through ingress -> QUIC -> sidecar; the
-    /// proxies' CPU and memory; closed-loop throughput.
-    ProxyLatency(proxy_path::Args),
-    /// A large response and a large upload through ingress and sidecar: throughput, memory.
-    ProxyStream(proxy_stream::Args),
-    /// Request to first byte for a service with no instance: an allocator starts one (process
-    /// and Docker runtimes), the first run and the later ones apart, where the time goes.
-    ColdStart(cold_start::Args),
     /// The same rates through direct, ours (ingress -> QUIC -> sidecar), two nginx and two
     /// haproxy (Debian's, started here): latency, CPU and memory per hop, maximum throughput.
     SideBySide(side_by_side::Args),
+    /// A large response and a large upload through each of those paths: throughput, memory.
+    #[command(alias = "proxy-stream")]
+    Stream(stream::Args),
+    /// Request to first byte for a service with no instance: an allocator starts one (process
+    /// and Docker runtimes), the first run and the later ones apart, where the time goes.
+    ColdStart(cold_start::Args),
+    /// Three instances behind delay relays (edge and two clouds), then one stalling: where
+    /// each choice policy sends requests, and their tail latency.
+    Tiers(tiers::Args),
     /// The HTTP service behind the proxies (the data-plane scenarios start it themselves).
     #[command(hide = true)]
     Serve(serve::Args),
@@ -62,26 +82,45 @@ enum Scenario {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    match Cli::parse().scenario {
-        Scenario::All => {
-            overlay::run(overlay::Args::default()).await?;
-            monitor_memory::run(monitor_memory::Args::default()).await?;
-            lookup::run(lookup::Args::default()).await?;
-            quic::run(quic::Args::default()).await?;
-            proxy_path::run(proxy_path::Args::default()).await?;
-            proxy_stream::run(proxy_stream::Args::default()).await?;
-            cold_start::run(cold_start::Args::default()).await?;
-            side_by_side::run(side_by_side::Args::default()).await?;
+    let cli = Cli::parse();
+    let mut out = Report::new(&cli.out, None);
+    match cli.scenario {
+        Scenario::All { quick } => {
+            out = Report::new(&cli.out, Some(quick));
+            all(quick, &mut out).await?;
+            out.write_results(&cli.out, &report::command_line())?;
         }
-        Scenario::Overlay(args) => overlay::run(args).await?,
-        Scenario::MonitorMemory(args) => monitor_memory::run(args).await?,
-        Scenario::Lookup(args) => lookup::run(args).await?,
-        Scenario::Quic(args) => quic::run(args).await?,
-        Scenario::ProxyLatency(args) => proxy_path::run(args).await?,
-        Scenario::ProxyStream(args) => proxy_stream::run(args).await?,
-        Scenario::ColdStart(args) => cold_start::run(args).await?,
-        Scenario::SideBySide(args) => side_by_side::run(args).await?,
+        Scenario::Overlay(args) => overlay::run(args, &mut out).await?,
+        Scenario::MonitorMemory(args) => monitor_memory::run(args, &mut out).await?,
+        Scenario::Lookup(args) => lookup::run(args, &mut out).await?,
+        Scenario::Quic(args) => quic::run(args, &mut out).await?,
+        Scenario::SideBySide(args) => side_by_side::run(args, &mut out).await?,
+        Scenario::Stream(args) => stream::run(args, &mut out).await?,
+        Scenario::ColdStart(args) => cold_start::run(args, &mut out).await?,
+        Scenario::Tiers(args) => tiers::run(args, &mut out).await?,
         Scenario::Serve(args) => serve::run(args).await?,
     }
+    Ok(())
+}
+
+/// Every scenario, with its default sizes or its quick ones.
+async fn all(quick: bool, out: &mut Report) -> anyhow::Result<()> {
+    macro_rules! sizes {
+        ($module:ident) => {
+            if quick {
+                $module::Args::quick()
+            } else {
+                $module::Args::default()
+            }
+        };
+    }
+    overlay::run(sizes!(overlay), out).await?;
+    monitor_memory::run(sizes!(monitor_memory), out).await?;
+    lookup::run(sizes!(lookup), out).await?;
+    quic::run(sizes!(quic), out).await?;
+    side_by_side::run(sizes!(side_by_side), out).await?;
+    stream::run(sizes!(stream), out).await?;
+    cold_start::run(sizes!(cold_start), out).await?;
+    tiers::run(sizes!(tiers), out).await?;
     Ok(())
 }

@@ -8,7 +8,10 @@ use control::overlay::{Node, NodeConfig};
 use futures::future::join_all;
 use libp2p::identity::Keypair;
 
-use crate::procs::{cpu_time, start_daemon, status_kb};
+use crate::{
+    procs::{cpu_time, start_daemon, status_kb},
+    report::{Report, outln},
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -29,7 +32,17 @@ impl Default for Args {
     }
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
+impl Args {
+    pub fn quick() -> Self {
+        Self {
+            peers: 5,
+            idle: Duration::from_secs(2),
+        }
+    }
+}
+
+pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
+    let command = out.command("monitor-memory");
     let monitor = start_daemon("ping-monitor", &[]).await?;
     let (pid, addr) = (monitor.pid, monitor.bootstrap.clone());
     let rss_alone = status_kb(pid, "VmRSS")?;
@@ -56,27 +69,37 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     drop(monitor);
 
-    println!(
-        "### Idle ping-monitor with {} peers (pinged every 1 s)\n",
+    outln!(
+        out,
+        "## Idle ping-monitor with {} peers (pinged every 1 s)\n\n`{command}`\n\n\
+         The `ping-monitor` as its own process, the peers in this process joined to it; RSS \
+         and CPU from `/proc/<pid>/status` and `/proc/<pid>/stat`.\n",
         args.peers
     );
-    println!("| measure | value |");
-    println!("|---|---|");
-    println!(
+    outln!(out, "| measure | value |");
+    outln!(out, "|---|---|");
+    outln!(
+        out,
         "| RSS before any peer | {:.1} MiB |",
         rss_alone as f64 / 1024.0
     );
-    println!(
+    outln!(
+        out,
         "| RSS with {} peers, after {:.0} s idle | {:.1} MiB |",
         args.peers,
         idle.as_secs_f64(),
         rss as f64 / 1024.0
     );
-    println!("| peak RSS (VmHWM) | {:.1} MiB |", peak as f64 / 1024.0);
-    println!(
+    outln!(
+        out,
+        "| peak RSS (VmHWM) | {:.1} MiB |",
+        peak as f64 / 1024.0
+    );
+    outln!(
+        out,
         "| CPU while idle | {:.2} % of one core |",
         100.0 * cpu.as_secs_f64() / idle.as_secs_f64()
     );
-    println!();
+    outln!(out);
     Ok(())
 }

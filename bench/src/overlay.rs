@@ -7,7 +7,10 @@ use control::overlay::{BootstrapAddr, Node, NodeConfig, Timing};
 use futures::{StreamExt, future::join_all};
 use libp2p::identity::Keypair;
 
-use crate::stats::print_percentiles;
+use crate::{
+    report::{Report, outln},
+    stats::print_percentiles,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -25,6 +28,12 @@ impl Default for Args {
     }
 }
 
+impl Args {
+    pub fn quick() -> Self {
+        Self { nodes: 10, runs: 1 }
+    }
+}
+
 fn config(bootstraps: Vec<BootstrapAddr>) -> NodeConfig {
     let mut config = NodeConfig::new("bench", Keypair::generate_ed25519());
     config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("valid")];
@@ -33,7 +42,8 @@ fn config(bootstraps: Vec<BootstrapAddr>) -> NodeConfig {
     config
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
+pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
+    let command = out.command("overlay");
     let mut joins = Vec::new();
     let mut all_joined = Vec::new();
     let mut lookups = Vec::new();
@@ -78,11 +88,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
-    println!(
-        "### Overlay: {} nodes join one bootstrap at once ({} runs)\n",
-        args.nodes, args.runs
+    outln!(
+        out,
+        "## Overlay: {} nodes join one bootstrap at once ({} runs)\n\n`{command}`\n\n\
+         The nodes start together in this process and join a bootstrap node (TCP + noise + \
+         yamux on loopback); then one advertises a namespace and each of the others looks it \
+         up, twice. A cold lookup dials most of the peers its Kademlia query visits; the \
+         proxy keeps lookups off the request path (cached, refreshed in the background).\n",
+        args.nodes,
+        args.runs
     );
     print_percentiles(
+        out,
         "measure",
         &[50.0, 90.0, 99.0, 100.0],
         &mut [

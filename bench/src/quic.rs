@@ -7,7 +7,10 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 use libp2p::identity::Keypair;
 use proxy::transport::Transport;
 
-use crate::stats::print_percentiles;
+use crate::{
+    report::{Report, outln},
+    stats::print_percentiles,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -28,10 +31,20 @@ impl Default for Args {
     }
 }
 
+impl Args {
+    pub fn quick() -> Self {
+        Self {
+            connections: 10,
+            round_trips: 200,
+        }
+    }
+}
+
 const LOOPBACK: &str = "127.0.0.1:0";
 const NETWORK_KEY: [u8; 32] = [42; 32];
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
+pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
+    let command = out.command("quic");
     let addr: SocketAddr = LOOPBACK.parse()?;
     let server = Arc::new(Transport::bind(
         addr,
@@ -82,8 +95,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         round_trips.push(begin.elapsed());
     }
 
-    println!("### Data-plane QUIC transport on loopback\n");
+    outln!(
+        out,
+        "## Data-plane QUIC transport on loopback\n\n`{command}`\n\n\
+         {} connections (each a QUIC handshake plus the identity and network-key proofs) and \
+         {} stream round trips on one open connection, client and server in this process.\n",
+        args.connections,
+        args.round_trips
+    );
     print_percentiles(
+        out,
         "measure",
         &[50.0, 90.0, 99.0, 100.0],
         &mut [

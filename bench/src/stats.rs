@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
+use crate::report::{Report, outln};
+
 /// Nearest-rank percentile of `samples` (sorted in place); zero for no samples.
 pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     if samples.is_empty() {
@@ -31,6 +33,7 @@ pub fn mib_per_s(bytes: u64, took: Duration) -> f64 {
 
 /// Prints a Markdown table of latency percentiles (in ms), one row per measure.
 pub fn print_percentiles(
+    out: &mut Report,
     first_column: &str,
     percentiles: &[f64],
     rows: &mut [(&str, &mut Vec<Duration>)],
@@ -45,7 +48,7 @@ pub fn print_percentiles(
             (*name, cells)
         })
         .collect();
-    print_table(first_column, percentiles, &cells);
+    print_table(out, first_column, percentiles, &cells);
 }
 
 /// Values of a histogram recorded in microseconds at each percentile (100 is the maximum).
@@ -58,7 +61,12 @@ pub fn histogram_percentiles(histogram: &Histogram<u64>, percentiles: &[f64]) ->
 
 /// Prints a Markdown table with one column per percentile (in ms; 0 is the minimum, 100 the
 /// maximum) and already formatted cells.
-pub fn print_table(first_column: &str, percentiles: &[f64], rows: &[(&str, Vec<String>)]) {
+pub fn print_table(
+    out: &mut Report,
+    first_column: &str,
+    percentiles: &[f64],
+    rows: &[(&str, Vec<String>)],
+) {
     let header: Vec<String> = percentiles
         .iter()
         .map(|&p| {
@@ -71,12 +79,12 @@ pub fn print_table(first_column: &str, percentiles: &[f64], rows: &[(&str, Vec<S
             }
         })
         .collect();
-    println!("| {first_column} | {} |", header.join(" | "));
-    println!("|---|{}", "---|".repeat(percentiles.len()));
+    outln!(out, "| {first_column} | {} |", header.join(" | "));
+    outln!(out, "|---|{}", "---|".repeat(percentiles.len()));
     for (name, cells) in rows {
-        println!("| {name} | {} |", cells.join(" | "));
+        outln!(out, "| {name} | {} |", cells.join(" | "));
     }
-    println!();
+    outln!(out);
 }
 
 #[cfg(test)]

@@ -1,0 +1,311 @@
+//! Debian's nginx and haproxy as the two-hop paths the data plane is compared with: started
+//! here in the foreground with generated configurations in a temporary directory (never their
+//! packaged daemons), one process (nginx: one master and one worker; haproxy: one thread) per
+//! hop, each keeping its upstream connections alive.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use http::{StatusCode, Uri};
+use tokio::process::{Child, Command};
+
+use crate::{
+    load,
+    procs::{cpu_time, status_kb},
+};
+
+/// How long nginx or haproxy may take to answer through both hops.
+const READY_WITHIN: Duration = Duration::from_secs(10);
+
+/// One of Debian's proxies, started here: a foreground process (and, for nginx, its worker),
+/// stopped with SIGTERM when dropped.
+pub struct Foreign {
+    child: Child,
+    pub pid: u32,
+}
+
+impl Foreign {
+    /// The process and its children (nginx's worker).
+    pub fn pids(&self) -> Vec<u32> {
+        let mut pids = vec![self.pid];
+        pids.extend(children(self.pid));
+        pids
+    }
+
+    /// CPU time (user + system) of the process and its children.
+    pub fn cpu(&self) -> anyhow::Result<Duration> {
+        self.pids().into_iter().map(cpu_time).sum()
+    }
+
+    /// Summed peak RSS (VmHWM) of the process and its children, in kB.
+    pub fn peak_kb(&self) -> anyhow::Result<u64> {
+        self.pids()
+            .into_iter()
+            .map(|pid| status_kb(pid, "VmHWM"))
+            .sum()
+    }
+
+    async fn stop(mut self) {
+        // SAFETY: kill(2) has no memory-safety preconditions; the child is not reaped yet.
+        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+    }
+}
+
+impl Drop for Foreign {
+    fn drop(&mut self) {
+        // SIGTERM, not SIGKILL: an nginx master stops its worker on the way out. Harmless once
+        // it has exited and been waited for (then the call fails with ESRCH, or the PID is
+        // not reused this soon).
+        if self.child.try_wait().ok().flatten().is_none() {
+            // SAFETY: as in `stop`.
+            unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+}
+
+/// PIDs whose parent is `pid`, from /proc.
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&candidate| {
+            std::fs::read_to_string(format!("/proc/{candidate}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let rest = stat.rsplit_once(')')?.1.to_owned();
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// A program on PATH or in the sbin directories (not always on a user's PATH).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+pub fn require(name: &str) -> anyhow::Result<PathBuf> {
+    find_program(name).with_context(|| {
+        format!(
+            "`{name}` not found: the side-by-side scenario runs Debian's {name}; install it with \
+             `apt-get install -y --no-install-recommends {name}` (package `{name}`)"
+        )
+    })
+}
+
+/// A free port on loopback (the listener is closed again; the proxy binds it right after).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
+}
+
+/// Two proxies of one kind in a row: `first` takes the requests, `second` sends them on to the
+/// service.
+pub struct TwoHops {
+    pub first: Foreign,
+    pub second: Foreign,
+    listen: SocketAddr,
+}
+
+impl TwoHops {
+    pub fn uri(&self, path: &str) -> Uri {
+        format!("http://{}{path}", self.listen)
+            .parse()
+            .expect("valid URI")
+    }
+
+    pub fn cpu(&self) -> anyhow::Result<(Duration, Duration)> {
+        Ok((self.first.cpu()?, self.second.cpu()?))
+    }
+
+    pub fn peaks(&self) -> anyhow::Result<(u64, u64)> {
+        Ok((self.first.peak_kb()?, self.second.peak_kb()?))
+    }
+
+    pub async fn stop(self) {
+        self.first.stop().await;
+        self.second.stop().await;
+    }
+}
+
+/// Starts `program` with `args`, its standard error kept in `log`.
+fn spawn_foreign(program: &Path, args: &[&str], log: &Path) -> anyhow::Result<Foreign> {
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()
+        .with_context(|| format!("cannot start {}", program.display()))?;
+    let pid = child.id().context("exited at once")?;
+    Ok(Foreign { child, pid })
+}
+
+fn nginx_config(dir: &Path, name: &str, listen: u16, upstream: SocketAddr) -> String {
+    let dir = dir.display();
+    // As root, nginx would run its worker as `nobody`, who cannot use the temporary directory.
+    // SAFETY: geteuid has no preconditions.
+    let user = if unsafe { libc::geteuid() } == 0 {
+        "user root root;"
+    } else {
+        ""
+    };
+    format!(
+        "{user}
+worker_processes 1;
+pid {dir}/{name}.pid;
+error_log {dir}/{name}.error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/{name}-body;
+    proxy_temp_path {dir}/{name}-proxy;
+    fastcgi_temp_path {dir}/{name}-fastcgi;
+    uwsgi_temp_path {dir}/{name}-uwsgi;
+    scgi_temp_path {dir}/{name}-scgi;
+    keepalive_requests 1000000;
+    upstream next {{
+        server {upstream};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{listen};
+        location / {{
+            proxy_pass http://next;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            # Bodies of any size, streamed both ways as ours and haproxy do (nginx would
+            # otherwise refuse uploads over 1 MiB and spool large bodies to disk).
+            client_max_body_size 0;
+            proxy_request_buffering off;
+            proxy_buffering off;
+        }}
+    }}
+}}
+"
+    )
+}
+
+fn haproxy_config(listen: u16, upstream: SocketAddr) -> String {
+    format!(
+        "global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    timeout http-keep-alive 30s
+    http-reuse always
+frontend in
+    bind 127.0.0.1:{listen}
+    default_backend next
+backend next
+    server next {upstream}
+"
+    )
+}
+
+/// nginx B (to the service) and nginx A (to B), each a master with one worker.
+pub async fn start_nginx(dir: &Path, service: SocketAddr) -> anyhow::Result<TwoHops> {
+    let program = require("nginx")?;
+    let start = |name: &str, listen: u16, upstream: SocketAddr| -> anyhow::Result<Foreign> {
+        let config = dir.join(format!("{name}.conf"));
+        std::fs::write(&config, nginx_config(dir, name, listen, upstream))?;
+        let early_log = dir.join(format!("{name}.early.log"));
+        spawn_foreign(
+            &program,
+            &[
+                "-p",
+                dir.to_str().context("path")?,
+                "-e",
+                early_log.to_str().context("path")?,
+                "-c",
+                config.to_str().context("path")?,
+                "-g",
+                "daemon off;",
+            ],
+            &dir.join(format!("{name}.stderr")),
+        )
+    };
+    let (a_port, b_port) = (free_port()?, free_port()?);
+    let second = start("nginx-b", b_port, service)?;
+    let first = start("nginx-a", a_port, (Ipv4Addr::LOCALHOST, b_port).into())?;
+    let hops = TwoHops {
+        first,
+        second,
+        listen: (Ipv4Addr::LOCALHOST, a_port).into(),
+    };
+    wait_ready("nginx", &hops, dir).await?;
+    Ok(hops)
+}
+
+/// haproxy B (to the service) and haproxy A (to B), one process and one thread each.
+pub async fn start_haproxy(dir: &Path, service: SocketAddr) -> anyhow::Result<TwoHops> {
+    let program = require("haproxy")?;
+    let start = |name: &str, listen: u16, upstream: SocketAddr| -> anyhow::Result<Foreign> {
+        let config = dir.join(format!("{name}.cfg"));
+        std::fs::write(&config, haproxy_config(listen, upstream))?;
+        spawn_foreign(
+            &program,
+            &["-f", config.to_str().context("path")?, "-db"],
+            &dir.join(format!("{name}.stderr")),
+        )
+    };
+    let (a_port, b_port) = (free_port()?, free_port()?);
+    let second = start("haproxy-b", b_port, service)?;
+    let first = start("haproxy-a", a_port, (Ipv4Addr::LOCALHOST, b_port).into())?;
+    let hops = TwoHops {
+        first,
+        second,
+        listen: (Ipv4Addr::LOCALHOST, a_port).into(),
+    };
+    wait_ready("haproxy", &hops, dir).await?;
+    Ok(hops)
+}
+
+/// Until a GET through both hops is answered 200; the logs in `dir` in the error if not.
+async fn wait_ready(name: &str, hops: &TwoHops, dir: &Path) -> anyhow::Result<()> {
+    let client: load::GetClient = load::client();
+    let deadline = Instant::now() + READY_WITHIN;
+    loop {
+        let answer = tokio::time::timeout_at(deadline.into(), client.get(hops.uri("/ready"))).await;
+        let last = match answer {
+            Ok(Ok(response)) if response.status() == StatusCode::OK => return Ok(()),
+            Ok(Ok(response)) => format!("answered {}", response.status()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer".to_owned(),
+        };
+        if Instant::now() >= deadline {
+            let mut logs = String::new();
+            for entry in std::fs::read_dir(dir)?.flatten() {
+                let path = entry.path();
+                let file = path.file_name().and_then(|f| f.to_str()).unwrap_or("");
+                if file.starts_with(name) && (file.ends_with(".log") || file.ends_with(".stderr")) {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    if !text.trim().is_empty() {
+                        logs.push_str(&format!("\n{file}:\n{}", text.trim()));
+                    }
+                }
+            }
+            bail!("{name} did not answer through both hops within {READY_WITHIN:?}: {last}{logs}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

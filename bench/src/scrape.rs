@@ -1,0 +1,33 @@
+//! Reading a program's Prometheus `/metrics`, as Prometheus would.
+
+use std::{net::SocketAddr, time::Duration};
+
+use http::Uri;
+use http_body_util::BodyExt;
+
+use crate::load::GetClient;
+
+/// The text of `http://<metrics>/metrics`, within 5 s.
+pub async fn scrape(client: &GetClient, metrics: SocketAddr) -> Result<String, String> {
+    let uri: Uri = format!("http://{metrics}/metrics")
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let read = async {
+        let response = client.get(uri).await.map_err(|e| e.to_string())?;
+        let body = response.into_body().collect().await;
+        let body = body.map_err(|e| e.to_string())?.to_bytes();
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .map_err(|_| "the metrics endpoint did not answer".to_owned())?
+        .map_err(|e: String| format!("the metrics at {metrics}: {e}"))
+}
+
+/// The value of `series` (name and labels as printed) in a Prometheus text exposition.
+pub fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?.strip_prefix(' ')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}

@@ -1,0 +1,406 @@
+//! Routing under emulated tiers (`tiers`): one service with three instances (a `bench serve`
+//! and its sidecar each), the ingress reaching each sidecar's QUIC endpoint through a
+//! userspace delay relay: an edge instance about 1 ms away and two cloud instances 20 ms and
+//! 40 ms away, each with jitter. For each choice policy (`rtt-histogram`, `peak-ewma`,
+//! `round-robin`), in the same run, a fresh ingress with that policy and the default limits
+//! of `perf.conf` takes an open-loop load twice:
+//!
+//! 1. steady: where requests go (the sidecars' `proxy_served_requests_total`) and the latency;
+//! 2. stall: the edge instance (its sidecar and its service) is frozen with SIGSTOP, as
+//!    `docker pause` would, for `--stall`, then thawed; the same figures over the whole run.
+
+use std::{
+    net::{Ipv4Addr, UdpSocket},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use testkit::UdpDelayRelay;
+
+use crate::{
+    load::{self, GetClient, OpenLoop},
+    pinning::Pinning,
+    plot::Curve,
+    procs::{Extra, Process},
+    proxy_path::{Lookup, StartedProxy, start_proxy_with},
+    report::{Report, outln},
+    scrape::{scrape, value},
+    serve,
+    stats::{histogram_percentiles, ms2, print_table},
+};
+
+/// The service the three instances serve.
+const SERVICE: &str = "bench-tiers";
+/// How long an ingress may take to find all three instances.
+const READY_WITHIN: Duration = Duration::from_secs(60);
+const POLICIES: [&str; 3] = ["rtt-histogram", "peak-ewma", "round-robin"];
+const PERCENTILES: [f64; 5] = [50.0, 90.0, 99.0, 99.9, 100.0];
+
+/// One instance's distance: its round-trip time and the jitter added each way.
+struct Tier {
+    name: &'static str,
+    rtt: Duration,
+    jitter: Duration,
+}
+
+const TIERS: [Tier; 3] = [
+    Tier {
+        name: "edge",
+        rtt: Duration::from_millis(1),
+        jitter: Duration::from_micros(200),
+    },
+    Tier {
+        name: "cloud-20ms",
+        rtt: Duration::from_millis(20),
+        jitter: Duration::from_millis(2),
+    },
+    Tier {
+        name: "cloud-40ms",
+        rtt: Duration::from_millis(40),
+        jitter: Duration::from_millis(4),
+    },
+];
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Requests a second of the open-loop runs.
+    #[arg(long, default_value_t = 200)]
+    rate: u32,
+    /// Unrecorded load after an ingress starts (connections, the instances' RTTs).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Length of the steady run.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    steady: Duration,
+    /// How long the edge instance stays frozen.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    stall: Duration,
+    /// Load before the stall and after it, within the stall run.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    around_stall: Duration,
+}
+
+impl Default for Args {
+    fn default() -> Self {
+        Self {
+            rate: 200,
+            warmup: Duration::from_secs(3),
+            steady: Duration::from_secs(20),
+            stall: Duration::from_secs(30),
+            around_stall: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Args {
+    pub fn quick() -> Self {
+        Self {
+            rate: 100,
+            warmup: Duration::from_secs(1),
+            steady: Duration::from_secs(2),
+            stall: Duration::from_secs(2),
+            around_stall: Duration::from_secs(1),
+        }
+    }
+}
+
+/// One instance: its service, its sidecar and the relay in front of the sidecar.
+struct Instance {
+    tier: &'static Tier,
+    service: Process,
+    sidecar: StartedProxy,
+    /// Held: the relay runs as long as the runtime, but its socket is named by the record.
+    _relay: UdpDelayRelay,
+}
+
+impl Instance {
+    async fn start(tier: &'static Tier, bootstrap: &str) -> anyhow::Result<Self> {
+        let (service, service_addr) = serve::start().await?;
+        // The sidecar's QUIC port is chosen first (held, then released), so that the relay
+        // can point at it and the sidecar advertise the relay.
+        let quic = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
+        let relay = UdpDelayRelay::start(quic, tier.rtt / 2).await?;
+        relay.set_jitter(tier.jitter / 2);
+        let (quic, advertised) = (quic.to_string(), relay.addr.to_string());
+        let sidecar = start_proxy_with(
+            bootstrap,
+            &["--quic-addr", &quic, "--quic-advertise-addr", &advertised],
+            &[SERVICE, &service_addr.to_string()],
+            Extra::default(),
+        )
+        .await?;
+        Ok(Self {
+            tier,
+            service,
+            sidecar,
+            _relay: relay,
+        })
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the sidecar and the service.
+    fn signal(&self, signal: libc::c_int) {
+        for pid in [self.sidecar.process.pid, self.service.pid] {
+            // SAFETY: kill(2) has no memory-safety preconditions; both are our children,
+            // not reaped.
+            unsafe { libc::kill(pid as libc::pid_t, signal) };
+        }
+    }
+
+    async fn served(&self, client: &GetClient) -> anyhow::Result<f64> {
+        let text = scrape(client, self.sidecar.metrics)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        value(&text, "proxy_served_requests_total")
+            .with_context(|| format!("the {} sidecar exposes no request count", self.tier.name))
+    }
+}
+
+/// What one open-loop run measured: latency and each instance's share of the requests.
+struct Phase {
+    open: OpenLoop,
+    /// Requests each instance served during the run, in [`TIERS`] order.
+    served: Vec<f64>,
+}
+
+impl Phase {
+    fn share(&self, instance: usize) -> f64 {
+        let total: f64 = self.served.iter().sum();
+        if total == 0.0 {
+            0.0
+        } else {
+            self.served[instance] / total
+        }
+    }
+}
+
+pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
+    let command = out.command("tiers");
+    let pinning = Pinning::new();
+    let (lookup, instances) = pinning
+        .start_pinned(async {
+            let lookup = Lookup::start().await?;
+            // The record needs an artifact; the service is never started from it.
+            let artifact = lookup.dir.path().join("artifact");
+            std::fs::write(&artifact, b"bench-tiers artifact\n")?;
+            lookup
+                .add(&["--exec", artifact.to_str().context("path")?, SERVICE])
+                .await?;
+            let mut instances = Vec::new();
+            for tier in &TIERS {
+                instances.push(Instance::start(tier, &lookup.bootstrap).await?);
+            }
+            anyhow::Ok((lookup, instances))
+        })
+        .await?;
+    let client: GetClient = load::client();
+
+    let mut results = Vec::new();
+    let mut pinned = String::new();
+    for policy in POLICIES {
+        let config = lookup.dir.path().join(format!("perf-{policy}.conf"));
+        std::fs::write(&config, perf_conf(policy))?;
+        let ingress = pinning
+            .start_pinned(start_ingress(&lookup.bootstrap, &config))
+            .await?;
+        if pinned.is_empty() {
+            let mut processes = vec![
+                ("bench (load, relays)".to_owned(), std::process::id()),
+                ("ingress".to_owned(), ingress.process.pid),
+            ];
+            for instance in &instances {
+                let name = instance.tier.name;
+                processes.push((format!("{name} sidecar"), instance.sidecar.process.pid));
+                processes.push((format!("{name} service"), instance.service.pid));
+            }
+            pinned = pinning.describe(&processes);
+        }
+        let uri: http::Uri = format!("http://{}/{SERVICE}/echo", ingress.ingress).parse()?;
+        wait_for_instances(&client, &ingress, &uri).await?;
+        load::open_loop(&client, uri.clone(), args.rate, args.warmup).await?;
+
+        let steady = measure(&client, &instances, async {
+            load::open_loop(&client, uri.clone(), args.rate, args.steady).await
+        })
+        .await?;
+        let whole = args.around_stall * 2 + args.stall;
+        let stalled = measure(&client, &instances, async {
+            let edge = &instances[0];
+            let freeze = async {
+                tokio::time::sleep(args.around_stall).await;
+                edge.signal(libc::SIGSTOP);
+                tokio::time::sleep(args.stall).await;
+                edge.signal(libc::SIGCONT);
+            };
+            let (open, ()) = tokio::join!(
+                load::open_loop(&client, uri.clone(), args.rate, whole),
+                freeze
+            );
+            open
+        })
+        .await?;
+        ingress.process.terminate(Duration::from_secs(5)).await;
+        results.push((policy, steady, stalled));
+    }
+
+    outln!(
+        out,
+        "## Routing under emulated tiers: three instances, one stalling\n\n`{command}`\n\n\
+         One service, three instances (a `bench serve` and its sidecar each), each sidecar's \
+         QUIC endpoint behind a userspace UDP delay relay: {}. For each policy a fresh ingress \
+         with `perf.conf`'s default limits (soft {}, hard {}) and that policy takes \
+         {} requests/s (open loop, after {:.0} s unrecorded warm-up): a steady run of \
+         {:.0} s, then a run of {:.0} s during which the edge instance (sidecar and service) \
+         is frozen with SIGSTOP for {:.0} s from second {:.0}, as `docker pause` would. Where \
+         requests went is read from each sidecar's `proxy_served_requests_total`. CPU: \
+         {pinned}.\n",
+        TIERS
+            .iter()
+            .map(|t| format!(
+                "{} {} ms RTT ± {:.1} ms",
+                t.name,
+                t.rtt.as_millis(),
+                t.jitter.as_secs_f64() * 1e3 / 2.0
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
+        SOFT_RTT,
+        HARD_RTT,
+        args.rate,
+        args.warmup.as_secs_f64(),
+        args.steady.as_secs_f64(),
+        (args.around_stall * 2 + args.stall).as_secs_f64(),
+        args.stall.as_secs_f64(),
+        args.around_stall.as_secs_f64(),
+    );
+    for (phase, title, pick) in [
+        ("steady", "Steady", 0),
+        ("stall", "With the edge instance frozen", 1),
+    ] {
+        outln!(out, "### {title}\n");
+        outln!(
+            out,
+            "| policy | share to {} | to {} | to {} | requests | errors |",
+            TIERS[0].name,
+            TIERS[1].name,
+            TIERS[2].name
+        );
+        outln!(out, "|---|---|---|---|---|---|");
+        let phases: Vec<(&str, &Phase)> = results
+            .iter()
+            .map(|(policy, steady, stalled)| (*policy, if pick == 0 { steady } else { stalled }))
+            .collect();
+        for (policy, p) in &phases {
+            outln!(
+                out,
+                "| {policy} | {:.1} % | {:.1} % | {:.1} % | {} | {} |",
+                p.share(0) * 100.0,
+                p.share(1) * 100.0,
+                p.share(2) * 100.0,
+                p.open.sent,
+                p.open.errors
+            );
+        }
+        outln!(out);
+        let rows: Vec<(&str, Vec<String>)> = phases
+            .iter()
+            .map(|(policy, p)| {
+                let at = histogram_percentiles(&p.open.latency, &PERCENTILES);
+                (*policy, at.into_iter().map(ms2).collect())
+            })
+            .collect();
+        print_table(out, "latency (policy)", &PERCENTILES, &rows);
+        for (policy, p) in &phases {
+            if let Some(error) = &p.open.first_error {
+                outln!(out, "{policy}, first error: {error}  ");
+            }
+        }
+        let curves: Vec<Curve> = phases
+            .iter()
+            .map(|(policy, p)| Curve {
+                label: policy,
+                latency_us: &p.open.latency,
+            })
+            .collect();
+        out.plot(
+            &format!("tiers-{phase}"),
+            &format!("Tiers, {}: latency by policy", title.to_lowercase()),
+            &curves,
+        )?;
+    }
+    drop(instances);
+    drop(lookup);
+    Ok(())
+}
+
+const SOFT_RTT: &str = "20ms";
+const HARD_RTT: &str = "100ms";
+
+/// `perf.conf` with the default limits and `policy`.
+fn perf_conf(policy: &str) -> String {
+    format!(
+        "[defaults]\nsoft-rtt = \"{SOFT_RTT}\"\nhard-rtt = \"{HARD_RTT}\"\npolicy = \"{policy}\"\n"
+    )
+}
+
+async fn start_ingress(bootstrap: &str, config: &Path) -> anyhow::Result<StartedProxy> {
+    let config = config.to_str().context("path")?;
+    start_proxy_with(bootstrap, &["--configfile", config], &[], Extra::default()).await
+}
+
+/// Until the ingress answers and has measured all three instances (each has an RTT quantile
+/// in its metrics).
+async fn wait_for_instances(
+    client: &GetClient,
+    ingress: &StartedProxy,
+    uri: &http::Uri,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + READY_WITHIN;
+    loop {
+        // Requests make the service "in use", which is what gets its instances probed.
+        let _ = tokio::time::timeout(Duration::from_secs(1), client.get(uri.clone())).await;
+        let text = scrape(client, ingress.metrics)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let measured = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("proxy_instance_rtt_seconds{")
+                    && l.contains(&format!("service=\"{SERVICE}\""))
+                    && l.contains("quantile=\"0.5\"")
+            })
+            .count();
+        if measured >= TIERS.len() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the ingress measured {measured} of {} instances within {READY_WITHIN:?}",
+            TIERS.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs `load` and counts what each instance served meanwhile.
+async fn measure(
+    client: &GetClient,
+    instances: &[Instance],
+    load: impl Future<Output = anyhow::Result<OpenLoop>>,
+) -> anyhow::Result<Phase> {
+    let before = served(client, instances).await?;
+    let open = load.await?;
+    let after = served(client, instances).await?;
+    Ok(Phase {
+        open,
+        served: after.iter().zip(&before).map(|(a, b)| a - b).collect(),
+    })
+}
+
+async fn served(client: &GetClient, instances: &[Instance]) -> anyhow::Result<Vec<f64>> {
+    let mut counts = Vec::new();
+    for instance in instances {
+        counts.push(instance.served(client).await?);
+    }
+    Ok(counts)
+}
