@@ -120,7 +120,7 @@ impl Instance {
         // The sidecar's QUIC port is chosen first (held, then released), so that the relay
         // can point at it and the sidecar advertise the relay.
         let quic = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
-        let relay = UdpDelayRelay::start(quic, tier.rtt / 2).await?;
+        let relay = UdpDelayRelay::start(quic, tier.rtt / 2)?;
         relay.set_jitter(tier.jitter / 2);
         let (quic, advertised) = (quic.to_string(), relay.addr.to_string());
         let sidecar = start_proxy_with(
@@ -161,6 +161,9 @@ struct Phase {
     open: OpenLoop,
     /// Requests each instance served during the run, in [`TIERS`] order.
     served: Vec<f64>,
+    /// Each instance's median RTT as the ingress saw it at the end (its last second of probes
+    /// and requests), in [`TIERS`] order.
+    seen_rtt: Vec<Option<f64>>,
 }
 
 impl Phase {
@@ -219,12 +222,12 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
         wait_for_instances(&client, &ingress, &uri).await?;
         load::open_loop(&client, uri.clone(), args.rate, args.warmup).await?;
 
-        let steady = measure(&client, &instances, async {
+        let steady = measure(&client, &ingress, &instances, async {
             load::open_loop(&client, uri.clone(), args.rate, args.steady).await
         })
         .await?;
         let whole = args.around_stall * 2 + args.stall;
-        let stalled = measure(&client, &instances, async {
+        let stalled = measure(&client, &ingress, &instances, async {
             let edge = &instances[0];
             let freeze = async {
                 tokio::time::sleep(args.around_stall).await;
@@ -310,6 +313,21 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
             })
             .collect();
         print_table(out, "latency (policy)", &PERCENTILES, &rows);
+        outln!(
+            out,
+            "| median RTT the ingress saw at the end | {} |\n|---|{}",
+            TIERS.map(|t| t.name).join(" | "),
+            "---|".repeat(TIERS.len())
+        );
+        for (policy, p) in &phases {
+            let cells: Vec<String> = p
+                .seen_rtt
+                .iter()
+                .map(|rtt| rtt.map_or("-".to_owned(), |s| format!("{:.2} ms", s * 1e3)))
+                .collect();
+            outln!(out, "| {policy} | {} |", cells.join(" | "));
+        }
+        outln!(out);
         for (policy, p) in &phases {
             if let Some(error) = &p.open.first_error {
                 outln!(out, "{policy}, first error: {error}  ");
@@ -385,15 +403,32 @@ async fn wait_for_instances(
 /// Runs `load` and counts what each instance served meanwhile.
 async fn measure(
     client: &GetClient,
+    ingress: &StartedProxy,
     instances: &[Instance],
     load: impl Future<Output = anyhow::Result<OpenLoop>>,
 ) -> anyhow::Result<Phase> {
     let before = served(client, instances).await?;
     let open = load.await?;
     let after = served(client, instances).await?;
+    let text = scrape(client, ingress.metrics)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let seen_rtt = instances
+        .iter()
+        .map(|instance| {
+            text.lines().find_map(|line| {
+                let labels = line.strip_prefix("proxy_instance_rtt_seconds{")?;
+                let (labels, value) = labels.split_once("} ")?;
+                let wanted = labels.contains(&format!("instance=\"{}\"", instance.sidecar.peer))
+                    && labels.contains("quantile=\"0.5\"");
+                wanted.then(|| value.trim().parse().ok()).flatten()
+            })
+        })
+        .collect();
     Ok(Phase {
         open,
         served: after.iter().zip(&before).map(|(a, b)| a - b).collect(),
+        seen_rtt,
     })
 }
 

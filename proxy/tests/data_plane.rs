@@ -346,7 +346,7 @@ async fn the_near_instance_gets_the_traffic_and_traffic_follows_a_change_of_path
             .unwrap()
             .local_addr()
             .unwrap();
-        let relay = UdpDelayRelay::start(port, one_way).await.unwrap();
+        let relay = UdpDelayRelay::start(port, one_way).unwrap();
         let (quic, advertised) = (port.to_string(), relay.addr.to_string());
         let upstream = upstream.to_string();
         let side = start_proxy(
@@ -582,9 +582,7 @@ async fn an_instance_over_the_soft_limit_is_used_until_a_nearer_one_answers() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let relay = UdpDelayRelay::start(port, Duration::from_millis(15))
-        .await
-        .unwrap();
+    let relay = UdpDelayRelay::start(port, Duration::from_millis(15)).unwrap();
     let (quic, advertised) = (port.to_string(), relay.addr.to_string());
     let upstream = test_service("far").await.to_string();
     let _far = start_proxy(

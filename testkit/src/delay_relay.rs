@@ -1,29 +1,33 @@
 //! A userspace UDP relay that delays every datagram: an emulated long link in front of a QUIC
 //! endpoint, on loopback, with no privileges (where `tc netem` would need them and a network
 //! namespace). Delay and jitter can be changed while it runs.
+//!
+//! It runs on its own threads with blocking sockets and `nanosleep`, not on the async runtime:
+//! the runtime's timer rounds every sleep up to the next millisecond, which would turn a
+//! 0.5 ms one-way delay into anything up to 1.5 ms.
 
 use std::{
-    collections::{HashMap, hash_map::Entry},
-    net::SocketAddr,
+    collections::HashMap,
+    io,
+    net::{SocketAddr, UdpSocket},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc::{Receiver, Sender, channel},
     },
-    time::Duration,
+    thread,
+    time::{Duration, Instant},
 };
 
-use tokio::{
-    net::UdpSocket,
-    sync::mpsc::{UnboundedSender, unbounded_channel},
-    time::Instant,
-};
+/// How often blocked threads look whether the relay was dropped.
+const POLL: Duration = Duration::from_millis(100);
 
 /// The delay each datagram gets, one way: `one_way` plus a uniform random part below
-/// `jitter`. Datagrams keep their order (a late one holds back the ones behind it), as on a
-/// single path.
+/// `jitter`.
 struct Shape {
     one_way_micros: AtomicU64,
     jitter_micros: AtomicU64,
+    stopped: AtomicBool,
 }
 
 impl Shape {
@@ -38,71 +42,77 @@ impl Shape {
     }
 }
 
+/// A datagram on its way: when it is due, where from and where to.
+struct InFlight {
+    due: Instant,
+    datagram: Vec<u8>,
+    from: Arc<UdpSocket>,
+    to: SocketAddr,
+}
+
+/// One direction of the link: datagrams leave in the order they came, each once its delay has
+/// passed (a late one holds back the ones behind it, as on a single path).
+struct DelayLine {
+    queue: Sender<InFlight>,
+    shape: Arc<Shape>,
+    random: u64,
+    last_due: Instant,
+}
+
+impl DelayLine {
+    fn start(shape: Arc<Shape>, seed: u64) -> Self {
+        let (queue, due) = channel();
+        thread::spawn(move || deliver(due));
+        Self {
+            queue,
+            shape,
+            random: seed | 1,
+            last_due: Instant::now(),
+        }
+    }
+
+    fn push(&mut self, arrived: Instant, datagram: Vec<u8>, from: &Arc<UdpSocket>, to: SocketAddr) {
+        let due = (arrived + self.shape.delay(&mut self.random)).max(self.last_due);
+        self.last_due = due;
+        let _ = self.queue.send(InFlight {
+            due,
+            datagram,
+            from: Arc::clone(from),
+            to,
+        });
+    }
+}
+
+/// Sends each datagram when it is due; ends when the line's sender is gone.
+fn deliver(due: Receiver<InFlight>) {
+    while let Ok(datagram) = due.recv() {
+        if let Some(wait) = datagram.due.checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        }
+        let _ = datagram.from.send_to(&datagram.datagram, datagram.to);
+    }
+}
+
 /// A relay in front of `target`: datagrams to [`UdpDelayRelay::addr`] reach the target, and
 /// its answers come back, each delayed. A round trip through it takes twice the one-way delay
-/// longer. Runs until the runtime ends.
+/// longer. Its threads end soon after it is dropped.
 pub struct UdpDelayRelay {
     pub addr: SocketAddr,
     shape: Arc<Shape>,
 }
 
 impl UdpDelayRelay {
-    pub async fn start(target: SocketAddr, one_way: Duration) -> std::io::Result<Self> {
-        let front = Arc::new(UdpSocket::bind((target.ip(), 0)).await?);
+    pub fn start(target: SocketAddr, one_way: Duration) -> io::Result<Self> {
+        let front = Arc::new(UdpSocket::bind((target.ip(), 0))?);
+        front.set_read_timeout(Some(POLL))?;
         let addr = front.local_addr()?;
         let shape = Arc::new(Shape {
             one_way_micros: AtomicU64::new(one_way.as_micros() as u64),
             jitter_micros: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
         });
         let relay_shape = Arc::clone(&shape);
-        tokio::spawn(async move {
-            // One upstream socket per client address, so answers find their way back.
-            let mut upstreams: HashMap<SocketAddr, UnboundedSender<(Instant, Vec<u8>)>> =
-                HashMap::new();
-            let mut buffer = vec![0u8; 65536];
-            loop {
-                let Ok((n, client)) = front.recv_from(&mut buffer).await else {
-                    return;
-                };
-                let arrived = Instant::now();
-                let to_target = match upstreams.entry(client) {
-                    Entry::Occupied(open) => open.into_mut(),
-                    Entry::Vacant(vacant) => {
-                        let Ok(upstream) = UdpSocket::bind((target.ip(), 0)).await else {
-                            continue;
-                        };
-                        let upstream = Arc::new(upstream);
-                        let to_client = delay_line(Arc::clone(&relay_shape), {
-                            let front = Arc::clone(&front);
-                            move |datagram| {
-                                let front = Arc::clone(&front);
-                                async move {
-                                    let _ = front.send_to(&datagram, client).await;
-                                }
-                            }
-                        });
-                        let sending = Arc::clone(&upstream);
-                        let to_target = delay_line(Arc::clone(&relay_shape), move |datagram| {
-                            let upstream = Arc::clone(&sending);
-                            async move {
-                                let _ = upstream.send_to(&datagram, target).await;
-                            }
-                        });
-                        tokio::spawn(async move {
-                            let mut buffer = vec![0u8; 65536];
-                            while let Ok((n, _)) = upstream.recv_from(&mut buffer).await {
-                                let datagram = (Instant::now(), buffer[..n].to_vec());
-                                if to_client.send(datagram).is_err() {
-                                    return;
-                                }
-                            }
-                        });
-                        vacant.insert(to_target)
-                    }
-                };
-                let _ = to_target.send((arrived, buffer[..n].to_vec()));
-            }
-        });
+        thread::spawn(move || relay(front, target, relay_shape));
         Ok(Self { addr, shape })
     }
 
@@ -120,23 +130,72 @@ impl UdpDelayRelay {
     }
 }
 
-/// A task that hands each datagram to `send` once its delay has passed since it arrived, in
-/// arrival order.
-fn delay_line<F, Fut>(shape: Arc<Shape>, send: F) -> UnboundedSender<(Instant, Vec<u8>)>
-where
-    F: Fn(Vec<u8>) -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send,
-{
-    let (sender, mut receiver) = unbounded_channel::<(Instant, Vec<u8>)>();
-    tokio::spawn(async move {
-        let mut random = 0x9E37_79B9_7F4A_7C15_u64 ^ u64::from(std::process::id());
-        let mut last_due = Instant::now();
-        while let Some((arrived, datagram)) = receiver.recv().await {
-            let due = (arrived + shape.delay(&mut random)).max(last_due);
-            last_due = due;
-            tokio::time::sleep_until(due).await;
-            send(datagram).await;
+impl Drop for UdpDelayRelay {
+    fn drop(&mut self) {
+        self.shape.stopped.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Client -> target: one upstream socket per client address, so that answers find their way
+/// back, each with a thread relaying the target's answers.
+fn relay(front: Arc<UdpSocket>, target: SocketAddr, shape: Arc<Shape>) {
+    let mut to_target = DelayLine::start(Arc::clone(&shape), 0x9E37_79B9_7F4A_7C15);
+    let mut upstreams: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+    let mut buffer = vec![0u8; 65536];
+    while !shape.stopped.load(Ordering::Relaxed) {
+        let (n, client) = match front.recv_from(&mut buffer) {
+            Ok(received) => received,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
+            Err(_) => return,
+        };
+        let arrived = Instant::now();
+        let upstream = match upstreams.get(&client) {
+            Some(upstream) => Arc::clone(upstream),
+            None => {
+                let Ok(upstream) = open_upstream(&front, client, target, &shape) else {
+                    continue;
+                };
+                upstreams.insert(client, Arc::clone(&upstream));
+                upstream
+            }
+        };
+        to_target.push(arrived, buffer[..n].to_vec(), &upstream, target);
+    }
+}
+
+/// A socket towards the target for `client`, and the thread that relays its answers back
+/// through `front`.
+fn open_upstream(
+    front: &Arc<UdpSocket>,
+    client: SocketAddr,
+    target: SocketAddr,
+    shape: &Arc<Shape>,
+) -> io::Result<Arc<UdpSocket>> {
+    let upstream = Arc::new(UdpSocket::bind((target.ip(), 0))?);
+    upstream.set_read_timeout(Some(POLL))?;
+    let (reading, front, shape) = (Arc::clone(&upstream), Arc::clone(front), Arc::clone(shape));
+    thread::spawn(move || {
+        let seed = u64::from(client.port()) << 32 | 0x2545_F491;
+        let mut to_client = DelayLine::start(Arc::clone(&shape), seed);
+        let mut buffer = vec![0u8; 65536];
+        while !shape.stopped.load(Ordering::Relaxed) {
+            match reading.recv_from(&mut buffer) {
+                Ok((n, _)) => to_client.push(Instant::now(), buffer[..n].to_vec(), &front, client),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return,
+            }
         }
     });
-    sender
+    Ok(upstream)
 }
