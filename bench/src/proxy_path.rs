@@ -165,6 +165,8 @@ pub struct StartedProxy {
     pub ingress: SocketAddr,
     /// Its Prometheus endpoint.
     pub metrics: SocketAddr,
+    /// Its overlay identity (the `instance` label of the ingress's per-instance series).
+    pub peer: String,
 }
 
 /// Starts a proxy on loopback (ingress on a free port; a sidecar with `service` given as
@@ -196,11 +198,14 @@ pub async fn start_proxy_with(
     args.extend_from_slice(flags);
     args.push("0");
     args.extend_from_slice(service);
-    // The metrics line comes first, then the ingress, the data plane's once everything
-    // listens.
-    let (mut metrics, mut ingress) = (None, None);
-    let (process, (ingress, metrics)) =
+    // "<role> <peer> listening on:" comes first, then the metrics, the ingress, and the data
+    // plane's line once everything listens.
+    let (mut peer, mut metrics, mut ingress) = (None, None, None);
+    let (process, ((ingress, metrics), peer)) =
         spawn_reading_with(&sibling_binary("proxy")?, &args, extra, |line| {
+            if let Some(head) = line.strip_suffix(" listening on:") {
+                peer = head.split_whitespace().nth(1).map(str::to_owned);
+            }
             if let Some(addr) = line.strip_prefix("metrics: http://") {
                 metrics = addr.trim_end_matches("/metrics").parse().ok();
             }
@@ -208,7 +213,7 @@ pub async fn start_proxy_with(
                 ingress = addr.parse().ok();
             }
             line.starts_with("data plane (QUIC): ")
-                .then_some(ingress.zip(metrics))
+                .then(|| ingress.zip(metrics).zip(peer.clone()))
                 .flatten()
         })
         .await?;
@@ -216,5 +221,6 @@ pub async fn start_proxy_with(
         process,
         ingress,
         metrics,
+        peer,
     })
 }
