@@ -244,9 +244,9 @@ impl Services {
                         return;
                     };
                     service.probing.remove(&peer);
-                    service.chooser.probe_ended(&peer);
                     match result {
                         Ok(rtt) => {
+                            service.chooser.probe_answered(&peer);
                             service.chooser.record_rtt(&peer, rtt, now);
                             service.chooser.outcome(&peer, true, now);
                         }

@@ -19,10 +19,11 @@
 //! second; an instance whose window ran empty (no traffic, no probe answered yet) keeps its
 //! last estimate rather than becoming "unmeasured" again.
 //!
-//! A probe still unanswered is a lower bound on the RTT: an instance whose probe has been out
-//! for longer than its estimate is routed on the probe's age instead. A stalled instance (a
-//! frozen process, a dead link) so loses its traffic within a probe interval plus the RTT of
-//! the next instance, where waiting for probes to time out and eject it would take seconds.
+//! A probe still unanswered is a lower bound on the RTT: an instance whose oldest unanswered
+//! probe (timed out or not) is older than its estimate is routed on that age instead. A
+//! stalled instance (a frozen process, a dead link) so loses its traffic within a probe
+//! interval plus the RTT of the next instance, and gets none until it answers again, where
+//! waiting for probes to time out and eject it would take seconds, and ejections end.
 //!
 //! An instance failing [`EJECT_AFTER`] times in a row is ejected for a period that doubles with
 //! each ejection (up to [`MAX_EJECTION`]); a success resets it.
@@ -61,8 +62,8 @@ struct Instance<K> {
     /// Peak EWMA in seconds and the time of its last update.
     peak_ewma: Option<(Instant, f64)>,
     in_flight: u32,
-    /// When the probe now outstanding was sent.
-    probe_sent: Option<Instant>,
+    /// When the oldest probe not answered since was sent.
+    unanswered_since: Option<Instant>,
     failures_in_a_row: u32,
     ejections: u32,
     ejected_until: Option<Instant>,
@@ -76,7 +77,7 @@ impl<K> Instance<K> {
             quantile: None,
             peak_ewma: None,
             in_flight: 0,
-            probe_sent: None,
+            unanswered_since: None,
             failures_in_a_row: 0,
             ejections: 0,
             ejected_until: None,
@@ -110,7 +111,7 @@ impl<K> Instance<K> {
     fn estimate(&mut self, policy: Policy, now: Instant) -> Option<Duration> {
         let sampled = self.sampled_estimate(policy, now)?;
         let waited = self
-            .probe_sent
+            .unanswered_since
             .map_or(Duration::ZERO, |sent| now.saturating_duration_since(sent));
         Some(sampled.max(waited))
     }
@@ -234,18 +235,19 @@ impl<K: Clone + PartialEq> Chooser<K> {
         }
     }
 
-    /// A probe of `key` was sent; until [`Chooser::probe_ended`], its age bounds the RTT
-    /// estimate from below.
+    /// A probe of `key` was sent. Until one is answered ([`Chooser::probe_answered`]), the
+    /// age of the oldest probe sent since the last answer bounds the RTT estimate from below:
+    /// a probe that timed out was not answered either.
     pub fn probe_sent(&mut self, key: &K, now: Instant) {
         if let Some(instance) = self.find(key) {
-            instance.probe_sent = Some(now);
+            instance.unanswered_since.get_or_insert(now);
         }
     }
 
-    /// The probe of `key` was answered or gave up (its outcome is reported apart).
-    pub fn probe_ended(&mut self, key: &K) {
+    /// A probe of `key` was answered (its RTT is recorded apart).
+    pub fn probe_answered(&mut self, key: &K) {
         if let Some(instance) = self.find(key) {
-            instance.probe_sent = None;
+            instance.unanswered_since = None;
         }
     }
 

@@ -229,7 +229,7 @@ fn a_retry_avoids_the_instance_that_failed_unless_it_is_the_only_one() {
 }
 
 #[test]
-fn an_unanswered_probe_moves_traffic_away_once_it_is_older_than_the_next_instance() {
+fn unanswered_probes_move_traffic_away_once_older_than_the_next_instance() {
     let start = Instant::now();
     for policy in [Policy::RttHistogram, Policy::PeakEwma] {
         let mut c = chooser(policy, &[("edge", 1), ("cloud", 15)], start);
@@ -255,8 +255,13 @@ fn an_unanswered_probe_moves_traffic_away_once_it_is_older_than_the_next_instanc
             Some("cloud"),
             "{policy:?}: edge over the hard limit"
         );
-        // The answer comes: the edge is back on its samples.
-        c.probe_ended(&"edge");
+        // That probe times out and the next goes unanswered too: the wait counts from the
+        // first, so the edge gets nothing meanwhile.
+        c.probe_sent(&"edge", much_later);
+        let decision = c.choose(much_later + MS * 5, LIMITS, counter());
+        assert_eq!(decision.pick, Some("cloud"), "{policy:?}: still frozen");
+        // An answer comes: the edge is back on its samples.
+        c.probe_answered(&"edge");
         c.record_rtt(&"edge", MS, much_later);
         assert_eq!(share(&mut c, "edge", much_later, 50), 1.0, "{policy:?}");
     }
