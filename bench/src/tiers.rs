@@ -110,7 +110,7 @@ struct Instance {
     tier: &'static Tier,
     service: Process,
     sidecar: StartedProxy,
-    /// Held: the relay runs as long as the runtime, but its socket is named by the record.
+    /// Held: the relay stops when dropped, and the sidecar advertises its address.
     _relay: UdpDelayRelay,
 }
 
