@@ -244,16 +244,7 @@ pub async fn start_nginx(dir: &Path, service: SocketAddr) -> anyhow::Result<TwoH
             &dir.join(format!("{name}.stderr")),
         )
     };
-    let (a_port, b_port) = (free_port()?, free_port()?);
-    let second = start("nginx-b", b_port, service)?;
-    let first = start("nginx-a", a_port, (Ipv4Addr::LOCALHOST, b_port).into())?;
-    let hops = TwoHops {
-        first,
-        second,
-        listen: (Ipv4Addr::LOCALHOST, a_port).into(),
-    };
-    wait_ready("nginx", &hops, dir).await?;
-    Ok(hops)
+    start_two_hops("nginx", dir, service, start).await
 }
 
 /// haproxy B (to the service) and haproxy A (to B), one process and one thread each.
@@ -268,15 +259,30 @@ pub async fn start_haproxy(dir: &Path, service: SocketAddr) -> anyhow::Result<Tw
             &dir.join(format!("{name}.stderr")),
         )
     };
+    start_two_hops("haproxy", dir, service, start).await
+}
+
+/// `<name>-b` to the service and `<name>-a` to it, each started by `start(name, listen,
+/// upstream)` on a free port; once a GET through both is answered.
+async fn start_two_hops(
+    name: &str,
+    dir: &Path,
+    service: SocketAddr,
+    start: impl Fn(&str, u16, SocketAddr) -> anyhow::Result<Foreign>,
+) -> anyhow::Result<TwoHops> {
     let (a_port, b_port) = (free_port()?, free_port()?);
-    let second = start("haproxy-b", b_port, service)?;
-    let first = start("haproxy-a", a_port, (Ipv4Addr::LOCALHOST, b_port).into())?;
+    let second = start(&format!("{name}-b"), b_port, service)?;
+    let first = start(
+        &format!("{name}-a"),
+        a_port,
+        (Ipv4Addr::LOCALHOST, b_port).into(),
+    )?;
     let hops = TwoHops {
         first,
         second,
         listen: (Ipv4Addr::LOCALHOST, a_port).into(),
     };
-    wait_ready("haproxy", &hops, dir).await?;
+    wait_ready(name, &hops, dir).await?;
     Ok(hops)
 }
 

@@ -65,6 +65,18 @@ impl Lookup {
         })
     }
 
+    /// A lookup where `service` is registered with a placeholder artifact: its instances are
+    /// started by the benchmark, never from the record.
+    pub async fn with_service(service: &str) -> anyhow::Result<Self> {
+        let lookup = Self::start().await?;
+        let artifact = lookup.dir.path().join("artifact");
+        std::fs::write(&artifact, format!("{service} artifact\n"))?;
+        lookup
+            .add(&["--exec", artifact.to_str().context("path")?, service])
+            .await?;
+        Ok(lookup)
+    }
+
     /// Registers a service: `hl-cli --bootstrap B add ARGS...`.
     pub async fn add(&self, args: &[&str]) -> anyhow::Result<()> {
         let mut all = vec![
@@ -91,13 +103,7 @@ pub struct Peaks {
 impl ProxyPath {
     /// Starts every process and waits until a request through the ingress is answered.
     pub async fn start() -> anyhow::Result<Self> {
-        let lookup = Lookup::start().await?;
-        // The record needs an artifact; the service is never started from it.
-        let artifact = lookup.dir.path().join("artifact");
-        std::fs::write(&artifact, b"bench-echo artifact\n")?;
-        lookup
-            .add(&["--exec", artifact.to_str().context("path")?, SERVICE])
-            .await?;
+        let lookup = Lookup::with_service(SERVICE).await?;
         let bootstrap = lookup.bootstrap.clone();
 
         let (service_process, service) = serve::start().await?;

@@ -182,13 +182,7 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
     let pinning = Pinning::new();
     let (lookup, instances) = pinning
         .start_pinned(async {
-            let lookup = Lookup::start().await?;
-            // The record needs an artifact; the service is never started from it.
-            let artifact = lookup.dir.path().join("artifact");
-            std::fs::write(&artifact, b"bench-tiers artifact\n")?;
-            lookup
-                .add(&["--exec", artifact.to_str().context("path")?, SERVICE])
-                .await?;
+            let lookup = Lookup::with_service(SERVICE).await?;
             let mut instances = Vec::new();
             for tier in &TIERS {
                 instances.push(Instance::start(tier, &lookup.bootstrap).await?);
@@ -219,7 +213,7 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
             pinned = pinning.describe(&processes);
         }
         let uri: http::Uri = format!("http://{}/{SERVICE}/echo", ingress.ingress).parse()?;
-        wait_for_instances(&client, &ingress, &uri).await?;
+        wait_for_instances(&client, &ingress, &instances, &uri).await?;
         load::open_loop(&client, uri.clone(), args.rate, args.warmup).await?;
 
         let steady = measure(&client, &ingress, &instances, async {
@@ -371,6 +365,7 @@ async fn start_ingress(bootstrap: &str, config: &Path) -> anyhow::Result<Started
 async fn wait_for_instances(
     client: &GetClient,
     ingress: &StartedProxy,
+    instances: &[Instance],
     uri: &http::Uri,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + READY_WITHIN;
@@ -380,14 +375,7 @@ async fn wait_for_instances(
         let text = scrape(client, ingress.metrics)
             .await
             .map_err(anyhow::Error::msg)?;
-        let measured = text
-            .lines()
-            .filter(|l| {
-                l.starts_with("proxy_instance_rtt_seconds{")
-                    && l.contains(&format!("service=\"{SERVICE}\""))
-                    && l.contains("quantile=\"0.5\"")
-            })
-            .count();
+        let measured = seen_rtts(&text, instances).iter().flatten().count();
         if measured >= TIERS.len() {
             return Ok(());
         }
@@ -413,10 +401,19 @@ async fn measure(
     let text = scrape(client, ingress.metrics)
         .await
         .map_err(anyhow::Error::msg)?;
-    let seen_rtt = instances
+    Ok(Phase {
+        open,
+        served: after.iter().zip(&before).map(|(a, b)| a - b).collect(),
+        seen_rtt: seen_rtts(&text, instances),
+    })
+}
+
+/// Each instance's median RTT in seconds in an ingress's metrics, if it has one yet.
+fn seen_rtts(metrics: &str, instances: &[Instance]) -> Vec<Option<f64>> {
+    instances
         .iter()
         .map(|instance| {
-            text.lines().find_map(|line| {
+            metrics.lines().find_map(|line| {
                 let labels = line.strip_prefix("proxy_instance_rtt_seconds{")?;
                 let (labels, value) = labels.split_once("} ")?;
                 let wanted = labels.contains(&format!("instance=\"{}\"", instance.sidecar.peer))
@@ -424,12 +421,7 @@ async fn measure(
                 wanted.then(|| value.trim().parse().ok()).flatten()
             })
         })
-        .collect();
-    Ok(Phase {
-        open,
-        served: after.iter().zip(&before).map(|(a, b)| a - b).collect(),
-        seen_rtt,
-    })
+        .collect()
 }
 
 async fn served(client: &GetClient, instances: &[Instance]) -> anyhow::Result<Vec<f64>> {
