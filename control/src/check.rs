@@ -199,7 +199,11 @@ pub async fn verdicts(cli: &Cli) -> Vec<Verdict> {
         verdicts.push(match client::get(&node, service).await {
             Ok(Some(record)) => {
                 let digest = record.digest.to_string();
-                let instances = node.find_providers(&digest).await.count().await;
+                let instances = node
+                    .find_providers(&record.instance_key())
+                    .await
+                    .count()
+                    .await;
                 if instances > 0 || have_allocators {
                     Verdict::ok(
                         "service",

@@ -13,13 +13,15 @@
 //!
 //! In service mode the proxy also serves an ingress on PORT (for the service's own outgoing
 //! requests), answers requests arriving over QUIC on `--quic-addr` (UDP, by default the same
-//! port number as PORT) by calling the service at IP:SERVICE_PORT, and advertises the
-//! service's digest on the overlay once the lookup has told it.
+//! port number as PORT) by calling the service at IP:SERVICE_PORT (see [`crate::sidecar`]),
+//! and advertises the service's instance key ([`ServiceRecord::instance_key`]) on the overlay
+//! once the lookup has told it the record and the service answers; it stops advertising on
+//! SIGINT or SIGTERM.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::Duration,
 };
 
@@ -30,6 +32,7 @@ use control::{
         net::{parse_p2p_listen_addr, parse_socket_addr},
         overlay_args::OverlayArgs,
     },
+    lookup::ServiceRecord,
     overlay::{Backoff, Node},
 };
 use libp2p::Multiaddr;
@@ -37,9 +40,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::perf::PerfConfig,
-    forward::Sidecar,
     ingress::{Ingress, IngressSettings},
-    metrics::{Activity, IngressMetrics, LiveCollector},
+    metrics::{Activity, IngressMetrics, LiveCollector, SidecarCollector, SidecarView},
+    sidecar::{Sidecar, health::ServiceState},
     supervise::Service,
     transport::Transport,
 };
@@ -267,13 +270,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         viewed.upgrade().map(|i| i.view()).unwrap_or_default()
     })?;
 
-    let sidecar = match (&cli.service, service_addr) {
+    let (sidecar, advertiser) = match (&cli.service, service_addr) {
         (Some(service), Some(upstream)) => {
-            tokio::spawn(advertise_service(node.clone(), service.clone()));
             tracing::info!(%service, %upstream, "sidecar");
-            Some(Sidecar::new(upstream, Arc::clone(&activity)))
+            let sidecar = Sidecar::new(upstream, Arc::clone(&activity));
+            let viewed = Arc::downgrade(&sidecar);
+            SidecarCollector::register(&daemon.registry, move || {
+                viewed
+                    .upgrade()
+                    .map(|sidecar| SidecarView {
+                        probes_answered: sidecar.probes_answered(),
+                        service_up: sidecar.health().state() == ServiceState::Serving,
+                    })
+                    .unwrap_or_default()
+            })?;
+            let advertiser = Advertiser::start(node.clone(), service.clone(), &sidecar);
+            (Some(sidecar), Some(advertiser))
         }
-        _ => None,
+        _ => (None, None),
     };
     tokio::spawn(accept_peers(Arc::clone(&transport), sidecar));
 
@@ -293,6 +307,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 exit = service.exited() => service_exit = Some(exit),
             },
             None => control::common::shutdown_signal().await,
+        }
+        // Before the node stops: ingresses must stop finding an instance that is going.
+        if let Some(advertiser) = advertiser {
+            advertiser.stop(&node).await;
         }
     };
     daemon.run_until(vec![], until).await?;
@@ -329,25 +347,84 @@ async fn accept_peers(transport: Arc<Transport>, sidecar: Option<Arc<Sidecar>>) 
     }
 }
 
-/// Resolves `service` through the lookup (retrying while it cannot) and advertises its
-/// digest, so that ingresses find this instance.
-async fn advertise_service(node: Node, service: String) {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+/// How long the advertiser waits for the service before it says so (and again after as long).
+const WAIT_WARNING: Duration = Duration::from_secs(10);
+
+/// Advertises this instance once its service answers, and stops when told.
+struct Advertiser {
+    task: tokio::task::JoinHandle<()>,
+    /// The key, set just before it is advertised.
+    key: Arc<OnceLock<String>>,
+}
+
+impl Advertiser {
+    fn start(node: Node, service: String, sidecar: &Arc<Sidecar>) -> Self {
+        let key = Arc::new(OnceLock::new());
+        let task = tokio::spawn(advertise_service(
+            node,
+            service,
+            Arc::clone(sidecar),
+            Arc::clone(&key),
+        ));
+        Self { task, key }
+    }
+
+    /// Stops waiting to advertise, or stops advertising.
+    async fn stop(self, node: &Node) {
+        self.task.abort();
+        let _ = self.task.await;
+        if let Some(key) = self.key.get() {
+            node.stop_advertising(key).await;
+            tracing::info!(%key, "stopped advertising this instance");
+        }
+    }
+}
+
+/// Resolves `service` through the lookup (retrying while it cannot), waits until its service
+/// answers, and advertises its instance key (`key` is set first), so that ingresses find this
+/// instance only once it can serve. An instance whose service never answers is never
+/// advertised.
+async fn advertise_service(
+    node: Node,
+    service: String,
+    sidecar: Arc<Sidecar>,
+    key: Arc<OnceLock<String>>,
+) {
     let stopped = node.stopped();
+    let record = tokio::select! {
+        record = resolve(&node, &service) => record,
+        _ = stopped.cancelled() => return,
+    };
+    let instance_key = record.instance_key();
+    let health = Arc::clone(sidecar.health());
+    drop(sidecar);
+    let waiting = tokio::time::Instant::now();
     loop {
-        match control::lookup::client::get(&node, &service).await {
-            Ok(Some(record)) => {
-                let digest = record.digest.to_string();
-                node.advertise(&digest).await;
-                tracing::info!(%service, %digest, "advertising this instance");
-                return;
-            }
+        tokio::select! {
+            () = health.serving() => break,
+            () = tokio::time::sleep(WAIT_WARNING) => tracing::warn!(
+                %service,
+                upstream = %health.upstream(),
+                waited = ?waiting.elapsed(),
+                "the service does not answer yet; this instance is advertised once it does"
+            ),
+            _ = stopped.cancelled() => return,
+        }
+    }
+    let key = key.get_or_init(|| instance_key);
+    node.advertise(key).await;
+    tracing::info!(%service, %key, digest = %record.digest, "the service answers; advertising this instance");
+}
+
+/// The record of `service`, asked of the lookup until it answers.
+async fn resolve(node: &Node, service: &str) -> ServiceRecord {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        match control::lookup::client::get(node, service).await {
+            Ok(Some(record)) => return record,
             Ok(None) => tracing::warn!(%service, "the lookup knows no such service; asking again"),
             Err(error) => tracing::warn!(%service, %error, "cannot resolve the service; retrying"),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
-            _ = stopped.cancelled() => return,
-        }
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }

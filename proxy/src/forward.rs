@@ -1,35 +1,45 @@
-//! Both ends of one request between proxies: [`forward`] on the ingress side sends a request
-//! over an authenticated QUIC connection and returns the streaming response; [`Sidecar`] on
-//! the instance side answers such streams by calling its service through a pooled hyper
-//! client.
+//! The ingress's end of one request between proxies: [`forward`] sends a request over an
+//! authenticated QUIC connection and returns the streaming response, [`probe`] measures the
+//! round trip to an instance's proxy and hears its service's health. The other end is
+//! [`crate::sidecar::Sidecar`].
 
 use std::{
-    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use bytes::{Bytes, BytesMut};
-use http::{
-    HeaderValue, Request, Response, StatusCode, Uri, header,
-    uri::{self, Authority, PathAndQuery, Scheme},
-};
+use http::Response;
 use http_body::Body;
-use http_body_util::{BodyExt, Full};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
-use quinn::{Connection, RecvStream, SendStream};
+use quinn::Connection;
 
 use crate::{
-    framing::{
-        RequestHead, ResponseHead, decode_request_head, decode_response_head, encode_request_head,
-        encode_response_head,
-    },
-    metrics::Activity,
+    framing::{Health, RequestHead, decode_response_head, encode_request_head},
     stream::{FramedBody, Opening, StreamError, read_head, read_opening, send_message, send_ping},
 };
+
+/// Why an attempt to send a request to an instance failed. The kind decides what the
+/// ingress may do next: a request that never left, or that the service never saw, may go to
+/// another instance; one that broke after it was sent only if it can be sent again; a
+/// client's broken body is the client's fault and no instance's.
+#[derive(Debug, thiserror::Error)]
+pub enum AttemptError {
+    /// No connection to the instance could be had (or it was closed as dead): nothing sent.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// Nothing of the request left this proxy: no stream could be opened.
+    #[error("no stream could be opened: {0}")]
+    NotSent(StreamError),
+    /// The sidecar did not hand the request to its service, which never saw it.
+    #[error("the instance's service did not get it: {0}")]
+    Refused(String),
+    /// The request was sent, in part or whole, and the exchange broke before a response head.
+    #[error("the exchange broke: {0}")]
+    Broken(StreamError),
+    /// The client's request body failed (a malformed chunk, a reset) before the response.
+    #[error("the request body could not be read from the client: {0}")]
+    Client(String),
+}
 
 /// Sends `head` and `body` on a new stream of `connection` and returns the response as soon as
 /// its head arrives; its body streams from the connection as the caller reads it. The request
@@ -38,7 +48,7 @@ pub async fn forward<B>(
     connection: &Connection,
     head: &RequestHead,
     body: B,
-) -> Result<Response<FramedBody>, StreamError>
+) -> Result<Response<FramedBody>, AttemptError>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: std::fmt::Display + Send,
@@ -46,23 +56,46 @@ where
     let (mut send, mut recv) = connection
         .open_bi()
         .await
-        .map_err(|e| StreamError::Quic(e.to_string()))?;
+        .map_err(|e| AttemptError::NotSent(StreamError::Quic(e.to_string())))?;
     let mut encoded = BytesMut::with_capacity(HEAD_CAPACITY);
-    encode_request_head(head, &mut encoded)?;
+    encode_request_head(head, &mut encoded).map_err(|e| AttemptError::NotSent(e.into()))?;
+    // Set by the body's sender when the client's body fails: the client's fault, told
+    // apart from the exchange's.
+    let mut client_fault = None;
     if body.is_end_stream() {
         // No body (most GETs): the head and the stream's end go out at once, without a task
         // of their own, a spawn and a wake-up less per request.
-        send_message(&mut send, encoded.freeze(), body).await?;
+        send_message(&mut send, encoded.freeze(), body)
+            .await
+            .map_err(AttemptError::Broken)?;
     } else {
+        let fault = Arc::new(std::sync::OnceLock::new());
+        client_fault = Some(Arc::clone(&fault));
         tokio::spawn(async move {
             if let Err(error) = send_message(&mut send, encoded.freeze(), body).await {
                 tracing::debug!(%error, "request body not fully sent");
+                if let StreamError::Body(reason) = error {
+                    let _ = fault.set(reason);
+                }
                 let _ = send.reset(0u32.into());
             }
         });
     }
-    let (payload, rest) = read_head(&mut recv).await?;
-    let head = decode_response_head(&payload)?;
+    let client_failed = || {
+        client_fault
+            .as_ref()
+            .and_then(|fault| fault.get().cloned())
+            .map(AttemptError::Client)
+    };
+    let (payload, rest) = match read_head(&mut recv).await {
+        Ok(head) => head,
+        Err(StreamError::Refused(reason)) => return Err(AttemptError::Refused(reason)),
+        Err(error) => return Err(client_failed().unwrap_or(AttemptError::Broken(error))),
+    };
+    if let Some(fault) = client_failed() {
+        return Err(fault);
+    }
+    let head = decode_response_head(&payload).map_err(|e| AttemptError::Broken(e.into()))?;
     let mut response = Response::new(FramedBody::new(recv, rest));
     *response.status_mut() = head.status;
     *response.headers_mut() = head.headers;
@@ -70,124 +103,24 @@ where
 }
 
 /// Measures the round trip to the proxy at the other end of `connection`: a PING on a new
-/// stream, answered by the sidecar without involving its service.
-pub async fn probe(connection: &Connection) -> Result<Duration, StreamError> {
+/// stream, answered by the sidecar without involving its service, with what the sidecar
+/// knows of its service's health.
+pub async fn probe(connection: &Connection) -> Result<(Duration, Health), StreamError> {
     let begin = Instant::now();
     let (mut send, mut recv) = connection
         .open_bi()
         .await
         .map_err(|e| StreamError::Quic(e.to_string()))?;
-    send_ping(&mut send).await?;
+    send_ping(&mut send, &[]).await?;
     match read_opening(&mut recv).await? {
-        Opening::Ping => Ok(begin.elapsed()),
+        Opening::Ping(payload) => Ok((begin.elapsed(), Health::decode(&payload))),
         Opening::Head(..) => Err(StreamError::Unexpected(crate::framing::Kind::Head)),
+        Opening::Refused(..) => Err(StreamError::Unexpected(crate::framing::Kind::Refused)),
     }
 }
 
 /// Room for a typical encoded head, so that encoding it does not grow the buffer.
-const HEAD_CAPACITY: usize = 512;
-
-/// The instance side: requests arriving on QUIC streams go to the service at `upstream`.
-pub struct Sidecar {
-    upstream: SocketAddr,
-    /// `upstream` as a URI authority, made once (cloning it shares its bytes).
-    authority: Authority,
-    client: Client<HttpConnector, FramedBody>,
-    activity: Arc<Activity>,
-}
-
-impl Sidecar {
-    /// `activity` is told of every request served (the allocator culls idle instances).
-    pub fn new(upstream: SocketAddr, activity: Arc<Activity>) -> Arc<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new()).build(connector);
-        let authority = Authority::try_from(upstream.to_string())
-            .expect("a socket address is a valid authority");
-        Arc::new(Self {
-            upstream,
-            authority,
-            client,
-            activity,
-        })
-    }
-
-    /// Serves every request stream of an authenticated connection until it closes.
-    pub async fn serve_connection(self: Arc<Self>, connection: Connection) {
-        while let Ok((send, recv)) = connection.accept_bi().await {
-            let this = Arc::clone(&self);
-            tokio::spawn(async move {
-                if let Err(error) = this.serve_stream(send, recv).await {
-                    tracing::debug!(%error, "request stream failed");
-                }
-            });
-        }
-    }
-
-    async fn serve_stream(
-        &self,
-        mut send: SendStream,
-        mut recv: RecvStream,
-    ) -> Result<(), StreamError> {
-        let (payload, rest) = match read_opening(&mut recv).await? {
-            Opening::Head(payload, rest) => (payload, rest),
-            Opening::Ping => return send_ping(&mut send).await,
-        };
-        let head = decode_request_head(&payload)?;
-        let _serving = self.activity.serve();
-        let mut uri = uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
-        uri.authority = Some(self.authority.clone());
-        uri.path_and_query = Some(
-            PathAndQuery::try_from(head.target)
-                .map_err(|e: uri::InvalidUri| StreamError::Body(e.to_string()))?,
-        );
-        let mut request = Request::new(FramedBody::new(recv, rest));
-        *request.method_mut() = head.method;
-        *request.uri_mut() = Uri::from_parts(uri).map_err(|e| StreamError::Body(e.to_string()))?;
-        *request.headers_mut() = head.headers;
-        // This proxy carries trailers, so it says so: an HTTP/1.1 service sends trailers
-        // only to a client that accepts them (TE itself is hop-by-hop, set per hop).
-        request
-            .headers_mut()
-            .insert(header::TE, HeaderValue::from_static("trailers"));
-        let mut encoded = BytesMut::with_capacity(HEAD_CAPACITY);
-        match self.client.request(request).await {
-            Ok(response) => {
-                let (parts, body) = response.into_parts();
-                encode_response_head(
-                    &ResponseHead {
-                        status: parts.status,
-                        headers: parts.headers,
-                    },
-                    &mut encoded,
-                )?;
-                send_message(&mut send, encoded.freeze(), body).await
-            }
-            Err(error) => {
-                let text = format!("the service at {} did not answer: {error}\n", self.upstream);
-                let mut headers = http::HeaderMap::new();
-                headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; charset=utf-8"),
-                );
-                encode_response_head(
-                    &ResponseHead {
-                        status: StatusCode::BAD_GATEWAY,
-                        headers,
-                    },
-                    &mut encoded,
-                )?;
-                send_message(
-                    &mut send,
-                    encoded.freeze(),
-                    Full::new(Bytes::from(text)).map_err(|never| match never {}),
-                )
-                .await
-            }
-        }
-    }
-}
+pub(crate) const HEAD_CAPACITY: usize = 512;
 
 #[cfg(test)]
 mod tests;

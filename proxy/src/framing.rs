@@ -7,14 +7,23 @@
 //! | `HEAD` (1) | request: `version 1 | method (u8 length) | target (u16 length) | headers`; response: `version 1 | status u16 | headers` |
 //! | `DATA` (2) | body bytes, as they came |
 //! | `TRAILERS` (3) | `headers` |
-//! | `PING` (4) | empty |
+//! | `PING` (4) | a probe: empty; its answer: `health: u8` (0 serving, 1 down) |
+//! | `REFUSED` (5) | why, UTF-8: the sidecar could not hand the request to its service |
 //!
 //! `headers` is `count: u16` then per field `name (u16 length) | value (u16 length)`. A
 //! direction is one `HEAD`, any number of `DATA`, at most one `TRAILERS`, then the end of the
-//! stream (QUIC FIN). A stream that opens with `PING` instead of `HEAD` is a probe: the
-//! sidecar answers with one `PING` and ends the stream, so the ingress measures the round trip
-//! to the instance's proxy without troubling its service. The target is the path and query the sidecar sends to its service (the
+//! stream (QUIC FIN). The target is the path and query the sidecar sends to its service (the
 //! ingress already removed the `/<service>` segment).
+//!
+//! A stream that opens with `PING` instead of `HEAD` is a probe: the sidecar answers with one
+//! `PING` saying whether its service answers ([`Health`]) and ends the stream, so the ingress
+//! measures the round trip to the instance's proxy without troubling its service. An empty
+//! answer (a sidecar older than the health byte) means serving.
+//!
+//! A response direction that opens with `REFUSED` instead of `HEAD` says the service never
+//! saw the request (it refused the connection, or the sidecar knows it is down): the ingress
+//! may send the request elsewhere whatever its method, and counts the failure against the
+//! instance, never as an answer of its service.
 //!
 //! Body bytes are never copied into frames: a `DATA` frame is its 5-byte header written
 //! before the chunk hyper handed over. Decoding splits frames off the receive buffer without
@@ -40,6 +49,32 @@ pub enum Kind {
     Data = 2,
     Trailers = 3,
     Ping = 4,
+    Refused = 5,
+}
+
+/// What a sidecar says of its service in a probe's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// The service answers (or the sidecar has no reason to think otherwise).
+    Serving = 0,
+    /// The service refuses connections or failed its liveness check.
+    Down = 1,
+}
+
+impl Health {
+    /// The payload of a probe's answer.
+    pub fn encode(self) -> [u8; 1] {
+        [self as u8]
+    }
+
+    /// Reads a probe answer's payload; anything but "down" is serving, so that an older
+    /// sidecar's empty answer keeps its instance in use.
+    pub fn decode(payload: &[u8]) -> Self {
+        match payload.first() {
+            Some(1) => Self::Down,
+            _ => Self::Serving,
+        }
+    }
 }
 
 /// One frame split off the receive buffer; the payload shares the buffer's memory.
@@ -181,6 +216,7 @@ pub fn decode_frame(buffer: &mut BytesMut) -> Result<Option<Frame>, FrameError> 
         2 => Kind::Data,
         3 => Kind::Trailers,
         4 => Kind::Ping,
+        5 => Kind::Refused,
         other => return Err(FrameError::UnknownKind(other)),
     };
     let len = u32::from_be_bytes(buffer[1..5].try_into().expect("4 bytes")) as usize;

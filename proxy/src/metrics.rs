@@ -20,7 +20,7 @@ use prometheus::{
     proto::MetricFamily,
 };
 
-use crate::select::InstanceView;
+use crate::ingress::InstanceReport;
 
 /// When the proxy last served a request. The allocator culls an instance whose sidecar has
 /// served nothing for its idle timeout, so this is exported as seconds since then (since start
@@ -114,7 +114,8 @@ impl IngressMetrics {
         let retries = IntCounterVec::new(
             Opts::new(
                 "proxy_retries_total",
-                "Failed attempts retried on another instance (taken) or not (over_budget)",
+                "Failed attempts retried on another instance (taken) or not (over_budget), and \
+                 overdue ones sent to a second instance too (hedged)",
             ),
             &["service", "outcome"],
         )?;
@@ -158,6 +159,11 @@ impl IngressMetrics {
         self.retries.with_label_values(&[service, outcome]).inc();
     }
 
+    /// An overdue idempotent request was sent to a second instance as well.
+    pub fn hedged(&self, service: &str) {
+        self.retries.with_label_values(&[service, "hedged"]).inc();
+    }
+
     pub fn allocation(&self, service: &str, reason: &str, started: bool) {
         let outcome = if started { "started" } else { "failed" };
         self.allocations
@@ -169,7 +175,7 @@ impl IngressMetrics {
 /// The instances of one service as the chooser sees them.
 pub struct ServiceView {
     pub service: String,
-    pub instances: Vec<InstanceView<libp2p::PeerId>>,
+    pub instances: Vec<InstanceReport<libp2p::PeerId>>,
 }
 
 /// Gauges filled from live state at scrape time.
@@ -177,6 +183,8 @@ pub struct LiveCollector<F> {
     snapshot: F,
     activity: Arc<Activity>,
     rtt: GaugeVec,
+    service_time: GaugeVec,
+    down: IntGaugeVec,
     in_flight: IntGaugeVec,
     ejected: IntGaugeVec,
     idle: Gauge,
@@ -197,9 +205,25 @@ impl<F: Fn() -> Vec<ServiceView> + Send + Sync + 'static> LiveCollector<F> {
             rtt: GaugeVec::new(
                 Opts::new(
                     "proxy_instance_rtt_seconds",
-                    "RTT quantiles of each instance over the routing window (probes and requests)",
+                    "Network RTT quantiles of each instance over the routing window (probes and \
+                     the QUIC path RTT of requests; service time excluded)",
                 ),
                 &["service", "instance", "quantile"],
+            )?,
+            service_time: GaugeVec::new(
+                Opts::new(
+                    "proxy_instance_service_time_seconds",
+                    "Quantiles of each instance's service time over the last 10 s (request time \
+                     less the network RTT): a load signal, never a reason to allocate",
+                ),
+                &["service", "instance", "quantile"],
+            )?,
+            down: IntGaugeVec::new(
+                Opts::new(
+                    "proxy_instance_service_down",
+                    "1 while an instance's sidecar says its service does not answer",
+                ),
+                instance_labels,
             )?,
             in_flight: IntGaugeVec::new(
                 Opts::new(
@@ -233,6 +257,8 @@ impl<F: Fn() -> Vec<ServiceView> + Send + Sync + 'static> Collector for LiveColl
     fn desc(&self) -> Vec<&Desc> {
         [
             self.rtt.desc(),
+            self.service_time.desc(),
+            self.down.desc(),
             self.in_flight.desc(),
             self.ejected.desc(),
             self.idle.desc(),
@@ -243,19 +269,31 @@ impl<F: Fn() -> Vec<ServiceView> + Send + Sync + 'static> Collector for LiveColl
 
     fn collect(&self) -> Vec<MetricFamily> {
         self.rtt.reset();
+        self.service_time.reset();
+        self.down.reset();
         self.in_flight.reset();
         self.ejected.reset();
         for view in (self.snapshot)() {
-            for instance in view.instances {
+            for report in view.instances {
+                let instance = &report.view;
                 let peer = instance.key.to_string();
                 let labels = [view.service.as_str(), peer.as_str()];
-                if let Some(quantiles) = instance.quantiles {
-                    for (q, value) in ["0.5", "0.9", "0.99"].into_iter().zip(quantiles) {
-                        self.rtt
+                for (gauge, quantiles) in [
+                    (&self.rtt, instance.quantiles),
+                    (&self.service_time, report.service_time),
+                ] {
+                    for (q, value) in ["0.5", "0.9", "0.99"]
+                        .into_iter()
+                        .zip(quantiles.into_iter().flatten())
+                    {
+                        gauge
                             .with_label_values(&[labels[0], labels[1], q])
                             .set(value.as_secs_f64());
                     }
                 }
+                self.down
+                    .with_label_values(&labels)
+                    .set(i64::from(report.down));
                 self.in_flight
                     .with_label_values(&labels)
                     .set(i64::from(instance.in_flight));
@@ -270,6 +308,8 @@ impl<F: Fn() -> Vec<ServiceView> + Send + Sync + 'static> Collector for LiveColl
             .inc_by(self.activity.served() - self.served.get());
         [
             self.rtt.collect(),
+            self.service_time.collect(),
+            self.down.collect(),
             self.in_flight.collect(),
             self.ejected.collect(),
             self.idle.collect(),
@@ -279,9 +319,59 @@ impl<F: Fn() -> Vec<ServiceView> + Send + Sync + 'static> Collector for LiveColl
     }
 }
 
+/// What a sidecar knows of itself when scraped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SidecarView {
+    /// Probes answered since start.
+    pub probes_answered: u64,
+    /// Whether its service answers (not while starting or down).
+    pub service_up: bool,
+}
+
+/// The series of a sidecar: `proxy_probes_answered_total` and `proxy_service_up`, read from
+/// the sidecar's live state when scraped (nothing is updated per probe that no one reads).
+pub struct SidecarCollector<F> {
+    view: F,
+    probes: IntCounter,
+    up: prometheus::IntGauge,
+}
+
+impl<F: Fn() -> SidecarView + Send + Sync + 'static> SidecarCollector<F> {
+    /// Registers the sidecar's series, read from `view`.
+    pub fn register(registry: &Registry, view: F) -> prometheus::Result<()> {
+        let collector = Self {
+            view,
+            probes: IntCounter::new(
+                "proxy_probes_answered_total",
+                "Probes this proxy answered as the sidecar of its service",
+            )?,
+            up: prometheus::IntGauge::new(
+                "proxy_service_up",
+                "1 while this sidecar's service answers, 0 while it is starting or down",
+            )?,
+        };
+        registry.register(Box::new(collector))
+    }
+}
+
+impl<F: Fn() -> SidecarView + Send + Sync + 'static> Collector for SidecarCollector<F> {
+    fn desc(&self) -> Vec<&Desc> {
+        [self.probes.desc(), self.up.desc()].concat()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let view = (self.view)();
+        self.probes
+            .inc_by(view.probes_answered.saturating_sub(self.probes.get()));
+        self.up.set(i64::from(view.service_up));
+        [self.probes.collect(), self.up.collect()].concat()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::select::InstanceView;
 
     #[test]
     fn activity_measures_idle_time_from_the_last_request() {
@@ -305,11 +395,15 @@ mod tests {
         LiveCollector::register(&registry, Arc::clone(&activity), move || {
             vec![ServiceView {
                 service: "hello".into(),
-                instances: vec![InstanceView {
-                    key: peer,
-                    quantiles: Some([Duration::from_millis(1); 3]),
-                    in_flight: 2,
-                    ejected: false,
+                instances: vec![InstanceReport {
+                    view: InstanceView {
+                        key: peer,
+                        quantiles: Some([Duration::from_millis(1); 3]),
+                        in_flight: 2,
+                        ejected: false,
+                    },
+                    service_time: Some([Duration::from_millis(150); 3]),
+                    down: false,
                 }],
             }]
         })
@@ -325,5 +419,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("proxy_seconds_since_last_request "), "{text}");
+        let line = format!(
+            "proxy_instance_service_time_seconds{{instance=\"{peer}\",quantile=\"0.5\",service=\"hello\"}} 0.15"
+        );
+        assert!(text.contains(&line), "{text}");
     }
 }

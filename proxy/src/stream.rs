@@ -32,6 +32,9 @@ pub enum StreamError {
     Unexpected(Kind),
     #[error("QUIC stream: {0}")]
     Quic(String),
+    /// The sidecar did not hand the request to its service (a `REFUSED` frame).
+    #[error("the service did not get the request: {0}")]
+    Refused(String),
     #[error("body: {0}")]
     Body(String),
 }
@@ -74,12 +77,15 @@ fn poll_next_frame(
     }
 }
 
-/// How a stream direction opens: a message head, or a probe.
+/// How a stream direction opens: a message head, a probe (or its answer), or a refusal.
 pub enum Opening {
     /// The HEAD frame's payload and the buffer holding whatever arrived after it (the start
     /// of the body).
     Head(Bytes, BytesMut),
-    Ping,
+    /// A PING frame's payload (empty for a probe, the [`framing::Health`] in an answer).
+    Ping(Bytes),
+    /// A REFUSED frame's reason.
+    Refused(String),
 }
 
 /// Reads the frame that opens a stream direction.
@@ -87,27 +93,45 @@ pub async fn read_opening(recv: &mut RecvStream) -> Result<Opening, StreamError>
     let mut buffer = BytesMut::new();
     match next_frame(recv, &mut buffer).await? {
         Some(frame) if frame.kind == Kind::Head => Ok(Opening::Head(frame.payload, buffer)),
-        Some(frame) if frame.kind == Kind::Ping => Ok(Opening::Ping),
+        Some(frame) if frame.kind == Kind::Ping => Ok(Opening::Ping(frame.payload)),
+        Some(frame) if frame.kind == Kind::Refused => Ok(Opening::Refused(
+            String::from_utf8_lossy(&frame.payload).into_owned(),
+        )),
         Some(frame) => Err(StreamError::Unexpected(frame.kind)),
         None => Err(StreamError::NoHead),
     }
 }
 
 /// Reads the HEAD frame that opens a stream direction; returns its payload and the buffer
-/// holding whatever arrived after it (the start of the body).
+/// holding whatever arrived after it (the start of the body). A REFUSED frame is
+/// [`StreamError::Refused`].
 pub async fn read_head(recv: &mut RecvStream) -> Result<(Bytes, BytesMut), StreamError> {
     match read_opening(recv).await? {
         Opening::Head(payload, rest) => Ok((payload, rest)),
-        Opening::Ping => Err(StreamError::Unexpected(Kind::Ping)),
+        Opening::Ping(_) => Err(StreamError::Unexpected(Kind::Ping)),
+        Opening::Refused(reason) => Err(StreamError::Refused(reason)),
     }
 }
 
-/// Writes a PING frame and ends the stream direction: a probe, or the answer to one.
-pub async fn send_ping(send: &mut SendStream) -> Result<(), StreamError> {
-    send.write_all(&frame_header(Kind::Ping, 0))
-        .await
-        .map_err(quic)?;
+/// Writes one small frame and ends the stream direction.
+async fn send_last(send: &mut SendStream, kind: Kind, payload: &[u8]) -> Result<(), StreamError> {
+    let mut frame = BytesMut::with_capacity(framing::FRAME_HEADER_BYTES + payload.len());
+    frame.extend_from_slice(&frame_header(kind, payload.len()));
+    frame.extend_from_slice(payload);
+    send.write_chunk(frame.freeze()).await.map_err(quic)?;
     send.finish().map_err(quic)
+}
+
+/// Writes a PING frame with `payload` and ends the stream direction: a probe (empty), or the
+/// answer to one (the service's [`framing::Health`]).
+pub async fn send_ping(send: &mut SendStream, payload: &[u8]) -> Result<(), StreamError> {
+    send_last(send, Kind::Ping, payload).await
+}
+
+/// Answers a request with a REFUSED frame: its service never got it, for `reason`.
+pub async fn send_refused(send: &mut SendStream, reason: &str) -> Result<(), StreamError> {
+    let reason = &reason.as_bytes()[..reason.len().min(framing::MAX_HEAD_BYTES)];
+    send_last(send, Kind::Refused, reason).await
 }
 
 /// Writes an encoded head, then streams `body` as DATA frames and its trailers, then finishes
@@ -189,7 +213,7 @@ impl Body for FramedBody {
             Kind::Trailers => decode_trailers(&frame.payload)
                 .map(BodyFrame::trailers)
                 .map_err(Into::into),
-            kind @ (Kind::Head | Kind::Ping) => Err(StreamError::Unexpected(kind)),
+            kind @ (Kind::Head | Kind::Ping | Kind::Refused) => Err(StreamError::Unexpected(kind)),
         }))
     }
 

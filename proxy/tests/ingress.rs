@@ -10,9 +10,9 @@ use control::lookup::Limits;
 use http::StatusCode;
 use libp2p::identity::Keypair;
 use proxy::{
-    forward::Sidecar,
     ingress::{Ingress, IngressSettings},
     metrics::{Activity, IngressMetrics},
+    sidecar::Sidecar,
     transport::Transport,
 };
 use support::*;
@@ -41,7 +41,7 @@ async fn a_request_goes_through_ingress_and_sidecar_to_the_service_and_back() {
         .register("hello-world-server", Limits::default())
         .await;
 
-    // One instance: the service and its sidecar, advertising the service's digest.
+    // One instance: the service and its sidecar, advertising the service's instance key.
     let upstream = test_service("hello").await;
     let sidecar_key = Keypair::generate_ed25519();
     let sidecar_transport =
@@ -52,7 +52,7 @@ async fn a_request_goes_through_ingress_and_sidecar_to_the_service_and_back() {
         Some(sidecar_transport.local_addr().unwrap()),
     )
     .await;
-    sidecar_node.advertise(&record.digest.to_string()).await;
+    sidecar_node.advertise(&record.instance_key()).await;
     let sidecar = Sidecar::new(upstream, Activity::new());
     let accepting = Arc::clone(&sidecar_transport);
     tokio::spawn(async move {

@@ -1,9 +1,10 @@
 //! `/mtc/allocator/start/1`: a proxy asks an allocator to start an instance of a service.
 //!
 //! The allocator answers once the instance is started. The instance is ready when its sidecar
-//! appears as a provider of the service's digest on the overlay: the requester watches for
-//! that rather than trusting an address in the answer, so an instance is only used once its
-//! proxy really serves.
+//! appears as a provider of the service's instance key (`ServiceRecord::instance_key`) on the
+//! overlay, which it advertises once its service answers: the requester watches for that
+//! rather than trusting an address in the answer, so an instance is only used once its proxy
+//! and service really serve.
 
 use libp2p::StreamProtocol;
 use serde::{Deserialize, Serialize};

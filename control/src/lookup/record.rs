@@ -62,8 +62,8 @@ pub struct Limits {
 pub struct ServiceRecord {
     pub version: u32,
     pub name: String,
-    /// SHA-256 of the artifact blob: the blob's name on the overlay, and the namespace the
-    /// service's instances advertise.
+    /// SHA-256 of the artifact blob: the blob's name on the overlay. Instances advertise
+    /// [`ServiceRecord::instance_key`], not this: one artifact may run as several services.
     pub digest: Digest,
     /// Size of the artifact blob in bytes.
     pub size: u64,
@@ -78,6 +78,17 @@ pub struct ServiceRecord {
 impl ServiceRecord {
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("records always serialize")
+    }
+
+    /// The namespace this service's instances advertise on the overlay and ingresses look
+    /// them up by: the name and a hash of how an instance runs (the artifact's digest and how
+    /// it is started), so that two services sharing an artifact never share instances, and
+    /// instances of a record that was replaced are not taken for the new one's.
+    pub fn instance_key(&self) -> String {
+        let identity = serde_json::to_vec(&(&self.digest, &self.artifact))
+            .expect("digests and artifacts always serialize");
+        let hash = Digest::of(&identity).hex();
+        format!("instance/{}/{}", self.name, &hash[..32])
     }
 
     pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
@@ -180,6 +191,28 @@ mod tests {
             },
             unknown: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn instance_keys_tell_services_apart_even_with_one_artifact() {
+        let first = record();
+        let mut second = record();
+        second.name = "other-server".into();
+        let mut restarted_differently = record();
+        restarted_differently.artifact = Artifact::Executable {
+            command: vec!["hello".into(), "--fast".into()],
+        };
+        let mut limits_only = record();
+        limits_only.limits.soft_rtt = Some(Duration::from_millis(5));
+        assert_ne!(first.instance_key(), second.instance_key());
+        assert_ne!(first.instance_key(), restarted_differently.instance_key());
+        // Limits say how instances are chosen, not what runs: the instances stay the same.
+        assert_eq!(first.instance_key(), limits_only.instance_key());
+        assert!(
+            first
+                .instance_key()
+                .starts_with("instance/hello-world-server/")
+        );
     }
 
     #[test]

@@ -15,15 +15,15 @@ use libp2p::PeerId;
 
 /// After an allocation for a service with no instance ended, the next may start this much
 /// later.
-const RETRY_NONE: Duration = Duration::from_secs(2);
+pub const RETRY_NONE: Duration = Duration::from_secs(2);
 /// After an allocation for a nearer instance, the next one may start this much later: a
 /// nearer instance takes a moment to be measured as such.
-const RETRY_NEARER: Duration = Duration::from_secs(30);
+pub const RETRY_NEARER: Duration = Duration::from_secs(30);
 /// How long allocators are searched for on the overlay.
 const FIND_ALLOCATORS: Duration = Duration::from_secs(3);
 
 /// Why an instance is asked for.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
     /// The service has no usable instance.
     NoInstance,

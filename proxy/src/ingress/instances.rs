@@ -1,12 +1,11 @@
-//! The instances of every service the ingress has used: found as providers of the service's
-//! digest on the overlay, kept in a [`Chooser`] each, refreshed in the background while the
-//! service is in use, and probed a few times a second so that each has a fresh RTT whatever
-//! share of the traffic it gets.
+//! The driver of the routing cores: one [`ServiceCore`] per service used, behind one lock
+//! that is held only while a core is called. What a core asks for ([`Action`]) is done after
+//! the lock is released: probes, discoveries and allocations as tasks of their own, wake-ups
+//! through the service's [`Notify`], closing a dead instance's connection. A ticker calls
+//! every core a few times a second so that probes and refreshes happen without requests.
 
 use std::{
-    cell::Cell,
     collections::{HashMap, HashSet},
-    hash::{BuildHasher, RandomState},
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
@@ -16,186 +15,261 @@ use control::{overlay::Node, rpc::NodeInfoProtocol};
 use futures::StreamExt;
 use libp2p::PeerId;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
-use super::allocation::AllocationState;
+use super::{
+    allocation::{Reason, ask_allocators},
+    records::Resolved,
+    routing::{Action, PROBE_TIMEOUT, ServiceCore},
+};
 use crate::{
-    config::perf::{Limits, Policy},
+    config::perf::Policy,
     forward::probe,
-    metrics::ServiceView,
-    select::{Chooser, Decision},
+    metrics::{IngressMetrics, ServiceView},
     transport::Transport,
 };
 
-/// How long a service with no instance found waits before its instances are looked for again.
-const EMPTY_RETRY: Duration = Duration::from_secs(1);
-/// How often the instances of a service are looked for again (in the background) while it is
-/// in use.
-const REFRESH: Duration = Duration::from_secs(10);
-/// How often each instance of a service in use is probed.
-pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);
-/// A probe not answered within this counts as a failure.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-/// A service is probed while it served a request within this.
-const IN_USE: Duration = Duration::from_secs(30);
+/// How often every core is told the time.
+const TICK: Duration = Duration::from_millis(50);
 
-/// One service (by digest).
-pub(super) struct Service {
-    /// Its name, for metrics and messages.
-    name: String,
-    pub(super) chooser: Chooser<PeerId>,
-    addrs: HashMap<PeerId, SocketAddr>,
-    refreshed: Option<Instant>,
-    /// A background discovery is running (one at a time per service).
-    refreshing: bool,
-    probing: HashSet<PeerId>,
-    last_used: Instant,
-    /// Woken when instances are found or an allocation ends.
-    pub(super) changed: Arc<Notify>,
-    pub(super) allocation: AllocationState,
-}
-
-/// The outcome of [`Services::choose`].
-pub(super) struct Choice {
-    pub decision: Decision<PeerId>,
-    pub addr: Option<SocketAddr>,
-    /// No instance is known and none was looked for a moment ago: the caller should discover
-    /// before giving up.
-    pub discover_now: bool,
-    /// Instances known, usable or not.
-    pub known: usize,
+/// One service (by its instance key).
+struct Entry {
+    service: Arc<Resolved>,
+    core: ServiceCore<PeerId>,
+    /// Woken on [`Action::Wake`].
+    changed: Arc<Notify>,
 }
 
 pub(super) struct Services {
     node: Node,
     transport: Arc<Transport>,
+    metrics: IngressMetrics,
     policy: Policy,
-    by_digest: Mutex<HashMap<String, Service>>,
+    max_waiting: usize,
+    /// How long an allocated instance may take to appear on the overlay.
+    instance_wait: Duration,
+    by_key: Mutex<HashMap<String, Entry>>,
+    /// Peers that closed their connection to this proxy (taken by the ticker).
+    closes: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<PeerId>>>,
 }
 
-thread_local! {
-    static RANDOM: Cell<u64> = Cell::new(RandomState::new().hash_one(std::thread::current().id()) | 1);
-}
-
-/// A number below `n` from a per-thread xorshift generator: choosing instances needs speed,
-/// not cryptographic quality.
-fn random_below(n: usize) -> usize {
-    RANDOM.with(|state| {
-        let mut x = state.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        state.set(x);
-        (x % n as u64) as usize
-    })
+/// What to do once the lock is released.
+pub(super) struct Todo {
+    key: String,
+    actions: Vec<Action<PeerId>>,
+    changed: Arc<Notify>,
 }
 
 impl Services {
-    pub(super) fn new(node: Node, transport: Arc<Transport>, policy: Policy) -> Arc<Self> {
+    pub(super) fn new(
+        node: Node,
+        transport: Arc<Transport>,
+        metrics: IngressMetrics,
+        policy: Policy,
+        max_waiting: usize,
+        instance_wait: Duration,
+    ) -> Arc<Self> {
+        let closes = Mutex::new(Some(transport.watch_closes()));
         Arc::new(Self {
+            closes,
             node,
             transport,
+            metrics,
             policy,
-            by_digest: Mutex::default(),
+            max_waiting,
+            instance_wait,
+            by_key: Mutex::default(),
         })
     }
 
-    fn all(&self) -> MutexGuard<'_, HashMap<String, Service>> {
-        self.by_digest.lock().unwrap_or_else(|p| p.into_inner())
+    fn all(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        self.by_key.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs `f` on the service of `digest`, created empty if it is new.
-    pub(super) fn with<T>(&self, digest: &str, name: &str, f: impl FnOnce(&mut Service) -> T) -> T {
-        let mut all = self.all();
-        // Looked up first: the key is only copied when the service is new.
-        if let Some(service) = all.get_mut(digest) {
-            return f(service);
-        }
-        let service = all.entry(digest.to_owned()).or_insert_with(|| Service {
-            name: name.to_owned(),
-            chooser: Chooser::new(self.policy),
-            addrs: HashMap::new(),
-            refreshed: None,
-            refreshing: false,
-            probing: HashSet::new(),
-            last_used: Instant::now(),
-            changed: Arc::new(Notify::new()),
-            allocation: AllocationState::default(),
-        });
-        f(service)
-    }
-
-    /// Where the next request for `digest` goes. Known instances are served from at once and
-    /// refreshed in the background when their list is old.
-    pub(super) fn choose(
+    /// Calls `f` on the core of `service` (created if new) with a list for its actions, which
+    /// are carried out after the lock is released. Returns what `f` returned and the service's
+    /// wake-up.
+    pub(super) fn with<T>(
         self: &Arc<Self>,
-        digest: &str,
-        name: &str,
-        limits: Limits,
-        avoid: Option<&PeerId>,
-    ) -> Choice {
-        let now = Instant::now();
-        self.with(digest, name, |service| {
-            service.last_used = now;
-            let stale = service.refreshed.is_none_or(|at| now - at > REFRESH);
-            if !service.chooser.is_empty() && stale && !service.refreshing {
-                service.refreshing = true;
-                let (this, digest) = (Arc::clone(self), digest.to_owned());
-                tokio::spawn(async move { this.discover(&digest).await });
+        service: &Arc<Resolved>,
+        f: impl FnOnce(&mut ServiceCore<PeerId>, &mut Vec<Action<PeerId>>) -> T,
+    ) -> (T, Arc<Notify>) {
+        let mut actions = Vec::new();
+        let (value, changed) = {
+            let mut all = self.all();
+            // Looked up first: the key is only copied when the service is new.
+            let entry = match all.get_mut(&service.key) {
+                Some(entry) => entry,
+                None => all.entry(service.key.clone()).or_insert_with(|| Entry {
+                    service: Arc::clone(service),
+                    core: ServiceCore::new(self.policy, self.max_waiting),
+                    changed: Arc::new(Notify::new()),
+                }),
+            };
+            (f(&mut entry.core, &mut actions), Arc::clone(&entry.changed))
+        };
+        if !actions.is_empty() {
+            self.perform(Todo {
+                key: service.key.clone(),
+                actions,
+                changed: Arc::clone(&changed),
+            });
+        }
+        (value, changed)
+    }
+
+    /// Like [`Services::with`] for a service known by key only (from a task of the driver);
+    /// nothing happens if it is gone.
+    fn with_key(
+        self: &Arc<Self>,
+        key: &str,
+        f: impl FnOnce(&mut ServiceCore<PeerId>, &mut Vec<Action<PeerId>>),
+    ) {
+        let todo = {
+            let mut all = self.all();
+            let Some(entry) = all.get_mut(key) else {
+                return;
+            };
+            let mut actions = Vec::new();
+            f(&mut entry.core, &mut actions);
+            Todo {
+                key: key.to_owned(),
+                actions,
+                changed: Arc::clone(&entry.changed),
             }
-            let decision = service
-                .chooser
-                .choose_avoiding(now, limits, random_below, avoid);
-            let addr = decision
-                .pick
-                .and_then(|peer| service.addrs.get(&peer).copied());
-            let discover_now = service.chooser.is_empty()
-                && service.refreshed.is_none_or(|at| now - at >= EMPTY_RETRY);
-            Choice {
-                decision,
-                addr,
-                discover_now,
-                known: service.chooser.len(),
+        };
+        self.perform(todo);
+    }
+
+    /// Tells every core the time, and of the peers that closed their connections, until
+    /// `stop`.
+    pub(super) async fn tick_until(self: Arc<Self>, stop: CancellationToken) {
+        let mut every = tokio::time::interval(TICK);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let taken = self.closes.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(mut closes) = taken else {
+            return;
+        };
+        loop {
+            let closed = tokio::select! {
+                _ = every.tick() => None,
+                Some(peer) = closes.recv() => Some(peer),
+                _ = stop.cancelled() => return,
+            };
+            let now = Instant::now();
+            let todos: Vec<Todo> = self
+                .all()
+                .iter_mut()
+                .filter_map(|(key, entry)| {
+                    let mut actions = Vec::new();
+                    match closed {
+                        Some(peer) => {
+                            if entry.core.known().any(|known| *known == peer) {
+                                tracing::debug!(service = %key, %peer, "instance closed its connection");
+                            }
+                            entry.core.closed_by_peer(&peer, now, &mut actions);
+                        }
+                        None => entry.core.tick(now, &mut actions),
+                    }
+                    (!actions.is_empty()).then(|| Todo {
+                        key: key.clone(),
+                        actions,
+                        changed: Arc::clone(&entry.changed),
+                    })
+                })
+                .collect();
+            for todo in todos {
+                self.perform(todo);
             }
+        }
+    }
+
+    /// Carries out a core's actions (never under the lock).
+    fn perform(self: &Arc<Self>, todo: Todo) {
+        let Todo {
+            key,
+            actions,
+            changed,
+        } = todo;
+        for action in actions {
+            match action {
+                Action::Wake => changed.notify_waiters(),
+                Action::Close(peer) => {
+                    tracing::debug!(service = %key, %peer, "instance dead or gone: connection closed");
+                    self.transport.close_connection(&peer);
+                }
+                Action::Probe(peer, addr) => {
+                    let (this, key) = (Arc::clone(self), key.clone());
+                    tokio::spawn(async move { this.probe(key, peer, addr).await });
+                }
+                Action::Discover => {
+                    let (this, key) = (Arc::clone(self), key.clone());
+                    tokio::spawn(async move {
+                        let found = this.discover(&key).await;
+                        this.discovered(&key, &found);
+                    });
+                }
+                Action::Allocate(reason) => {
+                    let (this, key) = (Arc::clone(self), key.clone());
+                    tokio::spawn(async move { this.allocate(key, reason).await });
+                }
+            }
+        }
+    }
+
+    async fn probe(self: Arc<Self>, key: String, peer: PeerId, addr: SocketAddr) {
+        let sent = Instant::now();
+        let result = tokio::time::timeout(PROBE_TIMEOUT, async {
+            let connection = self
+                .transport
+                .connect(peer, addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            probe(&connection).await.map_err(|e| e.to_string())
         })
+        .await
+        .unwrap_or_else(|_| Err("no answer".into()));
+        let now = Instant::now();
+        let answer = match result {
+            Ok((_, health)) => Some(health),
+            Err(error) => {
+                tracing::debug!(service = %key, %peer, %error, "probe failed");
+                None
+            }
+        };
+        self.with_key(&key, |core, actions| {
+            core.probed(&peer, sent, now, answer, actions);
+        });
     }
 
-    /// The peers known for `digest`.
-    pub(super) fn known(&self, digest: &str) -> HashSet<PeerId> {
-        self.all()
-            .get(digest)
-            .map(|s| s.addrs.keys().copied().collect())
-            .unwrap_or_default()
-    }
-
-    /// Finds the providers of `digest`, asks each new one where its data plane listens, adds
-    /// it (to be probed before it gets traffic) and wakes requests waiting for instances.
-    pub(super) async fn discover(&self, digest: &str) {
-        let known = self.known(digest);
-        let mut providers = self.node.find_providers(digest).await;
+    /// The instances of the service with instance key `key` on the overlay, with the address
+    /// of each one's data plane.
+    async fn discover(&self, key: &str) -> Vec<(PeerId, SocketAddr)> {
+        let mut providers = self.node.find_providers(key).await;
         let mut found = Vec::new();
+        let mut seen = HashSet::new();
         while let Some(peer) = providers.next().await {
-            if known.contains(&peer) || found.iter().any(|(p, _)| *p == peer) {
+            if !seen.insert(peer) {
                 continue;
             }
             if let Some(addr) = self.data_plane_of(peer).await {
                 found.push((peer, addr));
             }
         }
+        found
+    }
+
+    /// Tells the core of `key` the instances found now.
+    fn discovered(self: &Arc<Self>, key: &str, found: &[(PeerId, SocketAddr)]) {
         let now = Instant::now();
-        let mut all = self.all();
-        let Some(service) = all.get_mut(digest) else {
-            return;
-        };
-        for (peer, addr) in &found {
-            tracing::debug!(service = %service.name, %peer, %addr, "instance found");
-            service.chooser.add(*peer, now);
-            service.addrs.insert(*peer, *addr);
-        }
-        service.refreshed = Some(now);
-        service.refreshing = false;
-        if !found.is_empty() {
-            service.changed.notify_waiters();
-        }
+        self.with_key(key, |core, actions| {
+            for (peer, addr) in found {
+                if !core.known().any(|known| known == peer) {
+                    tracing::debug!(service = %key, %peer, %addr, "instance found");
+                }
+            }
+            core.discovered(now, found, actions);
+        });
     }
 
     /// Where `peer`'s data plane listens, by asking it; an unspecified IP is replaced by the
@@ -213,50 +287,63 @@ impl Services {
         Some(addr)
     }
 
-    /// Starts a probe of every instance of every service in use that has none running.
-    pub(super) fn probe_round(self: &Arc<Self>) {
+    /// Asks allocators for an instance of the service and looks for it until it appears on
+    /// the overlay; then tells the core how it went.
+    async fn allocate(self: Arc<Self>, key: String, reason: Reason) {
+        let Some((service, before)) = self.all().get(&key).map(|entry| {
+            let known: HashSet<PeerId> = entry.core.known().copied().collect();
+            (Arc::clone(&entry.service), known)
+        }) else {
+            return;
+        };
+        let record = &service.record;
+        let result = match ask_allocators(&self.node, record, reason).await {
+            Ok((allocator, instance)) => self.wait_for_new_instance(&key, &before).await.map_err(
+                |waited| {
+                    format!(
+                        "allocator {allocator} started instance {instance}, but its proxy did not \
+                         appear within {waited:?}"
+                    )
+                },
+            ),
+            Err(reason) => Err(reason),
+        };
+        if let Err(error) = &result {
+            tracing::warn!(service = %record.name, %error, "allocation failed");
+        }
+        self.metrics
+            .allocation(&record.name, reason.label(), result.is_ok());
         let now = Instant::now();
-        let mut all = self.all();
-        for (digest, service) in all.iter_mut() {
-            if now - service.last_used > IN_USE {
-                continue;
+        self.with_key(&key, |core, actions| {
+            core.allocation_ended(reason, result, now, actions);
+        });
+    }
+
+    /// Looks for the instances of `key` until one not in `before` appears (and tells the core
+    /// each time); `Err` with the time waited when none did within the instance wait.
+    async fn wait_for_new_instance(
+        self: &Arc<Self>,
+        key: &str,
+        before: &HashSet<PeerId>,
+    ) -> Result<(), Duration> {
+        let waited = self.instance_wait;
+        let give_up = tokio::time::Instant::now() + waited;
+        // A sidecar advertises as soon as its service answers, usually within tens of
+        // milliseconds of its start: look often at first, then back off.
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let found = self.discover(key).await;
+            let appeared = found.iter().any(|(peer, _)| !before.contains(peer));
+            if appeared {
+                self.discovered(key, &found);
+                return Ok(());
             }
-            for (&peer, &addr) in &service.addrs {
-                if !service.probing.insert(peer) {
-                    continue;
-                }
-                service.chooser.probe_sent(&peer, now);
-                let (this, digest) = (Arc::clone(self), digest.clone());
-                tokio::spawn(async move {
-                    let result = tokio::time::timeout(PROBE_TIMEOUT, async {
-                        let connection = this
-                            .transport
-                            .connect(peer, addr)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        probe(&connection).await.map_err(|e| e.to_string())
-                    })
-                    .await
-                    .unwrap_or_else(|_| Err("no answer".into()));
-                    let now = Instant::now();
-                    let mut all = this.all();
-                    let Some(service) = all.get_mut(&digest) else {
-                        return;
-                    };
-                    service.probing.remove(&peer);
-                    match result {
-                        Ok(rtt) => {
-                            service.chooser.probe_answered(&peer);
-                            service.chooser.record_rtt(&peer, rtt, now);
-                            service.chooser.outcome(&peer, true, now);
-                        }
-                        Err(error) => {
-                            tracing::debug!(service = %service.name, %peer, %error, "probe failed");
-                            service.chooser.outcome(&peer, false, now);
-                        }
-                    }
-                });
+            let now = tokio::time::Instant::now();
+            if now >= give_up {
+                return Err(waited);
             }
+            tokio::time::sleep(pause.min(give_up - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
         }
     }
 
@@ -265,9 +352,9 @@ impl Services {
         let now = Instant::now();
         self.all()
             .values_mut()
-            .map(|service| ServiceView {
-                service: service.name.clone(),
-                instances: service.chooser.view(now),
+            .map(|entry| ServiceView {
+                service: entry.service.record.name.clone(),
+                instances: entry.core.report(now),
             })
             .collect()
     }

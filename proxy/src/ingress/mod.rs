@@ -1,52 +1,76 @@
 //! The ingress: HTTP/1.1 and h2c on a local port; each request `/<service>/<rest>` is resolved
-//! through the lookup ([`records`]), sent to the instance chosen from live RTTs
-//! ([`instances`]) over an authenticated QUIC connection, and the response streamed back.
-//! A service with no instance gets one from an allocator ([`allocation`]) while its requests
-//! wait; a failed attempt is retried on another instance within the [`RetryBudget`].
+//! through the lookup ([`records`]) and sent over an authenticated QUIC connection to the
+//! instance the service's routing core ([`routing`], driven by [`instances`]) chooses, and the
+//! response streamed back.
+//!
+//! The path of one request, in [`Ingress::send`]:
+//! 1. the core chooses an instance, or says to wait (for an instance being verified or
+//!    allocated; at most `--max-waiting` requests of a service wait, each up to
+//!    `--instance-wait`), or says why none can be had;
+//! 2. the connection to the instance (shared by every request to it) is had within
+//!    [`CONNECT_TIMEOUT`]; failing that, the request goes elsewhere, body and all;
+//! 3. the request is forwarded; if its response head has not begun within the per-try
+//!    timeout the core gave, the core is told (it stops routing there and probes the
+//!    instance), and an idempotent request without a body is sent a second time to another
+//!    instance (a hedge, within the [`RetryBudget`]): the first answer wins;
+//! 4. an attempt that fails is retried elsewhere when that is safe: nothing was sent, or the
+//!    instance's service never got it and its body is still here, or the request is
+//!    idempotent without a body;
+//! 5. every attempt's typed outcome goes back to the core (network RTT and service time
+//!    apart); every failure is a [`RequestError`], turned into a response in one place.
 
 mod allocation;
+mod error;
 mod instances;
 mod records;
+mod routing;
 
 pub use allocation::Reason;
+pub use error::RequestError;
+pub use routing::InstanceReport;
 
 use std::{
+    cell::Cell,
     convert::Infallible,
+    hash::{BuildHasher, RandomState},
     net::SocketAddr,
     pin::pin,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use control::overlay::Node;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{Method, Request, Response};
 use http_body::Body;
-use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
+use http_body_util::{BodyExt, Either, Empty, combinators::BoxBody};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use libp2p::PeerId;
+use quinn::Connection;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::perf::{Overrides, PerfConfig},
-    forward::forward,
+    config::perf::{Limits, Overrides, PerfConfig},
+    forward::{AttemptError, forward},
     framing::RequestHead,
     metrics::{Activity, IngressMetrics, ServiceView, UNKNOWN_SERVICE},
     retry::RetryBudget,
     rewrite::{forward_request_headers, forward_response_headers, split_target},
+    stream::FramedBody,
     transport::Transport,
 };
-use allocation::{Begin, ask_allocators};
-use instances::{PROBE_INTERVAL, Services};
+use instances::Services;
 use records::{Records, Resolved};
+use routing::{Choice, Outcome};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ResponseBody = BoxBody<Bytes, BoxError>;
+
+/// A connection to an instance not had within this is given up on (a handshake with a frozen
+/// or gone instance would otherwise wait for the QUIC idle timeout).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// How the ingress behaves; the proxy's flags set it.
 #[derive(Debug, Clone)]
@@ -56,7 +80,8 @@ pub struct IngressSettings {
     pub record_ttl: Duration,
     /// How long a request waits for an instance of a service that has none.
     pub instance_wait: Duration,
-    /// Most requests waiting for instances at once; more are answered 503 at once.
+    /// Most requests of one service waiting for instances at once; more are answered 503 at
+    /// once.
     pub max_waiting: usize,
     /// Largest request head (request line and headers) accepted, in bytes.
     pub max_head_bytes: usize,
@@ -78,7 +103,6 @@ impl Default for IngressSettings {
 }
 
 pub struct Ingress {
-    node: Node,
     transport: Arc<Transport>,
     settings: IngressSettings,
     records: Arc<Records>,
@@ -86,21 +110,6 @@ pub struct Ingress {
     metrics: IngressMetrics,
     activity: Arc<Activity>,
     retries: RetryBudget,
-    waiting: AtomicUsize,
-}
-
-fn plain(status: StatusCode, text: String) -> Response<ResponseBody> {
-    let mut response = Response::new(
-        Full::new(Bytes::from(text + "\n"))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }
 
 /// Methods a request may be sent twice with (RFC 9110 section 9.2.2).
@@ -111,12 +120,98 @@ fn idempotent(method: &Method) -> bool {
     )
 }
 
-/// Counts a request waiting for an instance while it lives.
-struct Waiting<'a>(&'a AtomicUsize);
+thread_local! {
+    static RANDOM: Cell<u64> = Cell::new(RandomState::new().hash_one(std::thread::current().id()) | 1);
+}
+
+/// A number below `n` from a per-thread xorshift generator: choosing instances needs speed,
+/// not cryptographic quality.
+fn random_below(n: usize) -> usize {
+    RANDOM.with(|state| {
+        let mut x = state.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        state.set(x);
+        (x % n as u64) as usize
+    })
+}
+
+/// The body an attempt sends: the client's, or none (a bodiless request, or a hedge).
+type SentBody = Either<Incoming, Empty<Bytes>>;
+
+/// A request waiting for an instance, counted by its service's core until dropped (also when
+/// the client goes away).
+struct Waiting<'a> {
+    services: &'a Arc<Services>,
+    service: &'a Arc<Resolved>,
+}
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.services
+            .with(self.service, |core, _| core.stop_waiting());
+    }
+}
+
+/// One attempt on one instance; its outcome is told to the core once, and as cancelled if it
+/// is dropped before it ended (the hedge answered first, or the client left).
+struct Attempt {
+    services: Arc<Services>,
+    service: Arc<Resolved>,
+    peer: PeerId,
+    started: Instant,
+    ended: bool,
+}
+
+impl Attempt {
+    fn begin(services: &Arc<Services>, service: &Arc<Resolved>, peer: PeerId) -> Self {
+        services.with(service, |core, _| core.attempt_started(&peer));
+        Self {
+            services: Arc::clone(services),
+            service: Arc::clone(service),
+            peer,
+            started: Instant::now(),
+            ended: false,
+        }
+    }
+
+    fn end(&mut self, outcome: Outcome) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        let (peer, started, now) = (self.peer, self.started, Instant::now());
+        self.services.with(&self.service, |core, actions| {
+            core.attempt_ended(&peer, started, now, outcome, actions);
+        });
+    }
+
+    /// Sends the request on `connection` and tells the core how it went.
+    async fn exchange(
+        mut self,
+        connection: Connection,
+        head: &RequestHead,
+        body: SentBody,
+    ) -> Result<Response<FramedBody>, (PeerId, AttemptError)> {
+        let begin = Instant::now();
+        let result = forward(&connection, head, body).await;
+        let outcome = match &result {
+            Ok(_) => Outcome::Answered {
+                network: connection.rtt(),
+                total: begin.elapsed(),
+            },
+            Err(AttemptError::Client(_)) => Outcome::ClientFault,
+            Err(AttemptError::Refused(_)) => Outcome::Refused,
+            Err(_) => Outcome::Failed,
+        };
+        self.end(outcome);
+        result.map_err(|error| (self.peer, error))
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        self.end(Outcome::Cancelled);
     }
 }
 
@@ -131,14 +226,19 @@ impl Ingress {
     ) -> Arc<Self> {
         Arc::new(Self {
             records: Records::new(node.clone(), settings.record_ttl),
-            services: Services::new(node.clone(), Arc::clone(&transport), settings.perf.policy),
-            node,
+            services: Services::new(
+                node,
+                Arc::clone(&transport),
+                metrics.clone(),
+                settings.perf.policy,
+                settings.max_waiting,
+                settings.instance_wait,
+            ),
             transport,
             settings,
             metrics,
             activity,
             retries: RetryBudget::default(),
-            waiting: AtomicUsize::new(0),
         })
     }
 
@@ -147,25 +247,10 @@ impl Ingress {
         self.services.view()
     }
 
-    /// Serves HTTP/1.1 and h2c on `listener` until `shutdown`, and probes the instances of
-    /// the services in use meanwhile.
+    /// Serves HTTP/1.1 and h2c on `listener` until `shutdown`, and keeps the routing cores
+    /// told of the time meanwhile (probes, refreshes).
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        let services = Arc::downgrade(&self.services);
-        let stop_probing = shutdown.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(PROBE_INTERVAL);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = every.tick() => {}
-                    _ = stop_probing.cancelled() => return,
-                }
-                match services.upgrade() {
-                    Some(services) => services.probe_round(),
-                    None => return,
-                }
-            }
-        });
+        tokio::spawn(Arc::clone(&self.services).tick_until(shutdown.clone()));
         accept_until_shutdown(self, listener, shutdown).await;
     }
 
@@ -178,7 +263,11 @@ impl Ingress {
         let begin = Instant::now();
         let _serving = self.activity.serve();
         self.retries.deposit();
-        let (service, response) = self.route(request, client).await;
+        let (service, result) = self.route(request, client).await;
+        let response = result.unwrap_or_else(|error| {
+            tracing::debug!(%error, "request failed");
+            error.into_response()
+        });
         let label = service
             .as_ref()
             .map_or(UNKNOWN_SERVICE, |s| s.record.name.as_str());
@@ -192,22 +281,19 @@ impl Ingress {
         self: &Arc<Self>,
         request: Request<Incoming>,
         client: SocketAddr,
-    ) -> (Option<Arc<Resolved>>, Response<ResponseBody>) {
+    ) -> (
+        Option<Arc<Resolved>>,
+        Result<Response<ResponseBody>, RequestError>,
+    ) {
         let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
         let (name, target) = match split_target(path) {
             Ok(split) => split,
-            Err(error) => return (None, plain(StatusCode::BAD_REQUEST, error.to_string())),
+            Err(error) => return (None, Err(error.into())),
         };
         let service = match self.records.resolve(name).await {
             Ok(Some(service)) => service,
-            Ok(None) => {
-                let text = format!("no service named '{name}'");
-                return (None, plain(StatusCode::NOT_FOUND, text));
-            }
-            Err(reason) => {
-                let text = format!("the lookup service is unreachable: {reason}");
-                return (None, plain(StatusCode::SERVICE_UNAVAILABLE, text));
-            }
+            Ok(None) => return (None, Err(RequestError::NoSuchService(name.to_owned()))),
+            Err(reason) => return (None, Err(RequestError::Lookup(reason))),
         };
         let (parts, body) = request.into_parts();
         let mut headers = parts.headers;
@@ -221,228 +307,306 @@ impl Ingress {
         (Some(service), response)
     }
 
-    /// Sends a request to an instance of `record`, and again to another one if that fails and
-    /// it may be: when nothing was sent yet, or when the request is idempotent and has no body
-    /// (so nothing of it is lost), as long as the retry budget lasts.
-    async fn send(
-        self: &Arc<Self>,
-        service: &Arc<Resolved>,
-        head: &RequestHead,
-        body: Incoming,
-    ) -> Response<ResponseBody> {
-        let replayable = idempotent(&head.method) && body.is_end_stream();
-        let mut body = Some(body);
-        let mut failed: Option<PeerId> = None;
-        let (digest, name) = (&service.digest, &service.record.name);
-        loop {
-            let (peer, addr) = match self.pick(service, failed.as_ref()).await {
-                Ok(pick) => pick,
-                Err(response) => return response,
-            };
-            self.services.with(digest, name, |s| s.chooser.start(&peer));
-            let mut begin = Instant::now();
-            let (result, body_sent) = match self.transport.connect(peer, addr).await {
-                Err(error) => (Err(error.to_string()), false),
-                Ok(connection) => {
-                    // The round trip measured is the request's, not a new connection's
-                    // handshakes.
-                    begin = Instant::now();
-                    let result = match body.take() {
-                        Some(body) if !replayable => forward(&connection, head, body).await,
-                        _ => forward(&connection, head, Empty::<Bytes>::new()).await,
-                    };
-                    (result.map_err(|e| e.to_string()), !replayable)
-                }
-            };
-            let now = Instant::now();
-            self.services.with(digest, name, |s| {
-                s.chooser.finish(&peer, result.is_ok(), now);
-                if result.is_ok() {
-                    s.chooser.record_rtt(&peer, now - begin, now);
-                }
-            });
-            match result {
-                Ok(response) => {
-                    let (mut parts, body) = response.into_parts();
-                    forward_response_headers(&mut parts.headers);
-                    return Response::from_parts(parts, body.map_err(BoxError::from).boxed());
-                }
-                Err(reason) => {
-                    let may_retry = !body_sent || replayable;
-                    let retry = may_retry && self.retries.withdraw();
-                    if may_retry {
-                        self.metrics.retried(name, retry);
-                    }
-                    tracing::debug!(service = %name, %peer, %reason, retry, "attempt failed");
-                    if !retry {
-                        return plain(
-                            StatusCode::BAD_GATEWAY,
-                            format!("instance {peer} of '{name}' failed: {reason}"),
-                        );
-                    }
-                    failed = Some(peer);
-                }
-            }
-        }
-    }
-
-    /// An instance for `record` (its peer and data-plane address). With none, one allocation
-    /// is asked for and the request waits for an instance until its deadline. When the best
-    /// one is over the soft limit, a nearer one is asked for and this one used meanwhile.
-    async fn pick(
-        self: &Arc<Self>,
-        service: &Arc<Resolved>,
-        avoid: Option<&PeerId>,
-    ) -> Result<(PeerId, SocketAddr), Response<ResponseBody>> {
+    fn limits(&self, service: &Resolved) -> Limits {
         let record = &service.record;
-        let limits = self.settings.perf.limits_for(
+        self.settings.perf.limits_for(
             &record.name,
             Overrides {
                 soft_rtt: record.limits.soft_rtt,
                 hard_rtt: record.limits.hard_rtt,
             },
-        );
-        let (digest, name) = (service.digest.as_str(), record.name.as_str());
+        )
+    }
+
+    /// Sends a request to an instance of `service`, and again elsewhere when that is safe (see
+    /// the module doc), as long as the retry budget lasts.
+    async fn send(
+        self: &Arc<Self>,
+        service: &Arc<Resolved>,
+        head: &RequestHead,
+        body: Incoming,
+    ) -> Result<Response<ResponseBody>, RequestError> {
+        let had_body = !body.is_end_stream();
+        let replayable = idempotent(&head.method) && !had_body;
+        // The client's body, until an attempt takes it: a request can only go elsewhere
+        // while what it carries is still here.
+        let mut body = had_body.then_some(body);
         let arrived = Instant::now();
-        let deadline = tokio::time::Instant::now() + self.settings.instance_wait;
-        let changed = self.services.with(digest, name, |s| Arc::clone(&s.changed));
-        let mut waiting = None;
-        let mut discovered = false;
+        let limits = self.limits(service);
+        let name = &service.record.name;
+        let mut avoid = None;
         loop {
-            // Registered before looking, so that a change in between is not missed.
-            let mut notified = pin!(changed.notified());
-            notified.as_mut().enable();
-            let choice = self.services.choose(digest, name, limits, avoid);
-            if let (Some(peer), Some(addr)) = (choice.decision.pick, choice.addr) {
-                if choice.decision.want_nearer
-                    && let Some(rtt) = choice.decision.pick_rtt
+            let (peer, addr, try_timeout) = self.pick(service, arrived, limits, avoid).await?;
+            let mut attempt = Attempt::begin(&self.services, service, peer);
+            let connection =
+                match tokio::time::timeout(CONNECT_TIMEOUT, self.transport.connect(peer, addr))
+                    .await
                 {
-                    self.allocate(service, Reason::Nearer(rtt));
-                }
-                return Ok((peer, addr));
-            }
-            if choice.discover_now && !discovered {
-                discovered = true;
-                self.services.discover(digest).await;
-                continue;
-            }
-            let failure = self.services.with(digest, name, |s| {
-                s.allocation.failure_since(arrived).map(str::to_owned)
-            });
-            let failure = failure.or(match self.allocate(service, Reason::NoInstance) {
-                Begin::Failed(reason) => Some(reason),
-                Begin::Start | Begin::Running | Begin::Recent => None,
-            });
-            if let Some(reason) = failure {
-                let known = match choice.known {
-                    0 => "is running".to_owned(),
-                    n => format!("of {n} known is usable (over the hard RTT limit or failing)"),
+                    Ok(Ok(connection)) => Ok(connection),
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(_) => Err(format!("no connection within {CONNECT_TIMEOUT:?}")),
                 };
-                return Err(plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("no instance of '{name}' {known} and none could be started: {reason}"),
-                ));
-            }
-            if waiting.is_none() {
-                if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.settings.max_waiting {
-                    self.waiting.fetch_sub(1, Ordering::Relaxed);
-                    return Err(plain(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!(
-                            "no instance of '{name}' is running and {} requests already wait for instances",
-                            self.settings.max_waiting
-                        ),
+            let result = match connection {
+                Err(reason) => {
+                    attempt.end(Outcome::Failed);
+                    Err((peer, AttemptError::Unreachable(reason)))
+                }
+                Ok(connection) if replayable => {
+                    self.hedged(
+                        service,
+                        limits,
+                        arrived,
+                        attempt,
+                        connection,
+                        head,
+                        try_timeout,
+                    )
+                    .await
+                }
+                Ok(connection) => {
+                    let sent = match body.take() {
+                        Some(body) => Either::Left(body),
+                        None => Either::Right(Empty::new()),
+                    };
+                    let overdue = attempt.overdue_handle();
+                    let exchange = pin!(attempt.exchange(connection, head, sent));
+                    watched(exchange, try_timeout, overdue).await
+                }
+            };
+            let (failed, error) = match result {
+                Ok(response) => {
+                    let (mut parts, body) = response.into_parts();
+                    forward_response_headers(&mut parts.headers);
+                    return Ok(Response::from_parts(
+                        parts,
+                        body.map_err(BoxError::from).boxed(),
                     ));
                 }
-                waiting = Some(Waiting(&self.waiting));
+                Err(failure) => failure,
+            };
+            // Whether the request may go elsewhere: what it carries must still be here.
+            let may_retry = match &error {
+                AttemptError::Client(_) => false,
+                AttemptError::Unreachable(_)
+                | AttemptError::NotSent(_)
+                | AttemptError::Refused(_) => !had_body || body.is_some(),
+                AttemptError::Broken(_) => replayable,
+            };
+            let retry = may_retry && self.retries.withdraw();
+            if may_retry {
+                self.metrics.retried(name, retry);
+            }
+            tracing::debug!(service = %name, peer = %failed, %error, retry, "attempt failed");
+            if !retry {
+                return Err(RequestError::Attempt {
+                    service: name.clone(),
+                    peer: failed,
+                    error,
+                });
+            }
+            avoid = Some(failed);
+        }
+    }
+
+    /// Sends a bodiless idempotent request on `connection`; if no answer has begun within
+    /// `try_timeout`, sends it to another instance too (within the retry budget) and returns
+    /// the first answer.
+    #[allow(clippy::too_many_arguments)]
+    async fn hedged(
+        self: &Arc<Self>,
+        service: &Arc<Resolved>,
+        limits: Limits,
+        arrived: Instant,
+        attempt: Attempt,
+        connection: Connection,
+        head: &RequestHead,
+        try_timeout: Duration,
+    ) -> Result<Response<FramedBody>, (PeerId, AttemptError)> {
+        let peer = attempt.peer;
+        let overdue = attempt.overdue_handle();
+        let mut first = pin!(attempt.exchange(connection, head, Either::Right(Empty::new())));
+        tokio::select! {
+            result = &mut first => return result,
+            () = tokio::time::sleep(try_timeout) => {}
+        }
+        overdue.report();
+        let other = self
+            .services
+            .with(service, |core, actions| {
+                core.choose(
+                    Instant::now(),
+                    arrived,
+                    limits,
+                    random_below,
+                    Some(&peer),
+                    actions,
+                )
+            })
+            .0;
+        let (other, addr) = match other {
+            Choice::Pick { key, addr, .. } if key != peer => (key, addr),
+            _ => return first.await,
+        };
+        if !self.retries.withdraw() {
+            return first.await;
+        }
+        self.metrics.hedged(&service.record.name);
+        tracing::debug!(service = %service.record.name, %peer, %other, "hedged");
+        let second = pin!(async {
+            let attempt = Attempt::begin(&self.services, service, other);
+            match tokio::time::timeout(CONNECT_TIMEOUT, self.transport.connect(other, addr)).await {
+                Ok(Ok(connection)) => {
+                    attempt
+                        .exchange(connection, head, Either::Right(Empty::new()))
+                        .await
+                }
+                failed => {
+                    let mut attempt = attempt;
+                    attempt.end(Outcome::Failed);
+                    let reason = match failed {
+                        Ok(Err(error)) => error.to_string(),
+                        _ => format!("no connection within {CONNECT_TIMEOUT:?}"),
+                    };
+                    Err((other, AttemptError::Unreachable(reason)))
+                }
+            }
+        });
+        first_answer(first, second).await
+    }
+
+    /// An instance for `service`: its peer, address and per-try timeout. Waits (up to the
+    /// instance wait) while the core says to.
+    async fn pick(
+        self: &Arc<Self>,
+        service: &Arc<Resolved>,
+        arrived: Instant,
+        limits: Limits,
+        avoid: Option<PeerId>,
+    ) -> Result<(PeerId, SocketAddr, Duration), RequestError> {
+        let name = &service.record.name;
+        let deadline = tokio::time::Instant::now() + self.settings.instance_wait;
+        let changed = self.services.with(service, |_, _| ()).1;
+        let mut waiting = None;
+        loop {
+            // Registered before choosing, so that a change in between is not missed.
+            let mut notified = pin!(changed.notified());
+            notified.as_mut().enable();
+            let registered = waiting.is_some();
+            let (choice, _) = self.services.with(service, |core, actions| {
+                let choice = core.choose(
+                    Instant::now(),
+                    arrived,
+                    limits,
+                    random_below,
+                    avoid.as_ref(),
+                    actions,
+                );
+                match choice {
+                    Choice::Wait if !registered && !core.start_waiting() => {
+                        Choice::Unavailable(core.too_many_waiting())
+                    }
+                    choice => choice,
+                }
+            });
+            match choice {
+                Choice::Pick {
+                    key,
+                    addr,
+                    try_timeout,
+                } => return Ok((key, addr, try_timeout)),
+                Choice::Unavailable(why) => {
+                    return Err(RequestError::Unavailable {
+                        service: name.clone(),
+                        why,
+                    });
+                }
+                Choice::Wait => {
+                    if waiting.is_none() {
+                        waiting = Some(Waiting {
+                            services: &self.services,
+                            service,
+                        });
+                    }
+                }
             }
             tokio::select! {
                 _ = notified => {}
                 _ = tokio::time::sleep_until(deadline) => {
-                    return Err(plain(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!(
-                            "no instance of '{name}' became available within {:?}",
-                            self.settings.instance_wait
-                        ),
-                    ));
+                    return Err(RequestError::WaitedTooLong {
+                        service: name.clone(),
+                        waited: self.settings.instance_wait,
+                    });
                 }
             }
         }
     }
+}
 
-    /// Starts an allocation for `record` unless one is running or has just ended.
-    fn allocate(self: &Arc<Self>, service: &Arc<Resolved>, reason: Reason) -> Begin {
-        let begin = self
-            .services
-            .with(&service.digest, &service.record.name, |s| {
-                s.allocation.begin(reason, Instant::now())
-            });
-        if begin == Begin::Start {
-            let (this, service) = (Arc::clone(self), Arc::clone(service));
-            tokio::spawn(async move { this.run_allocation(service, reason).await });
-        }
-        begin
-    }
+/// Tells the core an attempt is overdue, from outside the attempt's future.
+struct OverdueHandle {
+    services: Arc<Services>,
+    service: Arc<Resolved>,
+    peer: PeerId,
+    started: Instant,
+}
 
-    /// Asks allocators for an instance and waits for it to appear as a provider; then wakes
-    /// the requests waiting for it (or tells them why not).
-    async fn run_allocation(self: Arc<Self>, service: Arc<Resolved>, reason: Reason) {
-        let (digest, record) = (&service.digest, &service.record);
-        let before = self.services.known(digest);
-        let result = match ask_allocators(&self.node, record, reason).await {
-            Ok((allocator, instance)) => {
-                self.wait_for_new_instance(digest, &before)
-                    .await
-                    .map_err(|waited| {
-                        format!(
-                            "allocator {allocator} started instance {instance}, but its proxy did \
-                         not appear within {waited:?}"
-                        )
-                    })
-            }
-            Err(reason) => Err(reason),
-        };
-        if let Err(error) = &result {
-            tracing::warn!(service = %record.name, %error, "allocation failed");
-        }
-        self.metrics
-            .allocation(&record.name, reason.label(), result.is_ok());
-        self.services.with(digest, &record.name, |s| {
-            s.allocation.end(reason, result, Instant::now());
-            s.changed.notify_waiters();
+impl OverdueHandle {
+    fn report(&self) {
+        let (peer, started, now) = (self.peer, self.started, Instant::now());
+        tracing::debug!(service = %self.service.record.name, %peer, waited = ?(now - started), "attempt overdue");
+        self.services.with(&self.service, |core, actions| {
+            core.attempt_overdue(&peer, started, now, actions);
         });
     }
+}
 
-    /// Looks for the providers of `digest` until one not in `before` appears; `Err` with the
-    /// time waited when none did within the instance wait.
-    async fn wait_for_new_instance(
-        &self,
-        digest: &str,
-        before: &std::collections::HashSet<PeerId>,
-    ) -> Result<(), Duration> {
-        let waited = self.settings.instance_wait;
-        let give_up = tokio::time::Instant::now() + waited;
-        // A sidecar usually advertises within tens of milliseconds of its start: look often
-        // at first, then back off.
-        let mut pause = Duration::from_millis(10);
-        loop {
-            self.services.discover(digest).await;
-            if self
-                .services
-                .known(digest)
-                .iter()
-                .any(|p| !before.contains(p))
-            {
-                return Ok(());
-            }
-            let now = tokio::time::Instant::now();
-            if now >= give_up {
-                return Err(waited);
-            }
-            tokio::time::sleep(pause.min(give_up - now)).await;
-            pause = (pause * 2).min(Duration::from_millis(500));
+impl Attempt {
+    fn overdue_handle(&self) -> OverdueHandle {
+        OverdueHandle {
+            services: Arc::clone(&self.services),
+            service: Arc::clone(&self.service),
+            peer: self.peer,
+            started: self.started,
         }
+    }
+}
+
+/// Waits for an attempt that cannot be sent again; past `try_timeout` the core is told, so
+/// that other requests go elsewhere meanwhile.
+async fn watched<F>(
+    mut exchange: std::pin::Pin<&mut F>,
+    try_timeout: Duration,
+    overdue: OverdueHandle,
+) -> F::Output
+where
+    F: std::future::Future,
+{
+    tokio::select! {
+        result = &mut exchange => return result,
+        () = tokio::time::sleep(try_timeout) => {}
+    }
+    overdue.report();
+    exchange.await
+}
+
+/// The first of two attempts to answer; if one fails, the other's result.
+async fn first_answer<A, B, T, E>(
+    mut first: std::pin::Pin<&mut A>,
+    mut second: std::pin::Pin<&mut B>,
+) -> Result<T, E>
+where
+    A: std::future::Future<Output = Result<T, E>>,
+    B: std::future::Future<Output = Result<T, E>>,
+{
+    tokio::select! {
+        result = &mut first => match result {
+            Ok(answer) => Ok(answer),
+            Err(_) => second.await,
+        },
+        result = &mut second => match result {
+            Ok(answer) => Ok(answer),
+            Err(_) => first.await,
+        },
     }
 }
 

@@ -28,14 +28,14 @@ pub(super) struct Records {
 #[derive(Debug)]
 pub struct Resolved {
     pub record: ServiceRecord,
-    /// The record's digest as text: the namespace its instances advertise.
-    pub digest: String,
+    /// The namespace its instances advertise ([`ServiceRecord::instance_key`]).
+    pub key: String,
 }
 
 impl Resolved {
-    fn new(record: ServiceRecord) -> Arc<Self> {
-        let digest = record.digest.to_string();
-        Arc::new(Self { record, digest })
+    pub(super) fn new(record: ServiceRecord) -> Arc<Self> {
+        let key = record.instance_key();
+        Arc::new(Self { record, key })
     }
 }
 

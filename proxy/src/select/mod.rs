@@ -5,9 +5,9 @@
 //! and request round trips), a peak-sensitive EWMA, the requests in flight and its failure
 //! state. For each request:
 //!
-//! 1. instances ejected for failing, and instances whose RTT is over the hard limit, are out;
-//!    an instance not measured yet is only used when nothing measured is left (the caller
-//!    probes new instances, so they are measured before they get full traffic);
+//! 1. instances ejected for failing, instances held out by the caller ([`Chooser::hold`]: not
+//!    verified yet, or their service is down), and instances whose RTT is over the hard limit,
+//!    are out; an instance not measured yet is only used when nothing measured is left;
 //! 2. instances within the soft limit are preferred; if none is, the rest are used and the
 //!    decision says a nearer instance is wanted (the proxy asks an allocator);
 //! 3. among the candidates, power of two choices: two at random, the lower cost wins, cost =
@@ -19,14 +19,19 @@
 //! second; an instance whose window ran empty (no traffic, no probe answered yet) keeps its
 //! last estimate rather than becoming "unmeasured" again.
 //!
-//! A probe still unanswered is a lower bound on the RTT: an instance whose oldest unanswered
-//! probe (timed out or not) is older than its estimate is routed on that age instead. A
-//! stalled instance (a frozen process, a dead link) so loses its traffic within a probe
-//! interval plus the RTT of the next instance, and gets none until it answers again, where
-//! waiting for probes to time out and eject it would take seconds, and ejections end.
+//! The RTT samples are network round trips (probes, the QUIC path RTT of requests), never a
+//! service's time to answer.
+//!
+//! An exchange still unanswered (a probe, or a request past its per-try timeout) is a lower
+//! bound on the RTT: an instance whose oldest unanswered exchange (timed out or not) is older
+//! than its estimate is routed on that age instead. A stalled instance (a frozen process, a
+//! dead link) so loses its traffic within a probe interval plus the RTT of the next instance,
+//! and gets none until it answers again, where waiting for probes to time out and eject it
+//! would take seconds, and ejections end.
 //!
 //! An instance failing [`EJECT_AFTER`] times in a row is ejected for a period that doubles with
-//! each ejection (up to [`MAX_EJECTION`]); a success resets it.
+//! each ejection (up to [`MAX_EJECTION`]); a success (an answered probe) ends the ejection and
+//! resets the count.
 
 use std::time::{Duration, Instant};
 
@@ -67,6 +72,8 @@ struct Instance<K> {
     failures_in_a_row: u32,
     ejections: u32,
     ejected_until: Option<Instant>,
+    /// Held out of the choice by the caller.
+    held: bool,
 }
 
 impl<K> Instance<K> {
@@ -81,6 +88,7 @@ impl<K> Instance<K> {
             failures_in_a_row: 0,
             ejections: 0,
             ejected_until: None,
+            held: false,
         }
     }
 
@@ -143,6 +151,11 @@ impl<K> Instance<K> {
 
     fn ejected(&self, now: Instant) -> bool {
         self.ejected_until.is_some_and(|until| now < until)
+    }
+
+    /// Out of the choice altogether: ejected or held.
+    fn out(&self, now: Instant) -> bool {
+        self.held || self.ejected(now)
     }
 }
 
@@ -235,13 +248,25 @@ impl<K: Clone + PartialEq> Chooser<K> {
         }
     }
 
-    /// A probe of `key` was sent. Until one is answered ([`Chooser::probe_answered`]), the
-    /// age of the oldest probe sent since the last answer bounds the RTT estimate from below:
-    /// a probe that timed out was not answered either.
-    pub fn probe_sent(&mut self, key: &K, now: Instant) {
+    /// An exchange with `key` started at `since` is unanswered: a probe was sent, or a request
+    /// outlived its per-try timeout. Until an answer ([`Chooser::answered`]), the age of the
+    /// oldest unanswered exchange bounds the RTT estimate from below: a probe that timed out
+    /// was not answered either.
+    pub fn unanswered(&mut self, key: &K, since: Instant) {
         if let Some(instance) = self.find(key) {
-            instance.unanswered_since.get_or_insert(now);
+            let oldest = instance.unanswered_since.get_or_insert(since);
+            *oldest = (*oldest).min(since);
         }
+    }
+
+    /// A probe of `key` was sent at `now`: see [`Chooser::unanswered`].
+    pub fn probe_sent(&mut self, key: &K, now: Instant) {
+        self.unanswered(key, now);
+    }
+
+    /// `key` answered (a probe or a request; its RTT is recorded apart).
+    pub fn answered(&mut self, key: &K) {
+        self.probe_answered(key);
     }
 
     /// A probe of `key` was answered (its RTT is recorded apart).
@@ -256,6 +281,28 @@ impl<K: Clone + PartialEq> Chooser<K> {
         if let Some(instance) = self.find(key) {
             instance.in_flight += 1;
         }
+    }
+
+    /// Holds `key` out of the choice (`true`) or lets it back in.
+    pub fn hold(&mut self, key: &K, held: bool) {
+        if let Some(instance) = self.find(key) {
+            instance.held = held;
+        }
+    }
+
+    /// A request to `key` ended, and says nothing of the instance (cancelled, or the client's
+    /// fault).
+    pub fn release(&mut self, key: &K) {
+        if let Some(instance) = self.find(key) {
+            instance.in_flight = instance.in_flight.saturating_sub(1);
+        }
+    }
+
+    /// Whether `key` is ejected at `now`.
+    pub fn is_ejected(&self, key: &K, now: Instant) -> bool {
+        self.instances
+            .iter()
+            .any(|i| &i.key == key && i.ejected(now))
     }
 
     /// A request to `key` ended; a failure counts towards ejection.
@@ -274,8 +321,10 @@ impl<K: Clone + PartialEq> Chooser<K> {
             return;
         };
         if success {
+            // It answers: whatever ejected it is over.
             instance.failures_in_a_row = 0;
             instance.ejections = 0;
+            instance.ejected_until = None;
             return;
         }
         instance.failures_in_a_row += 1;
@@ -321,10 +370,10 @@ impl<K: Clone + PartialEq> Chooser<K> {
         let avoided = |instance: &Instance<K>| avoid == Some(&instance.key);
         let others = instances
             .iter()
-            .filter(|i| !i.ejected(now) && !avoided(i))
+            .filter(|i| !i.out(now) && !avoided(i))
             .count();
         for (index, instance) in instances.iter_mut().enumerate() {
-            if instance.ejected(now) || (others > 0 && avoided(instance)) {
+            if instance.out(now) || (others > 0 && avoided(instance)) {
                 continue;
             }
             match instance.estimate(policy, now) {
@@ -362,13 +411,13 @@ impl<K: Clone + PartialEq> Chooser<K> {
         }
     }
 
-    /// Round robin over the instances not ejected, RTT ignored.
+    /// Round robin over the instances not ejected or held, RTT ignored.
     fn in_turn(&mut self, now: Instant, avoid: Option<&K>) -> Decision<K> {
         let n = self.instances.len();
         let usable = |i: usize, avoiding: bool| {
             let instance = &self.instances[i];
             let avoided = avoiding && avoid == Some(&instance.key);
-            !(instance.ejected(now) || avoided)
+            !(instance.out(now) || avoided)
         };
         let in_order = |avoiding| {
             (0..n)

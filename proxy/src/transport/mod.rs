@@ -29,6 +29,7 @@ const MAX_IDLE: Duration = Duration::from_secs(4);
 const KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// Application close codes.
 const CLOSE_AUTH_FAILED: u32 = 1;
+const CLOSE_DEAD: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -53,6 +54,8 @@ pub struct Transport {
     connections: RwLock<HashMap<PeerId, Connection>>,
     /// Serialises connecting to one peer, so concurrent requests share one new connection.
     connecting: tokio::sync::Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Told of every peer that closes a connection this proxy dialled ([`Transport::watch_closes`]).
+    closes: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<PeerId>>>,
 }
 
 fn transport_config() -> Arc<quinn::TransportConfig> {
@@ -94,6 +97,7 @@ impl Transport {
             network_key,
             connections: RwLock::default(),
             connecting: tokio::sync::Mutex::default(),
+            closes: std::sync::Mutex::default(),
         })
     }
 
@@ -136,7 +140,56 @@ impl Transport {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(peer, connection.clone());
+        self.watch(peer, &connection);
         Ok(connection)
+    }
+
+    /// The peers that close connections this proxy dialled, as they do: a proxy that shuts
+    /// down (stopped, or culled by its allocator) closes every connection at once, which is
+    /// how an ingress learns it is gone without waiting for a timeout. One watcher; a second
+    /// call replaces the first.
+    pub fn watch_closes(&self) -> tokio::sync::mpsc::UnboundedReceiver<PeerId> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        *self.closes.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        rx
+    }
+
+    /// Tells the watcher, if any, when the peer closes `connection` (not when it times out or
+    /// this side closes it).
+    fn watch(&self, peer: PeerId, connection: &Connection) {
+        let Some(tx) = self
+            .closes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        let connection = connection.clone();
+        tokio::spawn(async move {
+            match connection.closed().await {
+                quinn::ConnectionError::ApplicationClosed(_)
+                | quinn::ConnectionError::ConnectionClosed(_)
+                | quinn::ConnectionError::Reset => {
+                    let _ = tx.send(peer);
+                }
+                _ => {}
+            }
+        });
+    }
+
+    /// Closes the connection to `peer`, if there is one: it is declared dead or gone, and
+    /// requests on it fail now rather than at the idle timeout. The next request connects
+    /// anew.
+    pub fn close_connection(&self, peer: &PeerId) {
+        let removed = self
+            .connections
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(peer);
+        if let Some(connection) = removed {
+            connection.close(CLOSE_DEAD.into(), b"declared dead");
+        }
     }
 
     fn open_connection(&self, peer: &PeerId) -> Option<Connection> {

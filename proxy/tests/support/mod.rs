@@ -121,6 +121,19 @@ impl Network {
     /// Registers a service `name` (an executable artifact whose bytes name it) with `limits`.
     pub async fn register(&self, name: &str, limits: Limits) -> ServiceRecord {
         let artifact = format!("the executable of {name}").into_bytes();
+        self.register_artifact(name, artifact, vec![name.into()], limits)
+            .await
+    }
+
+    /// Registers a service `name` run as `command` from `artifact` (which other services
+    /// may share).
+    pub async fn register_artifact(
+        &self,
+        name: &str,
+        artifact: Vec<u8>,
+        command: Vec<String>,
+        limits: Limits,
+    ) -> ServiceRecord {
         let digest = Digest::of(&artifact);
         let lookup_peer = control::lookup::client::lookup_services(&self.admin)
             .await
@@ -141,9 +154,7 @@ impl Network {
             name: name.into(),
             digest,
             size: artifact.len() as u64,
-            artifact: Artifact::Executable {
-                command: vec![name.into()],
-            },
+            artifact: Artifact::Executable { command },
             limits,
             unknown: Default::default(),
         };
@@ -173,24 +184,56 @@ fn full(text: impl Into<Bytes>) -> TestBody {
 /// - `/bytes/N`: N bytes, streamed in 64 KiB chunks;
 /// - `/drain`: reads the request body, answers its length.
 pub async fn test_service(tag: &'static str) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let service = service_fn(move |request: Request<Incoming>| async move {
-                    answer(tag, request).await
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
+    let service = TestService::start(tag, Duration::ZERO).await;
+    let addr = service.addr;
+    // Lives as long as the test.
+    std::mem::forget(service);
     addr
+}
+
+/// A test service ([`test_service`]) that answers after `delay` and can be killed: its
+/// port then refuses connections and its open connections are closed.
+pub struct TestService {
+    pub addr: SocketAddr,
+    serving: tokio::task::JoinHandle<()>,
+}
+
+impl TestService {
+    pub async fn start(tag: &'static str, delay: Duration) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serving = tokio::spawn(async move {
+            // Connections are served in this set, so that killing the service ends them too.
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                connections.spawn(async move {
+                    let service = service_fn(move |request: Request<Incoming>| async move {
+                        tokio::time::sleep(delay).await;
+                        answer(tag, request).await
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+                while connections.try_join_next().is_some() {}
+            }
+        });
+        Self { addr, serving }
+    }
+
+    /// Kills the service: nothing listens on its port any more.
+    pub fn kill(&self) {
+        self.serving.abort();
+    }
+}
+
+impl Drop for TestService {
+    fn drop(&mut self) {
+        self.serving.abort();
+    }
 }
 
 async fn answer(
@@ -286,7 +329,8 @@ pub async fn start_proxy_with_env(network: &Network, args: &[&str], env: &[(&str
     ];
     all.extend_from_slice(args);
     let mut env = env.to_vec();
-    env.push(("RUST_LOG", "warn"));
+    // MTC_TEST_LOG at build time (e.g. "proxy=debug") makes the proxies say more.
+    env.push(("RUST_LOG", option_env!("MTC_TEST_LOG").unwrap_or("warn")));
     let process = Process::spawn(PROXY, &all, &env);
     let deadline = Duration::from_secs(30);
     let after = |line: String, prefix: &str| {

@@ -1,0 +1,80 @@
+//! Why the ingress could not serve a request, with the kind kept to the end, and the one
+//! place that turns it into a response ([`RequestError::into_response`]).
+//!
+//! | kind | status |
+//! |---|---|
+//! | the target names no service, or a malformed one | 400 |
+//! | the client's own request body failed | 400 |
+//! | no such service | 404 |
+//! | the lookup cannot be asked, no instance and none can be started, the wait for one ran out, too many waiting | 503 |
+//! | the instance's service never got the request and it cannot be sent again (its body is gone) | 503 |
+//! | the exchange with an instance broke and the request cannot be sent again | 502 |
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use libp2p::PeerId;
+
+use super::{ResponseBody, routing::Unavailable};
+use crate::{forward::AttemptError, rewrite::RouteError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error(transparent)]
+    Target(#[from] RouteError),
+    #[error("no service named '{0}'")]
+    NoSuchService(String),
+    #[error("the lookup service is unreachable: {0}")]
+    Lookup(String),
+    #[error("no instance of '{service}' {why}")]
+    Unavailable { service: String, why: Unavailable },
+    #[error("no instance of '{service}' became available within {waited:?}")]
+    WaitedTooLong { service: String, waited: Duration },
+    #[error("instance {peer} of '{service}' failed: {error}")]
+    Attempt {
+        service: String,
+        peer: PeerId,
+        error: AttemptError,
+    },
+}
+
+impl RequestError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Target(_) => StatusCode::BAD_REQUEST,
+            Self::NoSuchService(_) => StatusCode::NOT_FOUND,
+            Self::Lookup(_) | Self::Unavailable { .. } | Self::WaitedTooLong { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::Attempt { error, .. } => match error {
+                AttemptError::Client(_) => StatusCode::BAD_REQUEST,
+                AttemptError::Refused(_) => StatusCode::SERVICE_UNAVAILABLE,
+                AttemptError::Unreachable(_)
+                | AttemptError::NotSent(_)
+                | AttemptError::Broken(_) => StatusCode::BAD_GATEWAY,
+            },
+        }
+    }
+
+    /// The response the client gets: the status, and the reason as plain text.
+    pub fn into_response(self) -> Response<ResponseBody> {
+        plain(self.status(), self.to_string())
+    }
+}
+
+/// A plain-text response.
+pub fn plain(status: StatusCode, text: String) -> Response<ResponseBody> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(text + "\n"))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}

@@ -1,0 +1,696 @@
+//! The routing core of one service at the ingress: a pure state machine, as
+//! `control::overlay::bootstrap` is for joining the overlay and quinn-proto is under quinn.
+//! It does no I/O and reads no clock: the driver ([`super`]) passes the time, the randomness
+//! and what happened, and carries out the [`Action`]s it returns (probe, discover, allocate,
+//! wake waiting requests, forget an instance's connection). The simulator in `core/tests.rs`
+//! drives it in virtual time.
+//!
+//! # Inputs
+//! - the provider set found on the overlay ([`ServiceCore::discovered`]): it replaces what was
+//!   known; an instance missing from two discoveries in a row, or from one while it is not
+//!   answering, is forgotten with its metrics and connection;
+//! - probe results, with the service health the sidecar reports ([`ServiceCore::probed`]);
+//! - the typed outcome of each attempt ([`ServiceCore::attempt_ended`]): answered (network RTT
+//!   and total time apart), refused by the sidecar (its service never saw the request), broken,
+//!   timed out, cancelled, or the client's fault;
+//! - an instance closing its connection to this proxy ([`ServiceCore::closed_by_peer`]: it
+//!   shut down, as a culled instance does);
+//! - allocation results ([`ServiceCore::allocation_ended`]) and ticks ([`ServiceCore::tick`]).
+//!
+//! # Rules
+//! 1. **Network RTT, not service time.** Limits and the nearest-instance choice use network
+//!    RTTs: probe round trips and the QUIC path RTT of the connection a request went over. The
+//!    time a service takes to answer is kept apart per instance (for metrics and per-try
+//!    timeouts) and never makes the ingress ask for a nearer instance.
+//! 2. **Verified before used.** A new instance, and every instance after the service was quiet
+//!    for [`QUIET`], is held out of the choice until a probe answers that its service is
+//!    serving; requests wait for that (a round trip) rather than go to an instance that may be
+//!    gone. An instance whose sidecar says its service is down (a probe, or a refused request)
+//!    is held out until a probe says it serves again. So is one that closed its connection
+//!    (it shut down, as when culled), and no request waits for it: with nothing else, an
+//!    allocation starts at once.
+//! 3. **No request left on a stalled instance.** Each attempt gets a per-try timeout:
+//!    [`TRY_FACTOR`] times the p99 of the instance's own recent request times, at least
+//!    [`TRY_FLOOR`]. An attempt past it makes the instance's RTT estimate at least the
+//!    attempt's age (the chooser's unanswered-exchange bound) and gets the instance probed at
+//!    once; the driver then sends an idempotent request a second time elsewhere (a hedge,
+//!    within the retry budget) and takes the first answer. An instance that has not answered
+//!    anything for [`DEAD_AFTER`] is declared dead: ejected, and its connection closed so
+//!    that requests on it fail at once rather than after the QUIC idle timeout.
+//! 4. **Probes cost nothing where traffic measures.** An instance is probed only when nothing
+//!    answered from it for [`PROBE_INTERVAL`], while the service is in use ([`QUIET`]). An
+//!    instance that keeps answering probes but gets no traffic is probed less and less often,
+//!    up to [`PROBE_IDLE_MAX`]; one that does not answer is probed every
+//!    [`PROBE_INTERVAL`] after its probe times out, so a thawed instance is back within about
+//!    a second.
+//! 5. **Allocation.** With no usable instance, one allocation is asked for (and requests wait
+//!    for it, at most `max_waiting` of them); when the best instance is over the soft limit,
+//!    a nearer one (its network RTT must be beaten). After an allocation ends the next of the
+//!    same kind waits a cool-down ([`AllocationState`]).
+
+use std::{
+    collections::HashMap,
+    fmt::Debug,
+    hash::Hash,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use control::rtt::{RttWindow, WindowShape};
+
+use super::allocation::{AllocationState, Begin, Reason};
+use crate::{
+    config::perf::{Limits, Policy},
+    framing::Health,
+    select::{Chooser, InstanceView},
+};
+
+/// An instance that answered nothing for this long is probed (if the service is in use).
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// Longest interval between probes of an instance that answers them but gets no traffic.
+pub const PROBE_IDLE_MAX: Duration = Duration::from_secs(4);
+/// A probe not answered within this failed.
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// An instance that answered nothing (probe or request) for this long while asked is dead.
+pub const DEAD_AFTER: Duration = Duration::from_millis(600);
+/// A service that served no request for this long is quiet: its instances are not probed,
+/// and are verified again before its next request.
+pub const QUIET: Duration = Duration::from_secs(30);
+/// How often the instances of a service in use are looked for again.
+pub const REFRESH: Duration = Duration::from_secs(10);
+/// With no instance known, how soon the instances are looked for again.
+pub const EMPTY_RETRY: Duration = Duration::from_secs(1);
+/// Per-try timeout: this many times the p99 of the instance's request times...
+pub const TRY_FACTOR: u32 = 2;
+/// ...but never less than this...
+pub const TRY_FLOOR: Duration = Duration::from_millis(25);
+/// ...and this before the instance has answered any request.
+pub const TRY_UNKNOWN: Duration = Duration::from_secs(1);
+/// Request times (network and service) kept per instance for its per-try timeout and its
+/// service time: ten seconds in five slices.
+const TIMES_WINDOW: WindowShape = WindowShape {
+    slices: 5,
+    slice: Duration::from_secs(2),
+};
+/// How long a computed per-try timeout is reused.
+const TIMEOUT_REFRESH: Duration = Duration::from_millis(100);
+
+/// What the driver does for the core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action<K> {
+    /// Probe this instance (within [`PROBE_TIMEOUT`]) and report with
+    /// [`ServiceCore::probed`].
+    Probe(K, SocketAddr),
+    /// Look for the service's instances and report with [`ServiceCore::discovered`].
+    Discover,
+    /// Ask allocators for an instance and report with [`ServiceCore::allocation_ended`].
+    Allocate(Reason),
+    /// Wake the requests waiting for this service: something they wait for changed.
+    Wake,
+    /// Close the connection to this instance: it is dead or gone.
+    Close(K),
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Choice<K> {
+    /// To this instance; an answer not begun within `try_timeout` is overdue.
+    Pick {
+        key: K,
+        addr: SocketAddr,
+        try_timeout: Duration,
+    },
+    /// Nowhere yet: wait for a [`Action::Wake`] (an instance verified or found, an allocation
+    /// ended), then choose again.
+    Wait,
+    /// Nowhere, and waiting would not help.
+    Unavailable(Unavailable),
+}
+
+/// Why a request cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailable {
+    #[error("no instance {known} and none could be started: {reason}")]
+    AllocationFailed { known: Known, reason: String },
+    #[error("no instance is running and {0} requests already wait for one")]
+    TooManyWaiting(usize),
+}
+
+/// How many instances are known, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Known(pub usize);
+
+impl std::fmt::Display for Known {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            0 => write!(f, "is running"),
+            n => write!(
+                f,
+                "of {n} known is usable (unverified, over the hard RTT limit, failing or down)"
+            ),
+        }
+    }
+}
+
+/// How an attempt ended, as the driver saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A response head arrived: `network` is the connection's path RTT, `total` the time from
+    /// sending to the head (so the service took about `total - network`).
+    Answered { network: Duration, total: Duration },
+    /// The sidecar says its service never saw the request (refused connection, or down).
+    Refused,
+    /// No connection, or the exchange broke.
+    Failed,
+    /// Dropped before it ended (another attempt answered first, or the client left).
+    Cancelled,
+    /// The client's own request body failed: says nothing of the instance.
+    ClientFault,
+}
+
+/// What the core knows of one instance besides what the chooser knows.
+#[derive(Debug)]
+struct Instance {
+    addr: SocketAddr,
+    /// The last answer of any kind (probe or request).
+    answered: Option<Instant>,
+    /// The oldest exchange asked of it since that answer.
+    asked_since: Option<Instant>,
+    /// A probe is out.
+    probing: bool,
+    /// The next probe is due then (if nothing answers before).
+    next_probe: Instant,
+    /// Interval of the next idle probe (backs off while probes answer and traffic does not).
+    idle_interval: Duration,
+    /// Verified serving since it was found, or since the service was last quiet.
+    verified: bool,
+    /// Its sidecar says its service is down.
+    down: bool,
+    /// It closed its connection to this proxy (it shut down, as when culled): no request waits
+    /// for it until it answers again.
+    closed: bool,
+    /// Discoveries in a row that did not list it.
+    missing: u32,
+    /// Whole request times (network and service), for the per-try timeout.
+    times: RttWindow,
+    /// Service times (request time less path RTT), for metrics.
+    service_times: RttWindow,
+    /// The per-try timeout and when it was computed.
+    try_timeout: Option<(Instant, Duration)>,
+}
+
+impl Instance {
+    fn new(addr: SocketAddr, now: Instant) -> Self {
+        Self {
+            addr,
+            answered: None,
+            asked_since: None,
+            probing: false,
+            next_probe: now,
+            idle_interval: PROBE_INTERVAL,
+            verified: false,
+            down: false,
+            closed: false,
+            missing: 0,
+            times: RttWindow::new(TIMES_WINDOW, now),
+            service_times: RttWindow::new(TIMES_WINDOW, now),
+            try_timeout: None,
+        }
+    }
+
+    fn answer(&mut self, now: Instant) {
+        self.answered = Some(now);
+        self.asked_since = None;
+        self.closed = false;
+    }
+
+    fn asked(&mut self, since: Instant) {
+        let oldest = self.asked_since.get_or_insert(since);
+        *oldest = (*oldest).min(since);
+    }
+
+    /// Not answering: asked something a while ago and heard nothing since.
+    fn silent_for(&self, now: Instant) -> Duration {
+        self.asked_since
+            .map_or(Duration::ZERO, |since| now.saturating_duration_since(since))
+    }
+
+    fn try_timeout(&mut self, now: Instant) -> Duration {
+        if let Some((at, value)) = self.try_timeout
+            && now.saturating_duration_since(at) < TIMEOUT_REFRESH
+        {
+            return value;
+        }
+        let value = match self.times.quantile(now, 0.99) {
+            Some(p99) => (p99 * TRY_FACTOR).max(TRY_FLOOR),
+            // A quiet spell keeps the last timeout.
+            None => self.try_timeout.map_or(TRY_UNKNOWN, |(_, value)| value),
+        };
+        self.try_timeout = Some((now, value));
+        value
+    }
+}
+
+/// What the core knows of an instance, for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceReport<K> {
+    pub view: InstanceView<K>,
+    /// p50, p90 and p99 of its service times over the last ten seconds.
+    pub service_time: Option<[Duration; 3]>,
+    /// Its sidecar says its service is down.
+    pub down: bool,
+}
+
+/// The routing state of one service.
+#[derive(Debug)]
+pub struct ServiceCore<K> {
+    chooser: Chooser<K>,
+    instances: HashMap<K, Instance>,
+    /// When the last discovery ended, and whether one is running.
+    discovered: Option<Instant>,
+    discovering: bool,
+    allocation: AllocationState,
+    /// When the last request arrived (`None`: never).
+    last_used: Option<Instant>,
+    waiting: usize,
+    max_waiting: usize,
+}
+
+impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
+    /// At most `max_waiting` requests wait for instances at once; more are refused.
+    pub fn new(policy: Policy, max_waiting: usize) -> Self {
+        Self {
+            chooser: Chooser::new(policy),
+            instances: HashMap::new(),
+            discovered: None,
+            discovering: false,
+            allocation: AllocationState::default(),
+            last_used: None,
+            waiting: 0,
+            max_waiting,
+        }
+    }
+
+    /// The instances known.
+    pub fn known(&self) -> impl Iterator<Item = &K> {
+        self.instances.keys()
+    }
+
+    /// Chooses where a request goes. `arrived` is when the request arrived (an allocation
+    /// that failed since is its answer), `avoid` an instance an earlier attempt of it failed
+    /// on or is waiting on, `random(n)` a number below `n`.
+    pub fn choose(
+        &mut self,
+        now: Instant,
+        arrived: Instant,
+        limits: Limits,
+        random: impl FnMut(usize) -> usize,
+        avoid: Option<&K>,
+        actions: &mut Vec<Action<K>>,
+    ) -> Choice<K> {
+        let quiet = self
+            .last_used
+            .is_none_or(|at| now.saturating_duration_since(at) >= QUIET);
+        self.last_used = Some(now);
+        if quiet {
+            self.wake_from_quiet(now, actions);
+        }
+        self.refresh_if_due(now, actions);
+        let decision = self.chooser.choose_avoiding(now, limits, random, avoid);
+        if let Some(key) = decision.pick {
+            if decision.want_nearer
+                && let Some(rtt) = decision.pick_rtt
+            {
+                self.allocate(Reason::Nearer(rtt), now, actions);
+            }
+            let instance = self
+                .instances
+                .get_mut(&key)
+                .expect("the chooser holds known instances only");
+            return Choice::Pick {
+                addr: instance.addr,
+                try_timeout: instance.try_timeout(now),
+                key,
+            };
+        }
+        // Nothing usable. Instances being verified, or a discovery under way, may give one in
+        // a round trip: wait for them before asking an allocator.
+        let verifying = self.instances.values().any(|i| {
+            !i.verified && !i.down && !i.closed && i.probing && i.silent_for(now) < PROBE_TIMEOUT
+        });
+        if verifying || self.discovering {
+            return Choice::Wait;
+        }
+        if self.instances.is_empty() && self.discovery_due(now, EMPTY_RETRY) {
+            self.discover(actions);
+            return Choice::Wait;
+        }
+        if let Some(reason) = self.allocation.failure_since(arrived) {
+            return self.failed(reason.to_owned());
+        }
+        match self.allocate(Reason::NoInstance, now, actions) {
+            Begin::Failed(reason) => self.failed(reason),
+            Begin::Start | Begin::Running | Begin::Recent => Choice::Wait,
+        }
+    }
+
+    fn failed(&self, reason: String) -> Choice<K> {
+        Choice::Unavailable(Unavailable::AllocationFailed {
+            known: Known(self.instances.len()),
+            reason,
+        })
+    }
+
+    /// A request starts waiting (after [`Choice::Wait`]); `false` if too many already do, and
+    /// it must be refused with [`Unavailable::TooManyWaiting`].
+    pub fn start_waiting(&mut self) -> bool {
+        if self.waiting >= self.max_waiting {
+            return false;
+        }
+        self.waiting += 1;
+        true
+    }
+
+    /// A request that waited stops waiting.
+    pub fn stop_waiting(&mut self) {
+        self.waiting = self.waiting.saturating_sub(1);
+    }
+
+    pub fn too_many_waiting(&self) -> Unavailable {
+        Unavailable::TooManyWaiting(self.max_waiting)
+    }
+
+    /// After a quiet spell every instance is verified again before it is used: it may have
+    /// been culled meanwhile. The list of instances is looked for again too.
+    fn wake_from_quiet(&mut self, now: Instant, actions: &mut Vec<Action<K>>) {
+        for (key, instance) in &mut self.instances {
+            if instance.verified {
+                instance.verified = false;
+                self.chooser.hold(key, true);
+            }
+            instance.idle_interval = PROBE_INTERVAL;
+            instance.next_probe = now;
+        }
+        if self.discovered.is_some() {
+            self.discover(actions);
+        }
+        self.probe_due(now, actions);
+    }
+
+    fn discovery_due(&self, now: Instant, after: Duration) -> bool {
+        !self.discovering
+            && self
+                .discovered
+                .is_none_or(|at| now.saturating_duration_since(at) >= after)
+    }
+
+    fn discover(&mut self, actions: &mut Vec<Action<K>>) {
+        if !self.discovering {
+            self.discovering = true;
+            actions.push(Action::Discover);
+        }
+    }
+
+    fn refresh_if_due(&mut self, now: Instant, actions: &mut Vec<Action<K>>) {
+        if !self.instances.is_empty() && self.discovery_due(now, REFRESH) {
+            self.discover(actions);
+        }
+    }
+
+    fn allocate(&mut self, reason: Reason, now: Instant, actions: &mut Vec<Action<K>>) -> Begin {
+        let begin = self.allocation.begin(reason, now);
+        if begin == Begin::Start {
+            actions.push(Action::Allocate(reason));
+        }
+        begin
+    }
+
+    /// The instances found on the overlay now. They replace those known: one missing from two
+    /// discoveries in a row, or from one while it does not answer, is forgotten.
+    pub fn discovered(
+        &mut self,
+        now: Instant,
+        found: &[(K, SocketAddr)],
+        actions: &mut Vec<Action<K>>,
+    ) {
+        self.discovering = false;
+        self.discovered = Some(now);
+        let mut gone = Vec::new();
+        for (key, instance) in &mut self.instances {
+            if found.iter().any(|(k, _)| k == key) {
+                instance.missing = 0;
+                continue;
+            }
+            instance.missing += 1;
+            let failing =
+                instance.down || instance.closed || instance.silent_for(now) >= PROBE_TIMEOUT;
+            if instance.missing >= 2 || failing || !instance.verified {
+                gone.push(key.clone());
+            }
+        }
+        for key in gone {
+            self.forget(&key, actions);
+        }
+        let mut new = false;
+        for (key, addr) in found {
+            match self.instances.get_mut(key) {
+                Some(instance) => instance.addr = *addr,
+                None => {
+                    self.instances
+                        .insert(key.clone(), Instance::new(*addr, now));
+                    self.chooser.add(key.clone(), now);
+                    self.chooser.hold(key, true);
+                    new = true;
+                }
+            }
+        }
+        if new {
+            self.probe_due(now, actions);
+        }
+        // Waiting requests look again: at new instances, or at the allocation to ask for.
+        actions.push(Action::Wake);
+    }
+
+    fn forget(&mut self, key: &K, actions: &mut Vec<Action<K>>) {
+        if self.instances.remove(key).is_some() {
+            self.chooser.remove(key);
+            actions.push(Action::Close(key.clone()));
+        }
+    }
+
+    /// A probe of `key` sent at `sent` ended: answered with the health the sidecar reports,
+    /// or not (`None`: failed or timed out).
+    pub fn probed(
+        &mut self,
+        key: &K,
+        sent: Instant,
+        now: Instant,
+        answer: Option<Health>,
+        actions: &mut Vec<Action<K>>,
+    ) {
+        let Some(instance) = self.instances.get_mut(key) else {
+            return;
+        };
+        instance.probing = false;
+        match answer {
+            Some(health) => {
+                instance.answer(now);
+                self.chooser.answered(key);
+                self.chooser
+                    .record_rtt(key, now.saturating_duration_since(sent), now);
+                self.chooser.outcome(key, true, now);
+                let was_usable = instance.verified && !instance.down;
+                instance.down = health == Health::Down;
+                instance.verified = true;
+                self.chooser.hold(key, instance.down);
+                instance.next_probe = now + instance.idle_interval;
+                instance.idle_interval = (instance.idle_interval * 2).min(PROBE_IDLE_MAX);
+                if !was_usable && !instance.down {
+                    actions.push(Action::Wake);
+                }
+            }
+            None => {
+                self.chooser.outcome(key, false, now);
+                instance.idle_interval = PROBE_INTERVAL;
+                instance.next_probe = now + PROBE_INTERVAL;
+                if !instance.verified {
+                    // A new instance that does not answer: requests waiting for it look
+                    // elsewhere (or for an allocation).
+                    actions.push(Action::Wake);
+                }
+                self.declare_dead_if_silent(key, now, actions);
+            }
+        }
+    }
+
+    /// `key` closed its connection to this proxy: its proxy shut down (culled, stopped) or
+    /// restarted. It is out of the choice, and no request waits for it, until it answers a
+    /// probe again; it is forgotten once discovery no longer lists it.
+    pub fn closed_by_peer(&mut self, key: &K, now: Instant, actions: &mut Vec<Action<K>>) {
+        let Some(instance) = self.instances.get_mut(key) else {
+            return;
+        };
+        instance.closed = true;
+        instance.verified = false;
+        instance.next_probe = now + PROBE_INTERVAL;
+        instance.idle_interval = PROBE_INTERVAL;
+        self.chooser.hold(key, true);
+        // Requests waiting may now ask for an allocation rather than wait for it.
+        actions.push(Action::Wake);
+    }
+
+    /// A request to `key` starts now.
+    pub fn attempt_started(&mut self, key: &K) {
+        self.chooser.start(key);
+    }
+
+    /// An attempt on `key`, started at `started`, passed its per-try timeout without an
+    /// answer: the instance's RTT is at least that old from now on, and it is probed at once.
+    pub fn attempt_overdue(
+        &mut self,
+        key: &K,
+        started: Instant,
+        now: Instant,
+        actions: &mut Vec<Action<K>>,
+    ) {
+        let Some(instance) = self.instances.get_mut(key) else {
+            return;
+        };
+        instance.asked(started);
+        self.chooser.unanswered(key, started);
+        instance.next_probe = now;
+        instance.idle_interval = PROBE_INTERVAL;
+        self.probe_due(now, actions);
+    }
+
+    /// An attempt on `key`, started at `started`, ended with `outcome`.
+    pub fn attempt_ended(
+        &mut self,
+        key: &K,
+        started: Instant,
+        now: Instant,
+        outcome: Outcome,
+        actions: &mut Vec<Action<K>>,
+    ) {
+        let Some(instance) = self.instances.get_mut(key) else {
+            return;
+        };
+        match outcome {
+            Outcome::Answered { network, total } => {
+                instance.answer(now);
+                instance.idle_interval = PROBE_INTERVAL;
+                instance.next_probe = now + PROBE_INTERVAL;
+                instance.times.record(now, total);
+                instance
+                    .service_times
+                    .record(now, total.saturating_sub(network));
+                self.chooser.answered(key);
+                self.chooser.finish(key, true, now);
+                self.chooser.record_rtt(key, network, now);
+            }
+            Outcome::Refused => {
+                // The sidecar answered, its service did not: out until a probe says it serves.
+                instance.answer(now);
+                instance.down = true;
+                instance.next_probe = now + PROBE_INTERVAL;
+                self.chooser.answered(key);
+                self.chooser.hold(key, true);
+                self.chooser.finish(key, false, now);
+            }
+            Outcome::Failed => {
+                instance.asked(started);
+                instance.next_probe = now;
+                self.chooser.finish(key, false, now);
+                self.probe_due(now, actions);
+                self.declare_dead_if_silent(key, now, actions);
+            }
+            Outcome::Cancelled | Outcome::ClientFault => self.chooser.release(key),
+        }
+    }
+
+    /// Declares `key` dead if it answered nothing for [`DEAD_AFTER`]: ejected, and its
+    /// connection closed so that requests on it fail now rather than at the idle timeout.
+    fn declare_dead_if_silent(&mut self, key: &K, now: Instant, actions: &mut Vec<Action<K>>) {
+        let Some(instance) = self.instances.get(key) else {
+            return;
+        };
+        if instance.silent_for(now) >= DEAD_AFTER && !self.chooser.is_ejected(key, now) {
+            for _ in 0..crate::select::EJECT_AFTER {
+                self.chooser.outcome(key, false, now);
+            }
+            actions.push(Action::Close(key.clone()));
+        }
+    }
+
+    /// An allocation asked for `reason` ended.
+    pub fn allocation_ended(
+        &mut self,
+        reason: Reason,
+        result: Result<(), String>,
+        now: Instant,
+        actions: &mut Vec<Action<K>>,
+    ) {
+        self.allocation.end(reason, result, now);
+        actions.push(Action::Wake);
+    }
+
+    /// Time passes: probes that are due, a refresh of the instance list, dead instances.
+    pub fn tick(&mut self, now: Instant, actions: &mut Vec<Action<K>>) {
+        let in_use = self
+            .last_used
+            .is_some_and(|at| now.saturating_duration_since(at) < QUIET);
+        if !in_use {
+            return;
+        }
+        self.refresh_if_due(now, actions);
+        self.probe_due(now, actions);
+        let silent: Vec<K> = self
+            .instances
+            .iter()
+            .filter(|(_, i)| i.silent_for(now) >= DEAD_AFTER)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in silent {
+            self.declare_dead_if_silent(&key, now, actions);
+        }
+    }
+
+    /// Probes every instance that is due and has none out.
+    fn probe_due(&mut self, now: Instant, actions: &mut Vec<Action<K>>) {
+        for (key, instance) in &mut self.instances {
+            if instance.probing || now < instance.next_probe {
+                continue;
+            }
+            instance.probing = true;
+            instance.asked(now);
+            self.chooser.probe_sent(key, now);
+            actions.push(Action::Probe(key.clone(), instance.addr));
+        }
+    }
+
+    /// Every instance, for metrics.
+    pub fn report(&mut self, now: Instant) -> Vec<InstanceReport<K>> {
+        let views = self.chooser.view(now);
+        views
+            .into_iter()
+            .map(|view| {
+                let instance = self.instances.get_mut(&view.key);
+                let (service_time, down) = match instance {
+                    Some(i) => (
+                        i.service_times.summary(now).map(|s| [s.p50, s.p90, s.p99]),
+                        i.down,
+                    ),
+                    None => (None, false),
+                };
+                InstanceReport {
+                    view,
+                    service_time,
+                    down,
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,747 @@
+//! A simulator: the core driven in virtual time against a world of instances that can be
+//! slow, frozen, dead, culled or down, with the driver's rules (hedge an overdue idempotent
+//! request within the retry budget, wait for a wake-up up to a deadline) played by the
+//! simulator itself. Every scenario runs in milliseconds.
+
+use std::{
+    cmp::Reverse,
+    collections::{BTreeMap, BinaryHeap, HashMap},
+    net::{IpAddr, Ipv4Addr},
+};
+
+use super::*;
+use crate::{config::perf::DEFAULT_LIMITS, retry::RetryBudget};
+
+const MS: Duration = Duration::from_millis(1);
+const SECOND: Duration = Duration::from_secs(1);
+/// How long a request waits for an instance, as the ingress's --instance-wait.
+const INSTANCE_WAIT: Duration = Duration::from_secs(15);
+/// How long an allocator takes to start an instance that then advertises itself.
+const START_TIME: Duration = Duration::from_millis(150);
+/// How long a discovery takes.
+const DISCOVERY_TIME: Duration = Duration::from_millis(5);
+
+type Key = &'static str;
+
+/// One instance of the simulated world.
+#[derive(Debug, Clone)]
+struct Behaviour {
+    rtt: Duration,
+    service: Duration,
+    /// Periods during which the whole instance (sidecar and service) is frozen.
+    frozen: Vec<(Instant, Instant)>,
+    /// From then on its service refuses connections; its sidecar answers.
+    service_dead_from: Option<Instant>,
+    /// From then on it is gone (culled): nothing answers.
+    gone_from: Option<Instant>,
+    /// From then on it is no longer found on the overlay.
+    unlisted_from: Option<Instant>,
+}
+
+impl Behaviour {
+    fn new(rtt_ms: u64, service_ms: u64) -> Self {
+        Self {
+            rtt: MS * rtt_ms as u32,
+            service: MS * service_ms as u32,
+            frozen: Vec::new(),
+            service_dead_from: None,
+            gone_from: None,
+            unlisted_from: None,
+        }
+    }
+
+    fn gone(&self, at: Instant) -> bool {
+        self.gone_from.is_some_and(|from| at >= from)
+    }
+
+    /// When something sent at `sent` that takes `work` at the instance is answered: `None`
+    /// if never. A freeze holds whatever is under way until it ends.
+    fn answer_at(&self, sent: Instant, work: Duration) -> Option<Instant> {
+        let mut at = sent + self.rtt + work;
+        for &(from, to) in &self.frozen {
+            if from < at && to > sent {
+                at += to - from.max(sent);
+            }
+        }
+        (!self.gone(sent) && !self.gone(at)).then_some(at)
+    }
+}
+
+#[derive(Debug)]
+enum Event {
+    Arrive(usize),
+    Tick,
+    Deadline(usize),
+    ProbeDone(Key, Instant, Option<Health>),
+    AttemptDone(usize, Outcome),
+    Overdue(usize),
+    Discovered,
+    AllocationDone(Reason),
+    /// The instance's proxy closed its connection (it shut down).
+    Closed(Key),
+}
+
+#[derive(Debug)]
+struct Attempt {
+    request: usize,
+    key: Key,
+    started: Instant,
+    live: bool,
+}
+
+#[derive(Debug, Default)]
+struct Request {
+    arrived: Option<Instant>,
+    replayable: bool,
+    /// Attempts under way.
+    attempts: Vec<usize>,
+    waiting: bool,
+    tries: u32,
+    done: Option<(Instant, Result<Key, String>)>,
+}
+
+struct Sim {
+    now: Instant,
+    start: Instant,
+    core: ServiceCore<Key>,
+    limits: Limits,
+    world: BTreeMap<Key, Behaviour>,
+    /// What an allocator starts, under which name, and whether it refuses.
+    allocations: Vec<Key>,
+    allocatable: Vec<(Key, Behaviour)>,
+    allocator_refuses: bool,
+    /// Allocations asked for.
+    asked: usize,
+    budget: RetryBudget,
+    events: BinaryHeap<Reverse<(Instant, u64, usize)>>,
+    payloads: HashMap<u64, Event>,
+    sequence: u64,
+    requests: Vec<Request>,
+    attempts: Vec<Attempt>,
+    probes: usize,
+    random: u64,
+}
+
+fn addr(key: Key) -> SocketAddr {
+    let port = key.bytes().fold(1000u16, |a, b| {
+        a.wrapping_mul(31).wrapping_add(u16::from(b))
+    });
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
+}
+
+impl Sim {
+    fn new(world: &[(Key, Behaviour)]) -> Self {
+        let now = Instant::now();
+        let mut sim = Self {
+            now,
+            start: now,
+            core: ServiceCore::new(Policy::RttHistogram, 1024),
+            limits: DEFAULT_LIMITS,
+            world: world.iter().cloned().collect(),
+            allocations: Vec::new(),
+            allocatable: Vec::new(),
+            allocator_refuses: false,
+            asked: 0,
+            budget: RetryBudget::default(),
+            events: BinaryHeap::new(),
+            payloads: HashMap::new(),
+            sequence: 0,
+            requests: Vec::new(),
+            attempts: Vec::new(),
+            probes: 0,
+            random: 0x2545_f491_4f6c_dd1d,
+        };
+        sim.at(now, Event::Tick);
+        sim
+    }
+
+    fn t(&self, offset: Duration) -> Instant {
+        self.start + offset
+    }
+
+    fn at(&mut self, when: Instant, event: Event) {
+        self.sequence += 1;
+        self.payloads.insert(self.sequence, event);
+        self.events.push(Reverse((when, self.sequence, 0)));
+    }
+
+    /// Requests at `rate` per second from `from` for `length`, idempotent or not.
+    fn load(&mut self, from: Duration, length: Duration, rate: u32, replayable: bool) {
+        let gap = SECOND / rate;
+        let mut offset = from;
+        while offset < from + length {
+            let id = self.requests.len();
+            self.requests.push(Request {
+                replayable,
+                ..Request::default()
+            });
+            self.at(self.start + offset, Event::Arrive(id));
+            offset += gap;
+        }
+    }
+
+    /// Runs every event up to `until`.
+    fn run_until(&mut self, until: Duration) {
+        let until = self.start + until;
+        while let Some(Reverse((when, sequence, _))) = self.events.peek().copied() {
+            if when > until {
+                break;
+            }
+            self.events.pop();
+            self.now = when;
+            let event = self
+                .payloads
+                .remove(&sequence)
+                .expect("every event has a payload");
+            self.handle(event);
+        }
+        self.now = until;
+    }
+
+    fn handle(&mut self, event: Event) {
+        let now = self.now;
+        let mut actions = Vec::new();
+        match event {
+            Event::Arrive(id) => {
+                self.requests[id].arrived = Some(now);
+                self.at(now + INSTANCE_WAIT, Event::Deadline(id));
+                self.route(id, None, &mut actions);
+            }
+            Event::Tick => {
+                self.core.tick(now, &mut actions);
+                self.at(now + 10 * MS, Event::Tick);
+            }
+            Event::Deadline(id) => {
+                let request = &mut self.requests[id];
+                if request.done.is_none() && request.waiting {
+                    request.waiting = false;
+                    self.core.stop_waiting();
+                    self.finish(id, Err("no instance became available".into()));
+                }
+            }
+            Event::ProbeDone(key, sent, answer) => {
+                self.core.probed(&key, sent, now, answer, &mut actions);
+            }
+            Event::AttemptDone(attempt, outcome) => {
+                self.attempt_done(attempt, outcome, &mut actions)
+            }
+            Event::Overdue(attempt) => {
+                let Attempt {
+                    request,
+                    key,
+                    started,
+                    live,
+                } = self.attempts[attempt];
+                if !live {
+                    return;
+                }
+                self.core.attempt_overdue(&key, started, now, &mut actions);
+                let req = &self.requests[request];
+                if req.replayable && req.attempts.len() == 1 && self.budget.withdraw() {
+                    self.route(request, Some(key), &mut actions);
+                }
+            }
+            Event::Closed(key) => self.core.closed_by_peer(&key, now, &mut actions),
+            Event::Discovered => {
+                let found = self.listed();
+                self.core.discovered(now, &found, &mut actions);
+            }
+            Event::AllocationDone(reason) => {
+                let result = if self.allocator_refuses || self.allocatable.is_empty() {
+                    Err("every allocator refused".to_owned())
+                } else {
+                    let (key, behaviour) = self.allocatable.remove(0);
+                    self.world.insert(key, behaviour);
+                    self.allocations.push(key);
+                    // As the driver does: looks until the new instance is found.
+                    let found = self.listed();
+                    self.core.discovered(now, &found, &mut actions);
+                    Ok(())
+                };
+                self.core
+                    .allocation_ended(reason, result, now, &mut actions);
+            }
+        }
+        self.perform(actions);
+    }
+
+    /// The instances found on the overlay now.
+    fn listed(&self) -> Vec<(Key, SocketAddr)> {
+        self.world
+            .iter()
+            .filter(|(_, b)| b.unlisted_from.is_none_or(|from| self.now < from))
+            .map(|(k, _)| (*k, addr(k)))
+            .collect()
+    }
+
+    fn attempt_done(&mut self, attempt: usize, outcome: Outcome, actions: &mut Vec<Action<Key>>) {
+        let Attempt {
+            request,
+            key,
+            started,
+            live,
+        } = self.attempts[attempt];
+        if !live {
+            return;
+        }
+        self.attempts[attempt].live = false;
+        self.requests[request].attempts.retain(|a| *a != attempt);
+        self.core
+            .attempt_ended(&key, started, self.now, outcome.clone(), actions);
+        if self.requests[request].done.is_some() {
+            return;
+        }
+        match outcome {
+            Outcome::Answered { .. } => {
+                // The first answer wins; the other attempt is dropped.
+                for other in std::mem::take(&mut self.requests[request].attempts) {
+                    self.attempts[other].live = false;
+                    let (k, s) = (self.attempts[other].key, self.attempts[other].started);
+                    self.core
+                        .attempt_ended(&k, s, self.now, Outcome::Cancelled, actions);
+                }
+                self.finish(request, Ok(key));
+            }
+            _ if !self.requests[request].attempts.is_empty() => {} // the other may answer
+            Outcome::Refused => {
+                if self.requests[request].replayable && self.budget.withdraw() {
+                    self.route(request, Some(key), actions);
+                } else {
+                    self.finish(request, Err(format!("{key}: refused")));
+                }
+            }
+            _ => {
+                if self.requests[request].replayable && self.budget.withdraw() {
+                    self.route(request, Some(key), actions);
+                } else {
+                    self.finish(request, Err(format!("{key}: failed")));
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, id: usize, result: Result<Key, String>) {
+        self.requests[id].done = Some((self.now, result));
+    }
+
+    /// What the driver does with a request: choose, then send or wait.
+    fn route(&mut self, id: usize, avoid: Option<Key>, actions: &mut Vec<Action<Key>>) {
+        let now = self.now;
+        let arrived = self.requests[id].arrived.expect("arrived");
+        let mut random = std::mem::take(&mut self.random);
+        let choice = {
+            let mut next = |n: usize| {
+                random ^= random << 13;
+                random ^= random >> 7;
+                random ^= random << 17;
+                (random % n as u64) as usize
+            };
+            self.core.choose(
+                now,
+                arrived,
+                self.limits,
+                &mut next,
+                avoid.as_ref(),
+                actions,
+            )
+        };
+        self.random = random;
+        let request = &mut self.requests[id];
+        match choice {
+            Choice::Pick {
+                key, try_timeout, ..
+            } => {
+                if request.waiting {
+                    request.waiting = false;
+                    self.core.stop_waiting();
+                }
+                request.tries += 1;
+                let attempt = self.attempts.len();
+                request.attempts.push(attempt);
+                self.attempts.push(Attempt {
+                    request: id,
+                    key,
+                    started: now,
+                    live: true,
+                });
+                self.core.attempt_started(&key);
+                let behaviour = &self.world[key];
+                let outcome = match behaviour.service_dead_from {
+                    Some(from) if now >= from => behaviour
+                        .answer_at(now, Duration::ZERO)
+                        .map(|at| (at, Outcome::Refused)),
+                    _ => behaviour.answer_at(now, behaviour.service).map(|at| {
+                        let outcome = Outcome::Answered {
+                            network: behaviour.rtt,
+                            total: at - now,
+                        };
+                        (at, outcome)
+                    }),
+                };
+                if let Some((at, outcome)) = outcome {
+                    self.at(at, Event::AttemptDone(attempt, outcome));
+                }
+                self.at(now + try_timeout, Event::Overdue(attempt));
+            }
+            Choice::Wait => {
+                if !request.waiting {
+                    if !self.core.start_waiting() {
+                        let refused = self.core.too_many_waiting().to_string();
+                        self.finish(id, Err(refused));
+                        return;
+                    }
+                    self.requests[id].waiting = true;
+                }
+            }
+            Choice::Unavailable(why) => {
+                if request.waiting {
+                    request.waiting = false;
+                    self.core.stop_waiting();
+                }
+                self.finish(id, Err(why.to_string()));
+            }
+        }
+    }
+
+    fn perform(&mut self, actions: Vec<Action<Key>>) {
+        let now = self.now;
+        for action in actions {
+            match action {
+                Action::Probe(key, _) => {
+                    self.probes += 1;
+                    let behaviour = &self.world[key];
+                    let answer = behaviour
+                        .answer_at(now, Duration::ZERO)
+                        .filter(|at| *at - now < PROBE_TIMEOUT);
+                    let health = match behaviour.service_dead_from {
+                        Some(from) if now >= from => Health::Down,
+                        _ => Health::Serving,
+                    };
+                    match answer {
+                        Some(at) => self.at(at, Event::ProbeDone(key, now, Some(health))),
+                        None => self.at(now + PROBE_TIMEOUT, Event::ProbeDone(key, now, None)),
+                    }
+                }
+                Action::Discover => self.at(now + DISCOVERY_TIME, Event::Discovered),
+                Action::Allocate(reason) => {
+                    self.asked += 1;
+                    self.at(now + START_TIME, Event::AllocationDone(reason));
+                }
+                Action::Wake => {
+                    let waiting: Vec<usize> = (0..self.requests.len())
+                        .filter(|&id| self.requests[id].waiting && self.requests[id].done.is_none())
+                        .collect();
+                    for id in waiting {
+                        let mut more = Vec::new();
+                        self.route(id, None, &mut more);
+                        self.perform(more);
+                    }
+                }
+                Action::Close(key) => {
+                    // Requests on a closed connection fail at once.
+                    let on_it: Vec<usize> = (0..self.attempts.len())
+                        .filter(|&a| self.attempts[a].live && self.attempts[a].key == key)
+                        .collect();
+                    for attempt in on_it {
+                        self.at(now, Event::AttemptDone(attempt, Outcome::Failed));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Requests that arrived in `[from, to)` of the run: (failed, slowest, share by instance).
+    fn stats(&self, from: Duration, to: Duration) -> Stats {
+        let mut stats = Stats::default();
+        for request in &self.requests {
+            let Some(arrived) = request.arrived else {
+                continue;
+            };
+            if arrived < self.start + from || arrived >= self.start + to {
+                continue;
+            }
+            match &request.done {
+                Some((done, Ok(key))) => {
+                    stats.slowest = stats.slowest.max(*done - arrived);
+                    *stats.served.entry(key).or_default() += 1;
+                }
+                Some((_, Err(error))) => stats.failed.push(error.clone()),
+                None => stats.failed.push("never answered".into()),
+            }
+        }
+        stats
+    }
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    failed: Vec<String>,
+    slowest: Duration,
+    served: BTreeMap<&'static str, usize>,
+}
+
+impl Stats {
+    fn share(&self, key: Key) -> f64 {
+        let total: usize = self.served.values().sum();
+        self.served.get(key).copied().unwrap_or(0) as f64 / total.max(1) as f64
+    }
+}
+
+fn tiers() -> Vec<(Key, Behaviour)> {
+    vec![
+        ("edge", Behaviour::new(1, 0)),
+        ("metro", Behaviour::new(20, 0)),
+        ("cloud", Behaviour::new(40, 0)),
+    ]
+}
+
+#[test]
+fn three_tiers_send_nearly_everything_to_the_edge() {
+    let mut sim = Sim::new(&tiers());
+    sim.load(Duration::ZERO, 10 * SECOND, 100, true);
+    sim.run_until(12 * SECOND);
+    let stats = sim.stats(SECOND, 10 * SECOND);
+    assert!(stats.failed.is_empty(), "{:?}", stats.failed);
+    assert!(stats.share("edge") >= 0.95, "{stats:?}");
+    assert!(sim.allocations.is_empty());
+}
+
+#[test]
+fn a_frozen_instance_holds_no_request_past_the_hard_limit_and_gets_traffic_back_after_it_thaws() {
+    let mut world = tiers();
+    let (freeze, thaw) = (5 * SECOND, 35 * SECOND);
+    let start = Instant::now();
+    let mut sim = Sim::new(&[]);
+    world[0].1.frozen.push((start + freeze, start + thaw));
+    sim.start = start;
+    sim.now = start;
+    sim.world = world.into_iter().collect();
+    sim.load(Duration::ZERO, 40 * SECOND, 200, true);
+    sim.run_until(42 * SECOND);
+    let during = sim.stats(freeze, thaw);
+    assert!(
+        during.failed.is_empty(),
+        "{:?}",
+        &during.failed[..during.failed.len().min(5)]
+    );
+    assert!(
+        during.slowest <= DEFAULT_LIMITS.hard_rtt,
+        "slowest {:?} with the edge frozen",
+        during.slowest
+    );
+    let after = sim.stats(thaw + 2 * SECOND, 40 * SECOND);
+    assert!(after.share("edge") >= 0.9, "after the thaw: {after:?}");
+}
+
+#[test]
+fn one_of_two_instances_frozen_fails_nothing_and_delays_nothing_past_the_hard_limit() {
+    let start = Instant::now();
+    let mut sim = Sim::new(&[]);
+    let mut a = Behaviour::new(1, 2);
+    a.frozen.push((start + 2 * SECOND, start + 7 * SECOND));
+    sim.world = [("a", a), ("b", Behaviour::new(2, 2))]
+        .into_iter()
+        .collect();
+    sim.load(Duration::ZERO, 10 * SECOND, 50, true);
+    sim.run_until(12 * SECOND);
+    let stats = sim.stats(Duration::ZERO, 10 * SECOND);
+    assert!(stats.failed.is_empty(), "{:?}", stats.failed);
+    assert!(stats.slowest <= DEFAULT_LIMITS.hard_rtt, "{stats:?}");
+}
+
+#[test]
+fn a_dead_service_behind_a_live_sidecar_fails_no_idempotent_request_and_attracts_nothing() {
+    let mut world = vec![("a", Behaviour::new(1, 2)), ("b", Behaviour::new(1, 2))];
+    let mut sim = Sim::new(&[]);
+    world[0].1.service_dead_from = Some(sim.start + 2 * SECOND);
+    sim.world = world.into_iter().collect();
+    sim.load(Duration::ZERO, 8 * SECOND, 50, true);
+    sim.run_until(10 * SECOND);
+    let stats = sim.stats(Duration::ZERO, 8 * SECOND);
+    assert!(stats.failed.is_empty(), "{:?}", stats.failed);
+    let after = sim.stats(3 * SECOND, 8 * SECOND);
+    assert_eq!(after.share("b"), 1.0, "{after:?}");
+}
+
+#[test]
+fn a_slow_service_on_a_near_instance_is_not_taken_for_a_far_one() {
+    let mut sim = Sim::new(&[("near", Behaviour::new(1, 150))]);
+    sim.allocatable.push(("spare", Behaviour::new(1, 150)));
+    sim.load(Duration::ZERO, 120 * SECOND, 50, true);
+    sim.run_until(121 * SECOND);
+    let stats = sim.stats(Duration::ZERO, 120 * SECOND);
+    assert!(
+        stats.failed.is_empty(),
+        "{:?}",
+        &stats.failed[..stats.failed.len().min(5)]
+    );
+    assert!(
+        sim.allocations.is_empty(),
+        "asked for {:?}",
+        sim.allocations
+    );
+    assert_eq!(stats.share("near"), 1.0);
+    let report = sim.core.report(sim.now);
+    let service_time = report[0].service_time.expect("service times are measured");
+    assert!(
+        service_time[0] >= 140 * MS && service_time[0] <= 160 * MS,
+        "{service_time:?}"
+    );
+    let network = report[0].view.quantiles.expect("network RTTs are measured");
+    assert!(network[2] < 5 * MS, "{network:?}");
+}
+
+#[test]
+fn a_culled_instance_is_forgotten_and_the_first_request_after_a_quiet_spell_does_not_wait_for_it() {
+    let mut sim = Sim::new(&[("old", Behaviour::new(1, 1))]);
+    sim.allocatable.push(("fresh", Behaviour::new(1, 1)));
+    sim.load(Duration::ZERO, 5 * SECOND, 20, true);
+    // Culled at 40 s (idle), its provider record expires at 160 s; a request comes at 170 s.
+    let culled = sim.t(40 * SECOND);
+    let old = sim.world.get_mut("old").unwrap();
+    old.gone_from = Some(culled);
+    old.unlisted_from = Some(sim.start + 160 * SECOND);
+    sim.load(170 * SECOND, MS, 1000, true);
+    sim.run_until(200 * SECOND);
+    let stats = sim.stats(170 * SECOND, 171 * SECOND);
+    assert!(stats.failed.is_empty(), "{:?}", stats.failed);
+    assert_eq!(stats.served.get("fresh"), Some(&1), "{stats:?}");
+    assert!(stats.slowest < START_TIME + 100 * MS, "{stats:?}");
+    assert_eq!(sim.core.known().copied().collect::<Vec<_>>(), vec!["fresh"]);
+}
+
+#[test]
+fn a_culled_instance_that_said_goodbye_costs_nothing_but_the_cold_start() {
+    let mut sim = Sim::new(&[("old", Behaviour::new(1, 1))]);
+    sim.allocatable.push(("fresh", Behaviour::new(1, 1)));
+    sim.load(Duration::ZERO, 5 * SECOND, 20, true);
+    // Culled at 8 s: its proxy closes its connections as it stops; its provider record stays.
+    let culled = sim.t(8 * SECOND);
+    sim.world.get_mut("old").unwrap().gone_from = Some(culled);
+    sim.at(culled, Event::Closed("old"));
+    sim.load(8 * SECOND + 10 * MS, MS, 1000, true);
+    sim.run_until(20 * SECOND);
+    let stats = sim.stats(8 * SECOND, 9 * SECOND);
+    assert!(stats.failed.is_empty(), "{:?}", stats.failed);
+    assert_eq!(stats.served.get("fresh"), Some(&1), "{stats:?}");
+    // The allocation, the new instance's discovery and its probe: nothing waits for "old".
+    assert!(stats.slowest < START_TIME + 10 * MS, "{stats:?}");
+}
+
+#[test]
+fn a_culled_instance_still_listed_costs_a_probe_timeout_not_the_idle_timeout() {
+    let mut sim = Sim::new(&[("old", Behaviour::new(1, 1))]);
+    sim.allocatable.push(("fresh", Behaviour::new(1, 1)));
+    sim.load(Duration::ZERO, 5 * SECOND, 20, true);
+    sim.world.get_mut("old").unwrap().gone_from = Some(sim.t(40 * SECOND));
+    sim.load(100 * SECOND, MS, 1000, true);
+    sim.run_until(120 * SECOND);
+    let stats = sim.stats(100 * SECOND, 101 * SECOND);
+    assert!(stats.failed.is_empty(), "{:?}", stats.failed);
+    assert_eq!(stats.served.get("fresh"), Some(&1), "{stats:?}");
+    assert!(
+        stats.slowest < PROBE_TIMEOUT + START_TIME + 100 * MS,
+        "{stats:?}"
+    );
+}
+
+#[test]
+fn requests_wait_for_one_allocation_and_past_max_waiting_are_refused() {
+    let mut sim = Sim::new(&[]);
+    sim.core = ServiceCore::new(Policy::RttHistogram, 5);
+    sim.allocatable.push(("first", Behaviour::new(1, 1)));
+    sim.allocatable.push(("second", Behaviour::new(1, 1)));
+    // Eight requests within 80 ms, while the first instance starts.
+    sim.load(Duration::ZERO, 80 * MS, 100, true);
+    sim.run_until(5 * SECOND);
+    let stats = sim.stats(Duration::ZERO, SECOND);
+    assert_eq!(
+        sim.allocations,
+        vec!["first"],
+        "one allocation for all of them"
+    );
+    assert_eq!(stats.served.get("first"), Some(&5), "{stats:?}");
+    assert_eq!(stats.failed.len(), 3, "{stats:?}");
+    assert!(
+        stats
+            .failed
+            .iter()
+            .all(|e| e.contains("5 requests already wait"))
+    );
+}
+
+#[test]
+fn a_failing_allocator_is_asked_once_per_cool_down_and_its_reason_reaches_the_requests() {
+    let mut sim = Sim::new(&[]);
+    sim.allocator_refuses = true;
+    sim.load(Duration::ZERO, 3 * SECOND, 20, true);
+    sim.run_until(4 * SECOND);
+    let stats = sim.stats(Duration::ZERO, 3 * SECOND);
+    assert_eq!(stats.failed.len(), 60);
+    assert!(
+        stats
+            .failed
+            .iter()
+            .all(|e| e.contains("every allocator refused")),
+        "{stats:?}"
+    );
+    // Asked at 0 s and once after its two-second cool-down.
+    assert_eq!(sim.asked, 2);
+}
+
+#[test]
+fn hedges_stop_when_the_retry_budget_is_spent() {
+    let start = Instant::now();
+    let mut sim = Sim::new(&[]);
+    let mut a = Behaviour::new(1, 1);
+    a.frozen.push((start + SECOND, start + 20 * SECOND));
+    sim.world = [("a", a), ("b", Behaviour::new(1, 1))]
+        .into_iter()
+        .collect();
+    // Spend the budget before the freeze.
+    while sim.budget.withdraw() {}
+    sim.load(Duration::ZERO, 3 * SECOND, 50, true);
+    sim.run_until(5 * SECOND);
+    let stats = sim.stats(Duration::ZERO, 3 * SECOND);
+    // The budget earns a fifth of a retry per request: some requests on the frozen instance
+    // are hedged, not all; the rest fail when it is declared dead, well before the idle timeout.
+    let tries: u32 = sim.requests.iter().map(|r| r.tries).sum();
+    assert!(tries <= 150 + 150 / 5 + 1, "{tries} tries for 150 requests");
+    assert!(stats.slowest < DEAD_AFTER + PROBE_TIMEOUT, "{stats:?}");
+}
+
+#[test]
+fn a_non_idempotent_request_on_a_frozen_instance_is_not_sent_twice() {
+    let start = Instant::now();
+    let mut sim = Sim::new(&[]);
+    let mut a = Behaviour::new(1, 1);
+    a.frozen.push((start + SECOND, start + 20 * SECOND));
+    sim.world = [("a", a), ("b", Behaviour::new(1, 1))]
+        .into_iter()
+        .collect();
+    sim.load(Duration::ZERO, 3 * SECOND, 50, false);
+    sim.run_until(5 * SECOND);
+    assert!(sim.requests.iter().all(|r| r.tries <= 1));
+    let stats = sim.stats(Duration::ZERO, 3 * SECOND);
+    // Only those already on the frozen instance fail, when it is declared dead.
+    assert!(stats.failed.len() <= 3, "{:?}", stats.failed);
+}
+
+#[test]
+fn an_idle_instance_is_probed_less_and_less_and_a_busy_one_not_at_all() {
+    let mut sim = Sim::new(&[
+        ("near", Behaviour::new(1, 1)),
+        ("far", Behaviour::new(40, 1)),
+    ]);
+    sim.load(Duration::ZERO, 60 * SECOND, 100, true);
+    sim.run_until(10 * SECOND);
+    let early = sim.probes;
+    sim.run_until(60 * SECOND);
+    let late = sim.probes - early;
+    // Before: every instance every 200 ms, 250 probes in 50 s each. Now "near" answers
+    // traffic, "far" backs off to one probe per PROBE_IDLE_MAX.
+    assert!(
+        late <= 50 / PROBE_IDLE_MAX.as_secs() as usize + 2,
+        "{late} probes in 50 s"
+    );
+}

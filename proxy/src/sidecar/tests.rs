@@ -1,0 +1,303 @@
+//! The sidecar over a real QUIC connection and real service sockets on loopback: what it
+//! answers when its service refuses, breaks or is missing, and what its probes say.
+
+use std::{convert::Infallible, net::Ipv4Addr, time::Duration};
+
+use http::{HeaderMap, Method, Response};
+use http_body_util::StreamBody;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use libp2p::identity::Keypair;
+use testkit::wait_until;
+
+use super::*;
+use crate::{
+    forward::{AttemptError, forward, probe},
+    framing::{Health, RequestHead},
+    metrics::{SidecarCollector, SidecarView},
+    sidecar::health::ServiceState,
+    transport::Transport,
+};
+
+const LOOPBACK: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Checks often, so that tests see changes quickly.
+fn fast() -> HealthPolicy {
+    HealthPolicy {
+        interval: Duration::from_millis(20),
+        ..HealthPolicy::default()
+    }
+}
+
+/// A loopback address nobody listens on (until a test does).
+fn closed_port() -> SocketAddr {
+    std::net::TcpListener::bind(LOOPBACK)
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A service on `listener` that reads each request's whole body, then answers 200 with its
+/// length. Stops accepting (its port closes) when the returned task is aborted.
+fn draining_service(listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let service = service_fn(|request: Request<Incoming>| async move {
+                    let length = match request.into_body().collect().await {
+                        Ok(body) => body.to_bytes().len(),
+                        Err(_) => 0,
+                    };
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(length.to_string()))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
+/// A sidecar for `upstream` behind a QUIC transport; returns it, a client transport and the
+/// client's connection to it (the transport must live as long as the connection is used).
+async fn sidecar_connection(upstream: SocketAddr) -> (Arc<Sidecar>, Transport, Connection) {
+    let server = Arc::new(Transport::bind(LOOPBACK, Keypair::generate_ed25519(), None).unwrap());
+    let sidecar = Sidecar::with_policy(upstream, Activity::new(), fast());
+    let serving = Arc::clone(&server);
+    let serves = Arc::clone(&sidecar);
+    tokio::spawn(async move {
+        while let Some(Ok((_, connection))) = serving.accept().await {
+            tokio::spawn(Arc::clone(&serves).serve_connection(connection));
+        }
+    });
+    let client = Transport::bind(LOOPBACK, Keypair::generate_ed25519(), None).unwrap();
+    let connection = client
+        .connect(server.peer_id(), server.local_addr().unwrap())
+        .await
+        .unwrap();
+    (sidecar, client, connection)
+}
+
+fn get() -> RequestHead {
+    RequestHead {
+        method: Method::GET,
+        target: "/".into(),
+        headers: HeaderMap::new(),
+    }
+}
+
+async fn health_of(connection: &Connection) -> Health {
+    probe(connection).await.unwrap().1
+}
+
+/// Waits until a probe on `connection` answers `wanted`.
+async fn until_probe_says(connection: &Connection, wanted: Health) {
+    wait_until(
+        &format!("a probe answering {wanted:?}"),
+        DEADLINE,
+        || async { health_of(connection).await == wanted },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_request_to_a_service_whose_port_is_closed_is_refused_naming_the_service() {
+    let dead = closed_port();
+    let (sidecar, _client, connection) = sidecar_connection(dead).await;
+    let answer = forward(&connection, &get(), Full::new(Bytes::new())).await;
+    match answer {
+        Err(AttemptError::Refused(reason)) => {
+            assert!(reason.contains(&dead.to_string()), "{reason}");
+            assert!(reason.to_lowercase().contains("refused"), "{reason}");
+        }
+        Err(other) => panic!("not refused: {other}"),
+        Ok(response) => panic!("not refused: answered {}", response.status()),
+    }
+    // A service that never answered is starting, not down; either way probes hear "down".
+    assert_eq!(sidecar.health().state(), ServiceState::Starting);
+    assert_eq!(health_of(&connection).await, Health::Down);
+}
+
+#[tokio::test]
+async fn probes_say_down_until_the_service_listens_and_down_again_when_it_stops() {
+    let addr = closed_port();
+    let (sidecar, _client, connection) = sidecar_connection(addr).await;
+    assert_eq!(health_of(&connection).await, Health::Down);
+    assert_eq!(sidecar.health().state(), ServiceState::Starting);
+
+    let service = draining_service(tokio::net::TcpListener::bind(addr).await.unwrap());
+    until_probe_says(&connection, Health::Serving).await;
+    assert_eq!(sidecar.health().state(), ServiceState::Serving);
+    let response = forward(&connection, &get(), Full::new(Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    // The service goes (its listener closes): the next check is refused.
+    service.abort();
+    until_probe_says(&connection, Health::Down).await;
+    assert_eq!(sidecar.health().state(), ServiceState::Down);
+    assert!(sidecar.probes_answered() >= 4);
+}
+
+#[tokio::test]
+async fn a_refused_request_makes_a_serving_service_down_before_any_check() {
+    // Checks so rare that only the request can tell.
+    let addr = closed_port();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let service = draining_service(listener);
+    let server = Arc::new(Transport::bind(LOOPBACK, Keypair::generate_ed25519(), None).unwrap());
+    let slow = HealthPolicy {
+        interval: Duration::from_secs(3600),
+        ..HealthPolicy::default()
+    };
+    let sidecar = Sidecar::with_policy(addr, Activity::new(), slow);
+    let serving = Arc::clone(&server);
+    let serves = Arc::clone(&sidecar);
+    tokio::spawn(async move {
+        while let Some(Ok((_, connection))) = serving.accept().await {
+            tokio::spawn(Arc::clone(&serves).serve_connection(connection));
+        }
+    });
+    let client = Transport::bind(LOOPBACK, Keypair::generate_ed25519(), None).unwrap();
+    let connection = client
+        .connect(server.peer_id(), server.local_addr().unwrap())
+        .await
+        .unwrap();
+    // The first check (due at once) sees the service.
+    until_probe_says(&connection, Health::Serving).await;
+    service.abort();
+    wait_until("the service's port closed", DEADLINE, || async {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    // The sidecar's client has no pooled connection (it sent nothing yet), so the request
+    // connects, and is refused; no check runs for an hour.
+    let answer = forward(&connection, &get(), Full::new(Bytes::new())).await;
+    assert!(
+        matches!(answer, Err(AttemptError::Refused(_))),
+        "{:?}",
+        answer.map(|r| r.status())
+    );
+    assert_eq!(sidecar.health().state(), ServiceState::Down);
+    assert_eq!(health_of(&connection).await, Health::Down);
+}
+
+#[tokio::test]
+async fn a_service_that_breaks_the_exchange_is_a_502_and_is_not_marked_down() {
+    // Accepts connections and closes them without answering.
+    let listener = tokio::net::TcpListener::bind(LOOPBACK).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            drop(stream);
+        }
+    });
+    let (sidecar, _client, connection) = sidecar_connection(addr).await;
+    until_probe_says(&connection, Health::Serving).await;
+    let response = forward(&connection, &get(), Full::new(Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    let text = response.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.contains(&addr.to_string()), "{text}");
+    assert_eq!(sidecar.health().state(), ServiceState::Serving);
+}
+
+#[tokio::test]
+async fn a_request_body_broken_by_the_ingress_does_not_make_the_service_down() {
+    // A service that says when the first chunk of a request body reached it, then reads on.
+    let listener = tokio::net::TcpListener::bind(LOOPBACK).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (reached, mut first_chunk) = tokio::sync::mpsc::unbounded_channel::<()>();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let reached = reached.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let reached = reached.clone();
+                    async move {
+                        let mut body = request.into_body();
+                        let _ = body.frame().await;
+                        let _ = reached.send(());
+                        while let Some(Ok(_)) = body.frame().await {}
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let (sidecar, _client, connection) = sidecar_connection(addr).await;
+    until_probe_says(&connection, Health::Serving).await;
+    // A body that fails once its first chunk reached the service: forward() resets its side
+    // of the stream, and the body the sidecar streams to the service fails mid-request.
+    let first = futures::stream::iter([Ok(http_body::Frame::data(Bytes::from_static(
+        b"a first chunk",
+    )))]);
+    let then_fail = futures::stream::once(async move {
+        first_chunk.recv().await;
+        Err::<http_body::Frame<Bytes>, _>("the client went away")
+    });
+    let head = RequestHead {
+        method: Method::POST,
+        ..get()
+    };
+    let answer = forward(
+        &connection,
+        &head,
+        StreamBody::new(futures::StreamExt::chain(first, then_fail)),
+    )
+    .await;
+    assert!(
+        matches!(answer, Err(AttemptError::Client(_))),
+        "{:?}",
+        answer.map(|r| r.status())
+    );
+    // forward() returned on the sidecar's answer, so its verdict is in: the service is not
+    // blamed.
+    assert_eq!(sidecar.health().state(), ServiceState::Serving);
+    assert_eq!(health_of(&connection).await, Health::Serving);
+}
+
+#[tokio::test]
+async fn probes_answered_and_the_service_state_are_on_the_metrics() {
+    let addr = closed_port();
+    let (sidecar, _client, connection) = sidecar_connection(addr).await;
+    let registry = prometheus::Registry::new();
+    let viewed = Arc::clone(&sidecar);
+    SidecarCollector::register(&registry, move || SidecarView {
+        probes_answered: viewed.probes_answered(),
+        service_up: viewed.health().state() == ServiceState::Serving,
+    })
+    .unwrap();
+    let text = || {
+        prometheus::TextEncoder::new()
+            .encode_to_string(&registry.gather())
+            .unwrap()
+    };
+    assert!(
+        text().contains("proxy_probes_answered_total 0"),
+        "{}",
+        text()
+    );
+    assert!(text().contains("proxy_service_up 0"), "{}", text());
+    let _service = draining_service(tokio::net::TcpListener::bind(addr).await.unwrap());
+    until_probe_says(&connection, Health::Serving).await;
+    let answered = sidecar.probes_answered();
+    assert!(answered >= 1);
+    for _ in 0..3 {
+        health_of(&connection).await;
+    }
+    let text = text();
+    assert!(
+        text.contains(&format!("proxy_probes_answered_total {}", answered + 3)),
+        "{text}"
+    );
+    assert!(text.contains("proxy_service_up 1"), "{text}");
+}
