@@ -5,7 +5,8 @@
 //! ```sh
 //! cargo build --release --workspace
 //! cargo run -p bench --release -- all          # or one: overlay, monitor-memory, lookup, quic,
-//!                                              # side-by-side, stream, cold-start, tiers
+//!                                              # side-by-side, stream, cold-start, tiers,
+//!                                              # probes
 //! ```
 
 mod body;
@@ -19,6 +20,7 @@ mod overlay;
 mod paths;
 mod pinning;
 mod plot;
+mod probes;
 mod procs;
 mod proxy_path;
 mod quic;
@@ -75,6 +77,8 @@ enum Scenario {
     /// Three instances behind delay relays (edge and two clouds), then one stalling: where
     /// each choice policy sends requests, and their tail latency.
     Tiers(tiers::Args),
+    /// Probe messages a second on one instance used by 1, 10 and 50 ingresses, idle and busy.
+    Probes(probes::Args),
     /// The HTTP service behind the proxies (the data-plane scenarios start it themselves).
     #[command(hide = true)]
     Serve(serve::Args),
@@ -98,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Stream(args) => stream::run(args, &mut out).await?,
         Scenario::ColdStart(args) => cold_start::run(args, &mut out).await?,
         Scenario::Tiers(args) => tiers::run(args, &mut out).await?,
+        Scenario::Probes(args) => probes::run(args, &mut out).await?,
         Scenario::Serve(args) => serve::run(args).await?,
     }
     Ok(())
@@ -122,5 +127,6 @@ async fn all(quick: bool, out: &mut Report) -> anyhow::Result<()> {
     stream::run(sizes!(stream), out).await?;
     cold_start::run(sizes!(cold_start), out).await?;
     tiers::run(sizes!(tiers), out).await?;
+    probes::run(sizes!(probes), out).await?;
     Ok(())
 }

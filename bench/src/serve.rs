@@ -73,8 +73,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
 /// Starts the service as a child process of this benchmark; returns it and its address.
 pub async fn start() -> anyhow::Result<(Process, SocketAddr)> {
-    spawn_reading(&std::env::current_exe()?, &["serve"], |line| {
-        line.strip_prefix("listening: ")?.parse().ok()
-    })
+    start_on(0).await
+}
+
+/// Starts the service on `port` of 127.0.0.1 (0: any free one).
+pub async fn start_on(port: u16) -> anyhow::Result<(Process, SocketAddr)> {
+    let port = port.to_string();
+    spawn_reading(
+        &std::env::current_exe()?,
+        &["serve", "--port", &port],
+        |line| line.strip_prefix("listening: ")?.parse().ok(),
+    )
     .await
 }

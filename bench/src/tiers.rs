@@ -7,7 +7,10 @@
 //!
 //! 1. steady: where requests go (the sidecars' `proxy_served_requests_total`) and the latency;
 //! 2. stall: the edge instance (its sidecar and its service) is frozen with SIGSTOP, as
-//!    `docker pause` would, for `--stall`, then thawed; the same figures over the whole run.
+//!    `docker pause` would, for `--stall`, then thawed; the same figures over the whole run,
+//!    and the edge's share of the requests from 2 s after the thaw;
+//! 3. service death: the edge's service (not its sidecar) is killed for `--dead`, then
+//!    started again on its port; the same figures.
 
 use std::{
     net::{Ipv4Addr, UdpSocket},
@@ -76,9 +79,12 @@ pub struct Args {
     /// How long the edge instance stays frozen.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     stall: Duration,
-    /// Load before the stall and after it, within the stall run.
+    /// Load before the stall and after it, within the stall run (and the service-death run).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     around_stall: Duration,
+    /// How long the edge's service stays dead (its sidecar running).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    dead: Duration,
 }
 
 impl Default for Args {
@@ -89,6 +95,7 @@ impl Default for Args {
             steady: Duration::from_secs(20),
             stall: Duration::from_secs(30),
             around_stall: Duration::from_secs(5),
+            dead: Duration::from_secs(10),
         }
     }
 }
@@ -100,7 +107,8 @@ impl Args {
             warmup: Duration::from_secs(1),
             steady: Duration::from_secs(2),
             stall: Duration::from_secs(2),
-            around_stall: Duration::from_secs(1),
+            around_stall: Duration::from_secs(3),
+            dead: Duration::from_secs(2),
         }
     }
 }
@@ -108,7 +116,9 @@ impl Args {
 /// One instance: its service, its sidecar and the relay in front of the sidecar.
 struct Instance {
     tier: &'static Tier,
-    service: Process,
+    /// `None` while it is dead (the service-death run).
+    service: Option<Process>,
+    service_addr: std::net::SocketAddr,
     sidecar: StartedProxy,
     /// Held: the relay stops when dropped, and the sidecar advertises its address.
     _relay: UdpDelayRelay,
@@ -132,15 +142,25 @@ impl Instance {
         .await?;
         Ok(Self {
             tier,
-            service,
+            service: Some(service),
+            service_addr,
             sidecar,
             _relay: relay,
         })
     }
 
+    /// Kills the service (SIGKILL), leaving its sidecar running.
+    fn kill_service(&self) {
+        if let Some(service) = &self.service {
+            // SAFETY: as in `signal`.
+            unsafe { libc::kill(service.pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+
     /// Freezes (SIGSTOP) or thaws (SIGCONT) the sidecar and the service.
     fn signal(&self, signal: libc::c_int) {
-        for pid in [self.sidecar.process.pid, self.service.pid] {
+        let service = self.service.as_ref().map(|s| s.pid);
+        for pid in std::iter::once(self.sidecar.process.pid).chain(service) {
             // SAFETY: kill(2) has no memory-safety preconditions; both are our children,
             // not reaped.
             unsafe { libc::kill(pid as libc::pid_t, signal) };
@@ -164,6 +184,10 @@ struct Phase {
     /// Each instance's median RTT as the ingress saw it at the end (its last second of probes
     /// and requests), in [`TIERS`] order.
     seen_rtt: Vec<Option<f64>>,
+    /// Each instance's request count at the end.
+    end: Vec<f64>,
+    /// The edge's share of the requests from [`BACK_WITHIN`] after it thawed to the end.
+    edge_back: Option<f64>,
 }
 
 impl Phase {
@@ -180,7 +204,7 @@ impl Phase {
 pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
     let command = out.command("tiers");
     let pinning = Pinning::new();
-    let (lookup, instances) = pinning
+    let (lookup, mut instances) = pinning
         .start_pinned(async {
             let lookup = Lookup::with_service(SERVICE).await?;
             let mut instances = Vec::new();
@@ -208,7 +232,9 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
             for instance in &instances {
                 let name = instance.tier.name;
                 processes.push((format!("{name} sidecar"), instance.sidecar.process.pid));
-                processes.push((format!("{name} service"), instance.service.pid));
+                if let Some(service) = &instance.service {
+                    processes.push((format!("{name} service"), service.pid));
+                }
             }
             pinned = pinning.describe(&processes);
         }
@@ -221,13 +247,16 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
         })
         .await?;
         let whole = args.around_stall * 2 + args.stall;
-        let stalled = measure(&client, &ingress, &instances, async {
+        let after_thaw = std::sync::Mutex::new(None);
+        let mut stalled = measure(&client, &ingress, &instances, async {
             let edge = &instances[0];
             let freeze = async {
                 tokio::time::sleep(args.around_stall).await;
                 edge.signal(libc::SIGSTOP);
                 tokio::time::sleep(args.stall).await;
                 edge.signal(libc::SIGCONT);
+                tokio::time::sleep(BACK_WITHIN).await;
+                *after_thaw.lock().expect("not poisoned") = served(&client, &instances).await.ok();
             };
             let (open, ()) = tokio::join!(
                 load::open_loop(&client, uri.clone(), args.rate, whole),
@@ -236,8 +265,30 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
             open
         })
         .await?;
+        stalled.edge_back = after_thaw.into_inner().expect("not poisoned").map(|then| {
+            let since: Vec<f64> = stalled.end.iter().zip(&then).map(|(a, b)| a - b).collect();
+            since[0] / since.iter().sum::<f64>().max(1.0)
+        });
+
+        let whole = args.around_stall * 2 + args.dead;
+        let (dead, restarted) = measure_with(&client, &ingress, &instances, async {
+            let edge = &instances[0];
+            let kill = async {
+                tokio::time::sleep(args.around_stall).await;
+                edge.kill_service();
+                tokio::time::sleep(args.dead).await;
+                serve::start_on(edge.service_addr.port()).await
+            };
+            let (open, restarted) = tokio::join!(
+                load::open_loop(&client, uri.clone(), args.rate, whole),
+                kill
+            );
+            (open, restarted)
+        })
+        .await?;
+        instances[0].service = Some(restarted?.0);
         ingress.process.terminate(Duration::from_secs(5)).await;
-        results.push((policy, steady, stalled));
+        results.push((policy, [steady, stalled, dead]));
     }
 
     outln!(
@@ -248,9 +299,11 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
          with `perf.conf`'s default limits (soft {}, hard {}) and that policy takes \
          {} requests/s (open loop, after {:.0} s unrecorded warm-up): a steady run of \
          {:.0} s, then a run of {:.0} s during which the edge instance (sidecar and service) \
-         is frozen with SIGSTOP for {:.0} s from second {:.0}, as `docker pause` would. Where \
-         requests went is read from each sidecar's `proxy_served_requests_total`. CPU: \
-         {pinned}.\n",
+         is frozen with SIGSTOP for {:.0} s from second {:.0}, as `docker pause` would, then \
+         a run of {:.0} s during which the edge's service (not its sidecar) is killed for \
+         {:.0} s from second {:.0} and then started again on its port. Where requests went is \
+         read from each sidecar's `proxy_served_requests_total` (which counts the requests a \
+         sidecar refused for its dead service too). CPU: {pinned}.\n",
         TIERS
             .iter()
             .map(|t| format!(
@@ -269,10 +322,18 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
         (args.around_stall * 2 + args.stall).as_secs_f64(),
         args.stall.as_secs_f64(),
         args.around_stall.as_secs_f64(),
+        (args.around_stall * 2 + args.dead).as_secs_f64(),
+        args.dead.as_secs_f64(),
+        args.around_stall.as_secs_f64(),
     );
     for (phase, title, pick) in [
         ("steady", "Steady", 0),
         ("stall", "With the edge instance frozen", 1),
+        (
+            "dead",
+            "With the edge's service dead, its sidecar running",
+            2,
+        ),
     ] {
         outln!(out, "### {title}\n");
         outln!(
@@ -285,7 +346,7 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
         outln!(out, "|---|---|---|---|---|---|");
         let phases: Vec<(&str, &Phase)> = results
             .iter()
-            .map(|(policy, steady, stalled)| (*policy, if pick == 0 { steady } else { stalled }))
+            .map(|(policy, phases)| (*policy, &phases[pick]))
             .collect();
         for (policy, p) in &phases {
             outln!(
@@ -323,6 +384,17 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
         }
         outln!(out);
         for (policy, p) in &phases {
+            if let Some(share) = p.edge_back {
+                outln!(
+                    out,
+                    "{policy}: {:.1} % of the requests went to the edge from {} s after it thawed \
+                     to the end of the run.  ",
+                    share * 100.0,
+                    BACK_WITHIN.as_secs()
+                );
+            }
+        }
+        for (policy, p) in &phases {
             if let Some(error) = &p.open.first_error {
                 outln!(out, "{policy}, first error: {error}  ");
             }
@@ -344,6 +416,9 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
     drop(lookup);
     Ok(())
 }
+
+/// The edge's share is counted from this long after it thawed.
+const BACK_WITHIN: Duration = Duration::from_secs(2);
 
 const SOFT_RTT: &str = "20ms";
 const HARD_RTT: &str = "100ms";
@@ -395,17 +470,31 @@ async fn measure(
     instances: &[Instance],
     load: impl Future<Output = anyhow::Result<OpenLoop>>,
 ) -> anyhow::Result<Phase> {
+    let (phase, ()) = measure_with(client, ingress, instances, async { (load.await, ()) }).await?;
+    Ok(phase)
+}
+
+/// [`measure`] for a load that returns something besides.
+async fn measure_with<T>(
+    client: &GetClient,
+    ingress: &StartedProxy,
+    instances: &[Instance],
+    load: impl Future<Output = (anyhow::Result<OpenLoop>, T)>,
+) -> anyhow::Result<(Phase, T)> {
     let before = served(client, instances).await?;
-    let open = load.await?;
+    let (open, besides) = load.await;
     let after = served(client, instances).await?;
     let text = scrape(client, ingress.metrics)
         .await
         .map_err(anyhow::Error::msg)?;
-    Ok(Phase {
-        open,
+    let phase = Phase {
+        open: open?,
         served: after.iter().zip(&before).map(|(a, b)| a - b).collect(),
         seen_rtt: seen_rtts(&text, instances),
-    })
+        end: after,
+        edge_back: None,
+    };
+    Ok((phase, besides))
 }
 
 /// Each instance's median RTT in seconds in an ingress's metrics, if it has one yet.
