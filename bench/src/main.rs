@@ -6,7 +6,7 @@
 //! cargo build --release --workspace
 //! cargo run -p bench --release -- all          # or one: overlay, monitor-memory, lookup, quic,
 //!                                              # side-by-side, stream, cold-start, tiers,
-//!                                              # probes
+//!                                              # probes, slow-service
 //! ```
 
 mod body;
@@ -28,6 +28,7 @@ mod report;
 mod scrape;
 mod serve;
 mod side_by_side;
+mod slow_service;
 mod stats;
 mod stream;
 mod tiers;
@@ -79,6 +80,9 @@ enum Scenario {
     Tiers(tiers::Args),
     /// Probe messages a second on one instance used by 1, 10 and 50 ingresses, idle and busy.
     Probes(probes::Args),
+    /// A service answering in 150 ms through two allocators and an ingress: instances
+    /// started, allocations asked, service time apart from network RTT.
+    SlowService(slow_service::Args),
     /// The HTTP service behind the proxies (the data-plane scenarios start it themselves).
     #[command(hide = true)]
     Serve(serve::Args),
@@ -103,6 +107,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::ColdStart(args) => cold_start::run(args, &mut out).await?,
         Scenario::Tiers(args) => tiers::run(args, &mut out).await?,
         Scenario::Probes(args) => probes::run(args, &mut out).await?,
+        Scenario::SlowService(args) => slow_service::run(args, &mut out).await?,
         Scenario::Serve(args) => serve::run(args).await?,
     }
     Ok(())
@@ -128,5 +133,6 @@ async fn all(quick: bool, out: &mut Report) -> anyhow::Result<()> {
     cold_start::run(sizes!(cold_start), out).await?;
     tiers::run(sizes!(tiers), out).await?;
     probes::run(sizes!(probes), out).await?;
+    slow_service::run(sizes!(slow_service), out).await?;
     Ok(())
 }

@@ -25,6 +25,9 @@ pub struct Args {
     /// Port on 127.0.0.1; 0 takes a free one. The address is printed as `listening: ADDR`.
     #[arg(long, default_value_t = 0)]
     port: u16,
+    /// How long every answer takes (a slow service).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    delay: std::time::Duration,
 }
 
 /// Body of every request that is neither a stream nor an upload.
@@ -59,13 +62,20 @@ async fn handle(request: Request<Incoming>) -> Result<Response<Body>, Infallible
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, args.port)).await?;
     println!("listening: {}", listener.local_addr()?);
+    let delay = args.delay;
     loop {
         let (stream, _) = listener.accept().await?;
         stream.set_nodelay(true)?;
         tokio::spawn(async move {
+            let service = service_fn(move |request| async move {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                handle(request).await
+            });
             // A connection error only ends that connection.
             let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service_fn(handle))
+                .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
     }

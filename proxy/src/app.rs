@@ -121,7 +121,8 @@ pub struct Cli {
     #[arg(long, default_value = "15s", value_name = "DURATION", value_parser = parse_duration)]
     pub instance_wait: Duration,
 
-    /// Most requests waiting for instances at once; more are answered 503 at once.
+    /// Most requests of one service waiting for instances at once; more are answered 503 at
+    /// once.
     #[arg(long, default_value_t = 1024, value_name = "N")]
     pub max_waiting: usize,
 

@@ -33,7 +33,8 @@ pub enum AttemptError {
     /// The sidecar did not hand the request to its service, which never saw it.
     #[error("the instance's service did not get it: {0}")]
     Refused(String),
-    /// The request was sent, in part or whole, and the exchange broke before a response head.
+    /// The request was sent, in part or whole, and the exchange broke before a response head
+    /// (the connection, or the service: [`StreamError::ServiceFailed`]).
     #[error("the exchange broke: {0}")]
     Broken(StreamError),
     /// The client's request body failed (a malformed chunk, a reset) before the response.
@@ -116,6 +117,7 @@ pub async fn probe(connection: &Connection) -> Result<(Duration, Health), Stream
         Opening::Ping(payload) => Ok((begin.elapsed(), Health::decode(&payload))),
         Opening::Head(..) => Err(StreamError::Unexpected(crate::framing::Kind::Head)),
         Opening::Refused(..) => Err(StreamError::Unexpected(crate::framing::Kind::Refused)),
+        Opening::Failed(..) => Err(StreamError::Unexpected(crate::framing::Kind::Failed)),
     }
 }
 

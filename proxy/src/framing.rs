@@ -9,6 +9,7 @@
 //! | `TRAILERS` (3) | `headers` |
 //! | `PING` (4) | a probe: empty; its answer: `health: u8` (0 serving, 1 down) |
 //! | `REFUSED` (5) | why, UTF-8: the sidecar could not hand the request to its service |
+//! | `FAILED` (6) | why, UTF-8: the service took the request and broke the exchange before a response |
 //!
 //! `headers` is `count: u16` then per field `name (u16 length) | value (u16 length)`. A
 //! direction is one `HEAD`, any number of `DATA`, at most one `TRAILERS`, then the end of the
@@ -23,7 +24,10 @@
 //! A response direction that opens with `REFUSED` instead of `HEAD` says the service never
 //! saw the request (it refused the connection, or the sidecar knows it is down): the ingress
 //! may send the request elsewhere whatever its method, and counts the failure against the
-//! instance, never as an answer of its service.
+//! instance, never as an answer of its service. One that opens with `FAILED` says the service
+//! got the request (it may have acted on it) and then closed or reset the exchange without a
+//! response: the ingress may send it elsewhere only if it is idempotent. Neither is ever
+//! dressed up as a response of the service (a fast 502 would make a dead instance look best).
 //!
 //! Body bytes are never copied into frames: a `DATA` frame is its 5-byte header written
 //! before the chunk hyper handed over. Decoding splits frames off the receive buffer without
@@ -50,6 +54,7 @@ pub enum Kind {
     Trailers = 3,
     Ping = 4,
     Refused = 5,
+    Failed = 6,
 }
 
 /// What a sidecar says of its service in a probe's answer.
@@ -217,6 +222,7 @@ pub fn decode_frame(buffer: &mut BytesMut) -> Result<Option<Frame>, FrameError> 
         3 => Kind::Trailers,
         4 => Kind::Ping,
         5 => Kind::Refused,
+        6 => Kind::Failed,
         other => return Err(FrameError::UnknownKind(other)),
     };
     let len = u32::from_be_bytes(buffer[1..5].try_into().expect("4 bytes")) as usize;

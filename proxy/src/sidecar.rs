@@ -10,7 +10,8 @@
 //!    ingress may send the request elsewhere whatever its method, and the service is reported
 //!    down ([`health::Observation::ConnectFailed`]).
 //! 3. **The exchange broke after connecting** (the service reset it, closed early): the
-//!    answer is a 502 saying so, as the request may have had effects; the health is left as it
+//!    answer is `FAILED` saying so (the ingress retries it only if it is idempotent, as the
+//!    request may have had effects), never a response of the service; the health is left as it
 //!    is. If it was the request body from the ingress that broke (the ingress reset its side),
 //!    the service is not blamed either.
 //! 4. **Any response** of the service, whatever its status, reports it serving.
@@ -31,12 +32,11 @@ use std::{
     },
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use http::{
-    HeaderValue, Request, StatusCode, Uri, header,
+    HeaderValue, Request, Uri, header,
     uri::{self, Authority, PathAndQuery, Scheme},
 };
-use http_body_util::{BodyExt, Full};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
@@ -49,7 +49,8 @@ use crate::{
     framing::{Kind, ResponseHead, decode_request_head, encode_response_head},
     metrics::Activity,
     stream::{
-        FramedBody, Opening, StreamError, read_opening, send_message, send_ping, send_refused,
+        FramedBody, Opening, StreamError, read_opening, send_failed, send_message, send_ping,
+        send_refused,
     },
 };
 
@@ -132,6 +133,7 @@ impl Sidecar {
                 return send_ping(&mut send, &self.health.health().encode()).await;
             }
             Opening::Refused(_) => return Err(StreamError::Unexpected(Kind::Refused)),
+            Opening::Failed(_) => return Err(StreamError::Unexpected(Kind::Failed)),
         };
         let head = decode_request_head(&payload)?;
         let _serving = self.activity.serve();
@@ -176,36 +178,19 @@ impl Sidecar {
             );
             return send_refused(&mut send, &reason).await;
         }
-        let text = if ingress_body_failed(&error) {
+        let reason = if ingress_body_failed(&error) {
             format!(
-                "the request body from the ingress broke: {}\n",
+                "the request body from the ingress broke: {}",
                 causes(&error)
             )
         } else {
             format!(
-                "the service at {} did not answer: {}\n",
+                "the service at {} broke the exchange: {}",
                 self.upstream,
                 causes(&error)
             )
         };
-        let mut headers = http::HeaderMap::new();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        encode_response_head(
-            &ResponseHead {
-                status: StatusCode::BAD_GATEWAY,
-                headers,
-            },
-            &mut encoded,
-        )?;
-        send_message(
-            &mut send,
-            encoded.freeze(),
-            Full::new(Bytes::from(text)).map_err(|never| match never {}),
-        )
-        .await
+        send_failed(&mut send, &reason).await
     }
 }
 

@@ -35,6 +35,9 @@ pub enum StreamError {
     /// The sidecar did not hand the request to its service (a `REFUSED` frame).
     #[error("the service did not get the request: {0}")]
     Refused(String),
+    /// The service got the request and broke the exchange (a `FAILED` frame).
+    #[error("the service failed: {0}")]
+    ServiceFailed(String),
     #[error("body: {0}")]
     Body(String),
 }
@@ -86,6 +89,8 @@ pub enum Opening {
     Ping(Bytes),
     /// A REFUSED frame's reason.
     Refused(String),
+    /// A FAILED frame's reason.
+    Failed(String),
 }
 
 /// Reads the frame that opens a stream direction.
@@ -95,6 +100,9 @@ pub async fn read_opening(recv: &mut RecvStream) -> Result<Opening, StreamError>
         Some(frame) if frame.kind == Kind::Head => Ok(Opening::Head(frame.payload, buffer)),
         Some(frame) if frame.kind == Kind::Ping => Ok(Opening::Ping(frame.payload)),
         Some(frame) if frame.kind == Kind::Refused => Ok(Opening::Refused(
+            String::from_utf8_lossy(&frame.payload).into_owned(),
+        )),
+        Some(frame) if frame.kind == Kind::Failed => Ok(Opening::Failed(
             String::from_utf8_lossy(&frame.payload).into_owned(),
         )),
         Some(frame) => Err(StreamError::Unexpected(frame.kind)),
@@ -110,6 +118,7 @@ pub async fn read_head(recv: &mut RecvStream) -> Result<(Bytes, BytesMut), Strea
         Opening::Head(payload, rest) => Ok((payload, rest)),
         Opening::Ping(_) => Err(StreamError::Unexpected(Kind::Ping)),
         Opening::Refused(reason) => Err(StreamError::Refused(reason)),
+        Opening::Failed(reason) => Err(StreamError::ServiceFailed(reason)),
     }
 }
 
@@ -130,8 +139,17 @@ pub async fn send_ping(send: &mut SendStream, payload: &[u8]) -> Result<(), Stre
 
 /// Answers a request with a REFUSED frame: its service never got it, for `reason`.
 pub async fn send_refused(send: &mut SendStream, reason: &str) -> Result<(), StreamError> {
+    send_reason(send, Kind::Refused, reason).await
+}
+
+/// Answers a request with a FAILED frame: its service got it and broke the exchange.
+pub async fn send_failed(send: &mut SendStream, reason: &str) -> Result<(), StreamError> {
+    send_reason(send, Kind::Failed, reason).await
+}
+
+async fn send_reason(send: &mut SendStream, kind: Kind, reason: &str) -> Result<(), StreamError> {
     let reason = &reason.as_bytes()[..reason.len().min(framing::MAX_HEAD_BYTES)];
-    send_last(send, Kind::Refused, reason).await
+    send_last(send, kind, reason).await
 }
 
 /// Writes an encoded head, then streams `body` as DATA frames and its trailers, then finishes
@@ -213,7 +231,9 @@ impl Body for FramedBody {
             Kind::Trailers => decode_trailers(&frame.payload)
                 .map(BodyFrame::trailers)
                 .map_err(Into::into),
-            kind @ (Kind::Head | Kind::Ping | Kind::Refused) => Err(StreamError::Unexpected(kind)),
+            kind @ (Kind::Head | Kind::Ping | Kind::Refused | Kind::Failed) => {
+                Err(StreamError::Unexpected(kind))
+            }
         }))
     }
 

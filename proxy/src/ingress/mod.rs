@@ -338,15 +338,7 @@ impl Ingress {
         loop {
             let (peer, addr, try_timeout) = self.pick(service, arrived, limits, avoid).await?;
             let mut attempt = Attempt::begin(&self.services, service, peer);
-            let connection =
-                match tokio::time::timeout(CONNECT_TIMEOUT, self.transport.connect(peer, addr))
-                    .await
-                {
-                    Ok(Ok(connection)) => Ok(connection),
-                    Ok(Err(error)) => Err(error.to_string()),
-                    Err(_) => Err(format!("no connection within {CONNECT_TIMEOUT:?}")),
-                };
-            let result = match connection {
+            let result = match self.connection(peer, addr).await {
                 Err(reason) => {
                     attempt.end(Outcome::Failed);
                     Err((peer, AttemptError::Unreachable(reason)))
@@ -453,25 +445,33 @@ impl Ingress {
         self.metrics.hedged(&service.record.name);
         tracing::debug!(service = %service.record.name, %peer, %other, "hedged");
         let second = pin!(async {
-            let attempt = Attempt::begin(&self.services, service, other);
-            match tokio::time::timeout(CONNECT_TIMEOUT, self.transport.connect(other, addr)).await {
-                Ok(Ok(connection)) => {
+            let mut attempt = Attempt::begin(&self.services, service, other);
+            match self.connection(other, addr).await {
+                Ok(connection) => {
                     attempt
                         .exchange(connection, head, Either::Right(Empty::new()))
                         .await
                 }
-                failed => {
-                    let mut attempt = attempt;
+                Err(reason) => {
                     attempt.end(Outcome::Failed);
-                    let reason = match failed {
-                        Ok(Err(error)) => error.to_string(),
-                        _ => format!("no connection within {CONNECT_TIMEOUT:?}"),
-                    };
                     Err((other, AttemptError::Unreachable(reason)))
                 }
             }
         });
         first_answer(first, second).await
+    }
+
+    /// The connection to `peer`: the open one at once, else a new one within
+    /// [`CONNECT_TIMEOUT`] (no timer on the common path).
+    async fn connection(&self, peer: PeerId, addr: SocketAddr) -> Result<Connection, String> {
+        if let Some(connection) = self.transport.open_connection(&peer) {
+            return Ok(connection);
+        }
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.transport.connect(peer, addr)).await {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("no connection within {CONNECT_TIMEOUT:?}")),
+        }
     }
 
     /// An instance for `service`: its peer, address and per-try timeout. Waits (up to the

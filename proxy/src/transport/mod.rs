@@ -192,7 +192,8 @@ impl Transport {
         }
     }
 
-    fn open_connection(&self, peer: &PeerId) -> Option<Connection> {
+    /// The open connection to `peer`, if there is one (no waiting, no dialling).
+    pub fn open_connection(&self, peer: &PeerId) -> Option<Connection> {
         let connections = self.connections.read().unwrap_or_else(|p| p.into_inner());
         connections
             .get(peer)
