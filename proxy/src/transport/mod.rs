@@ -48,8 +48,10 @@ pub enum TransportError {
 /// This proxy's QUIC endpoint: listens for other proxies and connects to them.
 pub struct Transport {
     endpoint: Endpoint,
-    keypair: Keypair,
-    network_key: Option<[u8; 32]>,
+    credentials: Arc<Credentials>,
+    /// Handshakes of inbound connections under way, each in a task of its own so that a slow
+    /// or abandoned one never holds up the next (a thawed peer may find dozens queued).
+    handshakes: tokio::sync::Mutex<tokio::task::JoinSet<Accepted>>,
     /// Authenticated connections by peer. Read on every request, written on (re)connect.
     connections: RwLock<HashMap<PeerId, Connection>>,
     /// Serialises connecting to one peer, so concurrent requests share one new connection.
@@ -93,8 +95,11 @@ impl Transport {
         endpoint.set_default_client_config(client);
         Ok(Self {
             endpoint,
-            keypair,
-            network_key,
+            credentials: Arc::new(Credentials {
+                keypair,
+                network_key,
+            }),
+            handshakes: tokio::sync::Mutex::default(),
             connections: RwLock::default(),
             connecting: tokio::sync::Mutex::default(),
             closes: std::sync::Mutex::default(),
@@ -106,15 +111,7 @@ impl Transport {
     }
 
     pub fn peer_id(&self) -> PeerId {
-        self.keypair.public().to_peer_id()
-    }
-
-    fn keying_material(connection: &Connection) -> Result<[u8; KEYING_MATERIAL_BYTES], String> {
-        let mut material = [0; KEYING_MATERIAL_BYTES];
-        connection
-            .export_keying_material(&mut material, EXPORTER_LABEL, b"")
-            .map_err(|e| format!("{e:?}"))?;
-        Ok(material)
+        self.credentials.keypair.public().to_peer_id()
     }
 
     /// The authenticated connection to `peer` at `addr`: the open one if there is one, else a
@@ -208,39 +205,77 @@ impl Transport {
             .connect(addr, tls::SERVER_NAME)
             .map_err(|e| failed(e.to_string()))?;
         let connection = connecting.await.map_err(|e| failed(e.to_string()))?;
+        let credentials = &self.credentials;
         let exchange = async {
-            let material = Self::keying_material(&connection)
+            let material = keying_material(&connection)
                 .map_err(|reason| TransportError::Stream { addr, reason })?;
             let (mut send, mut recv) = connection
                 .open_bi()
                 .await
                 .map_err(|e| stream_error(addr, &e))?;
-            self.send_proof(&mut send, Role::Client, &material, addr)
+            credentials
+                .send_proof(&mut send, Role::Client, &material, addr)
                 .await?;
-            self.receive_proof(&mut recv, Some(peer), Role::Server, &material, addr)
+            credentials
+                .receive_proof(&mut recv, Some(peer), Role::Server, &material, addr)
                 .await
         };
         authenticated(&connection, addr, exchange).await?;
         Ok(connection)
     }
 
-    /// The next authenticated inbound connection and the peer on it. Connections that fail
-    /// to authenticate are closed without a word and reported as errors; `None` once the
-    /// endpoint is closed.
-    pub async fn accept(&self) -> Option<Result<(PeerId, Connection), TransportError>> {
-        let incoming = self.endpoint.accept().await?;
-        let addr = incoming.remote_address();
-        let connection = match incoming.await {
-            Ok(connection) => connection,
-            Err(e) => {
-                return Some(Err(TransportError::Connect {
-                    addr,
-                    reason: e.to_string(),
-                }));
+    /// The next authenticated inbound connection and the peer on it. Handshakes run
+    /// concurrently, each in a task of its own, so that a slow or abandoned one never holds
+    /// up the next (a peer thawed after a freeze finds dozens of abandoned ones queued).
+    /// Connections that fail to authenticate are closed without a word and reported as
+    /// errors; `None` once the endpoint is closed.
+    pub async fn accept(&self) -> Option<Accepted> {
+        let mut handshakes = self.handshakes.lock().await;
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => {
+                    let credentials = Arc::clone(&self.credentials);
+                    handshakes.spawn(credentials.handshake(incoming?));
+                }
+                Some(done) = handshakes.join_next(), if !handshakes.is_empty() => {
+                    return Some(done.unwrap_or_else(|e| {
+                        Err(TransportError::Setup(format!("a handshake task failed: {e}")))
+                    }));
+                }
             }
-        };
+        }
+    }
+
+    /// Resolves once every connection has closed (or gone idle).
+    pub async fn wait_idle(&self) {
+        self.endpoint.wait_idle().await;
+    }
+
+    /// Closes every connection and stops listening.
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"shutting down");
+    }
+}
+
+/// An inbound connection, authenticated, and the peer on it; or why not.
+pub type Accepted = Result<(PeerId, Connection), TransportError>;
+
+/// Who this proxy is, for the proofs exchanged on every connection.
+struct Credentials {
+    keypair: Keypair,
+    network_key: Option<[u8; 32]>,
+}
+
+impl Credentials {
+    /// Completes an inbound connection: the QUIC handshake, then the proofs.
+    async fn handshake(self: Arc<Self>, incoming: quinn::Incoming) -> Accepted {
+        let addr = incoming.remote_address();
+        let connection = incoming.await.map_err(|e| TransportError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
         let exchange = async {
-            let material = Self::keying_material(&connection)
+            let material = keying_material(&connection)
                 .map_err(|reason| TransportError::Stream { addr, reason })?;
             let (mut send, mut recv) = connection
                 .accept_bi()
@@ -254,11 +289,9 @@ impl Transport {
                 .await?;
             Ok(peer)
         };
-        Some(
-            authenticated(&connection, addr, exchange)
-                .await
-                .map(|peer| (peer, connection)),
-        )
+        authenticated(&connection, addr, exchange)
+            .await
+            .map(|peer| (peer, connection))
     }
 
     async fn send_proof(
@@ -291,16 +324,14 @@ impl Transport {
             .and_then(|proof| proof.verify(expected, self.network_key.as_ref(), role, material))
             .map_err(|source| TransportError::Auth { addr, source })
     }
+}
 
-    /// Resolves once every connection has closed (or gone idle).
-    pub async fn wait_idle(&self) {
-        self.endpoint.wait_idle().await;
-    }
-
-    /// Closes every connection and stops listening.
-    pub fn close(&self) {
-        self.endpoint.close(0u32.into(), b"shutting down");
-    }
+fn keying_material(connection: &Connection) -> Result<[u8; KEYING_MATERIAL_BYTES], String> {
+    let mut material = [0; KEYING_MATERIAL_BYTES];
+    connection
+        .export_keying_material(&mut material, EXPORTER_LABEL, b"")
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(material)
 }
 
 fn stream_error(addr: SocketAddr, error: &dyn std::fmt::Display) -> TransportError {

@@ -100,3 +100,26 @@ async fn outside_the_network_nothing_is_served() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_peer_that_stalls_its_handshake_holds_up_no_other() {
+    let (server, client) = (transport(None), transport(None));
+    let mut accepted = serve_echo(Arc::clone(&server));
+    let addr = server.local_addr().unwrap();
+    // A peer that completes the QUIC handshake and then says nothing: its proof never comes
+    // (a frozen proxy, or a slow one). Its connection is kept open meanwhile.
+    let stalled = Transport::bind(LOOPBACK, Keypair::generate_ed25519(), None).unwrap();
+    let _silent = stalled
+        .endpoint
+        .connect(addr, tls::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    // Another peer is served at once, not after the stalled one's proof times out.
+    let connection = tokio::time::timeout(AUTH_TIMEOUT / 2, client.connect(server.peer_id(), addr))
+        .await
+        .expect("connected while the other handshake stalls")
+        .unwrap();
+    assert_eq!(echo(&connection, b"hello").await, b"hello");
+    assert_eq!(accepted.recv().await.unwrap(), Ok(client.peer_id()));
+}
