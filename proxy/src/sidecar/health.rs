@@ -14,8 +14,12 @@
 //! 4. **Down after timeouts in a row.** A check whose connect does not complete within
 //!    [`HealthPolicy::connect_timeout`] makes it down only after
 //!    [`HealthPolicy::timeouts_down`] of them in a row (a busy service's backlog may be slow).
-//! 5. **Checks every interval.** A check starts every [`HealthPolicy::interval`] from the
-//!    start of the last one; one that takes longer is followed by the next at once.
+//! 5. **Checks every interval.** While serving, a check starts every
+//!    [`HealthPolicy::interval`] from the start of the last one; one that takes longer is
+//!    followed by the next at once. While starting or down, checks come sooner: the first
+//!    [`HealthPolicy::first_retry`] after the last, then twice as long each time up to the
+//!    interval, so that a service that starts (or comes back) is seen serving, and its
+//!    instance advertised, within milliseconds of listening.
 //!
 //! A request that failed for any other reason (the service reset it mid-exchange, the
 //! ingress's request body broke) says nothing about whether the service answers and changes
@@ -67,8 +71,11 @@ impl ServiceState {
 /// How often and how patiently the service is checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HealthPolicy {
-    /// From the start of one liveness check to the start of the next.
+    /// From the start of one liveness check to the start of the next, while serving.
     pub interval: Duration,
+    /// While starting or down: from one check to the next at first (doubling each time, up
+    /// to `interval`).
+    pub first_retry: Duration,
     /// A connect (of a check, or of a request to the service) not done within this failed.
     pub connect_timeout: Duration,
     /// Timed-out checks in a row that make a serving service down.
@@ -79,6 +86,7 @@ impl Default for HealthPolicy {
     fn default() -> Self {
         Self {
             interval: Duration::from_millis(500),
+            first_retry: Duration::from_millis(5),
             connect_timeout: Duration::from_secs(1),
             timeouts_down: 2,
         }
@@ -117,6 +125,8 @@ pub struct HealthMachine {
     since: Instant,
     timeouts_in_a_row: u32,
     next_check: Instant,
+    /// The wait after the next check while not serving.
+    retry: Duration,
 }
 
 impl HealthMachine {
@@ -128,6 +138,7 @@ impl HealthMachine {
             since: now,
             timeouts_in_a_row: 0,
             next_check: now,
+            retry: policy.first_retry,
         }
     }
 
@@ -151,7 +162,15 @@ impl HealthMachine {
         if now < self.next_check {
             return false;
         }
-        self.next_check = now + self.policy.interval;
+        let wait = match self.state {
+            ServiceState::Serving => self.policy.interval,
+            ServiceState::Starting | ServiceState::Down => {
+                let wait = self.retry;
+                self.retry = (self.retry * 2).min(self.policy.interval);
+                wait
+            }
+        };
+        self.next_check = now + wait;
         true
     }
 
@@ -185,6 +204,11 @@ impl HealthMachine {
         };
         self.state = next;
         self.since = now;
+        if next != ServiceState::Serving {
+            // Rule 5: look again soon.
+            self.retry = self.policy.first_retry;
+            self.next_check = self.next_check.min(now + self.retry);
+        }
         Some(transition)
     }
 

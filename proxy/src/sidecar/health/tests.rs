@@ -116,8 +116,33 @@ fn timeouts_make_it_down_only_in_a_row() {
 }
 
 #[test]
+fn a_service_not_serving_is_checked_within_milliseconds_then_less_often() {
+    let (mut machine, start) = machine();
+    let policy = HealthPolicy::default();
+    let mut at = start;
+    let mut waits = Vec::new();
+    for _ in 0..10 {
+        assert!(machine.start_check(at));
+        machine.observe(Observation::Refused, at);
+        waits.push(machine.next_check() - at);
+        at = machine.next_check();
+    }
+    assert_eq!(waits[0], policy.first_retry);
+    assert_eq!(waits[1], policy.first_retry * 2);
+    assert_eq!(*waits.last().unwrap(), policy.interval, "{waits:?}");
+    // It answers: checks every interval from now on.
+    machine.observe(Observation::Connected, at);
+    assert!(machine.start_check(at));
+    assert_eq!(machine.next_check(), at + policy.interval);
+    // It goes down: the next check comes soon again.
+    machine.observe(Observation::ConnectFailed, at + MS);
+    assert_eq!(machine.next_check(), at + MS + policy.first_retry);
+}
+
+#[test]
 fn checks_are_due_every_interval_from_the_start_of_the_last() {
     let (mut machine, start) = machine();
+    machine.observe(Observation::Connected, start);
     assert!(machine.start_check(start), "the first check is due at once");
     assert!(!machine.start_check(start + 499 * MS));
     assert_eq!(machine.next_check(), start + 500 * MS);
