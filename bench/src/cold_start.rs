@@ -2,9 +2,11 @@
 //! running, so that the ingress asks an allocator to start one. Per runtime (processes, then
 //! Docker if an engine answers): a ping-monitor, an hl-service where hl-cli registers the
 //! hello-world service, an allocator culling idle instances after a second, and for every run
-//! a fresh ingress proxy (a culled instance would stay in a long-lived ingress's list until
-//! ejected). A run waits until the allocator reports no instance of the service, starts the
-//! ingress, then times `GET /<service>/` to the first byte of a 200 "Hello, world".
+//! a fresh ingress proxy; then as many runs through one ingress kept across them, for which
+//! each culled instance is still listed on the overlay (its proxy said goodbye as it stopped:
+//! the ingress passes over it at once). A run waits until the allocator reports no instance
+//! of the service, starts the ingress (or not), then times `GET /<service>/` to the first byte
+//! of a 200 "Hello, world".
 //!
 //! Where the time goes comes from the programs' logs, timed as the benchmark reads them: the
 //! allocator's "start requested", the ingress's "instance started" (the allocator answered)
@@ -26,7 +28,7 @@ use tokio::sync::mpsc;
 use crate::{
     load::{self, GetClient},
     procs::{Extra, LogLine, run_output, sibling_binary, start_daemon_with},
-    proxy_path::{Lookup, start_proxy_with},
+    proxy_path::{Lookup, StartedProxy, start_proxy_with},
     report::{Report, outln},
     scrape::{scrape, value},
     stats::{ms, percentile, print_table},
@@ -147,7 +149,9 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
         "## Cold start: request to first byte with no instance running\n\n`{command}`\n\n\
          Per runtime: a ping-monitor, an hl-service where hl-cli registers the hello-world \
          service, an allocator culling idle instances after a second, and for every run a \
-         fresh ingress proxy. A run waits until the allocator reports no instance of the \
+         fresh ingress proxy; then as many runs through one ingress kept across them (each \
+         culled instance is still listed on the overlay when the next request comes: the \
+         ingress must pass over it). A run waits until the allocator reports no instance of the \
          service, then times `GET /<service>/` to the first byte of a 200 \"Hello, world\". \
          Where the time goes comes from the programs' logs as the benchmark reads them \
          (allocator \"start requested\", ingress \"instance started\" and \"instance found\") \
@@ -162,8 +166,8 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
             );
             continue;
         }
-        let runs = measure(runtime, &args).await?;
-        report(out, runtime, &runs);
+        let (runs, kept) = measure(runtime, &args).await?;
+        report(out, runtime, &runs, &kept);
     }
     Ok(())
 }
@@ -178,8 +182,9 @@ async fn docker_available() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Sets up one runtime and runs the first cold start and then `args.runs` more.
-async fn measure(runtime: Runtime, args: &Args) -> anyhow::Result<Vec<Run>> {
+/// Sets up one runtime and runs the first cold start and then `args.runs` more, each through
+/// a fresh ingress; then `args.runs` through one ingress kept across them.
+async fn measure(runtime: Runtime, args: &Args) -> anyhow::Result<(Vec<Run>, Vec<Run>)> {
     let service = runtime.service();
     let lookup = Lookup::start().await?;
     let proxy = sibling_binary("proxy")?;
@@ -250,6 +255,7 @@ async fn measure(runtime: Runtime, args: &Args) -> anyhow::Result<Vec<Run>> {
             &mut allocator_log,
             service,
             args.timeout,
+            Ingress::Fresh,
         )
         .await;
         match &run.outcome {
@@ -258,16 +264,58 @@ async fn measure(runtime: Runtime, args: &Args) -> anyhow::Result<Vec<Run>> {
         }
         runs.push(run);
     }
+    // The same through one ingress kept across the runs: each culled instance is still
+    // listed on the overlay when the next request comes.
+    let (kept, mut kept_log) = logged_ingress(&lookup.bootstrap).await?;
+    let mut kept_runs = Vec::with_capacity(args.runs);
+    for i in 0..args.runs {
+        let run = cold_start(
+            &client,
+            &lookup.bootstrap,
+            allocator.metrics,
+            &mut allocator_log,
+            service,
+            args.timeout,
+            Ingress::Kept(&kept, &mut kept_log),
+        )
+        .await;
+        match &run.outcome {
+            Ok(took) => eprintln!("{} kept-ingress run {i}: {} ms", runtime.name(), ms(*took)),
+            Err(why) => eprintln!("{} kept-ingress run {i} failed: {why}", runtime.name()),
+        }
+        kept_runs.push(run);
+    }
+    kept.process.terminate(Duration::from_secs(5)).await;
     // The last instance goes as the others did, so that nothing outlives the allocator.
     if let Err(why) = no_instance(&client, allocator.metrics, service, args.timeout).await {
         eprintln!("the last {} instance was not culled: {why}", runtime.name());
     }
     allocator.terminate(Duration::from_secs(15)).await;
-    Ok(runs)
+    Ok((runs, kept_runs))
 }
 
-/// One cold start: waits until the service has no instance, starts a fresh ingress, times the
-/// request.
+/// The ingress a cold start goes through.
+enum Ingress<'a> {
+    /// A fresh one, started for the run.
+    Fresh,
+    /// One kept across runs, and its log: it used the instances culled before.
+    Kept(&'a StartedProxy, &'a mut mpsc::UnboundedReceiver<LogLine>),
+}
+
+/// Starts an ingress whose log lines go to the returned receiver.
+async fn logged_ingress(
+    bootstrap: &str,
+) -> anyhow::Result<(StartedProxy, mpsc::UnboundedReceiver<LogLine>)> {
+    let (logs, log) = mpsc::unbounded_channel();
+    let extra = Extra {
+        env: &[("RUST_LOG", INGRESS_LOG)],
+        stderr: Some(logs),
+    };
+    Ok((start_proxy_with(bootstrap, &[], &[], extra).await?, log))
+}
+
+/// One cold start: waits until the service has no instance, starts a fresh ingress (or uses
+/// the kept one), times the request.
 async fn cold_start(
     client: &GetClient,
     bootstrap: &str,
@@ -275,22 +323,26 @@ async fn cold_start(
     allocator_log: &mut mpsc::UnboundedReceiver<LogLine>,
     service: &str,
     timeout: Duration,
+    ingress: Ingress<'_>,
 ) -> Run {
     let mut steps = Steps::default();
     let outcome = async {
         let give_up = tokio::time::Instant::now() + timeout;
         no_instance(client, metrics, service, timeout).await?;
         let before = start_histogram(client, metrics).await?;
-        let (logs, mut ingress_log) = mpsc::unbounded_channel();
-        let extra = Extra {
-            env: &[("RUST_LOG", INGRESS_LOG)],
-            stderr: Some(logs),
+        let mut fresh = None;
+        let (ingress, ingress_log) = match ingress {
+            Ingress::Kept(ingress, log) => (ingress, log),
+            Ingress::Fresh => {
+                let started = tokio::time::timeout_at(give_up, logged_ingress(bootstrap))
+                    .await
+                    .map_err(|_| "the ingress did not start in time".to_owned())?
+                    .map_err(|e| format!("the ingress did not start: {e:#}"))?;
+                let (ingress, log) = fresh.insert(started);
+                (&*ingress, log)
+            }
         };
-        let ingress =
-            tokio::time::timeout_at(give_up, start_proxy_with(bootstrap, &[], &[], extra))
-                .await
-                .map_err(|_| "the ingress did not start in time".to_owned())?
-                .map_err(|e| format!("the ingress did not start: {e:#}"))?;
+        while ingress_log.try_recv().is_ok() {}
         let addr = ingress.ingress;
         while allocator_log.try_recv().is_ok() {}
         let uri: Uri = format!("http://{addr}/{service}/")
@@ -334,7 +386,7 @@ async fn cold_start(
         if after.1 == before.1 + 1 {
             steps.allocator_metric = Some(Duration::from_secs_f64(after.0 - before.0));
         }
-        drop(ingress);
+        drop(fresh);
         Ok(took)
     }
     .await;
@@ -445,7 +497,7 @@ fn cells(samples: &mut [Duration]) -> Vec<String> {
         .collect()
 }
 
-fn report(out: &mut Report, runtime: Runtime, runs: &[Run]) {
+fn report(out: &mut Report, runtime: Runtime, runs: &[Run], kept: &[Run]) {
     let (first, rest) = runs.split_first().expect("at least the first run");
     let (name, loaded) = match runtime {
         Runtime::Process => ("process", "artifact fetched"),
@@ -464,6 +516,13 @@ fn report(out: &mut Report, runtime: Runtime, runs: &[Run]) {
         rest.len(),
         rest.len() - samples.len()
     );
+    let mut kept_samples: Vec<Duration> =
+        kept.iter().filter_map(|r| r.outcome.clone().ok()).collect();
+    let kept_name = format!(
+        "{} through one ingress kept across them ({} failed)",
+        kept.len(),
+        kept.len() - kept_samples.len()
+    );
     print_table(
         out,
         "request to first byte",
@@ -471,6 +530,7 @@ fn report(out: &mut Report, runtime: Runtime, runs: &[Run]) {
         &[
             (&first_name, cells(&mut first_sample)),
             (&rest_name, cells(&mut samples)),
+            (&kept_name, cells(&mut kept_samples)),
         ],
     );
 
@@ -545,6 +605,17 @@ fn report(out: &mut Report, runtime: Runtime, runs: &[Run]) {
         match &r.outcome {
             Ok(took) => outln!(out, "- run {i}: first byte {}: {}", ms(*took), steps(r)),
             Err(why) => outln!(out, "- run {i}: failed: {why}"),
+        }
+    }
+    for (i, r) in kept.iter().enumerate() {
+        match &r.outcome {
+            Ok(took) => outln!(
+                out,
+                "- kept-ingress run {i}: first byte {}: {}",
+                ms(*took),
+                steps(r)
+            ),
+            Err(why) => outln!(out, "- kept-ingress run {i}: failed: {why}"),
         }
     }
     outln!(out);

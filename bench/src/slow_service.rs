@@ -127,7 +127,7 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
                     && l.contains(&format!("reason=\"{reason}\""))
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
+            .sum::<f64>() as u64
     };
     let quantile = |series: &str, q: &str| {
         ingress_metrics.lines().find_map(|l| {
@@ -147,9 +147,10 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
          A service answering every request after {} (`bench serve --delay`, registered as an \
          executable), two allocators of the process runtime on this machine, an ingress with \
          the default limits (soft 20 ms, hard 100 ms of network RTT), {} requests/s for \
-         {:.0} s (open loop; the first request starts an instance). Before the network RTT was \
-         told apart from the service time, such a service made the ingress start an instance \
-         every few seconds up to the allocators' limit.\n",
+         {:.0} s (open loop; the first request starts an instance, and the requests of its \
+         first second or so wait for it: they are the tail of the latency). Before the network \
+         RTT was told apart from the service time, such a service made the ingress start an \
+         instance every few seconds up to the allocators' limit.\n",
         delay,
         args.rate,
         args.length.as_secs_f64(),
@@ -162,8 +163,8 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
     outln!(
         out,
         "| {} | {} | {} | {} | {} | {} |\n",
-        started[0],
-        started[1],
+        started[0] as u64,
+        started[1] as u64,
         allocations("none"),
         allocations("nearer"),
         open.sent,

@@ -1,6 +1,9 @@
 //! Asking allocators for instances: when a service has none, or when its best one is over the
 //! soft RTT limit. One allocation per service at a time, however many requests wait for it;
-//! after one ends, the next waits a cool-down so a failing allocator is not asked in a loop.
+//! after one fails, the next of its kind waits a cool-down so a failing allocator is not asked
+//! in a loop; after a nearer instance was started, the next nearer one waits longer, since a
+//! new instance takes a moment to be measured. A service left with no instance after one was
+//! started (it was culled, or died) gets the next at once.
 
 use std::time::{Duration, Instant};
 
@@ -57,7 +60,8 @@ pub enum Begin {
     Running,
     /// The last one failed a moment ago, for this reason; none starts before the cool-down.
     Failed(String),
-    /// The last one succeeded a moment ago; none starts before the cool-down.
+    /// The last nearer-instance allocation succeeded a moment ago; none starts before the
+    /// cool-down.
     Recent,
 }
 
@@ -78,10 +82,12 @@ impl AllocationState {
             // A nearer-instance request never holds back one for a service with none.
             let same_kind = last_reason.label() == reason.label();
             if same_kind && now.saturating_duration_since(*ended) < reason.cool_down() {
-                return match failure {
-                    Some(failure) => Begin::Failed(failure.clone()),
-                    None => Begin::Recent,
-                };
+                match (failure, reason) {
+                    (Some(failure), _) => return Begin::Failed(failure.clone()),
+                    (None, Reason::Nearer(_)) => return Begin::Recent,
+                    // The instance it started is gone already: another, now.
+                    (None, Reason::NoInstance) => {}
+                }
             }
         }
         self.running = true;
@@ -200,9 +206,10 @@ mod tests {
             Begin::Start
         );
         state.end(Reason::NoInstance, Ok(()), t0 + RETRY_NONE);
+        // A success holds nothing back: with no instance again, another is asked for at once.
         assert_eq!(
             state.begin(Reason::NoInstance, t0 + RETRY_NONE),
-            Begin::Recent
+            Begin::Start
         );
     }
 

@@ -38,15 +38,17 @@
 //!    anything for [`DEAD_AFTER`] is declared dead: ejected, and its connection closed so
 //!    that requests on it fail at once rather than after the QUIC idle timeout.
 //! 4. **Probes cost nothing where traffic measures.** An instance is probed only when nothing
-//!    answered from it for [`PROBE_INTERVAL`], while the service is in use ([`QUIET`]). An
+//!    answered from it for [`PROBE_INTERVAL`] and no request to it is under way (unless one
+//!    is overdue), while the service is in use ([`QUIET`]). An
 //!    instance that keeps answering probes but gets no traffic is probed less and less often,
 //!    up to [`PROBE_IDLE_MAX`]; one that does not answer is probed every
 //!    [`PROBE_INTERVAL`] after its probe times out, so a thawed instance is back within about
 //!    a second.
 //! 5. **Allocation.** With no usable instance, one allocation is asked for (and requests wait
 //!    for it, at most `max_waiting` of them); when the best instance is over the soft limit,
-//!    a nearer one (its network RTT must be beaten). After an allocation ends the next of the
-//!    same kind waits a cool-down ([`AllocationState`]).
+//!    a nearer one (its network RTT must be beaten). After an allocation fails the next of the
+//!    same kind waits a cool-down, and after a nearer one succeeded the next nearer one
+//!    ([`AllocationState`]); waiting requests look again at every tick.
 
 use std::{
     collections::HashMap,
@@ -178,6 +180,8 @@ struct Instance {
     asked_since: Option<Instant>,
     /// A probe is out.
     probing: bool,
+    /// Requests under way to it.
+    in_flight: u32,
     /// The next probe is due then (if nothing answers before).
     next_probe: Instant,
     /// Interval of the next idle probe (backs off while probes answer and traffic does not).
@@ -206,6 +210,7 @@ impl Instance {
             answered: None,
             asked_since: None,
             probing: false,
+            in_flight: 0,
             next_probe: now,
             idle_interval: PROBE_INTERVAL,
             verified: false,
@@ -541,6 +546,9 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
 
     /// A request to `key` starts now.
     pub fn attempt_started(&mut self, key: &K) {
+        if let Some(instance) = self.instances.get_mut(key) {
+            instance.in_flight += 1;
+        }
         self.chooser.start(key);
     }
 
@@ -575,6 +583,7 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         let Some(instance) = self.instances.get_mut(key) else {
             return;
         };
+        instance.in_flight = instance.in_flight.saturating_sub(1);
         match outcome {
             Outcome::Answered { network, total } => {
                 instance.answer(now);
@@ -644,6 +653,10 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         }
         self.refresh_if_due(now, actions);
         self.probe_due(now, actions);
+        if self.waiting > 0 {
+            // Waiting requests look again: a cool-down may have ended, an instance timed out.
+            actions.push(Action::Wake);
+        }
         let silent: Vec<K> = self
             .instances
             .iter()
@@ -655,10 +668,12 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         }
     }
 
-    /// Probes every instance that is due and has none out.
+    /// Probes every instance that is due and has none out. Requests under way and not
+    /// overdue measure an instance as well as a probe would: it is not probed meanwhile.
     fn probe_due(&mut self, now: Instant, actions: &mut Vec<Action<K>>) {
         for (key, instance) in &mut self.instances {
-            if instance.probing || now < instance.next_probe {
+            let measured_by_requests = instance.in_flight > 0 && instance.asked_since.is_none();
+            if instance.probing || now < instance.next_probe || measured_by_requests {
                 continue;
             }
             instance.probing = true;

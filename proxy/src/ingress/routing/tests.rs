@@ -629,6 +629,26 @@ fn a_culled_instance_that_said_goodbye_costs_nothing_but_the_cold_start() {
 }
 
 #[test]
+fn an_instance_culled_right_after_it_was_started_is_replaced_at_once() {
+    let mut sim = Sim::new(&[]);
+    sim.allocatable.push(("first", Behaviour::new(1, 1)));
+    sim.allocatable.push(("second", Behaviour::new(1, 1)));
+    sim.load(Duration::ZERO, MS, 1000, true);
+    sim.run_until(SECOND);
+    // Culled (it said goodbye) a second after it started, well within the cool-down that
+    // follows a failed allocation.
+    let culled = sim.t(SECOND);
+    sim.world.get_mut("first").unwrap().gone_from = Some(culled);
+    sim.at(culled, Event::Closed("first"));
+    sim.load(SECOND + 10 * MS, MS, 1000, true);
+    sim.run_until(5 * SECOND);
+    let stats = sim.stats(SECOND, 2 * SECOND);
+    assert!(stats.failed.is_empty(), "{:?}", stats.failed);
+    assert_eq!(stats.served.get("second"), Some(&1), "{stats:?}");
+    assert!(stats.slowest < START_TIME + 10 * MS, "{stats:?}");
+}
+
+#[test]
 fn a_culled_instance_still_listed_costs_a_probe_timeout_not_the_idle_timeout() {
     let mut sim = Sim::new(&[("old", Behaviour::new(1, 1))]);
     sim.allocatable.push(("fresh", Behaviour::new(1, 1)));
@@ -725,6 +745,18 @@ fn a_non_idempotent_request_on_a_frozen_instance_is_not_sent_twice() {
     let stats = sim.stats(Duration::ZERO, 3 * SECOND);
     // Only those already on the frozen instance fail, when it is declared dead.
     assert!(stats.failed.len() <= 3, "{:?}", stats.failed);
+}
+
+#[test]
+fn an_instance_whose_answers_take_longer_than_the_probe_interval_is_not_probed_while_busy() {
+    // 400 ms of service time, 3 requests a second: an answer every 333 ms, more than the
+    // probe interval, and a request always under way.
+    let mut sim = Sim::new(&[("slow", Behaviour::new(1, 400))]);
+    sim.load(Duration::ZERO, 20 * SECOND, 3, true);
+    sim.run_until(5 * SECOND);
+    let early = sim.probes;
+    sim.run_until(20 * SECOND);
+    assert_eq!(sim.probes, early, "probes while requests measured it");
 }
 
 #[test]
