@@ -649,6 +649,11 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
             .last_used
             .is_some_and(|at| now.saturating_duration_since(at) < QUIET);
         if !in_use {
+            // Quiet: nothing is probed, but instances that went away (culled) are looked for
+            // until discovery no longer lists them, so that they leave the metrics too.
+            if self.instances.values().any(|i| i.closed) {
+                self.refresh_if_due(now, actions);
+            }
             return;
         }
         self.refresh_if_due(now, actions);

@@ -649,6 +649,23 @@ fn an_instance_culled_right_after_it_was_started_is_replaced_at_once() {
 }
 
 #[test]
+fn a_culled_instance_leaves_within_a_provider_lifetime_even_while_the_service_is_quiet() {
+    let mut sim = Sim::new(&[("old", Behaviour::new(1, 1))]);
+    sim.load(Duration::ZERO, 5 * SECOND, 20, true);
+    let culled = sim.t(40 * SECOND);
+    let old = sim.world.get_mut("old").unwrap();
+    old.gone_from = Some(culled);
+    // Its provider record lives two minutes after its last renewal.
+    old.unlisted_from = Some(culled + 120 * SECOND);
+    sim.at(culled, Event::Closed("old"));
+    sim.run_until(150 * SECOND);
+    assert_eq!(sim.core.known().count(), 1, "still listed: still known");
+    sim.run_until(160 * SECOND + REFRESH + SECOND);
+    assert_eq!(sim.core.known().count(), 0, "gone with its record");
+    assert!(sim.core.report(sim.now).is_empty());
+}
+
+#[test]
 fn a_culled_instance_still_listed_costs_a_probe_timeout_not_the_idle_timeout() {
     let mut sim = Sim::new(&[("old", Behaviour::new(1, 1))]);
     sim.allocatable.push(("fresh", Behaviour::new(1, 1)));
