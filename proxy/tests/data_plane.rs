@@ -853,6 +853,7 @@ async fn one_of_two_instances_frozen_fails_no_request_and_holds_none_for_seconds
     signal(&frozen, "-STOP");
     tokio::time::sleep(Duration::from_secs(4)).await; // the length of the freeze
     signal(&frozen, "-CONT");
+    let thawed = Instant::now();
     let load = load.await.unwrap();
     assert!(
         load.failures.is_empty(),
@@ -869,6 +870,13 @@ async fn one_of_two_instances_frozen_fails_no_request_and_holds_none_for_seconds
         "the slowest took {:?}",
         load.slowest
     );
+    // Thawed, the nearer instance gets the traffic back.
+    wait_until("the thawed instance answers again", DEADLINE, || {
+        let addr = front.ingress.clone();
+        async move { get(&addr, "/icy/tag").await.1 == "a" }
+    })
+    .await;
+    eprintln!("back {:?} after the thaw", thawed.elapsed());
 }
 
 /// Issue 12's reproduction: with one instance's service killed and its sidecar left running,

@@ -218,7 +218,6 @@ impl Services {
     }
 
     async fn probe(self: Arc<Self>, key: String, peer: PeerId, addr: SocketAddr) {
-        let sent = Instant::now();
         let result = tokio::time::timeout(PROBE_TIMEOUT, async {
             let connection = self
                 .transport
@@ -231,20 +230,30 @@ impl Services {
         .unwrap_or_else(|_| Err("no answer".into()));
         let now = Instant::now();
         let answer = match result {
-            Ok((_, health)) => Some(health),
+            Ok((rtt, health)) => {
+                tracing::trace!(service = %key, %peer, ?rtt, ?health, "probe answered");
+                Some((rtt, health))
+            }
             Err(error) => {
                 tracing::debug!(service = %key, %peer, %error, "probe failed");
                 None
             }
         };
         self.with_key(&key, |core, actions| {
-            core.probed(&peer, sent, now, answer, actions);
+            core.probed(&peer, now, answer, actions);
         });
     }
 
     /// The instances of the service with instance key `key` on the overlay, with the address
-    /// of each one's data plane.
+    /// of each one's data plane. Only new ones are asked for it: a known instance that is
+    /// listed keeps the address it had, even if it cannot answer now (frozen, say), since
+    /// listed is what this is about; whether it answers is the probes' business.
     async fn discover(&self, key: &str) -> Vec<(PeerId, SocketAddr)> {
+        let known: HashMap<PeerId, SocketAddr> = self
+            .all()
+            .get(key)
+            .map(|entry| entry.core.addresses().collect())
+            .unwrap_or_default();
         let mut providers = self.node.find_providers(key).await;
         let mut found = Vec::new();
         let mut seen = HashSet::new();
@@ -252,7 +261,11 @@ impl Services {
             if !seen.insert(peer) {
                 continue;
             }
-            if let Some(addr) = self.data_plane_of(peer).await {
+            let addr = match known.get(&peer) {
+                Some(addr) => Some(*addr),
+                None => self.data_plane_of(peer).await,
+            };
+            if let Some(addr) = addr {
                 found.push((peer, addr));
             }
         }

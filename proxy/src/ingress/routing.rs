@@ -301,6 +301,13 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         self.instances.keys()
     }
 
+    /// The instances known and their data-plane addresses.
+    pub fn addresses(&self) -> impl Iterator<Item = (K, SocketAddr)> + '_ {
+        self.instances
+            .iter()
+            .map(|(key, instance)| (key.clone(), instance.addr))
+    }
+
     /// Chooses where a request goes. `arrived` is when the request arrived (an allocation
     /// that failed since is its answer), `avoid` an instance an earlier attempt of it failed
     /// on or is waiting on, `random(n)` a number below `n`.
@@ -483,14 +490,14 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         }
     }
 
-    /// A probe of `key` sent at `sent` ended: answered with the health the sidecar reports,
-    /// or not (`None`: failed or timed out).
+    /// A probe of `key` ended: answered after a round trip of `rtt` (from the probe's send
+    /// on an open connection: a handshake before it is not path RTT) with the health the
+    /// sidecar reports, or not (`None`: failed or timed out).
     pub fn probed(
         &mut self,
         key: &K,
-        sent: Instant,
         now: Instant,
-        answer: Option<Health>,
+        answer: Option<(Duration, Health)>,
         actions: &mut Vec<Action<K>>,
     ) {
         let Some(instance) = self.instances.get_mut(key) else {
@@ -498,11 +505,10 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         };
         instance.probing = false;
         match answer {
-            Some(health) => {
+            Some((rtt, health)) => {
                 instance.answer(now);
                 self.chooser.answered(key);
-                self.chooser
-                    .record_rtt(key, now.saturating_duration_since(sent), now);
+                self.chooser.record_rtt(key, rtt, now);
                 self.chooser.outcome(key, true, now);
                 let was_usable = instance.verified && !instance.down;
                 instance.down = health == Health::Down;

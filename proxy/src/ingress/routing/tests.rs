@@ -220,7 +220,8 @@ impl Sim {
                 }
             }
             Event::ProbeDone(key, sent, answer) => {
-                self.core.probed(&key, sent, now, answer, &mut actions);
+                let answer = answer.map(|health| (now - sent, health));
+                self.core.probed(&key, now, answer, &mut actions);
             }
             Event::AttemptDone(attempt, outcome) => {
                 self.attempt_done(attempt, outcome, &mut actions)
