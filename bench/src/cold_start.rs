@@ -246,52 +246,77 @@ async fn measure(runtime: Runtime, args: &Args) -> anyhow::Result<(Vec<Run>, Vec
     .await?;
 
     let client: GetClient = load::client();
-    let mut runs = Vec::with_capacity(args.runs + 1);
-    for i in 0..=args.runs {
-        let run = cold_start(
-            &client,
-            &lookup.bootstrap,
-            allocator.metrics,
-            &mut allocator_log,
-            service,
-            args.timeout,
-            Ingress::Fresh,
-        )
-        .await;
-        match &run.outcome {
-            Ok(took) => eprintln!("{} run {i}: {} ms", runtime.name(), ms(*took)),
-            Err(why) => eprintln!("{} run {i} failed: {why}", runtime.name()),
-        }
-        runs.push(run);
-    }
+    let mut runs = Runs {
+        client: &client,
+        bootstrap: &lookup.bootstrap,
+        allocator: allocator.metrics,
+        allocator_log: &mut allocator_log,
+        service,
+        timeout: args.timeout,
+        runtime,
+    };
+    let fresh = runs.measure("", args.runs + 1, None).await;
     // The same through one ingress kept across the runs: each culled instance is still
     // listed on the overlay when the next request comes.
-    let (kept, mut kept_log) = logged_ingress(&lookup.bootstrap).await?;
-    let mut kept_runs = Vec::with_capacity(args.runs);
-    for i in 0..args.runs {
-        let run = cold_start(
-            &client,
-            &lookup.bootstrap,
-            allocator.metrics,
-            &mut allocator_log,
-            service,
-            args.timeout,
-            Ingress::Kept(&kept, &mut kept_log),
-        )
+    let mut kept = logged_ingress(&lookup.bootstrap).await?;
+    let kept_runs = runs
+        .measure("kept-ingress ", args.runs, Some(&mut kept))
         .await;
-        match &run.outcome {
-            Ok(took) => eprintln!("{} kept-ingress run {i}: {} ms", runtime.name(), ms(*took)),
-            Err(why) => eprintln!("{} kept-ingress run {i} failed: {why}", runtime.name()),
-        }
-        kept_runs.push(run);
-    }
+    let (kept, _) = kept;
     kept.process.terminate(Duration::from_secs(5)).await;
     // The last instance goes as the others did, so that nothing outlives the allocator.
     if let Err(why) = no_instance(&client, allocator.metrics, service, args.timeout).await {
         eprintln!("the last {} instance was not culled: {why}", runtime.name());
     }
     allocator.terminate(Duration::from_secs(15)).await;
-    Ok((runs, kept_runs))
+    Ok((fresh, kept_runs))
+}
+
+/// What every cold start of one runtime needs.
+struct Runs<'a> {
+    client: &'a GetClient,
+    bootstrap: &'a str,
+    allocator: SocketAddr,
+    allocator_log: &'a mut mpsc::UnboundedReceiver<LogLine>,
+    service: &'a str,
+    timeout: Duration,
+    runtime: Runtime,
+}
+
+impl Runs<'_> {
+    /// `n` cold starts, each through a fresh ingress or all through `kept`, logged as they
+    /// go (`label` says which).
+    async fn measure(
+        &mut self,
+        label: &str,
+        n: usize,
+        mut kept: Option<&mut (StartedProxy, mpsc::UnboundedReceiver<LogLine>)>,
+    ) -> Vec<Run> {
+        let mut runs = Vec::with_capacity(n);
+        for i in 0..n {
+            let ingress = match kept.as_deref_mut() {
+                Some((ingress, log)) => Ingress::Kept(ingress, log),
+                None => Ingress::Fresh,
+            };
+            let run = cold_start(
+                self.client,
+                self.bootstrap,
+                self.allocator,
+                &mut *self.allocator_log,
+                self.service,
+                self.timeout,
+                ingress,
+            )
+            .await;
+            let name = self.runtime.name();
+            match &run.outcome {
+                Ok(took) => eprintln!("{name} {label}run {i}: {} ms", ms(*took)),
+                Err(why) => eprintln!("{name} {label}run {i} failed: {why}"),
+            }
+            runs.push(run);
+        }
+        runs
+    }
 }
 
 /// The ingress a cold start goes through.

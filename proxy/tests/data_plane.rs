@@ -41,6 +41,35 @@ async fn sidecar(
     start_proxy(network, &args).await
 }
 
+/// A sidecar for `upstream` registered as `service`, reached through a relay that delays
+/// each packet by `one_way` (the sidecar advertises the relay's address). Keep the relay:
+/// it stops when dropped.
+async fn sidecar_behind_relay(
+    network: &Network,
+    service: &str,
+    upstream: std::net::SocketAddr,
+    one_way: Duration,
+) -> (Proxy, UdpDelayRelay) {
+    // The sidecar's own port is chosen first (held, then released) for the relay to point at.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let relay = UdpDelayRelay::start(port, one_way).unwrap();
+    let (quic, advertised) = (port.to_string(), relay.addr.to_string());
+    let upstream = upstream.to_string();
+    let args = [
+        "--quic-addr",
+        &quic,
+        "--quic-advertise-addr",
+        &advertised,
+        "0",
+        service,
+        &upstream,
+    ];
+    (start_proxy(network, &args).await, relay)
+}
+
 async fn ingress(network: &Network, extra: &[&str]) -> Proxy {
     let mut args = extra.to_vec();
     args.push("0");
@@ -337,31 +366,11 @@ async fn the_near_instance_gets_the_traffic_and_traffic_follows_a_change_of_path
     let network = Network::start().await;
     network.register("tiered", Limits::default()).await;
     let (a, b) = (test_service("a").await, test_service("b").await);
-    // Each sidecar is reached through a relay whose delay the test sets; the sidecar
-    // advertises the relay's address. Its own port is chosen first (held, then released).
+    // Each sidecar is reached through a relay whose delay the test sets.
     let mut sidecars = Vec::new();
     let mut relays = Vec::new();
     for (upstream, one_way) in [(a, Duration::ZERO), (b, Duration::from_millis(10))] {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let relay = UdpDelayRelay::start(port, one_way).unwrap();
-        let (quic, advertised) = (port.to_string(), relay.addr.to_string());
-        let upstream = upstream.to_string();
-        let side = start_proxy(
-            &network,
-            &[
-                "--quic-addr",
-                &quic,
-                "--quic-advertise-addr",
-                &advertised,
-                "0",
-                "tiered",
-                &upstream,
-            ],
-        )
-        .await;
+        let (side, relay) = sidecar_behind_relay(&network, "tiered", upstream, one_way).await;
         sidecars.push(side);
         relays.push(relay);
     }
@@ -578,26 +587,9 @@ async fn an_instance_over_the_soft_limit_is_used_until_a_nearer_one_answers() {
     let network = Network::start().await;
     network.register("far-away", Limits::default()).await;
     // The only instance is 30 ms away (over the default soft limit of 20 ms).
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let relay = UdpDelayRelay::start(port, Duration::from_millis(15)).unwrap();
-    let (quic, advertised) = (port.to_string(), relay.addr.to_string());
-    let upstream = test_service("far").await.to_string();
-    let _far = start_proxy(
-        &network,
-        &[
-            "--quic-addr",
-            &quic,
-            "--quic-advertise-addr",
-            &advertised,
-            "0",
-            "far-away",
-            &upstream,
-        ],
-    )
-    .await;
+    let far = test_service("far").await;
+    let (_far, _relay) =
+        sidecar_behind_relay(&network, "far-away", far, Duration::from_millis(15)).await;
     let (_allocator, asked, _started) = allocator_double(&network).await;
     let front = ingress(&network, &[]).await;
     // The far instance serves while a nearer one starts, then the nearer one once it
@@ -821,26 +813,8 @@ async fn one_of_two_instances_frozen_fails_no_request_and_holds_none_for_seconds
     let frozen = sidecar(&network, "icy", a, &[]).await;
     // The other instance is a little further (5 ms each way), so that the one frozen has the
     // traffic when it freezes.
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let _relay = UdpDelayRelay::start(port, Duration::from_millis(5)).unwrap();
-    let (quic, advertised) = (port.to_string(), _relay.addr.to_string());
-    let b = b.to_string();
-    let _further = start_proxy(
-        &network,
-        &[
-            "--quic-addr",
-            &quic,
-            "--quic-advertise-addr",
-            &advertised,
-            "0",
-            "icy",
-            &b,
-        ],
-    )
-    .await;
+    let (_further, _relay) =
+        sidecar_behind_relay(&network, "icy", b, Duration::from_millis(5)).await;
     let front = ingress(&network, &[]).await;
     wait_for_ok(&front.ingress, "/icy/tag").await;
     wait_for_instances(&front, "icy", 2).await;
@@ -942,26 +916,23 @@ async fn a_slow_service_on_a_near_instance_asks_for_no_allocation() {
         !metrics.contains("proxy_allocations_total{"),
         "no allocation counted: {metrics}"
     );
-    let service_time = metrics
-        .lines()
-        .find(|l| {
-            l.starts_with("proxy_instance_service_time_seconds{")
-                && l.contains("quantile=\"0.5\",service=\"sluggish\"")
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .expect("the service time is exported");
+    // The median of an instance's series of `name` (there is one instance).
+    let median = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!("{name}{{"))
+                    && l.contains("quantile=\"0.5\",service=\"sluggish\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} is exported: {metrics}"))
+    };
+    let service_time = median("proxy_instance_service_time_seconds");
     assert!(
         (0.14..0.5).contains(&service_time),
         "median service time {service_time}"
     );
-    let rtt = metrics
-        .lines()
-        .find(|l| {
-            l.starts_with("proxy_instance_rtt_seconds{")
-                && l.contains("quantile=\"0.5\",service=\"sluggish\"")
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .expect("the network RTT is exported");
+    let rtt = median("proxy_instance_rtt_seconds");
     assert!(rtt < 0.1, "median network RTT {rtt}");
 }
 
