@@ -2,12 +2,19 @@
 //! sidecar of every service instance, carrying requests between proxies over QUIC and choosing
 //! instances from live RTT histograms.
 //!
-//! Being built in issue #4. So far the pure parts: [`config::perf`], the perf.conf the instance
-//! choice is tuned by, [`select`], the choice itself, and [`framing`], how a request crosses
-//! between two proxies on a QUIC stream, the [`transport`] those streams run on, messages
-//! [`stream`]ed over it, both ends of one request ([`forward`] and the [`sidecar`]), and what the ingress does to
-//! a request's target and headers ([`rewrite`]); the [`cache`] its lookups go through. The overlay it joins and the RTT histograms it chooses from live in the `control`
-//! crate (`control::overlay`, `control::rtt`).
+//! - [`app`]: the `proxy` program (flags, anonymous and service mode, start and shutdown);
+//! - [`ingress`]: the local HTTP ingress: the request path, and per service a pure routing core
+//!   (`ingress::routing`) driven by one task, which chooses with [`select`] under the limits
+//!   of [`config::perf`];
+//! - [`sidecar`]: the instance side: calls its service, knows its health, answers probes;
+//! - [`transport`], [`framing`], [`stream`], [`forward`]: QUIC between proxies, the frames a
+//!   request and its response cross in, bodies streamed over them, and the ingress's end of one
+//!   exchange;
+//! - [`rewrite`], [`cache`], [`retry`], [`metrics`], [`supervise`]: the target and header
+//!   rewrite, the record cache, the retry budget, `/metrics`, the supervised service process.
+//!
+//! The overlay it joins and the RTT histograms it chooses from live in the `control` crate
+//! (`control::overlay`, `control::rtt`).
 
 pub mod app;
 pub mod cache;
