@@ -24,9 +24,9 @@ use crate::{
 /// client's broken body is the client's fault and no instance's.
 #[derive(Debug, thiserror::Error)]
 pub enum AttemptError {
-    /// No connection to the instance could be had (or it was closed as dead): nothing sent.
+    /// No connection to the instance could be had: nothing sent.
     #[error("unreachable: {0}")]
-    Unreachable(String),
+    Unreachable(#[from] ConnectError),
     /// Nothing of the request left this proxy: no stream could be opened.
     #[error("no stream could be opened: {0}")]
     NotSent(StreamError),
@@ -40,6 +40,15 @@ pub enum AttemptError {
     /// The client's request body failed (a malformed chunk, a reset) before the response.
     #[error("the request body could not be read from the client: {0}")]
     Client(String),
+}
+
+/// Why no connection to an instance could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Transport(#[from] crate::transport::TransportError),
+    #[error("no connection within {0:?}")]
+    TimedOut(Duration),
 }
 
 /// Sends `head` and `body` on a new stream of `connection` and returns the response as soon as

@@ -754,6 +754,18 @@ struct Load {
     served: usize,
 }
 
+impl Load {
+    fn assert_none_failed(&self) {
+        assert!(
+            self.failures.is_empty(),
+            "{} of {} failed: {:?}",
+            self.failures.len(),
+            self.failures.len() + self.served,
+            &self.failures[..self.failures.len().min(5)]
+        );
+    }
+}
+
 /// GETs `path` through the ingress at `addr` at `rate` per second for `length`, each request
 /// on its own task (so a slow answer does not hold the next one back).
 async fn open_loop(addr: &str, path: &str, rate: u32, length: Duration) -> Load {
@@ -829,13 +841,7 @@ async fn one_of_two_instances_frozen_fails_no_request_and_holds_none_for_seconds
     signal(&frozen, "-CONT");
     let thawed = Instant::now();
     let load = load.await.unwrap();
-    assert!(
-        load.failures.is_empty(),
-        "{} of {} failed: {:?}",
-        load.failures.len(),
-        load.failures.len() + load.served,
-        &load.failures[..load.failures.len().min(5)]
-    );
+    load.assert_none_failed();
     if load.slowest >= Duration::from_secs(1) {
         eprintln!("INGRESS LOG:\n{}", front.process.stderr());
     }
@@ -876,13 +882,7 @@ async fn a_killed_service_behind_a_live_sidecar_fails_no_idempotent_request() {
     tokio::time::sleep(Duration::from_secs(1)).await; // load before the kill, not a sync
     doomed.kill();
     let load = load.await.unwrap();
-    assert!(
-        load.failures.is_empty(),
-        "{} of {} failed: {:?}",
-        load.failures.len(),
-        load.failures.len() + load.served,
-        &load.failures[..load.failures.len().min(5)]
-    );
+    load.assert_none_failed();
     let (status, text) = get(&front.ingress, "/halfdead/tag").await;
     assert_eq!((status, text.as_str()), (StatusCode::OK, "b"));
     let metrics = metrics_of(&front).await;

@@ -51,6 +51,27 @@ impl Reason {
     }
 }
 
+/// Why no instance could be had from the allocators.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AllocationError {
+    #[error("no allocator found on the overlay")]
+    NoAllocator,
+    #[error("no allocator is nearer than {0:?}")]
+    NoneNearer(Duration),
+    /// Every allocator asked refused or failed: each one's reason.
+    #[error("every allocator refused: {}", .0.join("; "))]
+    Refused(Vec<String>),
+    #[error(
+        "allocator {allocator} started instance {instance}, but its proxy did not appear \
+         within {waited:?}"
+    )]
+    NotAppeared {
+        allocator: PeerId,
+        instance: String,
+        waited: Duration,
+    },
+}
+
 /// Whether an allocation starts now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Begin {
@@ -59,7 +80,7 @@ pub enum Begin {
     /// One is running; its end will be announced.
     Running,
     /// The last one failed a moment ago, for this reason; none starts before the cool-down.
-    Failed(String),
+    Failed(AllocationError),
     /// The last nearer-instance allocation succeeded a moment ago; none starts before the
     /// cool-down.
     Recent,
@@ -70,7 +91,7 @@ pub enum Begin {
 pub struct AllocationState {
     running: bool,
     /// When the last allocation ended, why it was asked for, and its failure if it failed.
-    last: Option<(Instant, Reason, Option<String>)>,
+    last: Option<(Instant, Reason, Option<AllocationError>)>,
 }
 
 impl AllocationState {
@@ -94,13 +115,13 @@ impl AllocationState {
         Begin::Start
     }
 
-    pub fn end(&mut self, reason: Reason, result: Result<(), String>, now: Instant) {
+    pub fn end(&mut self, reason: Reason, result: Result<(), AllocationError>, now: Instant) {
         self.running = false;
         self.last = Some((now, reason, result.err()));
     }
 
     /// The failure of an allocation that ended after `since`.
-    pub fn failure_since(&self, since: Instant) -> Option<&str> {
+    pub fn failure_since(&self, since: Instant) -> Option<&AllocationError> {
         match &self.last {
             Some((ended, _, Some(failure))) if *ended >= since => Some(failure),
             _ => None,
@@ -115,7 +136,7 @@ pub async fn ask_allocators(
     node: &Node,
     record: &ServiceRecord,
     reason: Reason,
-) -> Result<(PeerId, String), String> {
+) -> Result<(PeerId, String), AllocationError> {
     let mut allocators = Vec::new();
     let mut found = node.find_providers(NAMESPACE).await;
     let search = async {
@@ -125,7 +146,7 @@ pub async fn ask_allocators(
     };
     let _ = tokio::time::timeout(FIND_ALLOCATORS, search).await;
     if allocators.is_empty() {
-        return Err("no allocator found on the overlay".into());
+        return Err(AllocationError::NoAllocator);
     }
     let mut by_rtt = Vec::with_capacity(allocators.len());
     for peer in allocators {
@@ -137,7 +158,7 @@ pub async fn ask_allocators(
     if let Reason::Nearer(limit) = reason {
         by_rtt.retain(|(rtt, _)| *rtt < limit);
         if by_rtt.is_empty() {
-            return Err(format!("no allocator is nearer than {limit:?}"));
+            return Err(AllocationError::NoneNearer(limit));
         }
     }
     let request = StartRequest {
@@ -164,7 +185,7 @@ pub async fn ask_allocators(
             Err(error) => failures.push(format!("{allocator}: {error}")),
         }
     }
-    Err(format!("every allocator refused: {}", failures.join("; ")))
+    Err(AllocationError::Refused(failures))
 }
 
 /// The overlay RTT to `peer`: the ping monitor's average if there is one, else the time of a
@@ -194,12 +215,12 @@ mod tests {
             state.begin(Reason::Nearer(Duration::from_millis(30)), t0),
             Begin::Running
         );
-        state.end(Reason::NoInstance, Err("no allocator".into()), t0);
+        state.end(Reason::NoInstance, Err(AllocationError::NoAllocator), t0);
         assert_eq!(
             state.begin(Reason::NoInstance, t0 + Duration::from_millis(10)),
-            Begin::Failed("no allocator".into())
+            Begin::Failed(AllocationError::NoAllocator)
         );
-        assert_eq!(state.failure_since(t0), Some("no allocator"));
+        assert_eq!(state.failure_since(t0), Some(&AllocationError::NoAllocator));
         assert_eq!(state.failure_since(t0 + Duration::from_millis(1)), None);
         assert_eq!(
             state.begin(Reason::NoInstance, t0 + RETRY_NONE),

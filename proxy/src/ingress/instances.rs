@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    allocation::{Reason, ask_allocators},
+    allocation::{AllocationError, Reason, ask_allocators},
     records::Resolved,
     routing::{Action, PROBE_TIMEOUT, ServiceCore},
 };
@@ -311,15 +311,16 @@ impl Services {
         };
         let record = &service.record;
         let result = match ask_allocators(&self.node, record, reason).await {
-            Ok((allocator, instance)) => self.wait_for_new_instance(&key, &before).await.map_err(
-                |waited| {
-                    format!(
-                        "allocator {allocator} started instance {instance}, but its proxy did not \
-                         appear within {waited:?}"
-                    )
-                },
-            ),
-            Err(reason) => Err(reason),
+            Ok((allocator, instance)) => {
+                self.wait_for_new_instance(&key, &before)
+                    .await
+                    .map_err(|waited| AllocationError::NotAppeared {
+                        allocator,
+                        instance,
+                        waited,
+                    })
+            }
+            Err(error) => Err(error),
         };
         if let Err(error) = &result {
             tracing::warn!(service = %record.name, %error, "allocation failed");

@@ -48,12 +48,12 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use libp2p::PeerId;
 use quinn::Connection;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::perf::{Limits, Overrides, PerfConfig},
-    forward::{AttemptError, forward},
+    forward::{AttemptError, ConnectError, forward},
     framing::RequestHead,
     metrics::{Activity, IngressMetrics, ServiceView, UNKNOWN_SERVICE},
     retry::RetryBudget,
@@ -344,7 +344,7 @@ impl Ingress {
             let result = match self.connection(peer, addr).await {
                 Err(reason) => {
                     attempt.end(Outcome::Failed);
-                    Err((peer, AttemptError::Unreachable(reason)))
+                    Err((peer, reason.into()))
                 }
                 Ok(connection) if replayable => {
                     self.hedged(
@@ -457,7 +457,7 @@ impl Ingress {
                 }
                 Err(reason) => {
                     attempt.end(Outcome::Failed);
-                    Err((other, AttemptError::Unreachable(reason)))
+                    Err((other, reason.into()))
                 }
             }
         });
@@ -466,15 +466,14 @@ impl Ingress {
 
     /// The connection to `peer`: the open one at once, else a new one within
     /// [`CONNECT_TIMEOUT`] (no timer on the common path).
-    async fn connection(&self, peer: PeerId, addr: SocketAddr) -> Result<Connection, String> {
+    async fn connection(&self, peer: PeerId, addr: SocketAddr) -> Result<Connection, ConnectError> {
         if let Some(connection) = self.transport.open_connection(&peer) {
             return Ok(connection);
         }
-        match tokio::time::timeout(CONNECT_TIMEOUT, self.transport.connect(peer, addr)).await {
-            Ok(Ok(connection)) => Ok(connection),
-            Ok(Err(error)) => Err(error.to_string()),
-            Err(_) => Err(format!("no connection within {CONNECT_TIMEOUT:?}")),
-        }
+        tokio::time::timeout(CONNECT_TIMEOUT, self.transport.connect(peer, addr))
+            .await
+            .map_err(|_| ConnectError::TimedOut(CONNECT_TIMEOUT))?
+            .map_err(ConnectError::from)
     }
 
     /// An instance for `service`: its peer, address and per-try timeout. Waits (up to the
@@ -487,15 +486,19 @@ impl Ingress {
         avoid: Option<PeerId>,
     ) -> Result<(PeerId, SocketAddr, Duration), RequestError> {
         let name = &service.record.name;
-        let deadline = tokio::time::Instant::now() + self.settings.instance_wait;
-        let changed = self.services.with(service, |_, _| ()).1;
+        // Once a choice said to wait: the service's wake-up, registered before every further
+        // choice so that a change in between is not missed, and when to give up. The common
+        // path (a pick at once) takes the lock once and reads no clock.
+        let mut changed: Option<(Arc<Notify>, tokio::time::Instant)> = None;
         let mut waiting = None;
         loop {
-            // Registered before choosing, so that a change in between is not missed.
-            let mut notified = pin!(changed.notified());
-            notified.as_mut().enable();
+            let watched = changed.clone();
+            let mut notified = pin!(watched.as_ref().map(|(wake, _)| wake.notified()));
+            if let Some(notified) = notified.as_mut().as_pin_mut() {
+                notified.enable();
+            }
             let registered = waiting.is_some();
-            let (choice, _) = self.services.with(service, |core, actions| {
+            let (choice, wake) = self.services.with(service, |core, actions| {
                 let choice = core.choose(
                     Instant::now(),
                     arrived,
@@ -532,6 +535,15 @@ impl Ingress {
                     }
                 }
             }
+            let Some((_, deadline)) = watched else {
+                // The first wait: choose again with the wake-up registered.
+                let deadline = tokio::time::Instant::now() + self.settings.instance_wait;
+                changed = Some((wake, deadline));
+                continue;
+            };
+            let notified = notified
+                .as_pin_mut()
+                .expect("registered whenever a deadline is set");
             tokio::select! {
                 _ = notified => {}
                 _ = tokio::time::sleep_until(deadline) => {

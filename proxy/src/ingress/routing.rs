@@ -60,7 +60,7 @@ use std::{
 
 use control::rtt::{RttWindow, WindowShape};
 
-use super::allocation::{AllocationState, Begin, Reason};
+use super::allocation::{AllocationError, AllocationState, Begin, Reason};
 use crate::{
     config::perf::{Limits, Policy},
     framing::Health,
@@ -133,7 +133,10 @@ pub enum Choice<K> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Unavailable {
     #[error("no instance {known} and none could be started: {reason}")]
-    AllocationFailed { known: Known, reason: String },
+    AllocationFailed {
+        known: Known,
+        reason: AllocationError,
+    },
     #[error("no instance is running and {0} requests already wait for one")]
     TooManyWaiting(usize),
 }
@@ -358,7 +361,7 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
             return Choice::Wait;
         }
         if let Some(reason) = self.allocation.failure_since(arrived) {
-            return self.failed(reason.to_owned());
+            return self.failed(reason.clone());
         }
         match self.allocate(Reason::NoInstance, now, actions) {
             Begin::Failed(reason) => self.failed(reason),
@@ -366,7 +369,7 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         }
     }
 
-    fn failed(&self, reason: String) -> Choice<K> {
+    fn failed(&self, reason: AllocationError) -> Choice<K> {
         Choice::Unavailable(Unavailable::AllocationFailed {
             known: Known(self.instances.len()),
             reason,
@@ -641,7 +644,7 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
     pub fn allocation_ended(
         &mut self,
         reason: Reason,
-        result: Result<(), String>,
+        result: Result<(), AllocationError>,
         now: Instant,
         actions: &mut Vec<Action<K>>,
     ) {

@@ -64,8 +64,16 @@ fn draining_service(listener: tokio::net::TcpListener) -> tokio::task::JoinHandl
 /// A sidecar for `upstream` behind a QUIC transport; returns it, a client transport and the
 /// client's connection to it (the transport must live as long as the connection is used).
 async fn sidecar_connection(upstream: SocketAddr) -> (Arc<Sidecar>, Transport, Connection) {
+    sidecar_connection_with(upstream, fast()).await
+}
+
+/// [`sidecar_connection`] with its service checked as `policy` says.
+async fn sidecar_connection_with(
+    upstream: SocketAddr,
+    policy: HealthPolicy,
+) -> (Arc<Sidecar>, Transport, Connection) {
     let server = Arc::new(Transport::bind(LOOPBACK, Keypair::generate_ed25519(), None).unwrap());
-    let sidecar = Sidecar::with_policy(upstream, Activity::new(), fast());
+    let sidecar = Sidecar::with_policy(upstream, Activity::new(), policy);
     let serving = Arc::clone(&server);
     let serves = Arc::clone(&sidecar);
     tokio::spawn(async move {
@@ -149,24 +157,11 @@ async fn a_refused_request_makes_a_serving_service_down_before_any_check() {
     let addr = closed_port();
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let service = draining_service(listener);
-    let server = Arc::new(Transport::bind(LOOPBACK, Keypair::generate_ed25519(), None).unwrap());
     let slow = HealthPolicy {
         interval: Duration::from_secs(3600),
         ..HealthPolicy::default()
     };
-    let sidecar = Sidecar::with_policy(addr, Activity::new(), slow);
-    let serving = Arc::clone(&server);
-    let serves = Arc::clone(&sidecar);
-    tokio::spawn(async move {
-        while let Some(Ok((_, connection))) = serving.accept().await {
-            tokio::spawn(Arc::clone(&serves).serve_connection(connection));
-        }
-    });
-    let client = Transport::bind(LOOPBACK, Keypair::generate_ed25519(), None).unwrap();
-    let connection = client
-        .connect(server.peer_id(), server.local_addr().unwrap())
-        .await
-        .unwrap();
+    let (sidecar, _client, connection) = sidecar_connection_with(addr, slow).await;
     // The first check (due at once) sees the service.
     until_probe_says(&connection, Health::Serving).await;
     service.abort();

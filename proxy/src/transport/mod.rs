@@ -41,6 +41,8 @@ pub enum TransportError {
     Auth { addr: SocketAddr, source: AuthError },
     #[error("{addr} did not authenticate within {AUTH_TIMEOUT:?}")]
     AuthTimeout { addr: SocketAddr },
+    #[error("the TLS session with {addr} exports no keying material to prove identities on")]
+    KeyingMaterial { addr: SocketAddr },
     #[error("connection to {addr} failed during authentication: {reason}")]
     Stream { addr: SocketAddr, reason: String },
 }
@@ -207,8 +209,7 @@ impl Transport {
         let connection = connecting.await.map_err(|e| failed(e.to_string()))?;
         let credentials = &self.credentials;
         let exchange = async {
-            let material = keying_material(&connection)
-                .map_err(|reason| TransportError::Stream { addr, reason })?;
+            let material = keying_material(&connection, addr)?;
             let (mut send, mut recv) = connection
                 .open_bi()
                 .await
@@ -275,8 +276,7 @@ impl Credentials {
             reason: e.to_string(),
         })?;
         let exchange = async {
-            let material = keying_material(&connection)
-                .map_err(|reason| TransportError::Stream { addr, reason })?;
+            let material = keying_material(&connection, addr)?;
             let (mut send, mut recv) = connection
                 .accept_bi()
                 .await
@@ -326,11 +326,14 @@ impl Credentials {
     }
 }
 
-fn keying_material(connection: &Connection) -> Result<[u8; KEYING_MATERIAL_BYTES], String> {
+fn keying_material(
+    connection: &Connection,
+    addr: SocketAddr,
+) -> Result<[u8; KEYING_MATERIAL_BYTES], TransportError> {
     let mut material = [0; KEYING_MATERIAL_BYTES];
     connection
         .export_keying_material(&mut material, EXPORTER_LABEL, b"")
-        .map_err(|e| format!("{e:?}"))?;
+        .map_err(|_| TransportError::KeyingMaterial { addr })?;
     Ok(material)
 }
 

@@ -89,6 +89,19 @@ struct Attempt {
     live: bool,
 }
 
+/// Why a simulated request failed, as the driver would answer it.
+#[derive(Debug, Clone, thiserror::Error)]
+enum Failure {
+    #[error("no instance became available")]
+    WaitedTooLong,
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
+    #[error("{0}: refused")]
+    Refused(Key),
+    #[error("{0}: failed")]
+    Failed(Key),
+}
+
 #[derive(Debug, Default)]
 struct Request {
     arrived: Option<Instant>,
@@ -97,7 +110,7 @@ struct Request {
     attempts: Vec<usize>,
     waiting: bool,
     tries: u32,
-    done: Option<(Instant, Result<Key, String>)>,
+    done: Option<(Instant, Result<Key, Failure>)>,
 }
 
 struct Sim {
@@ -216,7 +229,7 @@ impl Sim {
                 if request.done.is_none() && request.waiting {
                     request.waiting = false;
                     self.core.stop_waiting();
-                    self.finish(id, Err("no instance became available".into()));
+                    self.finish(id, Err(Failure::WaitedTooLong));
                 }
             }
             Event::ProbeDone(key, sent, answer) => {
@@ -249,7 +262,7 @@ impl Sim {
             }
             Event::AllocationDone(reason) => {
                 let result = if self.allocator_refuses || self.allocatable.is_empty() {
-                    Err("every allocator refused".to_owned())
+                    Err(AllocationError::Refused(Vec::new()))
                 } else {
                     let (key, behaviour) = self.allocatable.remove(0);
                     self.world.insert(key, behaviour);
@@ -308,20 +321,20 @@ impl Sim {
                 if self.requests[request].replayable && self.budget.withdraw() {
                     self.route(request, Some(key), actions);
                 } else {
-                    self.finish(request, Err(format!("{key}: refused")));
+                    self.finish(request, Err(Failure::Refused(key)));
                 }
             }
             _ => {
                 if self.requests[request].replayable && self.budget.withdraw() {
                     self.route(request, Some(key), actions);
                 } else {
-                    self.finish(request, Err(format!("{key}: failed")));
+                    self.finish(request, Err(Failure::Failed(key)));
                 }
             }
         }
     }
 
-    fn finish(&mut self, id: usize, result: Result<Key, String>) {
+    fn finish(&mut self, id: usize, result: Result<Key, Failure>) {
         self.requests[id].done = Some((self.now, result));
     }
 
@@ -387,8 +400,8 @@ impl Sim {
             Choice::Wait => {
                 if !request.waiting {
                     if !self.core.start_waiting() {
-                        let refused = self.core.too_many_waiting().to_string();
-                        self.finish(id, Err(refused));
+                        let refused = self.core.too_many_waiting();
+                        self.finish(id, Err(refused.into()));
                         return;
                     }
                     self.requests[id].waiting = true;
@@ -399,7 +412,7 @@ impl Sim {
                     request.waiting = false;
                     self.core.stop_waiting();
                 }
-                self.finish(id, Err(why.to_string()));
+                self.finish(id, Err(why.into()));
             }
         }
     }
@@ -466,7 +479,7 @@ impl Sim {
                     stats.slowest = stats.slowest.max(*done - arrived);
                     *stats.served.entry(key).or_default() += 1;
                 }
-                Some((_, Err(error))) => stats.failed.push(error.clone()),
+                Some((_, Err(error))) => stats.failed.push(error.to_string()),
                 None => stats.failed.push("never answered".into()),
             }
         }
