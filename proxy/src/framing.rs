@@ -133,25 +133,54 @@ pub fn frame_header(kind: Kind, len: usize) -> [u8; FRAME_HEADER_BYTES] {
     header
 }
 
-fn put_headers(headers: &HeaderMap, out: &mut BytesMut) {
-    out.put_u16(headers.len() as u16);
-    for (name, value) in headers {
-        out.put_u16(name.as_str().len() as u16);
-        out.put_slice(name.as_str().as_bytes());
-        out.put_u16(value.len() as u16);
-        out.put_slice(value.as_bytes());
+/// Writes `fields` as `count | (name, value)*`, the count patched in afterwards; more than
+/// [`MAX_HEADERS`] fields, or a name or value over 64 KiB, is refused.
+fn put_fields<'a>(
+    fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    out: &mut BytesMut,
+) -> Result<(), FrameError> {
+    let start = out.len();
+    out.put_u16(0);
+    let mut count = 0usize;
+    for (name, value) in fields {
+        count += 1;
+        if count > MAX_HEADERS {
+            return Err(FrameError::TooManyHeaders);
+        }
+        let too_long = |len: usize| FrameError::TooLarge {
+            kind: Kind::Head,
+            len,
+            limit: usize::from(u16::MAX),
+        };
+        out.put_u16(u16::try_from(name.len()).map_err(|_| too_long(name.len()))?);
+        out.put_slice(name);
+        out.put_u16(u16::try_from(value.len()).map_err(|_| too_long(value.len()))?);
+        out.put_slice(value);
     }
+    out[start..start + 2].copy_from_slice(&(count as u16).to_be_bytes());
+    Ok(())
 }
 
-/// Encodes a frame whose payload is written by `write`, patching its length in afterwards.
+/// A `HeaderMap`'s fields as bytes.
+fn map_fields(headers: &HeaderMap) -> impl Iterator<Item = (&[u8], &[u8])> {
+    headers
+        .iter()
+        .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()))
+}
+
+/// Encodes a frame whose payload is written by `write`, patching its length in afterwards; on
+/// any error nothing is left in `out`.
 fn framed(
     kind: Kind,
     out: &mut BytesMut,
-    write: impl FnOnce(&mut BytesMut),
+    write: impl FnOnce(&mut BytesMut) -> Result<(), FrameError>,
 ) -> Result<(), FrameError> {
     let start = out.len();
     out.put_slice(&frame_header(kind, 0));
-    write(out);
+    if let Err(error) = write(out) {
+        out.truncate(start);
+        return Err(error);
+    }
     let len = out.len() - start - FRAME_HEADER_BYTES;
     if len > MAX_HEAD_BYTES {
         out.truncate(start);
@@ -165,17 +194,8 @@ fn framed(
     Ok(())
 }
 
-fn check_count(headers: &HeaderMap) -> Result<(), FrameError> {
-    if headers.len() > MAX_HEADERS {
-        Err(FrameError::TooManyHeaders)
-    } else {
-        Ok(())
-    }
-}
-
 /// Appends a request `HEAD` frame to `out`.
 pub fn encode_request_head(head: &RequestHead, out: &mut BytesMut) -> Result<(), FrameError> {
-    check_count(&head.headers)?;
     let method = head.method.as_str();
     if method.len() > usize::from(u8::MAX) || head.target.len() > usize::from(u16::MAX) {
         return Err(FrameError::TooLarge {
@@ -190,24 +210,40 @@ pub fn encode_request_head(head: &RequestHead, out: &mut BytesMut) -> Result<(),
         out.put_slice(method.as_bytes());
         out.put_u16(head.target.len() as u16);
         out.put_slice(head.target.as_bytes());
-        put_headers(&head.headers, out);
+        put_fields(map_fields(&head.headers), out)
     })
 }
 
 /// Appends a response `HEAD` frame to `out`.
 pub fn encode_response_head(head: &ResponseHead, out: &mut BytesMut) -> Result<(), FrameError> {
-    check_count(&head.headers)?;
+    encode_response_fields(head.status.as_u16(), map_fields(&head.headers), out)
+}
+
+/// Appends a response `HEAD` frame made of a status and header fields as bytes, as a sidecar
+/// reads them off its service's response (no `HeaderMap` in between).
+pub fn encode_response_fields<'a>(
+    status: u16,
+    fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    out: &mut BytesMut,
+) -> Result<(), FrameError> {
     framed(Kind::Head, out, |out| {
         out.put_u8(VERSION);
-        out.put_u16(head.status.as_u16());
-        put_headers(&head.headers, out);
+        out.put_u16(status);
+        put_fields(fields, out)
     })
 }
 
 /// Appends a `TRAILERS` frame to `out`.
 pub fn encode_trailers(trailers: &HeaderMap, out: &mut BytesMut) -> Result<(), FrameError> {
-    check_count(trailers)?;
-    framed(Kind::Trailers, out, |out| put_headers(trailers, out))
+    encode_trailer_fields(map_fields(trailers), out)
+}
+
+/// Appends a `TRAILERS` frame made of header fields as bytes.
+pub fn encode_trailer_fields<'a>(
+    fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    out: &mut BytesMut,
+) -> Result<(), FrameError> {
+    framed(Kind::Trailers, out, |out| put_fields(fields, out))
 }
 
 /// Splits the next complete frame off `buffer`, or returns `None` if more bytes are needed.
@@ -259,34 +295,165 @@ fn take_u16(payload: &mut &[u8], what: &'static str) -> Result<usize, FrameError
     Ok(usize::from(u16::from_be_bytes([bytes[0], bytes[1]])))
 }
 
-fn take_headers(payload: &mut &[u8]) -> Result<HeaderMap, FrameError> {
+/// Which bytes may be in a method or a header name (RFC 9110 section 5.6.2, `tchar`).
+const TOKEN: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        b += 1;
+    }
+    table
+};
+
+fn is_token(b: u8) -> bool {
+    TOKEN[usize::from(b)]
+}
+
+/// Whether `b` may be in a header value: visible ASCII, space, tab and obs-text, never CR, LF
+/// or NUL (what `http::HeaderValue` accepts).
+fn is_value_byte(b: u8) -> bool {
+    (b >= 0x20 && b != 0x7f) || b == b'\t'
+}
+
+fn invalid(what: &'static str, detail: impl Into<String>) -> FrameError {
+    FrameError::Invalid {
+        what,
+        detail: detail.into(),
+    }
+}
+
+/// Header fields as they lie in a frame's payload, checked once and borrowed: a sidecar
+/// writes them to its service as they are, without building a `HeaderMap`.
+#[derive(Debug, Clone, Copy)]
+pub struct Fields<'a> {
+    bytes: &'a [u8],
+    count: usize,
+}
+
+impl<'a> Fields<'a> {
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn iter(&self) -> FieldIter<'a> {
+        FieldIter {
+            rest: self.bytes,
+            left: self.count,
+        }
+    }
+}
+
+impl<'a> IntoIterator for Fields<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+    type IntoIter = FieldIter<'a>;
+
+    fn into_iter(self) -> FieldIter<'a> {
+        self.iter()
+    }
+}
+
+/// The `(name, value)` pairs of [`Fields`], in order.
+pub struct FieldIter<'a> {
+    rest: &'a [u8],
+    left: usize,
+}
+
+impl<'a> Iterator for FieldIter<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        // The layout was checked when the fields were taken off the payload.
+        let mut split = || {
+            let len = usize::from(u16::from_be_bytes([self.rest[0], self.rest[1]]));
+            let (taken, rest) = self.rest[2..].split_at(len);
+            self.rest = rest;
+            taken
+        };
+        let name = split();
+        Some((name, split()))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+/// Takes the rest of a payload as header fields, checking the layout and every name and
+/// value.
+fn take_fields<'a>(payload: &mut &'a [u8]) -> Result<Fields<'a>, FrameError> {
     let count = take_u16(payload, "header count")?;
     if count > MAX_HEADERS {
         return Err(FrameError::TooManyHeaders);
     }
-    let mut headers = HeaderMap::with_capacity(count);
+    let start = *payload;
     for _ in 0..count {
         let len = take_u16(payload, "header name")?;
-        let name = HeaderName::from_bytes(take(payload, len, "header name")?).map_err(|e| {
-            FrameError::Invalid {
-                what: "header name",
-                detail: e.to_string(),
-            }
-        })?;
+        let name = take(payload, len, "header name")?;
+        if name.is_empty() || !name.iter().copied().all(is_token) {
+            return Err(invalid(
+                "header name",
+                format!("'{}' is not a token", String::from_utf8_lossy(name)),
+            ));
+        }
         let len = take_u16(payload, "header value")?;
-        let value = HeaderValue::from_bytes(take(payload, len, "header value")?).map_err(|e| {
-            FrameError::Invalid {
-                what: "header value",
-                detail: e.to_string(),
-            }
-        })?;
-        headers.append(name, value);
+        let value = take(payload, len, "header value")?;
+        if !value.iter().copied().all(is_value_byte) {
+            return Err(invalid(
+                "header value",
+                format!(
+                    "the value of '{}' holds a control character",
+                    String::from_utf8_lossy(name)
+                ),
+            ));
+        }
     }
     if !payload.is_empty() {
-        return Err(FrameError::Invalid {
-            what: "head",
-            detail: format!("{} bytes after the headers", payload.len()),
-        });
+        return Err(invalid(
+            "head",
+            format!("{} bytes after the headers", payload.len()),
+        ));
+    }
+    Ok(Fields {
+        bytes: start,
+        count,
+    })
+}
+
+fn fields_to_map(fields: Fields<'_>) -> Result<HeaderMap, FrameError> {
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for (name, value) in fields {
+        let name =
+            HeaderName::from_bytes(name).map_err(|e| invalid("header name", e.to_string()))?;
+        let value =
+            HeaderValue::from_bytes(value).map_err(|e| invalid("header value", e.to_string()))?;
+        headers.append(name, value);
     }
     Ok(headers)
 }
@@ -298,31 +465,59 @@ fn take_version(payload: &mut &[u8]) -> Result<(), FrameError> {
     }
 }
 
-pub fn decode_request_head(mut payload: &[u8]) -> Result<RequestHead, FrameError> {
+/// A request head as it lies in a `HEAD` frame's payload, checked and borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestHeadView<'a> {
+    /// A token (RFC 9110 section 9.1).
+    pub method: &'a [u8],
+    /// Starts with `/`; no spaces or control characters.
+    pub target: &'a [u8],
+    pub fields: Fields<'a>,
+}
+
+/// Reads a request head off a `HEAD` frame's payload without copying it.
+pub fn view_request_head(mut payload: &[u8]) -> Result<RequestHeadView<'_>, FrameError> {
     let payload = &mut payload;
     take_version(payload)?;
     let len = usize::from(take(payload, 1, "method")?[0]);
-    let method =
-        Method::from_bytes(take(payload, len, "method")?).map_err(|e| FrameError::Invalid {
-            what: "method",
-            detail: e.to_string(),
-        })?;
-    let len = take_u16(payload, "target")?;
-    let target =
-        std::str::from_utf8(take(payload, len, "target")?).map_err(|e| FrameError::Invalid {
-            what: "target",
-            detail: e.to_string(),
-        })?;
-    if !target.starts_with('/') {
-        return Err(FrameError::Invalid {
-            what: "target",
-            detail: format!("'{target}' does not start with /"),
-        });
+    let method = take(payload, len, "method")?;
+    if method.is_empty() || !method.iter().copied().all(is_token) {
+        return Err(invalid(
+            "method",
+            format!("'{}' is not a token", String::from_utf8_lossy(method)),
+        ));
     }
+    let len = take_u16(payload, "target")?;
+    let target = take(payload, len, "target")?;
+    if target.first() != Some(&b'/') {
+        return Err(invalid(
+            "target",
+            format!(
+                "'{}' does not start with /",
+                String::from_utf8_lossy(target)
+            ),
+        ));
+    }
+    if target.iter().any(|&b| b <= b' ' || b == 0x7f) {
+        return Err(invalid("target", "holds a space or a control character"));
+    }
+    Ok(RequestHeadView {
+        method,
+        target,
+        fields: take_fields(payload)?,
+    })
+}
+
+pub fn decode_request_head(payload: &[u8]) -> Result<RequestHead, FrameError> {
+    let view = view_request_head(payload)?;
+    let method = Method::from_bytes(view.method).map_err(|e| invalid("method", e.to_string()))?;
+    let target = std::str::from_utf8(view.target)
+        .map_err(|e| invalid("target", e.to_string()))?
+        .to_owned();
     Ok(RequestHead {
         method,
-        target: target.to_owned(),
-        headers: take_headers(payload)?,
+        target,
+        headers: fields_to_map(view.fields)?,
     })
 }
 
@@ -337,12 +532,12 @@ pub fn decode_response_head(mut payload: &[u8]) -> Result<ResponseHead, FrameErr
     })?;
     Ok(ResponseHead {
         status,
-        headers: take_headers(payload)?,
+        headers: fields_to_map(take_fields(payload)?)?,
     })
 }
 
 pub fn decode_trailers(mut payload: &[u8]) -> Result<HeaderMap, FrameError> {
-    take_headers(&mut payload)
+    fields_to_map(take_fields(&mut payload)?)
 }
 
 #[cfg(test)]

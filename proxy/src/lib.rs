@@ -10,6 +10,7 @@
 //! - [`transport`], [`framing`], [`stream`], [`forward`]: QUIC between proxies, the frames a
 //!   request and its response cross in, bodies streamed over them, and the ingress's end of one
 //!   exchange;
+//! - [`http1`]: HTTP/1.1 to a service as bytes (heads passed through, the chunked coding);
 //! - [`rewrite`], [`cache`], [`retry`], [`metrics`], [`supervise`]: the target and header
 //!   rewrite, the record cache, the retry budget, `/metrics`, the supervised service process.
 //!
@@ -21,6 +22,7 @@ pub mod cache;
 pub mod config;
 pub mod forward;
 pub mod framing;
+pub mod http1;
 pub mod ingress;
 pub mod metrics;
 pub mod retry;

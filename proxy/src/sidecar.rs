@@ -1,6 +1,6 @@
 //! The instance side of the data plane: the [`Sidecar`] answers the streams ingresses open
-//! over QUIC by calling its service through a pooled hyper client, and knows whether that
-//! service answers ([`health`]).
+//! over QUIC by calling its service over pooled HTTP/1.1 connections ([`upstream`], heads
+//! passed through as bytes), and knows whether that service answers ([`health`]).
 //!
 //! # Rules
 //! 1. **A request** (a stream opening with `HEAD`) goes to the service with its body streamed
@@ -13,7 +13,8 @@
 //!    answer is `FAILED` saying so (the ingress retries it only if it is idempotent, as the
 //!    request may have had effects), never a response of the service; the health is left as it
 //!    is. If it was the request body from the ingress that broke (the ingress reset its side),
-//!    the service is not blamed either.
+//!    the service is not blamed either. Once the response head has gone to the ingress, a
+//!    break resets the stream, so that a truncated body is never taken for a whole one.
 //! 4. **Any response** of the service, whatever its status, reports it serving.
 //! 5. **A probe** (a stream opening with `PING`) is answered at once with a `PING` carrying the
 //!    service's [`Health`](crate::framing::Health) (starting counts as down), without troubling
@@ -22,9 +23,9 @@
 //!    interval, until the sidecar is dropped ([`health::run_checks`]).
 
 pub mod health;
+mod upstream;
 
 use std::{
-    error::Error as _,
     net::SocketAddr,
     sync::{
         Arc,
@@ -32,34 +33,25 @@ use std::{
     },
 };
 
-use bytes::BytesMut;
-use http::{
-    HeaderValue, Request, Uri, header,
-    uri::{self, Authority, PathAndQuery, Scheme},
-};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
 use quinn::{Connection, RecvStream, SendStream};
 
-use self::health::{HealthPolicy, Observation, ServiceHealth};
-use crate::{
-    forward::HEAD_CAPACITY,
-    framing::{Kind, ResponseHead, decode_request_head, encode_response_head},
-    metrics::Activity,
-    stream::{
-        FramedBody, Opening, StreamError, read_opening, send_failed, send_message, send_ping,
-        send_refused,
-    },
+use self::{
+    health::{HealthPolicy, Observation, ServiceHealth},
+    upstream::{ExchangeError, Upstream},
 };
+use crate::{
+    framing::{Kind, view_request_head},
+    metrics::Activity,
+    stream::{Opening, StreamError, read_opening, send_failed, send_ping, send_refused},
+};
+
+/// Application error code of a request stream reset by the sidecar.
+const RESET_BROKEN: u32 = 1;
 
 /// The instance side: requests arriving on QUIC streams go to the service at `upstream`.
 pub struct Sidecar {
-    upstream: SocketAddr,
-    /// `upstream` as a URI authority, made once (cloning it shares its bytes).
-    authority: Authority,
-    client: Client<HttpConnector, FramedBody>,
+    upstream: Upstream,
+    addr: SocketAddr,
     activity: Arc<Activity>,
     health: Arc<ServiceHealth>,
     probes_answered: AtomicU64,
@@ -80,18 +72,12 @@ impl Sidecar {
         activity: Arc<Activity>,
         policy: HealthPolicy,
     ) -> Arc<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(policy.connect_timeout));
-        let client = Client::builder(TokioExecutor::new()).build(connector);
-        let authority = Authority::try_from(upstream.to_string())
-            .expect("a socket address is a valid authority");
+        let connect_timeout = policy.connect_timeout;
         let health = ServiceHealth::new(upstream, policy);
         tokio::spawn(health::run_checks(Arc::downgrade(&health)));
         Arc::new(Self {
-            upstream,
-            authority,
-            client,
+            upstream: Upstream::new(upstream, connect_timeout),
+            addr: upstream,
             activity,
             health,
             probes_answered: AtomicU64::new(0),
@@ -135,89 +121,45 @@ impl Sidecar {
             Opening::Refused(_) => return Err(StreamError::Unexpected(Kind::Refused)),
             Opening::Failed(_) => return Err(StreamError::Unexpected(Kind::Failed)),
         };
-        let head = decode_request_head(&payload)?;
-        let _serving = self.activity.serve();
-        let mut uri = uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
-        uri.authority = Some(self.authority.clone());
-        uri.path_and_query = Some(
-            PathAndQuery::try_from(head.target)
-                .map_err(|e: uri::InvalidUri| StreamError::Body(e.to_string()))?,
-        );
-        let mut request = Request::new(FramedBody::new(recv, rest));
-        *request.method_mut() = head.method;
-        *request.uri_mut() = Uri::from_parts(uri).map_err(|e| StreamError::Body(e.to_string()))?;
-        *request.headers_mut() = head.headers;
-        // This proxy carries trailers, so it says so: an HTTP/1.1 service sends trailers
-        // only to a client that accepts them (TE itself is hop-by-hop, set per hop).
-        request
-            .headers_mut()
-            .insert(header::TE, HeaderValue::from_static("trailers"));
-        let mut encoded = BytesMut::with_capacity(HEAD_CAPACITY);
-        let error = match self.client.request(request).await {
-            Ok(response) => {
-                self.health.observe(Observation::Answered);
-                let (parts, body) = response.into_parts();
-                encode_response_head(
-                    &ResponseHead {
-                        status: parts.status,
-                        headers: parts.headers,
-                    },
-                    &mut encoded,
-                )?;
-                return send_message(&mut send, encoded.freeze(), body).await;
+        let head = match view_request_head(&payload) {
+            Ok(head) => head,
+            Err(error) => {
+                let _ = send.reset(RESET_BROKEN.into());
+                return Err(error.into());
             }
+        };
+        let _serving = self.activity.serve();
+        let answered = || self.health.observe(Observation::Answered);
+        let error = match self
+            .upstream
+            .exchange(&head, recv, rest, &mut send, answered)
+            .await
+        {
+            Ok(()) => return Ok(()),
             Err(error) => error,
         };
-        if error.is_connect() {
-            self.health.observe(Observation::ConnectFailed);
-            let reason = format!(
-                "cannot connect to the service at {}: {}",
-                self.upstream,
-                causes(&error)
-            );
-            return send_refused(&mut send, &reason).await;
+        let addr = self.addr;
+        match error {
+            ExchangeError::Connect(error) => {
+                self.health.observe(Observation::ConnectFailed);
+                let reason = format!("cannot connect to the service at {addr}: {error}");
+                send_refused(&mut send, &reason).await
+            }
+            ExchangeError::Service(reason) => {
+                let reason = format!("the service at {addr} broke the exchange: {reason}");
+                send_failed(&mut send, &reason).await
+            }
+            ExchangeError::IngressBody(_) | ExchangeError::Request(_) => {
+                send_failed(&mut send, &error.to_string()).await
+            }
+            ExchangeError::AfterHead(reason) => {
+                let _ = send.reset(RESET_BROKEN.into());
+                Err(StreamError::Body(format!(
+                    "the response from the service at {addr} broke: {reason}"
+                )))
+            }
         }
-        let reason = if ingress_body_failed(&error) {
-            format!(
-                "the request body from the ingress broke: {}",
-                causes(&error)
-            )
-        } else {
-            format!(
-                "the service at {} broke the exchange: {}",
-                self.upstream,
-                causes(&error)
-            )
-        };
-        send_failed(&mut send, &reason).await
     }
-}
-
-/// An error and its causes, innermost last: hyper's own text ("client error (Connect)") says
-/// little without them.
-fn causes(error: &hyper_util::client::legacy::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-/// Whether the client failed because the request body (the [`FramedBody`] from the
-/// ingress) did: its error is among the causes.
-fn ingress_body_failed(error: &hyper_util::client::legacy::Error) -> bool {
-    let mut source = error.source();
-    while let Some(cause) = source {
-        if cause.is::<StreamError>() {
-            return true;
-        }
-        source = cause.source();
-    }
-    false
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use std::{convert::Infallible, net::Ipv4Addr, time::Duration};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
@@ -17,6 +17,7 @@ use crate::{
     framing::{Health, RequestHead},
     metrics::{SidecarCollector, SidecarView},
     sidecar::health::ServiceState,
+    stream::{FramedBody, StreamError},
     transport::Transport,
 };
 
@@ -296,4 +297,110 @@ async fn probes_answered_and_the_service_state_are_on_the_metrics() {
         "{text}"
     );
     assert!(text.contains("proxy_service_up 1"), "{text}");
+}
+
+/// A service speaking raw HTTP/1.1: on each connection, the `n`th request head (bodiless
+/// requests only) is answered with `answer(n)`'s bytes, and the connection closed without a
+/// word where it gives `None` (or after the bytes, where it says so).
+fn raw_service(
+    listener: tokio::net::TcpListener,
+    answer: fn(usize) -> (Option<&'static [u8]>, bool),
+) -> tokio::task::JoinHandle<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                for n in 0.. {
+                    while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let mut chunk = [0u8; 4096];
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(read) => buffer.extend_from_slice(&chunk[..read]),
+                        }
+                    }
+                    buffer.clear();
+                    let (bytes, close) = answer(n);
+                    let Some(bytes) = bytes else { return };
+                    if stream.write_all(bytes).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    })
+}
+
+async fn body_of(response: http::Response<FramedBody>) -> Result<Bytes, StreamError> {
+    Ok(response.into_body().collect().await?.to_bytes())
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_service_closed_as_a_request_was_written_costs_no_request() {
+    // Every connection answers its first request and drops the second unanswered, as a
+    // service closing an idle keep-alive connection just as a request arrives does.
+    let listener = tokio::net::TcpListener::bind(LOOPBACK).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _service = raw_service(listener, |n| match n {
+        0 => (
+            Some(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+            false,
+        ),
+        _ => (None, true),
+    });
+    let (_sidecar, _client, connection) = sidecar_connection(addr).await;
+    for i in 0..10 {
+        let response = forward(&connection, &get(), Full::new(Bytes::new()))
+            .await
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body_of(response).await.unwrap(), "ok");
+    }
+}
+
+#[tokio::test]
+async fn a_response_delimited_by_the_close_of_its_connection_arrives_whole() {
+    static ANSWER: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    ANSWER.get_or_init(|| {
+        let mut answer = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
+        answer.extend((0..100_000).map(|i| b'a' + (i % 26) as u8));
+        answer
+    });
+    let listener = tokio::net::TcpListener::bind(LOOPBACK).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _service = raw_service(listener, |_| (Some(ANSWER.get().unwrap()), true));
+    let (_sidecar, _client, connection) = sidecar_connection(addr).await;
+    for _ in 0..2 {
+        let response = forward(&connection, &get(), Full::new(Bytes::new()))
+            .await
+            .unwrap();
+        let body = body_of(response).await.unwrap();
+        assert_eq!(body.len(), 100_000);
+        assert_eq!(&body[..], &ANSWER.get().unwrap()[19..]);
+    }
+}
+
+#[tokio::test]
+async fn a_response_broken_after_its_head_is_an_error_never_a_shorter_whole_body() {
+    let listener = tokio::net::TcpListener::bind(LOOPBACK).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _service = raw_service(listener, |_| {
+        (
+            Some(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"),
+            true,
+        )
+    });
+    let (sidecar, _client, connection) = sidecar_connection(addr).await;
+    // The sidecar resets the stream: the ingress gets the head and part of the body and then
+    // an error, or (the reset overtaking them) an error at once.
+    match forward(&connection, &get(), Full::new(Bytes::new())).await {
+        Ok(response) => {
+            let body = body_of(response).await;
+            assert!(body.is_err(), "a truncated body read as whole: {body:?}");
+        }
+        Err(AttemptError::Broken(_)) => {}
+        Err(other) => panic!("{other}"),
+    }
+    // The service answered: it is serving, whatever became of the body.
+    assert_eq!(sidecar.health().state(), ServiceState::Serving);
 }
