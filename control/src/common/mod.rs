@@ -53,10 +53,17 @@ where
         }
     };
     telemetry::init_logs(debug(&cli));
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = worker_threads(&cli) {
-        builder.worker_threads(threads.max(1));
-    }
+    // One worker: Tokio's current-thread scheduler, on this thread, with no work-stealing
+    // machinery (cross-thread wake-ups, a parked main thread beside the worker).
+    let mut builder = match worker_threads(&cli) {
+        Some(1 | 0) => tokio::runtime::Builder::new_current_thread(),
+        Some(threads) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(threads);
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
