@@ -34,7 +34,8 @@ where
 }
 
 /// [`run_binary`] with the number of runtime worker threads chosen from the configuration
-/// (`None`: one per core, Tokio's default).
+/// (`None`: one per core, Tokio's default; one: the current-thread scheduler on the calling
+/// thread).
 pub fn run_binary_with_threads<C, F>(
     name: &str,
     debug: impl FnOnce(&C) -> bool,
