@@ -123,3 +123,30 @@ async fn a_peer_that_stalls_its_handshake_holds_up_no_other() {
     assert_eq!(echo(&connection, b"hello").await, b"hello");
     assert_eq!(accepted.recv().await.unwrap(), Ok(client.peer_id()));
 }
+
+#[tokio::test]
+async fn on_loopback_datagrams_grow_far_past_ethernets_and_stay_large_under_streaming() {
+    let (server, client) = (transport(None), transport(None));
+    let _accepted = serve_echo(Arc::clone(&server));
+    let connection = client
+        .connect(server.peer_id(), server.local_addr().unwrap())
+        .await
+        .unwrap();
+    let data = vec![7u8; 256 * 1024];
+    testkit::wait_until(
+        "path MTU discovery to pass 16 KB",
+        std::time::Duration::from_secs(10),
+        || async {
+            assert_eq!(echo(&connection, &data).await.len(), data.len());
+            connection.stats().path.current_mtu > 16_000
+        },
+    )
+    .await;
+    // Full batches of large datagrams must not be lost (a lost batch looks like a black hole
+    // to MTU discovery, which then falls back to 1200 bytes).
+    for _ in 0..8 {
+        assert_eq!(echo(&connection, &data).await.len(), data.len());
+    }
+    let mtu = connection.stats().path.current_mtu;
+    assert!(mtu > 16_000, "the path fell back to {mtu}-byte datagrams");
+}
