@@ -1,7 +1,9 @@
 //! Debian's nginx and haproxy as the two-hop paths the data plane is compared with: started
 //! here in the foreground with generated configurations in a temporary directory (never their
 //! packaged daemons), one process (nginx: one master and one worker; haproxy: one thread) per
-//! hop, each keeping its upstream connections alive.
+//! hop, each keeping its upstream connections alive. Each runs twice: plain, and with the hop
+//! between its two proxies encrypted ([`Tls`]: TLS 1.3, a self-signed certificate made here,
+//! connections kept alive and sessions resumed), the like-for-like peer of our QUIC hop.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener},
@@ -142,6 +144,44 @@ impl TwoHops {
     }
 }
 
+/// The certificate and key of the second hop of a TLS path, made here (self-signed, for
+/// `localhost`); the first hop does not verify it, as a peer inside one deployment would pin
+/// it rather than ask a public CA.
+pub struct Tls {
+    cert: PathBuf,
+    key: PathBuf,
+    /// Certificate and key in one file, as haproxy takes them.
+    combined: PathBuf,
+}
+
+impl Tls {
+    pub fn generate(dir: &Path) -> anyhow::Result<Self> {
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+            .context("cannot make a certificate for the TLS paths")?;
+        let (cert, key) = (made.cert.pem(), made.key_pair.serialize_pem());
+        let tls = Self {
+            cert: dir.join("hop.crt"),
+            key: dir.join("hop.key"),
+            combined: dir.join("hop.pem"),
+        };
+        std::fs::write(&tls.cert, &cert)?;
+        std::fs::write(&tls.key, &key)?;
+        std::fs::write(&tls.combined, format!("{cert}{key}"))?;
+        Ok(tls)
+    }
+}
+
+/// What a hop's configuration says about TLS.
+#[derive(Clone, Copy)]
+enum HopTls<'a> {
+    /// Plain HTTP both ways.
+    None,
+    /// The first hop: plain from the client, TLS to the second.
+    ToNext,
+    /// The second hop: TLS from the first, plain to the service.
+    FromPrevious(&'a Tls),
+}
+
 /// Starts `program` with `args`, its standard error kept in `log`.
 fn spawn_foreign(program: &Path, args: &[&str], log: &Path) -> anyhow::Result<Foreign> {
     let child = Command::new(program)
@@ -155,8 +195,30 @@ fn spawn_foreign(program: &Path, args: &[&str], log: &Path) -> anyhow::Result<Fo
     Ok(Foreign { child, pid })
 }
 
-fn nginx_config(dir: &Path, name: &str, listen: u16, upstream: SocketAddr) -> String {
+fn nginx_config(
+    dir: &Path,
+    name: &str,
+    listen: u16,
+    upstream: SocketAddr,
+    tls: HopTls<'_>,
+) -> String {
     let dir = dir.display();
+    let (scheme, upstream_tls) = match tls {
+        HopTls::ToNext => (
+            "https",
+            "proxy_ssl_protocols TLSv1.3;\n            proxy_ssl_session_reuse on;\n            ",
+        ),
+        _ => ("http", ""),
+    };
+    let listen_tls = match tls {
+        HopTls::FromPrevious(tls) => format!(
+            " ssl;\n        ssl_protocols TLSv1.3;\n        ssl_certificate {};\n        \
+             ssl_certificate_key {};\n        ssl_session_cache shared:{name}:1m",
+            tls.cert.display(),
+            tls.key.display()
+        ),
+        _ => String::new(),
+    };
     // As root, nginx would run its worker as `nobody`, who cannot use the temporary directory.
     // SAFETY: geteuid has no preconditions.
     let user = if unsafe { libc::geteuid() } == 0 {
@@ -184,9 +246,9 @@ http {{
         keepalive_requests 1000000;
     }}
     server {{
-        listen 127.0.0.1:{listen};
+        listen 127.0.0.1:{listen}{listen_tls};
         location / {{
-            proxy_pass http://next;
+            {upstream_tls}proxy_pass {scheme}://next;
             proxy_http_version 1.1;
             proxy_set_header Connection \"\";
             # Bodies of any size, streamed both ways as ours and haproxy do (nginx would
@@ -201,7 +263,17 @@ http {{
     )
 }
 
-fn haproxy_config(listen: u16, upstream: SocketAddr) -> String {
+fn haproxy_config(listen: u16, upstream: SocketAddr, tls: HopTls<'_>) -> String {
+    let bind_tls = match tls {
+        HopTls::FromPrevious(tls) => {
+            format!(" ssl crt {} ssl-min-ver TLSv1.3", tls.combined.display())
+        }
+        _ => String::new(),
+    };
+    let server_tls = match tls {
+        HopTls::ToNext => " ssl verify none ssl-min-ver TLSv1.3",
+        _ => "",
+    };
     format!(
         "global
     nbthread 1
@@ -214,20 +286,37 @@ defaults
     timeout http-keep-alive 30s
     http-reuse always
 frontend in
-    bind 127.0.0.1:{listen}
+    bind 127.0.0.1:{listen}{bind_tls}
     default_backend next
 backend next
-    server next {upstream}
+    server next {upstream}{server_tls}
 "
     )
 }
 
-/// nginx B (to the service) and nginx A (to B), each a master with one worker.
-pub async fn start_nginx(dir: &Path, service: SocketAddr) -> anyhow::Result<TwoHops> {
+/// The TLS of hop `name` (`<kind>-a` or `<kind>-b`) of a path whose inner hop is encrypted
+/// with `tls`, if it is.
+fn hop_tls<'a>(name: &str, tls: Option<&'a Tls>) -> HopTls<'a> {
+    match tls {
+        None => HopTls::None,
+        Some(_) if name.ends_with("-a") => HopTls::ToNext,
+        Some(tls) => HopTls::FromPrevious(tls),
+    }
+}
+
+/// nginx B (to the service) and nginx A (to B), each a master with one worker; with `tls`,
+/// A speaks TLS to B.
+pub async fn start_nginx(
+    dir: &Path,
+    service: SocketAddr,
+    tls: Option<&Tls>,
+) -> anyhow::Result<TwoHops> {
     let program = require("nginx")?;
+    let kind = if tls.is_some() { "nginx-tls" } else { "nginx" };
     let start = |name: &str, listen: u16, upstream: SocketAddr| -> anyhow::Result<Foreign> {
         let config = dir.join(format!("{name}.conf"));
-        std::fs::write(&config, nginx_config(dir, name, listen, upstream))?;
+        let hop = hop_tls(name, tls);
+        std::fs::write(&config, nginx_config(dir, name, listen, upstream, hop))?;
         let early_log = dir.join(format!("{name}.early.log"));
         spawn_foreign(
             &program,
@@ -244,22 +333,33 @@ pub async fn start_nginx(dir: &Path, service: SocketAddr) -> anyhow::Result<TwoH
             &dir.join(format!("{name}.stderr")),
         )
     };
-    start_two_hops("nginx", dir, service, start).await
+    start_two_hops(kind, dir, service, start).await
 }
 
-/// haproxy B (to the service) and haproxy A (to B), one process and one thread each.
-pub async fn start_haproxy(dir: &Path, service: SocketAddr) -> anyhow::Result<TwoHops> {
+/// haproxy B (to the service) and haproxy A (to B), one process and one thread each; with
+/// `tls`, A speaks TLS to B.
+pub async fn start_haproxy(
+    dir: &Path,
+    service: SocketAddr,
+    tls: Option<&Tls>,
+) -> anyhow::Result<TwoHops> {
     let program = require("haproxy")?;
+    let kind = if tls.is_some() {
+        "haproxy-tls"
+    } else {
+        "haproxy"
+    };
     let start = |name: &str, listen: u16, upstream: SocketAddr| -> anyhow::Result<Foreign> {
         let config = dir.join(format!("{name}.cfg"));
-        std::fs::write(&config, haproxy_config(listen, upstream))?;
+        let hop = hop_tls(name, tls);
+        std::fs::write(&config, haproxy_config(listen, upstream, hop))?;
         spawn_foreign(
             &program,
             &["-f", config.to_str().context("path")?, "-db"],
             &dir.join(format!("{name}.stderr")),
         )
     };
-    start_two_hops("haproxy", dir, service, start).await
+    start_two_hops(kind, dir, service, start).await
 }
 
 /// `<name>-b` to the service and `<name>-a` to it, each started by `start(name, listen,

@@ -1,6 +1,7 @@
-//! The four request paths the data plane is compared on, started together in front of one
-//! service (`bench serve`) and pinned: straight to the service; through our two proxies
-//! (ingress -> QUIC -> sidecar, [`ProxyPath`]); through two nginx; through two haproxy.
+//! The request paths the data plane is compared on, started together in front of one service
+//! (`bench serve`) and pinned: straight to the service; through our two proxies (ingress ->
+//! QUIC -> sidecar, [`ProxyPath`]); through two nginx; through two haproxy; and through two
+//! nginx and two haproxy with TLS 1.3 between the two, like our encrypted hop.
 
 use std::time::Duration;
 
@@ -21,12 +22,27 @@ pub enum Via {
     Ours,
     Nginx,
     Haproxy,
+    NginxTls,
+    HaproxyTls,
 }
 
 impl Via {
-    pub const ALL: [Via; 4] = [Via::Direct, Via::Ours, Via::Nginx, Via::Haproxy];
+    pub const ALL: [Via; 6] = [
+        Via::Direct,
+        Via::Ours,
+        Via::Nginx,
+        Via::Haproxy,
+        Via::NginxTls,
+        Via::HaproxyTls,
+    ];
     /// The paths with proxies on them.
-    pub const PROXIED: [Via; 3] = [Via::Ours, Via::Nginx, Via::Haproxy];
+    pub const PROXIED: [Via; 5] = [
+        Via::Ours,
+        Via::Nginx,
+        Via::Haproxy,
+        Via::NginxTls,
+        Via::HaproxyTls,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -34,6 +50,8 @@ impl Via {
             Via::Ours => "ours",
             Via::Nginx => "nginx",
             Via::Haproxy => "haproxy",
+            Via::NginxTls => "nginx-tls",
+            Via::HaproxyTls => "haproxy-tls",
         }
     }
 
@@ -43,6 +61,10 @@ impl Via {
             Via::Ours => "ours: client -> ingress -> QUIC -> sidecar -> service",
             Via::Nginx => "nginx: client -> nginx A -> nginx B -> service",
             Via::Haproxy => "haproxy: client -> haproxy A -> haproxy B -> service",
+            Via::NginxTls => "nginx-tls: client -> nginx A -> TLS 1.3 -> nginx B -> service",
+            Via::HaproxyTls => {
+                "haproxy-tls: client -> haproxy A -> TLS 1.3 -> haproxy B -> service"
+            }
         }
     }
 
@@ -53,6 +75,8 @@ impl Via {
             Via::Ours => "ours (ingress, sidecar)",
             Via::Nginx => "nginx (A, B; master + worker each)",
             Via::Haproxy => "haproxy (A, B)",
+            Via::NginxTls => "nginx-tls (A, B; master + worker each)",
+            Via::HaproxyTls => "haproxy-tls (A, B)",
         }
     }
 }
@@ -62,6 +86,8 @@ pub struct Paths {
     pub ours: ProxyPath,
     nginx: TwoHops,
     haproxy: TwoHops,
+    nginx_tls: TwoHops,
+    haproxy_tls: TwoHops,
     /// How the processes were pinned, read back from /proc.
     pub pinned: String,
     /// Held: this process stays on its CPU until the paths are stopped.
@@ -78,13 +104,19 @@ impl Paths {
         foreign::require("nginx")?;
         foreign::require("haproxy")?;
         let pinning = Pinning::new();
-        let (ours, dir, nginx, haproxy) = pinning
+        let (ours, dir, [nginx, haproxy, nginx_tls, haproxy_tls]) = pinning
             .start_pinned(async {
                 let ours = ProxyPath::start().await?;
                 let dir = tempfile::tempdir()?;
-                let nginx = foreign::start_nginx(dir.path(), ours.service).await?;
-                let haproxy = foreign::start_haproxy(dir.path(), ours.service).await?;
-                anyhow::Ok((ours, dir, nginx, haproxy))
+                let (at, service) = (dir.path(), ours.service);
+                let tls = foreign::Tls::generate(at)?;
+                let peers = [
+                    foreign::start_nginx(at, service, None).await?,
+                    foreign::start_haproxy(at, service, None).await?,
+                    foreign::start_nginx(at, service, Some(&tls)).await?,
+                    foreign::start_haproxy(at, service, Some(&tls)).await?,
+                ];
+                anyhow::Ok((ours, dir, peers))
             })
             .await?;
         let mut processes: Vec<(String, u32)> = vec![
@@ -93,7 +125,12 @@ impl Paths {
             ("ingress".into(), ours.ingress_pid),
             ("sidecar".into(), ours.sidecar_pid),
         ];
-        for (name, hops) in [("nginx", &nginx), ("haproxy", &haproxy)] {
+        for (name, hops) in [
+            ("nginx", &nginx),
+            ("haproxy", &haproxy),
+            ("nginx-tls", &nginx_tls),
+            ("haproxy-tls", &haproxy_tls),
+        ] {
             for (hop, proxy) in [("A", &hops.first), ("B", &hops.second)] {
                 for pid in proxy.pids() {
                     let role = if pid == proxy.pid { "" } else { " worker" };
@@ -106,6 +143,8 @@ impl Paths {
             ours,
             nginx,
             haproxy,
+            nginx_tls,
+            haproxy_tls,
             pinned,
             _pinning: pinning,
             _dir: dir,
@@ -119,6 +158,8 @@ impl Paths {
             Via::Ours => self.ours.through_proxies(path),
             Via::Nginx => self.nginx.uri(path),
             Via::Haproxy => self.haproxy.uri(path),
+            Via::NginxTls => self.nginx_tls.uri(path),
+            Via::HaproxyTls => self.haproxy_tls.uri(path),
         }
     }
 
@@ -132,6 +173,8 @@ impl Paths {
             )),
             Via::Nginx => Some(self.nginx.cpu()?),
             Via::Haproxy => Some(self.haproxy.cpu()?),
+            Via::NginxTls => Some(self.nginx_tls.cpu()?),
+            Via::HaproxyTls => Some(self.haproxy_tls.cpu()?),
         })
     }
 
@@ -145,12 +188,15 @@ impl Paths {
             }
             Via::Nginx => Some(self.nginx.peaks()?),
             Via::Haproxy => Some(self.haproxy.peaks()?),
+            Via::NginxTls => Some(self.nginx_tls.peaks()?),
+            Via::HaproxyTls => Some(self.haproxy_tls.peaks()?),
         })
     }
 
     /// Stops nginx and haproxy gracefully (ours and the service are killed on drop).
     pub async fn stop(self) {
-        self.nginx.stop().await;
-        self.haproxy.stop().await;
+        for hops in [self.nginx, self.haproxy, self.nginx_tls, self.haproxy_tls] {
+            hops.stop().await;
+        }
     }
 }

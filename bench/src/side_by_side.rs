@@ -77,13 +77,15 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
     let paths = Paths::start().await?;
     outln!(
         out,
-        "## Side by side: direct, ours, nginx, haproxy (1 KiB responses)\n\n\
+        "## Side by side: direct, ours, nginx, haproxy, nginx-tls, haproxy-tls (1 KiB responses)\n\n\
          `{command}`\n\n\
          Open loop {:.0} s per path and rate after {:.0} s unrecorded warm-up; closed loop \
          {} workers for {:.0} s per path. Each nginx is one master with `worker_processes 1`, \
          each haproxy one process with `nbthread 1`, both keeping upstream connections alive \
-         (nginx `keepalive 64` with HTTP/1.1, haproxy `http-reuse always`); ours runs one \
-         worker thread per proxy (`--worker-threads 1`, the default). CPU: {}.\n",
+         (nginx `keepalive 64` with HTTP/1.1, haproxy `http-reuse always`); in the -tls paths \
+         the hop between the two is TLS 1.3 (ECDSA P-256 certificate, sessions resumed), as \
+         ours is encrypted between ingress and sidecar; ours runs one worker thread per proxy \
+         (`--worker-threads 1`, the default). CPU: {}.\n",
         args.duration.as_secs_f64(),
         args.warmup.as_secs_f64(),
         args.workers,
