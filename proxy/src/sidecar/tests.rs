@@ -404,3 +404,130 @@ async fn a_response_broken_after_its_head_is_an_error_never_a_shorter_whole_body
     // The service answered: it is serving, whatever became of the body.
     assert_eq!(sidecar.health().state(), ServiceState::Serving);
 }
+
+#[tokio::test]
+async fn a_slow_reader_slows_the_service_instead_of_growing_the_sidecar() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A service answering with a 1 GiB body as fast as its socket takes it, counting what it
+    // wrote.
+    const LENGTH: u64 = 1 << 30;
+    let listener = tokio::net::TcpListener::bind(LOOPBACK).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let written = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&written);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let mut head = [0u8; 4096];
+                if stream.read(&mut head).await.unwrap_or(0) == 0 {
+                    return; // a liveness check
+                }
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {LENGTH}\r\n\r\n");
+                stream.write_all(answer.as_bytes()).await.unwrap();
+                let chunk = vec![b'x'; 64 * 1024];
+                while stream.write_all(&chunk).await.is_ok() {
+                    counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let (_sidecar, _client, connection) = sidecar_connection(addr).await;
+    let response = forward(&connection, &get(), Full::new(Bytes::new()))
+        .await
+        .unwrap();
+    // Read 64 MiB, one frame at a time: however slowly this reader goes, the service can
+    // be ahead of it only by what the QUIC windows and the two sockets' buffers hold (a
+    // sidecar that read the service's body as fast as it came would let it run a gigabyte
+    // ahead).
+    const BOUND: u64 = 24 << 20;
+    let mut body = response.into_body();
+    let mut read = 0u64;
+    while read < 64 << 20 {
+        let frame = body.frame().await.unwrap().unwrap();
+        read += frame.into_data().map_or(0, |d| d.len() as u64);
+        let ahead = written.load(Ordering::Relaxed).saturating_sub(read);
+        assert!(
+            ahead < BOUND,
+            "the service ran {ahead} bytes ahead of the reader"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn a_slow_service_reading_an_upload_slows_the_client_instead_of_growing_the_sidecar() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const LENGTH: u64 = 1 << 30;
+    const BOUND: u64 = 24 << 20;
+    // What the client has produced of its body so far.
+    let produced = Arc::new(AtomicU64::new(0));
+    // A service reading the upload one read at a time, checking after each how far the
+    // client is ahead of it; it answers once it has 64 MiB.
+    let listener = tokio::net::TcpListener::bind(LOOPBACK).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (verdict, mut verdicts) = tokio::sync::mpsc::unbounded_channel::<Result<(), u64>>();
+    let seen = Arc::clone(&produced);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let (seen, verdict) = (Arc::clone(&seen), verdict.clone());
+            tokio::spawn(async move {
+                let mut buffer = vec![0u8; 64 * 1024];
+                let mut consumed = 0u64;
+                let mut in_head = true;
+                while consumed < 64 << 20 {
+                    let read = stream.read(&mut buffer).await.unwrap_or(0);
+                    if read == 0 {
+                        return; // a liveness check, or the exchange ended
+                    }
+                    if in_head {
+                        // The head is small and arrives first; count only the body after it.
+                        let end = buffer[..read].windows(4).position(|w| w == b"\r\n\r\n");
+                        let Some(end) = end else { continue };
+                        in_head = false;
+                        consumed += (read - end - 4) as u64;
+                        continue;
+                    }
+                    consumed += read as u64;
+                    let ahead = seen.load(Ordering::Relaxed).saturating_sub(consumed);
+                    if ahead >= BOUND {
+                        let _ = verdict.send(Err(ahead));
+                        return;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                let _ = verdict.send(Ok(()));
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    let (_sidecar, _client, connection) = sidecar_connection(addr).await;
+    let counter = Arc::clone(&produced);
+    let chunks = futures::stream::repeat_with(move || {
+        counter.fetch_add(64 * 1024, Ordering::Relaxed);
+        Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from(vec![
+            b'x';
+            64 * 1024
+        ])))
+    });
+    let chunks = futures::StreamExt::take(chunks, (LENGTH / (64 * 1024)) as usize);
+    let mut head = RequestHead {
+        method: Method::POST,
+        ..get()
+    };
+    head.headers
+        .insert(http::header::CONTENT_LENGTH, LENGTH.into());
+    let sending = forward(&connection, &head, StreamBody::new(chunks));
+    tokio::select! {
+        verdict = verdicts.recv() => {
+            if let Some(Err(ahead)) = verdict {
+                panic!("the client ran {ahead} bytes ahead of the service");
+            }
+        }
+        answer = sending => panic!("answered before the service's verdict: {:?}", answer.map(|r| r.status())),
+    }
+}
