@@ -14,6 +14,7 @@ use testkit::wait_until;
 use super::*;
 use crate::{
     forward::{AttemptError, forward, probe},
+    framing,
     framing::{Health, RequestHead},
     metrics::{SidecarCollector, SidecarView},
     sidecar::health::ServiceState,
@@ -530,4 +531,54 @@ async fn a_slow_service_reading_an_upload_slows_the_client_instead_of_growing_th
         }
         answer = sending => panic!("answered before the service's verdict: {:?}", answer.map(|r| r.status())),
     }
+}
+
+#[tokio::test]
+async fn heads_at_the_limit_cross_both_ways_and_one_over_it_is_a_failure_not_a_crash() {
+    // A service that echoes the request's x-big header in its response, and adds as many
+    // bytes again in x-more when asked to go over the limit.
+    let listener = tokio::net::TcpListener::bind(LOOPBACK).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = service_fn(|request: Request<Incoming>| async move {
+                    let big = request.headers().get("x-big").cloned();
+                    let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
+                    if let Some(big) = big {
+                        if request.uri().path() == "/over" {
+                            response.headers_mut().insert("x-more", big.clone());
+                        }
+                        response.headers_mut().insert("x-big", big);
+                    }
+                    Ok::<_, Infallible>(response)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .max_buf_size(1 << 20)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let (_sidecar, _client, connection) = sidecar_connection(addr).await;
+    let big = "b".repeat(framing::MAX_HEAD_BYTES - 1024);
+    let mut head = get();
+    head.headers.insert("x-big", big.parse().unwrap());
+    let response = forward(&connection, &head, Full::new(Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-big"].len(), big.len());
+    assert_eq!(body_of(response).await.unwrap(), "ok");
+    // A response head twice the limit: the sidecar says the service failed, and goes on.
+    head.target = "/over".into();
+    match forward(&connection, &head, Full::new(Bytes::new())).await {
+        Err(AttemptError::Broken(StreamError::ServiceFailed(reason))) => {
+            assert!(reason.contains("over"), "{reason}");
+        }
+        other => panic!("{:?}", other.map(|r| r.status())),
+    }
+    head.target = "/".into();
+    let again = forward(&connection, &head, Full::new(Bytes::new())).await;
+    assert_eq!(again.unwrap().status(), StatusCode::OK);
 }
