@@ -150,3 +150,47 @@ async fn on_loopback_datagrams_grow_far_past_ethernets_and_stay_large_under_stre
     let mtu = connection.stats().path.current_mtu;
     assert!(mtu > 16_000, "the path fell back to {mtu}-byte datagrams");
 }
+
+/// A UDP relay between one client and `server` that drops every datagram over `limit` bytes,
+/// as a path with a small MTU does (or a peer that says it takes more than it does).
+async fn small_mtu_relay(server: SocketAddr, limit: usize) -> SocketAddr {
+    let socket = Arc::new(tokio::net::UdpSocket::bind(LOOPBACK).await.unwrap());
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut client = None;
+        let mut buffer = vec![0u8; 65_536];
+        while let Ok((len, from)) = socket.recv_from(&mut buffer).await {
+            let to = if from == server {
+                match client {
+                    Some(client) => client,
+                    None => continue,
+                }
+            } else {
+                client = Some(from);
+                server
+            };
+            if len <= limit {
+                let _ = socket.send_to(&buffer[..len], to).await;
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_path_that_drops_large_datagrams_settles_below_them_and_keeps_working() {
+    const LIMIT: usize = 1500;
+    let (server, client) = (transport(None), transport(None));
+    let _accepted = serve_echo(Arc::clone(&server));
+    let relay = small_mtu_relay(server.local_addr().unwrap(), LIMIT).await;
+    let connection = client.connect(server.peer_id(), relay).await.unwrap();
+    let data = vec![7u8; 256 * 1024];
+    for _ in 0..20 {
+        assert_eq!(echo(&connection, &data).await.len(), data.len());
+    }
+    let mtu = usize::from(connection.stats().path.current_mtu);
+    assert!(
+        (1200..=LIMIT).contains(&mtu),
+        "datagrams of {mtu} bytes on a path that carries {LIMIT}"
+    );
+}
