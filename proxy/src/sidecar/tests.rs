@@ -582,3 +582,38 @@ async fn heads_at_the_limit_cross_both_ways_and_one_over_it_is_a_failure_not_a_c
     let again = forward(&connection, &head, Full::new(Bytes::new())).await;
     assert_eq!(again.unwrap().status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_request_the_ingress_gave_up_on_holds_no_connection_to_a_service_that_never_answers() {
+    use tokio::io::AsyncReadExt;
+    // A service that reads requests and never answers; it reports when a connection that
+    // carried a request is closed by the sidecar.
+    let listener = tokio::net::TcpListener::bind(LOOPBACK).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed, mut closes) = tokio::sync::mpsc::unbounded_channel::<()>();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let closed = closed.clone();
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 4096];
+                if stream.read(&mut buffer).await.unwrap_or(0) == 0 {
+                    return; // a liveness check
+                }
+                while stream.read(&mut buffer).await.unwrap_or(0) > 0 {}
+                let _ = closed.send(());
+            });
+        }
+    });
+    let (_sidecar, _client, connection) = sidecar_connection(addr).await;
+    // The ingress gives up after a moment: the attempt's streams are dropped.
+    let head = get();
+    let attempt = forward(&connection, &head, Full::new(Bytes::new()));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), attempt)
+            .await
+            .is_err()
+    );
+    tokio::time::timeout(DEADLINE, closes.recv())
+        .await
+        .expect("the sidecar still holds the abandoned request's connection to the service");
+}

@@ -14,7 +14,9 @@
 //!    buffer's memory, its trailers as a `TRAILERS` frame. QUIC flow control and the TCP
 //!    socket's buffers are the only buffering: a slow reader at either end slows the other;
 //! 4. the connection goes back to the pool if both directions ended cleanly and the response
-//!    allows it (keep-alive, a body whose end was known).
+//!    allows it (keep-alive, a body whose end was known). An exchange the ingress gives up on
+//!    (it stops reading the response) is dropped with its connection at once, however long
+//!    the service would have taken.
 //!
 //! A pooled connection the service closed just as a request was written (the keep-alive race)
 //! fails with nothing read back; such a request is written again on a new connection if
@@ -225,6 +227,10 @@ impl Upstream {
         answered: &impl Fn(),
     ) -> Result<bool, Failure> {
         let (mut read, mut write) = connection.split();
+        // Resolves when the ingress stops reading the response (it gave up on the request:
+        // its client left, another instance answered a hedge): the exchange is then
+        // abandoned, so a service that never answers holds no task and no connection here.
+        let mut abandoned = pin!(send.stopped());
         let mut upload = pin!(upload(&mut write, request, kind, body, progress));
         let mut download = pin!(download(
             &mut read,
@@ -250,8 +256,16 @@ impl Upstream {
                     Poll::Pending => {}
                 }
             }
-            let keep_alive = std::task::ready!(download.as_mut().poll(cx))?;
-            Poll::Ready(Ok(keep_alive && uploaded == Some(true)))
+            if let Poll::Ready(done) = download.as_mut().poll(cx) {
+                let keep_alive = done?;
+                return Poll::Ready(Ok(keep_alive && uploaded == Some(true)));
+            }
+            if abandoned.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(Failure::Quic(
+                    "the ingress stopped reading the response".into(),
+                )));
+            }
+            Poll::Pending
         })
         .await
     }
