@@ -80,10 +80,10 @@ pub enum ExchangeError {
     /// something that is not HTTP/1.1).
     #[error("{0}")]
     Service(String),
-    /// The exchange broke after the response head went to the ingress: the service or the
-    /// QUIC stream, mid-body. The stream must be reset, so that the ingress does not take a
-    /// truncated body for a whole one.
-    #[error("the response broke after its head: {0}")]
+    /// The exchange broke after the response head went to the ingress (the service or the
+    /// QUIC stream, mid-body), or the ingress stopped reading. The stream must be reset, so
+    /// that the ingress does not take a truncated body for a whole one.
+    #[error("the response broke after its head, or the ingress stopped reading it: {0}")]
     AfterHead(String),
 }
 
