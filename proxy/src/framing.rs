@@ -358,6 +358,12 @@ impl<'a> Fields<'a> {
         self.count == 0
     }
 
+    /// Bytes of the fields in the frame: their names and values plus 4 per field, which is
+    /// also what they take as HTTP/1.1 lines (`name: value\r\n`).
+    pub fn encoded_len(&self) -> usize {
+        self.bytes.len()
+    }
+
     pub fn iter(&self) -> FieldIter<'a> {
         FieldIter {
             rest: self.bytes,

@@ -63,12 +63,14 @@ fn eq(a: &[u8], b: &[u8]) -> bool {
     a.eq_ignore_ascii_case(b)
 }
 
+/// The fields that frame a message on its own hop; they never cross to the next one.
+fn framing_field(name: &[u8]) -> bool {
+    eq(name, b"transfer-encoding") || eq(name, b"connection") || eq(name, b"keep-alive")
+}
+
 /// The fields of a request this hop sets itself.
 fn hop_field(name: &[u8]) -> bool {
-    eq(name, b"transfer-encoding")
-        || eq(name, b"te")
-        || eq(name, b"connection")
-        || eq(name, b"keep-alive")
+    framing_field(name) || eq(name, b"te")
 }
 
 /// Parses a `Content-Length` value; repeated values (`5, 5`) must agree.
@@ -98,16 +100,7 @@ pub fn write_request_head(
     host: &[u8],
     out: &mut BytesMut,
 ) -> Result<RequestBody, Http1Error> {
-    out.reserve(
-        head.method.len()
-            + head.target.len()
-            + 64
-            + head
-                .fields
-                .iter()
-                .map(|(n, v)| n.len() + v.len() + 4)
-                .sum::<usize>(),
-    );
+    out.reserve(head.method.len() + head.target.len() + 64 + head.fields.encoded_len());
     out.put_slice(head.method);
     out.put_u8(b' ');
     out.put_slice(head.target);
@@ -237,9 +230,7 @@ pub fn parse_response_head(
         .headers
         .iter()
         .map(|field| (field.name.as_bytes(), field.value))
-        .filter(|(name, _)| {
-            !(eq(name, b"transfer-encoding") || eq(name, b"connection") || eq(name, b"keep-alive"))
-        });
+        .filter(|(name, _)| !framing_field(name));
     encode_response_fields(status, crossing, frame)?;
     Ok(Parsed::Response(ResponseStart {
         status,

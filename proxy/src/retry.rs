@@ -8,6 +8,15 @@
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
+/// Whether a request with this method may be sent twice (RFC 9110 section 9.2.2): the rule
+/// for the ingress's retries and hedges and for the sidecar's retry on a stale connection.
+pub fn idempotent(method: &[u8]) -> bool {
+    matches!(
+        method,
+        b"GET" | b"HEAD" | b"OPTIONS" | b"TRACE" | b"PUT" | b"DELETE"
+    )
+}
+
 /// Retries allowed per request, on average.
 pub const RATIO: f64 = 0.2;
 /// Tokens at start, so the first failures can be retried.

@@ -41,7 +41,7 @@ use std::{
 
 use bytes::Bytes;
 use control::overlay::Node;
-use http::{Method, Request, Response};
+use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, Either, Empty, combinators::BoxBody};
 use hyper::{body::Incoming, service::service_fn};
@@ -56,7 +56,7 @@ use crate::{
     forward::{AttemptError, ConnectError, forward},
     framing::RequestHead,
     metrics::{Activity, IngressMetrics, ServiceView, UNKNOWN_SERVICE},
-    retry::RetryBudget,
+    retry::{RetryBudget, idempotent},
     rewrite::{forward_request_headers, forward_response_headers, split_target},
     stream::FramedBody,
     transport::Transport,
@@ -110,14 +110,6 @@ pub struct Ingress {
     metrics: IngressMetrics,
     activity: Arc<Activity>,
     retries: RetryBudget,
-}
-
-/// Methods a request may be sent twice with (RFC 9110 section 9.2.2).
-fn idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
 }
 
 thread_local! {
@@ -330,7 +322,7 @@ impl Ingress {
         body: Incoming,
     ) -> Result<Response<ResponseBody>, RequestError> {
         let had_body = !body.is_end_stream();
-        let replayable = idempotent(&head.method) && !had_body;
+        let replayable = idempotent(head.method.as_str().as_bytes()) && !had_body;
         // The client's body, until an attempt takes it: a request can only go elsewhere
         // while what it carries is still here.
         let mut body = had_body.then_some(body);

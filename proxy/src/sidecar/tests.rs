@@ -41,25 +41,39 @@ fn closed_port() -> SocketAddr {
         .unwrap()
 }
 
-/// A service on `listener` that reads each request's whole body, then answers 200 with its
-/// length. Stops accepting (its port closes) when the returned task is aborted.
-fn draining_service(listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
+/// An HTTP/1.1 service on `listener` answering every request with `answer` (heads up to
+/// 1 MiB). Stops accepting (its port closes) when the returned task is aborted.
+fn http1_service<F, A>(listener: tokio::net::TcpListener, answer: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(Request<Incoming>) -> A + Clone + Send + Sync + 'static,
+    A: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
+        while let Ok((stream, _)) = listener.accept().await {
+            let answer = answer.clone();
             tokio::spawn(async move {
-                let service = service_fn(|request: Request<Incoming>| async move {
-                    let length = match request.into_body().collect().await {
-                        Ok(body) => body.to_bytes().len(),
-                        Err(_) => 0,
-                    };
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(length.to_string()))))
+                let service = service_fn(move |request| {
+                    let answered = answer(request);
+                    async move { Ok::<_, Infallible>(answered.await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .max_buf_size(1 << 20)
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             });
         }
+    })
+}
+
+/// A service on `listener` that reads each request's whole body, then answers 200 with its
+/// length. Stops accepting (its port closes) when the returned task is aborted.
+fn draining_service(listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
+    http1_service(listener, |request: Request<Incoming>| async move {
+        let length = match request.into_body().collect().await {
+            Ok(body) => body.to_bytes().len(),
+            Err(_) => 0,
+        };
+        Response::new(Full::new(Bytes::from(length.to_string())))
     })
 }
 
@@ -211,24 +225,14 @@ async fn a_request_body_broken_by_the_ingress_does_not_make_the_service_down() {
     let listener = tokio::net::TcpListener::bind(LOOPBACK).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (reached, mut first_chunk) = tokio::sync::mpsc::unbounded_channel::<()>();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let reached = reached.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |request: Request<Incoming>| {
-                    let reached = reached.clone();
-                    async move {
-                        let mut body = request.into_body();
-                        let _ = body.frame().await;
-                        let _ = reached.send(());
-                        while let Some(Ok(_)) = body.frame().await {}
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+    http1_service(listener, move |request: Request<Incoming>| {
+        let reached = reached.clone();
+        async move {
+            let mut body = request.into_body();
+            let _ = body.frame().await;
+            let _ = reached.send(());
+            while let Some(Ok(_)) = body.frame().await {}
+            Response::new(Full::new(Bytes::new()))
         }
     });
     let (sidecar, _client, connection) = sidecar_connection(addr).await;
@@ -539,26 +543,16 @@ async fn heads_at_the_limit_cross_both_ways_and_one_over_it_is_a_failure_not_a_c
     // bytes again in x-more when asked to go over the limit.
     let listener = tokio::net::TcpListener::bind(LOOPBACK).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let service = service_fn(|request: Request<Incoming>| async move {
-                    let big = request.headers().get("x-big").cloned();
-                    let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
-                    if let Some(big) = big {
-                        if request.uri().path() == "/over" {
-                            response.headers_mut().insert("x-more", big.clone());
-                        }
-                        response.headers_mut().insert("x-big", big);
-                    }
-                    Ok::<_, Infallible>(response)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .max_buf_size(1 << 20)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+    http1_service(listener, |request: Request<Incoming>| async move {
+        let big = request.headers().get("x-big").cloned();
+        let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
+        if let Some(big) = big {
+            if request.uri().path() == "/over" {
+                response.headers_mut().insert("x-more", big.clone());
+            }
+            response.headers_mut().insert("x-big", big);
         }
+        response
     });
     let (_sidecar, _client, connection) = sidecar_connection(addr).await;
     let big = "b".repeat(framing::MAX_HEAD_BYTES - 1024);

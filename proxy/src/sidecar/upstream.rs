@@ -52,6 +52,7 @@ use crate::{
         ChunkedDecoder, Http1Error, Parsed, Piece, RequestBody, ResponseBody, chunk_size_line,
         parse_response_head, write_request_head,
     },
+    retry::idempotent,
     stream::{FramedBody, StreamError},
 };
 
@@ -157,10 +158,7 @@ impl Upstream {
             write_request_head(head, &self.host, &mut request).map_err(ExchangeError::Request)?;
         let request = request.freeze();
         let after_head_request = head.method == b"HEAD";
-        let idempotent = matches!(
-            head.method,
-            b"GET" | b"HEAD" | b"OPTIONS" | b"TRACE" | b"PUT" | b"DELETE"
-        );
+        let idempotent = idempotent(head.method);
         let mut body = FramedBody::new(recv, rest);
         loop {
             let (mut connection, reused) = match self.checkout() {

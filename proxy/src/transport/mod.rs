@@ -105,27 +105,18 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
 
 /// Kernel buffer asked for each direction of the UDP socket; Linux caps it at
 /// `net.core.rmem_max` / `wmem_max`.
-const SOCKET_BUFFER_BYTES: libc::c_int = 4 << 20;
+const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
-/// Asks for socket buffers that hold bursts of large datagrams: with the default (208 KiB on
-/// Linux) a burst of 64 KiB datagrams overflows the receive queue, the losses look like a
-/// black hole to MTU discovery, and the path falls back to 1200-byte datagrams. Best effort:
-/// a kernel that refuses keeps its default.
+/// Asks for socket buffers that hold bursts of large datagrams: Linux's default (208 KiB)
+/// queues only a few 64 KiB ones. Best effort: a kernel that refuses keeps its default.
 fn size_socket_buffers(socket: &std::net::UdpSocket) {
-    use std::os::fd::AsRawFd;
-    for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-        // SAFETY: a valid socket descriptor and a c_int option value of the right size.
-        let failed = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&SOCKET_BUFFER_BYTES as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        } != 0;
-        if failed {
-            tracing::debug!(error = %std::io::Error::last_os_error(), option, "cannot size a UDP socket buffer");
+    let socket = socket2::SockRef::from(socket);
+    for (direction, sized) in [
+        ("receive", socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES)),
+        ("send", socket.set_send_buffer_size(SOCKET_BUFFER_BYTES)),
+    ] {
+        if let Err(error) = sized {
+            tracing::debug!(%error, direction, "cannot size a UDP socket buffer");
         }
     }
 }
