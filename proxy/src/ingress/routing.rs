@@ -35,8 +35,11 @@
 //!    attempt's age (the chooser's unanswered-exchange bound) and gets the instance probed at
 //!    once; the driver then sends an idempotent request a second time elsewhere (a hedge,
 //!    within the retry budget) and takes the first answer. An instance that has not answered
-//!    anything for [`DEAD_AFTER`] is declared dead: ejected, and its connection closed so
-//!    that requests on it fail at once rather than after the QUIC idle timeout.
+//!    anything it was asked (a probe, which its sidecar answers without its service, or an
+//!    overdue request) for [`DEAD_FACTOR`] times the service's hard limit, at least
+//!    [`DEAD_FLOOR`], is declared dead: ejected, and its connection closed so that requests
+//!    on it fail at once rather than after the QUIC idle timeout. A live instance answers a
+//!    probe within its network RTT, and one over the hard limit is of no use anyway.
 //! 4. **Probes cost nothing where traffic measures.** An instance is probed only when nothing
 //!    answered from it for [`PROBE_INTERVAL`] and no request to it is under way (unless one
 //!    is overdue), while the service is in use ([`QUIET`]). An
@@ -62,7 +65,7 @@ use control::rtt::{RttWindow, WindowShape};
 
 use super::allocation::{AllocationError, AllocationState, Begin, Reason};
 use crate::{
-    config::perf::{Limits, Policy},
+    config::perf::{DEFAULT_LIMITS, Limits, Policy},
     framing::Health,
     select::{Chooser, InstanceView},
 };
@@ -73,8 +76,11 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 pub const PROBE_IDLE_MAX: Duration = Duration::from_secs(4);
 /// A probe not answered within this failed.
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
-/// An instance that answered nothing (probe or request) for this long while asked is dead.
-pub const DEAD_AFTER: Duration = Duration::from_millis(600);
+/// An instance that answered nothing (probe or request) while asked for this many times the
+/// service's hard limit is dead...
+pub const DEAD_FACTOR: u32 = 2;
+/// ...but never sooner than this (a busy machine may delay a live sidecar's answer).
+pub const DEAD_FLOOR: Duration = Duration::from_millis(200);
 /// A service that served no request for this long is quiet: its instances are not probed,
 /// and are verified again before its next request.
 pub const QUIET: Duration = Duration::from_secs(30);
@@ -282,6 +288,14 @@ pub struct ServiceCore<K> {
     last_used: Option<Instant>,
     waiting: usize,
     max_waiting: usize,
+    /// How long an instance may answer nothing while asked before it is dead (from the
+    /// service's limits at the last choice).
+    dead_after: Duration,
+}
+
+/// How long an instance of a service with `limits` may answer nothing while asked.
+pub fn dead_after(limits: Limits) -> Duration {
+    (limits.hard_rtt * DEAD_FACTOR).max(DEAD_FLOOR)
 }
 
 impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
@@ -296,6 +310,7 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
             last_used: None,
             waiting: 0,
             max_waiting,
+            dead_after: dead_after(DEFAULT_LIMITS),
         }
     }
 
@@ -327,6 +342,7 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
             .last_used
             .is_none_or(|at| now.saturating_duration_since(at) >= QUIET);
         self.last_used = Some(now);
+        self.dead_after = dead_after(limits);
         if quiet {
             self.wake_from_quiet(now, actions);
         }
@@ -626,13 +642,13 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         }
     }
 
-    /// Declares `key` dead if it answered nothing for [`DEAD_AFTER`]: ejected, and its
+    /// Declares `key` dead if it answered nothing for `dead_after`: ejected, and its
     /// connection closed so that requests on it fail now rather than at the idle timeout.
     fn declare_dead_if_silent(&mut self, key: &K, now: Instant, actions: &mut Vec<Action<K>>) {
         let Some(instance) = self.instances.get(key) else {
             return;
         };
-        if instance.silent_for(now) >= DEAD_AFTER && !self.chooser.is_ejected(key, now) {
+        if instance.silent_for(now) >= self.dead_after && !self.chooser.is_ejected(key, now) {
             for _ in 0..crate::select::EJECT_AFTER {
                 self.chooser.outcome(key, false, now);
             }
@@ -674,7 +690,7 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         let silent: Vec<K> = self
             .instances
             .iter()
-            .filter(|(_, i)| i.silent_for(now) >= DEAD_AFTER)
+            .filter(|(_, i)| i.silent_for(now) >= self.dead_after)
             .map(|(k, _)| k.clone())
             .collect();
         for key in silent {

@@ -758,7 +758,46 @@ fn hedges_stop_when_the_retry_budget_is_spent() {
     // are hedged, not all; the rest fail when it is declared dead, well before the idle timeout.
     let tries: u32 = sim.requests.iter().map(|r| r.tries).sum();
     assert!(tries <= 150 + 150 / 5 + 1, "{tries} tries for 150 requests");
-    assert!(stats.slowest < DEAD_AFTER + PROBE_TIMEOUT, "{stats:?}");
+    assert!(
+        stats.slowest < dead_after(DEFAULT_LIMITS) + PROBE_TIMEOUT,
+        "{stats:?}"
+    );
+}
+
+#[test]
+fn a_frozen_instance_is_declared_dead_after_twice_the_hard_limit() {
+    for hard_ms in [100, 400] {
+        let start = Instant::now();
+        let mut sim = Sim::new(&[]);
+        sim.limits = Limits {
+            soft_rtt: 20 * MS,
+            hard_rtt: hard_ms * MS,
+        };
+        let mut a = Behaviour::new(1, 1);
+        a.frozen.push((start + SECOND, start + 20 * SECOND));
+        sim.world = [("a", a), ("b", Behaviour::new(1, 1))]
+            .into_iter()
+            .collect();
+        // Not idempotent: the requests on the frozen instance wait until it is declared dead.
+        sim.load(Duration::ZERO, 3 * SECOND, 50, false);
+        sim.run_until(5 * SECOND);
+        let failed_after: Vec<Duration> = sim
+            .requests
+            .iter()
+            .filter_map(|r| match r.done {
+                Some((done, Err(_))) => Some(done - r.arrived?),
+                _ => None,
+            })
+            .collect();
+        let longest = failed_after.iter().max().copied().unwrap_or_default();
+        // Twice the hard limit (the 200 ms floor is not reached here); declared at the first
+        // tick past it.
+        let dead = 2 * hard_ms * MS;
+        assert!(
+            longest >= dead && longest <= dead + 60 * MS,
+            "hard limit {hard_ms} ms, dead after {dead:?}: requests failed after {failed_after:?}"
+        );
+    }
 }
 
 #[test]
