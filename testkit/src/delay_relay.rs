@@ -20,17 +20,25 @@ use std::{
 };
 
 /// How often blocked threads look whether the relay was dropped.
-const POLL: Duration = Duration::from_millis(100);
+pub(crate) const POLL: Duration = Duration::from_millis(100);
 
 /// The delay each datagram gets, one way: `one_way` plus a uniform random part below
 /// `jitter`.
-struct Shape {
+pub(crate) struct Shape {
     one_way_micros: AtomicU64,
     jitter_micros: AtomicU64,
-    stopped: AtomicBool,
+    pub(crate) stopped: AtomicBool,
 }
 
 impl Shape {
+    pub(crate) fn new(one_way: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            one_way_micros: AtomicU64::new(one_way.as_micros() as u64),
+            jitter_micros: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
+        })
+    }
+
     fn delay(&self, random: &mut u64) -> Duration {
         let jitter = self.jitter_micros.load(Ordering::Relaxed);
         // xorshift64: uniform enough for jitter, and no dependency.
@@ -42,25 +50,39 @@ impl Shape {
     }
 }
 
-/// A datagram on its way: when it is due, where from and where to.
-struct InFlight {
-    due: Instant,
-    datagram: Vec<u8>,
-    from: Arc<UdpSocket>,
-    to: SocketAddr,
+/// Where a delayed datagram leaves: a UDP socket towards an address, or a TUN device.
+pub(crate) trait Egress: Clone + Send + 'static {
+    fn send(&self, datagram: &[u8]);
 }
 
-/// One direction of the link: datagrams leave in the order they came, each once its delay has
+/// A UDP socket and the address its datagrams go to.
+#[derive(Clone)]
+struct UdpTo(Arc<UdpSocket>, SocketAddr);
+
+impl Egress for UdpTo {
+    fn send(&self, datagram: &[u8]) {
+        let _ = self.0.send_to(datagram, self.1);
+    }
+}
+
+/// A datagram on its way: when it is due and where it leaves.
+struct InFlight<E> {
+    due: Instant,
+    datagram: Vec<u8>,
+    out: E,
+}
+
+/// One direction of a link: datagrams leave in the order they came, each once its delay has
 /// passed (a late one holds back the ones behind it, as on a single path).
-struct DelayLine {
-    queue: Sender<InFlight>,
+pub(crate) struct DelayLine<E> {
+    queue: Sender<InFlight<E>>,
     shape: Arc<Shape>,
     random: u64,
     last_due: Instant,
 }
 
-impl DelayLine {
-    fn start(shape: Arc<Shape>, seed: u64) -> Self {
+impl<E: Egress> DelayLine<E> {
+    pub(crate) fn start(shape: Arc<Shape>, seed: u64) -> Self {
         let (queue, due) = channel();
         thread::spawn(move || deliver(due));
         Self {
@@ -71,25 +93,24 @@ impl DelayLine {
         }
     }
 
-    fn push(&mut self, arrived: Instant, datagram: Vec<u8>, from: &Arc<UdpSocket>, to: SocketAddr) {
+    pub(crate) fn push(&mut self, arrived: Instant, datagram: Vec<u8>, out: &E) {
         let due = (arrived + self.shape.delay(&mut self.random)).max(self.last_due);
         self.last_due = due;
         let _ = self.queue.send(InFlight {
             due,
             datagram,
-            from: Arc::clone(from),
-            to,
+            out: out.clone(),
         });
     }
 }
 
 /// Sends each datagram when it is due; ends when the line's sender is gone.
-fn deliver(due: Receiver<InFlight>) {
+fn deliver<E: Egress>(due: Receiver<InFlight<E>>) {
     while let Ok(datagram) = due.recv() {
         if let Some(wait) = datagram.due.checked_duration_since(Instant::now()) {
             thread::sleep(wait);
         }
-        let _ = datagram.from.send_to(&datagram.datagram, datagram.to);
+        datagram.out.send(&datagram.datagram);
     }
 }
 
@@ -106,11 +127,7 @@ impl UdpDelayRelay {
         let front = Arc::new(UdpSocket::bind((target.ip(), 0))?);
         front.set_read_timeout(Some(POLL))?;
         let addr = front.local_addr()?;
-        let shape = Arc::new(Shape {
-            one_way_micros: AtomicU64::new(one_way.as_micros() as u64),
-            jitter_micros: AtomicU64::new(0),
-            stopped: AtomicBool::new(false),
-        });
+        let shape = Shape::new(one_way);
         let relay_shape = Arc::clone(&shape);
         thread::spawn(move || relay(front, target, relay_shape));
         Ok(Self { addr, shape })
@@ -166,7 +183,7 @@ fn relay(front: Arc<UdpSocket>, target: SocketAddr, shape: Arc<Shape>) {
                 upstream
             }
         };
-        to_target.push(arrived, buffer[..n].to_vec(), &upstream, target);
+        to_target.push(arrived, buffer[..n].to_vec(), &UdpTo(upstream, target));
     }
 }
 
@@ -184,10 +201,11 @@ fn open_upstream(
     thread::spawn(move || {
         let seed = u64::from(client.port()) << 32 | 0x2545_F491;
         let mut to_client = DelayLine::start(Arc::clone(&shape), seed);
+        let back = UdpTo(front, client);
         let mut buffer = vec![0u8; 65536];
         while !shape.stopped.load(Ordering::Relaxed) {
             match reading.recv_from(&mut buffer) {
-                Ok((n, _)) => to_client.push(Instant::now(), buffer[..n].to_vec(), &front, client),
+                Ok((n, _)) => to_client.push(Instant::now(), buffer[..n].to_vec(), &back),
                 Err(e)
                     if matches!(
                         e.kind(),

@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests of every crate (and the benchmarks): overlay nodes
 //! on loopback with short timers, child processes whose output can be waited on, a minimal
-//! HTTP GET, waiting on conditions with a deadline (never a bare sleep), and a UDP delay relay
-//! that emulates a long link.
+//! HTTP GET, waiting on conditions with a deadline (never a bare sleep), a UDP delay relay
+//! that emulates a long link, and a far host: a network namespace behind a delayed link.
 
 use std::{
     future::Future,
@@ -19,7 +19,9 @@ use tokio::{
 };
 
 mod delay_relay;
+mod far_host;
 pub use delay_relay::UdpDelayRelay;
+pub use far_host::FarHost;
 
 /// Timers short enough for tests: pings every 200 ms, provider records living 3 s.
 pub fn fast_timing() -> Timing {
