@@ -30,8 +30,8 @@ const FIND_ALLOCATORS: Duration = Duration::from_secs(3);
 pub enum Reason {
     /// The service has no usable instance.
     NoInstance,
-    /// The best instance is over the soft limit at this RTT: only an allocator nearer than
-    /// that helps.
+    /// The best instance is over the soft limit: only an allocator nearer than this helps
+    /// ([`super::routing::nearer_than`]).
     Nearer(Duration),
 }
 

@@ -49,7 +49,8 @@
 //!    a second.
 //! 5. **Allocation.** With no usable instance, one allocation is asked for (and requests wait
 //!    for it, at most `max_waiting` of them); when the best instance is over the soft limit,
-//!    a nearer one (its network RTT must be beaten). After an allocation fails the next of the
+//!    a nearer one: from an allocator within the soft limit or at most half as far as the best
+//!    instance ([`nearer_than`]), never one about as far. After an allocation fails the next of the
 //!    same kind waits a cool-down, and after a nearer one succeeded the next nearer one
 //!    ([`AllocationState`]); waiting requests look again at every tick.
 
@@ -293,6 +294,13 @@ pub struct ServiceCore<K> {
     dead_after: Duration,
 }
 
+/// The RTT an allocator must be under for an instance it starts to count as nearer than one
+/// at `rtt`: within the soft limit, or at most half as far. An allocator about as far as the
+/// instance (on the same machine, say) would only start a second instance just as far.
+pub fn nearer_than(rtt: Duration, limits: Limits) -> Duration {
+    limits.soft_rtt.max(rtt / 2)
+}
+
 /// How long an instance of a service with `limits` may answer nothing while asked.
 pub fn dead_after(limits: Limits) -> Duration {
     (limits.hard_rtt * DEAD_FACTOR).max(DEAD_FLOOR)
@@ -352,7 +360,7 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
             if decision.want_nearer
                 && let Some(rtt) = decision.pick_rtt
             {
-                self.allocate(Reason::Nearer(rtt), now, actions);
+                self.allocate(Reason::Nearer(nearer_than(rtt, limits)), now, actions);
             }
             let instance = self
                 .instances

@@ -123,8 +123,9 @@ struct Sim {
     allocations: Vec<Key>,
     allocatable: Vec<(Key, Behaviour)>,
     allocator_refuses: bool,
-    /// Allocations asked for.
+    /// Allocations asked for, and why.
     asked: usize,
+    reasons: Vec<Reason>,
     budget: RetryBudget,
     events: BinaryHeap<Reverse<(Instant, u64, usize)>>,
     payloads: HashMap<u64, Event>,
@@ -155,6 +156,7 @@ impl Sim {
             allocatable: Vec::new(),
             allocator_refuses: false,
             asked: 0,
+            reasons: Vec::new(),
             budget: RetryBudget::default(),
             events: BinaryHeap::new(),
             payloads: HashMap::new(),
@@ -439,6 +441,7 @@ impl Sim {
                 Action::Discover => self.at(now + DISCOVERY_TIME, Event::Discovered),
                 Action::Allocate(reason) => {
                     self.asked += 1;
+                    self.reasons.push(reason);
                     self.at(now + START_TIME, Event::AllocationDone(reason));
                 }
                 Action::Wake => {
@@ -762,6 +765,22 @@ fn hedges_stop_when_the_retry_budget_is_spent() {
         stats.slowest < dead_after(DEFAULT_LIMITS) + PROBE_TIMEOUT,
         "{stats:?}"
     );
+}
+
+#[test]
+fn a_nearer_instance_is_asked_of_allocators_within_the_soft_limit_or_half_as_far() {
+    for (rtt_ms, nearer_than_ms) in [(30, 20), (80, 40)] {
+        let mut sim = Sim::new(&[("far", Behaviour::new(rtt_ms, 1))]);
+        sim.load(Duration::ZERO, SECOND, 20, true);
+        sim.run_until(2 * SECOND);
+        // The instance's RTT as measured: a little over its nominal one.
+        let wanted = nearer_than_ms * MS..(nearer_than_ms + 1) * MS;
+        assert!(
+            matches!(sim.reasons.first(), Some(Reason::Nearer(d)) if wanted.contains(d)),
+            "an instance {rtt_ms} ms away: {:?}",
+            sim.reasons
+        );
+    }
 }
 
 #[test]
