@@ -4,7 +4,9 @@
 //! hello-world service, an allocator culling idle instances after a second, and for every run
 //! a fresh ingress proxy; then as many runs through one ingress kept across them, for which
 //! each culled instance is still listed on the overlay (its proxy said goodbye as it stopped:
-//! the ingress passes over it at once). A run waits until the allocator reports no instance
+//! the ingress passes over it at once), and one more through it after `--quiet` (150 s) with
+//! no request at all, by when its instances' provider records have expired: the ingress
+//! should list none of them and go straight to an allocation. A run waits until the allocator reports no instance
 //! of the service, starts the ingress (or not), then times `GET /<service>/` to the first byte
 //! of a 200 "Hello, world".
 //!
@@ -88,6 +90,12 @@ pub struct Args {
     /// fails.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// After the runs through the kept ingress, one more through it after this long with no
+    /// request at all (0: none): every instance it knew is long culled and its provider record
+    /// (120 s) expired. Meanwhile its /metrics are read every second, to see when the culled
+    /// instances leave them.
+    #[arg(long, default_value = "150s", value_parser = humantime::parse_duration)]
+    quiet: Duration,
     /// The hello-world image archive; by default `sidecar-image/build.sh target/bench-image`
     /// builds it (minutes the first time: static musl binaries).
     #[arg(long)]
@@ -100,6 +108,7 @@ impl Default for Args {
             runs: 10,
             runtimes: vec![Runtime::Process, Runtime::Docker],
             timeout: Duration::from_secs(30),
+            quiet: Duration::from_secs(150),
             image_tar: None,
         }
     }
@@ -118,6 +127,7 @@ impl Args {
             runs: 2,
             runtimes,
             timeout: Duration::from_secs(30),
+            quiet: Duration::ZERO,
             image_tar,
         }
     }
@@ -136,6 +146,16 @@ struct Steps {
     allocator_metric: Option<Duration>,
 }
 
+/// The cold start through the kept ingress after a quiet spell.
+struct AfterQuiet {
+    quiet: Duration,
+    /// Instances of the service the ingress listed on /metrics as the quiet spell began.
+    listed: usize,
+    /// When into the quiet spell it listed none any more, if it did.
+    emptied: Option<Duration>,
+    run: Run,
+}
+
 /// One cold start: its request-to-first-byte time, or why it failed.
 struct Run {
     outcome: Result<Duration, String>,
@@ -151,7 +171,9 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
          service, an allocator culling idle instances after a second, and for every run a \
          fresh ingress proxy; then as many runs through one ingress kept across them (each \
          culled instance is still listed on the overlay when the next request comes: the \
-         ingress must pass over it). A run waits until the allocator reports no instance of the \
+         ingress must pass over it), and one more through it after a quiet spell with no \
+         request at all, by when the culled instances' provider records have expired. A run \
+         waits until the allocator reports no instance of the \
          service, then times `GET /<service>/` to the first byte of a 200 \"Hello, world\". \
          Where the time goes comes from the programs' logs as the benchmark reads them \
          (allocator \"start requested\", ingress \"instance started\" and \"instance found\") \
@@ -166,8 +188,8 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
             );
             continue;
         }
-        let (runs, kept) = measure(runtime, &args).await?;
-        report(out, runtime, &runs, &kept);
+        let (runs, kept, after_quiet) = measure(runtime, &args).await?;
+        report(out, runtime, &runs, &kept, after_quiet.as_ref());
     }
     Ok(())
 }
@@ -184,7 +206,10 @@ async fn docker_available() -> bool {
 
 /// Sets up one runtime and runs the first cold start and then `args.runs` more, each through
 /// a fresh ingress; then `args.runs` through one ingress kept across them.
-async fn measure(runtime: Runtime, args: &Args) -> anyhow::Result<(Vec<Run>, Vec<Run>)> {
+async fn measure(
+    runtime: Runtime,
+    args: &Args,
+) -> anyhow::Result<(Vec<Run>, Vec<Run>, Option<AfterQuiet>)> {
     let service = runtime.service();
     let lookup = Lookup::start().await?;
     let proxy = sibling_binary("proxy")?;
@@ -241,6 +266,7 @@ async fn measure(runtime: Runtime, args: &Args) -> anyhow::Result<(Vec<Run>, Vec
         Extra {
             env: &[("RUST_LOG", "info")],
             stderr: Some(allocator_logs),
+            ..Extra::default()
         },
     )
     .await?;
@@ -262,6 +288,36 @@ async fn measure(runtime: Runtime, args: &Args) -> anyhow::Result<(Vec<Run>, Vec
     let kept_runs = runs
         .measure("kept-ingress ", args.runs, Some(&mut kept))
         .await;
+    let after_quiet = if args.quiet.is_zero() {
+        None
+    } else {
+        eprintln!(
+            "{}: {} of quiet",
+            runtime.name(),
+            humantime::format_duration(args.quiet)
+        );
+        // Not a synchronisation: the quiet spell is what is measured, and the list read
+        // during it.
+        let began = Instant::now();
+        let (mut listed, mut emptied) = (None, None);
+        while began.elapsed() < args.quiet {
+            let now = listed_instances(&client, kept.0.metrics, service)
+                .await
+                .unwrap_or(usize::MAX);
+            listed.get_or_insert(now);
+            if now == 0 && emptied.is_none() {
+                emptied = Some(began.elapsed());
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let mut run = runs.measure("after-quiet ", 1, Some(&mut kept)).await;
+        Some(AfterQuiet {
+            quiet: args.quiet,
+            listed: listed.unwrap_or_default(),
+            emptied,
+            run: run.remove(0),
+        })
+    };
     let (kept, _) = kept;
     kept.process.terminate(Duration::from_secs(5)).await;
     // The last instance goes as the others did, so that nothing outlives the allocator.
@@ -269,7 +325,21 @@ async fn measure(runtime: Runtime, args: &Args) -> anyhow::Result<(Vec<Run>, Vec
         eprintln!("the last {} instance was not culled: {why}", runtime.name());
     }
     allocator.terminate(Duration::from_secs(15)).await;
-    Ok((fresh, kept_runs))
+    Ok((fresh, kept_runs, after_quiet))
+}
+
+/// How many instances of `service` an ingress lists on /metrics.
+async fn listed_instances(
+    client: &GetClient,
+    metrics: SocketAddr,
+    service: &str,
+) -> Result<usize, String> {
+    let text = scrape(client, metrics).await?;
+    let label = format!("service=\"{service}\"");
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("proxy_instance_in_flight{") && l.contains(&label))
+        .count())
 }
 
 /// What every cold start of one runtime needs.
@@ -335,6 +405,7 @@ async fn logged_ingress(
     let extra = Extra {
         env: &[("RUST_LOG", INGRESS_LOG)],
         stderr: Some(logs),
+        ..Extra::default()
     };
     Ok((start_proxy_with(bootstrap, &[], &[], extra).await?, log))
 }
@@ -522,7 +593,13 @@ fn cells(samples: &mut [Duration]) -> Vec<String> {
         .collect()
 }
 
-fn report(out: &mut Report, runtime: Runtime, runs: &[Run], kept: &[Run]) {
+fn report(
+    out: &mut Report,
+    runtime: Runtime,
+    runs: &[Run],
+    kept: &[Run],
+    after_quiet: Option<&AfterQuiet>,
+) {
     let (first, rest) = runs.split_first().expect("at least the first run");
     let (name, loaded) = match runtime {
         Runtime::Process => ("process", "artifact fetched"),
@@ -548,16 +625,40 @@ fn report(out: &mut Report, runtime: Runtime, runs: &[Run], kept: &[Run]) {
         kept.len(),
         kept.len() - kept_samples.len()
     );
-    print_table(
-        out,
-        "request to first byte",
-        &PERCENTILES,
-        &[
-            (&first_name, cells(&mut first_sample)),
-            (&rest_name, cells(&mut samples)),
-            (&kept_name, cells(&mut kept_samples)),
-        ],
-    );
+    let mut rows = vec![
+        (first_name, cells(&mut first_sample)),
+        (rest_name, cells(&mut samples)),
+        (kept_name, cells(&mut kept_samples)),
+    ];
+    if let Some(after) = after_quiet {
+        let mut sample: Vec<Duration> = after.run.outcome.iter().copied().collect();
+        rows.push((
+            format!(
+                "1 through the kept ingress after {} of quiet ({} failed)",
+                humantime::format_duration(after.quiet),
+                usize::from(after.run.outcome.is_err())
+            ),
+            cells(&mut sample),
+        ));
+    }
+    let rows: Vec<(&str, Vec<String>)> = rows
+        .iter()
+        .map(|(name, cells)| (name.as_str(), cells.clone()))
+        .collect();
+    print_table(out, "request to first byte", &PERCENTILES, &rows);
+    if let Some(after) = after_quiet {
+        let emptied = after.emptied.map_or_else(
+            || "still listed some at its end".to_owned(),
+            |at| format!("listed none from {:.0} s into it on", at.as_secs_f64()),
+        );
+        outln!(
+            out,
+            "The kept ingress listed {} instances of the service on /metrics as the quiet spell \
+             began (each culled about a second after its request; provider records live \
+             120 s), and {emptied}.\n",
+            after.listed
+        );
+    }
 
     // Where the time goes, over the runs after the first.
     let between = |from: fn(&Steps) -> Option<Duration>, to: fn(&Steps) -> Option<Duration>| {
@@ -641,6 +742,17 @@ fn report(out: &mut Report, runtime: Runtime, runs: &[Run], kept: &[Run]) {
                 steps(r)
             ),
             Err(why) => outln!(out, "- kept-ingress run {i}: failed: {why}"),
+        }
+    }
+    if let Some(after) = after_quiet {
+        match &after.run.outcome {
+            Ok(took) => outln!(
+                out,
+                "- after the quiet spell: first byte {}: {}",
+                ms(*took),
+                steps(&after.run)
+            ),
+            Err(why) => outln!(out, "- after the quiet spell: failed: {why}"),
         }
     }
     outln!(out);

@@ -23,7 +23,7 @@ use tokio::{
     task::JoinSet,
 };
 
-use crate::body::drain;
+use crate::{body::drain, serve::SERVED_BY};
 
 /// Every request (and a waiting one's wait for a slot) gets this long, then it is an error.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -44,13 +44,18 @@ where
     Client::builder(TokioExecutor::new()).build(connector)
 }
 
-/// One GET, answered 200 and read to the end.
-async fn get(client: &GetClient, uri: Uri) -> anyhow::Result<()> {
+/// One GET, answered 200 and read to the end; the answer's `x-served-by`, if any.
+pub async fn get(client: &GetClient, uri: Uri) -> anyhow::Result<Option<String>> {
     let response = client.get(uri).await?;
     let status = response.status();
+    let served_by = response
+        .headers()
+        .get(SERVED_BY)
+        .and_then(|tag| tag.to_str().ok())
+        .map(str::to_owned);
     drain(response.into_body()).await?;
     anyhow::ensure!(status == StatusCode::OK, "answered {status}");
-    Ok(())
+    Ok(served_by)
 }
 
 /// What an open-loop run measured.
@@ -61,6 +66,9 @@ pub struct OpenLoop {
     pub errors: u64,
     /// The first error, to say what went wrong.
     pub first_error: Option<String>,
+    /// For each answer that said which instance it came from (`bench serve --tag`): when it
+    /// was due to be sent, from the start of the run, and the instance's tag.
+    pub served_by: Vec<(Duration, String)>,
 }
 
 /// GETs `uri` `rate` times a second for `duration`. Requests are released by a pacer thread
@@ -78,8 +86,8 @@ pub async fn open_loop(
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let runtime = tokio::runtime::Handle::current();
     let client = client.clone();
+    let start = Instant::now();
     let pacer = tokio::task::spawn_blocking(move || {
-        let start = Instant::now();
         for i in 0..sent {
             let intended = start + Duration::from_secs_f64(i as f64 * interval);
             if let Some(wait) = intended.checked_duration_since(Instant::now()) {
@@ -99,16 +107,21 @@ pub async fn open_loop(
                 .await
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {TIMEOUT:?}")));
                 // The receiver outlives every request.
-                let _ = done.send(answered.map(|()| intended.elapsed()));
+                let _ = done.send(answered.map(|tag| (intended, intended.elapsed(), tag)));
             });
         }
     });
     let mut latency = Histogram::new_with_bounds(1, 60_000_000, 3)?;
-    let (mut errors, mut first_error) = (0, None);
+    let (mut errors, mut first_error, mut served_by) = (0, None, Vec::new());
     // Ends when the pacer and every request (each holding a sender) are done.
     while let Some(answered) = results.recv().await {
         match answered {
-            Ok(took) => latency.saturating_record(took.as_micros() as u64),
+            Ok((intended, took, tag)) => {
+                latency.saturating_record(took.as_micros() as u64);
+                if let Some(tag) = tag {
+                    served_by.push((intended - start, tag));
+                }
+            }
             Err(e) => {
                 errors += 1;
                 first_error.get_or_insert_with(|| format!("{e:#}"));
@@ -121,6 +134,7 @@ pub async fn open_loop(
         sent,
         errors,
         first_error,
+        served_by,
     })
 }
 
@@ -153,7 +167,7 @@ pub async fn closed_loop(
             let (mut answered, mut errors) = (0u64, 0u64);
             while start.elapsed() < duration {
                 match tokio::time::timeout(TIMEOUT, get(&client, uri.clone())).await {
-                    Ok(Ok(())) => answered += 1,
+                    Ok(Ok(_)) => answered += 1,
                     _ => errors += 1,
                 }
             }

@@ -2,7 +2,7 @@
 //! from /proc.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Stdio,
     time::{Duration, Instant},
@@ -10,6 +10,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use control::overlay::BootstrapAddr;
+use testkit::FarHost;
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
@@ -88,6 +89,49 @@ pub struct Extra<'a> {
     pub env: &'a [(&'a str, &'a str)],
     /// Where its standard error goes, line by line as read; discarded without.
     pub stderr: Option<mpsc::UnboundedSender<LogLine>>,
+    /// The machine it runs on and the address it listens on there.
+    pub host: Host<'a>,
+}
+
+/// Where a program runs: this machine, on loopback or on another of its addresses, or a
+/// [`FarHost`] behind a delayed link.
+#[derive(Clone, Copy, Default)]
+pub enum Host<'a> {
+    #[default]
+    Loopback,
+    Here(Ipv4Addr),
+    Far(&'a FarHost),
+}
+
+impl Host<'_> {
+    /// The address its daemons listen on.
+    pub fn ip(self) -> IpAddr {
+        match self {
+            Self::Loopback => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            Self::Here(ip) => IpAddr::V4(ip),
+            Self::Far(far) => IpAddr::V4(far.far),
+        }
+    }
+
+    fn command(self, program: &Path) -> Command {
+        match self {
+            Self::Loopback | Self::Here(_) => Command::new(program),
+            Self::Far(far) => far.command(program),
+        }
+    }
+}
+
+/// Where a program's standard error goes when nobody reads it: a file of its own under
+/// `$MTC_BENCH_LOGS` if that is set (to see what went wrong in a run), else nowhere.
+fn log_file(program: &Path) -> Stdio {
+    static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let Some(dir) = std::env::var_os("MTC_BENCH_LOGS") else {
+        return Stdio::null();
+    };
+    let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = program.file_name().unwrap_or_default().to_string_lossy();
+    std::fs::File::create(Path::new(&dir).join(format!("{n:03}-{name}.log")))
+        .map_or_else(|_| Stdio::null(), Stdio::from)
 }
 
 /// Starts `program` with `args` (no overlay settings inherited from the environment) and
@@ -108,7 +152,9 @@ pub async fn spawn_reading_with<T>(
     extra: Extra<'_>,
     mut wanted: impl FnMut(&str) -> Option<T>,
 ) -> anyhow::Result<(Process, T)> {
-    let mut child = Command::new(program)
+    let mut child = extra
+        .host
+        .command(program)
         .args(args)
         .env_remove("P2P_BOOTSTRAPS")
         .env_remove("P2P_PSK")
@@ -117,7 +163,7 @@ pub async fn spawn_reading_with<T>(
         .stderr(if extra.stderr.is_some() {
             Stdio::piped()
         } else {
-            Stdio::null()
+            log_file(program)
         })
         .kill_on_drop(true)
         .spawn()
@@ -164,16 +210,7 @@ impl Daemon {
     }
 }
 
-/// Flags every benchmarked daemon gets: a throw-away identity and free loopback ports.
-const LOOPBACK: [&str; 5] = [
-    "--ephemeral",
-    "--p2p-listen-addr",
-    "127.0.0.1:0",
-    "--prom-listen-addr",
-    "127.0.0.1:0",
-];
-
-/// Starts binary `name` on loopback with `args` and waits for the overlay and metrics
+/// Starts binary `name` on loopback (or `extra.host`) with `args` and waits for the overlay and metrics
 /// addresses it prints.
 pub async fn start_daemon(name: &str, args: &[&str]) -> anyhow::Result<Daemon> {
     start_daemon_with(name, args, None, Extra::default()).await
@@ -182,12 +219,26 @@ pub async fn start_daemon(name: &str, args: &[&str]) -> anyhow::Result<Daemon> {
 /// A bootstrap `ping-monitor` and an `hl-service` (embedded store under `data`) joined to it:
 /// the control side every whole-system scenario starts from. Returns (monitor, hl-service).
 pub async fn start_monitor_and_lookup(data: &std::path::Path) -> anyhow::Result<(Daemon, Daemon)> {
-    let monitor = start_daemon("ping-monitor", &[]).await?;
+    start_monitor_and_lookup_on(data, Host::Loopback).await
+}
+
+/// [`start_monitor_and_lookup`], listening on `host`'s address.
+pub async fn start_monitor_and_lookup_on(
+    data: &std::path::Path,
+    host: Host<'_>,
+) -> anyhow::Result<(Daemon, Daemon)> {
+    let on = |host| Extra {
+        host,
+        ..Extra::default()
+    };
+    let monitor = start_daemon_with("ping-monitor", &[], None, on(host)).await?;
     let bootstrap = monitor.bootstrap.to_string();
     let data = data.to_str().context("the data directory is not UTF-8")?;
-    let lookup = start_daemon(
+    let lookup = start_daemon_with(
         "hl-service",
         &["--bootstrap", &bootstrap, "--data-dir", data],
+        None,
+        on(host),
     )
     .await?;
     Ok((monitor, lookup))
@@ -201,7 +252,16 @@ pub async fn start_daemon_with(
     ready: Option<&str>,
     extra: Extra<'_>,
 ) -> anyhow::Result<Daemon> {
-    let all: Vec<&str> = LOOPBACK.iter().chain(args).copied().collect();
+    // A throw-away identity and free ports on the host's address.
+    let listen = format!("{}:0", extra.host.ip());
+    let own = [
+        "--ephemeral",
+        "--p2p-listen-addr",
+        &listen,
+        "--prom-listen-addr",
+        &listen,
+    ];
+    let all: Vec<&str> = own.iter().chain(args).copied().collect();
     let (mut bootstrap, mut metrics) = (None, None);
     let (process, (bootstrap, metrics)) =
         spawn_reading_with(&sibling_binary(name)?, &all, extra, |line| {

@@ -16,8 +16,8 @@ use tempfile::TempDir;
 use crate::{
     load,
     procs::{
-        Daemon, Extra, Process, run_measured, sibling_binary, spawn_reading_with,
-        start_monitor_and_lookup, status_kb,
+        Daemon, Extra, Host, Process, run_measured, sibling_binary, spawn_reading_with,
+        start_monitor_and_lookup_on, status_kb,
     },
     serve,
 };
@@ -55,8 +55,14 @@ pub struct Lookup {
 
 impl Lookup {
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_on(Host::Loopback).await
+    }
+
+    /// A lookup listening on `host`'s address.
+    pub async fn start_on(host: Host<'_>) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let (monitor, lookup) = start_monitor_and_lookup(&dir.path().join("lookup")).await?;
+        let (monitor, lookup) =
+            start_monitor_and_lookup_on(&dir.path().join("lookup"), host).await?;
         let bootstrap = monitor.bootstrap.to_string();
         Ok(Self {
             bootstrap,
@@ -189,17 +195,18 @@ pub async fn start_proxy_with(
     service: &[&str],
     extra: Extra<'_>,
 ) -> anyhow::Result<StartedProxy> {
+    let listen = format!("{}:0", extra.host.ip());
     let mut args = vec![
         "--bootstrap",
         bootstrap,
         "--ephemeral",
         "--p2p-listen-addr",
-        "127.0.0.1:0",
+        &listen,
         "--metrics-addr",
-        "127.0.0.1:0",
+        &listen,
     ];
     if !flags.contains(&"--quic-addr") {
-        args.extend(["--quic-addr", "127.0.0.1:0"]);
+        args.extend(["--quic-addr", &listen]);
     }
     args.extend_from_slice(flags);
     args.push("0");

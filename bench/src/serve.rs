@@ -8,6 +8,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
 };
 
+use anyhow::Context;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
@@ -22,13 +23,23 @@ use crate::{
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Port on 127.0.0.1; 0 takes a free one. The address is printed as `listening: ADDR`.
+    /// Port; 0 takes a free one. The address is printed as `listening: ADDR`.
     #[arg(long, default_value_t = 0)]
     port: u16,
+    /// Address to listen on (an instance's sidecar reaches its service at `$PROXY_IP`).
+    #[arg(long, default_value_t = Ipv4Addr::LOCALHOST)]
+    host: Ipv4Addr,
     /// How long every answer takes (a slow service).
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     delay: std::time::Duration,
+    /// Sent back as `x-served-by` on every answer, so that a client can tell which instance
+    /// answered.
+    #[arg(long)]
+    tag: Option<String>,
 }
+
+/// The header that carries `--tag`.
+pub const SERVED_BY: &str = "x-served-by";
 
 /// Body of every request that is neither a stream nor an upload.
 const SMALL_BODY: usize = 1024;
@@ -60,18 +71,30 @@ async fn handle(request: Request<Incoming>) -> Result<Response<Body>, Infallible
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, args.port)).await?;
+    let listener = TcpListener::bind((args.host, args.port)).await?;
     println!("listening: {}", listener.local_addr()?);
     let delay = args.delay;
+    let tag = args
+        .tag
+        .map(|tag| http::HeaderValue::try_from(tag).context("--tag"))
+        .transpose()?;
     loop {
         let (stream, _) = listener.accept().await?;
         stream.set_nodelay(true)?;
+        let tag = tag.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| async move {
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
+            let service = service_fn(move |request| {
+                let tag = tag.clone();
+                async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    let mut response = handle(request).await?;
+                    if let Some(tag) = tag {
+                        response.headers_mut().insert(SERVED_BY, tag);
+                    }
+                    Ok::<_, Infallible>(response)
                 }
-                handle(request).await
             });
             // A connection error only ends that connection.
             let _ = http1::Builder::new()
