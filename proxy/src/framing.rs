@@ -214,6 +214,34 @@ pub fn encode_request_head(head: &RequestHead, out: &mut BytesMut) -> Result<(),
     })
 }
 
+/// Appends a request `HEAD` frame made of bytes, as the ingress reads them off a client's
+/// request (no `HeaderMap` in between): the target is the concatenation of `target`'s parts.
+pub fn encode_request_fields<'a>(
+    method: &[u8],
+    target: &[&[u8]],
+    fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    out: &mut BytesMut,
+) -> Result<(), FrameError> {
+    let target_len: usize = target.iter().map(|part| part.len()).sum();
+    if method.len() > usize::from(u8::MAX) || target_len > usize::from(u16::MAX) {
+        return Err(FrameError::TooLarge {
+            kind: Kind::Head,
+            len: method.len().max(target_len),
+            limit: usize::from(u16::MAX),
+        });
+    }
+    framed(Kind::Head, out, |out| {
+        out.put_u8(VERSION);
+        out.put_u8(method.len() as u8);
+        out.put_slice(method);
+        out.put_u16(target_len as u16);
+        for part in target {
+            out.put_slice(part);
+        }
+        put_fields(fields, out)
+    })
+}
+
 /// Appends a response `HEAD` frame to `out`.
 pub fn encode_response_head(head: &ResponseHead, out: &mut BytesMut) -> Result<(), FrameError> {
     encode_response_fields(head.status.as_u16(), map_fields(&head.headers), out)
@@ -525,6 +553,18 @@ pub fn decode_request_head(payload: &[u8]) -> Result<RequestHead, FrameError> {
         target,
         headers: fields_to_map(view.fields)?,
     })
+}
+
+/// Reads a response head off a `HEAD` frame's payload without copying it: the status and the
+/// fields.
+pub fn view_response_head(mut payload: &[u8]) -> Result<(u16, Fields<'_>), FrameError> {
+    let payload = &mut payload;
+    take_version(payload)?;
+    let status = take_u16(payload, "status")?;
+    if !(100..=999).contains(&status) {
+        return Err(invalid("status", format!("{status} is not a status code")));
+    }
+    Ok((status as u16, take_fields(payload)?))
 }
 
 pub fn decode_response_head(mut payload: &[u8]) -> Result<ResponseHead, FrameError> {

@@ -21,6 +21,8 @@
 //!   fields (`Transfer-Encoding`, `Connection`, `Keep-Alive`); interim (1xx) responses other
 //!   than 101 are skipped, as the ingress's client has its own.
 
+pub mod front;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::framing::{
@@ -168,9 +170,15 @@ pub fn parse_response_head(
     after_head_request: bool,
     frame: &mut BytesMut,
 ) -> Result<Parsed, Http1Error> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut fields);
-    let head_len = match response.parse(buffer) {
+    // Left uninitialised: httparse writes the fields it finds.
+    let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buffer,
+        &mut fields,
+    );
+    let head_len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buffer.len() > MAX_HEAD_BYTES => {
             return Err(Http1Error::HeadTooLarge);

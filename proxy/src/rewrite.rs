@@ -25,33 +25,31 @@ pub enum RouteError {
     BadName(String),
 }
 
-/// Splits a request target into the service name and the target for the service.
-pub fn split_target(path_and_query: &str) -> Result<(&str, String), RouteError> {
-    let (path, query) = match path_and_query.split_once('?') {
-        Some((path, query)) => (path, Some(query)),
-        None => (path_and_query, None),
-    };
-    let rest = path.strip_prefix('/').ok_or(RouteError::NoService)?;
-    let (service, rest) = match rest.split_once('/') {
-        Some((service, rest)) => (service, rest),
-        None => (rest, ""),
-    };
+/// Splits `/<service>[/<rest>][?<query>]` into the service name and what follows it (empty,
+/// or starting with `/` or `?`), borrowed. A name the lookup would refuse is refused here.
+pub fn split_service(path_and_query: &str) -> Result<(&str, &str), RouteError> {
+    let rest = path_and_query
+        .strip_prefix('/')
+        .ok_or(RouteError::NoService)?;
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (service, after) = rest.split_at(end);
     if service.is_empty() {
         return Err(RouteError::NoService);
     }
-    if !service
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || ".-_:".contains(c))
-    {
-        return Err(RouteError::BadName(service.to_owned()));
+    if control::lookup::record::validate_name(service).is_err() {
+        return Err(RouteError::BadName(service.chars().take(64).collect()));
     }
-    let mut target = String::with_capacity(rest.len() + query.map_or(0, |q| q.len() + 1) + 1);
-    target.push('/');
-    target.push_str(rest);
-    if let Some(query) = query {
-        target.push('?');
-        target.push_str(query);
-    }
+    Ok((service, after))
+}
+
+/// Splits a request target into the service name and the target for the service.
+pub fn split_target(path_and_query: &str) -> Result<(&str, String), RouteError> {
+    let (service, after) = split_service(path_and_query)?;
+    let target = if after.starts_with('/') {
+        after.to_owned()
+    } else {
+        format!("/{after}")
+    };
     Ok((service, target))
 }
 
