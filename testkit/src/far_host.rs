@@ -96,9 +96,25 @@ impl FarHost {
         ip(&["addr", "add", &format!("{near}/30"), "dev", &near_dev])?;
         ip(&["link", "set", &near_dev, "up"])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &netns, "addr", "add", &format!("{far}/30"), "dev", &far_dev])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{far}/30"),
+            "dev",
+            &far_dev,
+        ])?;
         ip(&["-n", &netns, "link", "set", &far_dev, "up"])?;
-        ip(&["-n", &netns, "route", "add", "default", "via", &near.to_string()])?;
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &near.to_string(),
+        ])?;
         for (from, to, seed) in [
             (Arc::clone(&near_tun), Arc::clone(&far_tun), 0x9E37_79B9),
             (far_tun, near_tun, 0x2545_F491),
