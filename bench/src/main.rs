@@ -80,8 +80,9 @@ enum Scenario {
     Tiers(tiers::Args),
     /// Probe messages a second on one instance used by 1, 10 and 50 ingresses, idle and busy.
     Probes(probes::Args),
-    /// A service answering in 150 ms through two allocators and an ingress: instances
-    /// started, allocations asked, service time apart from network RTT.
+    /// A service answering in 150 ms, an allocator on a far machine and one joining on the
+    /// ingress's: instances started, allocations asked, who answered, service time apart
+    /// from network RTT.
     SlowService(slow_service::Args),
     /// The HTTP service behind the proxies (the data-plane scenarios start it themselves).
     #[command(hide = true)]
