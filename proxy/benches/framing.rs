@@ -164,10 +164,11 @@ fn ingress(c: &mut Criterion) {
     else {
         unreachable!("a whole head")
     };
+    let context = start.response_context();
     c.bench_function("ingress/response_head_written", |b| {
         b.iter(|| {
             out.clear();
-            black_box(write_response_head(black_box(&payload), &start, &mut out).unwrap())
+            black_box(write_response_head(black_box(&payload), &context, &mut out).unwrap())
         })
     });
     c.bench_function("ingress/response_head_as_headermap", |b| {

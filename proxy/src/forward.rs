@@ -14,7 +14,10 @@ use http_body::Body;
 use quinn::Connection;
 
 use crate::{
-    framing::{Health, RequestHead, decode_response_head, encode_request_head},
+    framing::{
+        FrameError, Health, RequestHead, decode_response_head, encode_request_head,
+        view_response_head,
+    },
     stream::{FramedBody, Opening, StreamError, read_head, read_opening, send_message, send_ping},
 };
 
@@ -51,9 +54,29 @@ pub enum ConnectError {
     TimedOut(Duration),
 }
 
+/// An instance's answer as it arrived: the payload of its response `HEAD` frame, and the body
+/// that follows, streaming from the connection as it is read.
+pub struct Answer {
+    /// Its status, read off the head (which was checked when it arrived).
+    pub status: u16,
+    pub head: Bytes,
+    pub body: FramedBody,
+}
+
+impl Answer {
+    /// The answer as a `Response` with its head decoded into a `HeaderMap` (the HTTP/2 front
+    /// and tests; the HTTP/1.1 front writes the head from the frame as it is).
+    pub fn into_response(self) -> Result<Response<FramedBody>, FrameError> {
+        let head = decode_response_head(&self.head)?;
+        let mut response = Response::new(self.body);
+        *response.status_mut() = head.status;
+        *response.headers_mut() = head.headers;
+        Ok(response)
+    }
+}
+
 /// Sends `head` and `body` on a new stream of `connection` and returns the response as soon as
-/// its head arrives; its body streams from the connection as the caller reads it. The request
-/// body is sent concurrently, so a service may answer before it has read all of it.
+/// its head arrives; its body streams from the connection as the caller reads it.
 pub async fn forward<B>(
     connection: &Connection,
     head: &RequestHead,
@@ -63,26 +86,44 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: std::fmt::Display + Send,
 {
+    let mut encoded = BytesMut::with_capacity(HEAD_CAPACITY);
+    encode_request_head(head, &mut encoded).map_err(|e| AttemptError::NotSent(e.into()))?;
+    forward_frame(connection, encoded.freeze(), body)
+        .await?
+        .into_response()
+        .map_err(|e| AttemptError::Broken(e.into()))
+}
+
+/// Sends a request whose `HEAD` frame is `head` (encoded, header included) and `body` on a new
+/// stream of `connection`, and returns the answer as soon as its head arrives. The request
+/// body is sent concurrently, so a service may answer before it has read all of it.
+pub async fn forward_frame<B>(
+    connection: &Connection,
+    head: Bytes,
+    body: B,
+) -> Result<Answer, AttemptError>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: std::fmt::Display + Send,
+{
     let (mut send, mut recv) = connection
         .open_bi()
         .await
         .map_err(|e| AttemptError::NotSent(StreamError::Quic(e.to_string())))?;
-    let mut encoded = BytesMut::with_capacity(HEAD_CAPACITY);
-    encode_request_head(head, &mut encoded).map_err(|e| AttemptError::NotSent(e.into()))?;
     // Set by the body's sender when the client's body fails: the client's fault, told
     // apart from the exchange's.
     let mut client_fault = None;
     if body.is_end_stream() {
         // No body (most GETs): the head and the stream's end go out at once, without a task
         // of their own, a spawn and a wake-up less per request.
-        send_message(&mut send, encoded.freeze(), body)
+        send_message(&mut send, head, body)
             .await
             .map_err(AttemptError::Broken)?;
     } else {
         let fault = Arc::new(std::sync::OnceLock::new());
         client_fault = Some(Arc::clone(&fault));
         tokio::spawn(async move {
-            if let Err(error) = send_message(&mut send, encoded.freeze(), body).await {
+            if let Err(error) = send_message(&mut send, head, body).await {
                 tracing::debug!(%error, "request body not fully sent");
                 if let StreamError::Body(reason) = error {
                     let _ = fault.set(reason);
@@ -105,11 +146,12 @@ where
     if let Some(fault) = client_failed() {
         return Err(fault);
     }
-    let head = decode_response_head(&payload).map_err(|e| AttemptError::Broken(e.into()))?;
-    let mut response = Response::new(FramedBody::new(recv, rest));
-    *response.status_mut() = head.status;
-    *response.headers_mut() = head.headers;
-    Ok(response)
+    let (status, _) = view_response_head(&payload).map_err(|e| AttemptError::Broken(e.into()))?;
+    Ok(Answer {
+        status,
+        head: payload,
+        body: FramedBody::new(recv, rest),
+    })
 }
 
 /// Measures the round trip to the proxy at the other end of `connection`: a PING on a new

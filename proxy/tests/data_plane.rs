@@ -265,6 +265,238 @@ async fn requests_and_responses_cross_both_proxies_intact_over_http1_and_h2c() {
     assert!(side.process.terminate().await);
 }
 
+/// One HTTP/1.1 response read off a raw connection: status, head, body (de-chunked) and the
+/// trailer section as text.
+struct RawResponse {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+    trailers: String,
+}
+
+/// Reads one response from `stream` (what it read past it stays in `buffer`); `head_request`
+/// says it answers a HEAD. A body with neither length nor chunking is read until close.
+async fn read_response(
+    stream: &mut tokio::net::TcpStream,
+    buffer: &mut Vec<u8>,
+    head_request: bool,
+) -> RawResponse {
+    async fn more(stream: &mut tokio::net::TcpStream, buffer: &mut Vec<u8>) -> bool {
+        let mut chunk = [0u8; 16384];
+        let n = tokio::time::timeout(DEADLINE, stream.read(&mut chunk))
+            .await
+            .expect("the ingress answers")
+            .unwrap();
+        buffer.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+    let (status, head_len, length, chunked) = loop {
+        let mut fields = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut fields);
+        if let httparse::Status::Complete(len) = response.parse(buffer).unwrap() {
+            let field = |name: &str| {
+                response
+                    .headers
+                    .iter()
+                    .find(|f| f.name.eq_ignore_ascii_case(name))
+                    .map(|f| String::from_utf8_lossy(f.value).into_owned())
+            };
+            let length = field("content-length").map(|l| l.parse::<usize>().unwrap());
+            let chunked = field("transfer-encoding").is_some_and(|c| c.contains("chunked"));
+            break (response.code.unwrap(), len, length, chunked);
+        }
+        assert!(more(stream, buffer).await, "closed before a whole head");
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_len]).into_owned();
+    buffer.drain(..head_len);
+    let (mut body, mut trailers) = (Vec::new(), String::new());
+    if head_request || status == 100 || status == 204 || status == 304 {
+    } else if let Some(length) = length {
+        while buffer.len() < length {
+            assert!(more(stream, buffer).await, "closed before the whole body");
+        }
+        body = buffer.drain(..length).collect();
+    } else if chunked {
+        loop {
+            let line_end = loop {
+                if let Some(at) = buffer.windows(2).position(|w| w == b"\r\n") {
+                    break at;
+                }
+                assert!(more(stream, buffer).await, "closed in a chunk size");
+            };
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&buffer[..line_end]).unwrap().trim(), 16)
+                    .unwrap();
+            buffer.drain(..line_end + 2);
+            if size == 0 {
+                // Trailers, then an empty line.
+                loop {
+                    if let Some(at) = buffer.windows(2).position(|w| w == b"\r\n") {
+                        let line: Vec<u8> = buffer.drain(..at + 2).collect();
+                        if at == 0 {
+                            break;
+                        }
+                        trailers.push_str(&String::from_utf8_lossy(&line));
+                    } else {
+                        assert!(more(stream, buffer).await, "closed in the trailers");
+                    }
+                }
+                break;
+            }
+            while buffer.len() < size + 2 {
+                assert!(more(stream, buffer).await, "closed in a chunk");
+            }
+            body.extend(buffer.drain(..size));
+            buffer.drain(..2);
+        }
+    } else {
+        while more(stream, buffer).await {}
+        body = std::mem::take(buffer);
+    }
+    RawResponse {
+        status,
+        head,
+        body,
+        trailers,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http1_front_keeps_connections_open_and_frames_bodies_as_rfc_9112_says() {
+    let network = Network::start().await;
+    network.register("echo", Limits::default()).await;
+    let service = test_service("a").await;
+    let _side = sidecar(&network, "echo", service, &[]).await;
+    let front = ingress(&network, &[]).await;
+    wait_for_ok(&front.ingress, "/echo/tag").await;
+    let connect = || tokio::net::TcpStream::connect(front.ingress.clone());
+
+    // One connection, requests one after the other: no body, a length, chunked, and a
+    // chunked answer with trailers for a client that takes them.
+    let mut stream = connect().await.unwrap();
+    let mut buffer = Vec::new();
+    stream
+        .write_all(b"GET /echo/tag HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_response(&mut stream, &mut buffer, false).await;
+    assert_eq!((answer.status, &answer.body[..]), (200, &b"a"[..]));
+    assert!(
+        answer.head.contains("via: 1.1 multi-tier-cloud"),
+        "{}",
+        answer.head
+    );
+    stream
+        .write_all(b"POST /echo/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    let answer = read_response(&mut stream, &mut buffer, false).await;
+    assert_eq!((answer.status, &answer.body[..]), (200, &b"hello"[..]));
+    stream
+        .write_all(
+            b"POST /echo/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+              5\r\nworld\r\n1\r\n!\r\n0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let answer = read_response(&mut stream, &mut buffer, false).await;
+    assert_eq!((answer.status, &answer.body[..]), (200, &b"world!"[..]));
+    stream
+        .write_all(b"GET /echo/trailers HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_response(&mut stream, &mut buffer, false).await;
+    assert_eq!(&answer.body[..], b"data");
+    assert!(
+        answer.trailers.contains("x-checksum: ok"),
+        "{}",
+        answer.head
+    );
+    // A HEAD: the length the GET would have, no body.
+    stream
+        .write_all(b"HEAD /echo/tag HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_response(&mut stream, &mut buffer, true).await;
+    assert_eq!(answer.status, 200);
+
+    // Pipelined: two requests in one write, two answers in order.
+    stream
+        .write_all(
+            b"GET /echo/status/404 HTTP/1.1\r\nHost: x\r\n\r\n\
+              GET /echo/tag HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let first = read_response(&mut stream, &mut buffer, false).await;
+    let second = read_response(&mut stream, &mut buffer, false).await;
+    assert_eq!((first.status, second.status), (404, 200));
+    assert_eq!(&second.body[..], b"a");
+
+    // Expect: 100-continue is answered before the body is sent.
+    stream
+        .write_all(
+            b"POST /echo/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\
+              Expect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let interim = read_response(&mut stream, &mut buffer, false).await;
+    assert_eq!(interim.status, 100);
+    stream.write_all(b"abc").await.unwrap();
+    let answer = read_response(&mut stream, &mut buffer, false).await;
+    assert_eq!((answer.status, &answer.body[..]), (200, &b"abc"[..]));
+    // The same connection carried all of it; closing is the client's to say.
+    stream
+        .write_all(b"GET /echo/tag HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_response(&mut stream, &mut buffer, false).await;
+    assert!(answer.head.contains("connection: close"), "{}", answer.head);
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "the ingress closes after it");
+
+    // HTTP/1.0 without keep-alive: a body of unknown length is delimited by the close.
+    let mut old = connect().await.unwrap();
+    old.write_all(b"GET /echo/bytes/100000 HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buffer = Vec::new();
+    let answer = read_response(&mut old, &mut buffer, false).await;
+    assert_eq!(
+        (answer.status, answer.body.len()),
+        (200, 100_000),
+        "{}",
+        answer.head
+    );
+    assert!(
+        !answer.head.contains("transfer-encoding"),
+        "{}",
+        answer.head
+    );
+
+    // Both a length and a coding: refused, never forwarded (request smuggling).
+    let mut smuggler = connect().await.unwrap();
+    smuggler
+        .write_all(
+            b"POST /echo/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\
+              Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut buffer = Vec::new();
+    let answer = read_response(&mut smuggler, &mut buffer, false).await;
+    assert_eq!(answer.status, 400, "{}", answer.head);
+    // Refused heads are counted too.
+    let text = metrics_of(&front).await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("proxy_requests_total{class=\"4xx\"") && !l.contains("echo")),
+        "{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_and_missing_services_get_clear_answers() {
     let network = Network::start().await;

@@ -82,6 +82,27 @@ pub struct RequestStart<'a> {
     pub trailers: bool,
 }
 
+impl RequestStart<'_> {
+    /// What of this request decides how its response is framed.
+    pub fn response_context(&self) -> ResponseContext {
+        ResponseContext {
+            head_request: self.method == b"HEAD",
+            http10: self.http10,
+            keep_alive: self.keep_alive,
+            trailers: self.trailers,
+        }
+    }
+}
+
+/// What of a request decides how its response is framed (see [`RequestStart`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseContext {
+    pub head_request: bool,
+    pub http10: bool,
+    pub keep_alive: bool,
+    pub trailers: bool,
+}
+
 /// What [`parse_request_head`] found at the start of the buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParsedRequest<'a> {
@@ -266,7 +287,7 @@ pub enum ResponseFraming {
 /// to `out`. Returns how the body follows and whether the connection stays open after it.
 pub fn write_response_head(
     payload: &[u8],
-    request: &RequestStart<'_>,
+    request: &ResponseContext,
     out: &mut BytesMut,
 ) -> Result<(ResponseFraming, bool), FrameError> {
     let (status, fields) = view_response_head(payload)?;
@@ -277,21 +298,18 @@ pub fn write_response_head(
         }
         connection |= eq(name, b"connection");
     }
-    let framing = if request.method == b"HEAD"
-        || (100..200).contains(&status)
-        || status == 204
-        || status == 304
-    {
-        ResponseFraming::None
-    } else if let Some(length) = length {
-        ResponseFraming::Length(length)
-    } else if request.http10 {
-        ResponseFraming::UntilClose
-    } else {
-        ResponseFraming::Chunked {
-            trailers: request.trailers,
-        }
-    };
+    let framing =
+        if request.head_request || (100..200).contains(&status) || status == 204 || status == 304 {
+            ResponseFraming::None
+        } else if let Some(length) = length {
+            ResponseFraming::Length(length)
+        } else if request.http10 {
+            ResponseFraming::UntilClose
+        } else {
+            ResponseFraming::Chunked {
+                trailers: request.trailers,
+            }
+        };
     let keep_alive = request.keep_alive && framing != ResponseFraming::UntilClose;
 
     out.reserve(64 + fields.encoded_len());

@@ -4,11 +4,13 @@
 //! | kind | status |
 //! |---|---|
 //! | the target names no service, or a malformed one | 400 |
+//! | the request head cannot be framed (too many or too large fields) | 431 |
 //! | the client's own request body failed | 400 |
 //! | no such service | 404 |
 //! | the lookup cannot be asked, no instance and none can be started, the wait for one ran out, too many waiting | 503 |
 //! | the instance's service never got the request and it cannot be sent again (its body is gone) | 503 |
 //! | the exchange with an instance broke and the request cannot be sent again | 502 |
+//! | the instance's answer cannot be read | 502 |
 
 use std::time::Duration;
 
@@ -18,12 +20,14 @@ use http_body_util::{BodyExt, Full};
 use libp2p::PeerId;
 
 use super::{ResponseBody, routing::Unavailable};
-use crate::{forward::AttemptError, rewrite::RouteError};
+use crate::{forward::AttemptError, framing::FrameError, rewrite::RouteError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
     #[error(transparent)]
     Target(#[from] RouteError),
+    #[error("the request head cannot be sent: {0}")]
+    Head(FrameError),
     #[error("no service named '{0}'")]
     NoSuchService(String),
     #[error("the lookup service is unreachable: {0}")]
@@ -32,6 +36,8 @@ pub enum RequestError {
     Unavailable { service: String, why: Unavailable },
     #[error("no instance of '{service}' became available within {waited:?}")]
     WaitedTooLong { service: String, waited: Duration },
+    #[error("the answer of an instance of '{service}' cannot be read: {error}")]
+    Answer { service: String, error: FrameError },
     #[error("instance {peer} of '{service}' failed: {error}")]
     Attempt {
         service: String,
@@ -44,6 +50,8 @@ impl RequestError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Target(_) => StatusCode::BAD_REQUEST,
+            Self::Head(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::Answer { .. } => StatusCode::BAD_GATEWAY,
             Self::NoSuchService(_) => StatusCode::NOT_FOUND,
             Self::Lookup(_) | Self::Unavailable { .. } | Self::WaitedTooLong { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE

@@ -1,7 +1,8 @@
-//! The ingress: HTTP/1.1 and h2c on a local port; each request `/<service>/<rest>` is resolved
-//! through the lookup ([`records`]) and sent over an authenticated QUIC connection to the
-//! instance the service's routing core ([`routing`], driven by [`instances`]) chooses, and the
-//! response streamed back.
+//! The ingress: HTTP/1.1 (its own front, [`front`], over [`crate::http1::front`]) and h2c
+//! (hyper's server) on a local port; each request `/<service>/<rest>` becomes a `HEAD` frame
+//! once, is resolved through the lookup ([`records`]) and sent over an authenticated QUIC
+//! connection to the instance the service's routing core ([`routing`], driven by
+//! [`instances`]) chooses, and the answer streamed back.
 //!
 //! The path of one request, in [`Ingress::send`]:
 //! 1. the core chooses an instance, or says to wait (for an instance being verified or
@@ -21,12 +22,14 @@
 
 mod allocation;
 mod error;
+mod front;
 mod instances;
 mod records;
 mod routing;
 
 pub use allocation::Reason;
 pub use error::RequestError;
+pub use front::{ClientBody, ClientBodyError};
 pub use routing::InstanceReport;
 
 use std::{
@@ -39,7 +42,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use control::overlay::Node;
 use http::{Request, Response};
 use http_body::Body;
@@ -48,17 +51,20 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use libp2p::PeerId;
 use quinn::Connection;
-use tokio::{net::TcpListener, sync::Notify};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::Notify,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::perf::{Limits, Overrides, PerfConfig},
-    forward::{AttemptError, ConnectError, forward},
-    framing::RequestHead,
+    forward::{Answer, AttemptError, ConnectError, forward_frame},
+    framing::{RequestHead, encode_request_head},
     metrics::{Activity, IngressMetrics, ServiceView, UNKNOWN_SERVICE},
     retry::{RetryBudget, idempotent},
     rewrite::{forward_request_headers, forward_response_headers, split_target},
-    stream::FramedBody,
     transport::Transport,
 };
 use instances::Services;
@@ -130,7 +136,11 @@ fn random_below(n: usize) -> usize {
 }
 
 /// The body an attempt sends: the client's, or none (a bodiless request, or a hedge).
-type SentBody = Either<Incoming, Empty<Bytes>>;
+type SentBody<B> = Either<B, Empty<Bytes>>;
+
+/// What a client's request body must be to cross: bytes, sent from a task of its own.
+pub trait ClientBodyType: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static {}
+impl<B: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static> ClientBodyType for B {}
 
 /// A request waiting for an instance, counted by its service's core until dropped (also when
 /// the client goes away).
@@ -179,14 +189,14 @@ impl Attempt {
     }
 
     /// Sends the request on `connection` and tells the core how it went.
-    async fn exchange(
+    async fn exchange<B: ClientBodyType>(
         mut self,
         connection: Connection,
-        head: &RequestHead,
-        body: SentBody,
-    ) -> Result<Response<FramedBody>, (PeerId, AttemptError)> {
+        head: Bytes,
+        body: SentBody<B>,
+    ) -> Result<Answer, (PeerId, AttemptError)> {
         let begin = Instant::now();
-        let result = forward(&connection, head, body).await;
+        let result = forward_frame(&connection, head, body).await;
         let total = begin.elapsed();
         let outcome = match &result {
             // The path RTT QUIC measures, but never more than the whole exchange took: its
@@ -249,7 +259,7 @@ impl Ingress {
         accept_until_shutdown(self, listener, shutdown).await;
     }
 
-    /// Answers one client request.
+    /// Answers one client request that came over HTTP/2 (hyper's server).
     pub async fn handle(
         self: &Arc<Self>,
         request: Request<Incoming>,
@@ -259,47 +269,79 @@ impl Ingress {
         let _serving = self.activity.serve();
         self.retries.deposit();
         let (service, result) = self.route(request, client).await;
-        let response = result.unwrap_or_else(|error| {
-            tracing::debug!(%error, "request failed");
-            error.into_response()
-        });
         let label = service
             .as_ref()
             .map_or(UNKNOWN_SERVICE, |s| s.record.name.as_str());
+        let decoded = match result {
+            Ok(answer) => answer
+                .into_response()
+                .map_err(|error| RequestError::Answer {
+                    service: label.to_owned(),
+                    error,
+                }),
+            Err(error) => Err(error),
+        };
+        let response = match decoded {
+            Ok(response) => {
+                let (mut parts, body) = response.into_parts();
+                forward_response_headers(&mut parts.headers);
+                Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+            }
+            Err(error) => {
+                tracing::debug!(%error, "request failed");
+                error.into_response()
+            }
+        };
         self.metrics
             .answered(label, response.status(), begin.elapsed());
         response
     }
 
-    /// The response to `request` and the service it was for, if it exists.
+    /// The answer to an HTTP/2 `request` and the service it was for, if it exists.
     async fn route(
         self: &Arc<Self>,
         request: Request<Incoming>,
         client: SocketAddr,
-    ) -> (
-        Option<Arc<Resolved>>,
-        Result<Response<ResponseBody>, RequestError>,
-    ) {
+    ) -> (Option<Arc<Resolved>>, Result<Answer, RequestError>) {
         let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
         let (name, target) = match split_target(path) {
             Ok(split) => split,
             Err(error) => return (None, Err(error.into())),
         };
-        let service = match self.records.resolve(name).await {
-            Ok(Some(service)) => service,
-            Ok(None) => return (None, Err(RequestError::NoSuchService(name.to_owned()))),
-            Err(reason) => return (None, Err(RequestError::Lookup(reason))),
-        };
+        let name = name.to_owned();
         let (parts, body) = request.into_parts();
         let mut headers = parts.headers;
         forward_request_headers(&mut headers, client.ip());
+        let replayable = idempotent(parts.method.as_str().as_bytes()) && body.is_end_stream();
         let head = RequestHead {
             method: parts.method,
             target,
             headers,
         };
-        let response = self.send(&service, &head, body).await;
-        (Some(service), response)
+        let mut frame = BytesMut::with_capacity(crate::forward::HEAD_CAPACITY);
+        if let Err(error) = encode_request_head(&head, &mut frame) {
+            return (None, Err(RequestError::Head(error)));
+        }
+        self.request(&name, frame.freeze(), replayable, body).await
+    }
+
+    /// One request from either front: the service `name` resolved, the request (its `HEAD`
+    /// frame `head`, `replayable` if it may be sent twice, and its body) sent to an instance,
+    /// and the instance's answer, or why there is none.
+    async fn request<B: ClientBodyType>(
+        self: &Arc<Self>,
+        name: &str,
+        head: Bytes,
+        replayable: bool,
+        body: B,
+    ) -> (Option<Arc<Resolved>>, Result<Answer, RequestError>) {
+        let service = match self.records.resolve(name).await {
+            Ok(Some(service)) => service,
+            Ok(None) => return (None, Err(RequestError::NoSuchService(name.to_owned()))),
+            Err(reason) => return (None, Err(RequestError::Lookup(reason))),
+        };
+        let answer = self.send(&service, head, replayable, body).await;
+        (Some(service), answer)
     }
 
     fn limits(&self, service: &Resolved) -> Limits {
@@ -315,14 +357,14 @@ impl Ingress {
 
     /// Sends a request to an instance of `service`, and again elsewhere when that is safe (see
     /// the module doc), as long as the retry budget lasts.
-    async fn send(
+    async fn send<B: ClientBodyType>(
         self: &Arc<Self>,
         service: &Arc<Resolved>,
-        head: &RequestHead,
-        body: Incoming,
-    ) -> Result<Response<ResponseBody>, RequestError> {
+        head: Bytes,
+        replayable: bool,
+        body: B,
+    ) -> Result<Answer, RequestError> {
         let had_body = !body.is_end_stream();
-        let replayable = idempotent(head.method.as_str().as_bytes()) && !had_body;
         // The client's body, until an attempt takes it: a request can only go elsewhere
         // while what it carries is still here.
         let mut body = had_body.then_some(body);
@@ -345,7 +387,7 @@ impl Ingress {
                         arrived,
                         attempt,
                         connection,
-                        head,
+                        &head,
                         try_timeout,
                     )
                     .await
@@ -356,19 +398,12 @@ impl Ingress {
                         None => Either::Right(Empty::new()),
                     };
                     let overdue = attempt.overdue_handle();
-                    let exchange = pin!(attempt.exchange(connection, head, sent));
+                    let exchange = pin!(attempt.exchange(connection, head.clone(), sent));
                     watched(exchange, try_timeout, overdue).await
                 }
             };
             let (failed, error) = match result {
-                Ok(response) => {
-                    let (mut parts, body) = response.into_parts();
-                    forward_response_headers(&mut parts.headers);
-                    return Ok(Response::from_parts(
-                        parts,
-                        body.map_err(BoxError::from).boxed(),
-                    ));
-                }
+                Ok(answer) => return Ok(answer),
                 Err(failure) => failure,
             };
             // Whether the request may go elsewhere: what it carries must still be here.
@@ -406,12 +441,13 @@ impl Ingress {
         arrived: Instant,
         attempt: Attempt,
         connection: Connection,
-        head: &RequestHead,
+        head: &Bytes,
         try_timeout: Duration,
-    ) -> Result<Response<FramedBody>, (PeerId, AttemptError)> {
+    ) -> Result<Answer, (PeerId, AttemptError)> {
         let peer = attempt.peer;
         let overdue = attempt.overdue_handle();
-        let mut first = pin!(attempt.exchange(connection, head, Either::Right(Empty::new())));
+        let none = || Either::<Empty<Bytes>, _>::Right(Empty::new());
+        let mut first = pin!(attempt.exchange(connection, head.clone(), none()));
         tokio::select! {
             result = &mut first => return result,
             () = tokio::time::sleep(try_timeout) => {}
@@ -442,11 +478,7 @@ impl Ingress {
         let second = pin!(async {
             let mut attempt = Attempt::begin(&self.services, service, other);
             match self.connection(other, addr).await {
-                Ok(connection) => {
-                    attempt
-                        .exchange(connection, head, Either::Right(Empty::new()))
-                        .await
-                }
+                Ok(connection) => attempt.exchange(connection, head.clone(), none()).await,
                 Err(reason) => {
                     attempt.end(Outcome::Failed);
                     Err((other, reason.into()))
@@ -617,8 +649,8 @@ where
     }
 }
 
-/// Accepts clients until `shutdown`: HTTP/1.1 or HTTP/2 with prior knowledge (h2c), heads
-/// bounded in size and time.
+/// Accepts clients until `shutdown`: HTTP/1.1 through the ingress's own front, HTTP/2 with
+/// prior knowledge (h2c) through hyper's server; heads bounded in size and time.
 async fn accept_until_shutdown(
     ingress: Arc<Ingress>,
     listener: TcpListener,
@@ -626,37 +658,105 @@ async fn accept_until_shutdown(
 ) {
     control::common::http::accept_until(listener, shutdown, "ingress", move |stream, client| {
         let ingress = Arc::clone(&ingress);
-        // A response's head and body are separate writes: without NODELAY the body would
+        // A response's head and body may be separate writes: without NODELAY the body would
         // wait for the client's delayed ACK of the head (up to 40 ms on Linux).
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
         tokio::spawn(async move {
-            let (head_timeout, max_head_bytes) = (
-                ingress.settings.head_timeout,
-                ingress.settings.max_head_bytes,
-            );
-            let service = service_fn(move |request| {
-                let ingress = Arc::clone(&ingress);
-                async move { Ok::<_, Infallible>(ingress.handle(request, client).await) }
-            });
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(head_timeout)
-                .max_buf_size(max_head_bytes);
-            builder
-                .http2()
-                .timer(TokioTimer::new())
-                .max_header_list_size(max_head_bytes as u32);
-            if let Err(error) = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(%error, "ingress connection failed");
+            let mut stream = stream;
+            let mut buffer = BytesMut::with_capacity(8 * 1024);
+            // Enough bytes to tell HTTP/2's preface from an HTTP/1.1 request line (one read,
+            // nearly always: the first byte of a method differs from the preface's or not).
+            let deadline = tokio::time::Instant::now() + ingress.settings.head_timeout;
+            while buffer.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&buffer) {
+                match tokio::time::timeout_at(deadline, stream.read_buf(&mut buffer)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return,
+                }
+            }
+            if buffer.starts_with(H2_PREFACE) {
+                serve_h2(ingress, stream, client, buffer.freeze()).await;
+            } else {
+                front::serve(ingress, stream, client, buffer).await;
             }
         });
     })
     .await;
+}
+
+/// What an HTTP/2 client sends first (RFC 9113 section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves an HTTP/2 (h2c) client with hyper's server; `read` is what was read from it before.
+async fn serve_h2(ingress: Arc<Ingress>, stream: TcpStream, client: SocketAddr, read: Bytes) {
+    let max_head_bytes = ingress.settings.max_head_bytes;
+    let service = service_fn(move |request| {
+        let ingress = Arc::clone(&ingress);
+        async move { Ok::<_, Infallible>(ingress.handle(request, client).await) }
+    });
+    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_header_list_size(max_head_bytes as u32)
+        .serve_connection(TokioIo::new(Prefixed { read, stream }), service);
+    if let Err(error) = connection.await {
+        tracing::debug!(%error, "ingress connection failed");
+    }
+}
+
+/// A stream whose first bytes were already read: they are read again first.
+struct Prefixed {
+    read: Bytes,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }

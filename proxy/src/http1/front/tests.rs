@@ -154,7 +154,8 @@ fn response(
     let frame = decode_frame(&mut frame).unwrap().unwrap();
     let (start, _, _) = parse(request).unwrap();
     let mut out = BytesMut::new();
-    let (framing, keep_alive) = write_response_head(&frame.payload, &start, &mut out).unwrap();
+    let (framing, keep_alive) =
+        write_response_head(&frame.payload, &start.response_context(), &mut out).unwrap();
     (
         String::from_utf8(out.to_vec()).unwrap(),
         framing,
