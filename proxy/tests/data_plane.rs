@@ -17,6 +17,7 @@ use control::{
     allocator::protocol::{NAMESPACE as ALLOCATORS, StartProtocol, StartResponse},
     lookup::Limits,
 };
+use futures::StreamExt;
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use libp2p::identity::Keypair;
@@ -817,11 +818,23 @@ async fn requests_for_a_service_with_no_instance_wait_for_one_allocation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_over_the_soft_limit_is_used_until_a_nearer_one_answers() {
     let network = Network::start().await;
-    network.register("far-away", Limits::default()).await;
+    let record = network.register("far-away", Limits::default()).await;
     // The only instance is 30 ms away (over the default soft limit of 20 ms).
     let far = test_service("far").await;
     let (_far, _relay) =
         sidecar_behind_relay(&network, "far-away", far, Duration::from_millis(15)).await;
+    // Findable before the ingress asks: else its first look could find nothing and ask the
+    // allocator for an instance for want of any (not a nearer one).
+    let key = record.instance_key();
+    wait_until("the far instance is a provider", DEADLINE, || async {
+        let mut found = network.lookup.find_providers(&key).await;
+        tokio::time::timeout(Duration::from_secs(1), found.next())
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await;
     let (_allocator, asked, _started) = allocator_double(&network).await;
     let front = ingress(&network, &[]).await;
     // The far instance serves (from its first answer on, which may start the nearer
