@@ -362,6 +362,16 @@ async fn read_response(
     }
 }
 
+/// Writes `request` on `stream` and reads the response to it.
+async fn exchange(
+    stream: &mut tokio::net::TcpStream,
+    buffer: &mut Vec<u8>,
+    request: &[u8],
+) -> RawResponse {
+    stream.write_all(request).await.unwrap();
+    read_response(stream, buffer, request.starts_with(b"HEAD ")).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http1_front_keeps_connections_open_and_frames_bodies_as_rfc_9112_says() {
     let network = Network::start().await;
@@ -376,37 +386,39 @@ async fn the_http1_front_keeps_connections_open_and_frames_bodies_as_rfc_9112_sa
     // chunked answer with trailers for a client that takes them.
     let mut stream = connect().await.unwrap();
     let mut buffer = Vec::new();
-    stream
-        .write_all(b"GET /echo/tag HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let answer = read_response(&mut stream, &mut buffer, false).await;
+    let answer = exchange(
+        &mut stream,
+        &mut buffer,
+        b"GET /echo/tag HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
     assert_eq!((answer.status, &answer.body[..]), (200, &b"a"[..]));
     assert!(
         answer.head.contains("via: 1.1 multi-tier-cloud"),
         "{}",
         answer.head
     );
-    stream
-        .write_all(b"POST /echo/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
-        .await
-        .unwrap();
-    let answer = read_response(&mut stream, &mut buffer, false).await;
+    let answer = exchange(
+        &mut stream,
+        &mut buffer,
+        b"POST /echo/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await;
     assert_eq!((answer.status, &answer.body[..]), (200, &b"hello"[..]));
-    stream
-        .write_all(
-            b"POST /echo/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+    let answer = exchange(
+        &mut stream,
+        &mut buffer,
+        b"POST /echo/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
               5\r\nworld\r\n1\r\n!\r\n0\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let answer = read_response(&mut stream, &mut buffer, false).await;
+    )
+    .await;
     assert_eq!((answer.status, &answer.body[..]), (200, &b"world!"[..]));
-    stream
-        .write_all(b"GET /echo/trailers HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n")
-        .await
-        .unwrap();
-    let answer = read_response(&mut stream, &mut buffer, false).await;
+    let answer = exchange(
+        &mut stream,
+        &mut buffer,
+        b"GET /echo/trailers HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n",
+    )
+    .await;
     assert_eq!(&answer.body[..], b"data");
     assert!(
         answer.trailers.contains("x-checksum: ok"),
@@ -414,11 +426,12 @@ async fn the_http1_front_keeps_connections_open_and_frames_bodies_as_rfc_9112_sa
         answer.head
     );
     // A HEAD: the length the GET would have, no body.
-    stream
-        .write_all(b"HEAD /echo/tag HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let answer = read_response(&mut stream, &mut buffer, true).await;
+    let answer = exchange(
+        &mut stream,
+        &mut buffer,
+        b"HEAD /echo/tag HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
     assert_eq!(answer.status, 200);
 
     // Pipelined: two requests in one write, two answers in order.
@@ -448,11 +461,12 @@ async fn the_http1_front_keeps_connections_open_and_frames_bodies_as_rfc_9112_sa
     let answer = read_response(&mut stream, &mut buffer, false).await;
     assert_eq!((answer.status, &answer.body[..]), (200, &b"abc"[..]));
     // The same connection carried all of it; closing is the client's to say.
-    stream
-        .write_all(b"GET /echo/tag HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let answer = read_response(&mut stream, &mut buffer, false).await;
+    let answer = exchange(
+        &mut stream,
+        &mut buffer,
+        b"GET /echo/tag HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(answer.head.contains("connection: close"), "{}", answer.head);
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest)).await;

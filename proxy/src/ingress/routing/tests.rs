@@ -743,15 +743,20 @@ fn a_failing_allocator_is_asked_once_per_cool_down_and_its_reason_reaches_the_re
     assert_eq!(sim.asked, 2);
 }
 
+/// Instances `a` and `b`, 1 ms away; `a` frozen from 1 s to 20 s after `start`.
+fn a_frozen_beside_b(start: Instant) -> BTreeMap<Key, Behaviour> {
+    let mut a = Behaviour::new(1, 1);
+    a.frozen.push((start + SECOND, start + 20 * SECOND));
+    [("a", a), ("b", Behaviour::new(1, 1))]
+        .into_iter()
+        .collect()
+}
+
 #[test]
 fn hedges_stop_when_the_retry_budget_is_spent() {
     let start = Instant::now();
     let mut sim = Sim::new(&[]);
-    let mut a = Behaviour::new(1, 1);
-    a.frozen.push((start + SECOND, start + 20 * SECOND));
-    sim.world = [("a", a), ("b", Behaviour::new(1, 1))]
-        .into_iter()
-        .collect();
+    sim.world = a_frozen_beside_b(start);
     // Spend the budget before the freeze.
     while sim.budget.withdraw() {}
     sim.load(Duration::ZERO, 3 * SECOND, 50, true);
@@ -792,11 +797,7 @@ fn a_frozen_instance_is_declared_dead_after_twice_the_hard_limit_at_least_600_ms
             soft_rtt: 20 * MS,
             hard_rtt: hard_ms * MS,
         };
-        let mut a = Behaviour::new(1, 1);
-        a.frozen.push((start + SECOND, start + 20 * SECOND));
-        sim.world = [("a", a), ("b", Behaviour::new(1, 1))]
-            .into_iter()
-            .collect();
+        sim.world = a_frozen_beside_b(start);
         // Not idempotent: the requests on the frozen instance wait until it is declared dead.
         sim.load(Duration::ZERO, 3 * SECOND, 50, false);
         sim.run_until(5 * SECOND);
@@ -822,11 +823,7 @@ fn a_frozen_instance_is_declared_dead_after_twice_the_hard_limit_at_least_600_ms
 fn a_non_idempotent_request_on_a_frozen_instance_is_not_sent_twice() {
     let start = Instant::now();
     let mut sim = Sim::new(&[]);
-    let mut a = Behaviour::new(1, 1);
-    a.frozen.push((start + SECOND, start + 20 * SECOND));
-    sim.world = [("a", a), ("b", Behaviour::new(1, 1))]
-        .into_iter()
-        .collect();
+    sim.world = a_frozen_beside_b(start);
     sim.load(Duration::ZERO, 3 * SECOND, 50, false);
     sim.run_until(5 * SECOND);
     assert!(sim.requests.iter().all(|r| r.tries <= 1));
