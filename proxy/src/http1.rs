@@ -1,4 +1,5 @@
-//! HTTP/1.1 between a sidecar and its service (RFC 9112), as pure functions over bytes: a
+//! HTTP/1.1 as pure functions over bytes: between a client and the ingress in [`front`], and
+//! here between a sidecar and its service (RFC 9112): a
 //! request head written straight from a `HEAD` frame, a response head parsed in place and
 //! re-framed, and the chunked coding both ways. No `HeaderMap` is built on either side: a
 //! head is parsed once (by the ingress, or by [`parse_response_head`] here) and otherwise
