@@ -301,12 +301,12 @@ async fn measure(
         let began = Instant::now();
         let (mut listed, mut emptied) = (None, None);
         while began.elapsed() < args.quiet {
-            let now = listed_instances(&client, kept.0.metrics, service)
-                .await
-                .unwrap_or(usize::MAX);
-            listed.get_or_insert(now);
-            if now == 0 && emptied.is_none() {
-                emptied = Some(began.elapsed());
+            // A read that failed says nothing either way.
+            if let Some(now) = listed_instances(&client, kept.0.metrics, service).await {
+                listed.get_or_insert(now);
+                if now == 0 && emptied.is_none() {
+                    emptied = Some(began.elapsed());
+                }
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -328,18 +328,16 @@ async fn measure(
     Ok((fresh, kept_runs, after_quiet))
 }
 
-/// How many instances of `service` an ingress lists on /metrics.
-async fn listed_instances(
-    client: &GetClient,
-    metrics: SocketAddr,
-    service: &str,
-) -> Result<usize, String> {
-    let text = scrape(client, metrics).await?;
+/// How many instances of `service` an ingress lists on /metrics; `None` if they cannot be
+/// read.
+async fn listed_instances(client: &GetClient, metrics: SocketAddr, service: &str) -> Option<usize> {
+    let text = scrape(client, metrics).await.ok()?;
     let label = format!("service=\"{service}\"");
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with("proxy_instance_in_flight{") && l.contains(&label))
-        .count())
+    Some(
+        text.lines()
+            .filter(|l| l.starts_with("proxy_instance_in_flight{") && l.contains(&label))
+            .count(),
+    )
 }
 
 /// What every cold start of one runtime needs.

@@ -53,12 +53,17 @@ pub fn split_target(path_and_query: &str) -> Result<(&str, String), RouteError> 
     Ok((service, target))
 }
 
-const HOP_BY_HOP: [HeaderName; 5] = [
-    header::CONNECTION,
-    header::TE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
+/// The fields that never cross a proxy, lower case: the hop-by-hop ones (RFC 9110 section
+/// 7.6.1) and `Proxy-Authorization`, meant for a proxy. Both fronts drop these (and those the
+/// `Connection` field names): here from a `HeaderMap`, in [`crate::http1::front`] from bytes.
+pub const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
 ];
 
 /// Removes the hop-by-hop headers, including those the `Connection` header names.
@@ -70,11 +75,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|list| list.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    for name in &named {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
 }
 
 /// Prepares a client's request headers for the trip to an instance.

@@ -30,7 +30,7 @@ use bytes::{BufMut, BytesMut};
 use super::{RequestBody, content_length, eq};
 use crate::{
     framing::{FrameError, MAX_HEADERS, encode_request_fields, view_response_head},
-    rewrite::{RouteError, VIA, split_service},
+    rewrite::{HOP_BY_HOP, RouteError, VIA, split_service},
 };
 
 /// Why a client's request head is refused; each kind has its status.
@@ -112,20 +112,9 @@ pub enum ParsedRequest<'a> {
     Request(RequestStart<'a>),
 }
 
-/// The fields that never cross from a client to an instance (with those `Connection`
-/// names).
+/// Whether `name` never crosses a proxy ([`HOP_BY_HOP`]; those `Connection` names aside).
 fn hop_by_hop(name: &[u8]) -> bool {
-    [
-        &b"connection"[..],
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authorization",
-    ]
-    .iter()
-    .any(|hop| eq(name, hop))
+    HOP_BY_HOP.iter().any(|hop| eq(name, hop.as_bytes()))
 }
 
 /// Whether a `Connection` field among `fields` names `option` (a field name, `close` or

@@ -72,8 +72,12 @@ pub(super) async fn serve(
     let (read, mut write) = stream.into_split();
     let mut reader = Some(Reader { read, buffer });
     let mut out = BytesMut::with_capacity(HEAD_CAPACITY);
+    // The requests' HEAD frames are split off this one buffer, whose memory comes back once
+    // the frame sent before is dropped: no allocation per request.
+    let mut frames = BytesMut::new();
     while let Some(current) = reader.take() {
-        reader = match one_request(&ingress, current, &mut write, &mut out, client).await {
+        let request = one_request(&ingress, current, &mut write, &mut out, &mut frames, client);
+        reader = match request.await {
             Ok(Next::Same(same)) => Some(same),
             Ok(Next::After(back)) => back.await.ok(),
             Ok(Next::Close) | Err(_) => None,
@@ -104,19 +108,15 @@ async fn one_request(
     mut reader: Reader,
     write: &mut OwnedWriteHalf,
     out: &mut BytesMut,
+    frame: &mut BytesMut,
     client: SocketAddr,
 ) -> std::io::Result<Next> {
     let settings = &ingress.settings;
     let deadline = tokio::time::Instant::now() + settings.head_timeout;
-    let mut frame = BytesMut::with_capacity(HEAD_CAPACITY);
+    frame.reserve(HEAD_CAPACITY);
     // 1. The head: parsed in place and its frame made; then split off the buffer.
     let (head_len, body_framing, expect_continue, context, service_at, replayable) = loop {
-        match parse_request_head(
-            &reader.buffer,
-            settings.max_head_bytes,
-            client.ip(),
-            &mut frame,
-        ) {
+        match parse_request_head(&reader.buffer, settings.max_head_bytes, client.ip(), frame) {
             Ok(ParsedRequest::Request(start)) => {
                 let at = start.service.as_ptr() as usize - reader.buffer.as_ptr() as usize;
                 let replayable =
@@ -162,7 +162,7 @@ async fn one_request(
     let serving = ingress.activity.serve();
     ingress.retries.deposit();
     let (service, result) = ingress
-        .request(name, frame.freeze(), replayable, body)
+        .request(name, frame.split().freeze(), replayable, body)
         .await;
     let label = service
         .as_ref()
