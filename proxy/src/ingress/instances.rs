@@ -1,8 +1,9 @@
 //! The driver of the routing cores: one [`ServiceCore`] per service used, behind one lock
 //! that is held only while a core is called. What a core asks for ([`Action`]) is done after
 //! the lock is released: probes, discoveries and allocations as tasks of their own, wake-ups
-//! through the service's [`Notify`], closing a dead instance's connection. A ticker calls
-//! every core a few times a second so that probes and refreshes happen without requests.
+//! through the service's [`Notify`], checking a silent instance's connection and closing a
+//! dead one's. A ticker calls every core a few times a second so that probes and refreshes
+//! happen without requests.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -194,6 +195,16 @@ impl Services {
         for action in actions {
             match action {
                 Action::Wake => changed.notify_waiters(),
+                Action::CheckSilent(peer) => {
+                    let (this, key) = (Arc::clone(self), key.clone());
+                    tokio::spawn(async move {
+                        let silent = this.transport.is_silent(&peer).await;
+                        tracing::debug!(service = %key, %peer, silent, "instance silent: connection checked");
+                        this.with_key(&key, |core, actions| {
+                            core.silence_checked(&peer, silent, Instant::now(), actions);
+                        });
+                    });
+                }
                 Action::Close(peer) => {
                     tracing::debug!(service = %key, %peer, "instance dead or gone: connection closed");
                     self.transport.close_connection(&peer);

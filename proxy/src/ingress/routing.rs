@@ -36,10 +36,12 @@
 //!    once; the driver then sends an idempotent request a second time elsewhere (a hedge,
 //!    within the retry budget) and takes the first answer. An instance that has not answered
 //!    anything it was asked (a probe, which its sidecar answers without its service, or an
-//!    overdue request) for [`DEAD_FACTOR`] times the service's hard limit, at least
-//!    [`DEAD_FLOOR`], is declared dead: ejected, and its connection closed so that requests
-//!    on it fail at once rather than after the QUIC idle timeout. A live instance answers a
-//!    probe within its network RTT, and one over the hard limit is of no use anyway.
+//!    overdue request since it became overdue) for the service's hard limit, at least
+//!    [`DEAD_FLOOR`], has its connection checked for silence ([`Action::CheckSilent`]: the
+//!    driver elicits an acknowledgement from the peer's QUIC stack). If nothing comes back it
+//!    is declared dead: ejected, and its connection closed so that requests on it fail at
+//!    once rather than after the QUIC idle timeout. If its transport answers, its sidecar is
+//!    alive but busy: it keeps its connection and what is under way on it.
 //! 4. **Probes cost nothing where traffic measures.** An instance is probed only when nothing
 //!    answered from it for [`PROBE_INTERVAL`] and no request to it is under way (unless one
 //!    is overdue), while the service is in use ([`QUIET`]). An
@@ -77,13 +79,13 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 pub const PROBE_IDLE_MAX: Duration = Duration::from_secs(4);
 /// A probe not answered within this failed.
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
-/// An instance that answered nothing (probe or request) while asked for this many times the
-/// service's hard limit is dead...
-pub const DEAD_FACTOR: u32 = 2;
-/// ...but never sooner than this: a loaded machine delays a live sidecar's answers by
-/// hundreds of milliseconds, and closing a live connection fails what is under way on it
-/// (with a 200 ms floor, a 16 MiB upload in the test suite was cut off that way).
-pub const DEAD_FLOOR: Duration = Duration::from_millis(600);
+/// An instance that answered nothing (probe or overdue request) for the service's hard limit,
+/// at least this, is suspected dead: its connection is checked for silence (see
+/// [`Action::CheckSilent`]) before it is declared dead. The check, not this, is what keeps a
+/// live instance's connection open: a loaded machine delays a sidecar's answers by hundreds of
+/// milliseconds, but its QUIC stack keeps acknowledging (closing on answers alone, after 200
+/// ms, cut off a 16 MiB upload in the test suite).
+pub const DEAD_FLOOR: Duration = Duration::from_millis(100);
 /// A service that served no request for this long is quiet: its instances are not probed,
 /// and are verified again before its next request.
 pub const QUIET: Duration = Duration::from_secs(30);
@@ -118,6 +120,10 @@ pub enum Action<K> {
     Allocate(Reason),
     /// Wake the requests waiting for this service: something they wait for changed.
     Wake,
+    /// Find out whether the connection to this instance is silent (a live peer's QUIC stack
+    /// acknowledges within a round trip and its ACK delay, however busy its sidecar is) and
+    /// report with [`ServiceCore::silence_checked`].
+    CheckSilent(K),
     /// Close the connection to this instance: it is dead or gone.
     Close(K),
 }
@@ -202,6 +208,8 @@ struct Instance {
     verified: bool,
     /// Its sidecar says its service is down.
     down: bool,
+    /// Its connection is being checked for silence.
+    checking: bool,
     /// It closed its connection to this proxy (it shut down, as when culled): no request waits
     /// for it until it answers again.
     closed: bool,
@@ -227,6 +235,7 @@ impl Instance {
             idle_interval: PROBE_INTERVAL,
             verified: false,
             down: false,
+            checking: false,
             closed: false,
             missing: 0,
             times: RttWindow::new(TIMES_WINDOW, now),
@@ -303,9 +312,10 @@ pub fn nearer_than(rtt: Duration, limits: Limits) -> Duration {
     limits.soft_rtt.max(rtt / 2)
 }
 
-/// How long an instance of a service with `limits` may answer nothing while asked.
+/// How long an instance of a service with `limits` may answer nothing while asked before its
+/// connection is checked for silence.
 pub fn dead_after(limits: Limits) -> Duration {
-    (limits.hard_rtt * DEAD_FACTOR).max(DEAD_FLOOR)
+    limits.hard_rtt.max(DEAD_FLOOR)
 }
 
 impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
@@ -558,7 +568,7 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
                     // elsewhere (or for an allocation).
                     actions.push(Action::Wake);
                 }
-                self.declare_dead_if_silent(key, now, actions);
+                self.check_if_silent(key, now, actions);
             }
         }
     }
@@ -599,7 +609,9 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         let Some(instance) = self.instances.get_mut(key) else {
             return;
         };
-        instance.asked(started);
+        // Silent from now, not from the start: a slow service is not a silent instance. The
+        // probe sent now is what a live sidecar answers.
+        instance.asked(now);
         self.chooser.unanswered(key, started);
         instance.next_probe = now;
         instance.idle_interval = PROBE_INTERVAL;
@@ -646,24 +658,54 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
                 instance.next_probe = now;
                 self.chooser.finish(key, false, now);
                 self.probe_due(now, actions);
-                self.declare_dead_if_silent(key, now, actions);
+                self.check_if_silent(key, now, actions);
             }
             Outcome::Cancelled | Outcome::ClientFault => self.chooser.release(key),
         }
     }
 
-    /// Declares `key` dead if it answered nothing for `dead_after`: ejected, and its
-    /// connection closed so that requests on it fail now rather than at the idle timeout.
-    fn declare_dead_if_silent(&mut self, key: &K, now: Instant, actions: &mut Vec<Action<K>>) {
-        let Some(instance) = self.instances.get(key) else {
+    /// Has the connection to `key` checked for silence if it answered nothing for
+    /// `dead_after`.
+    fn check_if_silent(&mut self, key: &K, now: Instant, actions: &mut Vec<Action<K>>) {
+        let Some(instance) = self.instances.get_mut(key) else {
             return;
         };
-        if instance.silent_for(now) >= self.dead_after && !self.chooser.is_ejected(key, now) {
-            for _ in 0..crate::select::EJECT_AFTER {
-                self.chooser.outcome(key, false, now);
-            }
-            actions.push(Action::Close(key.clone()));
+        if instance.silent_for(now) >= self.dead_after
+            && !instance.checking
+            && !self.chooser.is_ejected(key, now)
+        {
+            instance.checking = true;
+            actions.push(Action::CheckSilent(key.clone()));
         }
+    }
+
+    /// The connection to `key` was checked: `silent` if its peer acknowledged nothing. A
+    /// silent instance is dead: ejected, and its connection closed so that requests on it fail
+    /// now rather than at the idle timeout. One whose transport answers is alive but slow: it
+    /// keeps its connection (and what is under way on it), and its silence counts anew.
+    pub fn silence_checked(
+        &mut self,
+        key: &K,
+        silent: bool,
+        now: Instant,
+        actions: &mut Vec<Action<K>>,
+    ) {
+        let Some(instance) = self.instances.get_mut(key) else {
+            return;
+        };
+        instance.checking = false;
+        if instance.asked_since.is_none() {
+            // It answered while its connection was checked.
+            return;
+        }
+        if !silent {
+            instance.asked_since = Some(now);
+            return;
+        }
+        for _ in 0..crate::select::EJECT_AFTER {
+            self.chooser.outcome(key, false, now);
+        }
+        actions.push(Action::Close(key.clone()));
     }
 
     /// An allocation asked for `reason` ended.
@@ -704,7 +746,7 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
             .map(|(k, _)| k.clone())
             .collect();
         for key in silent {
-            self.declare_dead_if_silent(&key, now, actions);
+            self.check_if_silent(&key, now, actions);
         }
     }
 

@@ -48,6 +48,15 @@ const ACK_ELICITING_THRESHOLD: u32 = 10;
 const STREAM_WINDOW: u32 = 2 << 20;
 const CONNECTION_WINDOW: u32 = 4 << 20;
 const SEND_WINDOW: u64 = 2 << 20;
+/// How long a peer may delay an acknowledgement (quinn's default `max_ack_delay`).
+const ACK_DELAY: Duration = Duration::from_millis(25);
+/// [`Transport::is_silent`] waits at least this for an acknowledgement: a loaded machine
+/// delays even a QUIC stack's answers by tens of milliseconds.
+pub const MIN_SILENCE: Duration = Duration::from_millis(100);
+/// Unreliable datagrams a peer may have buffered, unread, for this proxy: only the empty ones
+/// [`Transport::is_silent`] sends to elicit acknowledgements, which nothing reads (the
+/// oldest are dropped).
+const DATAGRAM_BUFFER: usize = 1024;
 /// Application close codes.
 const CLOSE_AUTH_FAILED: u32 = 1;
 const CLOSE_DEAD: u32 = 2;
@@ -91,6 +100,7 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
         ))
         .keep_alive_interval(Some(KEEP_ALIVE))
         .max_concurrent_bidi_streams(1024u32.into())
+        .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
         .stream_receive_window(STREAM_WINDOW.into())
         .receive_window(CONNECTION_WINDOW.into())
         .send_window(SEND_WINDOW);
@@ -254,6 +264,29 @@ impl Transport {
         if let Some(connection) = removed {
             connection.close(CLOSE_DEAD.into(), b"declared dead");
         }
+    }
+
+    /// Whether the connection to `peer` is silent: its peer acknowledges nothing within twice
+    /// the path RTT and its ACK delay (at least [`MIN_SILENCE`]) of an empty datagram sent
+    /// now, which a live QUIC stack acknowledges however busy the proxy above it is. `true`
+    /// if there is no open connection: nothing is heard on it either.
+    pub async fn is_silent(&self, peer: &PeerId) -> bool {
+        let Some(connection) = self.open_connection(peer) else {
+            return true;
+        };
+        let heard = connection.stats().udp_rx.datagrams;
+        // Any ack-eliciting frame would do; an empty datagram is the smallest quinn sends.
+        // Should it not be sent, the peer's keep-alives and acknowledgements of whatever else
+        // is under way still count.
+        if let Err(error) = connection.send_datagram(bytes::Bytes::new()) {
+            tracing::debug!(%peer, %error, "cannot send a datagram to check for silence");
+        }
+        let wait = (2 * connection.rtt() + ACK_DELAY).max(MIN_SILENCE);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = connection.closed() => return true,
+        }
+        connection.stats().udp_rx.datagrams == heard
     }
 
     /// The open connection to `peer`, if there is one (no waiting, no dialling).

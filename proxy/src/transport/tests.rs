@@ -1,4 +1,7 @@
-use std::net::{Ipv4Addr, SocketAddr};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    sync::atomic::{AtomicUsize, Ordering},
+};
 
 use super::*;
 
@@ -152,8 +155,10 @@ async fn on_loopback_datagrams_grow_far_past_ethernets_and_stay_large_under_stre
 }
 
 /// A UDP relay between one client and `server` that drops every datagram over `limit` bytes,
-/// as a path with a small MTU does (or a peer that says it takes more than it does).
-async fn small_mtu_relay(server: SocketAddr, limit: usize) -> SocketAddr {
+/// as a path with a small MTU does (or a peer that says it takes more than it does); a limit
+/// of 0 drops everything, as a frozen peer or a cut path does. The limit may change as it
+/// runs.
+async fn relay(server: SocketAddr, limit: Arc<AtomicUsize>) -> SocketAddr {
     let socket = Arc::new(tokio::net::UdpSocket::bind(LOOPBACK).await.unwrap());
     let addr = socket.local_addr().unwrap();
     tokio::spawn(async move {
@@ -169,7 +174,7 @@ async fn small_mtu_relay(server: SocketAddr, limit: usize) -> SocketAddr {
                 client = Some(from);
                 server
             };
-            if len <= limit {
+            if len <= limit.load(Ordering::Relaxed) {
                 let _ = socket.send_to(&buffer[..len], to).await;
             }
         }
@@ -182,7 +187,7 @@ async fn a_path_that_drops_large_datagrams_settles_below_them_and_keeps_working(
     const LIMIT: usize = 1500;
     let (server, client) = (transport(None), transport(None));
     let _accepted = serve_echo(Arc::clone(&server));
-    let relay = small_mtu_relay(server.local_addr().unwrap(), LIMIT).await;
+    let relay = relay(server.local_addr().unwrap(), Arc::new(LIMIT.into())).await;
     let connection = client.connect(server.peer_id(), relay).await.unwrap();
     let data = vec![7u8; 256 * 1024];
     for _ in 0..20 {
@@ -193,4 +198,37 @@ async fn a_path_that_drops_large_datagrams_settles_below_them_and_keeps_working(
         (1200..=LIMIT).contains(&mtu),
         "datagrams of {mtu} bytes on a path that carries {LIMIT}"
     );
+}
+
+#[tokio::test]
+async fn a_connection_is_silent_only_when_its_peer_acknowledges_nothing() {
+    let (server, client) = (transport(None), transport(None));
+    let _accepted = serve_echo(Arc::clone(&server));
+    let limit = Arc::new(AtomicUsize::new(usize::MAX));
+    let relay = relay(server.local_addr().unwrap(), Arc::clone(&limit)).await;
+    let connection = client.connect(server.peer_id(), relay).await.unwrap();
+    assert_eq!(echo(&connection, b"hello").await, b"hello");
+    // Idle, with nothing under way (nothing heard for 300 ms: keep-alives are 1 s apart), the
+    // check's own datagram gets an acknowledgement. Three times, so that a keep-alive falling
+    // into the check cannot pass for its answer.
+    for _ in 0..3 {
+        let mut heard = (
+            connection.stats().udp_rx.datagrams,
+            std::time::Instant::now(),
+        );
+        testkit::wait_until("a quiet connection", Duration::from_secs(10), || {
+            let now = connection.stats().udp_rx.datagrams;
+            if now != heard.0 {
+                heard = (now, std::time::Instant::now());
+            }
+            std::future::ready(heard.1.elapsed() > Duration::from_millis(300))
+        })
+        .await;
+        assert!(!client.is_silent(&server.peer_id()).await);
+    }
+    // The path goes dark, as when the peer freezes.
+    limit.store(0, Ordering::Relaxed);
+    assert!(client.is_silent(&server.peer_id()).await);
+    // No connection: nothing is heard either.
+    assert!(client.is_silent(&client.peer_id()).await);
 }
