@@ -268,11 +268,12 @@ impl Transport {
 
     /// Whether the connection to `peer` is silent: its peer acknowledges nothing within twice
     /// the path RTT and its ACK delay (at least [`MIN_SILENCE`]) of an empty datagram sent
-    /// now, which a live QUIC stack acknowledges however busy the proxy above it is. `true`
-    /// if there is no open connection: nothing is heard on it either.
+    /// now, which a live QUIC stack acknowledges however busy the proxy above it is. `false`
+    /// if there is no open connection: nothing to judge (one may be being set up, which
+    /// takes a few round trips; or cannot be, which the attempts to set it up report).
     pub async fn is_silent(&self, peer: &PeerId) -> bool {
         let Some(connection) = self.open_connection(peer) else {
-            return true;
+            return false;
         };
         let heard = connection.stats().udp_rx.datagrams;
         // Any ack-eliciting frame would do; an empty datagram is the smallest quinn sends.

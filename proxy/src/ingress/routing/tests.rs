@@ -145,6 +145,9 @@ struct Sim {
     attempts: Vec<Attempt>,
     probes: usize,
     random: u64,
+    /// Instances with an open connection: one is opened by a probe or a request to an
+    /// instance whose transport answers, and lost when closed.
+    connected: std::collections::HashSet<Key>,
 }
 
 fn addr(key: Key) -> SocketAddr {
@@ -176,6 +179,7 @@ impl Sim {
             attempts: Vec::new(),
             probes: 0,
             random: 0x2545_f491_4f6c_dd1d,
+            connected: Default::default(),
         };
         sim.at(now, Event::Tick);
         sim
@@ -396,6 +400,9 @@ impl Sim {
                 });
                 self.core.attempt_started(&key);
                 let behaviour = &self.world[key];
+                if !behaviour.transport_silent(now) {
+                    self.connected.insert(key);
+                }
                 let outcome = match behaviour.service_dead_from {
                     Some(from) if now >= from => behaviour
                         .answer_at(now, Duration::ZERO)
@@ -440,6 +447,9 @@ impl Sim {
                 Action::Probe(key, _) => {
                     self.probes += 1;
                     let behaviour = &self.world[key];
+                    if !behaviour.transport_silent(now) {
+                        self.connected.insert(key);
+                    }
                     let answer = behaviour
                         .answer_at(now, Duration::ZERO)
                         .filter(|at| *at - now < PROBE_TIMEOUT);
@@ -469,13 +479,17 @@ impl Sim {
                     }
                 }
                 Action::CheckSilent(key) => {
-                    // As `Transport::is_silent` does on loopback: waits its shortest time.
+                    // As `Transport::is_silent` does on loopback: waits its shortest time, and
+                    // finds nothing silent without a connection.
                     let behaviour = &self.world[key];
                     let end = now + MIN_SILENCE;
-                    let silent = behaviour.transport_silent(now) && behaviour.transport_silent(end);
+                    let silent = self.connected.contains(key)
+                        && behaviour.transport_silent(now)
+                        && behaviour.transport_silent(end);
                     self.at(end, Event::SilenceChecked(key, silent));
                 }
                 Action::Close(key) => {
+                    self.connected.remove(key);
                     // Requests on a closed connection fail at once.
                     let on_it: Vec<usize> = (0..self.attempts.len())
                         .filter(|&a| self.attempts[a].live && self.attempts[a].key == key)
