@@ -34,8 +34,12 @@
 //! copying either. Limits ([`MAX_HEAD_BYTES`], [`MAX_HEADERS`], [`MAX_DATA_BYTES`]) are
 //! checked from the length prefix, before anything is buffered.
 
+mod decoder;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+
+pub use decoder::{Decoder, Piece, parse_header};
 
 pub const VERSION: u8 = 1;
 /// Largest encoded head or trailers frame.
@@ -280,24 +284,7 @@ pub fn decode_frame(buffer: &mut BytesMut) -> Result<Option<Frame>, FrameError> 
     if buffer.len() < FRAME_HEADER_BYTES {
         return Ok(None);
     }
-    let kind = match buffer[0] {
-        1 => Kind::Head,
-        2 => Kind::Data,
-        3 => Kind::Trailers,
-        4 => Kind::Ping,
-        5 => Kind::Refused,
-        6 => Kind::Failed,
-        other => return Err(FrameError::UnknownKind(other)),
-    };
-    let len = u32::from_be_bytes(buffer[1..5].try_into().expect("4 bytes")) as usize;
-    let limit = if kind == Kind::Data {
-        MAX_DATA_BYTES
-    } else {
-        MAX_HEAD_BYTES
-    };
-    if len > limit {
-        return Err(FrameError::TooLarge { kind, len, limit });
-    }
+    let (kind, len) = parse_header(buffer)?;
     if buffer.len() < FRAME_HEADER_BYTES + len {
         buffer.reserve(FRAME_HEADER_BYTES + len - buffer.len());
         return Ok(None);

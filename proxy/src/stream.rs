@@ -1,10 +1,12 @@
 //! HTTP messages on a QUIC stream, in the frames of [`crate::framing`], streamed both ways
 //! with back-pressure: a body is never held whole, a DATA frame is a 5-byte header written in
-//! front of the chunk it carries (no copy), and a receiver reads frames only as fast as its
-//! consumer takes them.
+//! front of the chunk it carries (no copy), received body bytes are the chunks quinn hands
+//! over (no copy either: [`Decoder`]), and a receiver reads only as fast as its consumer
+//! takes what it read.
 
 use std::{
-    pin::Pin,
+    future::Future,
+    pin::{Pin, pin},
     task::{Context, Poll, ready},
 };
 
@@ -14,13 +16,8 @@ use http_body_util::BodyExt;
 use quinn::{RecvStream, SendStream};
 
 use crate::framing::{
-    self, FrameError, Kind, MAX_DATA_BYTES, decode_frame, decode_trailers, frame_header,
+    self, Decoder, FrameError, Kind, MAX_DATA_BYTES, Piece, decode_trailers, frame_header,
 };
-
-/// Room reserved in a receive buffer before each read, beyond what the frame being read still
-/// needs (`decode_frame` reserves that): small, because every stream in flight has a buffer of
-/// its own (64 KiB each put 1-1.6 MiB on each proxy's peak under the 32-worker closed loop).
-const READ_CHUNK: usize = 8 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -48,45 +45,32 @@ fn quic(e: impl std::fmt::Display) -> StreamError {
     StreamError::Quic(e.to_string())
 }
 
-/// Reads from `recv` until `buffer` holds a whole frame; `None` at a clean end of stream.
-async fn next_frame(
+/// Reads chunks from `recv` into `decoder` until it gives a piece; `None` at a clean end of
+/// stream.
+fn poll_piece(
     recv: &mut RecvStream,
-    buffer: &mut BytesMut,
-) -> Result<Option<framing::Frame>, StreamError> {
-    std::future::poll_fn(|cx| poll_next_frame(recv, buffer, cx)).await
-}
-
-fn poll_next_frame(
-    recv: &mut RecvStream,
-    buffer: &mut BytesMut,
+    decoder: &mut Decoder,
     cx: &mut Context<'_>,
-) -> Poll<Result<Option<framing::Frame>, StreamError>> {
+) -> Poll<Result<Option<Piece>, StreamError>> {
     loop {
-        if let Some(frame) = decode_frame(buffer)? {
-            return Poll::Ready(Ok(Some(frame)));
+        if let Some(piece) = decoder.next_piece()? {
+            return Poll::Ready(Ok(Some(piece)));
         }
-        buffer.reserve(READ_CHUNK);
-        let read = ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut *recv),
-            cx,
-            buffer
-        ))
-        .map_err(quic)?;
-        if read == 0 {
-            return Poll::Ready(if buffer.is_empty() {
-                Ok(None)
-            } else {
-                Err(StreamError::Truncated)
-            });
+        // Cancel-safe: a chunk is only taken from the stream when it is returned.
+        let chunk = ready!(pin!(recv.read_chunk(usize::MAX, true)).poll(cx)).map_err(quic)?;
+        match chunk {
+            Some(chunk) => decoder.push(chunk.bytes),
+            None if decoder.at_boundary() => return Poll::Ready(Ok(None)),
+            None => return Poll::Ready(Err(StreamError::Truncated)),
         }
     }
 }
 
 /// How a stream direction opens: a message head, a probe (or its answer), or a refusal.
 pub enum Opening {
-    /// The HEAD frame's payload and the buffer holding whatever arrived after it (the start
+    /// The HEAD frame's payload and the decoder holding whatever arrived after it (the start
     /// of the body).
-    Head(Bytes, BytesMut),
+    Head(Bytes, Decoder),
     /// A PING frame's payload (empty for a probe, the [`framing::Health`] in an answer).
     Ping(Bytes),
     /// A REFUSED frame's reason.
@@ -97,25 +81,26 @@ pub enum Opening {
 
 /// Reads the frame that opens a stream direction.
 pub async fn read_opening(recv: &mut RecvStream) -> Result<Opening, StreamError> {
-    let mut buffer = BytesMut::new();
-    match next_frame(recv, &mut buffer).await? {
-        Some(frame) if frame.kind == Kind::Head => Ok(Opening::Head(frame.payload, buffer)),
-        Some(frame) if frame.kind == Kind::Ping => Ok(Opening::Ping(frame.payload)),
-        Some(frame) if frame.kind == Kind::Refused => Ok(Opening::Refused(
-            String::from_utf8_lossy(&frame.payload).into_owned(),
-        )),
-        Some(frame) if frame.kind == Kind::Failed => Ok(Opening::Failed(
-            String::from_utf8_lossy(&frame.payload).into_owned(),
-        )),
-        Some(frame) => Err(StreamError::Unexpected(frame.kind)),
+    let mut decoder = Decoder::default();
+    let piece = std::future::poll_fn(|cx| poll_piece(recv, &mut decoder, cx)).await?;
+    let reason = |payload: &Bytes| String::from_utf8_lossy(payload).into_owned();
+    match piece {
+        Some(Piece::Frame(frame)) => match frame.kind {
+            Kind::Head => Ok(Opening::Head(frame.payload, decoder)),
+            Kind::Ping => Ok(Opening::Ping(frame.payload)),
+            Kind::Refused => Ok(Opening::Refused(reason(&frame.payload))),
+            Kind::Failed => Ok(Opening::Failed(reason(&frame.payload))),
+            kind @ (Kind::Data | Kind::Trailers) => Err(StreamError::Unexpected(kind)),
+        },
+        Some(Piece::Data(_)) => Err(StreamError::Unexpected(Kind::Data)),
         None => Err(StreamError::NoHead),
     }
 }
 
-/// Reads the HEAD frame that opens a stream direction; returns its payload and the buffer
+/// Reads the HEAD frame that opens a stream direction; returns its payload and the decoder
 /// holding whatever arrived after it (the start of the body). A REFUSED frame is
 /// [`StreamError::Refused`].
-pub async fn read_head(recv: &mut RecvStream) -> Result<(Bytes, BytesMut), StreamError> {
+pub async fn read_head(recv: &mut RecvStream) -> Result<(Bytes, Decoder), StreamError> {
     match read_opening(recv).await? {
         Opening::Head(payload, rest) => Ok((payload, rest)),
         Opening::Ping(_) => Err(StreamError::Unexpected(Kind::Ping)),
@@ -187,21 +172,63 @@ where
     send.finish().map_err(quic)
 }
 
-/// The body that follows a head on a receive stream: DATA frames, then optional trailers.
+/// Received body pieces smaller than this are gathered, with whatever else has arrived, into
+/// one piece of up to [`GATHER_UP_TO`] bytes: on a path of 1.4 KB datagrams every chunk quinn
+/// hands over is about that small, and a write to the next socket per chunk would cost far
+/// more than the copy. Larger pieces (loopback and jumbo-frame paths) go on as they came.
+const GATHER_BELOW: usize = 16 * 1024;
+const GATHER_UP_TO: usize = 64 * 1024;
+
+/// The body that follows a head on a receive stream: DATA payloads as quinn received them
+/// (small ones gathered), then optional trailers.
 pub struct FramedBody {
     recv: RecvStream,
-    buffer: BytesMut,
+    decoder: Decoder,
+    /// What was read while gathering and is given next: a piece, the end, or an error.
+    next: Option<Result<Option<Piece>, StreamError>>,
     done: bool,
 }
 
 impl FramedBody {
-    /// `buffer` is what [`read_head`] left over.
-    pub fn new(recv: RecvStream, buffer: BytesMut) -> Self {
+    /// `decoder` is what [`read_head`] left over.
+    pub fn new(recv: RecvStream, decoder: Decoder) -> Self {
         Self {
             recv,
-            buffer,
+            decoder,
+            next: None,
             done: false,
         }
+    }
+
+    /// The next piece, small DATA pieces gathered with those that have already arrived.
+    fn poll_gathered(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Piece>, StreamError>> {
+        let first = match self.next.take() {
+            Some(read) => read?,
+            None => ready!(poll_piece(&mut self.recv, &mut self.decoder, cx))?,
+        };
+        let Some(first) = first else {
+            return Poll::Ready(Ok(None));
+        };
+        let small = match first {
+            Piece::Data(data) if data.len() < GATHER_BELOW => data,
+            other => return Poll::Ready(Ok(Some(other))),
+        };
+        let mut gathered = BytesMut::new();
+        gathered.extend_from_slice(&small);
+        while gathered.len() < GATHER_UP_TO {
+            // Only what is already here: a pending read leaves the waker registered.
+            match poll_piece(&mut self.recv, &mut self.decoder, cx) {
+                Poll::Ready(Ok(Some(Piece::Data(data)))) if data.len() < GATHER_BELOW => {
+                    gathered.extend_from_slice(&data);
+                }
+                Poll::Ready(other) => {
+                    self.next = Some(other);
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        Poll::Ready(Ok(Some(Piece::Data(gathered.freeze()))))
     }
 }
 
@@ -217,8 +244,8 @@ impl Body for FramedBody {
             return Poll::Ready(None);
         }
         let this = &mut *self;
-        let frame = match ready!(poll_next_frame(&mut this.recv, &mut this.buffer, cx)) {
-            Ok(Some(frame)) => frame,
+        let piece = match ready!(this.poll_gathered(cx)) {
+            Ok(Some(piece)) => piece,
             Ok(None) => {
                 this.done = true;
                 return Poll::Ready(None);
@@ -228,14 +255,14 @@ impl Body for FramedBody {
                 return Poll::Ready(Some(Err(error)));
             }
         };
-        Poll::Ready(Some(match frame.kind {
-            Kind::Data => Ok(BodyFrame::data(frame.payload)),
-            Kind::Trailers => decode_trailers(&frame.payload)
-                .map(BodyFrame::trailers)
-                .map_err(Into::into),
-            kind @ (Kind::Head | Kind::Ping | Kind::Refused | Kind::Failed) => {
-                Err(StreamError::Unexpected(kind))
-            }
+        Poll::Ready(Some(match piece {
+            Piece::Data(data) => Ok(BodyFrame::data(data)),
+            Piece::Frame(frame) => match frame.kind {
+                Kind::Trailers => decode_trailers(&frame.payload)
+                    .map(BodyFrame::trailers)
+                    .map_err(Into::into),
+                kind => Err(StreamError::Unexpected(kind)),
+            },
         }))
     }
 
@@ -243,3 +270,6 @@ impl Body for FramedBody {
         self.done
     }
 }
+
+#[cfg(test)]
+mod tests;

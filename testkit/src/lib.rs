@@ -20,8 +20,10 @@ use tokio::{
 
 mod delay_relay;
 mod far_host;
+mod mtu_relay;
 pub use delay_relay::UdpDelayRelay;
 pub use far_host::FarHost;
+pub use mtu_relay::mtu_relay;
 
 /// Timers short enough for tests: pings every 200 ms, provider records living 3 s.
 pub fn fast_timing() -> Timing {

@@ -149,7 +149,7 @@ impl Upstream {
         &self,
         head: &RequestHeadView<'_>,
         recv: RecvStream,
-        rest: BytesMut,
+        rest: crate::framing::Decoder,
         send: &mut SendStream,
         answered: impl Fn(),
     ) -> Result<(), ExchangeError> {

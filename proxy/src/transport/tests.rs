@@ -154,40 +154,12 @@ async fn on_loopback_datagrams_grow_far_past_ethernets_and_stay_large_under_stre
     assert!(mtu > 16_000, "the path fell back to {mtu}-byte datagrams");
 }
 
-/// A UDP relay between one client and `server` that drops every datagram over `limit` bytes,
-/// as a path with a small MTU does (or a peer that says it takes more than it does); a limit
-/// of 0 drops everything, as a frozen peer or a cut path does. The limit may change as it
-/// runs.
-async fn relay(server: SocketAddr, limit: Arc<AtomicUsize>) -> SocketAddr {
-    let socket = Arc::new(tokio::net::UdpSocket::bind(LOOPBACK).await.unwrap());
-    let addr = socket.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut client = None;
-        let mut buffer = vec![0u8; 65_536];
-        while let Ok((len, from)) = socket.recv_from(&mut buffer).await {
-            let to = if from == server {
-                match client {
-                    Some(client) => client,
-                    None => continue,
-                }
-            } else {
-                client = Some(from);
-                server
-            };
-            if len <= limit.load(Ordering::Relaxed) {
-                let _ = socket.send_to(&buffer[..len], to).await;
-            }
-        }
-    });
-    addr
-}
-
 #[tokio::test]
 async fn a_path_that_drops_large_datagrams_settles_below_them_and_keeps_working() {
     const LIMIT: usize = 1500;
     let (server, client) = (transport(None), transport(None));
     let _accepted = serve_echo(Arc::clone(&server));
-    let relay = relay(server.local_addr().unwrap(), Arc::new(LIMIT.into())).await;
+    let relay = testkit::mtu_relay(server.local_addr().unwrap(), Arc::new(LIMIT.into())).await;
     let connection = client.connect(server.peer_id(), relay).await.unwrap();
     let data = vec![7u8; 256 * 1024];
     for _ in 0..20 {
@@ -205,7 +177,7 @@ async fn a_connection_is_silent_only_when_its_peer_acknowledges_nothing() {
     let (server, client) = (transport(None), transport(None));
     let _accepted = serve_echo(Arc::clone(&server));
     let limit = Arc::new(AtomicUsize::new(usize::MAX));
-    let relay = relay(server.local_addr().unwrap(), Arc::clone(&limit)).await;
+    let relay = testkit::mtu_relay(server.local_addr().unwrap(), Arc::clone(&limit)).await;
     let connection = client.connect(server.peer_id(), relay).await.unwrap();
     assert_eq!(echo(&connection, b"hello").await, b"hello");
     // Idle, with nothing under way (nothing heard for 300 ms: keep-alives are 1 s apart), the
