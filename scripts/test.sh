@@ -38,8 +38,9 @@ set -e
 # committed run); nothing is asserted about speed.
 if [ "$status" -eq 0 ]; then
   if ! cargo run -q -p bench --locked -- --out "$bench_out" all --quick >"$log.bench" 2>&1; then
-    # A panic's message comes before its backtrace, which would fill the tail.
-    grep -B2 -A4 'panicked' "$log.bench" || true
+    # A panic's message, or the error main returned, comes before its backtrace, which
+    # would fill the tail.
+    grep -B2 -A8 -E 'panicked|^Error: ' "$log.bench" || true
     tail -40 "$log.bench"
     echo "the benchmark suite's quick mode failed"
     status=1

@@ -35,6 +35,7 @@ mod tiers;
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::report::Report;
@@ -114,26 +115,31 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every scenario, with its default sizes or its quick ones.
+/// Every scenario, with its default sizes or its quick ones; an error names the scenario.
 async fn all(quick: bool, out: &mut Report) -> anyhow::Result<()> {
-    macro_rules! sizes {
-        ($module:ident) => {
-            if quick {
+    macro_rules! run {
+        ($($module:ident),*) => {$(
+            let args = if quick {
                 $module::Args::quick()
             } else {
                 $module::Args::default()
-            }
-        };
+            };
+            $module::run(args, out)
+                .await
+                .context(concat!("scenario ", stringify!($module)))?;
+        )*};
     }
-    overlay::run(sizes!(overlay), out).await?;
-    monitor_memory::run(sizes!(monitor_memory), out).await?;
-    lookup::run(sizes!(lookup), out).await?;
-    quic::run(sizes!(quic), out).await?;
-    side_by_side::run(sizes!(side_by_side), out).await?;
-    stream::run(sizes!(stream), out).await?;
-    cold_start::run(sizes!(cold_start), out).await?;
-    tiers::run(sizes!(tiers), out).await?;
-    probes::run(sizes!(probes), out).await?;
-    slow_service::run(sizes!(slow_service), out).await?;
+    run!(
+        overlay,
+        monitor_memory,
+        lookup,
+        quic,
+        side_by_side,
+        stream,
+        cold_start,
+        tiers,
+        probes,
+        slow_service
+    );
     Ok(())
 }

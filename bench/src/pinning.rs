@@ -1,19 +1,17 @@
 //! Pinning processes to CPUs, so that the load generator does not compete with what it
 //! measures.
 
-use std::{path::PathBuf, process::Stdio};
-
-use crate::foreign::find_program;
+use std::{io, ops::Range};
 
 /// CPU affinity: the load generator (this process) on CPU 0, every other process on the
-/// remaining CPUs, with `taskset`. Children inherit the affinity of the thread that forks
-/// them, so this process first moves itself to the others' CPUs, starts everything, then
-/// moves itself to CPU 0. Dropped, it gives this process every CPU again (the next scenario
-/// starts from a clean slate).
+/// remaining CPUs. Children inherit the affinity of the thread that forks them, so this
+/// process first moves itself to the others' CPUs, starts everything, then moves itself to
+/// CPU 0. Dropped, it gives this process every CPU again (the next scenario starts from a
+/// clean slate).
 pub struct Pinning {
-    taskset: Option<PathBuf>,
-    others: String,
-    all: String,
+    /// `None` with fewer than two CPUs: nothing is pinned.
+    others: Option<Range<usize>>,
+    all: Range<usize>,
 }
 
 impl Pinning {
@@ -21,17 +19,9 @@ impl Pinning {
         // Online CPUs, not this process's allowed ones (which pinning narrows).
         // SAFETY: sysconf has no preconditions.
         let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
-        let taskset = find_program("taskset").filter(|_| cpus >= 2);
-        let others = if cpus > 2 {
-            format!("1-{}", cpus - 1)
-        } else {
-            "1".to_owned()
-        };
-        let all = format!("0-{}", cpus - 1);
         Self {
-            taskset,
-            others,
-            all,
+            others: (cpus >= 2).then_some(1..cpus),
+            all: 0..cpus,
         }
     }
 
@@ -41,32 +31,20 @@ impl Pinning {
         &self,
         start: impl Future<Output = anyhow::Result<T>>,
     ) -> anyhow::Result<T> {
-        self.pin_self(&self.others)?;
-        let started = start.await;
-        self.pin_self("0")?;
-        started
-    }
-
-    /// Every thread of this process on `cpus`.
-    fn pin_self(&self, cpus: &str) -> anyhow::Result<()> {
-        let Some(taskset) = &self.taskset else {
-            return Ok(());
+        let Some(others) = &self.others else {
+            return start.await;
         };
-        let status = std::process::Command::new(taskset)
-            .args(["-a", "-p", "-c", cpus, &std::process::id().to_string()])
-            .stdout(Stdio::null())
-            .status()?;
-        anyhow::ensure!(status.success(), "taskset failed: {status}");
-        Ok(())
+        pin_self(others.clone())?;
+        let started = start.await;
+        pin_self(0..1)?;
+        started
     }
 
     /// What was done, with each process's allowed CPUs read back from /proc.
     pub fn describe(&self, processes: &[(String, u32)]) -> String {
-        if self.taskset.is_none() {
-            return "not pinned (taskset not found, or fewer than 2 CPUs): every process shares \
-                    every core"
-                .to_owned();
-        }
+        let Some(others) = &self.others else {
+            return "not pinned (fewer than 2 CPUs): every process shares every core".to_owned();
+        };
         let read: Vec<String> = processes
             .iter()
             .map(|(name, pid)| {
@@ -82,10 +60,10 @@ impl Pinning {
             })
             .collect();
         format!(
-            "pinned with taskset: the load generator (this process, all threads) on CPU 0; \
+            "pinned (sched_setaffinity): the load generator (this process, all threads) on CPU 0; \
              every process it starts (services, proxies, our bootstrap and lookup) on CPU {}, \
              all sharing it (read back: {})",
-            self.others,
+            cpu_list(others),
             read.join(", ")
         )
     }
@@ -93,8 +71,45 @@ impl Pinning {
 
 impl Drop for Pinning {
     fn drop(&mut self) {
-        if let Err(e) = self.pin_self(&self.all) {
+        if self.others.is_some()
+            && let Err(e) = pin_self(self.all.clone())
+        {
             eprintln!("cannot give this process every CPU again: {e:#}");
         }
     }
+}
+
+/// `1` or `1-3`, as taskset writes CPU lists.
+fn cpu_list(cpus: &Range<usize>) -> String {
+    match cpus.len() {
+        1 => cpus.start.to_string(),
+        _ => format!("{}-{}", cpus.start, cpus.end - 1),
+    }
+}
+
+/// Every thread of this process on `cpus` (what `taskset -a -p` does, but a thread that ends
+/// while this runs, as Tokio's idle blocking threads do, is no error: `taskset` failed the
+/// whole run on one).
+fn pin_self(cpus: Range<usize>) -> anyhow::Result<()> {
+    // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET only writes within it for
+    // CPU numbers below CPU_SETSIZE, which online CPUs are.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for cpu in cpus {
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    for entry in std::fs::read_dir("/proc/self/task")? {
+        let name = entry?.file_name();
+        let Some(tid) = name.to_str().and_then(|n| n.parse::<libc::pid_t>().ok()) else {
+            continue;
+        };
+        // SAFETY: `set` is a valid cpu_set_t of the size given.
+        let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) };
+        if rc != 0 {
+            let error = io::Error::last_os_error();
+            if error.raw_os_error() != Some(libc::ESRCH) {
+                anyhow::bail!("cannot pin thread {tid}: {error}");
+            }
+        }
+    }
+    Ok(())
 }
