@@ -2,8 +2,8 @@
 //! `control::overlay::bootstrap` is for joining the overlay and quinn-proto is under quinn.
 //! It does no I/O and reads no clock: the driver ([`super`]) passes the time, the randomness
 //! and what happened, and carries out the [`Action`]s it returns (probe, discover, allocate,
-//! wake waiting requests, forget an instance's connection). The simulator in `core/tests.rs`
-//! drives it in virtual time.
+//! wake waiting requests, check an instance's connection for silence, close it). The
+//! simulator in `routing/tests.rs` drives it in virtual time.
 //!
 //! # Inputs
 //! - the provider set found on the overlay ([`ServiceCore::discovered`]): it replaces what was
@@ -15,6 +15,8 @@
 //!   timed out, cancelled, or the client's fault;
 //! - an instance closing its connection to this proxy ([`ServiceCore::closed_by_peer`]: it
 //!   shut down, as a culled instance does);
+//! - whether the connection to an instance it suspects dead is silent
+//!   ([`ServiceCore::silence_checked`]);
 //! - allocation results ([`ServiceCore::allocation_ended`]) and ticks ([`ServiceCore::tick`]).
 //!
 //! # Rules
