@@ -27,9 +27,12 @@ use crate::{body::drain, serve::SERVED_BY};
 
 /// Every request (and a waiting one's wait for a slot) gets this long, then it is an error.
 const TIMEOUT: Duration = Duration::from_secs(5);
-/// Most open-loop requests in flight at once: one due while this many are outstanding waits
-/// for a slot, and the wait counts in its latency.
-const MAX_IN_FLIGHT: usize = 1024;
+/// Most open-loop requests in flight at once, so at most this many client connections, as
+/// wrk2's fixed connection count: one due while this many are outstanding waits for a slot,
+/// and the wait counts in its latency. With 1024, a stall of a fifth of a second at 5000
+/// requests/s opened a thousand connections through each path, and each TLS peer a
+/// thousand upstream handshakes on its one core, which it never recovered from.
+const MAX_IN_FLIGHT: usize = 128;
 
 pub type GetClient = Client<HttpConnector, Empty<Bytes>>;
 
