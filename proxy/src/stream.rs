@@ -213,10 +213,20 @@ impl FramedBody {
             Piece::Data(data) if data.len() < GATHER_BELOW => data,
             other => return Poll::Ready(Ok(Some(other))),
         };
-        let mut gathered = BytesMut::new();
+        // Only what is already here: a pending read leaves the waker registered. With
+        // nothing more yet, the piece goes on as it came, neither copied nor allocated for.
+        let second = match poll_piece(&mut self.recv, &mut self.decoder, cx) {
+            Poll::Ready(Ok(Some(Piece::Data(data)))) if data.len() < GATHER_BELOW => data,
+            Poll::Ready(other) => {
+                self.next = Some(other);
+                return Poll::Ready(Ok(Some(Piece::Data(small))));
+            }
+            Poll::Pending => return Poll::Ready(Ok(Some(Piece::Data(small)))),
+        };
+        let mut gathered = BytesMut::with_capacity(GATHER_UP_TO);
         gathered.extend_from_slice(&small);
+        gathered.extend_from_slice(&second);
         while gathered.len() < GATHER_UP_TO {
-            // Only what is already here: a pending read leaves the waker registered.
             match poll_piece(&mut self.recv, &mut self.decoder, cx) {
                 Poll::Ready(Ok(Some(Piece::Data(data)))) if data.len() < GATHER_BELOW => {
                     gathered.extend_from_slice(&data);
