@@ -311,6 +311,7 @@ async fn the_service_survives_bad_messages_and_refuses_records_without_blobs() {
             command: vec!["ghost".into()],
         },
         limits: Limits::default(),
+        protocol: Default::default(),
         unknown: Default::default(),
     };
     let answer = client

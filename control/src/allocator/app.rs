@@ -28,7 +28,7 @@ use crate::{
         net::{parse_p2p_listen_addr, parse_socket_addr},
         overlay_args::{BOOTSTRAPS_ENV, OverlayArgs},
     },
-    lookup::client,
+    lookup::{ServiceRecord, client},
     overlay::{Node, identity::expand_home},
 };
 
@@ -487,7 +487,7 @@ impl Allocator {
         let launch = Launch {
             record: &record,
             name: format!("mtc-{}-{}", record.name, ports.proxy),
-            env: self.environment(&record.name, ports),
+            env: self.environment(&record, ports),
             labels: instance.labels(&self.me),
         };
         match self.runtime.start(&launch, &self.blobs).await {
@@ -511,9 +511,10 @@ impl Allocator {
     }
 
     /// The environment of an instance (the container contract of sidecar-image/README.md).
-    fn environment(&self, service: &str, ports: InstancePorts) -> Vec<(String, String)> {
+    fn environment(&self, record: &ServiceRecord, ports: InstancePorts) -> Vec<(String, String)> {
         let mut env = vec![
-            ("SERVICE_NAME".to_owned(), service.to_owned()),
+            ("SERVICE_NAME".to_owned(), record.name.clone()),
+            ("SERVICE_PROTOCOL".into(), record.protocol.as_str().into()),
             ("PROXY_PORT".into(), ports.proxy.to_string()),
             ("PROXY_IP".into(), self.host_ip.to_string()),
             ("SERVICE_PORT".into(), ports.service.to_string()),

@@ -15,7 +15,7 @@ use super::{
     archive,
     client::{self, ClientError},
     protocol::{LookupProtocol, LookupRequest, LookupResponse},
-    record::{Artifact, Limits, RECORD_VERSION, ServiceRecord, parse_bytes},
+    record::{Artifact, Limits, RECORD_VERSION, ServiceProtocol, ServiceRecord, parse_bytes},
 };
 use crate::{
     blob::{Digest, hash_file, transfer},
@@ -87,6 +87,10 @@ pub struct AddArgs {
     /// Memory per instance, e.g. 256MiB.
     #[arg(long, value_parser = parse_bytes, value_name = "SIZE")]
     pub memory: Option<u64>,
+    /// How the service is spoken to: HTTP requests through `proxy`, or TCP connections and
+    /// UDP datagrams through `l4-proxy` chains. Allocators start its sidecar accordingly.
+    #[arg(long, value_enum, default_value = "http")]
+    pub protocol: ServiceProtocol,
     /// With --exec: the command line it is started with, after `--` (default: its file
     /// name). `$SERVICE_PORT` and the other instance variables are expanded at start.
     #[arg(last = true, value_name = "COMMAND")]
@@ -233,6 +237,7 @@ async fn prepare(args: &AddArgs) -> anyhow::Result<Prepared> {
         size,
         artifact,
         limits,
+        protocol: args.protocol,
         unknown: Default::default(),
     };
     record.validate().map_err(anyhow::Error::msg)?;
@@ -394,6 +399,7 @@ fn print_record(record: &ServiceRecord) {
             humantime::format_duration(d).to_string()
         })
     };
+    println!("protocol: {}", record.protocol.as_str());
     println!("soft rtt: {}", duration(limits.soft_rtt));
     println!("hard rtt: {}", duration(limits.hard_rtt));
     println!(

@@ -14,4 +14,4 @@ pub mod record;
 pub mod service;
 pub mod store;
 
-pub use record::{Artifact, Limits, ServiceRecord};
+pub use record::{Artifact, Limits, ServiceProtocol, ServiceRecord};

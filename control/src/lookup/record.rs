@@ -57,6 +57,35 @@ pub struct Limits {
     pub memory_bytes: Option<u64>,
 }
 
+/// How a service is spoken to: what its sidecar carries, and how it checks the service.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceProtocol {
+    /// HTTP/1.1 requests (the default; the sidecar checks it by connecting).
+    #[default]
+    Http,
+    /// TCP connections, through l4-proxy chains (checked by connecting).
+    Tcp,
+    /// UDP datagrams, through l4-proxy chains (cannot be checked: taken as serving).
+    Udp,
+}
+
+impl ServiceProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+
+    fn is_http(&self) -> bool {
+        *self == Self::Http
+    }
+}
+
 /// A service name's record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceRecord {
@@ -70,6 +99,9 @@ pub struct ServiceRecord {
     pub artifact: Artifact,
     #[serde(default)]
     pub limits: Limits,
+    /// How the service is spoken to; HTTP when the record does not say (older records).
+    #[serde(default, skip_serializing_if = "ServiceProtocol::is_http")]
+    pub protocol: ServiceProtocol,
     /// Fields written by a newer version, kept as they were.
     #[serde(flatten)]
     pub unknown: BTreeMap<String, serde_json::Value>,
@@ -189,6 +221,7 @@ mod tests {
                 cpu_cores: Some(0.5),
                 memory_bytes: Some(256 << 20),
             },
+            protocol: ServiceProtocol::Http,
             unknown: BTreeMap::new(),
         }
     }

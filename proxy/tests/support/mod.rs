@@ -156,6 +156,7 @@ impl Network {
             size: artifact.len() as u64,
             artifact: Artifact::Executable { command },
             limits,
+            protocol: Default::default(),
             unknown: Default::default(),
         };
         let added = self
