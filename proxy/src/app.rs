@@ -32,7 +32,7 @@ use control::{
         net::{parse_p2p_listen_addr, parse_socket_addr},
         overlay_args::OverlayArgs,
     },
-    lookup::ServiceRecord,
+    lookup::{ServiceProtocol, ServiceRecord},
     overlay::{Backoff, Node},
 };
 use libp2p::Multiaddr;
@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::perf::PerfConfig,
     ingress::{Ingress, IngressSettings},
+    l4::{TunnelMetrics, front::L4Front, hop::HopRole},
     metrics::{Activity, IngressMetrics, LiveCollector, SidecarCollector, SidecarView},
     sidecar::{Sidecar, health::ServiceState},
     supervise::Service,
@@ -56,7 +57,7 @@ const DRAIN: Duration = Duration::from_secs(5);
 #[derive(clap::Parser, Debug)]
 #[command(name = "proxy", version)]
 pub struct Cli {
-    /// Port of the HTTP ingress on --listen-ip (HTTP/1.1 and h2c).
+    /// Port of the HTTP ingress on --listen-ip (HTTP/1.1 and h2c); l4-proxy's control API.
     #[arg(value_name = "PORT", env = "PROXY_PORT")]
     pub port: u16,
 
@@ -134,6 +135,17 @@ pub struct Cli {
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     pub head_timeout: Duration,
 
+    /// Service mode: how the service is spoken to (the `--protocol` of its record; allocators
+    /// set SERVICE_PROTOCOL from it). A UDP service cannot be checked by connecting to it, so
+    /// its sidecar takes it as serving from the start.
+    #[arg(long, env = "SERVICE_PROTOCOL", default_value = "http", value_enum)]
+    pub protocol: ServiceProtocol,
+
+    /// l4-proxy: a UDP client that sends and receives nothing for this long is forgotten, and
+    /// its tunnel closed.
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
+    pub udp_idle_timeout: Duration,
+
     /// Threads serving requests. One (the default) runs every task on the main thread with
     /// Tokio's current-thread scheduler, as nginx's and haproxy's event loops do: profiling
     /// showed a third of the proxy's CPU going to threads waking each other per request, and
@@ -158,6 +170,27 @@ pub struct Cli {
 
     #[command(flatten)]
     pub overlay: OverlayArgs,
+}
+
+/// Layer-4 tunnels and service chains (the original's l4-proxy): `GET /tcp/<svc1>/<svc2>...`
+/// (or /udp/...) on 127.0.0.1:PORT answers a local address; every TCP connection or UDP
+/// client sent there is carried through svc1, svc2, ... over QUIC, and the replies come
+/// straight back. Given SERVICE and IP:SERVICE_PORT, also the sidecar of one instance of a
+/// TCP or UDP service (say which with --protocol).
+#[derive(clap::Parser, Debug)]
+#[command(name = "l4-proxy", version)]
+pub struct L4Cli {
+    #[command(flatten)]
+    pub proxy: Cli,
+}
+
+/// Which program runs: what PORT serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Program {
+    /// `proxy`: the HTTP ingress.
+    Proxy,
+    /// `l4-proxy`: the control API of layer-4 chains ([`crate::l4::front`]).
+    L4Proxy,
 }
 
 fn parse_service_addr(text: &str) -> Result<SocketAddr, String> {
@@ -222,7 +255,17 @@ impl Cli {
     }
 }
 
+/// The `proxy` program.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    run_program(cli, Program::Proxy).await
+}
+
+/// The `l4-proxy` program.
+pub async fn run_l4(cli: L4Cli) -> anyhow::Result<()> {
+    run_program(cli.proxy, Program::L4Proxy).await
+}
+
+async fn run_program(cli: Cli, program: Program) -> anyhow::Result<()> {
     let service_addr = cli.service_addr()?;
     let perf = match &cli.configfile {
         Some(path) => PerfConfig::load(path)?,
@@ -248,7 +291,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     });
     let daemon = Daemon::start(config, cli.metrics_addr()).await?;
     let node = daemon.node.clone();
-    println!("ingress: http://{}", listener.local_addr()?);
+    match program {
+        Program::Proxy => println!("ingress: http://{}", listener.local_addr()?),
+        Program::L4Proxy => println!("l4 control API: http://{}", listener.local_addr()?),
+    }
     println!("data plane (QUIC): {}", transport.local_addr()?);
 
     let activity = Activity::new();
@@ -261,6 +307,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         head_timeout: cli.head_timeout,
     };
     let metrics = IngressMetrics::register(&daemon.registry)?;
+    let tunnel_metrics = TunnelMetrics::register(&daemon.registry)?;
     let ingress = Ingress::new(
         node.clone(),
         Arc::clone(&transport),
@@ -275,8 +322,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let (sidecar, advertiser) = match (&cli.service, service_addr) {
         (Some(service), Some(upstream)) => {
-            tracing::info!(%service, %upstream, "sidecar");
-            let sidecar = Sidecar::new(upstream, Arc::clone(&activity));
+            tracing::info!(%service, %upstream, protocol = ?cli.protocol, "sidecar");
+            let sidecar = match cli.protocol {
+                ServiceProtocol::Udp => Sidecar::unchecked(upstream, Arc::clone(&activity)),
+                ServiceProtocol::Http | ServiceProtocol::Tcp => {
+                    Sidecar::new(upstream, Arc::clone(&activity))
+                }
+            };
+            sidecar.take_part_in_chains(HopRole {
+                service: service.clone(),
+                ingress: Arc::clone(&ingress),
+                metrics: tunnel_metrics.clone(),
+            });
             let viewed = Arc::downgrade(&sidecar);
             SidecarCollector::register(&daemon.registry, move || {
                 viewed
@@ -295,7 +352,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     tokio::spawn(accept_peers(Arc::clone(&transport), sidecar));
 
     let stop = CancellationToken::new();
-    let serving = tokio::spawn(Arc::clone(&ingress).serve(listener, stop.clone()));
+    let serving = match program {
+        Program::Proxy => tokio::spawn(Arc::clone(&ingress).serve(listener, stop.clone())),
+        Program::L4Proxy => {
+            Arc::clone(&ingress).run_cores(stop.clone());
+            let front = L4Front::new(
+                Arc::clone(&ingress),
+                tunnel_metrics,
+                cli.listen_ip,
+                cli.udp_idle_timeout,
+                stop.clone(),
+            );
+            tokio::spawn(front.serve(listener))
+        }
+    };
     let mut service = if cli.command.is_empty() {
         None
     } else {

@@ -166,9 +166,7 @@ pub async fn probe(connection: &Connection) -> Result<(Duration, Health), Stream
     send_ping(&mut send, &[]).await?;
     match read_opening(&mut recv).await? {
         Opening::Ping(payload) => Ok((begin.elapsed(), Health::decode(&payload))),
-        Opening::Head(..) => Err(StreamError::Unexpected(crate::framing::Kind::Head)),
-        Opening::Refused(..) => Err(StreamError::Unexpected(crate::framing::Kind::Refused)),
-        Opening::Failed(..) => Err(StreamError::Unexpected(crate::framing::Kind::Failed)),
+        other => Err(StreamError::Unexpected(other.kind())),
     }
 }
 

@@ -10,6 +10,9 @@
 //! | `PING` (4) | a probe: empty; its answer: `health: u8` (0 serving, 1 down) |
 //! | `REFUSED` (5) | why, UTF-8: the sidecar could not hand the request to its service |
 //! | `FAILED` (6) | why, UTF-8: the service took the request and broke the exchange before a response |
+//! | `CHAIN` (7) | a layer-4 tunnel's set-up: the chain ([`crate::l4::chain`]) |
+//! | `READY` (8) | its answer: the tunnel is open, with the reverse chain, UTF-8 |
+//! | `DATAGRAM` (9) | one UDP datagram, whole (at most [`MAX_DATAGRAM_BYTES`]) |
 //!
 //! `headers` is `count: u16` then per field `name (u16 length) | value (u16 length)`. A
 //! direction is one `HEAD`, any number of `DATA`, at most one `TRAILERS`, then the end of the
@@ -28,6 +31,10 @@
 //! got the request (it may have acted on it) and then closed or reset the exchange without a
 //! response: the ingress may send it elsewhere only if it is idempotent. Neither is ever
 //! dressed up as a response of the service (a fast 502 would make a dead instance look best).
+//!
+//! A stream that opens with `CHAIN` is a layer-4 tunnel ([`crate::l4`]): answered with
+//! `READY`, or `REFUSED`/`FAILED` as a request is, then bytes both ways as `DATA` and
+//! datagrams as `DATAGRAM` frames.
 //!
 //! Body bytes are never copied into frames: a `DATA` frame is its 5-byte header written
 //! before the chunk hyper handed over. Decoding splits frames off the receive buffer without
@@ -48,6 +55,8 @@ pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 pub const MAX_HEADERS: usize = 256;
 /// Largest DATA frame a sender writes and a receiver accepts.
 pub const MAX_DATA_BYTES: usize = 1 << 20;
+/// Largest UDP datagram a tunnel carries (the largest IPv4 UDP payload).
+pub const MAX_DATAGRAM_BYTES: usize = 65507;
 /// Bytes before every frame's payload.
 pub const FRAME_HEADER_BYTES: usize = 5;
 
@@ -59,6 +68,9 @@ pub enum Kind {
     Ping = 4,
     Refused = 5,
     Failed = 6,
+    Chain = 7,
+    Ready = 8,
+    Datagram = 9,
 }
 
 /// What a sidecar says of its service in a probe's answer.
@@ -653,8 +665,8 @@ mod tests {
                 ..
             })
         ));
-        let mut buffer = BytesMut::from(&[9u8, 0, 0, 0, 0][..]);
-        assert_eq!(decode_frame(&mut buffer), Err(FrameError::UnknownKind(9)));
+        let mut buffer = BytesMut::from(&[10u8, 0, 0, 0, 0][..]);
+        assert_eq!(decode_frame(&mut buffer), Err(FrameError::UnknownKind(10)));
         let mut head = request();
         head.headers.insert(
             "x-huge",

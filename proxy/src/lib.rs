@@ -7,6 +7,8 @@
 //!   (`ingress::routing`) driven by one task, which chooses with [`select`] under the limits
 //!   of [`config::perf`];
 //! - [`sidecar`]: the instance side: calls its service, knows its health, answers probes;
+//! - [`l4`]: layer-4 tunnels and service chains (the `l4-proxy` program's control API, and
+//!   each sidecar's part in a chain);
 //! - [`transport`], [`framing`], [`stream`], [`forward`]: QUIC between proxies, the frames a
 //!   request and its response cross in, bodies streamed over them, and the ingress's end of one
 //!   exchange;
@@ -24,6 +26,7 @@ pub mod forward;
 pub mod framing;
 pub mod http1;
 pub mod ingress;
+pub mod l4;
 pub mod metrics;
 pub mod retry;
 pub mod rewrite;

@@ -20,7 +20,11 @@
 //!    service's [`Health`](crate::framing::Health) (starting counts as down), without troubling
 //!    the service; probes are counted.
 //! 6. **Liveness checks** run from [`Sidecar::new`] on: a TCP connect to the service every
-//!    interval, until the sidecar is dropped ([`health::run_checks`]).
+//!    interval, until the sidecar is dropped ([`health::run_checks`]). A UDP service cannot
+//!    be checked so ([`Sidecar::unchecked`]): it is taken as serving.
+//! 7. **A tunnel** (a stream opening with `CHAIN`) is this instance's part in a layer-4
+//!    chain ([`crate::l4::hop`]), once [`Sidecar::take_part_in_chains`] was called (refused
+//!    before); a service it cannot reach is reported down as in rule 2.
 
 pub mod health;
 mod upstream;
@@ -28,9 +32,10 @@ mod upstream;
 use std::{
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use quinn::{Connection, RecvStream, SendStream};
@@ -40,7 +45,8 @@ use self::{
     upstream::{ExchangeError, Upstream},
 };
 use crate::{
-    framing::{Kind, view_request_head},
+    framing::view_request_head,
+    l4::hop::{self, HopRole, ServiceAddr},
     metrics::Activity,
     stream::{Opening, StreamError, read_opening, send_failed, send_ping, send_refused},
 };
@@ -55,6 +61,9 @@ pub struct Sidecar {
     activity: Arc<Activity>,
     health: Arc<ServiceHealth>,
     probes_answered: AtomicU64,
+    connect_timeout: Duration,
+    /// Set when the sidecar takes part in layer-4 chains ([`crate::l4`]).
+    chains: OnceLock<HopRole>,
 }
 
 impl Sidecar {
@@ -62,6 +71,23 @@ impl Sidecar {
     /// `activity` is told of every request served (the allocator culls idle instances).
     pub fn new(upstream: SocketAddr, activity: Arc<Activity>) -> Arc<Self> {
         Self::with_policy(upstream, activity, HealthPolicy::default())
+    }
+
+    /// A sidecar of a service that cannot be checked by connecting to it (UDP): taken as
+    /// serving from the start, and never checked.
+    pub fn unchecked(upstream: SocketAddr, activity: Arc<Activity>) -> Arc<Self> {
+        let policy = HealthPolicy::default();
+        let health = ServiceHealth::new(upstream, policy);
+        health.observe(Observation::Connected);
+        Arc::new(Self {
+            upstream: Upstream::new(upstream, policy.connect_timeout),
+            addr: upstream,
+            activity,
+            health,
+            probes_answered: AtomicU64::new(0),
+            connect_timeout: policy.connect_timeout,
+            chains: OnceLock::new(),
+        })
     }
 
     /// A sidecar whose service is checked as `policy` says; starts the checks (in a task
@@ -81,7 +107,15 @@ impl Sidecar {
             activity,
             health,
             probes_answered: AtomicU64::new(0),
+            connect_timeout,
+            chains: OnceLock::new(),
         })
+    }
+
+    /// From now on, tunnels (streams opening with `CHAIN`) are served as `role` says;
+    /// before, they are refused. Set once.
+    pub fn take_part_in_chains(&self, role: HopRole) {
+        let _ = self.chains.set(role);
     }
 
     /// What the sidecar knows of its service; [`ServiceHealth::serving`] waits for it to
@@ -118,8 +152,10 @@ impl Sidecar {
                 self.probes_answered.fetch_add(1, Ordering::Relaxed);
                 return send_ping(&mut send, &self.health.health().encode()).await;
             }
-            Opening::Refused(_) => return Err(StreamError::Unexpected(Kind::Refused)),
-            Opening::Failed(_) => return Err(StreamError::Unexpected(Kind::Failed)),
+            Opening::Chain(payload, rest) => {
+                return self.serve_tunnel(payload, rest, send, recv).await;
+            }
+            other => return Err(StreamError::Unexpected(other.kind())),
         };
         let head = match view_request_head(&payload) {
             Ok(head) => head,
@@ -159,6 +195,31 @@ impl Sidecar {
                 )))
             }
         }
+    }
+
+    /// A tunnel's stream ([`crate::l4::hop`]); counted as serving while it is open.
+    async fn serve_tunnel(
+        &self,
+        payload: bytes::Bytes,
+        rest: crate::framing::Decoder,
+        mut send: SendStream,
+        recv: RecvStream,
+    ) -> Result<(), StreamError> {
+        let Some(role) = self.chains.get() else {
+            return send_refused(&mut send, "this sidecar takes part in no chains").await;
+        };
+        let _serving = self.activity.serve();
+        let service = ServiceAddr {
+            addr: self.addr,
+            connect_timeout: self.connect_timeout,
+        };
+        if let Err(hop::Unreachable(reason)) =
+            hop::serve(role, service, payload, rest, send, recv).await?
+        {
+            tracing::debug!(%reason, "tunnel refused");
+            self.health.observe(Observation::ConnectFailed);
+        }
+        Ok(())
     }
 }
 

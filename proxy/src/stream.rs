@@ -39,6 +39,8 @@ pub enum StreamError {
     ServiceFailed(String),
     #[error("body: {0}")]
     Body(String),
+    #[error("no {0} within {1:?}")]
+    TimedOut(&'static str, std::time::Duration),
 }
 
 fn quic(e: impl std::fmt::Display) -> StreamError {
@@ -66,6 +68,14 @@ fn poll_piece(
     }
 }
 
+/// The next piece of `recv`, through `decoder`; `None` at a clean end of stream.
+pub(crate) async fn next_piece(
+    recv: &mut RecvStream,
+    decoder: &mut Decoder,
+) -> Result<Option<Piece>, StreamError> {
+    std::future::poll_fn(|cx| poll_piece(recv, decoder, cx)).await
+}
+
 /// How a stream direction opens: a message head, a probe (or its answer), or a refusal.
 pub enum Opening {
     /// The HEAD frame's payload and the decoder holding whatever arrived after it (the start
@@ -77,12 +87,30 @@ pub enum Opening {
     Refused(String),
     /// A FAILED frame's reason.
     Failed(String),
+    /// A CHAIN frame's payload (a tunnel's set-up) and the decoder holding what followed.
+    Chain(Bytes, Decoder),
+    /// A READY frame's payload (the tunnel is open) and the decoder holding what followed.
+    Ready(Bytes, Decoder),
+}
+
+impl Opening {
+    /// The kind of frame it opened with.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::Head(..) => Kind::Head,
+            Self::Ping(_) => Kind::Ping,
+            Self::Refused(_) => Kind::Refused,
+            Self::Failed(_) => Kind::Failed,
+            Self::Chain(..) => Kind::Chain,
+            Self::Ready(..) => Kind::Ready,
+        }
+    }
 }
 
 /// Reads the frame that opens a stream direction.
 pub async fn read_opening(recv: &mut RecvStream) -> Result<Opening, StreamError> {
     let mut decoder = Decoder::default();
-    let piece = std::future::poll_fn(|cx| poll_piece(recv, &mut decoder, cx)).await?;
+    let piece = next_piece(recv, &mut decoder).await?;
     let reason = |payload: &Bytes| String::from_utf8_lossy(payload).into_owned();
     match piece {
         Some(Piece::Frame(frame)) => match frame.kind {
@@ -90,7 +118,11 @@ pub async fn read_opening(recv: &mut RecvStream) -> Result<Opening, StreamError>
             Kind::Ping => Ok(Opening::Ping(frame.payload)),
             Kind::Refused => Ok(Opening::Refused(reason(&frame.payload))),
             Kind::Failed => Ok(Opening::Failed(reason(&frame.payload))),
-            kind @ (Kind::Data | Kind::Trailers) => Err(StreamError::Unexpected(kind)),
+            Kind::Chain => Ok(Opening::Chain(frame.payload, decoder)),
+            Kind::Ready => Ok(Opening::Ready(frame.payload, decoder)),
+            kind @ (Kind::Data | Kind::Trailers | Kind::Datagram) => {
+                Err(StreamError::Unexpected(kind))
+            }
         },
         Some(Piece::Data(_)) => Err(StreamError::Unexpected(Kind::Data)),
         None => Err(StreamError::NoHead),
@@ -103,14 +135,18 @@ pub async fn read_opening(recv: &mut RecvStream) -> Result<Opening, StreamError>
 pub async fn read_head(recv: &mut RecvStream) -> Result<(Bytes, Decoder), StreamError> {
     match read_opening(recv).await? {
         Opening::Head(payload, rest) => Ok((payload, rest)),
-        Opening::Ping(_) => Err(StreamError::Unexpected(Kind::Ping)),
         Opening::Refused(reason) => Err(StreamError::Refused(reason)),
         Opening::Failed(reason) => Err(StreamError::ServiceFailed(reason)),
+        other => Err(StreamError::Unexpected(other.kind())),
     }
 }
 
 /// Writes one small frame and ends the stream direction.
-async fn send_last(send: &mut SendStream, kind: Kind, payload: &[u8]) -> Result<(), StreamError> {
+pub(crate) async fn send_last(
+    send: &mut SendStream,
+    kind: Kind,
+    payload: &[u8],
+) -> Result<(), StreamError> {
     let mut frame = BytesMut::with_capacity(framing::FRAME_HEADER_BYTES + payload.len());
     frame.extend_from_slice(&frame_header(kind, payload.len()));
     frame.extend_from_slice(payload);

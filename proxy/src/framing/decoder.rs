@@ -13,7 +13,9 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use super::{FRAME_HEADER_BYTES, Frame, FrameError, Kind, MAX_DATA_BYTES, MAX_HEAD_BYTES};
+use super::{
+    FRAME_HEADER_BYTES, Frame, FrameError, Kind, MAX_DATA_BYTES, MAX_DATAGRAM_BYTES, MAX_HEAD_BYTES,
+};
 
 /// The kind and payload length in a frame header, checked against the limits.
 pub fn parse_header(header: &[u8]) -> Result<(Kind, usize), FrameError> {
@@ -24,14 +26,17 @@ pub fn parse_header(header: &[u8]) -> Result<(Kind, usize), FrameError> {
         4 => Kind::Ping,
         5 => Kind::Refused,
         6 => Kind::Failed,
+        7 => Kind::Chain,
+        8 => Kind::Ready,
+        9 => Kind::Datagram,
         other => return Err(FrameError::UnknownKind(other)),
     };
     let len = u32::from_be_bytes(header[1..FRAME_HEADER_BYTES].try_into().expect("4 bytes"));
     let len = len as usize;
-    let limit = if kind == Kind::Data {
-        MAX_DATA_BYTES
-    } else {
-        MAX_HEAD_BYTES
+    let limit = match kind {
+        Kind::Data => MAX_DATA_BYTES,
+        Kind::Datagram => MAX_DATAGRAM_BYTES,
+        _ => MAX_HEAD_BYTES,
     };
     if len > limit {
         return Err(FrameError::TooLarge { kind, len, limit });
@@ -217,10 +222,19 @@ mod tests {
     #[test]
     fn limits_and_unknown_kinds_are_refused_from_the_header() {
         let too_large = frame_header(Kind::Head, MAX_HEAD_BYTES + 1);
-        let unknown = [9, 0, 0, 0, 0];
+        let unknown = [10, 0, 0, 0, 0];
         for (wire, size) in [(&too_large[..], 5), (&too_large[..], 2), (&unknown[..], 1)] {
             assert!(decode(wire, size).is_err(), "{wire:?} in chunks of {size}");
         }
+        let datagram = frame_header(Kind::Datagram, MAX_DATAGRAM_BYTES + 1);
+        assert_eq!(
+            decode(&datagram, 5),
+            Err(FrameError::TooLarge {
+                kind: Kind::Datagram,
+                len: MAX_DATAGRAM_BYTES + 1,
+                limit: MAX_DATAGRAM_BYTES
+            })
+        );
         let data = frame_header(Kind::Data, MAX_DATA_BYTES + 1);
         assert_eq!(
             decode(&data, 3),

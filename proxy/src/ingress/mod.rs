@@ -19,6 +19,10 @@
 //!    idempotent without a body;
 //! 5. every attempt's typed outcome goes back to the core (network RTT and service time
 //!    apart); every failure is a [`RequestError`], turned into a response in one place.
+//!
+//! A layer-4 tunnel's set-up ([`Ingress::open_tunnel`], [`crate::l4`]) takes the same path
+//! with a `CHAIN` frame for a head: chosen by the core, retried elsewhere on any failure
+//! (nothing of the client's has crossed yet), its outcome told to the core.
 
 mod allocation;
 mod error;
@@ -26,11 +30,13 @@ mod front;
 mod instances;
 mod records;
 mod routing;
+mod tunnel;
 
 pub use allocation::Reason;
 pub use error::RequestError;
 pub use front::{ClientBody, ClientBodyError};
 pub use routing::InstanceReport;
+pub use tunnel::Tunnel;
 
 use std::{
     cell::Cell,
@@ -255,8 +261,15 @@ impl Ingress {
     /// Serves HTTP/1.1 and h2c on `listener` until `shutdown`, and keeps the routing cores
     /// told of the time meanwhile (probes, refreshes).
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        tokio::spawn(Arc::clone(&self.services).tick_until(shutdown.clone()));
+        self.run_cores(shutdown.clone());
         accept_until_shutdown(self, listener, shutdown).await;
+    }
+
+    /// Keeps the routing cores told of the time (probes, refreshes) until `shutdown`, in a
+    /// task of its own: for an ingress whose requests come from elsewhere than
+    /// [`Ingress::serve`] (the tunnels of `l4-proxy`).
+    pub fn run_cores(&self, shutdown: CancellationToken) {
+        tokio::spawn(Arc::clone(&self.services).tick_until(shutdown));
     }
 
     /// Answers one client request that came over HTTP/2 (hyper's server).

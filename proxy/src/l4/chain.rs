@@ -1,0 +1,345 @@
+//! Chain specs: what a client asks `l4-proxy` for, and what crosses to each hop at set-up.
+//!
+//! A spec is a path, `/<tcp|udp>/<svc1>[/<svc2>...]`: a protocol token says how the services
+//! after it are spoken to (their sockets), until the next token, so `/tcp/a/b/udp/c` is TCP
+//! to `a` and `b` and UDP to `c`. The first token also says what the client's listener is.
+//! Refused, each with its reason: a query string, fewer than two tokens, a spec that does not
+//! start with a protocol, a protocol token with no service after it, an invalid service name,
+//! and a service named twice (a looped chain: its hop could not tell which place is its own).
+//!
+//! On the wire (the payload of a `CHAIN` frame, [`crate::l4`]):
+//! `version 1 | hops: u8 | per hop: protocol u8 (0 tcp, 1 udp) | name (u16 length)`.
+
+use std::fmt;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use control::lookup::record::validate_name;
+
+/// Version of the encoded chain.
+const VERSION: u8 = 1;
+/// Most services in one chain.
+pub const MAX_HOPS: usize = 16;
+
+/// How a service (or the client) is spoken to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+
+    fn parse(token: &str) -> Option<Self> {
+        match token {
+            "tcp" => Some(Self::Tcp),
+            "udp" => Some(Self::Udp),
+            _ => None,
+        }
+    }
+}
+
+/// One service of a chain and how it is spoken to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Hop {
+    pub protocol: Protocol,
+    pub service: String,
+}
+
+/// The services a chain passes through, in order: at least one, each named once.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Chain {
+    hops: Vec<Hop>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("a chain spec takes no query string")]
+    Query,
+    #[error("a chain spec is /<tcp|udp>/<service>[/<service>...]: at least two tokens")]
+    TooShort,
+    #[error("a chain spec starts with a protocol, tcp or udp, not '{0}'")]
+    NoProtocol(String),
+    #[error("'{0}' is not followed by a service")]
+    ProtocolWithoutService(&'static str),
+    #[error("{0}")]
+    Name(String),
+    #[error("'{0}' appears twice: a chain may not loop")]
+    Loop(String),
+    #[error("a chain has at most {MAX_HOPS} services")]
+    TooLong,
+    #[error("an empty segment (//) in the spec")]
+    Empty,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("chain version {0} is not supported (this proxy speaks {VERSION})")]
+    Version(u8),
+    #[error("truncated chain")]
+    Truncated,
+    #[error("unknown protocol {0} in chain")]
+    Protocol(u8),
+    #[error("a service name in the chain is not UTF-8")]
+    Utf8,
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+}
+
+impl Chain {
+    /// Parses a spec from the path (and query, if any) of a control request.
+    pub fn parse(path_and_query: &str) -> Result<Self, SpecError> {
+        if path_and_query.contains('?') {
+            return Err(SpecError::Query);
+        }
+        let trimmed = path_and_query.trim_start_matches('/');
+        let tokens: Vec<&str> = trimmed.split('/').collect();
+        if tokens.len() < 2 {
+            return Err(SpecError::TooShort);
+        }
+        let Some(mut protocol) = Protocol::parse(tokens[0]) else {
+            return Err(SpecError::NoProtocol(tokens[0].to_owned()));
+        };
+        let mut hops = Vec::new();
+        let mut pending = Some(protocol);
+        for token in &tokens[1..] {
+            if token.is_empty() {
+                return Err(SpecError::Empty);
+            }
+            if let Some(next) = Protocol::parse(token) {
+                if let Some(unused) = pending {
+                    return Err(SpecError::ProtocolWithoutService(unused.as_str()));
+                }
+                protocol = next;
+                pending = Some(next);
+                continue;
+            }
+            pending = None;
+            hops.push(Hop {
+                protocol,
+                service: (*token).to_owned(),
+            });
+        }
+        if let Some(unused) = pending {
+            return Err(SpecError::ProtocolWithoutService(unused.as_str()));
+        }
+        Self::new(hops)
+    }
+
+    /// A chain of `hops`, checked: names valid, none twice, at most [`MAX_HOPS`].
+    pub fn new(hops: Vec<Hop>) -> Result<Self, SpecError> {
+        if hops.is_empty() {
+            return Err(SpecError::TooShort);
+        }
+        if hops.len() > MAX_HOPS {
+            return Err(SpecError::TooLong);
+        }
+        for (i, hop) in hops.iter().enumerate() {
+            validate_name(&hop.service).map_err(SpecError::Name)?;
+            if hops[..i].iter().any(|h| h.service == hop.service) {
+                return Err(SpecError::Loop(hop.service.clone()));
+            }
+        }
+        Ok(Self { hops })
+    }
+
+    pub fn hops(&self) -> &[Hop] {
+        &self.hops
+    }
+
+    /// What the client's listener speaks: the first hop's protocol.
+    pub fn client_protocol(&self) -> Protocol {
+        self.hops[0].protocol
+    }
+
+    /// Where `service` is in the chain.
+    pub fn position(&self, service: &str) -> Option<usize> {
+        self.hops.iter().position(|hop| hop.service == service)
+    }
+
+    /// The encoded chain (see the module doc).
+    pub fn encode(&self, out: &mut BytesMut) {
+        out.put_u8(VERSION);
+        out.put_u8(self.hops.len() as u8);
+        for hop in &self.hops {
+            out.put_u8(match hop.protocol {
+                Protocol::Tcp => 0,
+                Protocol::Udp => 1,
+            });
+            out.put_u16(hop.service.len() as u16);
+            out.put_slice(hop.service.as_bytes());
+        }
+    }
+
+    /// Decodes and checks an encoded chain, as a hop receives it.
+    pub fn decode(mut payload: &[u8]) -> Result<Self, DecodeError> {
+        if payload.remaining() < 2 {
+            return Err(DecodeError::Truncated);
+        }
+        let version = payload.get_u8();
+        if version != VERSION {
+            return Err(DecodeError::Version(version));
+        }
+        let count = payload.get_u8() as usize;
+        if count > MAX_HOPS {
+            return Err(SpecError::TooLong.into());
+        }
+        let mut hops = Vec::with_capacity(count);
+        for _ in 0..count {
+            if payload.remaining() < 3 {
+                return Err(DecodeError::Truncated);
+            }
+            let protocol = match payload.get_u8() {
+                0 => Protocol::Tcp,
+                1 => Protocol::Udp,
+                other => return Err(DecodeError::Protocol(other)),
+            };
+            let len = payload.get_u16() as usize;
+            if payload.remaining() < len {
+                return Err(DecodeError::Truncated);
+            }
+            let service = std::str::from_utf8(&payload[..len])
+                .map_err(|_| DecodeError::Utf8)?
+                .to_owned();
+            payload.advance(len);
+            hops.push(Hop { protocol, service });
+        }
+        if payload.has_remaining() {
+            return Err(DecodeError::Truncated);
+        }
+        Ok(Self::new(hops)?)
+    }
+
+    /// The encoded chain as one buffer.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut out = BytesMut::new();
+        self.encode(&mut out);
+        out.freeze()
+    }
+}
+
+/// The spec in its canonical spelling: a protocol token only where it changes.
+impl fmt::Display for Chain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut current = None;
+        for hop in &self.hops {
+            if current != Some(hop.protocol) {
+                write!(f, "/{}", hop.protocol.as_str())?;
+                current = Some(hop.protocol);
+            }
+            write!(f, "/{}", hop.service)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hops(chain: &Chain) -> Vec<(Protocol, &str)> {
+        chain
+            .hops()
+            .iter()
+            .map(|h| (h.protocol, h.service.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn protocol_tokens_apply_until_the_next_one() {
+        let chain = Chain::parse("/tcp/s1/s2/udp/s3").unwrap();
+        assert_eq!(
+            hops(&chain),
+            [
+                (Protocol::Tcp, "s1"),
+                (Protocol::Tcp, "s2"),
+                (Protocol::Udp, "s3")
+            ]
+        );
+        assert_eq!(chain.client_protocol(), Protocol::Tcp);
+        assert_eq!(chain.to_string(), "/tcp/s1/s2/udp/s3");
+        assert_eq!(chain.position("s2"), Some(1));
+        assert_eq!(chain.position("s4"), None);
+        // A repeated token changes nothing, and the canonical spelling drops it.
+        let same = Chain::parse("/tcp/s1/tcp/s2/udp/s3").unwrap();
+        assert_eq!(same, chain);
+        assert_eq!(Chain::parse("udp/echo").unwrap().to_string(), "/udp/echo");
+    }
+
+    #[test]
+    fn bad_specs_are_refused_with_their_reason() {
+        let cases = [
+            ("/tcp/a?x=1", SpecError::Query),
+            ("/tcp", SpecError::TooShort),
+            ("/", SpecError::TooShort),
+            ("/sctp/a", SpecError::NoProtocol("sctp".into())),
+            ("/a/b", SpecError::NoProtocol("a".into())),
+            ("/tcp/a/udp", SpecError::ProtocolWithoutService("udp")),
+            ("/tcp/udp/a", SpecError::ProtocolWithoutService("tcp")),
+            ("/tcp/a//b", SpecError::Empty),
+            ("/tcp/a/", SpecError::Empty),
+            ("/tcp/a/b/a", SpecError::Loop("a".into())),
+            ("/tcp/a/udp/a", SpecError::Loop("a".into())),
+        ];
+        for (spec, expected) in cases {
+            assert_eq!(Chain::parse(spec), Err(expected), "{spec}");
+        }
+        assert!(matches!(Chain::parse("/tcp/-bad"), Err(SpecError::Name(_))));
+        assert!(matches!(Chain::parse("/tcp/.."), Err(SpecError::Name(_))));
+        let long = format!(
+            "/tcp{}",
+            (0..=MAX_HOPS).map(|i| format!("/s{i}")).collect::<String>()
+        );
+        assert_eq!(Chain::parse(&long), Err(SpecError::TooLong));
+    }
+
+    #[test]
+    fn a_chain_crosses_as_it_was() {
+        let chain = Chain::parse("/udp/a/tcp/b.c/d_e").unwrap();
+        let bytes = chain.to_bytes();
+        assert_eq!(Chain::decode(&bytes).unwrap(), chain);
+        for cut in 0..bytes.len() {
+            assert!(Chain::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = bytes.to_vec();
+        longer.push(0);
+        assert_eq!(Chain::decode(&longer), Err(DecodeError::Truncated));
+        let mut version = bytes.to_vec();
+        version[0] = 2;
+        assert_eq!(Chain::decode(&version), Err(DecodeError::Version(2)));
+        let mut protocol = bytes.to_vec();
+        protocol[2] = 7;
+        assert_eq!(Chain::decode(&protocol), Err(DecodeError::Protocol(7)));
+    }
+
+    #[test]
+    fn a_decoded_chain_is_checked_as_a_parsed_one() {
+        // A peer cannot slip in a loop or a bad name that the parser would refuse.
+        let looped = Chain {
+            hops: vec![
+                Hop {
+                    protocol: Protocol::Tcp,
+                    service: "a".into(),
+                },
+                Hop {
+                    protocol: Protocol::Tcp,
+                    service: "a".into(),
+                },
+            ],
+        };
+        assert_eq!(
+            Chain::decode(&looped.to_bytes()),
+            Err(DecodeError::Spec(SpecError::Loop("a".into())))
+        );
+        let empty = Chain { hops: vec![] };
+        assert_eq!(
+            Chain::decode(&empty.to_bytes()),
+            Err(DecodeError::Spec(SpecError::TooShort))
+        );
+    }
+}

@@ -1,0 +1,214 @@
+//! A sidecar's part in a tunnel: the stream opened with `CHAIN` ([`crate::l4`]).
+//!
+//! # Rules
+//! 1. The hop finds its service in the chain (by name); a chain it is not in, or cannot read,
+//!    is `REFUSED` with the reason.
+//! 2. It connects to its service as the chain says (a TCP connection, or a UDP socket
+//!    connected to the service's address, one per tunnel); a TCP service that cannot be
+//!    reached is `REFUSED` naming its address, and reported down as a request's would be.
+//! 3. Unless it is last, it opens the rest of the chain through its own ingress, which
+//!    chooses (or allocates) an instance of the next service; failing that, `FAILED` with the
+//!    reason.
+//! 4. Then `READY` with the reverse chain ("Reverse chain: svcN ... this"), and three
+//!    directions at once: stream -> service, service -> next hop (the stream back, when
+//!    last), next hop -> stream back.
+//! 5. A break anywhere resets this tunnel's streams and connection, and only those. A UDP
+//!    service has no end of its own: when the stream from the previous hop ends, so does
+//!    what the service sends on.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use quinn::{RecvStream, SendStream};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Direction, TunnelMetrics,
+    carry::{Sink, Source, direction},
+    chain::{Chain, Protocol},
+};
+use crate::{
+    framing::{Decoder, Kind},
+    ingress::Ingress,
+    stream::{StreamError, send_failed, send_refused},
+};
+
+/// What a sidecar needs to take part in chains.
+pub struct HopRole {
+    /// The service this sidecar serves, as chains name it.
+    pub service: String,
+    /// How the next hop is reached.
+    pub ingress: Arc<Ingress>,
+    pub metrics: TunnelMetrics,
+}
+
+/// Where the hop's service is: its address, and how long a connect to it may take.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceAddr {
+    pub addr: SocketAddr,
+    pub connect_timeout: Duration,
+}
+
+/// Why a hop could not reach its service.
+pub struct Unreachable(pub String);
+
+/// Serves one tunnel: `payload` is its `CHAIN` frame's, `rest` what followed it. Returns
+/// `Err(Unreachable)` (after answering `REFUSED`) when the service could not be reached, so
+/// that the sidecar marks it down.
+pub async fn serve(
+    role: &HopRole,
+    service: ServiceAddr,
+    payload: Bytes,
+    rest: Decoder,
+    mut send: SendStream,
+    recv: RecvStream,
+) -> Result<Result<(), Unreachable>, StreamError> {
+    let chain = match Chain::decode(&payload) {
+        Ok(chain) => chain,
+        Err(error) => {
+            send_refused(&mut send, &format!("the tunnel's chain: {error}")).await?;
+            return Ok(Ok(()));
+        }
+    };
+    let spec = chain.to_string();
+    let Some(position) = chain.position(&role.service) else {
+        let reason = format!(
+            "this is an instance of '{}', which is not in the chain {spec}",
+            role.service
+        );
+        send_refused(&mut send, &reason).await?;
+        return Ok(Ok(()));
+    };
+    let metrics = &role.metrics;
+    let protocol = chain.hops()[position].protocol;
+    let (mut from_service, mut to_service) = match connect(protocol, service).await {
+        Ok(sockets) => sockets,
+        Err(reason) => {
+            metrics.failed(&spec, "hop", "service_unreachable");
+            send_refused(&mut send, &reason).await?;
+            return Ok(Err(Unreachable(reason)));
+        }
+    };
+    let next = match chain.hops().get(position + 1) {
+        None => None,
+        Some(next) => match role.ingress.open_tunnel(&next.service, &payload).await {
+            Ok(tunnel) => Some(tunnel),
+            Err(error) => {
+                metrics.failed(&spec, "hop", "next_hop");
+                send_failed(
+                    &mut send,
+                    &format!("the next hop, '{}': {error}", next.service),
+                )
+                .await?;
+                return Ok(Ok(()));
+            }
+        },
+    };
+    let reverse = match &next {
+        Some(tunnel) => format!("{} {}", tunnel.ready, role.service),
+        None => format!("Reverse chain: {}", role.service),
+    };
+    let header = Bytes::copy_from_slice(&crate::framing::frame_header(Kind::Ready, reverse.len()));
+    send.write_all_chunks(&mut [header, Bytes::from(reverse)])
+        .await
+        .map_err(|e| StreamError::Quic(e.to_string()))?;
+
+    let _open = metrics.opened(&spec, "hop");
+    let forward = metrics.counts(&spec, "hop", Direction::Forward);
+    let backward = metrics.counts(&spec, "hop", Direction::Backward);
+    let (broken, never, service_done) = (
+        CancellationToken::new(),
+        CancellationToken::new(),
+        CancellationToken::new(),
+    );
+    let mut from_previous = Source::Stream(recv, rest);
+    let (mut onward, mut back) = match next {
+        Some(tunnel) => (
+            Sink::Stream(tunnel.send),
+            Some((Source::Stream(tunnel.recv, tunnel.rest), Sink::Stream(send))),
+        ),
+        None => (Sink::Stream(send), None),
+    };
+    // A UDP service's output ends when what goes into it does.
+    let service_stop = if protocol == Protocol::Udp {
+        &service_done
+    } else {
+        &never
+    };
+    let into_service = async {
+        let result = direction(
+            &mut from_previous,
+            &mut to_service,
+            &forward,
+            || {},
+            &never,
+            &broken,
+        )
+        .await;
+        service_done.cancel();
+        result
+    };
+    let out_of_service = direction(
+        &mut from_service,
+        &mut onward,
+        &forward,
+        || {},
+        service_stop,
+        &broken,
+    );
+    let from_next = async {
+        match back.as_mut() {
+            Some((source, sink)) => {
+                direction(source, sink, &backward, || {}, &never, &broken).await
+            }
+            None => Ok(()),
+        }
+    };
+    let (a, b, c) = tokio::join!(into_service, out_of_service, from_next);
+    if let Some(error) = [a, b, c].into_iter().find_map(Result::err) {
+        metrics.failed(&spec, "hop", "broken");
+        tracing::debug!(chain = %spec, %error, "tunnel broke");
+    }
+    Ok(Ok(()))
+}
+
+/// The hop's sockets to its service: what it sends, and where to send.
+async fn connect(protocol: Protocol, service: ServiceAddr) -> Result<(Source, Sink), String> {
+    let ServiceAddr {
+        addr,
+        connect_timeout,
+    } = service;
+    match protocol {
+        Protocol::Tcp => {
+            let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
+                .await
+                .map_err(|_| {
+                    format!(
+                        "cannot connect to the service at {addr}: no answer within \
+                         {connect_timeout:?}"
+                    )
+                })?
+                .map_err(|error| format!("cannot connect to the service at {addr}: {error}"))?;
+            let _ = stream.set_nodelay(true);
+            let (read, write) = stream.into_split();
+            Ok((Source::Tcp(read), Sink::Tcp(write)))
+        }
+        Protocol::Udp => {
+            let local: SocketAddr = if addr.is_ipv4() {
+                ([0, 0, 0, 0], 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let socket = UdpSocket::bind(local)
+                .await
+                .map_err(|error| format!("no UDP socket for the service at {addr}: {error}"))?;
+            socket
+                .connect(addr)
+                .await
+                .map_err(|error| format!("cannot reach the service at {addr}: {error}"))?;
+            let socket = Arc::new(socket);
+            Ok((Source::Udp(Arc::clone(&socket)), Sink::Udp(socket)))
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Layer-4 tunnels and service chains: the original's `l4-proxy`, over our data plane.
+//!
+//! A client asks its local `l4-proxy` (the control API, [`front`]) for a chain,
+//! `GET /tcp/<svc1>/<svc2>/...` ([`chain`]), and gets back a local address. Every TCP
+//! connection, or every UDP client address, sent there becomes one **tunnel**: one QUIC
+//! stream to an instance of `svc1`, chosen by live RTT as a request's instance is (waited
+//! for or allocated on demand, set-up retried elsewhere: [`crate::ingress::Ingress::open_tunnel`]).
+//!
+//! ```text
+//! client -> l4-proxy ==QUIC==> hop svc1 -> service 1 -> hop svc1 ==QUIC==> hop svc2 -> service 2
+//!    ^                           |                                           |
+//!    +---------------------------+<================== replies ==============+
+//! ```
+//!
+//! Each hop's sidecar ([`hop`]) finds itself in the chain, connects to its service (TCP or
+//! UDP, as the chain says), sets up the rest of the chain the same way, and answers. Then
+//! what arrives goes to its service, its service's output goes on to the next hop, and what
+//! comes back from the next hop goes straight back: replies never re-enter an earlier
+//! service, as in the original.
+//!
+//! # Wire (frames of [`crate::framing`] on one bidirectional stream)
+//! 1. the opener sends `CHAIN` (the encoded chain, the same for every hop);
+//! 2. the hop answers `READY` ("Reverse chain: svcN ... svc1") once its service is connected
+//!    and the rest of the chain is ready; or `REFUSED` (its service could not be reached, it is
+//!    not in the chain, the chain is malformed) or `FAILED` (the next hop could not be had),
+//!    and the opener tries another instance;
+//! 3. then both ways: TCP bytes as `DATA`, UDP datagrams as `DATAGRAM` frames, as
+//!    [`carry`] says; a FIN is a half-close, a reset a reset.
+//!
+//! # Rules
+//! - A hop that loses its next hop (reset, connection closed) resets its own tunnel, that
+//!   one only; new tunnels choose again (the core has heard of the failure).
+//! - Set-up of one UDP client's tunnel never blocks another's: each runs in its own task and
+//!   datagrams that arrive meanwhile wait in that client's queue (dropped, and counted, past
+//!   [`front::CLIENT_QUEUE`]).
+//! - A UDP client's tunnel ends after `--udp-idle-timeout` without a datagram either way.
+//! - Tunnels are never retried once open: bytes may have reached a service.
+
+pub mod carry;
+pub mod chain;
+pub mod front;
+pub mod hop;
+
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+
+use self::carry::Counts;
+
+/// Prometheus series of tunnels, by chain (its canonical spec) and role (`client` at the
+/// l4-proxy, `hop` at a sidecar).
+#[derive(Clone)]
+pub struct TunnelMetrics {
+    opened: IntCounterVec,
+    open: IntGaugeVec,
+    failed: IntCounterVec,
+    bytes: IntCounterVec,
+    dropped: IntCounterVec,
+}
+
+/// Which way bytes go: `forward` towards the last service, `backward` towards the client.
+#[derive(Debug, Clone, Copy)]
+pub enum Direction {
+    Forward,
+    Backward,
+}
+
+impl TunnelMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let labels = &["chain", "role"];
+        let opened = IntCounterVec::new(
+            Opts::new(
+                "l4_tunnels_total",
+                "Tunnels opened (TCP connections, UDP clients)",
+            ),
+            labels,
+        )?;
+        let open = IntGaugeVec::new(Opts::new("l4_tunnels_open", "Tunnels open now"), labels)?;
+        let failed = IntCounterVec::new(
+            Opts::new(
+                "l4_tunnel_failures_total",
+                "Tunnels whose set-up failed or that broke, by reason",
+            ),
+            &["chain", "role", "reason"],
+        )?;
+        let bytes = IntCounterVec::new(
+            Opts::new("l4_bytes_total", "Bytes carried through tunnels"),
+            &["chain", "role", "direction"],
+        )?;
+        let dropped = IntCounterVec::new(
+            Opts::new(
+                "l4_datagrams_dropped_total",
+                "UDP datagrams dropped, by reason (queue_full: a client's queue during set-up; \
+                 send_failed: the socket refused it)",
+            ),
+            &["chain", "role", "reason"],
+        )?;
+        registry.register(Box::new(opened.clone()))?;
+        registry.register(Box::new(open.clone()))?;
+        registry.register(Box::new(failed.clone()))?;
+        registry.register(Box::new(bytes.clone()))?;
+        registry.register(Box::new(dropped.clone()))?;
+        Ok(Self {
+            opened,
+            open,
+            failed,
+            bytes,
+            dropped,
+        })
+    }
+
+    /// Series that go nowhere (tests, a sidecar without a registry).
+    pub fn unregistered() -> Self {
+        Self::register(&Registry::new()).expect("a fresh registry takes every series")
+    }
+
+    /// Counts a tunnel open until the guard is dropped.
+    pub fn opened(&self, chain: &str, role: &str) -> OpenTunnel {
+        self.opened.with_label_values(&[chain, role]).inc();
+        let gauge = self.open.with_label_values(&[chain, role]);
+        gauge.inc();
+        OpenTunnel(gauge)
+    }
+
+    pub fn failed(&self, chain: &str, role: &str, reason: &str) {
+        self.failed.with_label_values(&[chain, role, reason]).inc();
+    }
+
+    /// The counters of one direction.
+    pub fn counts(&self, chain: &str, role: &str, direction: Direction) -> Counts {
+        let direction = match direction {
+            Direction::Forward => "forward",
+            Direction::Backward => "backward",
+        };
+        Counts {
+            bytes: self.bytes.with_label_values(&[chain, role, direction]),
+            dropped: self
+                .dropped
+                .with_label_values(&[chain, role, "send_failed"]),
+        }
+    }
+
+    pub fn queue_full(&self, chain: &str) {
+        self.dropped
+            .with_label_values(&[chain, "client", "queue_full"])
+            .inc();
+    }
+}
+
+/// A tunnel counted open.
+pub struct OpenTunnel(prometheus::IntGauge);
+
+impl Drop for OpenTunnel {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
