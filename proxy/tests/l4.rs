@@ -88,6 +88,12 @@ async fn sidecar(network: &Network, service: &str, addr: SocketAddr, protocol: &
 
 /// An `l4-proxy` on the network; returns it and its control API's address.
 async fn l4_proxy(network: &Network) -> (Process, String) {
+    let (process, control, _) = l4_proxy_with_metrics(network).await;
+    (process, control)
+}
+
+/// [`l4_proxy`], and the address of its /metrics.
+async fn l4_proxy_with_metrics(network: &Network) -> (Process, String, String) {
     let boot = network.boot_arg();
     let args = [
         "-bootstrap",
@@ -106,7 +112,11 @@ async fn l4_proxy(network: &Network) -> (Process, String) {
     let prefix = "l4 control API: http://";
     let line = process.line_containing(prefix, DEADLINE).await;
     let control = line[line.find(prefix).unwrap() + prefix.len()..].to_owned();
-    (process, control)
+    let line = process.line_containing("metrics: http://", DEADLINE).await;
+    let metrics = line["metrics: http://".len()..]
+        .trim_end_matches("/metrics")
+        .to_owned();
+    (process, control, metrics)
 }
 
 /// Asks the control API for `spec`: its status and body.
@@ -161,7 +171,7 @@ async fn tcp_and_udp_services_are_reached_through_one_sidecar_each() {
     let udp_addr = udp_prefixer("").await;
     let _tcp = sidecar(&network, "echo-tcp", tcp_addr, "tcp").await;
     let _udp = sidecar(&network, "echo-udp", udp_addr, "udp").await;
-    let (_l4, control) = l4_proxy(&network).await;
+    let (_l4, control, metrics) = l4_proxy_with_metrics(&network).await;
 
     let tcp = chain_addr(&control, "/tcp/echo-tcp").await;
     assert_eq!(
@@ -188,6 +198,31 @@ async fn tcp_and_udp_services_are_reached_through_one_sidecar_each() {
     let big = vec![7u8; 65507];
     let back = udp_round(&a, udp, &big).await;
     assert_eq!(back.len(), big.len());
+
+    // Counted per chain: the nine TCP tunnels and their bytes each way.
+    let text = http_get(&metrics, "/metrics").await.unwrap().1;
+    let tcp = r#"chain="/tcp/echo-tcp",role="client""#;
+    assert_eq!(
+        metric(&text, &format!("l4_tunnels_total{{{tcp}}}")),
+        Some(9.0),
+        "{text}"
+    );
+    let sent = "hello\nworld\n".len()
+        + (0..8)
+            .map(|i| format!("connection {i}\n").len())
+            .sum::<usize>();
+    for direction in ["forward", "backward"] {
+        assert_eq!(
+            metric(
+                &text,
+                &format!(
+                    r#"l4_bytes_total{{chain="/tcp/echo-tcp",direction="{direction}",role="client"}}"#
+                )
+            ),
+            Some(sent as f64),
+            "{direction}: {text}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

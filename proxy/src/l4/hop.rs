@@ -116,6 +116,7 @@ pub async fn serve(
 
     let _open = metrics.opened(&spec, "hop");
     let forward = metrics.counts(&spec, "hop", Direction::Forward);
+    let from_service_counts = metrics.counts(&spec, "hop", Direction::FromService);
     let backward = metrics.counts(&spec, "hop", Direction::Backward);
     let (broken, never, service_done) = (
         CancellationToken::new(),
@@ -152,7 +153,7 @@ pub async fn serve(
     let out_of_service = direction(
         &mut from_service,
         &mut onward,
-        &forward,
+        &from_service_counts,
         || {},
         service_stop,
         &broken,

@@ -56,10 +56,13 @@ pub struct TunnelMetrics {
     dropped: IntCounterVec,
 }
 
-/// Which way bytes go: `forward` towards the last service, `backward` towards the client.
+/// Which way bytes go: `forward` from the client towards the last service (at a hop: what
+/// arrives for its service), `from_service` (at a hop: its service's output, sent on or back),
+/// `backward` towards the client.
 #[derive(Debug, Clone, Copy)]
 pub enum Direction {
     Forward,
+    FromService,
     Backward,
 }
 
@@ -128,6 +131,7 @@ impl TunnelMetrics {
     pub fn counts(&self, chain: &str, role: &str, direction: Direction) -> Counts {
         let direction = match direction {
             Direction::Forward => "forward",
+            Direction::FromService => "from_service",
             Direction::Backward => "backward",
         };
         Counts {
