@@ -4,6 +4,7 @@ use control::common::run_binary_with_threads;
 use proxy::app;
 
 fn main() -> std::process::ExitCode {
+    app::tune_allocator();
     run_binary_with_threads(
         "l4-proxy",
         |cli: &app::L4Cli| cli.proxy.debug,
