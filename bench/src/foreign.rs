@@ -124,6 +124,11 @@ pub struct TwoHops {
 }
 
 impl TwoHops {
+    /// Where the first hop listens.
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
     pub fn uri(&self, path: &str) -> Uri {
         format!("http://{}{path}", self.listen)
             .parse()
@@ -263,7 +268,15 @@ http {{
     )
 }
 
-fn haproxy_config(listen: u16, upstream: SocketAddr, tls: HopTls<'_>) -> String {
+/// What haproxy proxies: HTTP requests (kept-alive upstream connections), or TCP
+/// connections as they are (`mode tcp`, one upstream connection per client connection).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Http,
+    Tcp,
+}
+
+fn haproxy_config(listen: u16, upstream: SocketAddr, tls: HopTls<'_>, mode: Mode) -> String {
     let bind_tls = match tls {
         HopTls::FromPrevious(tls) => {
             format!(" ssl crt {} ssl-min-ver TLSv1.3", tls.combined.display())
@@ -274,17 +287,19 @@ fn haproxy_config(listen: u16, upstream: SocketAddr, tls: HopTls<'_>) -> String 
         HopTls::ToNext => " ssl verify none ssl-min-ver TLSv1.3",
         _ => "",
     };
+    let mode = match mode {
+        Mode::Http => "mode http\n    timeout http-keep-alive 30s\n    http-reuse always",
+        Mode::Tcp => "mode tcp",
+    };
     format!(
         "global
     nbthread 1
     maxconn 4096
 defaults
-    mode http
+    {mode}
     timeout connect 5s
     timeout client 30s
     timeout server 30s
-    timeout http-keep-alive 30s
-    http-reuse always
 frontend in
     bind 127.0.0.1:{listen}{bind_tls}
     default_backend next
@@ -343,23 +358,37 @@ pub async fn start_haproxy(
     service: SocketAddr,
     tls: Option<&Tls>,
 ) -> anyhow::Result<TwoHops> {
-    let program = require("haproxy")?;
     let kind = if tls.is_some() {
         "haproxy-tls"
     } else {
         "haproxy"
     };
+    let hops = launch_haproxy(kind, dir, service, tls, Mode::Http)?;
+    wait_ready(kind, &hops, dir).await?;
+    Ok(hops)
+}
+
+/// haproxy B and A as [`start_haproxy`] makes them, in `mode`, named `kind`, without waiting
+/// for them to answer (a TCP service has its own way of saying so).
+pub fn launch_haproxy(
+    kind: &str,
+    dir: &Path,
+    service: SocketAddr,
+    tls: Option<&Tls>,
+    mode: Mode,
+) -> anyhow::Result<TwoHops> {
+    let program = require("haproxy")?;
     let start = |name: &str, listen: u16, upstream: SocketAddr| -> anyhow::Result<Foreign> {
         let config = dir.join(format!("{name}.cfg"));
         let hop = hop_tls(name, tls);
-        std::fs::write(&config, haproxy_config(listen, upstream, hop))?;
+        std::fs::write(&config, haproxy_config(listen, upstream, hop, mode))?;
         spawn_foreign(
             &program,
             &["-f", config.to_str().context("path")?, "-db"],
             &dir.join(format!("{name}.stderr")),
         )
     };
-    start_two_hops(kind, dir, service, start).await
+    launch_two_hops(kind, service, start)
 }
 
 /// `<name>-b` to the service and `<name>-a` to it, each started by `start(name, listen,
@@ -370,6 +399,17 @@ async fn start_two_hops(
     service: SocketAddr,
     start: impl Fn(&str, u16, SocketAddr) -> anyhow::Result<Foreign>,
 ) -> anyhow::Result<TwoHops> {
+    let hops = launch_two_hops(name, service, start)?;
+    wait_ready(name, &hops, dir).await?;
+    Ok(hops)
+}
+
+/// `<name>-b` to the service and `<name>-a` to it, started.
+fn launch_two_hops(
+    name: &str,
+    service: SocketAddr,
+    start: impl Fn(&str, u16, SocketAddr) -> anyhow::Result<Foreign>,
+) -> anyhow::Result<TwoHops> {
     let (a_port, b_port) = (free_port()?, free_port()?);
     let second = start(&format!("{name}-b"), b_port, service)?;
     let first = start(
@@ -377,13 +417,27 @@ async fn start_two_hops(
         a_port,
         (Ipv4Addr::LOCALHOST, b_port).into(),
     )?;
-    let hops = TwoHops {
+    Ok(TwoHops {
         first,
         second,
         listen: (Ipv4Addr::LOCALHOST, a_port).into(),
-    };
-    wait_ready(name, &hops, dir).await?;
-    Ok(hops)
+    })
+}
+
+/// What haproxy or nginx said in `dir` about the path `name`, for an error.
+pub fn logs_of(name: &str, dir: &Path) -> String {
+    let mut logs = String::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let file = path.file_name().and_then(|f| f.to_str()).unwrap_or("");
+        if file.starts_with(name) && (file.ends_with(".log") || file.ends_with(".stderr")) {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if !text.trim().is_empty() {
+                logs.push_str(&format!("\n{file}:\n{}", text.trim()));
+            }
+        }
+    }
+    logs
 }
 
 /// Until a GET through both hops is answered 200; the logs in `dir` in the error if not.
@@ -399,17 +453,7 @@ async fn wait_ready(name: &str, hops: &TwoHops, dir: &Path) -> anyhow::Result<()
             Err(_) => "no answer".to_owned(),
         };
         if Instant::now() >= deadline {
-            let mut logs = String::new();
-            for entry in std::fs::read_dir(dir)?.flatten() {
-                let path = entry.path();
-                let file = path.file_name().and_then(|f| f.to_str()).unwrap_or("");
-                if file.starts_with(name) && (file.ends_with(".log") || file.ends_with(".stderr")) {
-                    let text = std::fs::read_to_string(&path).unwrap_or_default();
-                    if !text.trim().is_empty() {
-                        logs.push_str(&format!("\n{file}:\n{}", text.trim()));
-                    }
-                }
-            }
+            let logs = logs_of(name, dir);
             bail!("{name} did not answer through both hops within {READY_WITHIN:?}: {last}{logs}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -6,7 +6,7 @@
 //! cargo build --release --workspace
 //! cargo run -p bench --release -- all          # or one: overlay, monitor-memory, lookup, quic,
 //!                                              # side-by-side, stream, cold-start, tiers,
-//!                                              # probes, slow-service
+//!                                              # probes, slow-service, tunnel
 //! ```
 
 mod body;
@@ -32,6 +32,7 @@ mod slow_service;
 mod stats;
 mod stream;
 mod tiers;
+mod tunnel;
 
 use std::path::PathBuf;
 
@@ -85,9 +86,15 @@ enum Scenario {
     /// ingress's: instances started, allocations asked, who answered, service time apart
     /// from network RTT.
     SlowService(slow_service::Args),
+    /// TCP through l4-proxy and its sidecar, two haproxy in mode tcp and with TLS between
+    /// them: throughput, CPU, memory, added latency; UDP datagrams a second and loss.
+    Tunnel(tunnel::Args),
     /// The HTTP service behind the proxies (the data-plane scenarios start it themselves).
     #[command(hide = true)]
     Serve(serve::Args),
+    /// The TCP and UDP service behind the tunnels (`tunnel` starts it).
+    #[command(hide = true)]
+    ServeL4(tunnel::ServeArgs),
 }
 
 #[tokio::main]
@@ -110,7 +117,9 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Tiers(args) => tiers::run(args, &mut out).await?,
         Scenario::Probes(args) => probes::run(args, &mut out).await?,
         Scenario::SlowService(args) => slow_service::run(args, &mut out).await?,
+        Scenario::Tunnel(args) => tunnel::run(args, &mut out).await?,
         Scenario::Serve(args) => serve::run(args).await?,
+        Scenario::ServeL4(args) => tunnel::serve(args).await?,
     }
     Ok(())
 }
@@ -139,7 +148,8 @@ async fn all(quick: bool, out: &mut Report) -> anyhow::Result<()> {
         cold_start,
         tiers,
         probes,
-        slow_service
+        slow_service,
+        tunnel
     );
     Ok(())
 }
