@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::perf::PerfConfig,
     ingress::{Ingress, IngressSettings},
-    l4::{TunnelMetrics, front::L4Front, hop::HopRole},
+    l4::{TunnelMetrics, datagrams::DatagramRouter, front::L4Front, hop::HopRole},
     metrics::{Activity, IngressMetrics, LiveCollector, SidecarCollector, SidecarView},
     sidecar::{Sidecar, health::ServiceState},
     supervise::Service,
@@ -326,6 +326,7 @@ async fn run_program(cli: Cli, program: Program) -> anyhow::Result<()> {
     };
     let metrics = IngressMetrics::register(&daemon.registry)?;
     let tunnel_metrics = TunnelMetrics::register(&daemon.registry)?;
+    let datagrams = DatagramRouter::new();
     let ingress = Ingress::new(
         node.clone(),
         Arc::clone(&transport),
@@ -351,6 +352,7 @@ async fn run_program(cli: Cli, program: Program) -> anyhow::Result<()> {
                 service: service.clone(),
                 ingress: Arc::clone(&ingress),
                 metrics: tunnel_metrics.clone(),
+                datagrams: Arc::clone(&datagrams),
             });
             let viewed = Arc::downgrade(&sidecar);
             SidecarCollector::register(&daemon.registry, move || {
@@ -379,6 +381,7 @@ async fn run_program(cli: Cli, program: Program) -> anyhow::Result<()> {
                 tunnel_metrics,
                 cli.listen_ip,
                 cli.udp_idle_timeout,
+                datagrams,
                 stop.clone(),
             );
             tokio::spawn(front.serve(listener))

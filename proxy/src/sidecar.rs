@@ -133,8 +133,10 @@ impl Sidecar {
     pub async fn serve_connection(self: Arc<Self>, connection: Connection) {
         while let Ok((send, recv)) = connection.accept_bi().await {
             let this = Arc::clone(&self);
+            // A reference count: tunnels send their datagrams on it.
+            let on = connection.clone();
             tokio::spawn(async move {
-                if let Err(error) = this.serve_stream(send, recv).await {
+                if let Err(error) = this.serve_stream(&on, send, recv).await {
                     tracing::debug!(%error, "request stream failed");
                 }
             });
@@ -143,6 +145,7 @@ impl Sidecar {
 
     async fn serve_stream(
         &self,
+        connection: &Connection,
         mut send: SendStream,
         mut recv: RecvStream,
     ) -> Result<(), StreamError> {
@@ -153,7 +156,9 @@ impl Sidecar {
                 return send_ping(&mut send, &self.health.health().encode()).await;
             }
             Opening::Chain(payload, rest) => {
-                return self.serve_tunnel(payload, rest, send, recv).await;
+                return self
+                    .serve_tunnel(connection, payload, rest, send, recv)
+                    .await;
             }
             other => return Err(StreamError::Unexpected(other.kind())),
         };
@@ -200,6 +205,7 @@ impl Sidecar {
     /// A tunnel's stream ([`crate::l4::hop`]); counted as serving while it is open.
     async fn serve_tunnel(
         &self,
+        connection: &Connection,
         payload: bytes::Bytes,
         rest: crate::framing::Decoder,
         mut send: SendStream,
@@ -214,7 +220,7 @@ impl Sidecar {
             connect_timeout: self.connect_timeout,
         };
         if let Err(hop::Unreachable(reason)) =
-            hop::serve(role, service, payload, rest, send, recv).await?
+            hop::serve(role, service, connection, payload, rest, send, recv).await?
         {
             tracing::debug!(%reason, "tunnel refused");
             self.health.observe(Observation::ConnectFailed);

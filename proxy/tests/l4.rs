@@ -223,6 +223,23 @@ async fn tcp_and_udp_services_are_reached_through_one_sidecar_each() {
             "{direction}: {text}"
         );
     }
+    // Datagrams that fit the path crossed as QUIC datagrams (the 65507-byte one could not).
+    let udp = r#"chain="/udp/echo-udp",direction="forward",role="client""#;
+    let quic = metric(&text, &format!("l4_quic_datagrams_total{{{udp}}}")).unwrap_or(0.0);
+    assert!(quic >= 2.0, "{text}");
+    // A UDP client quiet for the idle timeout (2 s here) is forgotten, its tunnel closed.
+    wait_until(
+        "the UDP tunnels closed after the idle timeout",
+        DEADLINE,
+        || async {
+            let text = http_get(&metrics, "/metrics").await.unwrap().1;
+            metric(
+                &text,
+                r#"l4_tunnels_open{chain="/udp/echo-udp",role="client"}"#,
+            ) == Some(0.0)
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,6 +328,16 @@ async fn killing_an_instance_of_a_hop_moves_new_connections_to_another() {
         ("b:", "a:")
     };
     assert_eq!(answered, format!("{used}f:x\n"));
+    // A tunnel through the front hop alone, on the same connection between the l4-proxy and
+    // the front hop's sidecar, kept open across the kill (the original closed that
+    // connection, and every tunnel on it, when a next hop failed).
+    let alone = chain_addr(&control, "/tcp/front").await;
+    let stream = TcpStream::connect(alone).await.unwrap();
+    let mut kept = BufReader::new(stream);
+    kept.get_mut().write_all(b"k\n").await.unwrap();
+    let mut line = String::new();
+    kept.read_line(&mut line).await.unwrap();
+    assert_eq!(line, "f:k\n");
     // The instance the front hop uses is killed outright: no goodbye on its connections.
     let mut killed = backs.remove(used).unwrap();
     killed.process.child.kill().await.unwrap();
@@ -322,6 +349,11 @@ async fn killing_an_instance_of_a_hop_moves_new_connections_to_another() {
             "connection {i} after the kill"
         );
     }
+    // Only the tunnels through the killed instance were affected.
+    kept.get_mut().write_all(b"still\n").await.unwrap();
+    line.clear();
+    kept.read_line(&mut line).await.unwrap();
+    assert_eq!(line, "f:still\n");
 }
 
 /// A TCP service that reads each connection to its end and reports how it ended, if

@@ -25,6 +25,8 @@ pub struct Tunnel {
     /// The reverse chain, as the hop answered it.
     pub ready: String,
     pub peer: PeerId,
+    /// The connection the stream is on (its QUIC datagrams carry the tunnel's too).
+    pub connection: Connection,
 }
 
 impl Ingress {
@@ -88,6 +90,7 @@ impl Ingress {
                             rest,
                             ready,
                             peer,
+                            connection: connection.clone(),
                         });
                     }
                     Err(error) => {

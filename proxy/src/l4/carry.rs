@@ -21,12 +21,15 @@
 //!    direction from UDP ends when its tunnel does (idle, or the other side finished).
 //! 5. **No copies.** A read's bytes go out as the frame's payload (a 5-byte header written in
 //!    front of them); received payloads are slices of QUIC's chunks.
+//! 6. **Datagrams between proxies** go as QUIC datagrams where the path takes them
+//!    ([`super::datagrams`]; a tunnel stream's [`DatagramPath`] and [`Registration`]), else
+//!    on the stream.
 
 use std::{io, net::SocketAddr, sync::Arc};
 
 use bytes::{Bytes, BytesMut};
 use prometheus::IntCounter;
-use quinn::{RecvStream, SendStream};
+use quinn::{Connection, RecvStream, SendDatagramError, SendStream};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{
@@ -37,6 +40,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+use super::datagrams::{self, DatagramRouter, HEADER_BYTES, Registration};
 use crate::{
     framing::{Decoder, Kind, MAX_DATAGRAM_BYTES, Piece, frame_header},
     stream::{StreamError, next_piece},
@@ -83,7 +87,8 @@ pub enum Source {
     Udp(Arc<UdpSocket>),
     /// The datagrams of one client, handed over by the listener's socket reader.
     Datagrams(mpsc::Receiver<Bytes>),
-    Stream(RecvStream, Decoder),
+    /// A tunnel's stream, and the QUIC datagrams that arrive for it if registered.
+    Stream(RecvStream, Decoder, Option<Registration>),
 }
 
 impl Source {
@@ -105,14 +110,25 @@ impl Source {
                 }
             },
             Self::Datagrams(receiver) => Ok(receiver.recv().await.map(Unit::Datagram)),
-            Self::Stream(recv, decoder) => match next_piece(recv, decoder).await? {
-                None => Ok(None),
-                Some(Piece::Data(data)) => Ok(Some(Unit::Bytes(data))),
-                Some(Piece::Frame(frame)) if frame.kind == Kind::Datagram => {
-                    Ok(Some(Unit::Datagram(frame.payload)))
+            Self::Stream(recv, decoder, registration) => {
+                let piece = match registration {
+                    Some(registration) => tokio::select! {
+                        Some(datagram) = registration.datagrams.recv() => {
+                            return Ok(Some(Unit::Datagram(datagram)));
+                        }
+                        piece = next_piece(recv, decoder) => piece?,
+                    },
+                    None => next_piece(recv, decoder).await?,
+                };
+                match piece {
+                    None => Ok(None),
+                    Some(Piece::Data(data)) => Ok(Some(Unit::Bytes(data))),
+                    Some(Piece::Frame(frame)) if frame.kind == Kind::Datagram => {
+                        Ok(Some(Unit::Datagram(frame.payload)))
+                    }
+                    Some(Piece::Frame(frame)) => Err(StreamError::Unexpected(frame.kind).into()),
                 }
-                Some(Piece::Frame(frame)) => Err(StreamError::Unexpected(frame.kind).into()),
-            },
+            }
         }
     }
 }
@@ -124,32 +140,112 @@ pub enum Sink {
     Udp(Arc<UdpSocket>),
     /// The listener's UDP socket, to one client.
     UdpTo(Arc<UdpSocket>, SocketAddr),
-    Stream(SendStream),
+    /// A tunnel's stream, and where its datagrams may go as QUIC datagrams.
+    Stream(SendStream, Option<DatagramPath>),
     /// A TCP sink after [`Sink::abort`]: its socket is reset when the read half goes.
     Aborted,
 }
 
+/// The two ends of a tunnel's stream on `connection`: the sink it is written to and the
+/// source it is read from (`rest` holding what arrived after its opening), with its QUIC
+/// datagrams registered with `router` before anything is sent.
+pub fn stream_ends(
+    router: &Arc<DatagramRouter>,
+    connection: &Connection,
+    send: SendStream,
+    recv: RecvStream,
+    rest: Decoder,
+) -> (Sink, Source) {
+    let registration = router.register(connection, send.id().into());
+    let path = DatagramPath::of(connection, &send);
+    (
+        Sink::Stream(send, Some(path)),
+        Source::Stream(recv, rest, Some(registration)),
+    )
+}
+
+/// What became of a unit put into a sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    Sent,
+    /// Sent as a QUIC datagram (a tunnel's datagram that the path takes).
+    AsQuicDatagram,
+    /// A datagram a socket refused.
+    Dropped,
+}
+
+/// Where a tunnel stream's datagrams go as QUIC datagrams: its connection, and the stream's
+/// ID that names the tunnel in each.
+pub struct DatagramPath {
+    pub connection: Connection,
+    pub stream: u64,
+}
+
+impl DatagramPath {
+    /// The path of the tunnel on `send`, over `connection`.
+    pub fn of(connection: &Connection, send: &SendStream) -> Self {
+        Self {
+            connection: connection.clone(),
+            stream: send.id().into(),
+        }
+    }
+
+    /// Sends `datagram` as a QUIC datagram, waiting for room; `Ok(false)` if it must go on
+    /// the stream instead (too large for the path, or the peer takes none).
+    async fn send(&self, datagram: &Bytes) -> Result<bool, CarryError> {
+        let fits = self
+            .connection
+            .max_datagram_size()
+            .is_some_and(|max| HEADER_BYTES + datagram.len() <= max);
+        if !fits {
+            return Ok(false);
+        }
+        let sent = self
+            .connection
+            .send_datagram_wait(datagrams::join(self.stream, datagram))
+            .await;
+        match sent {
+            Ok(()) => Ok(true),
+            Err(SendDatagramError::ConnectionLost(error)) => {
+                Err(CarryError::Stream(StreamError::Quic(error.to_string())))
+            }
+            // Too large after all (the path shrank), or not taken: the stream carries it.
+            Err(_) => Ok(false),
+        }
+    }
+}
+
 impl Sink {
-    /// Writes one unit; `Ok(false)` if it was a datagram that could not be sent (dropped).
-    pub async fn put(&mut self, unit: Unit) -> Result<bool, CarryError> {
+    /// Writes one unit.
+    pub async fn put(&mut self, unit: Unit) -> Result<Put, CarryError> {
+        let sent_or_dropped = |sent| if sent { Put::Sent } else { Put::Dropped };
         match self {
             Self::Tcp(write) => {
                 let (Unit::Bytes(bytes) | Unit::Datagram(bytes)) = unit;
                 write.write_all(&bytes).await.map_err(CarryError::Write)?;
-                Ok(true)
+                Ok(Put::Sent)
             }
-            Self::Udp(socket) => Ok(send_datagrams(unit, socket, None).await),
-            Self::UdpTo(socket, to) => Ok(send_datagrams(unit, socket, Some(*to)).await),
-            Self::Stream(send) => {
+            Self::Udp(socket) => Ok(sent_or_dropped(send_datagrams(unit, socket, None).await)),
+            Self::UdpTo(socket, to) => Ok(sent_or_dropped(
+                send_datagrams(unit, socket, Some(*to)).await,
+            )),
+            Self::Stream(send, path) => {
                 let (kind, payload) = match unit {
                     Unit::Bytes(bytes) => (Kind::Data, bytes),
-                    Unit::Datagram(datagram) => (Kind::Datagram, datagram),
+                    Unit::Datagram(datagram) => {
+                        if let Some(path) = path
+                            && path.send(&datagram).await?
+                        {
+                            return Ok(Put::AsQuicDatagram);
+                        }
+                        (Kind::Datagram, datagram)
+                    }
                 };
                 let header = Bytes::copy_from_slice(&frame_header(kind, payload.len()));
                 send.write_all_chunks(&mut [header, payload])
                     .await
                     .map_err(|e| CarryError::Stream(StreamError::Quic(e.to_string())))?;
-                Ok(true)
+                Ok(Put::Sent)
             }
             Self::Aborted => Err(CarryError::Write(io::ErrorKind::BrokenPipe.into())),
         }
@@ -161,7 +257,7 @@ impl Sink {
             Self::Tcp(write) => {
                 let _ = write.shutdown().await;
             }
-            Self::Stream(send) => {
+            Self::Stream(send, _) => {
                 let _ = send.finish();
             }
             Self::Udp(_) | Self::UdpTo(..) | Self::Aborted => {}
@@ -181,7 +277,7 @@ impl Sink {
                 let _ = write.as_ref().set_linger(Some(std::time::Duration::ZERO));
                 write.forget();
             }
-            Self::Stream(send) => {
+            Self::Stream(send, _) => {
                 let _ = send.reset(RESET_TUNNEL.into());
             }
             Self::Udp(_) | Self::UdpTo(..) | Self::Aborted => {}
@@ -207,11 +303,13 @@ async fn send_datagrams(unit: Unit, socket: &UdpSocket, to: Option<SocketAddr>) 
     all
 }
 
-/// Counters of one direction: bytes carried, datagrams that could not be sent.
+/// Counters of one direction: bytes carried, datagrams that could not be sent, datagrams
+/// sent as QUIC datagrams.
 #[derive(Debug, Clone)]
 pub struct Counts {
     pub bytes: IntCounter,
     pub dropped: IntCounter,
+    pub quic_datagrams: IntCounter,
 }
 
 /// Carries units from `source` to `sink` until the source ends (passed on) or either breaks
@@ -237,8 +335,12 @@ pub async fn carry(
         };
         let len = unit.len() as u64;
         match sink.put(unit).await {
-            Ok(true) => counts.bytes.inc_by(len),
-            Ok(false) => counts.dropped.inc(),
+            Ok(Put::Sent) => counts.bytes.inc_by(len),
+            Ok(Put::AsQuicDatagram) => {
+                counts.bytes.inc_by(len);
+                counts.quic_datagrams.inc();
+            }
+            Ok(Put::Dropped) => counts.dropped.inc(),
             Err(error) => {
                 sink.abort();
                 return Err(error);

@@ -35,8 +35,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Direction, TunnelMetrics,
-    carry::{Sink, Source, direction},
+    carry::{Sink, Source, direction, stream_ends},
     chain::{Chain, Protocol},
+    datagrams::DatagramRouter,
 };
 use crate::{
     framing::MAX_DATAGRAM_BYTES,
@@ -53,6 +54,7 @@ pub struct L4Front {
     /// Where chain listeners bind (the control API's address).
     ip: IpAddr,
     udp_idle: Duration,
+    datagrams: Arc<DatagramRouter>,
     chains: tokio::sync::Mutex<HashMap<Chain, SocketAddr>>,
     shutdown: CancellationToken,
 }
@@ -70,6 +72,7 @@ impl L4Front {
         metrics: TunnelMetrics,
         ip: IpAddr,
         udp_idle: Duration,
+        datagrams: Arc<DatagramRouter>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -77,6 +80,7 @@ impl L4Front {
             metrics,
             ip,
             udp_idle,
+            datagrams,
             chains: Default::default(),
             shutdown,
         })
@@ -203,8 +207,13 @@ impl L4Front {
             .counts(&chain.spec, "client", Direction::Backward);
         let (read, write) = stream.into_split();
         let (mut from_client, mut to_client) = (Source::Tcp(read), Sink::Tcp(write));
-        let mut up = Sink::Stream(tunnel.send);
-        let mut down = Source::Stream(tunnel.recv, tunnel.rest);
+        let (mut up, mut down) = stream_ends(
+            &self.datagrams,
+            &tunnel.connection,
+            tunnel.send,
+            tunnel.recv,
+            tunnel.rest,
+        );
         let (never, broken) = (CancellationToken::new(), CancellationToken::new());
         let (a, b) = tokio::join!(
             direction(&mut from_client, &mut up, &forward, || {}, &never, &broken),
@@ -318,8 +327,13 @@ impl L4Front {
             .counts(&chain.spec, "client", Direction::Backward);
         let mut from_client = Source::Datagrams(queued);
         let mut to_client = Sink::UdpTo(socket, client);
-        let mut up = Sink::Stream(tunnel.send);
-        let mut down = Source::Stream(tunnel.recv, tunnel.rest);
+        let (mut up, mut down) = stream_ends(
+            &self.datagrams,
+            &tunnel.connection,
+            tunnel.send,
+            tunnel.recv,
+            tunnel.rest,
+        );
         let (never, broken, idle) = (
             CancellationToken::new(),
             CancellationToken::new(),

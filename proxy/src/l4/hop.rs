@@ -19,14 +19,15 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use quinn::{RecvStream, SendStream};
+use quinn::{Connection, RecvStream, SendStream};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 use super::{
     Direction, TunnelMetrics,
-    carry::{Sink, Source, direction},
+    carry::{Sink, Source, direction, stream_ends},
     chain::{Chain, Protocol},
+    datagrams::DatagramRouter,
 };
 use crate::{
     framing::{Decoder, Kind},
@@ -41,6 +42,8 @@ pub struct HopRole {
     /// How the next hop is reached.
     pub ingress: Arc<Ingress>,
     pub metrics: TunnelMetrics,
+    /// Where the QUIC datagrams of tunnels go.
+    pub datagrams: Arc<DatagramRouter>,
 }
 
 /// Where the hop's service is: its address, and how long a connect to it may take.
@@ -59,6 +62,7 @@ pub struct Unreachable(pub String);
 pub async fn serve(
     role: &HopRole,
     service: ServiceAddr,
+    connection: &Connection,
     payload: Bytes,
     rest: Decoder,
     mut send: SendStream,
@@ -109,6 +113,12 @@ pub async fn serve(
         Some(tunnel) => format!("{} {}", tunnel.ready, role.service),
         None => format!("Reverse chain: {}", role.service),
     };
+    // Registered before READY: the previous hop may send datagrams as soon as it has it.
+    let (mut back_to_previous, mut from_previous) =
+        stream_ends(&role.datagrams, connection, send, recv, rest);
+    let Sink::Stream(send, _) = &mut back_to_previous else {
+        unreachable!("a stream's sink");
+    };
     let header = Bytes::copy_from_slice(&crate::framing::frame_header(Kind::Ready, reverse.len()));
     send.write_all_chunks(&mut [header, Bytes::from(reverse)])
         .await
@@ -123,13 +133,18 @@ pub async fn serve(
         CancellationToken::new(),
         CancellationToken::new(),
     );
-    let mut from_previous = Source::Stream(recv, rest);
     let (mut onward, mut back) = match next {
-        Some(tunnel) => (
-            Sink::Stream(tunnel.send),
-            Some((Source::Stream(tunnel.recv, tunnel.rest), Sink::Stream(send))),
-        ),
-        None => (Sink::Stream(send), None),
+        Some(tunnel) => {
+            let (onward, from_next) = stream_ends(
+                &role.datagrams,
+                &tunnel.connection,
+                tunnel.send,
+                tunnel.recv,
+                tunnel.rest,
+            );
+            (onward, Some((from_next, back_to_previous)))
+        }
+        None => (back_to_previous, None),
     };
     // A UDP service's output ends when what goes into it does.
     let service_stop = if protocol == Protocol::Udp {

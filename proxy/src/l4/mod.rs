@@ -24,7 +24,8 @@
 //!    and the rest of the chain is ready; or `REFUSED` (its service could not be reached, it is
 //!    not in the chain, the chain is malformed) or `FAILED` (the next hop could not be had),
 //!    and the opener tries another instance;
-//! 3. then both ways: TCP bytes as `DATA`, UDP datagrams as `DATAGRAM` frames, as
+//! 3. then both ways: TCP bytes as `DATA` frames, UDP datagrams as QUIC datagrams that name
+//!    the stream ([`datagrams`]) or, too large for the path, as `DATAGRAM` frames, as
 //!    [`carry`] says; a FIN is a half-close, a reset a reset.
 //!
 //! # Rules
@@ -38,6 +39,7 @@
 
 pub mod carry;
 pub mod chain;
+pub mod datagrams;
 pub mod front;
 pub mod hop;
 
@@ -54,6 +56,7 @@ pub struct TunnelMetrics {
     failed: IntCounterVec,
     bytes: IntCounterVec,
     dropped: IntCounterVec,
+    quic_datagrams: IntCounterVec,
 }
 
 /// Which way bytes go: `forward` from the client towards the last service (at a hop: what
@@ -96,6 +99,15 @@ impl TunnelMetrics {
             ),
             &["chain", "role", "reason"],
         )?;
+        let quic_datagrams = IntCounterVec::new(
+            Opts::new(
+                "l4_quic_datagrams_total",
+                "UDP datagrams sent between proxies as QUIC datagrams (the others, too large \
+                 for the path, crossed on the tunnel's stream)",
+            ),
+            &["chain", "role", "direction"],
+        )?;
+        registry.register(Box::new(quic_datagrams.clone()))?;
         registry.register(Box::new(opened.clone()))?;
         registry.register(Box::new(open.clone()))?;
         registry.register(Box::new(failed.clone()))?;
@@ -107,6 +119,7 @@ impl TunnelMetrics {
             failed,
             bytes,
             dropped,
+            quic_datagrams,
         })
     }
 
@@ -139,6 +152,9 @@ impl TunnelMetrics {
             dropped: self
                 .dropped
                 .with_label_values(&[chain, role, "send_failed"]),
+            quic_datagrams: self
+                .quic_datagrams
+                .with_label_values(&[chain, role, direction]),
         }
     }
 

@@ -53,10 +53,11 @@ const ACK_DELAY: Duration = Duration::from_millis(25);
 /// [`Transport::is_silent`] waits at least this for an acknowledgement: a loaded machine
 /// delays even a QUIC stack's answers by tens of milliseconds.
 pub const MIN_SILENCE: Duration = Duration::from_millis(100);
-/// Unreliable datagrams a peer may have buffered, unread, for this proxy: only the empty ones
-/// [`Transport::is_silent`] sends to elicit acknowledgements, which nothing reads (the
-/// oldest are dropped).
-const DATAGRAM_BUFFER: usize = 1024;
+/// Bytes of unreliable datagrams received and not yet read, per connection: the UDP datagrams
+/// of layer-4 tunnels ([`crate::l4::datagrams`], read by one task per connection) and the
+/// empty ones [`Transport::is_silent`] sends to elicit acknowledgements. Past it the oldest
+/// are dropped, as a full UDP socket buffer would.
+const DATAGRAM_BUFFER: usize = 1 << 20;
 /// Application close codes.
 const CLOSE_AUTH_FAILED: u32 = 1;
 const CLOSE_DEAD: u32 = 2;
