@@ -3,9 +3,10 @@
 //!
 //! # Rules
 //! 1. **Units.** What a TCP socket gives is bytes, cut wherever a read ends ([`Unit::Bytes`]);
-//!    what a UDP socket gives is one datagram, whole ([`Unit::Datagram`]). On a QUIC stream
-//!    bytes cross as `DATA` frames (received in whatever pieces QUIC hands over) and datagrams
-//!    as `DATAGRAM` frames (received whole), so each side of every link knows which it got.
+//!    what a UDP socket gives is one datagram, whole ([`Unit::Datagram`]). Between proxies
+//!    bytes cross as `DATA` frames on the tunnel's stream (received in whatever pieces QUIC
+//!    hands over) and datagrams whole, as QUIC datagrams or `DATAGRAM` frames (rule 6), so
+//!    each side of every link knows which it got.
 //! 2. **Into a socket.** Bytes and datagrams are written to a TCP socket as bytes; into a
 //!    UDP socket each datagram is sent as one, and bytes as they were read (at most
 //!    [`MAX_DATAGRAM_BYTES`] each), as the original did with its 65495-byte reads. A UDP send
@@ -19,8 +20,9 @@
 //!    sink ([`Sink::abort`]: QUIC reset, TCP reset by closing with a zero linger), so that a
 //!    truncated transfer is never taken for a whole one at the far end. UDP has no end: a
 //!    direction from UDP ends when its tunnel does (idle, or the other side finished).
-//! 5. **No copies.** A read's bytes go out as the frame's payload (a 5-byte header written in
-//!    front of them); received payloads are slices of QUIC's chunks.
+//! 5. **No copies of bytes.** A read's bytes go out as the frame's payload (a 5-byte header
+//!    written in front of them); received payloads are slices of QUIC's chunks. A datagram
+//!    sent as a QUIC datagram is copied once, behind its 8-byte header.
 //! 6. **Datagrams between proxies** go as QUIC datagrams where the path takes them
 //!    ([`super::datagrams`]; a tunnel stream's [`DatagramPath`] and [`Registration`]), else
 //!    on the stream.

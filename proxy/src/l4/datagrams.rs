@@ -24,8 +24,9 @@ use tokio::sync::mpsc;
 
 /// Bytes in front of a tunnel's datagram.
 pub const HEADER_BYTES: usize = 8;
-/// Datagrams queued for one tunnel before the newest are dropped.
-const QUEUE: usize = 1024;
+/// Datagrams queued for one tunnel before the newest are dropped: with the connection's own
+/// receive buffer (1 MiB), what a stalled tunnel can hold.
+const QUEUE: usize = 256;
 
 /// The tunnels whose datagrams arrive on each connection.
 #[derive(Default)]

@@ -34,15 +34,12 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Direction, TunnelMetrics,
-    carry::{Sink, Source, direction, stream_ends},
+    Direction, OpenTunnel, TunnelMetrics,
+    carry::{Counts, Sink, Source, direction, stream_ends},
     chain::{Chain, Protocol},
     datagrams::DatagramRouter,
 };
-use crate::{
-    framing::MAX_DATAGRAM_BYTES,
-    ingress::{Ingress, RequestError},
-};
+use crate::{framing::MAX_DATAGRAM_BYTES, ingress::Ingress};
 
 /// Datagrams of one UDP client that wait while its tunnel is set up (or sent on).
 pub const CLIENT_QUEUE: usize = 256;
@@ -57,6 +54,15 @@ pub struct L4Front {
     datagrams: Arc<DatagramRouter>,
     chains: tokio::sync::Mutex<HashMap<Chain, SocketAddr>>,
     shutdown: CancellationToken,
+}
+
+/// A client's tunnel, open: its ends and counters.
+struct ClientTunnel {
+    _open: OpenTunnel,
+    forward: Counts,
+    backward: Counts,
+    up: Sink,
+    down: Source,
 }
 
 /// One chain as its listener's tunnels need it.
@@ -188,36 +194,20 @@ impl L4Front {
     /// One TCP connection's tunnel: set up, then both ways until both end.
     async fn tcp_tunnel(self: Arc<Self>, stream: TcpStream, chain: Arc<Listening>) {
         let _ = stream.set_nodelay(true);
-        let tunnel = match self.ingress.open_tunnel(&chain.first, &chain.encoded).await {
-            Ok(tunnel) => tunnel,
-            Err(error) => {
-                self.set_up_failed(&chain, &error);
-                // A reset, not a clean end: the client must not take it for an empty answer.
-                #[allow(deprecated)]
-                let _ = stream.set_linger(Some(Duration::ZERO));
-                return;
-            }
+        let Some(mut tunnel) = self.open(&chain).await else {
+            // A reset, not a clean end: the client must not take it for an empty answer.
+            #[allow(deprecated)]
+            let _ = stream.set_linger(Some(Duration::ZERO));
+            return;
         };
-        let _open = self.metrics.opened(&chain.spec, "client");
-        let forward = self
-            .metrics
-            .counts(&chain.spec, "client", Direction::Forward);
-        let backward = self
-            .metrics
-            .counts(&chain.spec, "client", Direction::Backward);
         let (read, write) = stream.into_split();
         let (mut from_client, mut to_client) = (Source::Tcp(read), Sink::Tcp(write));
-        let (mut up, mut down) = stream_ends(
-            &self.datagrams,
-            &tunnel.connection,
-            tunnel.send,
-            tunnel.recv,
-            tunnel.rest,
-        );
+        let (up, down) = (&mut tunnel.up, &mut tunnel.down);
+        let (forward, backward) = (&tunnel.forward, &tunnel.backward);
         let (never, broken) = (CancellationToken::new(), CancellationToken::new());
         let (a, b) = tokio::join!(
-            direction(&mut from_client, &mut up, &forward, || {}, &never, &broken),
-            direction(&mut down, &mut to_client, &backward, || {}, &never, &broken),
+            direction(&mut from_client, up, forward, || {}, &never, &broken),
+            direction(down, &mut to_client, backward, || {}, &never, &broken),
         );
         if let Some(error) = a.err().or(b.err()) {
             self.metrics.failed(&chain.spec, "client", "broken");
@@ -225,9 +215,35 @@ impl L4Front {
         }
     }
 
-    fn set_up_failed(&self, chain: &Listening, error: &RequestError) {
-        self.metrics.failed(&chain.spec, "client", "set_up");
-        tracing::warn!(chain = %chain.spec, %error, "tunnel set-up failed");
+    /// A client's tunnel through `chain`, set up and counted open; `None` (counted, logged)
+    /// if it could not be.
+    async fn open(&self, chain: &Listening) -> Option<ClientTunnel> {
+        let tunnel = match self.ingress.open_tunnel(&chain.first, &chain.encoded).await {
+            Ok(tunnel) => tunnel,
+            Err(error) => {
+                self.metrics.failed(&chain.spec, "client", "set_up");
+                tracing::warn!(chain = %chain.spec, %error, "tunnel set-up failed");
+                return None;
+            }
+        };
+        let (up, down) = stream_ends(
+            &self.datagrams,
+            &tunnel.connection,
+            tunnel.send,
+            tunnel.recv,
+            tunnel.rest,
+        );
+        Some(ClientTunnel {
+            _open: self.metrics.opened(&chain.spec, "client"),
+            forward: self
+                .metrics
+                .counts(&chain.spec, "client", Direction::Forward),
+            backward: self
+                .metrics
+                .counts(&chain.spec, "client", Direction::Backward),
+            up,
+            down,
+        })
     }
 
     /// Reads the chain's UDP socket: each client address gets a tunnel of its own (set up in
@@ -310,58 +326,27 @@ impl L4Front {
         touched: impl Fn() + Send,
         ended: impl FnOnce() + Send,
     ) {
-        let tunnel = match self.ingress.open_tunnel(&chain.first, &chain.encoded).await {
-            Ok(tunnel) => tunnel,
-            Err(error) => {
-                self.set_up_failed(&chain, &error);
-                ended();
-                return;
-            }
+        let Some(mut tunnel) = self.open(&chain).await else {
+            ended();
+            return;
         };
-        let _open = self.metrics.opened(&chain.spec, "client");
-        let forward = self
-            .metrics
-            .counts(&chain.spec, "client", Direction::Forward);
-        let backward = self
-            .metrics
-            .counts(&chain.spec, "client", Direction::Backward);
         let mut from_client = Source::Datagrams(queued);
         let mut to_client = Sink::UdpTo(socket, client);
-        let (mut up, mut down) = stream_ends(
-            &self.datagrams,
-            &tunnel.connection,
-            tunnel.send,
-            tunnel.recv,
-            tunnel.rest,
-        );
+        let (up, down) = (&mut tunnel.up, &mut tunnel.down);
+        let (forward, backward) = (&tunnel.forward, &tunnel.backward);
         let (never, broken, idle) = (
             CancellationToken::new(),
             CancellationToken::new(),
             CancellationToken::new(),
         );
         let up_until_idle = async {
-            let result = direction(
-                &mut from_client,
-                &mut up,
-                &forward,
-                &touched,
-                &never,
-                &broken,
-            )
-            .await;
+            let result = direction(&mut from_client, up, forward, &touched, &never, &broken).await;
             idle.cancel();
             result
         };
         let (a, b) = tokio::join!(
             up_until_idle,
-            direction(
-                &mut down,
-                &mut to_client,
-                &backward,
-                &touched,
-                &idle,
-                &broken
-            ),
+            direction(down, &mut to_client, backward, &touched, &idle, &broken),
         );
         if let Some(error) = a.err().or(b.err()) {
             self.metrics.failed(&chain.spec, "client", "broken");
