@@ -95,18 +95,9 @@ async fn l4_proxy(network: &Network) -> (Process, String) {
 /// [`l4_proxy`], and the address of its /metrics.
 async fn l4_proxy_with_metrics(network: &Network) -> (Process, String, String) {
     let boot = network.boot_arg();
-    let args = [
-        "-bootstrap",
-        &boot,
-        "--ephemeral",
-        "--p2p-listen-addr",
-        "127.0.0.1:0",
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--udp-idle-timeout",
-        "2s",
-        "0",
-    ];
+    let mut args = proxy_args(&boot, &["--udp-idle-timeout", "2s", "0"]);
+    // The original's single-dash spelling.
+    args[0] = "-bootstrap";
     let log = option_env!("MTC_TEST_LOG").unwrap_or("warn");
     let process = Process::spawn(L4_PROXY, &args, &[("RUST_LOG", log)]);
     let prefix = "l4 control API: http://";

@@ -41,20 +41,10 @@ async fn serve_at(addr: SocketAddr) {
 /// it says when it stops advertising).
 async fn start_sidecar(network: &Network, service: &str, upstream: &str) -> Proxy {
     let boot = network.boot_arg();
-    let args = [
-        "--bootstrap",
+    let args = proxy_args(
         &boot,
-        "--ephemeral",
-        "--p2p-listen-addr",
-        "127.0.0.1:0",
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--quic-addr",
-        "127.0.0.1:0",
-        "0",
-        service,
-        upstream,
-    ];
+        &["--quic-addr", "127.0.0.1:0", "0", service, upstream],
+    );
     let process = Process::spawn(PROXY, &args, &[("RUST_LOG", "warn,proxy::app=info")]);
     let after = |line: String, prefix: &str| line[prefix.len()..].to_owned();
     let metrics = after(

@@ -317,11 +317,12 @@ pub async fn start_proxy(network: &Network, args: &[&str]) -> Proxy {
     start_proxy_with_env(network, args, &[]).await
 }
 
-pub async fn start_proxy_with_env(network: &Network, args: &[&str], env: &[(&str, &str)]) -> Proxy {
-    let boot = network.boot_arg();
+/// The flags every proxy of a test starts with (joined to the network at `boot`, a throw-away
+/// identity, any free ports on loopback), then `args`.
+pub fn proxy_args<'a>(boot: &'a str, args: &[&'a str]) -> Vec<&'a str> {
     let mut all = vec![
         "--bootstrap",
-        &boot,
+        boot,
         "--ephemeral",
         "--p2p-listen-addr",
         "127.0.0.1:0",
@@ -329,6 +330,12 @@ pub async fn start_proxy_with_env(network: &Network, args: &[&str], env: &[(&str
         "127.0.0.1:0",
     ];
     all.extend_from_slice(args);
+    all
+}
+
+pub async fn start_proxy_with_env(network: &Network, args: &[&str], env: &[(&str, &str)]) -> Proxy {
+    let boot = network.boot_arg();
+    let all = proxy_args(&boot, args);
     let mut env = env.to_vec();
     // MTC_TEST_LOG at build time (e.g. "proxy=debug") makes the proxies say more.
     env.push(("RUST_LOG", option_env!("MTC_TEST_LOG").unwrap_or("warn")));
