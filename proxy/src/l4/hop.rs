@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Direction, TunnelMetrics,
-    carry::{Sink, Source, direction, stream_ends},
+    carry::{DatagramPath, Sink, Source, direction, stream_ends},
     chain::{Chain, Protocol},
     datagrams::DatagramRouter,
 };
@@ -114,15 +114,14 @@ pub async fn serve(
         None => format!("Reverse chain: {}", role.service),
     };
     // Registered before READY: the previous hop may send datagrams as soon as it has it.
-    let (mut back_to_previous, mut from_previous) =
-        stream_ends(&role.datagrams, connection, send, recv, rest);
-    let Sink::Stream(send, _) = &mut back_to_previous else {
-        unreachable!("a stream's sink");
-    };
+    let registration = role.datagrams.register(connection, send.id().into());
     let header = Bytes::copy_from_slice(&crate::framing::frame_header(Kind::Ready, reverse.len()));
     send.write_all_chunks(&mut [header, Bytes::from(reverse)])
         .await
         .map_err(|e| StreamError::Quic(e.to_string()))?;
+    let mut from_previous = Source::Stream(recv, rest, Some(registration));
+    let path = DatagramPath::of(connection, &send);
+    let back_to_previous = Sink::Stream(send, Some(path));
 
     let _open = metrics.opened(&spec, "hop");
     let forward = metrics.counts(&spec, "hop", Direction::Forward);
