@@ -42,6 +42,8 @@ const READY_WITHIN: Duration = Duration::from_secs(60);
 const ECHO_BYTES: usize = 64;
 /// Bytes of each UDP datagram.
 const DATAGRAM_BYTES: usize = 512;
+/// How long the stalled client of a download does not read.
+const STALL: Duration = Duration::from_secs(2);
 const TCP_SERVICE: &str = "bench-tcp";
 const UDP_SERVICE: &str = "bench-udp";
 
@@ -440,6 +442,22 @@ async fn upload(addr: SocketAddr, bytes: u64) -> anyhow::Result<Duration> {
     Ok(begin.elapsed())
 }
 
+/// Starts a download of `bytes` through `addr`, reads its first MiB, then nothing for
+/// [`STALL`]; returns the connection, still open (the caller reads the hops' memory first).
+async fn stall(addr: SocketAddr, bytes: u64) -> anyhow::Result<TcpStream> {
+    let mut stream = open(addr, b'D', Some(bytes)).await?;
+    let mut buffer = vec![0; 64 * 1024];
+    let mut received = 0;
+    while received < (1 << 20).min(bytes) {
+        match stream.read(&mut buffer).await? {
+            0 => bail!("the download ended after {received} bytes"),
+            n => received += n as u64,
+        }
+    }
+    tokio::time::sleep(STALL).await;
+    Ok(stream)
+}
+
 /// `round_trips` echoes of [`ECHO_BYTES`] on one connection through `addr`; each one's time.
 async fn echo(addr: SocketAddr, round_trips: usize) -> anyhow::Result<Vec<Duration>> {
     let mut stream = open(addr, b'E', None).await?;
@@ -596,6 +614,37 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
         Better::Lower,
         &peaks,
     );
+    outln!(out);
+
+    outln!(
+        out,
+        "A client that stops reading: a download of {size:.0} MiB read for its first MiB, then \
+         not at all for {} s; each hop's resident memory (VmRSS) just before the download and \
+         at the end of the stall (what a slow reader makes a hop hold):\n",
+        STALL.as_secs()
+    );
+    outln!(out, "| path | first hop | second hop |");
+    outln!(out, "|---|---|---|");
+    for via in [Via::Ours, Via::Haproxy, Via::HaproxyTls] {
+        let Some((a, b)) = paths.hop_pids(via) else {
+            continue;
+        };
+        let before = (status_kb(a, "VmRSS")?, status_kb(b, "VmRSS")?);
+        let stalled = timed(stall(paths.tcp(via), args.bytes))
+            .await
+            .with_context(|| format!("stalled download through {}", via.name()));
+        let after = (status_kb(a, "VmRSS")?, status_kb(b, "VmRSS")?);
+        drop(stalled?);
+        outln!(
+            out,
+            "| {} | {} -> {} | {} -> {} |",
+            via.name(),
+            mib(before.0),
+            mib(after.0),
+            mib(before.1),
+            mib(after.1)
+        );
+    }
     outln!(out);
 
     outln!(
