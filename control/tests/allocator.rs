@@ -111,6 +111,8 @@ async fn process_instances_start_once_serve_and_are_culled_when_idle() {
         "METRICS_PORT=",
         "P2P_BOOTSTRAPS=",
         "SERVICE_NAME=hello-world-server",
+        // The record says nothing of its protocol: HTTP, the sidecar's default role.
+        "SERVICE_PROTOCOL=http",
     ] {
         assert!(
             environ.split('\0').any(|v| v.starts_with(name)),

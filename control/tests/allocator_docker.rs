@@ -123,6 +123,8 @@ async fn docker_instances_load_from_the_overlay_serve_are_culled_and_adopted() {
         "METRICS_PORT=",
         "P2P_BOOTSTRAPS=",
         "SERVICE_NAME=hello-world-server",
+        // The record says nothing of its protocol: HTTP, the sidecar's default role.
+        "SERVICE_PROTOCOL=http",
     ] {
         assert!(
             env.iter().any(|v| v.starts_with(name)),
