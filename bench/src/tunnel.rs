@@ -234,15 +234,10 @@ async fn start_l4(
 
 /// The chain `spec`'s listener, asked of the control API at `control`.
 async fn chain_listener(control: &str, spec: &str) -> anyhow::Result<SocketAddr> {
-    let mut stream = TcpStream::connect(control).await?;
-    let request = format!("GET {spec} HTTP/1.1\r\nHost: {control}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("no response head")?;
-    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{spec}: {response}");
+    let (status, body) = testkit::http_get(control, spec)
+        .await
+        .with_context(|| format!("{spec}: the control API at {control} does not answer"))?;
+    anyhow::ensure!(status == 200, "{spec}: answered {status}: {body}");
     body.trim()
         .parse()
         .with_context(|| format!("{spec}: {body}"))

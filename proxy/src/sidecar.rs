@@ -29,6 +29,8 @@
 pub mod health;
 mod upstream;
 
+pub(crate) use upstream::connect as connect_service;
+
 use std::{
     net::SocketAddr,
     sync::{
@@ -219,7 +221,7 @@ impl Sidecar {
             addr: self.addr,
             connect_timeout: self.connect_timeout,
         };
-        if let Err(hop::Unreachable(reason)) =
+        if let Err(reason) =
             hop::serve(role, service, connection, payload, rest, send, recv).await?
         {
             tracing::debug!(%reason, "tunnel refused");

@@ -33,7 +33,7 @@ mod routing;
 mod tunnel;
 
 pub use allocation::Reason;
-pub use error::RequestError;
+pub use error::{RequestError, plain};
 pub use front::{ClientBody, ClientBodyError};
 pub use routing::InstanceReport;
 pub use tunnel::Tunnel;
@@ -348,13 +348,22 @@ impl Ingress {
         replayable: bool,
         body: B,
     ) -> (Option<Arc<Resolved>>, Result<Answer, RequestError>) {
-        let service = match self.records.resolve(name).await {
-            Ok(Some(service)) => service,
-            Ok(None) => return (None, Err(RequestError::NoSuchService(name.to_owned()))),
-            Err(reason) => return (None, Err(RequestError::Lookup(reason))),
+        let service = match self.resolved(name).await {
+            Ok(service) => service,
+            Err(error) => return (None, Err(error)),
         };
         let answer = self.send(&service, head, replayable, body).await;
         (Some(service), answer)
+    }
+
+    /// The record of service `name`, from the cache or the lookup; unknown and unreachable
+    /// apart.
+    async fn resolved(&self, name: &str) -> Result<Arc<Resolved>, RequestError> {
+        match self.records.resolve(name).await {
+            Ok(Some(service)) => Ok(service),
+            Ok(None) => Err(RequestError::NoSuchService(name.to_owned())),
+            Err(reason) => Err(RequestError::Lookup(reason)),
+        }
     }
 
     fn limits(&self, service: &Resolved) -> Limits {

@@ -32,11 +32,7 @@ pub struct Tunnel {
 impl Ingress {
     /// Whether the lookup knows `name` (a layer-4 chain is checked before it listens).
     pub async fn resolve(&self, name: &str) -> Result<(), RequestError> {
-        match self.records.resolve(name).await {
-            Ok(Some(_)) => Ok(()),
-            Ok(None) => Err(RequestError::NoSuchService(name.to_owned())),
-            Err(reason) => Err(RequestError::Lookup(reason)),
-        }
+        self.resolved(name).await.map(drop)
     }
 
     /// Opens a tunnel to an instance of `service` for the encoded `chain`: chosen, waited
@@ -48,11 +44,7 @@ impl Ingress {
         name: &str,
         chain: &Bytes,
     ) -> Result<Tunnel, RequestError> {
-        let service = match self.records.resolve(name).await {
-            Ok(Some(service)) => service,
-            Ok(None) => return Err(RequestError::NoSuchService(name.to_owned())),
-            Err(reason) => return Err(RequestError::Lookup(reason)),
-        };
+        let service = self.resolved(name).await?;
         self.retries.deposit();
         let arrived = std::time::Instant::now();
         let limits = self.limits(&service);

@@ -24,7 +24,6 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::{
@@ -39,7 +38,10 @@ use super::{
     chain::{Chain, Protocol},
     datagrams::DatagramRouter,
 };
-use crate::{framing::MAX_DATAGRAM_BYTES, ingress::Ingress};
+use crate::{
+    framing::MAX_DATAGRAM_BYTES,
+    ingress::{Ingress, ResponseBody, plain},
+};
 
 /// Datagrams of one UDP client that wait while its tunnel is set up (or sent on).
 pub const CLIENT_QUEUE: usize = 256;
@@ -119,28 +121,28 @@ impl L4Front {
     }
 
     /// Answers one control request (see the module doc).
-    pub async fn control(self: &Arc<Self>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    pub async fn control(self: &Arc<Self>, request: Request<Incoming>) -> Response<ResponseBody> {
         if request.method() != Method::GET {
-            return text(
+            return plain(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "only GET /<tcp|udp>/<service>...",
+                "only GET /<tcp|udp>/<service>...".to_owned(),
             );
         }
         let spec = request.uri().path_and_query().map_or("/", |p| p.as_str());
         let chain = match Chain::parse(spec) {
             Ok(chain) => chain,
-            Err(error) => return text(StatusCode::BAD_REQUEST, &error.to_string()),
+            Err(error) => return plain(StatusCode::BAD_REQUEST, error.to_string()),
         };
         for hop in chain.hops() {
             if let Err(error) = self.ingress.resolve(&hop.service).await {
-                return text(error.status(), &error.to_string());
+                return error.into_response();
             }
         }
         match self.listen(chain).await {
-            Ok(addr) => text(StatusCode::OK, &addr.to_string()),
-            Err(error) => text(
+            Ok(addr) => plain(StatusCode::OK, addr.to_string()),
+            Err(error) => plain(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                &format!("cannot open a listener for the chain: {error}"),
+                format!("cannot open a listener for the chain: {error}"),
             ),
         }
     }
@@ -354,14 +356,4 @@ impl L4Front {
         }
         ended();
     }
-}
-
-fn text(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(format!("{text}\n"))));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }

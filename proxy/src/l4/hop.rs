@@ -16,11 +16,11 @@
 //!    service has no end of its own: when the stream from the previous hop ends, so does
 //!    what the service sends on.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -32,6 +32,7 @@ use super::{
 use crate::{
     framing::{Decoder, Kind},
     ingress::Ingress,
+    sidecar::connect_service,
     stream::{StreamError, send_failed, send_refused},
 };
 
@@ -54,7 +55,13 @@ pub struct ServiceAddr {
 }
 
 /// Why a hop could not reach its service.
-pub struct Unreachable(pub String);
+#[derive(Debug, thiserror::Error)]
+pub enum Unreachable {
+    #[error("cannot connect to the service at {addr}: {source}")]
+    Tcp { addr: SocketAddr, source: io::Error },
+    #[error("no UDP socket to the service at {addr}: {source}")]
+    Udp { addr: SocketAddr, source: io::Error },
+}
 
 /// Serves one tunnel: `payload` is its `CHAIN` frame's, `rest` what followed it. Returns
 /// `Err(Unreachable)` (after answering `REFUSED`) when the service could not be reached, so
@@ -88,10 +95,10 @@ pub async fn serve(
     let protocol = chain.hops()[position].protocol;
     let (mut from_service, mut to_service) = match connect(protocol, service).await {
         Ok(sockets) => sockets,
-        Err(reason) => {
+        Err(unreachable) => {
             metrics.failed(&spec, "hop", "service_unreachable");
-            send_refused(&mut send, &reason).await?;
-            return Ok(Err(Unreachable(reason)));
+            send_refused(&mut send, &unreachable.to_string()).await?;
+            return Ok(Err(unreachable));
         }
     };
     let next = match chain.hops().get(position + 1) {
@@ -189,23 +196,16 @@ pub async fn serve(
 }
 
 /// The hop's sockets to its service: what it sends, and where to send.
-async fn connect(protocol: Protocol, service: ServiceAddr) -> Result<(Source, Sink), String> {
+async fn connect(protocol: Protocol, service: ServiceAddr) -> Result<(Source, Sink), Unreachable> {
     let ServiceAddr {
         addr,
         connect_timeout,
     } = service;
     match protocol {
         Protocol::Tcp => {
-            let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
+            let stream = connect_service(addr, connect_timeout)
                 .await
-                .map_err(|_| {
-                    format!(
-                        "cannot connect to the service at {addr}: no answer within \
-                         {connect_timeout:?}"
-                    )
-                })?
-                .map_err(|error| format!("cannot connect to the service at {addr}: {error}"))?;
-            let _ = stream.set_nodelay(true);
+                .map_err(|source| Unreachable::Tcp { addr, source })?;
             let (read, write) = stream.into_split();
             Ok((Source::Tcp(read), Sink::Tcp(write)))
         }
@@ -215,13 +215,9 @@ async fn connect(protocol: Protocol, service: ServiceAddr) -> Result<(Source, Si
             } else {
                 (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
             };
-            let socket = UdpSocket::bind(local)
-                .await
-                .map_err(|error| format!("no UDP socket for the service at {addr}: {error}"))?;
-            socket
-                .connect(addr)
-                .await
-                .map_err(|error| format!("cannot reach the service at {addr}: {error}"))?;
+            let udp = |source| Unreachable::Udp { addr, source };
+            let socket = UdpSocket::bind(local).await.map_err(udp)?;
+            socket.connect(addr).await.map_err(udp)?;
             let socket = Arc::new(socket);
             Ok((Source::Udp(Arc::clone(&socket)), Sink::Udp(socket)))
         }

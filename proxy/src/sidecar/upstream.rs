@@ -288,22 +288,26 @@ impl Upstream {
     }
 
     async fn connect(&self) -> Result<TcpStream, ExchangeError> {
-        let connection = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr))
+        connect(self.addr, self.connect_timeout)
             .await
-            .map_err(|_| {
-                ExchangeError::Connect(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no connection within {:?}", self.connect_timeout),
-                ))
-            })?
-            .map_err(ExchangeError::Connect)?;
-        // A head and its body may be separate writes: without NODELAY the second would wait
-        // for the service's delayed ACK of the first.
-        connection
-            .set_nodelay(true)
-            .map_err(ExchangeError::Connect)?;
-        Ok(connection)
+            .map_err(ExchangeError::Connect)
     }
+}
+
+/// A new connection to the service at `addr`, within `timeout` (past it, an error of kind
+/// `TimedOut`), with NODELAY: a head and its body, or a tunnel's small writes, may be separate
+/// writes, and without it the second would wait for the service's delayed ACK of the first.
+pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let connection = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no connection within {timeout:?}"),
+            )
+        })??;
+    connection.set_nodelay(true)?;
+    Ok(connection)
 }
 
 /// Whether an idle connection is still open with nothing to read: a quiet socket is known
