@@ -198,10 +198,10 @@ impl Services {
                 Action::CheckSilent(peer) => {
                     let (this, key) = (Arc::clone(self), key.clone());
                     tokio::spawn(async move {
-                        let silent = this.transport.is_silent(&peer).await;
-                        tracing::debug!(service = %key, %peer, silent, "instance silent: connection checked");
+                        let silence = this.transport.check_silence(&peer).await;
+                        tracing::debug!(service = %key, %peer, ?silence, "connection checked for silence");
                         this.with_key(&key, |core, actions| {
-                            core.silence_checked(&peer, silent, Instant::now(), actions);
+                            core.silence_checked(&peer, silence, Instant::now(), actions);
                         });
                     });
                 }
@@ -235,7 +235,9 @@ impl Services {
                 .connect(peer, addr)
                 .await
                 .map_err(|e| e.to_string())?;
-            probe(&connection).await.map_err(|e| e.to_string())
+            let (rtt, health) = probe(&connection).await.map_err(|e| e.to_string())?;
+            // A sidecar slow to answer (its machine loaded) does not make the path longer.
+            Ok::<_, String>((rtt.min(connection.rtt()), health))
         })
         .await
         .unwrap_or_else(|_| Err("no answer".into()));

@@ -21,16 +21,20 @@
 //!
 //! # Rules
 //! 1. **Network RTT, not service time.** Limits and the nearest-instance choice use network
-//!    RTTs: probe round trips and the QUIC path RTT of the connection a request went over. The
-//!    time a service takes to answer is kept apart per instance (for metrics and per-try
-//!    timeouts) and never makes the ingress ask for a nearer instance.
+//!    RTTs: the QUIC path RTT of the connection a request or probe went over (a probe's own
+//!    round trip where that is less: the path estimate is smoothed). The time a service, or
+//!    a sidecar on a loaded machine, takes to answer is kept apart per instance (for metrics
+//!    and per-try timeouts) and never makes the ingress ask for a nearer instance.
 //! 2. **Verified before used.** A new instance, and every instance after the service was quiet
 //!    for [`QUIET`], is held out of the choice until a probe answers that its service is
 //!    serving; requests wait for that (a round trip) rather than go to an instance that may be
-//!    gone. An instance whose sidecar says its service is down (a probe, or a refused request)
-//!    is held out until a probe says it serves again. So is one that closed its connection
-//!    (it shut down, as when culled), and no request waits for it: with nothing else, an
-//!    allocation starts at once.
+//!    gone. A first probe that times out does not end the wait: the instance's connection is
+//!    checked, and one whose QUIC stack answers (alive, on a loaded machine) is probed again
+//!    and waited for, up to [`VERIFY_PATIENCE`] from when it was found; one with no connection
+//!    or a silent one is not waited for. An instance whose sidecar says its service is down (a
+//!    probe, or a refused request) is held out until a probe says it serves again. So is one
+//!    that closed its connection (it shut down, as when culled), and no request waits for it:
+//!    with nothing else, an allocation starts at once.
 //! 3. **No request left on a stalled instance.** Each attempt gets a per-try timeout:
 //!    [`TRY_FACTOR`] times the p99 of the instance's own recent request times, at least
 //!    [`TRY_FLOOR`]. An attempt past it makes the instance's RTT estimate at least the
@@ -73,6 +77,7 @@ use crate::{
     config::perf::{DEFAULT_LIMITS, Limits, Policy},
     framing::Health,
     select::{Chooser, InstanceView},
+    transport::Silence,
 };
 
 /// An instance that answered nothing for this long is probed (if the service is in use).
@@ -81,6 +86,8 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 pub const PROBE_IDLE_MAX: Duration = Duration::from_secs(4);
 /// A probe not answered within this failed.
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Longest wait for a new instance's first answer while its transport answers (see rule 2).
+pub const VERIFY_PATIENCE: Duration = Duration::from_secs(2);
 /// An instance that answered nothing (probe or overdue request) for the service's hard limit,
 /// at least this, is suspected dead: its connection is checked for silence (see
 /// [`Action::CheckSilent`]) before it is declared dead. The check, not this, is what keeps a
@@ -208,6 +215,8 @@ struct Instance {
     idle_interval: Duration,
     /// Verified serving since it was found, or since the service was last quiet.
     verified: bool,
+    /// Until then requests may wait for its verification; `None` once it could not be reached.
+    awaited_until: Option<Instant>,
     /// Its sidecar says its service is down.
     down: bool,
     /// Its connection is being checked for silence.
@@ -236,6 +245,7 @@ impl Instance {
             next_probe: now,
             idle_interval: PROBE_INTERVAL,
             verified: false,
+            awaited_until: Some(now + VERIFY_PATIENCE),
             down: false,
             checking: false,
             closed: false,
@@ -244,6 +254,11 @@ impl Instance {
             service_times: RttWindow::new(TIMES_WINDOW, now),
             try_timeout: None,
         }
+    }
+
+    /// Requests may wait for it to be verified: it is being verified, and may yet answer.
+    fn awaited(&self, now: Instant) -> bool {
+        !self.verified && !self.down && !self.closed && self.awaited_until.is_some_and(|t| now < t)
     }
 
     fn answer(&mut self, now: Instant) {
@@ -388,9 +403,7 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         }
         // Nothing usable. Instances being verified, or a discovery under way, may give one in
         // a round trip: wait for them before asking an allocator.
-        let verifying = self.instances.values().any(|i| {
-            !i.verified && !i.down && !i.closed && i.probing && i.silent_for(now) < PROBE_TIMEOUT
-        });
+        let verifying = self.instances.values().any(|i| i.awaited(now));
         if verifying || self.discovering {
             return Choice::Wait;
         }
@@ -441,6 +454,7 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
                 instance.verified = false;
                 self.chooser.hold(key, true);
             }
+            instance.awaited_until = Some(now + VERIFY_PATIENCE);
             instance.idle_interval = PROBE_INTERVAL;
             instance.next_probe = now;
         }
@@ -531,9 +545,9 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         }
     }
 
-    /// A probe of `key` ended: answered after a round trip of `rtt` (from the probe's send
-    /// on an open connection: a handshake before it is not path RTT) with the health the
-    /// sidecar reports, or not (`None`: failed or timed out).
+    /// A probe of `key` ended: answered, with the network RTT it measured (rule 1; a
+    /// handshake before it is not path RTT) and the health the sidecar reports, or not
+    /// (`None`: failed or timed out).
     pub fn probed(
         &mut self,
         key: &K,
@@ -565,12 +579,15 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
                 self.chooser.outcome(key, false, now);
                 instance.idle_interval = PROBE_INTERVAL;
                 instance.next_probe = now + PROBE_INTERVAL;
-                if !instance.verified {
-                    // A new instance that does not answer: requests waiting for it look
-                    // elsewhere (or for an allocation).
-                    actions.push(Action::Wake);
+                if instance.awaited(now) {
+                    // Not answering yet: whether it can, its connection tells.
+                    if !instance.checking {
+                        instance.checking = true;
+                        actions.push(Action::CheckSilent(key.clone()));
+                    }
+                } else {
+                    self.check_if_silent(key, now, actions);
                 }
-                self.check_if_silent(key, now, actions);
             }
         }
     }
@@ -681,14 +698,15 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         }
     }
 
-    /// The connection to `key` was checked: `silent` if its peer acknowledged nothing. A
-    /// silent instance is dead: ejected, and its connection closed so that requests on it fail
-    /// now rather than at the idle timeout. One whose transport answers is alive but slow: it
-    /// keeps its connection (and what is under way on it), and its silence counts anew.
+    /// The connection to `key` was checked. A silent instance is dead: ejected, and its
+    /// connection closed so that requests on it fail now rather than at the idle timeout. One
+    /// whose transport answers is alive but slow: it keeps its connection (and what is under
+    /// way on it), its silence counts anew, and if it is being verified it is probed again at
+    /// once. One being verified that is silent or has no connection is not waited for.
     pub fn silence_checked(
         &mut self,
         key: &K,
-        silent: bool,
+        silence: Silence,
         now: Instant,
         actions: &mut Vec<Action<K>>,
     ) {
@@ -700,14 +718,26 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
             // It answered while its connection was checked.
             return;
         }
-        if !silent {
-            instance.asked_since = Some(now);
-            return;
+        let awaited = instance.awaited(now);
+        if awaited && silence != Silence::Heard {
+            instance.awaited_until = None;
+            actions.push(Action::Wake);
         }
-        for _ in 0..crate::select::EJECT_AFTER {
-            self.chooser.outcome(key, false, now);
+        match silence {
+            Silence::Heard | Silence::Unconnected => {
+                instance.asked_since = Some(now);
+                if awaited && silence == Silence::Heard {
+                    instance.next_probe = now;
+                    self.probe_due(now, actions);
+                }
+            }
+            Silence::Silent => {
+                for _ in 0..crate::select::EJECT_AFTER {
+                    self.chooser.outcome(key, false, now);
+                }
+                actions.push(Action::Close(key.clone()));
+            }
         }
-        actions.push(Action::Close(key.clone()));
     }
 
     /// An allocation asked for `reason` ended.

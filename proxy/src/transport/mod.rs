@@ -50,17 +50,28 @@ const CONNECTION_WINDOW: u32 = 4 << 20;
 const SEND_WINDOW: u64 = 2 << 20;
 /// How long a peer may delay an acknowledgement (quinn's default `max_ack_delay`).
 const ACK_DELAY: Duration = Duration::from_millis(25);
-/// [`Transport::is_silent`] waits at least this for an acknowledgement: a loaded machine
+/// [`Transport::check_silence`] waits at least this for an acknowledgement: a loaded machine
 /// delays even a QUIC stack's answers by tens of milliseconds.
 pub const MIN_SILENCE: Duration = Duration::from_millis(100);
 /// Bytes of unreliable datagrams received and not yet read, per connection: the UDP datagrams
 /// of layer-4 tunnels ([`crate::l4::datagrams`], read by one task per connection) and the
-/// empty ones [`Transport::is_silent`] sends to elicit acknowledgements. Past it the oldest
+/// empty ones [`Transport::check_silence`] sends to elicit acknowledgements. Past it the oldest
 /// are dropped, as a full UDP socket buffer would.
 const DATAGRAM_BUFFER: usize = 1 << 20;
 /// Application close codes.
 const CLOSE_AUTH_FAILED: u32 = 1;
 const CLOSE_DEAD: u32 = 2;
+
+/// What [`Transport::check_silence`] found on the connection to a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Silence {
+    /// Its QUIC stack acknowledged something: it is alive, however busy its proxy is.
+    Heard,
+    /// Nothing came back within a round trip and the ACK delay, or the connection closed.
+    Silent,
+    /// No connection is open to it (none was made, or it closed): nothing to judge.
+    Unconnected,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -269,12 +280,12 @@ impl Transport {
 
     /// Whether the connection to `peer` is silent: its peer acknowledges nothing within twice
     /// the path RTT and its ACK delay (at least [`MIN_SILENCE`]) of an empty datagram sent
-    /// now, which a live QUIC stack acknowledges however busy the proxy above it is. `false`
-    /// if there is no open connection: nothing to judge (one may be being set up, which
-    /// takes a few round trips; or cannot be, which the attempts to set it up report).
-    pub async fn is_silent(&self, peer: &PeerId) -> bool {
+    /// now, which a live QUIC stack acknowledges however busy the proxy above it is. With no
+    /// open connection there is nothing to judge ([`Silence::Unconnected`]): one may be being
+    /// set up, or cannot be, which the attempts to set it up report.
+    pub async fn check_silence(&self, peer: &PeerId) -> Silence {
         let Some(connection) = self.open_connection(peer) else {
-            return false;
+            return Silence::Unconnected;
         };
         let heard = connection.stats().udp_rx.datagrams;
         // Any ack-eliciting frame would do; an empty datagram is the smallest quinn sends.
@@ -286,9 +297,13 @@ impl Transport {
         let wait = (2 * connection.rtt() + ACK_DELAY).max(MIN_SILENCE);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = connection.closed() => return true,
+            _ = connection.closed() => return Silence::Silent,
         }
-        connection.stats().udp_rx.datagrams == heard
+        if connection.stats().udp_rx.datagrams == heard {
+            Silence::Silent
+        } else {
+            Silence::Heard
+        }
     }
 
     /// The open connection to `peer`, if there is one (no waiting, no dialling).

@@ -196,11 +196,20 @@ async fn a_connection_is_silent_only_when_its_peer_acknowledges_nothing() {
             std::future::ready(heard.1.elapsed() > Duration::from_millis(300))
         })
         .await;
-        assert!(!client.is_silent(&server.peer_id()).await);
+        assert_eq!(
+            client.check_silence(&server.peer_id()).await,
+            Silence::Heard
+        );
     }
     // The path goes dark, as when the peer freezes.
     limit.store(0, Ordering::Relaxed);
-    assert!(client.is_silent(&server.peer_id()).await);
+    assert_eq!(
+        client.check_silence(&server.peer_id()).await,
+        Silence::Silent
+    );
     // No connection (a peer never dialled, or one being dialled): nothing to judge.
-    assert!(!client.is_silent(&client.peer_id()).await);
+    assert_eq!(
+        client.check_silence(&client.peer_id()).await,
+        Silence::Unconnected
+    );
 }
