@@ -143,8 +143,8 @@ async fn tcp_round(addr: SocketAddr, lines: &str) -> String {
 }
 
 /// Until a first connection through the chain at `addr` is carried whole: the hops' ingresses
-/// find and verify their next hop's instances (with no allocator in these networks, a set-up
-/// that comes before the first probe's answer is refused, not waited for).
+/// find their next hop's instances on the overlay (with no allocator in these networks, a
+/// set-up that comes before an instance is found is refused, not waited for).
 async fn warm_up(addr: SocketAddr) {
     wait_until("a first connection through the chain", DEADLINE, || async {
         try_tcp_round(addr, "w\n").await.is_ok()
@@ -364,6 +364,34 @@ async fn killing_an_instance_of_a_hop_moves_new_connections_to_another() {
     line.clear();
     kept.read_line(&mut line).await.unwrap();
     assert_eq!(line, "f:still\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hop_that_answers_its_next_hop_failed_is_not_asked_again() {
+    // "back" is known to the lookup, but has no instance and no allocator could start one:
+    // the front hop answers that the rest of the chain failed, after its own tries. The
+    // l4-proxy ends the client's connection on that answer, rather than ask the same front
+    // hop again and again until its retry budget is spent.
+    let network = Network::start().await;
+    network.register("front", Limits::default()).await;
+    network.register("back", Limits::default()).await;
+    let (front_addr, _) = tcp_prefixer("f:").await;
+    let front = sidecar(&network, "front", front_addr, "tcp").await;
+    let (_l4, control, metrics) = l4_proxy_with_metrics(&network).await;
+    warm_up(chain_addr(&control, "/tcp/front").await).await;
+    let chain = chain_addr(&control, "/tcp/front/back").await;
+    let answer = try_tcp_round(chain, "x\n").await;
+    assert!(
+        answer.as_deref().is_ok_and(str::is_empty) || answer.is_err(),
+        "{answer:?}"
+    );
+    let hop = http_get(&front.metrics, "/metrics").await.unwrap().1;
+    let failed =
+        r#"l4_tunnel_failures_total{chain="/tcp/front/back",reason="next_hop",role="hop"}"#;
+    assert_eq!(metric(&hop, failed), Some(1.0), "{hop}");
+    let ingress = http_get(&metrics, "/metrics").await.unwrap().1;
+    let retried = r#"proxy_retries_total{outcome="taken",service="front"}"#;
+    assert_eq!(metric(&ingress, retried), None, "{ingress}");
 }
 
 /// A TCP service that reads each connection to its end and reports how it ended, if

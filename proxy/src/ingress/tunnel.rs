@@ -37,8 +37,9 @@ impl Ingress {
 
     /// Opens a tunnel to an instance of `service` for the encoded `chain`: chosen, waited
     /// for or allocated as a request's instance is, and tried again on another instance
-    /// whatever went wrong (within the retry budget), since nothing of the client's crossed.
-    /// A hop's answer may take a while: it sets up the rest of the chain first.
+    /// whatever went wrong with it (within the retry budget), since nothing of the client's
+    /// crossed; not when it answered that the rest of the chain failed. A hop's answer may
+    /// take a while: it sets up the rest of the chain first.
     pub async fn open_tunnel(
         self: &Arc<Self>,
         name: &str,
@@ -83,6 +84,22 @@ impl Ingress {
                             ready,
                             peer,
                             connection: connection.clone(),
+                        });
+                    }
+                    // The hop answered that the rest of the chain failed: it is alive and
+                    // has tried every instance of its next hop it could within its own
+                    // retry budget, so trying again here would repeat that, on the same
+                    // hop when it is the only one.
+                    Err(AttemptError::Broken(StreamError::ServiceFailed(reason))) => {
+                        let total = attempt.started.elapsed();
+                        attempt.end(Outcome::Answered {
+                            network: connection.rtt().min(total),
+                            total,
+                        });
+                        return Err(RequestError::Attempt {
+                            service: name.to_owned(),
+                            peer,
+                            error: AttemptError::Broken(StreamError::ServiceFailed(reason)),
                         });
                     }
                     Err(error) => {
