@@ -279,3 +279,86 @@ async fn a_request_to_an_ingress_starts_an_instance_and_a_restarted_allocator_ad
     assert!(processes_with(instances.to_str().unwrap()).await.is_empty());
     assert_eq!(std::fs::read_dir(&instances).unwrap().count(), 0);
 }
+
+/// A UDP echo service as a user might write one: a script, run with the port it is given.
+const UDP_ECHO: &str = r#"#!/usr/bin/python3
+import socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("127.0.0.1", int(sys.argv[1])))
+while True:
+    data, sender = sock.recvfrom(65536)
+    sock.sendto(data, sender)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_to_a_udp_service_starts_it_behind_a_udp_sidecar() {
+    let network = start_network().await;
+    let dir = tempfile::tempdir().unwrap();
+    let _reaper = InstanceReaper(dir.path().join("data"));
+    let script = dir.path().join("echo.py");
+    std::fs::write(&script, UDP_ECHO).unwrap();
+    let (ok, _, err) = cli(
+        &network,
+        &[
+            "add",
+            "--exec",
+            script.to_str().unwrap(),
+            "--protocol",
+            "udp",
+            "echo-udp",
+            "--",
+            "echo.py",
+            "$SERVICE_PORT",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let _allocator = start_allocator(
+        &network,
+        dir.path(),
+        "process",
+        &["--idle-timeout", "1h", "--port-range", "21200-21299"],
+    )
+    .await;
+
+    // The original's flow: ask the local l4-proxy for the chain, then send where it says.
+    let bootstrap = network.monitor.bootstrap.to_string();
+    let l4 = Process::spawn(
+        sibling("l4-proxy").to_str().unwrap(),
+        &[
+            "-bootstrap",
+            &bootstrap,
+            "-ephemeral",
+            "-metrics-addr",
+            "127.0.0.1:0",
+            "0",
+        ],
+        &[("RUST_LOG", "warn")],
+    );
+    let prefix = "l4 control API: http://";
+    let line = l4.line_containing(prefix, DEADLINE).await;
+    let control = &line[line.find(prefix).unwrap() + prefix.len()..];
+    let (status, body) = http_get(control, "/udp/echo-udp").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let addr: std::net::SocketAddr = body.trim().parse().unwrap();
+
+    // The first datagram waits for the allocation. Its sidecar must have been started in the
+    // UDP role: one in the HTTP role checks its service over TCP, finds nothing listening,
+    // and refuses the tunnel as down.
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut buffer = vec![0; 65536];
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let answer = loop {
+        socket.send_to(b"started on demand", addr).await.unwrap();
+        let wait = Duration::from_millis(500);
+        if let Ok(Ok(n)) = tokio::time::timeout(wait, socket.recv(&mut buffer)).await {
+            break buffer[..n].to_vec();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no answer through {addr}: {}",
+            l4.stderr()
+        );
+    };
+    assert_eq!(answer, b"started on demand");
+}
