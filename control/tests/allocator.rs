@@ -322,23 +322,8 @@ async fn a_tunnel_to_a_udp_service_starts_it_behind_a_udp_sidecar() {
     .await;
 
     // The original's flow: ask the local l4-proxy for the chain, then send where it says.
-    let bootstrap = network.monitor.bootstrap.to_string();
-    let l4 = Process::spawn(
-        sibling("l4-proxy").to_str().unwrap(),
-        &[
-            "-bootstrap",
-            &bootstrap,
-            "-ephemeral",
-            "-metrics-addr",
-            "127.0.0.1:0",
-            "0",
-        ],
-        &[("RUST_LOG", "warn")],
-    );
-    let prefix = "l4 control API: http://";
-    let line = l4.line_containing(prefix, DEADLINE).await;
-    let control = &line[line.find(prefix).unwrap() + prefix.len()..];
-    let (status, body) = http_get(control, "/udp/echo-udp").await.unwrap();
+    let (l4, control) = start_l4_proxy(&network).await;
+    let (status, body) = http_get(&control, "/udp/echo-udp").await.unwrap();
     assert_eq!(status, 200, "{body}");
     let addr: std::net::SocketAddr = body.trim().parse().unwrap();
 

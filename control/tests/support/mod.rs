@@ -235,6 +235,31 @@ pub async fn start_ingress(network: &Network) -> (Process, String) {
     (ingress, addr)
 }
 
+/// An `l4-proxy` on `network`, as a client machine runs it; returns it and its control API's
+/// HOST:PORT.
+pub async fn start_l4_proxy(network: &Network) -> (Process, String) {
+    let bootstrap = network.monitor.bootstrap.to_string();
+    // The original's single-dash spellings.
+    let l4 = Process::spawn(
+        sibling("l4-proxy").to_str().unwrap(),
+        &[
+            "-bootstrap",
+            &bootstrap,
+            "-ephemeral",
+            "-metrics-addr",
+            "127.0.0.1:0",
+            "0",
+        ],
+        &[("RUST_LOG", "warn")],
+    );
+    let prefix = "l4 control API: http://";
+    let line = l4
+        .line_containing(prefix, std::time::Duration::from_secs(30))
+        .await;
+    let control = line[line.find(prefix).unwrap() + prefix.len()..].to_owned();
+    (l4, control)
+}
+
 pub fn docker(args: &[&str]) -> (bool, String) {
     let output = Command::new("docker").args(args).output().unwrap();
     (
