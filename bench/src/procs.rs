@@ -61,6 +61,27 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_millis(ticks * 10))
 }
 
+/// Context switches (voluntary and not) of every thread of `pid` alive now: each is a sleep
+/// and a wake-up, or a preemption.
+pub fn context_switches(pid: u32) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
+            continue; // the thread exited meanwhile
+        };
+        total += status
+            .lines()
+            .filter_map(|l| {
+                let value = l
+                    .strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))?;
+                value.trim().parse::<u64>().ok()
+            })
+            .sum::<u64>();
+    }
+    Ok(total)
+}
+
 /// A child process, killed when dropped; its standard output is drained in the background
 /// once read, so it never blocks on a full pipe.
 pub struct Process {

@@ -27,7 +27,8 @@ use crate::{
     foreign::{self, Mode, TwoHops},
     pinning::Pinning,
     procs::{
-        Extra, Process, cpu_time, mib, sibling_binary, spawn_reading, spawn_reading_with, status_kb,
+        Extra, Process, context_switches, cpu_time, mib, sibling_binary, spawn_reading,
+        spawn_reading_with, status_kb,
     },
     proxy_path::Lookup,
     report::{Report, outln},
@@ -55,9 +56,10 @@ pub struct Args {
     /// Echo round trips of 64 bytes on one connection, for the added latency.
     #[arg(long, default_value_t = 20_000)]
     round_trips: usize,
-    /// UDP datagrams a second sent for `--udp-duration`.
-    #[arg(long, default_value_t = 20_000)]
-    udp_rate: u64,
+    /// UDP datagrams a second sent for `--udp-duration`, at each of these rates in turn: the
+    /// first is the fixed rate's loss, the others where ours saturates.
+    #[arg(long, value_delimiter = ',', default_value = "20000,40000,60000")]
+    udp_rates: Vec<u64>,
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     udp_duration: Duration,
 }
@@ -67,7 +69,7 @@ impl Default for Args {
         Self {
             bytes: 1 << 30,
             round_trips: 20_000,
-            udp_rate: 20_000,
+            udp_rates: vec![20_000, 40_000, 60_000],
             udp_duration: Duration::from_secs(5),
         }
     }
@@ -78,7 +80,7 @@ impl Args {
         Self {
             bytes: 16 << 20,
             round_trips: 500,
-            udp_rate: 2_000,
+            udp_rates: vec![2_000],
             udp_duration: Duration::from_secs(1),
         }
     }
@@ -99,6 +101,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let udp = UdpSocket::bind(addr)
         .await
         .context("no UDP socket on the TCP port's number")?;
+    // Buffers as large as the proxies': a loss is then theirs, not the service's.
+    proxy::transport::size_socket_buffers(&udp);
     println!("listening: {addr}");
     tokio::spawn(async move {
         let mut buffer = vec![0; 65536];
@@ -470,7 +474,10 @@ async fn echo(addr: SocketAddr, round_trips: usize) -> anyhow::Result<Vec<Durati
 
 /// Datagrams sent at `rate` a second for `duration` to `addr`, and how many came back.
 async fn udp_load(addr: SocketAddr, rate: u64, duration: Duration) -> anyhow::Result<(u64, u64)> {
-    let socket = std::sync::Arc::new(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?);
+    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    // Buffers as large as the proxies': a loss is then theirs, not the load generator's.
+    proxy::transport::size_socket_buffers(&socket);
+    let socket = std::sync::Arc::new(socket);
     socket.connect(addr).await?;
     let receiver = {
         let socket = std::sync::Arc::clone(&socket);
@@ -516,6 +523,13 @@ fn cpu_of(pids: Option<(u32, u32)>) -> anyhow::Result<Duration> {
     })
 }
 
+fn switches_of(pids: Option<(u32, u32)>) -> anyhow::Result<u64> {
+    Ok(match pids {
+        Some((a, b)) => context_switches(a)? + context_switches(b)?,
+        None => 0,
+    })
+}
+
 pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
     let command = out.command("tunnel");
     let paths = TunnelPaths::start().await?;
@@ -526,8 +540,8 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
          A TCP service (`bench serve-l4`) behind: {}. One download and one upload of {size:.0} \
          MiB per path on one connection each, then {} echo round trips of {ECHO_BYTES} bytes \
          on one connection (the added latency is the path's percentile less direct's); the \
-         CPU of both hops over the two transfers, per GiB; the peak RSS (VmHWM) of each hop \
-         after everything. Each haproxy is one process with `nbthread 1`; ours is one thread \
+         CPU of both hops over the two transfers, per GiB, and over the echoes, per 1000, with \
+         their context switches per echo; the peak RSS (VmHWM) of each hop after everything. Each haproxy is one process with `nbthread 1`; ours is one thread \
          per proxy (`--worker-threads 1`). CPU: {}.\n",
         Via::ALL.map(Via::describe).join("; "),
         args.round_trips,
@@ -535,13 +549,14 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
     );
     outln!(
         out,
-        "| path | download | upload | CPU of both hops per GiB | echo p50 | echo p99 | added p50 | added p99 | first hop peak RSS | second hop peak RSS |"
+        "| path | download | upload | CPU of both hops per GiB | echo p50 | echo p99 | added p50 | added p99 | CPU of both hops per 1000 echoes | their context switches per echo | first hop peak RSS | second hop peak RSS |"
     );
-    outln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+    outln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     let gib = args.bytes as f64 * 2.0 / (1u64 << 30) as f64;
     let mut direct_echo = (Duration::ZERO, Duration::ZERO);
     let (mut downs, mut ups, mut cpus, mut added50, mut added99, mut peaks) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut echo_cpus, mut echo_switches) = (vec![], vec![]);
     for via in Via::ALL {
         let addr = paths.tcp(via);
         let pids = paths.hop_pids(via);
@@ -553,9 +568,13 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("upload through {}", via.name()))?;
         let cpu = (cpu_of(pids)? - cpu_before).as_secs_f64() / gib;
+        let (cpu_before, switches_before) = (cpu_of(pids)?, switches_of(pids)?);
         let mut times = timed(echo(addr, args.round_trips))
             .await
             .with_context(|| format!("echo through {}", via.name()))?;
+        let echoes = args.round_trips.max(1) as f64;
+        let echo_cpu = (cpu_of(pids)? - cpu_before).as_secs_f64() * 1e3 / echoes * 1000.0;
+        let switches = (switches_of(pids)? - switches_before) as f64 / echoes;
         let (p50, p99) = (percentile(&mut times, 50.0), percentile(&mut times, 99.0));
         if via == Via::Direct {
             direct_echo = (p50, p99);
@@ -570,14 +589,20 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
         };
         let (first, second) =
             hop_peaks.map_or((String::new(), String::new()), |(a, b)| (mib(a), mib(b)));
-        let (cpu_text, a50_text, a99_text) = if via == Via::Direct {
-            (String::new(), String::new(), String::new())
+        let (cpu_text, a50_text, a99_text, echo_cpu_text, switches_text) = if via == Via::Direct {
+            Default::default()
         } else {
-            (format!("{cpu:.2} s"), ms2(a50), ms2(a99))
+            (
+                format!("{cpu:.2} s"),
+                ms2(a50),
+                ms2(a99),
+                format!("{echo_cpu:.0} ms"),
+                format!("{switches:.1}"),
+            )
         };
         outln!(
             out,
-            "| {} | {:.0} MiB/s | {:.0} MiB/s | {cpu_text} | {} | {} | {a50_text} | {a99_text} | {first} | {second} |",
+            "| {} | {:.0} MiB/s | {:.0} MiB/s | {cpu_text} | {} | {} | {a50_text} | {a99_text} | {echo_cpu_text} | {switches_text} | {first} | {second} |",
             via.name(),
             mib_per_s(args.bytes, down),
             mib_per_s(args.bytes, up),
@@ -591,6 +616,8 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
             cpus.push((name, cpu));
             added50.push((name, a50.as_secs_f64() * 1e3));
             added99.push((name, a99.as_secs_f64() * 1e3));
+            echo_cpus.push((name, echo_cpu));
+            echo_switches.push((name, switches));
             if let Some((a, b)) = hop_peaks {
                 peaks.push((name, a.max(b) as f64 / 1024.0));
             }
@@ -602,6 +629,20 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
     compare(out, "CPU of both hops per GiB", "s", Better::Lower, &cpus);
     compare(out, "added echo p50", "ms", Better::Lower, &added50);
     compare(out, "added echo p99", "ms", Better::Lower, &added99);
+    compare(
+        out,
+        "CPU of both hops per 1000 echoes",
+        "ms",
+        Better::Lower,
+        &echo_cpus,
+    );
+    compare(
+        out,
+        "context switches of both hops per echo",
+        "",
+        Better::Lower,
+        &echo_switches,
+    );
     compare(
         out,
         "largest peak RSS of one hop",
@@ -644,22 +685,28 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
 
     outln!(
         out,
-        "UDP: {} datagrams of {DATAGRAM_BYTES} bytes a second for {:.0} s, each echoed by the \
-         service (haproxy carries no UDP):\n",
-        args.udp_rate,
+        "UDP: datagrams of {DATAGRAM_BYTES} bytes at a fixed rate for {:.0} s from one client \
+         socket, each echoed by the service (haproxy carries no UDP); the load generator's and \
+         the service's sockets have the proxies' buffer sizes (4 MiB asked), so that a loss is \
+         the path's:\n",
         args.udp_duration.as_secs_f64()
     );
-    outln!(out, "| path | sent | echoed | loss | echoed a second |");
-    outln!(out, "|---|---|---|---|---|");
-    for (name, addr) in [("direct", paths.service), ("ours", paths.udp)] {
-        let (sent, echoed) = udp_load(addr, args.udp_rate, args.udp_duration).await?;
-        let loss = 1.0 - echoed as f64 / sent.max(1) as f64;
-        outln!(
-            out,
-            "| {name} | {sent} | {echoed} | {:.2} % | {:.0} |",
-            loss * 100.0,
-            echoed as f64 / args.udp_duration.as_secs_f64()
-        );
+    outln!(
+        out,
+        "| rate | path | sent | echoed | loss | echoed a second |"
+    );
+    outln!(out, "|---|---|---|---|---|---|");
+    for &rate in &args.udp_rates {
+        for (name, addr) in [("direct", paths.service), ("ours", paths.udp)] {
+            let (sent, echoed) = udp_load(addr, rate, args.udp_duration).await?;
+            let loss = 1.0 - echoed as f64 / sent.max(1) as f64;
+            outln!(
+                out,
+                "| {rate}/s | {name} | {sent} | {echoed} | {:.2} % | {:.0} |",
+                loss * 100.0,
+                echoed as f64 / args.udp_duration.as_secs_f64()
+            );
+        }
     }
     outln!(out);
     paths.stop().await;

@@ -150,15 +150,17 @@ pub enum Sink {
 
 /// The two ends of a tunnel's stream on `connection`: the sink it is written to and the
 /// source it is read from (`rest` holding what arrived after its opening), with its QUIC
-/// datagrams registered with `router` before anything is sent.
+/// datagrams registered with `router` before anything is sent (and those dropped for a full
+/// queue counted in `dropped`).
 pub fn stream_ends(
     router: &Arc<DatagramRouter>,
     connection: &Connection,
     send: SendStream,
     recv: RecvStream,
     rest: Decoder,
+    dropped: IntCounter,
 ) -> (Sink, Source) {
-    let registration = router.register(connection, send.id().into());
+    let registration = router.register(connection, send.id().into(), dropped);
     let path = DatagramPath::of(connection, &send);
     (
         Sink::Stream(send, Some(path)),

@@ -7,7 +7,7 @@
 //! crosses on the stream as a `DATAGRAM` frame instead, as does every datagram of a peer that
 //! takes none. A tunnel's sender waits for room in QUIC's datagram send buffer rather than
 //! drop the oldest (back-pressure as on the stream); a receiver whose queue is full drops the
-//! newest, counted.
+//! newest, counted (`l4_datagrams_dropped_total{reason="receive_queue_full"}`).
 //!
 //! Each connection that carries a tunnel's datagrams has one reader task ([`DatagramRouter`])
 //! handing them to the tunnels registered on it. QUIC datagrams that are empty (the transport's
@@ -19,6 +19,7 @@ use std::{
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
+use prometheus::IntCounter;
 use quinn::Connection;
 use tokio::sync::mpsc;
 
@@ -34,10 +35,10 @@ pub struct DatagramRouter {
     connections: Mutex<HashMap<usize, Arc<Demux>>>,
 }
 
-/// One connection's tunnels, by stream ID.
+/// One connection's tunnels, by stream ID: each one's queue, and what counts its drops.
 #[derive(Default)]
 struct Demux {
-    tunnels: Mutex<HashMap<u64, mpsc::Sender<Bytes>>>,
+    tunnels: Mutex<HashMap<u64, (mpsc::Sender<Bytes>, IntCounter)>>,
 }
 
 /// The datagrams of one tunnel, until dropped.
@@ -64,9 +65,15 @@ impl DatagramRouter {
         Arc::default()
     }
 
-    /// The datagrams that arrive on `connection` for the tunnel on `stream`. Register before
-    /// the peer can send any (before `READY`, or before the first datagram sent).
-    pub fn register(self: &Arc<Self>, connection: &Connection, stream: u64) -> Registration {
+    /// The datagrams that arrive on `connection` for the tunnel on `stream`; those dropped
+    /// for a full queue are counted in `dropped`. Register before the peer can send any
+    /// (before `READY`, or before the first datagram sent).
+    pub fn register(
+        self: &Arc<Self>,
+        connection: &Connection,
+        stream: u64,
+        dropped: IntCounter,
+    ) -> Registration {
         let id = connection.stable_id();
         let (demux, new) = {
             let mut connections = lock(&self.connections);
@@ -80,7 +87,7 @@ impl DatagramRouter {
             }
         };
         let (sender, datagrams) = mpsc::channel(QUEUE);
-        lock(&demux.tunnels).insert(stream, sender);
+        lock(&demux.tunnels).insert(stream, (sender, dropped));
         if new {
             tokio::spawn(read(
                 Arc::downgrade(self),
@@ -103,10 +110,10 @@ async fn read(router: Weak<DatagramRouter>, connection: Connection, demux: Arc<D
             continue;
         };
         let tunnel = lock(&demux.tunnels).get(&stream).cloned();
-        if let Some(tunnel) = tunnel
-            && tunnel.try_send(payload).is_err()
+        if let Some((queue, dropped)) = tunnel
+            && queue.try_send(payload).is_err()
         {
-            tracing::debug!(stream, "tunnel datagram dropped: its queue is full");
+            dropped.inc();
         }
     }
     if let Some(router) = router.upgrade() {
@@ -134,7 +141,44 @@ pub fn join(stream: u64, payload: &[u8]) -> Bytes {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use libp2p::identity::Keypair;
+
     use super::*;
+    use crate::transport::Transport;
+
+    #[tokio::test]
+    async fn datagrams_past_a_full_tunnel_queue_are_dropped_and_counted() {
+        let bind = || {
+            let any = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+            Arc::new(Transport::bind(any, Keypair::generate_ed25519(), None).unwrap())
+        };
+        let (server, client) = (bind(), bind());
+        let accepting = tokio::spawn({
+            let server = Arc::clone(&server);
+            async move { server.accept().await }
+        });
+        let to_server = client
+            .connect(server.peer_id(), server.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (_, at_server) = accepting.await.unwrap().unwrap().unwrap();
+        let router = DatagramRouter::new();
+        let dropped = IntCounter::new("dropped", "datagrams dropped").unwrap();
+        let registration = router.register(&at_server, 4, dropped.clone());
+        // Nothing reads the tunnel's queue: it fills, and the rest are dropped, counted.
+        let extra = 44;
+        for _ in 0..QUEUE + extra {
+            to_server.send_datagram_wait(join(4, b"x")).await.unwrap();
+        }
+        testkit::wait_until("the drops counted", Duration::from_secs(10), || {
+            std::future::ready(dropped.get() > 0)
+        })
+        .await;
+        assert_eq!(registration.datagrams.len(), QUEUE);
+        assert!(dropped.get() <= extra as u64, "{}", dropped.get());
+    }
 
     #[test]
     fn a_datagram_names_its_tunnel() {

@@ -167,6 +167,7 @@ impl L4Front {
             }
             Protocol::Udp => {
                 let socket = UdpSocket::bind((self.ip, 0)).await?;
+                crate::transport::size_socket_buffers(&socket);
                 let addr = socket.local_addr()?;
                 tokio::spawn(Arc::clone(self).receive_udp(Arc::new(socket), listening));
                 addr
@@ -234,6 +235,7 @@ impl L4Front {
             tunnel.send,
             tunnel.recv,
             tunnel.rest,
+            self.metrics.receive_queue_full(&chain.spec, "client"),
         );
         Some(ClientTunnel {
             _open: self.metrics.opened(&chain.spec, "client"),

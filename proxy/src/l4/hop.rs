@@ -121,7 +121,11 @@ pub async fn serve(
         None => format!("Reverse chain: {}", role.service),
     };
     // Registered before READY: the previous hop may send datagrams as soon as it has it.
-    let registration = role.datagrams.register(connection, send.id().into());
+    let registration = role.datagrams.register(
+        connection,
+        send.id().into(),
+        role.metrics.receive_queue_full(&spec, "hop"),
+    );
     let header = Bytes::copy_from_slice(&crate::framing::frame_header(Kind::Ready, reverse.len()));
     send.write_all_chunks(&mut [header, Bytes::from(reverse)])
         .await
@@ -147,6 +151,7 @@ pub async fn serve(
                 tunnel.send,
                 tunnel.recv,
                 tunnel.rest,
+                metrics.receive_queue_full(&spec, "hop"),
             );
             (onward, Some((from_next, back_to_previous)))
         }
@@ -217,6 +222,7 @@ async fn connect(protocol: Protocol, service: ServiceAddr) -> Result<(Source, Si
             };
             let udp = |source| Unreachable::Udp { addr, source };
             let socket = UdpSocket::bind(local).await.map_err(udp)?;
+            crate::transport::size_socket_buffers(&socket);
             socket.connect(addr).await.map_err(udp)?;
             let socket = Arc::new(socket);
             Ok((Source::Udp(Arc::clone(&socket)), Sink::Udp(socket)))

@@ -43,7 +43,7 @@ pub mod datagrams;
 pub mod front;
 pub mod hop;
 
-use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 use self::carry::Counts;
 
@@ -95,6 +95,7 @@ impl TunnelMetrics {
             Opts::new(
                 "l4_datagrams_dropped_total",
                 "UDP datagrams dropped, by reason (queue_full: a client's queue during set-up; \
+                 receive_queue_full: a tunnel's queue of datagrams from the other proxy; \
                  send_failed: the socket refused it)",
             ),
             &["chain", "role", "reason"],
@@ -156,6 +157,13 @@ impl TunnelMetrics {
                 .quic_datagrams
                 .with_label_values(&[chain, role, direction]),
         }
+    }
+
+    /// Counts the datagrams of one tunnel that arrived from the other proxy and were dropped
+    /// because its queue was full (its socket could not take them as fast).
+    pub fn receive_queue_full(&self, chain: &str, role: &str) -> IntCounter {
+        self.dropped
+            .with_label_values(&[chain, role, "receive_queue_full"])
     }
 
     pub fn queue_full(&self, chain: &str) {
