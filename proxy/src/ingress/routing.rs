@@ -31,7 +31,7 @@
 //!    gone. A first probe that times out does not end the wait: the instance's connection is
 //!    checked, and one whose QUIC stack answers (alive, on a loaded machine) is probed again
 //!    and waited for, up to [`VERIFY_PATIENCE`] from when it was found; one with no connection
-//!    or a silent one is not waited for. An instance whose sidecar says its service is down (a
+//!    once its probe failed, or a silent one, is not waited for. An instance whose sidecar says its service is down (a
 //!    probe, or a refused request) is held out until a probe says it serves again. So is one
 //!    that closed its connection (it shut down, as when culled), and no request waits for it:
 //!    with nothing else, an allocation starts at once.
@@ -702,7 +702,8 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
     /// connection closed so that requests on it fail now rather than at the idle timeout. One
     /// whose transport answers is alive but slow: it keeps its connection (and what is under
     /// way on it), its silence counts anew, and if it is being verified it is probed again at
-    /// once. One being verified that is silent or has no connection is not waited for.
+    /// once. One being verified that is silent, or has no connection after its probe failed,
+    /// is not waited for.
     pub fn silence_checked(
         &mut self,
         key: &K,
@@ -719,7 +720,14 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
             return;
         }
         let awaited = instance.awaited(now);
-        if awaited && silence != Silence::Heard {
+        // With no connection while its probe is out, the probe is still setting one up (a
+        // few round trips): that is no reason to stop waiting; after its probe failed it is.
+        let unreachable = match silence {
+            Silence::Heard => false,
+            Silence::Silent => true,
+            Silence::Unconnected => !instance.probing,
+        };
+        if awaited && unreachable {
             instance.awaited_until = None;
             actions.push(Action::Wake);
         }

@@ -20,6 +20,9 @@ const INSTANCE_WAIT: Duration = Duration::from_secs(15);
 const START_TIME: Duration = Duration::from_millis(150);
 /// How long a discovery takes.
 const DISCOVERY_TIME: Duration = Duration::from_millis(5);
+/// Round trips before a new connection carries a probe: QUIC's handshake and the proofs of
+/// the network key.
+const HANDSHAKE_ROUND_TRIPS: u32 = 2;
 
 type Key = &'static str;
 
@@ -88,6 +91,8 @@ enum Event {
     AllocationDone(Reason),
     /// The instance's proxy closed its connection (it shut down).
     Closed(Key),
+    /// A connection to the instance is open (its handshake ended).
+    Connected(Key),
     /// The check of the connection to the instance ended.
     SilenceChecked(Key, Silence),
 }
@@ -276,6 +281,9 @@ impl Sim {
                 }
             }
             Event::Closed(key) => self.core.closed_by_peer(&key, now, &mut actions),
+            Event::Connected(key) => {
+                self.connected.insert(key);
+            }
             Event::SilenceChecked(key, silence) => {
                 self.core.silence_checked(&key, silence, now, &mut actions)
             }
@@ -449,20 +457,27 @@ impl Sim {
             match action {
                 Action::Probe(key, _) => {
                     self.probes += 1;
-                    let behaviour = &self.world[key];
+                    let behaviour = self.world[key].clone();
+                    // Without a connection, the probe waits for a handshake (and the proofs of
+                    // the network key) first: it is sent once the connection is open.
+                    let sent = if self.connected.contains(key) {
+                        now
+                    } else {
+                        now + behaviour.rtt * HANDSHAKE_ROUND_TRIPS
+                    };
                     if !behaviour.transport_silent(now) {
-                        self.connected.insert(key);
+                        self.at(sent, Event::Connected(key));
                     }
                     let answer = behaviour
-                        .answer_at(now, Duration::ZERO)
+                        .answer_at(sent, Duration::ZERO)
                         .filter(|at| *at - now < PROBE_TIMEOUT);
                     let health = match behaviour.service_dead_from {
                         Some(from) if now >= from => Health::Down,
                         _ => Health::Serving,
                     };
                     match answer {
-                        Some(at) => self.at(at, Event::ProbeDone(key, now, Some(health))),
-                        None => self.at(now + PROBE_TIMEOUT, Event::ProbeDone(key, now, None)),
+                        Some(at) => self.at(at, Event::ProbeDone(key, sent, Some(health))),
+                        None => self.at(now + PROBE_TIMEOUT, Event::ProbeDone(key, sent, None)),
                     }
                 }
                 Action::Discover => self.at(now + DISCOVERY_TIME, Event::Discovered),
@@ -482,18 +497,18 @@ impl Sim {
                     }
                 }
                 Action::CheckSilent(key) => {
-                    // As `Transport::check_silence` does on loopback: waits its shortest time,
-                    // and has nothing to judge without a connection.
+                    // As `Transport::check_silence` does on loopback: has nothing to judge
+                    // without a connection (at once), else waits its shortest time.
                     let behaviour = &self.world[key];
                     let end = now + MIN_SILENCE;
-                    let silence = if !self.connected.contains(key) {
-                        Silence::Unconnected
+                    let (at, silence) = if !self.connected.contains(key) {
+                        (now, Silence::Unconnected)
                     } else if behaviour.transport_silent(now) && behaviour.transport_silent(end) {
-                        Silence::Silent
+                        (end, Silence::Silent)
                     } else {
-                        Silence::Heard
+                        (end, Silence::Heard)
                     };
-                    self.at(end, Event::SilenceChecked(key, silence));
+                    self.at(at, Event::SilenceChecked(key, silence));
                 }
                 Action::Close(key) => {
                     self.connected.remove(key);
@@ -903,6 +918,26 @@ fn a_new_instance_slow_to_answer_its_first_probe_is_waited_for_while_its_transpo
     assert_eq!(stats.failed, Vec::<String>::new());
     assert_eq!(sim.asked, 0, "allocations asked for: {:?}", sim.reasons);
     assert!(stats.slowest < SECOND, "{stats:?}");
+}
+
+#[test]
+fn a_new_instance_is_waited_for_while_its_connection_is_being_set_up() {
+    // The only instance is 60 ms away: its connection takes two round trips to set up, longer
+    // than the hard limit (100 ms), after which a silent instance has its connection checked.
+    // There is none yet: that is no reason to stop waiting for it (the ingress did, and asked
+    // for an instance for want of any beside the nearer one it wanted).
+    let mut sim = Sim::new(&[("far", Behaviour::new(60, 1))]);
+    sim.allocatable.push(("near", Behaviour::new(1, 1)));
+    sim.load(Duration::ZERO, MS, 1000, true);
+    sim.run_until(10 * SECOND);
+    let stats = sim.stats(Duration::ZERO, SECOND);
+    assert!(stats.failed.is_empty(), "{:?}", stats.failed);
+    assert_eq!(stats.served.get("far"), Some(&1), "{stats:?}");
+    assert!(
+        sim.reasons.iter().all(|r| matches!(r, Reason::Nearer(_))),
+        "{:?}",
+        sim.reasons
+    );
 }
 
 /// One request to a service whose only instance behaves as `behaviour`, an allocator able to
