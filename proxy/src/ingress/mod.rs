@@ -174,12 +174,13 @@ struct Attempt {
 
 impl Attempt {
     fn begin(services: &Arc<Services>, service: &Arc<Resolved>, peer: PeerId) -> Self {
-        services.with(service, |core, _| core.attempt_started(&peer));
+        let started = Instant::now();
+        services.with(service, |core, _| core.attempt_started(&peer, started));
         Self {
             services: Arc::clone(services),
             service: Arc::clone(service),
             peer,
-            started: Instant::now(),
+            started,
             ended: false,
         }
     }

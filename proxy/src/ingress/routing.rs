@@ -609,11 +609,11 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
     }
 
     /// A request to `key` starts now.
-    pub fn attempt_started(&mut self, key: &K) {
+    pub fn attempt_started(&mut self, key: &K, now: Instant) {
         if let Some(instance) = self.instances.get_mut(key) {
             instance.in_flight += 1;
         }
-        self.chooser.start(key);
+        self.chooser.start(key, now);
     }
 
     /// An attempt on `key`, started at `started`, passed its per-try timeout without an

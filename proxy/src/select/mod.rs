@@ -10,10 +10,15 @@
 //!    are out; an instance not measured yet is only used when nothing measured is left;
 //! 2. instances within the soft limit are preferred; if none is, the rest are used and the
 //!    decision says a nearer instance is wanted (the proxy asks an allocator);
-//! 3. among the candidates, power of two choices: two at random, the lower cost wins, cost =
-//!    RTT estimate x (requests in flight + 1). The RTT estimate is a high quantile of the
-//!    window ([`Policy::RttHistogram`]) or the peak EWMA ([`Policy::PeakEwma`]);
-//!    [`Policy::RoundRobin`] ignores RTT altogether, as a baseline.
+//! 3. among the candidates, power of two choices: two at random, the lower cost wins (on a
+//!    tie, the one with fewer requests in flight). [`Policy::PeakEwma`] is Finagle's and
+//!    linkerd's: cost = peak EWMA of the RTT x (requests in flight + 1).
+//!    [`Policy::RttHistogram`] routes on a high quantile of the window and counts as load
+//!    only the requests in flight for longer than that RTT (past the network: at the service
+//!    or queued for it): cost = RTT x (such requests + 1). A request still crossing the
+//!    network is not load: 200 requests a second keep four in flight on a path 20 ms long
+//!    however idle its instance, and counting them sent a fifth of the traffic to an idle
+//!    instance 40 ms away. [`Policy::RoundRobin`] ignores RTT altogether, as a baseline.
 //!
 //! The window is short ([`ROUTING_WINDOW`]) so that a change of path is followed within about a
 //! second; an instance whose window ran empty (no traffic, no probe answered yet) keeps its
@@ -33,7 +38,10 @@
 //! each ejection (up to [`MAX_EJECTION`]); a success (an answered probe) ends the ejection and
 //! resets the count.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
 
 use control::rtt::{RttWindow, WindowShape};
 
@@ -67,6 +75,10 @@ struct Instance<K> {
     /// Peak EWMA in seconds and the time of its last update.
     peak_ewma: Option<(Instant, f64)>,
     in_flight: u32,
+    /// When the requests in flight started, oldest first. Taken to end in about the order
+    /// they started: an end removes the oldest (a request that overtakes an older one leaves
+    /// a younger start behind, which only makes the load look lighter for a while).
+    started: VecDeque<Instant>,
     /// When the oldest probe not answered since was sent.
     unanswered_since: Option<Instant>,
     failures_in_a_row: u32,
@@ -84,6 +96,7 @@ impl<K> Instance<K> {
             quantile: None,
             peak_ewma: None,
             in_flight: 0,
+            started: VecDeque::new(),
             unanswered_since: None,
             failures_in_a_row: 0,
             ejections: 0,
@@ -147,6 +160,21 @@ impl<K> Instance<K> {
                 Some(value)
             }
         }
+    }
+
+    /// Requests in flight for longer than `rtt`: past the network, at the service or queued.
+    fn past_the_network(&self, rtt: Duration, now: Instant) -> u32 {
+        let old = self
+            .started
+            .iter()
+            .take_while(|&&started| now.saturating_duration_since(started) > rtt)
+            .count();
+        u32::try_from(old).unwrap_or(u32::MAX)
+    }
+
+    fn ended(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.started.pop_front();
     }
 
     fn ejected(&self, now: Instant) -> bool {
@@ -276,10 +304,11 @@ impl<K: Clone + PartialEq> Chooser<K> {
         }
     }
 
-    /// A request to `key` starts.
-    pub fn start(&mut self, key: &K) {
+    /// A request to `key` starts now.
+    pub fn start(&mut self, key: &K, now: Instant) {
         if let Some(instance) = self.find(key) {
             instance.in_flight += 1;
+            instance.started.push_back(now);
         }
     }
 
@@ -294,7 +323,7 @@ impl<K: Clone + PartialEq> Chooser<K> {
     /// fault).
     pub fn release(&mut self, key: &K) {
         if let Some(instance) = self.find(key) {
-            instance.in_flight = instance.in_flight.saturating_sub(1);
+            instance.ended();
         }
     }
 
@@ -310,7 +339,7 @@ impl<K: Clone + PartialEq> Chooser<K> {
         let Some(instance) = self.find(key) else {
             return;
         };
-        instance.in_flight = instance.in_flight.saturating_sub(1);
+        instance.ended();
         self.outcome(key, success, now);
     }
 
@@ -393,7 +422,12 @@ impl<K: Clone + PartialEq> Chooser<K> {
                     let a = random(n);
                     let b = (a + 1 + random(n - 1)) % n;
                     let cost = |(index, rtt): (usize, Duration)| {
-                        rtt.as_secs_f64() * f64::from(instances[index].in_flight + 1)
+                        let instance: &Instance<K> = &instances[index];
+                        let load = match policy {
+                            Policy::RttHistogram => instance.past_the_network(rtt, now),
+                            _ => instance.in_flight,
+                        };
+                        (rtt.as_secs_f64() * f64::from(load + 1), instance.in_flight)
                     };
                     if cost(candidates[a]) <= cost(candidates[b]) {
                         candidates[a]

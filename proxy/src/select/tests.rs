@@ -62,9 +62,45 @@ fn in_flight_requests_spread_load_among_equals() {
     let now = Instant::now();
     let mut c = chooser(Policy::RttHistogram, &[("a", 5), ("b", 5)], now);
     for _ in 0..5 {
-        c.start(&"a");
+        c.start(&"a", now);
     }
     assert_eq!(share(&mut c, "b", now, 50), 1.0);
+}
+
+#[test]
+fn requests_still_crossing_the_network_are_not_load_under_rtt_histogram() {
+    // Both over the soft limit: "near" 21 ms away with the four requests in flight that 200
+    // requests a second keep on a 21 ms path, all younger than that; "far" 43 ms away, idle.
+    let now = Instant::now();
+    let started = now - 10 * MS;
+    let mut c = chooser(Policy::RttHistogram, &[("near", 21), ("far", 43)], started);
+    for _ in 0..4 {
+        c.start(&"near", started);
+    }
+    assert_eq!(share(&mut c, "near", now, 100), 1.0);
+    // Peak EWMA, as Finagle's, counts them: 21 x 5 against 43 x 1.
+    let mut c = chooser(Policy::PeakEwma, &[("near", 21), ("far", 43)], started);
+    for _ in 0..4 {
+        c.start(&"near", started);
+    }
+    assert_eq!(share(&mut c, "far", now, 100), 1.0);
+}
+
+#[test]
+fn requests_past_the_network_are_load_under_rtt_histogram() {
+    // The same four requests, in flight for 200 ms: at a slow service, or queued for it.
+    let now = Instant::now();
+    let started = now - 200 * MS;
+    let mut c = chooser(Policy::RttHistogram, &[("near", 21), ("far", 43)], started);
+    for _ in 0..4 {
+        c.start(&"near", started);
+    }
+    assert_eq!(share(&mut c, "far", now, 100), 1.0);
+    // As they end, "near" is cheaper again.
+    for _ in 0..3 {
+        c.finish(&"near", true, now);
+    }
+    assert_eq!(share(&mut c, "near", now, 100), 1.0);
 }
 
 #[test]
@@ -121,7 +157,7 @@ fn repeated_failures_eject_for_growing_periods() {
     let mut c = chooser(Policy::RttHistogram, &[("flaky", 2), ("steady", 10)], t0);
     let fail = |c: &mut Chooser<&'static str>, at: Instant| {
         for _ in 0..EJECT_AFTER {
-            c.start(&"flaky");
+            c.start(&"flaky", at);
             c.finish(&"flaky", false, at);
         }
     };
@@ -194,7 +230,7 @@ fn the_view_shows_quantiles_in_flight_and_ejection() {
     let now = Instant::now();
     let mut c = chooser(Policy::RttHistogram, &[("a", 4)], now);
     c.add("b", now);
-    c.start(&"a");
+    c.start(&"a", now);
     for _ in 0..EJECT_AFTER {
         c.finish(&"b", false, now);
     }

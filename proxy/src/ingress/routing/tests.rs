@@ -409,7 +409,7 @@ impl Sim {
                     started: now,
                     live: true,
                 });
-                self.core.attempt_started(&key);
+                self.core.attempt_started(&key, now);
                 let behaviour = &self.world[key];
                 if !behaviour.transport_silent(now) {
                     self.connected.insert(key);
@@ -605,6 +605,31 @@ fn a_frozen_instance_holds_no_request_past_the_hard_limit_and_gets_traffic_back_
     );
     let after = sim.stats(thaw + 2 * SECOND, 40 * SECOND);
     assert!(after.share("edge") >= 0.9, "after the thaw: {after:?}");
+}
+
+#[test]
+fn with_the_edge_frozen_its_traffic_goes_to_the_next_nearest_not_to_farther_ones() {
+    // As in `bench tiers`: the next tier just over the soft limit (22 ms), the last 40 ms
+    // away. 200 requests a second keep four in flight on the 22 ms path, all crossing the
+    // network: no reason to send any to the 40 ms one (counting them as load sent it a fifth).
+    let start = Instant::now();
+    let mut edge = Behaviour::new(1, 0);
+    edge.frozen.push((start + 5 * SECOND, start + 35 * SECOND));
+    let mut sim = Sim::new(&[]);
+    sim.start = start;
+    sim.now = start;
+    sim.world = [
+        ("edge", edge),
+        ("metro", Behaviour::new(22, 0)),
+        ("cloud", Behaviour::new(40, 0)),
+    ]
+    .into_iter()
+    .collect();
+    sim.load(Duration::ZERO, 40 * SECOND, 200, true);
+    sim.run_until(42 * SECOND);
+    let during = sim.stats(6 * SECOND, 35 * SECOND);
+    assert!(during.failed.is_empty(), "{:?}", during.failed);
+    assert!(during.share("cloud") < 0.01, "{during:?}");
 }
 
 #[test]
