@@ -31,10 +31,10 @@
 //!    gone. A first probe that times out does not end the wait: the instance's connection is
 //!    checked, and one whose QUIC stack answers (alive, on a loaded machine) is probed again
 //!    and waited for, up to [`VERIFY_PATIENCE`] from when it was found; one with no connection
-//!    once its probe failed, or a silent one, is not waited for. An instance whose sidecar says its service is down (a
-//!    probe, or a refused request) is held out until a probe says it serves again. So is one
-//!    that closed its connection (it shut down, as when culled), and no request waits for it:
-//!    with nothing else, an allocation starts at once.
+//!    once its probe failed, or a silent one, is not waited for. An instance whose sidecar
+//!    says its service is down (a probe, or a refused request) is held out until a probe says
+//!    it serves again. So is one that closed its connection (it shut down, as when culled),
+//!    and no request waits for it: with nothing else, an allocation starts at once.
 //! 3. **No request left on a stalled instance.** Each attempt gets a per-try timeout:
 //!    [`TRY_FACTOR`] times the p99 of the instance's own recent request times, at least
 //!    [`TRY_FLOOR`]. An attempt past it makes the instance's RTT estimate at least the
