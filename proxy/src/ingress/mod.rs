@@ -206,12 +206,7 @@ impl Attempt {
         let result = forward_frame(&connection, head, body).await;
         let total = begin.elapsed();
         let outcome = match &result {
-            // The path RTT QUIC measures, but never more than the whole exchange took: its
-            // smoothed estimate lags behind a path that got faster.
-            Ok(_) => Outcome::Answered {
-                network: connection.rtt().min(total),
-                total,
-            },
+            Ok(_) => Outcome::answered(connection.rtt(), total),
             Err(AttemptError::Client(_)) => Outcome::ClientFault,
             Err(AttemptError::Refused(_)) => Outcome::Refused,
             Err(_) => Outcome::Failed,

@@ -197,6 +197,18 @@ pub enum Outcome {
     ClientFault,
 }
 
+impl Outcome {
+    /// Answered `total` after sending, over a connection whose QUIC path RTT is `path`: the
+    /// path RTT is the network's share, but never more than the whole exchange took (its
+    /// smoothed estimate lags behind a path that got faster).
+    pub fn answered(path: Duration, total: Duration) -> Self {
+        Self::Answered {
+            network: path.min(total),
+            total,
+        }
+    }
+}
+
 /// What the core knows of one instance besides what the chooser knows.
 #[derive(Debug)]
 struct Instance {

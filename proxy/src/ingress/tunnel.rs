@@ -72,11 +72,10 @@ impl Ingress {
                 .await
                 {
                     Ok((send, recv, rest, ready)) => {
-                        let total = attempt.started.elapsed();
-                        attempt.end(Outcome::Answered {
-                            network: connection.rtt().min(total),
-                            total,
-                        });
+                        attempt.end(Outcome::answered(
+                            connection.rtt(),
+                            attempt.started.elapsed(),
+                        ));
                         return Ok(Tunnel {
                             send,
                             recv,
@@ -86,33 +85,28 @@ impl Ingress {
                             connection: connection.clone(),
                         });
                     }
-                    // The hop answered that the rest of the chain failed: it is alive and
-                    // has tried every instance of its next hop it could within its own
-                    // retry budget, so trying again here would repeat that, on the same
-                    // hop when it is the only one.
-                    Err(AttemptError::Broken(StreamError::ServiceFailed(reason))) => {
-                        let total = attempt.started.elapsed();
-                        attempt.end(Outcome::Answered {
-                            network: connection.rtt().min(total),
-                            total,
-                        });
-                        return Err(RequestError::Attempt {
-                            service: name.to_owned(),
-                            peer,
-                            error: AttemptError::Broken(StreamError::ServiceFailed(reason)),
-                        });
-                    }
                     Err(error) => {
                         attempt.end(match error {
                             AttemptError::Refused(_) => Outcome::Refused,
+                            // The hop answered: it is alive.
+                            AttemptError::Broken(StreamError::ServiceFailed(_)) => {
+                                Outcome::answered(connection.rtt(), attempt.started.elapsed())
+                            }
                             _ => Outcome::Failed,
                         });
                         error
                     }
                 },
             };
-            let retry = self.retries.withdraw();
-            self.metrics.retried(name, retry);
+            // A hop that answered that the rest of the chain failed has tried every instance
+            // of its next hop it could within its own retry budget: trying again here would
+            // repeat that, on the same hop when it is the only one.
+            let next_hop_failed =
+                matches!(error, AttemptError::Broken(StreamError::ServiceFailed(_)));
+            let retry = !next_hop_failed && self.retries.withdraw();
+            if !next_hop_failed {
+                self.metrics.retried(name, retry);
+            }
             tracing::debug!(service = %name, %peer, %error, retry, "tunnel set-up failed");
             if !retry {
                 return Err(RequestError::Attempt {

@@ -74,10 +74,10 @@ struct Instance<K> {
     quantile: Option<(Instant, Duration)>,
     /// Peak EWMA in seconds and the time of its last update.
     peak_ewma: Option<(Instant, f64)>,
-    in_flight: u32,
-    /// When the requests in flight started, oldest first. Taken to end in about the order
-    /// they started: an end removes the oldest (a request that overtakes an older one leaves
-    /// a younger start behind, which only makes the load look lighter for a while).
+    /// When the requests in flight started, oldest first (one entry each). Taken to end in
+    /// about the order they started: an end removes the oldest (a request that overtakes an
+    /// older one leaves a younger start behind, which only makes the load look lighter for a
+    /// while).
     started: VecDeque<Instant>,
     /// When the oldest probe not answered since was sent.
     unanswered_since: Option<Instant>,
@@ -95,7 +95,6 @@ impl<K> Instance<K> {
             window: RttWindow::new(ROUTING_WINDOW, now),
             quantile: None,
             peak_ewma: None,
-            in_flight: 0,
             started: VecDeque::new(),
             unanswered_since: None,
             failures_in_a_row: 0,
@@ -172,8 +171,11 @@ impl<K> Instance<K> {
         u32::try_from(old).unwrap_or(u32::MAX)
     }
 
+    fn in_flight(&self) -> u32 {
+        u32::try_from(self.started.len()).unwrap_or(u32::MAX)
+    }
+
     fn ended(&mut self) {
-        self.in_flight = self.in_flight.saturating_sub(1);
         self.started.pop_front();
     }
 
@@ -263,7 +265,7 @@ impl<K: Clone + PartialEq> Chooser<K> {
             .map(|i| InstanceView {
                 key: i.key.clone(),
                 quantiles: i.window.summary(now).map(|s| [s.p50, s.p90, s.p99]),
-                in_flight: i.in_flight,
+                in_flight: i.in_flight(),
                 ejected: i.ejected(now),
             })
             .collect()
@@ -307,7 +309,6 @@ impl<K: Clone + PartialEq> Chooser<K> {
     /// A request to `key` starts now.
     pub fn start(&mut self, key: &K, now: Instant) {
         if let Some(instance) = self.find(key) {
-            instance.in_flight += 1;
             instance.started.push_back(now);
         }
     }
@@ -425,9 +426,12 @@ impl<K: Clone + PartialEq> Chooser<K> {
                         let instance: &Instance<K> = &instances[index];
                         let load = match policy {
                             Policy::RttHistogram => instance.past_the_network(rtt, now),
-                            _ => instance.in_flight,
+                            _ => instance.in_flight(),
                         };
-                        (rtt.as_secs_f64() * f64::from(load + 1), instance.in_flight)
+                        (
+                            rtt.as_secs_f64() * f64::from(load + 1),
+                            instance.in_flight(),
+                        )
                     };
                     if cost(candidates[a]) <= cost(candidates[b]) {
                         candidates[a]
