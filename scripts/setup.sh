@@ -14,7 +14,8 @@ set -euo pipefail
 #   nginx, haproxy     the proxies the benchmarks compare ours with (their own processes,
 #                      generated configs; the packaged services are stopped)
 #   util-linux         taskset, to pin benchmark processes to CPUs
-PACKAGES=(protobuf-compiler libprotobuf-dev etcd-server etcd-client prometheus musl-tools iproute2 procps curl nginx haproxy util-linux)
+#   python3            the UDP echo service an allocator test registers as a user's script
+PACKAGES=(protobuf-compiler libprotobuf-dev etcd-server etcd-client prometheus musl-tools iproute2 procps curl nginx haproxy util-linux python3)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
