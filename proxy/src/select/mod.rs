@@ -14,11 +14,13 @@
 //!    tie, the one with fewer requests in flight). [`Policy::PeakEwma`] is Finagle's and
 //!    linkerd's: cost = peak EWMA of the RTT x (requests in flight + 1).
 //!    [`Policy::RttHistogram`] routes on a high quantile of the window and counts as load
-//!    only the requests in flight for longer than that RTT (past the network: at the service
-//!    or queued for it): cost = RTT x (such requests + 1). A request still crossing the
-//!    network is not load: 200 requests a second keep four in flight on a path 20 ms long
-//!    however idle its instance, and counting them sent a fifth of the traffic to an idle
-//!    instance 40 ms away. [`Policy::RoundRobin`] ignores RTT altogether, as a baseline.
+//!    only the requests in flight for longer than [`PAST_THE_NETWORK`] times that RTT (past
+//!    the network: at the service or queued for it): cost = RTT x (such requests + 1). A
+//!    request still crossing the network is not load: 200 requests a second keep four in
+//!    flight on a path 20 ms long however idle its instance, and counting them sent a fifth
+//!    of the traffic to an idle instance 40 ms away; nor is one a little late (the path's
+//!    jitter, a millisecond at the sidecar), which at one RTT sent 0.4 % of it there.
+//!    [`Policy::RoundRobin`] ignores RTT altogether, as a baseline.
 //!
 //! The window is short ([`ROUTING_WINDOW`]) so that a change of path is followed within about a
 //! second; an instance whose window ran empty (no traffic, no probe answered yet) keeps its
@@ -54,6 +56,10 @@ pub const FIRST_EJECTION: Duration = Duration::from_secs(1);
 pub const MAX_EJECTION: Duration = Duration::from_secs(60);
 /// Quantile of the RTT window the `rtt-histogram` policy routes on.
 pub const ROUTING_QUANTILE: f64 = 0.9;
+/// `rtt-histogram` counts a request in flight as load once it has been under way this many
+/// times its instance's RTT: a request is late by its path's jitter and a little service time
+/// as a matter of course, and by a whole round trip only when it waits at the instance.
+pub const PAST_THE_NETWORK: u32 = 2;
 /// The samples an estimate is built from: the last second, in four slices.
 pub const ROUTING_WINDOW: WindowShape = WindowShape {
     slices: 4,
@@ -161,8 +167,10 @@ impl<K> Instance<K> {
         }
     }
 
-    /// Requests in flight for longer than `rtt`: past the network, at the service or queued.
+    /// Requests in flight for longer than [`PAST_THE_NETWORK`] times `rtt`: at the service
+    /// or queued for it.
     fn past_the_network(&self, rtt: Duration, now: Instant) -> u32 {
+        let rtt = rtt * PAST_THE_NETWORK;
         let old = self
             .started
             .iter()

@@ -87,6 +87,17 @@ fn requests_still_crossing_the_network_are_not_load_under_rtt_histogram() {
 }
 
 #[test]
+fn a_request_a_little_late_is_not_load_under_rtt_histogram() {
+    // One request under way 23 ms on a 21 ms path (its jitter, a millisecond at the sidecar):
+    // still not waiting at the instance. Counted, "near" would cost 42 against "far"'s 40.
+    let now = Instant::now();
+    let started = now - 23 * MS;
+    let mut c = chooser(Policy::RttHistogram, &[("near", 21), ("far", 40)], started);
+    c.start(&"near", started);
+    assert_eq!(share(&mut c, "near", now, 100), 1.0);
+}
+
+#[test]
 fn requests_past_the_network_are_load_under_rtt_histogram() {
     // The same four requests, in flight for 200 ms: at a slow service, or queued for it.
     let now = Instant::now();
