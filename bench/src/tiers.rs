@@ -85,6 +85,11 @@ pub struct Args {
     /// How long the edge's service stays dead (its sidecar running).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     dead: Duration,
+    /// The policies to run, in this order (each gets a fresh ingress; the instances are
+    /// shared, so the order can be changed to see whether it matters).
+    #[arg(long, value_delimiter = ',', default_values_t = POLICIES.map(String::from),
+          value_parser = clap::builder::PossibleValuesParser::new(POLICIES))]
+    policies: Vec<String>,
 }
 
 impl Default for Args {
@@ -96,6 +101,7 @@ impl Default for Args {
             stall: Duration::from_secs(30),
             around_stall: Duration::from_secs(5),
             dead: Duration::from_secs(10),
+            policies: POLICIES.map(String::from).to_vec(),
         }
     }
 }
@@ -109,6 +115,7 @@ impl Args {
             stall: Duration::from_secs(2),
             around_stall: Duration::from_secs(3),
             dead: Duration::from_secs(2),
+            policies: POLICIES.map(String::from).to_vec(),
         }
     }
 }
@@ -218,7 +225,8 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
 
     let mut results = Vec::new();
     let mut pinned = String::new();
-    for policy in POLICIES {
+    for policy in &args.policies {
+        let policy = policy.as_str();
         let config = lookup.dir.path().join(format!("perf-{policy}.conf"));
         std::fs::write(&config, perf_conf(policy))?;
         let ingress = pinning
