@@ -73,8 +73,7 @@ impl Behaviour {
         self.gone(at) || self.frozen.iter().any(|&(from, to)| from <= at && at < to)
     }
 
-    /// When something sent at `sent` that takes `work` at the instance is answered: `None`
-    /// if never. A freeze or a stall holds whatever is under way until it ends.
+    /// The same path with up to `jitter_ms` added each way.
     fn with_jitter(mut self, jitter_ms: u64) -> Self {
         self.jitter = MS * jitter_ms as u32;
         self
