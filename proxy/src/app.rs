@@ -150,7 +150,8 @@ pub struct Cli {
     /// Tokio's current-thread scheduler, as nginx's and haproxy's event loops do: profiling
     /// showed a third of the proxy's CPU going to threads waking each other per request, and
     /// the current-thread scheduler took closed-loop throughput from 0.6-0.8 to 0.9-1.0 of
-    /// haproxy's. Give a busy ingress more.
+    /// haproxy's. More threads share one scheduler and do not help yet: two gave 0.91-0.94 of
+    /// one thread's throughput (bench/ANALYSIS.md, "Two worker threads as the proxy is today").
     #[arg(
         long,
         env = "MTC_WORKER_THREADS",
