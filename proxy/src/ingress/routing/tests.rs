@@ -446,14 +446,13 @@ impl Sim {
                     Some(from) if now >= from => behaviour
                         .answer_at(now, Duration::ZERO)
                         .map(|(at, _)| (at, Outcome::Refused)),
+                    // As the driver reports it: the connection's QUIC path RTT, smoothed (the
+                    // path's mean round trip rather than this request's).
                     _ => behaviour.answer_at(now, behaviour.service).map(|(at, _)| {
-                        // The driver reports the connection's QUIC path RTT: smoothed, so the
-                        // path's mean round trip rather than this request's.
-                        let outcome = Outcome::Answered {
-                            network: behaviour.rtt + behaviour.jitter,
-                            total: at - now,
-                        };
-                        (at, outcome)
+                        (
+                            at,
+                            Outcome::answered(behaviour.rtt + behaviour.jitter, at - now),
+                        )
                     }),
                 };
                 if let Some((at, outcome)) = outcome {
