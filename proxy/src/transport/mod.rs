@@ -1,8 +1,8 @@
 //! The data plane's transport: QUIC (quinn) between proxies, one connection per pair of
 //! proxies, reused by every request, authenticated by overlay identity and network key
 //! ([`auth`]) before any request is served. Datagrams grow to what the path carries (path MTU
-//! discovery up to 64 KiB, GSO batches kept within what the kernel takes: [`udp`]), and a
-//! peer acknowledges every tenth packet rather than every second (the ACK-frequency
+//! discovery up to 64 KiB, GSO batches kept within what the kernel takes, on a socket the
+//! runtime watches for reading only: [`udp`]), and a peer acknowledges every tenth packet rather than every second (the ACK-frequency
 //! extension).
 
 pub mod auth;
@@ -179,7 +179,7 @@ impl Transport {
         size_socket_buffers(&socket);
         let runtime = quinn::default_runtime()
             .ok_or_else(|| TransportError::Setup("no async runtime".into()))?;
-        let socket = udp::BoundedGso::new(runtime.wrap_udp_socket(socket).map_err(listen)?);
+        let socket = udp::Socket::new(socket).map_err(listen)?;
         let mut endpoint =
             Endpoint::new_with_abstract_socket(endpoint_config(), Some(server), socket, runtime)
                 .map_err(listen)?;
