@@ -2,8 +2,8 @@
 //! proxies, reused by every request, authenticated by overlay identity and network key
 //! ([`auth`]) before any request is served. Datagrams grow to what the path carries (path MTU
 //! discovery up to 64 KiB, GSO batches kept within what the kernel takes, on a socket the
-//! runtime watches for reading only: [`udp`]), and a peer acknowledges every tenth packet rather than every second (the ACK-frequency
-//! extension).
+//! runtime watches for reading only: [`udp`]), and a peer acknowledges every tenth packet
+//! rather than every second (the ACK-frequency extension).
 
 pub mod auth;
 mod tls;
