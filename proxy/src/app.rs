@@ -40,16 +40,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::perf::PerfConfig,
-    ingress::{Ingress, IngressSettings},
-    l4::{TunnelMetrics, datagrams::DatagramRouter, front::L4Front, hop::HopRole},
+    ingress::IngressSettings,
+    l4::TunnelMetrics,
     metrics::{Activity, IngressMetrics, LiveCollector, SidecarCollector, SidecarView},
     sidecar::{Sidecar, health::ServiceState},
     supervise::Service,
-    transport::Transport,
+    workers::{self, Shared, Workers},
 };
-
-/// How long in-flight requests may finish after SIGINT/SIGTERM.
-const DRAIN: Duration = Duration::from_secs(5);
 
 /// Sidecar and local ingress: `/<service>/<path>` on 127.0.0.1:PORT goes to the nearest
 /// instance of <service> over QUIC. Given SERVICE and IP:SERVICE_PORT, also the sidecar of one
@@ -146,17 +143,17 @@ pub struct Cli {
     #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
     pub udp_idle_timeout: Duration,
 
-    /// Threads serving requests. One (the default) runs every task on the main thread with
-    /// Tokio's current-thread scheduler, as nginx's and haproxy's event loops do: profiling
-    /// showed a third of the proxy's CPU going to threads waking each other per request, and
-    /// the current-thread scheduler took closed-loop throughput from 0.6-0.8 to 0.9-1.0 of
-    /// haproxy's. More threads share one scheduler and do not help yet: two gave 0.91-0.94 of
-    /// one thread's throughput (bench/ANALYSIS.md, "Two worker threads as the proxy is today").
+    /// Threads serving requests, each with its own event loop, listeners, QUIC endpoints and
+    /// connections, sharing nothing per request (see the `workers` module); the kernel spreads
+    /// client connections and peers over them. One (the default) is one thread, as nginx's and
+    /// haproxy's single worker. l4-proxy serves its control API and the tunnels it opens on
+    /// the first.
     #[arg(
         long,
         env = "MTC_WORKER_THREADS",
         default_value_t = 1,
-        value_name = "N"
+        value_name = "N",
+        value_parser = parse_workers
     )]
     pub worker_threads: usize,
 
@@ -197,6 +194,15 @@ pub enum Program {
 fn parse_service_addr(text: &str) -> Result<SocketAddr, String> {
     text.parse()
         .map_err(|_| format!("'{text}' is not a service address: expected IP:SERVICE_PORT"))
+}
+
+fn parse_workers(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n @ 1..=1024) => Ok(n),
+        _ => Err(format!(
+            "'{text}' is not a number of workers: expected 1 to 1024"
+        )),
+    }
 }
 
 /// Seconds ("3600", as the original's -rcache-ttl) or a duration with its unit ("1h").
@@ -290,57 +296,37 @@ async fn run_program(cli: Cli, program: Program) -> anyhow::Result<()> {
         Some(path) => PerfConfig::load(path)?,
         None => PerfConfig::default(),
     };
-    let ingress_addr = SocketAddr::new(cli.listen_ip, cli.port);
-    let listener = tokio::net::TcpListener::bind(ingress_addr)
-        .await
-        .with_context(|| format!("cannot listen on {ingress_addr}"))?;
+    // Every worker's sockets, before the data-plane address is advertised (see workers).
+    let http_workers = match program {
+        Program::Proxy => cli.worker_threads,
+        Program::L4Proxy => 1,
+    };
+    let sockets = workers::bind(
+        cli.worker_threads,
+        http_workers,
+        SocketAddr::new(cli.listen_ip, cli.port),
+        cli.quic_addr(),
+    )?;
+    let ingress_addr = sockets[0].http_addr().context("the first worker listens")?;
+    let quic_addr = sockets[0].quic_addr()?;
 
     // The data plane proves the overlay identity, so both use one key pair.
     let default_keyfile = format!("~/.privKeyProxy-{}", cli.port);
     let mut config = cli.overlay.node_config("proxy", &default_keyfile)?;
-    let transport = Arc::new(Transport::bind(
-        cli.quic_addr(),
-        config.keypair.clone(),
-        config.network_key.as_ref().map(|key| *key.key_bytes()),
-    )?);
     config.listen = vec![cli.p2p_listen_addr.clone()];
-    config.data_plane = Some(match cli.quic_advertise_addr {
-        Some(addr) => addr,
-        None => transport.local_addr()?,
-    });
+    config.data_plane = Some(cli.quic_advertise_addr.unwrap_or(quic_addr));
+    let keypair = config.keypair.clone();
+    let network_key = config.network_key.as_ref().map(|key| *key.key_bytes());
     let daemon = Daemon::start(config, cli.metrics_addr()).await?;
     let node = daemon.node.clone();
     match program {
-        Program::Proxy => println!("ingress: http://{}", listener.local_addr()?),
-        Program::L4Proxy => println!("l4 control API: http://{}", listener.local_addr()?),
+        Program::Proxy => println!("ingress: http://{ingress_addr}"),
+        Program::L4Proxy => println!("l4 control API: http://{ingress_addr}"),
     }
-    println!("data plane (QUIC): {}", transport.local_addr()?);
+    println!("data plane (QUIC): {quic_addr}");
 
     let activity = Activity::new();
-    let settings = IngressSettings {
-        perf,
-        record_ttl: cli.rcache_ttl,
-        instance_wait: cli.instance_wait,
-        max_waiting: cli.max_waiting,
-        max_head_bytes: cli.max_head_bytes,
-        head_timeout: cli.head_timeout,
-    };
-    let metrics = IngressMetrics::register(&daemon.registry)?;
-    let tunnel_metrics = TunnelMetrics::register(&daemon.registry)?;
-    let datagrams = DatagramRouter::new();
-    let ingress = Ingress::new(
-        node.clone(),
-        Arc::clone(&transport),
-        settings,
-        metrics,
-        Arc::clone(&activity),
-    );
-    let viewed = Arc::downgrade(&ingress);
-    LiveCollector::register(&daemon.registry, Arc::clone(&activity), move || {
-        viewed.upgrade().map(|i| i.view()).unwrap_or_default()
-    })?;
-
-    let (sidecar, advertiser) = match (&cli.service, service_addr) {
+    let template = match (&cli.service, service_addr) {
         (Some(service), Some(upstream)) => {
             tracing::info!(%service, %upstream, protocol = ?cli.protocol, "sidecar");
             let sidecar = match cli.protocol {
@@ -349,45 +335,50 @@ async fn run_program(cli: Cli, program: Program) -> anyhow::Result<()> {
                     Sidecar::new(upstream, Arc::clone(&activity))
                 }
             };
-            sidecar.take_part_in_chains(HopRole {
-                service: service.clone(),
-                ingress: Arc::clone(&ingress),
-                metrics: tunnel_metrics.clone(),
-                datagrams: Arc::clone(&datagrams),
-            });
-            let viewed = Arc::downgrade(&sidecar);
-            SidecarCollector::register(&daemon.registry, move || {
-                viewed
-                    .upgrade()
-                    .map(|sidecar| SidecarView {
-                        probes_answered: sidecar.probes_answered(),
-                        service_up: sidecar.health().state() == ServiceState::Serving,
-                    })
-                    .unwrap_or_default()
-            })?;
-            let advertiser = Advertiser::start(node.clone(), service.clone(), &sidecar);
-            (Some(sidecar), Some(advertiser))
+            Some((service.clone(), sidecar))
         }
-        _ => (None, None),
+        _ => None,
     };
-    tokio::spawn(accept_peers(Arc::clone(&transport), sidecar));
-
     let stop = CancellationToken::new();
-    let serving = match program {
-        Program::Proxy => tokio::spawn(Arc::clone(&ingress).serve(listener, stop.clone())),
-        Program::L4Proxy => {
-            Arc::clone(&ingress).run_cores(stop.clone());
-            let front = L4Front::new(
-                Arc::clone(&ingress),
-                tunnel_metrics,
-                cli.listen_ip,
-                cli.udp_idle_timeout,
-                datagrams,
-                stop.clone(),
-            );
-            tokio::spawn(front.serve(listener))
+    let workers = Workers::start(
+        sockets,
+        Shared {
+            program,
+            node: node.clone(),
+            keypair,
+            network_key,
+            settings: IngressSettings {
+                perf,
+                record_ttl: cli.rcache_ttl,
+                instance_wait: cli.instance_wait,
+                max_waiting: cli.max_waiting,
+                max_head_bytes: cli.max_head_bytes,
+                head_timeout: cli.head_timeout,
+            },
+            metrics: IngressMetrics::register(&daemon.registry)?,
+            tunnel_metrics: TunnelMetrics::register(&daemon.registry)?,
+            activity: Arc::clone(&activity),
+            sidecar: template.clone(),
+            listen_ip: cli.listen_ip,
+            udp_idle_timeout: cli.udp_idle_timeout,
+            stop: stop.clone(),
+        },
+    )
+    .await?;
+    LiveCollector::register(&daemon.registry, Arc::clone(&activity), workers.views())?;
+    let advertiser = match template {
+        Some((service, sidecar)) => {
+            let health = Arc::clone(sidecar.health());
+            let probes_answered = workers.probes_answered();
+            SidecarCollector::register(&daemon.registry, move || SidecarView {
+                probes_answered: probes_answered(),
+                service_up: health.state() == ServiceState::Serving,
+            })?;
+            Some(Advertiser::start(node.clone(), service, &sidecar))
         }
+        None => None,
     };
+
     let mut service = if cli.command.is_empty() {
         None
     } else {
@@ -409,36 +400,16 @@ async fn run_program(cli: Cli, program: Program) -> anyhow::Result<()> {
         }
     };
     daemon.run_until(vec![], until).await?;
+    // The workers stop taking requests, let those in flight finish (for a while), then close
+    // every connection.
     stop.cancel();
-    let _ = serving.await;
     if let Some(service) = service {
         service.stop().await;
     }
-    // Requests in flight may finish (for a while); then every connection is closed.
-    let give_up = tokio::time::Instant::now() + DRAIN;
-    while activity.in_flight() > 0 && tokio::time::Instant::now() < give_up {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    transport.close();
-    let _ = tokio::time::timeout(Duration::from_secs(1), transport.wait_idle()).await;
+    workers.finish().await;
     match service_exit {
         Some(exit) => anyhow::bail!("{exit}"),
         None => Ok(()),
-    }
-}
-
-/// Serves the requests of authenticated peers (service mode); in anonymous mode there is
-/// nothing to serve and their connections are closed.
-async fn accept_peers(transport: Arc<Transport>, sidecar: Option<Arc<Sidecar>>) {
-    while let Some(accepted) = transport.accept().await {
-        match (accepted, &sidecar) {
-            (Ok((peer, connection)), Some(sidecar)) => {
-                tracing::debug!(%peer, "peer connected");
-                tokio::spawn(Arc::clone(sidecar).serve_connection(connection));
-            }
-            (Ok((_, connection)), None) => connection.close(0u32.into(), b"not a sidecar"),
-            (Err(error), _) => tracing::info!(%error, "data-plane connection refused"),
-        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! instances from live RTT histograms.
 //!
 //! - [`app`]: the `proxy` program (flags, anonymous and service mode, start and shutdown);
+//! - [`workers`]: `--worker-threads N`, N share-nothing event loops;
 //! - [`ingress`]: the local HTTP ingress: the request path, and per service a pure routing core
 //!   (`ingress::routing`) driven by one task, which chooses with [`select`] under the limits
 //!   of [`config::perf`];
@@ -35,3 +36,4 @@ pub mod sidecar;
 pub mod stream;
 pub mod supervise;
 pub mod transport;
+pub mod workers;

@@ -85,6 +85,9 @@ pub struct IngressMetrics {
     latency: HistogramVec,
     retries: IntCounterVec,
     allocations: IntCounterVec,
+    connections: IntCounterVec,
+    /// This worker's series of `connections`.
+    accepted: IntCounter,
 }
 
 /// Label of requests for a service that does not exist: client-chosen names must not create
@@ -127,6 +130,15 @@ impl IngressMetrics {
             ),
             &["service", "reason", "outcome"],
         )?;
+        let connections = IntCounterVec::new(
+            Opts::new(
+                "proxy_connections_accepted_total",
+                "Client connections the ingress accepted, by worker (--worker-threads; the \
+                 kernel spreads connections over the workers' listeners)",
+            ),
+            &["worker"],
+        )?;
+        registry.register(Box::new(connections.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(retries.clone()))?;
@@ -136,7 +148,22 @@ impl IngressMetrics {
             latency,
             retries,
             allocations,
+            accepted: connections.with_label_values(&["0"]),
+            connections,
         })
+    }
+
+    /// The same series, with connections counted as accepted by worker `index`.
+    pub fn for_worker(&self, index: usize) -> Self {
+        Self {
+            accepted: self.connections.with_label_values(&[&index.to_string()]),
+            ..self.clone()
+        }
+    }
+
+    /// A client connection was accepted.
+    pub fn accepted(&self) {
+        self.accepted.inc();
     }
 
     /// A request answered with `status` after `elapsed`.
@@ -278,6 +305,7 @@ impl<F: Fn() -> Vec<ServiceView> + Send + Sync + 'static> Collector for LiveColl
                 let instance = &report.view;
                 let peer = instance.key.to_string();
                 let labels = [view.service.as_str(), peer.as_str()];
+                // With several workers each measures on its own; the last one read is shown.
                 for (gauge, quantiles) in [
                     (&self.rtt, instance.quantiles),
                     (&self.service_time, report.service_time),
@@ -291,15 +319,15 @@ impl<F: Fn() -> Vec<ServiceView> + Send + Sync + 'static> Collector for LiveColl
                             .set(value.as_secs_f64());
                     }
                 }
-                self.down
-                    .with_label_values(&labels)
-                    .set(i64::from(report.down));
+                // Several workers may know one instance: its requests in flight are summed,
+                // it is down or ejected if any worker says so.
+                let down = self.down.with_label_values(&labels);
+                down.set(down.get().max(i64::from(report.down)));
                 self.in_flight
                     .with_label_values(&labels)
-                    .set(i64::from(instance.in_flight));
-                self.ejected
-                    .with_label_values(&labels)
-                    .set(i64::from(instance.ejected));
+                    .add(i64::from(instance.in_flight));
+                let ejected = self.ejected.with_label_values(&labels);
+                ejected.set(ejected.get().max(i64::from(instance.ejected)));
             }
         }
         self.idle

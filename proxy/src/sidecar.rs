@@ -114,6 +114,21 @@ impl Sidecar {
         })
     }
 
+    /// Another sidecar of the same service, for another worker ([`crate::workers`]): its own
+    /// connections to the service and probe count, the same health (checked once, by the
+    /// checks this sidecar's constructor started). Starts nothing, so any thread may call it.
+    pub fn for_worker(&self) -> Arc<Self> {
+        Arc::new(Self {
+            upstream: Upstream::new(self.addr, self.connect_timeout),
+            addr: self.addr,
+            activity: Arc::clone(&self.activity),
+            health: Arc::clone(&self.health),
+            probes_answered: AtomicU64::new(0),
+            connect_timeout: self.connect_timeout,
+            chains: OnceLock::new(),
+        })
+    }
+
     /// From now on, tunnels (streams opening with `CHAIN`) are served as `role` says;
     /// before, they are refused. Set once.
     pub fn take_part_in_chains(&self, role: HopRole) {

@@ -275,6 +275,49 @@ struct RawResponse {
     trailers: String,
 }
 
+/// `--worker-threads 2` on both proxies: the ingress's clients are spread over its two
+/// workers, each opening its own connection to the sidecar (from a port of its own: a reply
+/// to the shared data-plane port could reach the other worker), and every request crosses
+/// intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_the_clients_and_lose_no_request() {
+    let network = Network::start().await;
+    network.register("echo", Limits::default()).await;
+    let service = test_service("a").await;
+    let _side = sidecar(&network, "echo", service, &["--worker-threads", "2"]).await;
+    let front = ingress(&network, &["--worker-threads", "2"]).await;
+    wait_for_ok(&front.ingress, "/echo/tag").await;
+
+    for i in 0..32 {
+        // A client of its own: a new connection, from a new port, hashed to a worker anew.
+        let sent = format!("request {i}");
+        let response = http1_client()
+            .request(
+                Request::post(format!("http://{}/echo/echo", front.ingress))
+                    .body(body(sent.clone()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "request {i}");
+        let echoed = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(echoed, sent.as_bytes());
+    }
+    let text = metrics_of(&front).await;
+    let accepted = |worker: &str| -> f64 {
+        let series = format!("proxy_connections_accepted_total{{worker=\"{worker}\"}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(series.as_str()))
+            .map_or(0.0, |value| value.parse().unwrap())
+    };
+    assert!(
+        accepted("0") > 0.0 && accepted("1") > 0.0,
+        "both workers accept clients: worker 0 {}, worker 1 {}",
+        accepted("0"),
+        accepted("1")
+    );
+}
+
 /// Reads one response from `stream` (what it read past it stays in `buffer`); `head_request`
 /// says it answers a HEAD. A body with neither length nor chunking is read until close.
 async fn read_response(

@@ -19,8 +19,8 @@ pub async fn shutdown_signal() {
 }
 
 /// The `main` of every binary: parses the layered configuration of `C`, starts logs and a
-/// Tokio runtime, runs `run`, and turns an error into a message on stderr and exit code 1
-/// (usage errors exit with 2, as clap does).
+/// Tokio runtime (one worker thread per core), runs `run`, and turns an error into a message
+/// on stderr and exit code 1 (usage errors exit with 2, as clap does).
 pub fn run_binary<C, F>(
     name: &str,
     debug: impl FnOnce(&C) -> bool,
@@ -30,16 +30,38 @@ where
     C: clap::CommandFactory + clap::FromArgMatches,
     F: std::future::Future<Output = anyhow::Result<()>>,
 {
-    run_binary_with_threads(name, debug, |_| None, run)
+    main_with(
+        name,
+        debug,
+        tokio::runtime::Builder::new_multi_thread(),
+        run,
+    )
 }
 
-/// [`run_binary`] with the number of runtime worker threads chosen from the configuration
-/// (`None`: one per core, Tokio's default; one: the current-thread scheduler on the calling
-/// thread).
-pub fn run_binary_with_threads<C, F>(
+/// [`run_binary`] with Tokio's current-thread scheduler on the calling thread (no
+/// work-stealing machinery: cross-thread wake-ups, a parked main thread beside the worker),
+/// for a program that starts whatever threads it needs itself (the proxy's workers).
+pub fn run_binary_on_this_thread<C, F>(
     name: &str,
     debug: impl FnOnce(&C) -> bool,
-    worker_threads: impl FnOnce(&C) -> Option<usize>,
+    run: impl FnOnce(C) -> F,
+) -> std::process::ExitCode
+where
+    C: clap::CommandFactory + clap::FromArgMatches,
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    main_with(
+        name,
+        debug,
+        tokio::runtime::Builder::new_current_thread(),
+        run,
+    )
+}
+
+fn main_with<C, F>(
+    name: &str,
+    debug: impl FnOnce(&C) -> bool,
+    mut builder: tokio::runtime::Builder,
     run: impl FnOnce(C) -> F,
 ) -> std::process::ExitCode
 where
@@ -54,17 +76,6 @@ where
         }
     };
     telemetry::init_logs(debug(&cli));
-    // One worker: Tokio's current-thread scheduler, on this thread, with no work-stealing
-    // machinery (cross-thread wake-ups, a parked main thread beside the worker).
-    let mut builder = match worker_threads(&cli) {
-        Some(1 | 0) => tokio::runtime::Builder::new_current_thread(),
-        Some(threads) => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(threads);
-            builder
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {

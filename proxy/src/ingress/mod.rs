@@ -676,6 +676,7 @@ async fn accept_until_shutdown(
 ) {
     control::common::http::accept_until(listener, shutdown, "ingress", move |stream, client| {
         let ingress = Arc::clone(&ingress);
+        ingress.metrics.accepted();
         // A response's head and body may be separate writes: without NODELAY the body would
         // wait for the client's delayed ACK of the head (up to 40 ms on Linux).
         if let Err(error) = stream.set_nodelay(true) {

@@ -145,6 +145,10 @@ pub fn size_socket_buffers(socket: &impl std::os::fd::AsFd) {
     }
 }
 
+fn cannot_listen(addr: SocketAddr, error: std::io::Error) -> TransportError {
+    TransportError::Setup(format!("cannot listen on {addr} (UDP): {error}"))
+}
+
 fn endpoint_config() -> quinn::EndpointConfig {
     let mut config = quinn::EndpointConfig::default();
     config
@@ -161,6 +165,17 @@ impl Transport {
         keypair: Keypair,
         network_key: Option<[u8; 32]>,
     ) -> Result<Self, TransportError> {
+        let socket = std::net::UdpSocket::bind(addr).map_err(|e| cannot_listen(addr, e))?;
+        Self::on_socket(socket, keypair, network_key)
+    }
+
+    /// The endpoint on a UDP socket bound already (a worker's share of the data-plane port,
+    /// [`crate::workers`]); within a Tokio runtime, whose thread then drives it.
+    pub fn on_socket(
+        socket: std::net::UdpSocket,
+        keypair: Keypair,
+        network_key: Option<[u8; 32]>,
+    ) -> Result<Self, TransportError> {
         let setup = |e: &dyn std::fmt::Display| TransportError::Setup(e.to_string());
         let server_crypto =
             QuicServerConfig::try_from(tls::server_config().map_err(|e| setup(&e))?)
@@ -172,10 +187,8 @@ impl Transport {
                 .map_err(|e| setup(&e))?;
         let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(transport_config());
-        let listen = |e: std::io::Error| {
-            TransportError::Setup(format!("cannot listen on {addr} (UDP): {e}"))
-        };
-        let socket = std::net::UdpSocket::bind(addr).map_err(listen)?;
+        let addr = socket.local_addr().map_err(|e| setup(&e))?;
+        let listen = |e: std::io::Error| cannot_listen(addr, e);
         size_socket_buffers(&socket);
         let runtime = quinn::default_runtime()
             .ok_or_else(|| TransportError::Setup("no async runtime".into()))?;

@@ -1,0 +1,360 @@
+//! Share-nothing workers (`--worker-threads N`): N event loops, each a Tokio current-thread
+//! runtime on a thread of its own, with nothing shared on the path of a request.
+//!
+//! # What each worker has
+//! - **Its HTTP listener** on the ingress port. With N > 1 the N listeners are one
+//!   `SO_REUSEPORT` group and the kernel spreads client connections over them (by a hash of
+//!   the connection's addresses), as nginx's `reuseport` does.
+//! - **Its QUIC endpoint on the data-plane port**, for the connections other proxies open to
+//!   this one: with N > 1 again one `SO_REUSEPORT` group, in which a UDP flow's 4-tuple
+//!   always hashes to the same socket, so a peer's connection lives on one worker.
+//! - **With N > 1, a QUIC endpoint of its own on an ephemeral port** for the connections it
+//!   opens: the replies to a connection opened from the shared port would be hashed to any
+//!   worker's socket, whose endpoint knows nothing of that connection.
+//! - **Its own ingress** ([`Ingress`]: routing cores, lookup cache, connections to instances
+//!   and their probes) and **its own sidecar** ([`Sidecar::for_worker`]: connections to the
+//!   service). So N workers hold N connections per peer and probe each instance N times, and
+//!   each asks for an allocation on its own when it finds no instance (the allocator starts
+//!   one for a burst of asks: its reuse window).
+//!
+//! # What they share
+//! The overlay node (lookups, discovery and allocations reach it by channel, never per
+//! request), the service's health checks, the activity counters the allocator culls on, and
+//! the metrics registry (atomic counters; the live views of every worker are read when
+//! scraped).
+//!
+//! # Sockets are bound first
+//! Every socket of every worker is bound ([`bind`]) before the overlay advertises the
+//! data-plane address: a `SO_REUSEPORT` group that grows rehashes flows to its new member,
+//! which would cut a peer's connection made in between.
+//!
+//! The first worker runs on the main thread, beside the overlay and the metrics endpoint, so
+//! one worker (the default) is one thread.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Weak},
+    time::Duration,
+};
+
+use anyhow::Context;
+use control::overlay::Node;
+use libp2p::identity::Keypair;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    app::Program,
+    ingress::{Ingress, IngressSettings},
+    l4::{TunnelMetrics, datagrams::DatagramRouter, front::L4Front, hop::HopRole},
+    metrics::{Activity, IngressMetrics, ServiceView},
+    sidecar::Sidecar,
+    transport::Transport,
+};
+
+/// How long in-flight requests may finish after a shutdown begins.
+const DRAIN: Duration = Duration::from_secs(5);
+/// How long a worker's QUIC connections get to close before it ends.
+const CLOSE: Duration = Duration::from_secs(1);
+/// Pending client connections per listener (as Tokio's own `bind`).
+const BACKLOG: i32 = 1024;
+
+/// The sockets of one worker, bound but not yet given to any runtime.
+pub struct Sockets {
+    /// The ingress (or l4-proxy's control API, which only the first worker serves).
+    http: Option<std::net::TcpListener>,
+    /// Its share of the data-plane port.
+    quic: std::net::UdpSocket,
+    /// With several workers: the endpoint its own connections are opened from.
+    dial: Option<std::net::UdpSocket>,
+}
+
+/// Binds the sockets of `workers` workers: HTTP on `http` for the first `http_workers` of
+/// them, QUIC on `quic`. With one worker, plain sockets (a port in use is an error, as it
+/// always was); with more, `SO_REUSEPORT` groups, the port of the first socket (when 0 was
+/// asked for) taken by the others.
+pub fn bind(
+    workers: usize,
+    http_workers: usize,
+    mut http: SocketAddr,
+    mut quic: SocketAddr,
+) -> anyhow::Result<Vec<Sockets>> {
+    anyhow::ensure!(workers >= 1, "--worker-threads must be at least 1");
+    let shared = workers > 1;
+    let mut all = Vec::with_capacity(workers);
+    for index in 0..workers {
+        let listener = if index < http_workers {
+            let listener =
+                tcp_listener(http, shared).with_context(|| format!("cannot listen on {http}"))?;
+            http = listener.local_addr()?;
+            Some(listener)
+        } else {
+            None
+        };
+        let socket =
+            udp_socket(quic, shared).with_context(|| format!("cannot listen on {quic} (UDP)"))?;
+        quic = socket.local_addr()?;
+        let dial = if shared {
+            let any = SocketAddr::new(quic.ip(), 0);
+            Some(udp_socket(any, false).with_context(|| format!("cannot bind {any} (UDP)"))?)
+        } else {
+            None
+        };
+        all.push(Sockets {
+            http: listener,
+            quic: socket,
+            dial,
+        });
+    }
+    Ok(all)
+}
+
+impl Sockets {
+    /// Where the HTTP listener is, if this worker has one.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The data-plane address (every worker's is the same).
+    pub fn quic_addr(&self) -> std::io::Result<SocketAddr> {
+        self.quic.local_addr()
+    }
+}
+
+fn tcp_listener(addr: SocketAddr, shared: bool) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // As Tokio's `bind`: a restarted proxy may listen again at once.
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(shared)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+fn udp_socket(addr: SocketAddr, shared: bool) -> std::io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_port(shared)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// What every worker is given.
+#[derive(Clone)]
+pub struct Shared {
+    pub program: Program,
+    pub node: Node,
+    /// The overlay identity, which the data plane proves.
+    pub keypair: Keypair,
+    pub network_key: Option<[u8; 32]>,
+    pub settings: IngressSettings,
+    pub metrics: IngressMetrics,
+    pub tunnel_metrics: TunnelMetrics,
+    pub activity: Arc<Activity>,
+    /// Service mode: the service's name and the sidecar each worker's is made from.
+    pub sidecar: Option<(String, Arc<Sidecar>)>,
+    /// l4-proxy: the IP tunnels' local ends listen on, and the UDP idle timeout.
+    pub listen_ip: IpAddr,
+    pub udp_idle_timeout: Duration,
+    /// Cancelled when the proxy shuts down.
+    pub stop: CancellationToken,
+}
+
+/// The running workers.
+pub struct Workers {
+    ingresses: Vec<Weak<Ingress>>,
+    sidecars: Vec<Weak<Sidecar>>,
+    done: Vec<oneshot::Receiver<()>>,
+}
+
+/// What a worker reports once it serves.
+struct Started {
+    ingress: Weak<Ingress>,
+    sidecar: Option<Weak<Sidecar>>,
+}
+
+impl Workers {
+    /// Starts one worker per element of `sockets` (the first on this thread's runtime, the
+    /// others on threads of their own) and waits until each serves; if one cannot start,
+    /// stops the others and says why.
+    pub async fn start(sockets: Vec<Sockets>, shared: Shared) -> anyhow::Result<Self> {
+        let mut waiting = Vec::with_capacity(sockets.len());
+        let mut done = Vec::with_capacity(sockets.len());
+        for (index, sockets) in sockets.into_iter().enumerate() {
+            let (started_tx, started_rx) = oneshot::channel();
+            let (done_tx, done_rx) = oneshot::channel();
+            let work = run(index, sockets, shared.clone(), started_tx, done_tx);
+            if index == 0 {
+                tokio::spawn(work);
+            } else {
+                std::thread::Builder::new()
+                    .name(format!("worker-{index}"))
+                    .spawn(move || {
+                        match tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                        {
+                            Ok(runtime) => runtime.block_on(work),
+                            Err(error) => tracing::error!(%error, index, "worker runtime"),
+                        }
+                    })
+                    .context("cannot start a worker thread")?;
+            }
+            waiting.push(started_rx);
+            done.push(done_rx);
+        }
+        let mut workers = Self {
+            ingresses: Vec::new(),
+            sidecars: Vec::new(),
+            done,
+        };
+        for (index, started) in waiting.into_iter().enumerate() {
+            let started = match started.await {
+                Ok(Ok(started)) => started,
+                Ok(Err(error)) => {
+                    shared.stop.cancel();
+                    return Err(error.context(format!("worker {index} cannot start")));
+                }
+                Err(_) => {
+                    shared.stop.cancel();
+                    anyhow::bail!("worker {index} ended before it served");
+                }
+            };
+            workers.ingresses.push(started.ingress);
+            workers.sidecars.extend(started.sidecar);
+        }
+        Ok(workers)
+    }
+
+    /// The instances every worker's ingress knows, for metrics.
+    pub fn views(&self) -> impl Fn() -> Vec<ServiceView> + Send + Sync + 'static {
+        let ingresses = self.ingresses.clone();
+        move || {
+            ingresses
+                .iter()
+                .filter_map(Weak::upgrade)
+                .flat_map(|ingress| ingress.view())
+                .collect()
+        }
+    }
+
+    /// Probes answered by every worker's sidecar.
+    pub fn probes_answered(&self) -> impl Fn() -> u64 + Send + Sync + 'static {
+        let sidecars = self.sidecars.clone();
+        move || {
+            sidecars
+                .iter()
+                .filter_map(Weak::upgrade)
+                .map(|sidecar| sidecar.probes_answered())
+                .sum()
+        }
+    }
+
+    /// Waits until every worker has ended (after the stop token: in-flight requests drained,
+    /// connections closed).
+    pub async fn finish(self) {
+        for done in self.done {
+            let _ = done.await;
+        }
+    }
+}
+
+/// One worker: sets up on its sockets, reports, serves until the stop token, drains.
+async fn run(
+    index: usize,
+    sockets: Sockets,
+    shared: Shared,
+    started: oneshot::Sender<anyhow::Result<Started>>,
+    _done: oneshot::Sender<()>,
+) {
+    let transport =
+        |socket| Transport::on_socket(socket, shared.keypair.clone(), shared.network_key);
+    let set_up = (|| -> anyhow::Result<_> {
+        let quic = Arc::new(transport(sockets.quic)?);
+        let dial = match sockets.dial {
+            Some(socket) => Arc::new(transport(socket)?),
+            None => Arc::clone(&quic),
+        };
+        let listener = sockets
+            .http
+            .map(tokio::net::TcpListener::from_std)
+            .transpose()?;
+        Ok((quic, dial, listener))
+    })();
+    let (quic, dial, listener) = match set_up {
+        Ok(parts) => parts,
+        Err(error) => {
+            let _ = started.send(Err(error));
+            return;
+        }
+    };
+    let ingress = Ingress::new(
+        shared.node.clone(),
+        Arc::clone(&dial),
+        shared.settings.clone(),
+        shared.metrics.for_worker(index),
+        Arc::clone(&shared.activity),
+    );
+    let datagrams = DatagramRouter::new();
+    let sidecar = shared.sidecar.as_ref().map(|(service, template)| {
+        let sidecar = template.for_worker();
+        sidecar.take_part_in_chains(HopRole {
+            service: service.clone(),
+            ingress: Arc::clone(&ingress),
+            metrics: shared.tunnel_metrics.clone(),
+            datagrams: Arc::clone(&datagrams),
+        });
+        sidecar
+    });
+    tokio::spawn(accept_peers(Arc::clone(&quic), sidecar.clone()));
+    let _ = started.send(Ok(Started {
+        ingress: Arc::downgrade(&ingress),
+        sidecar: sidecar.as_ref().map(Arc::downgrade),
+    }));
+
+    let stop = shared.stop.clone();
+    match (shared.program, listener) {
+        (Program::Proxy, Some(listener)) => Arc::clone(&ingress).serve(listener, stop).await,
+        (Program::L4Proxy, Some(listener)) => {
+            ingress.run_cores(stop.clone());
+            let front = L4Front::new(
+                Arc::clone(&ingress),
+                shared.tunnel_metrics.clone(),
+                shared.listen_ip,
+                shared.udp_idle_timeout,
+                datagrams,
+                stop,
+            );
+            front.serve(listener).await;
+        }
+        (_, None) => {
+            ingress.run_cores(stop.clone());
+            stop.cancelled().await;
+        }
+    }
+    // Requests in flight may finish (for a while); then every connection is closed.
+    let give_up = tokio::time::Instant::now() + DRAIN;
+    while shared.activity.in_flight() > 0 && tokio::time::Instant::now() < give_up {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for transport in [&quic, &dial] {
+        transport.close();
+        let _ = tokio::time::timeout(CLOSE, transport.wait_idle()).await;
+    }
+}
+
+/// Serves the requests of authenticated peers (service mode); in anonymous mode there is
+/// nothing to serve and their connections are closed.
+async fn accept_peers(transport: Arc<Transport>, sidecar: Option<Arc<Sidecar>>) {
+    while let Some(accepted) = transport.accept().await {
+        match (accepted, &sidecar) {
+            (Ok((peer, connection)), Some(sidecar)) => {
+                tracing::debug!(%peer, "peer connected");
+                tokio::spawn(Arc::clone(sidecar).serve_connection(connection));
+            }
+            (Ok((_, connection)), None) => connection.close(0u32.into(), b"not a sidecar"),
+            (Err(error), _) => tracing::info!(%error, "data-plane connection refused"),
+        }
+    }
+}
