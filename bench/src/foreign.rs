@@ -276,7 +276,13 @@ pub enum Mode {
     Tcp,
 }
 
-fn haproxy_config(listen: u16, upstream: SocketAddr, tls: HopTls<'_>, mode: Mode) -> String {
+fn haproxy_config(
+    listen: u16,
+    upstream: SocketAddr,
+    tls: HopTls<'_>,
+    mode: Mode,
+    threads: usize,
+) -> String {
     let bind_tls = match tls {
         HopTls::FromPrevious(tls) => {
             format!(" ssl crt {} ssl-min-ver TLSv1.3", tls.combined.display())
@@ -293,7 +299,7 @@ fn haproxy_config(listen: u16, upstream: SocketAddr, tls: HopTls<'_>, mode: Mode
     };
     format!(
         "global
-    nbthread 1
+    nbthread {threads}
     maxconn 4096
 defaults
     {mode}
@@ -351,24 +357,25 @@ pub async fn start_nginx(
     start_two_hops(kind, dir, service, start).await
 }
 
-/// haproxy B (to the service) and haproxy A (to B), one process and one thread each; with
-/// `tls`, A speaks TLS to B.
+/// haproxy B (to the service) and haproxy A (to B), one process with `threads` threads each;
+/// with `tls`, A speaks TLS to B.
 pub async fn start_haproxy(
     dir: &Path,
     service: SocketAddr,
     tls: Option<&Tls>,
+    threads: usize,
 ) -> anyhow::Result<TwoHops> {
     let kind = if tls.is_some() {
         "haproxy-tls"
     } else {
         "haproxy"
     };
-    let hops = launch_haproxy(kind, dir, service, tls, Mode::Http)?;
+    let hops = launch_haproxy(kind, dir, service, tls, Mode::Http, threads)?;
     wait_ready(kind, &hops, dir).await?;
     Ok(hops)
 }
 
-/// haproxy B and A as [`start_haproxy`] makes them, in `mode`, named `kind`, without waiting
+/// haproxy B and A as [`start_haproxy`] makes them, in `mode` with `threads` threads, named `kind`, without waiting
 /// for them to answer (a TCP service has its own way of saying so).
 pub fn launch_haproxy(
     kind: &str,
@@ -376,12 +383,16 @@ pub fn launch_haproxy(
     service: SocketAddr,
     tls: Option<&Tls>,
     mode: Mode,
+    threads: usize,
 ) -> anyhow::Result<TwoHops> {
     let program = require("haproxy")?;
     let start = |name: &str, listen: u16, upstream: SocketAddr| -> anyhow::Result<Foreign> {
         let config = dir.join(format!("{name}.cfg"));
         let hop = hop_tls(name, tls);
-        std::fs::write(&config, haproxy_config(listen, upstream, hop, mode))?;
+        std::fs::write(
+            &config,
+            haproxy_config(listen, upstream, hop, mode, threads),
+        )?;
         spawn_foreign(
             &program,
             &["-f", config.to_str().context("path")?, "-db"],

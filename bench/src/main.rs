@@ -6,7 +6,7 @@
 //! cargo build --release --workspace
 //! cargo run -p bench --release -- all          # or one: overlay, monitor-memory, lookup, quic,
 //!                                              # side-by-side, stream, cold-start, tiers,
-//!                                              # probes, slow-service, tunnel
+//!                                              # probes, slow-service, tunnel, workers
 //! ```
 
 mod body;
@@ -33,6 +33,7 @@ mod stats;
 mod stream;
 mod tiers;
 mod tunnel;
+mod workers;
 
 use std::path::PathBuf;
 
@@ -89,6 +90,9 @@ enum Scenario {
     /// TCP through l4-proxy and its sidecar, two haproxy in mode tcp and with TLS between
     /// them: throughput, CPU, memory, added latency; UDP datagrams a second and loss.
     Tunnel(tunnel::Args),
+    /// Closed-loop throughput and CPU with one and two worker threads per proxy: ours
+    /// (`--worker-threads`) and haproxy (`nbthread`), nothing pinned.
+    Workers(workers::Args),
     /// The HTTP service behind the proxies (the data-plane scenarios start it themselves).
     #[command(hide = true)]
     Serve(serve::Args),
@@ -118,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Probes(args) => probes::run(args, &mut out).await?,
         Scenario::SlowService(args) => slow_service::run(args, &mut out).await?,
         Scenario::Tunnel(args) => tunnel::run(args, &mut out).await?,
+        Scenario::Workers(args) => workers::run(args, &mut out).await?,
         Scenario::Serve(args) => serve::run(args).await?,
         Scenario::ServeL4(args) => tunnel::serve(args).await?,
     }
@@ -149,7 +154,8 @@ async fn all(quick: bool, out: &mut Report) -> anyhow::Result<()> {
         tiers,
         probes,
         slow_service,
-        tunnel
+        tunnel,
+        workers
     );
     Ok(())
 }

@@ -112,9 +112,9 @@ impl Paths {
                 let tls = foreign::Tls::generate(at)?;
                 let peers = [
                     foreign::start_nginx(at, service, None).await?,
-                    foreign::start_haproxy(at, service, None).await?,
+                    foreign::start_haproxy(at, service, None, 1).await?,
                     foreign::start_nginx(at, service, Some(&tls)).await?,
-                    foreign::start_haproxy(at, service, Some(&tls)).await?,
+                    foreign::start_haproxy(at, service, Some(&tls), 1).await?,
                 ];
                 anyhow::Ok((ours, dir, peers))
             })

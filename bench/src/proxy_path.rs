@@ -109,12 +109,24 @@ pub struct Peaks {
 impl ProxyPath {
     /// Starts every process and waits until a request through the ingress is answered.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// [`ProxyPath::start`] with more `flags` for both proxies.
+    pub async fn start_with(flags: &[&str]) -> anyhow::Result<Self> {
         let lookup = Lookup::with_service(SERVICE).await?;
         let bootstrap = lookup.bootstrap.clone();
 
         let (service_process, service) = serve::start().await?;
-        let sidecar = start_proxy(&bootstrap, &[SERVICE, &service.to_string()]).await?;
-        let ingress = start_proxy(&bootstrap, &[]).await?;
+        let service_arg = service.to_string();
+        let sidecar = start_proxy_with(
+            &bootstrap,
+            flags,
+            &[SERVICE, &service_arg],
+            Extra::default(),
+        )
+        .await?;
+        let ingress = start_proxy_with(&bootstrap, flags, &[], Extra::default()).await?;
         let path = Self {
             service,
             ingress: ingress.ingress,
@@ -182,13 +194,8 @@ pub struct StartedProxy {
 }
 
 /// Starts a proxy on loopback (ingress on a free port; a sidecar with `service` given as
-/// `[SERVICE, ADDR]`) once its data plane is up.
-async fn start_proxy(bootstrap: &str, service: &[&str]) -> anyhow::Result<StartedProxy> {
-    start_proxy_with(bootstrap, &[], service, Extra::default()).await
-}
-
-/// [`start_proxy`] with more `flags` (`--quic-addr` replaces the default, any port) and
-/// `extra` (its logs kept, say).
+/// `[SERVICE, ADDR]`) once its data plane is up, with more `flags` (`--quic-addr` replaces
+/// the default, any port) and `extra` (its logs kept, say).
 pub async fn start_proxy_with(
     bootstrap: &str,
     flags: &[&str],

@@ -288,14 +288,21 @@ impl TunnelPaths {
 
                 let dir = tempfile::tempdir()?;
                 let tls = foreign::Tls::generate(dir.path())?;
-                let haproxy =
-                    foreign::launch_haproxy("haproxy-tcp", dir.path(), service, None, Mode::Tcp)?;
+                let haproxy = foreign::launch_haproxy(
+                    "haproxy-tcp",
+                    dir.path(),
+                    service,
+                    None,
+                    Mode::Tcp,
+                    1,
+                )?;
                 let haproxy_tls = foreign::launch_haproxy(
                     "haproxy-tcp-tls",
                     dir.path(),
                     service,
                     Some(&tls),
                     Mode::Tcp,
+                    1,
                 )?;
                 anyhow::Ok(Self {
                     service,
