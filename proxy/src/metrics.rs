@@ -6,7 +6,7 @@
 
 use std::{
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -14,8 +14,8 @@ use std::{
 
 use http::StatusCode;
 use prometheus::{
-    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry,
     core::{Collector, Desc},
     proto::MetricFamily,
 };
@@ -166,19 +166,14 @@ impl IngressMetrics {
         self.accepted.inc();
     }
 
-    /// A request answered with `status` after `elapsed`.
-    pub fn answered(&self, service: &str, status: StatusCode, elapsed: Duration) {
-        let class = match status.as_u16() / 100 {
-            1 => "1xx",
-            2 => "2xx",
-            3 => "3xx",
-            4 => "4xx",
-            _ => "5xx",
-        };
-        self.requests.with_label_values(&[service, class]).inc();
-        self.latency
-            .with_label_values(&[service])
-            .observe(elapsed.as_secs_f64());
+    /// The request series of `service`, to be kept (by its record) and counted on.
+    pub fn series(&self, service: &str) -> ServiceSeries {
+        ServiceSeries {
+            service: service.to_owned(),
+            requests: self.requests.clone(),
+            classes: Default::default(),
+            latency: self.latency.with_label_values(&[service]),
+        }
     }
 
     pub fn retried(&self, service: &str, taken: bool) {
@@ -196,6 +191,32 @@ impl IngressMetrics {
         self.allocations
             .with_label_values(&[service, reason, outcome])
             .inc();
+    }
+}
+
+/// The request series of one service, looked up once rather than per request: a lookup by
+/// label values hashes them and takes the metric family's lock, which every worker shares.
+#[derive(Debug)]
+pub struct ServiceSeries {
+    service: String,
+    requests: IntCounterVec,
+    /// `requests` of each status class, made on its first request (no series of zeros).
+    classes: [OnceLock<IntCounter>; 5],
+    latency: Histogram,
+}
+
+impl ServiceSeries {
+    /// A request answered with `status` after `elapsed`.
+    pub fn answered(&self, status: StatusCode, elapsed: Duration) {
+        const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.classes[class]
+            .get_or_init(|| {
+                self.requests
+                    .with_label_values(&[self.service.as_str(), CLASSES[class]])
+            })
+            .inc();
+        self.latency.observe(elapsed.as_secs_f64());
     }
 }
 

@@ -171,9 +171,7 @@ async fn one_request(
         Ok(answer) => answer,
         Err(error) => {
             tracing::debug!(%error, "request failed");
-            ingress
-                .metrics
-                .answered(label, error.status(), begin.elapsed());
+            ingress.answered(service.as_deref(), error.status(), begin.elapsed());
             // A body the exchange did not read to its end leaves the connection unusable.
             let next = match next {
                 Next::After(mut back) => match back.try_recv() {
@@ -195,15 +193,13 @@ async fn one_request(
                 service: label.to_owned(),
                 error,
             };
-            ingress
-                .metrics
-                .answered(label, error.status(), begin.elapsed());
+            ingress.answered(service.as_deref(), error.status(), begin.elapsed());
             write_local(write, out, error.status(), &error.to_string(), false).await?;
             return Ok(Next::Close);
         }
     };
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    ingress.metrics.answered(label, status, begin.elapsed());
+    ingress.answered(service.as_deref(), status, begin.elapsed());
     drop(serving);
     if !write_body(write, out, answer, framing).await? || !keep_alive {
         return Ok(Next::Close);
@@ -220,9 +216,7 @@ async fn refuse(
 ) -> std::io::Result<Next> {
     tracing::debug!(%error, "request head refused");
     let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::BAD_REQUEST);
-    ingress
-        .metrics
-        .answered(UNKNOWN_SERVICE, status, std::time::Duration::ZERO);
+    ingress.answered(None, status, std::time::Duration::ZERO);
     write_local(write, out, status, &error.to_string(), false).await?;
     Ok(Next::Close)
 }

@@ -301,9 +301,23 @@ impl Ingress {
                 error.into_response()
             }
         };
-        self.metrics
-            .answered(label, response.status(), begin.elapsed());
+        self.answered(service.as_deref(), response.status(), begin.elapsed());
         response
+    }
+
+    /// Counts a request answered with `status` after `elapsed`, on its service's series (kept
+    /// by the service's record), or on the unknown service's.
+    fn answered(&self, service: Option<&Resolved>, status: http::StatusCode, elapsed: Duration) {
+        match service {
+            Some(service) => service
+                .series
+                .get_or_init(|| self.metrics.series(&service.record.name))
+                .answered(status, elapsed),
+            None => self
+                .metrics
+                .series(UNKNOWN_SERVICE)
+                .answered(status, elapsed),
+        }
     }
 
     /// The answer to an HTTP/2 `request` and the service it was for, if it exists.

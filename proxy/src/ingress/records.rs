@@ -4,7 +4,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -13,7 +13,10 @@ use control::{
     overlay::Node,
 };
 
-use crate::cache::{Read, TtlCache};
+use crate::{
+    cache::{Read, TtlCache},
+    metrics::ServiceSeries,
+};
 
 /// How long an unknown service is remembered as unknown.
 const NEGATIVE_TTL: Duration = Duration::from_secs(5);
@@ -30,12 +33,18 @@ pub struct Resolved {
     pub record: ServiceRecord,
     /// The namespace its instances advertise ([`ServiceRecord::instance_key`]).
     pub key: String,
+    /// Its request series, looked up on its first answered request.
+    pub series: OnceLock<ServiceSeries>,
 }
 
 impl Resolved {
     pub(super) fn new(record: ServiceRecord) -> Arc<Self> {
         let key = record.instance_key();
-        Arc::new(Self { record, key })
+        Arc::new(Self {
+            record,
+            key,
+            series: OnceLock::new(),
+        })
     }
 }
 
