@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     app::Program,
-    ingress::{Ingress, IngressSettings},
+    ingress::{Ingress, IngressSettings, TRY_FLOOR},
     l4::{TunnelMetrics, datagrams::DatagramRouter, front::L4Front, hop::HopRole},
     metrics::{Activity, IngressMetrics, ServiceView},
     sidecar::Sidecar,
@@ -308,6 +308,10 @@ async fn run(
         sidecar
     });
     tokio::spawn(accept_peers(Arc::clone(&quic), sidecar.clone()));
+    tokio::spawn(pace_timers(
+        Arc::clone(&shared.activity),
+        shared.stop.clone(),
+    ));
     let _ = started.send(Ok(Started {
         ingress: Arc::downgrade(&ingress),
         sidecar: sidecar.as_ref().map(Arc::downgrade),
@@ -341,6 +345,31 @@ async fn run(
     for transport in [&quic, &dial] {
         transport.close();
         let _ = tokio::time::timeout(CLOSE, transport.wait_idle()).await;
+    }
+}
+
+/// While requests arrive, a timer of the worker is always due within this: no request's timer
+/// (a per-try timeout, at least [`TRY_FLOOR`]) is armed earlier.
+const PACE: Duration = TRY_FLOOR;
+/// A worker that has served nothing for this long paces at [`IDLE_PACE`] instead.
+const BUSY_FOR: Duration = Duration::from_millis(200);
+const IDLE_PACE: Duration = Duration::from_secs(1);
+
+/// Keeps a timer due within [`PACE`] while requests arrive, so that arming a request's timer
+/// never moves the runtime's next wake-up earlier: Tokio then wakes its own I/O driver (a
+/// write to its eventfd, and an `epoll_wait` that returns at once) even when the timer is
+/// armed on the runtime's own thread (tokio-rs/tokio#5207). The per-try timer of a request
+/// did so on 0.56 requests in 1 at 1000 requests/s; this wakes the worker at most 100 times a
+/// second while it serves, once a second while idle.
+async fn pace_timers(activity: Arc<Activity>, stop: CancellationToken) {
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
+    loop {
+        let busy = activity.idle(std::time::Instant::now()) < BUSY_FOR;
+        tokio::select! {
+            () = tokio::time::sleep(if busy { PACE } else { IDLE_PACE }) => {}
+            () = &mut stopped => return,
+        }
     }
 }
 

@@ -35,7 +35,7 @@ mod tunnel;
 pub use allocation::Reason;
 pub use error::{RequestError, plain};
 pub use front::{ClientBody, ClientBodyError};
-pub use routing::InstanceReport;
+pub use routing::{InstanceReport, TRY_FLOOR};
 pub use tunnel::Tunnel;
 
 use std::{
