@@ -33,6 +33,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
+    pin::Pin,
     sync::{Arc, Weak},
     time::Duration,
 };
@@ -184,7 +185,10 @@ impl Workers {
         for (index, sockets) in sockets.into_iter().enumerate() {
             let (started_tx, started_rx) = oneshot::channel();
             let (done_tx, done_rx) = oneshot::channel();
-            let work = run(index, sockets, shared.clone(), started_tx, done_tx);
+            // Boxed: one type for both ways it is driven (a task here, `block_on` on a
+            // thread), so its code is generated once.
+            let work: Pin<Box<dyn Future<Output = ()> + Send>> =
+                Box::pin(run(index, sockets, shared.clone(), started_tx, done_tx));
             if index == 0 {
                 tokio::spawn(work);
             } else {
