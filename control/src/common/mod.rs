@@ -30,7 +30,7 @@ where
     C: clap::CommandFactory + clap::FromArgMatches,
     F: std::future::Future<Output = anyhow::Result<()>>,
 {
-    main_with(
+    run_binary_with(
         name,
         debug,
         tokio::runtime::Builder::new_multi_thread(),
@@ -38,27 +38,10 @@ where
     )
 }
 
-/// [`run_binary`] with Tokio's current-thread scheduler on the calling thread (no
-/// work-stealing machinery: cross-thread wake-ups, a parked main thread beside the worker),
-/// for a program that starts whatever threads it needs itself (the proxy's workers).
-pub fn run_binary_on_this_thread<C, F>(
-    name: &str,
-    debug: impl FnOnce(&C) -> bool,
-    run: impl FnOnce(C) -> F,
-) -> std::process::ExitCode
-where
-    C: clap::CommandFactory + clap::FromArgMatches,
-    F: std::future::Future<Output = anyhow::Result<()>>,
-{
-    main_with(
-        name,
-        debug,
-        tokio::runtime::Builder::new_current_thread(),
-        run,
-    )
-}
-
-fn main_with<C, F>(
+/// [`run_binary`] on a runtime `builder` makes: `new_current_thread()` for a program that
+/// starts whatever threads it needs itself (the proxy's workers), with no work-stealing
+/// machinery (cross-thread wake-ups, a parked main thread beside the worker).
+pub fn run_binary_with<C, F>(
     name: &str,
     debug: impl FnOnce(&C) -> bool,
     mut builder: tokio::runtime::Builder,

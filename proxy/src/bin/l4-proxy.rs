@@ -1,9 +1,16 @@
 //! `l4-proxy`: layer-4 tunnels and service chains. See `proxy::l4` and `proxy::app`.
 
-use control::common::run_binary_on_this_thread;
+use control::common::run_binary_with;
 use proxy::app;
 
 fn main() -> std::process::ExitCode {
     app::tune_allocator();
-    run_binary_on_this_thread("l4-proxy", |cli: &app::L4Cli| cli.proxy.debug, app::run_l4)
+    // The current-thread scheduler: the proxy starts its workers' threads itself.
+    let runtime = tokio::runtime::Builder::new_current_thread();
+    run_binary_with(
+        "l4-proxy",
+        |cli: &app::L4Cli| cli.proxy.debug,
+        runtime,
+        app::run_l4,
+    )
 }

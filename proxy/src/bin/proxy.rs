@@ -1,9 +1,11 @@
 //! `proxy`: the local ingress and sidecar. See `proxy::app`.
 
-use control::common::run_binary_on_this_thread;
+use control::common::run_binary_with;
 use proxy::app;
 
 fn main() -> std::process::ExitCode {
     app::tune_allocator();
-    run_binary_on_this_thread("proxy", |cli: &app::Cli| cli.debug, app::run)
+    // The current-thread scheduler: the proxy starts its workers' threads itself.
+    let runtime = tokio::runtime::Builder::new_current_thread();
+    run_binary_with("proxy", |cli: &app::Cli| cli.debug, runtime, app::run)
 }
