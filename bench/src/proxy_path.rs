@@ -209,7 +209,7 @@ pub async fn start_proxy_with(
         "--ephemeral",
         "--p2p-listen-addr",
         &listen,
-        "--metrics-addr",
+        "--prom-listen-addr",
         &listen,
     ];
     if !flags.contains(&"--quic-addr") {

@@ -221,7 +221,7 @@ async fn start_l4(
         "--ephemeral",
         "--p2p-listen-addr",
         "127.0.0.1:0",
-        "--metrics-addr",
+        "--prom-listen-addr",
         "127.0.0.1:0",
         "--quic-addr",
         "127.0.0.1:0",

@@ -66,7 +66,7 @@ pub struct Cli {
     #[arg(value_name = "IP:SERVICE_PORT", value_parser = parse_service_addr)]
     pub address: Option<SocketAddr>,
 
-    /// Port of /metrics (the original's fourth argument); --metrics-addr says more.
+    /// Port of /metrics (the original's fourth argument); --prom-listen-addr says more.
     #[arg(value_name = "METRICS_PORT", env = "METRICS_PORT")]
     pub metrics_port: Option<u16>,
 
@@ -99,10 +99,12 @@ pub struct Cli {
     #[arg(long, env = "MTC_QUIC_ADVERTISE_ADDR", value_name = "ADDR")]
     pub quic_advertise_addr: Option<SocketAddr>,
 
-    /// Address of the Prometheus endpoint: IP:PORT or :PORT. [default: :METRICS_PORT if given,
-    /// else :0, printed at start]
-    #[arg(long, env = "MTC_METRICS_ADDR", value_name = "ADDR", value_parser = parse_socket_addr)]
-    pub metrics_addr: Option<SocketAddr>,
+    /// Address of the Prometheus endpoint: IP:PORT or :PORT, as every program's
+    /// (--metrics-addr and MTC_METRICS_ADDR, its old spellings, still work). [default:
+    /// :METRICS_PORT if given, else :0, printed at start]
+    #[arg(long, alias = "metrics-addr", env = "MTC_PROM_LISTEN_ADDR", value_name = "ADDR",
+          value_parser = parse_socket_addr)]
+    pub prom_listen_addr: Option<SocketAddr>,
 
     /// P2P listen address: IP:PORT, :PORT or a TCP multiaddr.
     #[arg(long, env = "MTC_P2P_LISTEN_ADDR", default_value = ":0", value_name = "ADDR",
@@ -196,6 +198,10 @@ fn parse_service_addr(text: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("'{text}' is not a service address: expected IP:SERVICE_PORT"))
 }
 
+/// The environment variable --prom-listen-addr was read from before it had the name every
+/// program uses.
+const OLD_METRICS_ENV: &str = "MTC_METRICS_ADDR";
+
 fn parse_workers(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
         Ok(n @ 1..=1024) => Ok(n),
@@ -252,13 +258,19 @@ impl Cli {
         })
     }
 
-    fn metrics_addr(&self) -> SocketAddr {
-        self.metrics_addr.unwrap_or_else(|| {
-            SocketAddr::new(
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                self.metrics_port.unwrap_or(0),
-            )
-        })
+    /// Where /metrics is served: --prom-listen-addr, else the old MTC_METRICS_ADDR, else
+    /// METRICS_PORT on every interface, else any port.
+    fn metrics_addr(&self) -> anyhow::Result<SocketAddr> {
+        if let Some(addr) = self.prom_listen_addr {
+            return Ok(addr);
+        }
+        if let Ok(text) = std::env::var(OLD_METRICS_ENV) {
+            return parse_socket_addr(&text).map_err(|e| anyhow::anyhow!("{OLD_METRICS_ENV}: {e}"));
+        }
+        Ok(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            self.metrics_port.unwrap_or(0),
+        ))
     }
 }
 
@@ -317,7 +329,7 @@ async fn run_program(cli: Cli, program: Program) -> anyhow::Result<()> {
     config.data_plane = Some(cli.quic_advertise_addr.unwrap_or(quic_addr));
     let keypair = config.keypair.clone();
     let network_key = config.network_key.as_ref().map(|key| *key.key_bytes());
-    let daemon = Daemon::start(config, cli.metrics_addr()).await?;
+    let daemon = Daemon::start(config, cli.metrics_addr()?).await?;
     let node = daemon.node.clone();
     match program {
         Program::Proxy => println!("ingress: http://{ingress_addr}"),

@@ -59,7 +59,7 @@ where
         let line = line_of(&text, key);
         let arg = command
             .get_arguments()
-            .find(|a| a.get_long() == Some(key.as_str()) && a.get_id() != config_id)
+            .find(|a| long_names(a).any(|name| name == key) && a.get_id() != config_id)
             .ok_or_else(|| invalid(format!("line {line}: unknown key '{key}'")))?;
         if from_cli.value_source(arg.get_id().as_str()) == Some(ValueSource::CommandLine) {
             continue;
@@ -159,11 +159,16 @@ pub fn normalize_single_dash(args: Vec<OsString>, command: &clap::Command) -> Ve
         .collect()
 }
 
+/// An argument's long name and its aliases (an old spelling kept working).
+fn long_names(arg: &clap::Arg) -> impl Iterator<Item = &str> {
+    arg.get_long()
+        .into_iter()
+        .chain(arg.get_all_aliases().into_iter().flatten())
+}
+
 fn collect_longs(command: &clap::Command, longs: &mut HashSet<String>) {
     for arg in command.get_arguments() {
-        if let Some(long) = arg.get_long() {
-            longs.insert(long.to_owned());
-        }
+        longs.extend(long_names(arg).map(str::to_owned));
     }
     for sub in command.get_subcommands() {
         collect_longs(sub, longs);
@@ -188,6 +193,8 @@ mod tests {
         verbose: bool,
         #[arg(long, default_value_t = 1)]
         count: u32,
+        #[arg(long = "new-name", alias = "old-name")]
+        renamed: Option<String>,
         port: Option<u16>,
     }
 
@@ -233,6 +240,22 @@ mod tests {
             "-name",
         ]);
         assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn an_old_spelling_kept_as_an_alias_works_everywhere() {
+        for given in [
+            &["--old-name", "x"][..],
+            &["-old-name", "x"],
+            &["-new-name=x"],
+        ] {
+            let cli: Cli = parse_layered(args(given), "config").unwrap();
+            assert_eq!(cli.renamed.as_deref(), Some("x"), "{given:?}");
+        }
+        let file = config_file("old-name = \"from-file\"\n");
+        let path = file.path().to_str().unwrap();
+        let cli: Cli = parse_layered(args(&["--config", path]), "config").unwrap();
+        assert_eq!(cli.renamed.as_deref(), Some("from-file"));
     }
 
     #[test]

@@ -326,7 +326,7 @@ pub fn proxy_args<'a>(boot: &'a str, args: &[&'a str]) -> Vec<&'a str> {
         "--ephemeral",
         "--p2p-listen-addr",
         "127.0.0.1:0",
-        "--metrics-addr",
+        "--prom-listen-addr",
         "127.0.0.1:0",
     ];
     all.extend_from_slice(args);
