@@ -155,9 +155,9 @@ pub struct Cli {
         env = "MTC_WORKER_THREADS",
         default_value_t = 1,
         value_name = "N",
-        value_parser = parse_workers
+        value_parser = clap::value_parser!(u16).range(1..=1024)
     )]
-    pub worker_threads: usize,
+    pub worker_threads: u16,
 
     /// TOML file with any of these flags as keys; flags win over it, it wins over environment
     /// variables.
@@ -201,15 +201,6 @@ fn parse_service_addr(text: &str) -> Result<SocketAddr, String> {
 /// The environment variable --prom-listen-addr was read from before it had the name every
 /// program uses.
 const OLD_METRICS_ENV: &str = "MTC_METRICS_ADDR";
-
-fn parse_workers(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(n @ 1..=1024) => Ok(n),
-        _ => Err(format!(
-            "'{text}' is not a number of workers: expected 1 to 1024"
-        )),
-    }
-}
 
 /// Seconds ("3600", as the original's -rcache-ttl) or a duration with its unit ("1h").
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -309,12 +300,13 @@ async fn run_program(cli: Cli, program: Program) -> anyhow::Result<()> {
         None => PerfConfig::default(),
     };
     // Every worker's sockets, before the data-plane address is advertised (see workers).
+    let worker_threads = usize::from(cli.worker_threads);
     let http_workers = match program {
-        Program::Proxy => cli.worker_threads,
+        Program::Proxy => worker_threads,
         Program::L4Proxy => 1,
     };
     let sockets = workers::bind(
-        cli.worker_threads,
+        worker_threads,
         http_workers,
         SocketAddr::new(cli.listen_ip, cli.port),
         cli.quic_addr(),

@@ -44,7 +44,7 @@ use std::{
     hash::{BuildHasher, RandomState},
     net::SocketAddr,
     pin::pin,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -68,7 +68,7 @@ use crate::{
     config::perf::{Limits, Overrides, PerfConfig},
     forward::{Answer, AttemptError, ConnectError, forward_frame},
     framing::{RequestHead, encode_request_head},
-    metrics::{Activity, IngressMetrics, ServiceView, UNKNOWN_SERVICE},
+    metrics::{Activity, IngressMetrics, ServiceSeries, ServiceView, UNKNOWN_SERVICE},
     retry::{RetryBudget, idempotent},
     rewrite::{forward_request_headers, forward_response_headers, split_target},
     transport::Transport,
@@ -120,6 +120,8 @@ pub struct Ingress {
     records: Arc<Records>,
     services: Arc<Services>,
     metrics: IngressMetrics,
+    /// The series of requests for no known service (bad names, refused heads).
+    unknown_series: OnceLock<ServiceSeries>,
     activity: Arc<Activity>,
     retries: RetryBudget,
 }
@@ -244,6 +246,7 @@ impl Ingress {
             transport,
             settings,
             metrics,
+            unknown_series: OnceLock::new(),
             activity,
             retries: RetryBudget::default(),
         })
@@ -314,8 +317,8 @@ impl Ingress {
                 .get_or_init(|| self.metrics.series(&service.record.name))
                 .answered(status, elapsed),
             None => self
-                .metrics
-                .series(UNKNOWN_SERVICE)
+                .unknown_series
+                .get_or_init(|| self.metrics.series(UNKNOWN_SERVICE))
                 .answered(status, elapsed),
         }
     }
