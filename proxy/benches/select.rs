@@ -7,7 +7,7 @@ use std::{
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use proxy::{
-    config::perf::{DEFAULT_LIMITS, Policy},
+    config::perf::{DEFAULT_LIMITS, Policy, Tuning},
     select::Chooser,
 };
 
@@ -16,7 +16,10 @@ fn choose(c: &mut Criterion) {
     let mut group = c.benchmark_group("choose");
     for policy in [Policy::RttHistogram, Policy::PeakEwma, Policy::RoundRobin] {
         for instances in [3usize, 20] {
-            let mut chooser = Chooser::new(policy);
+            let mut chooser = Chooser::new(Tuning {
+                policy,
+                ..Tuning::DEFAULT
+            });
             for i in 0..instances {
                 chooser.add(i, now);
                 for s in 0..50 {

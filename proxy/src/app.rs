@@ -39,7 +39,7 @@ use libp2p::Multiaddr;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::perf::PerfConfig,
+    config::live::LivePerf,
     ingress::IngressSettings,
     l4::TunnelMetrics,
     metrics::{Activity, IngressMetrics, LiveCollector, SidecarCollector, SidecarView},
@@ -75,10 +75,16 @@ pub struct Cli {
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
 
-    /// perf.conf: RTT limits and the choice policy (TOML, or the original's JSON). Built-in
-    /// defaults (those of the repository's perf.conf) without it.
+    /// perf.conf: RTT limits and the tuning of choosing, probing, ejection and retries
+    /// (TOML, or the original's JSON). Built-in defaults (those of the repository's perf.conf)
+    /// without it. Read again on SIGHUP and when it changes.
     #[arg(long, env = "MTC_PERF_CONF", value_name = "FILE")]
     pub configfile: Option<PathBuf>,
+
+    /// How often perf.conf is checked for changes; 0s: only on SIGHUP.
+    #[arg(long, env = "MTC_PERF_POLL", default_value = "1s", value_name = "DURATION",
+          value_parser = parse_duration)]
+    pub perf_poll: Duration,
 
     /// IP the ingress listens on.
     #[arg(
@@ -295,10 +301,11 @@ pub async fn run_l4(cli: L4Cli) -> anyhow::Result<()> {
 
 async fn run_program(cli: Cli, program: Program) -> anyhow::Result<()> {
     let service_addr = cli.service_addr()?;
-    let perf = match &cli.configfile {
-        Some(path) => PerfConfig::load(path)?,
-        None => PerfConfig::default(),
-    };
+    let perf = LivePerf::load(cli.configfile.as_deref())?;
+    let stop = CancellationToken::new();
+    // At once: from here on a SIGHUP reloads perf.conf rather than ends the process.
+    perf.watch(cli.perf_poll, stop.clone())
+        .context("cannot watch for SIGHUP")?;
     // Every worker's sockets, before the data-plane address is advertised (see workers).
     let worker_threads = usize::from(cli.worker_threads);
     let http_workers = match program {
@@ -343,7 +350,7 @@ async fn run_program(cli: Cli, program: Program) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let stop = CancellationToken::new();
+    perf.register(&daemon.registry)?;
     let workers = Workers::start(
         sockets,
         Shared {

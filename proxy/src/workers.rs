@@ -47,7 +47,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     app::Program,
-    ingress::{Ingress, IngressSettings, TRY_FLOOR},
+    config::perf::Tuning,
+    ingress::{Ingress, IngressSettings},
     l4::{TunnelMetrics, datagrams::DatagramRouter, front::L4Front, hop::HopRole},
     metrics::{Activity, IngressMetrics, ServiceView},
     sidecar::Sidecar,
@@ -353,8 +354,8 @@ async fn run(
 }
 
 /// While requests arrive, a timer of the worker is always due within this: no request's timer
-/// (a per-try timeout, at least [`TRY_FLOOR`]) is armed earlier.
-const PACE: Duration = TRY_FLOOR;
+/// (a per-try timeout, at least perf.conf's `try-floor`, 10 ms by default) is armed earlier.
+const PACE: Duration = Tuning::DEFAULT.try_floor;
 /// A worker that has served nothing for this long paces at [`IDLE_PACE`] instead.
 const BUSY_FOR: Duration = Duration::from_millis(200);
 const IDLE_PACE: Duration = Duration::from_secs(1);

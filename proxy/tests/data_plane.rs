@@ -700,6 +700,122 @@ async fn the_near_instance_gets_the_traffic_and_traffic_follows_a_change_of_path
     );
 }
 
+/// The share of `n` requests through `ingress` answered by instance `tag` (a failure is
+/// nobody's).
+async fn share_of(ingress: &str, tag: &str, n: usize) -> f64 {
+    let mut hits = 0;
+    for _ in 0..n {
+        let (status, text) = get(ingress, "/tuned/tag").await;
+        if status == StatusCode::OK && text == tag {
+            hits += 1;
+        }
+    }
+    hits as f64 / n as f64
+}
+
+async fn reloads(proxy: &Proxy, result: &str) -> f64 {
+    let text = metrics_of(proxy).await;
+    metric(
+        &text,
+        &format!("proxy_config_reloads_total{{result=\"{result}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+/// Issue 15: perf.conf changed under running ingresses, by a file edit (polled) and by SIGHUP:
+/// traffic follows the new policy and limits with no restart; an invalid edit is refused
+/// and counted while traffic goes on as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn perf_conf_edited_under_a_running_ingress_takes_effect_and_a_bad_edit_is_refused() {
+    let network = Network::start().await;
+    network.register("tuned", Limits::default()).await;
+    let (a, b) = (test_service("near").await, test_service("far").await);
+    let mut keep = Vec::new();
+    for (upstream, one_way) in [(a, Duration::ZERO), (b, Duration::from_millis(10))] {
+        keep.push(sidecar_behind_relay(&network, "tuned", upstream, one_way).await);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let perf = dir.path().join("perf.conf");
+    std::fs::write(&perf, "[defaults]\npolicy = \"round-robin\"\n").unwrap();
+    let perf_arg = perf.to_str().unwrap();
+    let polled = ingress(
+        &network,
+        &["--configfile", perf_arg, "--perf-poll", "100ms"],
+    )
+    .await;
+    wait_for_ok(&polled.ingress, "/tuned/tag").await;
+    wait_for_instances(&polled, "tuned", 2).await;
+    let far = 1.0 - share_of(&polled.ingress, "near", 100).await;
+    assert!(far >= 0.3, "round robin sent {far:.2} to the far instance");
+
+    // An edit: the RTT policy, and the near instance gets the traffic, RTTs already known.
+    std::fs::write(&perf, "[defaults]\npolicy = \"rtt-histogram\"\n").unwrap();
+    wait_until("the edit applied", DEADLINE, || async {
+        reloads(&polled, "applied").await >= 1.0
+    })
+    .await;
+    let near = share_of(&polled.ingress, "near", 100).await;
+    assert!(
+        near >= 0.95,
+        "after the edit the near instance got {near:.2}"
+    );
+
+    // An invalid edit: refused, counted; the RTT policy stays.
+    std::fs::write(
+        &perf,
+        "[defaults]\npolicy = \"rtt-histogram\"\nprobe-interval = \"0s\"\n",
+    )
+    .unwrap();
+    wait_until("the bad edit counted", DEADLINE, || async {
+        reloads(&polled, "invalid").await >= 1.0
+    })
+    .await;
+    let near = share_of(&polled.ingress, "near", 100).await;
+    assert!(
+        near >= 0.95,
+        "after the bad edit the near instance got {near:.2}"
+    );
+    assert_eq!(reloads(&polled, "applied").await, 1.0);
+
+    // SIGHUP, with polling off: limits no instance meets leave no instance to use.
+    let perf = dir.path().join("perf-hup.conf");
+    std::fs::write(&perf, "[defaults]\n").unwrap();
+    let perf_arg = perf.to_str().unwrap();
+    let hup = ingress(
+        &network,
+        &[
+            "--configfile",
+            perf_arg,
+            "--perf-poll",
+            "0s",
+            "--instance-wait",
+            "1s",
+        ],
+    )
+    .await;
+    wait_for_ok(&hup.ingress, "/tuned/tag").await;
+    std::fs::write(
+        &perf,
+        "[defaults]\nsoft-rtt = \"1us\"\nhard-rtt = \"1us\"\n",
+    )
+    .unwrap();
+    signal(&hup, "-HUP");
+    wait_until("the SIGHUP applied", DEADLINE, || async {
+        reloads(&hup, "applied").await >= 1.0
+    })
+    .await;
+    let (status, text) = get(&hup.ingress, "/tuned/tag").await;
+    assert!(
+        status.is_server_error(),
+        "no instance is within 1us, yet: {status} {text}"
+    );
+    // And back: served again, by the same running process.
+    std::fs::write(&perf, "[defaults]\n").unwrap();
+    signal(&hup, "-HUP");
+    wait_for_ok(&hup.ingress, "/tuned/tag").await;
+    assert_eq!(reloads(&hup, "applied").await, 2.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_an_instance_under_load_loses_no_idempotent_request() {
     let network = Network::start().await;

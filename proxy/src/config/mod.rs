@@ -1,3 +1,4 @@
 //! The proxy's configuration file.
 
+pub mod live;
 pub mod perf;

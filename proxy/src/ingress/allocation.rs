@@ -16,12 +16,8 @@ use control::{
 use futures::StreamExt;
 use libp2p::PeerId;
 
-/// After an allocation for a service with no instance ended, the next may start this much
-/// later.
-pub const RETRY_NONE: Duration = Duration::from_secs(2);
-/// After an allocation for a nearer instance, the next one may start this much later: a
-/// nearer instance takes a moment to be measured as such.
-pub const RETRY_NEARER: Duration = Duration::from_secs(30);
+use crate::config::perf::Tuning;
+
 /// How long allocators are searched for on the overlay.
 const FIND_ALLOCATORS: Duration = Duration::from_secs(3);
 
@@ -43,10 +39,12 @@ impl Reason {
         }
     }
 
-    fn cool_down(&self) -> Duration {
+    /// `allocation-retry` after one for a service with none, `nearer-retry` after one for a
+    /// nearer instance.
+    fn cool_down(&self, tuning: &Tuning) -> Duration {
         match self {
-            Self::NoInstance => RETRY_NONE,
-            Self::Nearer(_) => RETRY_NEARER,
+            Self::NoInstance => tuning.allocation_retry,
+            Self::Nearer(_) => tuning.nearer_retry,
         }
     }
 }
@@ -95,14 +93,14 @@ pub struct AllocationState {
 }
 
 impl AllocationState {
-    pub fn begin(&mut self, reason: Reason, now: Instant) -> Begin {
+    pub fn begin(&mut self, reason: Reason, tuning: &Tuning, now: Instant) -> Begin {
         if self.running {
             return Begin::Running;
         }
         if let Some((ended, last_reason, failure)) = &self.last {
             // A nearer-instance request never holds back one for a service with none.
             let same_kind = last_reason.label() == reason.label();
-            if same_kind && now.saturating_duration_since(*ended) < reason.cool_down() {
+            if same_kind && now.saturating_duration_since(*ended) < reason.cool_down(tuning) {
                 match (failure, reason) {
                     (Some(failure), _) => return Begin::Failed(failure.clone()),
                     (None, Reason::Nearer(_)) => return Begin::Recent,
@@ -205,31 +203,35 @@ async fn rtt_to(node: &Node, peer: PeerId) -> Option<Duration> {
 mod tests {
     use super::*;
 
+    const T: Tuning = Tuning::DEFAULT;
+    const RETRY_NONE: Duration = T.allocation_retry;
+    const RETRY_NEARER: Duration = T.nearer_retry;
+
     #[test]
     fn one_allocation_at_a_time_and_a_cool_down_after_each() {
         let t0 = Instant::now();
         let mut state = AllocationState::default();
-        assert_eq!(state.begin(Reason::NoInstance, t0), Begin::Start);
-        assert_eq!(state.begin(Reason::NoInstance, t0), Begin::Running);
+        assert_eq!(state.begin(Reason::NoInstance, &T, t0), Begin::Start);
+        assert_eq!(state.begin(Reason::NoInstance, &T, t0), Begin::Running);
         assert_eq!(
-            state.begin(Reason::Nearer(Duration::from_millis(30)), t0),
+            state.begin(Reason::Nearer(Duration::from_millis(30)), &T, t0),
             Begin::Running
         );
         state.end(Reason::NoInstance, Err(AllocationError::NoAllocator), t0);
         assert_eq!(
-            state.begin(Reason::NoInstance, t0 + Duration::from_millis(10)),
+            state.begin(Reason::NoInstance, &T, t0 + Duration::from_millis(10)),
             Begin::Failed(AllocationError::NoAllocator)
         );
         assert_eq!(state.failure_since(t0), Some(&AllocationError::NoAllocator));
         assert_eq!(state.failure_since(t0 + Duration::from_millis(1)), None);
         assert_eq!(
-            state.begin(Reason::NoInstance, t0 + RETRY_NONE),
+            state.begin(Reason::NoInstance, &T, t0 + RETRY_NONE),
             Begin::Start
         );
         state.end(Reason::NoInstance, Ok(()), t0 + RETRY_NONE);
         // A success holds nothing back: with no instance again, another is asked for at once.
         assert_eq!(
-            state.begin(Reason::NoInstance, t0 + RETRY_NONE),
+            state.begin(Reason::NoInstance, &T, t0 + RETRY_NONE),
             Begin::Start
         );
     }
@@ -239,11 +241,11 @@ mod tests {
         let t0 = Instant::now();
         let nearer = Reason::Nearer(Duration::from_millis(40));
         let mut state = AllocationState::default();
-        assert_eq!(state.begin(nearer, t0), Begin::Start);
+        assert_eq!(state.begin(nearer, &T, t0), Begin::Start);
         state.end(nearer, Ok(()), t0);
-        assert_eq!(state.begin(nearer, t0 + RETRY_NONE), Begin::Recent);
-        assert_eq!(state.begin(Reason::NoInstance, t0), Begin::Start);
+        assert_eq!(state.begin(nearer, &T, t0 + RETRY_NONE), Begin::Recent);
+        assert_eq!(state.begin(Reason::NoInstance, &T, t0), Begin::Start);
         state.end(Reason::NoInstance, Ok(()), t0);
-        assert_eq!(state.begin(nearer, t0 + RETRY_NEARER), Begin::Start);
+        assert_eq!(state.begin(nearer, &T, t0 + RETRY_NEARER), Begin::Start);
     }
 }

@@ -3,7 +3,9 @@
 //! the lock is released: probes, discoveries and allocations as tasks of their own, wake-ups
 //! through the service's [`Notify`], checking a silent instance's connection and closing a
 //! dead one's. A ticker calls every core a few times a second so that probes and refreshes
-//! happen without requests.
+//! happen without requests, and retunes every core when perf.conf was reloaded
+//! ([`crate::config::live`]): each service gets its new limits and tuning in place, its RTT
+//! history and instances kept.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -21,12 +23,16 @@ use tokio_util::sync::CancellationToken;
 use super::{
     allocation::{AllocationError, Reason, ask_allocators},
     records::Resolved,
-    routing::{Action, PROBE_TIMEOUT, ServiceCore},
+    routing::{Action, ServiceCore},
 };
 use crate::{
-    config::perf::Policy,
+    config::{
+        live::LivePerf,
+        perf::{Overrides, PerfConfig, ServiceSettings},
+    },
     forward::probe,
     metrics::{IngressMetrics, ServiceView},
+    retry::RetryBudget,
     transport::Transport,
 };
 
@@ -41,15 +47,37 @@ struct Entry {
     changed: Arc<Notify>,
 }
 
+/// How `service` is routed under `config`: its record's limits win over perf.conf's.
+fn settings_of(config: &PerfConfig, service: &Resolved) -> ServiceSettings {
+    let record = &service.record;
+    config.service(
+        &record.name,
+        Overrides {
+            soft_rtt: record.limits.soft_rtt,
+            hard_rtt: record.limits.hard_rtt,
+        },
+    )
+}
+
+/// Every service's core, and the configuration they were tuned with.
+struct Table {
+    entries: HashMap<String, Entry>,
+    config: Arc<PerfConfig>,
+    /// [`LivePerf::generation`] of `config`.
+    generation: u64,
+}
+
 pub(super) struct Services {
     node: Node,
     transport: Arc<Transport>,
     metrics: IngressMetrics,
-    policy: Policy,
+    perf: Arc<LivePerf>,
+    /// The ingress's retry budget, retuned with the rest.
+    retries: Arc<RetryBudget>,
     max_waiting: usize,
     /// How long an allocated instance may take to appear on the overlay.
     instance_wait: Duration,
-    by_key: Mutex<HashMap<String, Entry>>,
+    table: Mutex<Table>,
     /// Peers that closed their connection to this proxy (taken by the ticker).
     closes: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<PeerId>>>,
 }
@@ -66,25 +94,50 @@ impl Services {
         node: Node,
         transport: Arc<Transport>,
         metrics: IngressMetrics,
-        policy: Policy,
+        perf: Arc<LivePerf>,
+        retries: Arc<RetryBudget>,
         max_waiting: usize,
         instance_wait: Duration,
     ) -> Arc<Self> {
         let closes = Mutex::new(Some(transport.watch_closes()));
+        let (generation, config) = perf.current();
+        retries.retune(config.budget);
         Arc::new(Self {
             closes,
             node,
             transport,
             metrics,
-            policy,
+            perf,
+            retries,
             max_waiting,
             instance_wait,
-            by_key: Mutex::default(),
+            table: Mutex::new(Table {
+                entries: HashMap::new(),
+                config,
+                generation,
+            }),
         })
     }
 
-    fn all(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
-        self.by_key.lock().unwrap_or_else(|p| p.into_inner())
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Retunes every core if perf.conf was reloaded since they were tuned: at each choice
+    /// and tick, so a reload applies from the next request on (one atomic load when
+    /// nothing changed).
+    fn follow_reloads(&self, table: &mut Table) {
+        if self.perf.generation() == table.generation {
+            return;
+        }
+        let now = Instant::now();
+        let (generation, config) = self.perf.current();
+        for entry in table.entries.values_mut() {
+            entry.core.retune(settings_of(&config, &entry.service), now);
+        }
+        self.retries.retune(config.budget);
+        table.config = config;
+        table.generation = generation;
     }
 
     /// Calls `f` on the core of `service` (created if new) with a list for its actions, which
@@ -97,16 +150,27 @@ impl Services {
     ) -> (T, Arc<Notify>) {
         let mut actions = Vec::new();
         let (value, changed) = {
-            let mut all = self.all();
+            let mut table = self.table();
+            self.follow_reloads(&mut table);
+            let Table {
+                entries, config, ..
+            } = &mut *table;
             // Looked up first: the key is only copied when the service is new.
-            let entry = match all.get_mut(&service.key) {
+            let entry = match entries.get_mut(&service.key) {
                 Some(entry) => entry,
-                None => all.entry(service.key.clone()).or_insert_with(|| Entry {
+                None => entries.entry(service.key.clone()).or_insert_with(|| Entry {
                     service: Arc::clone(service),
-                    core: ServiceCore::new(self.policy, self.max_waiting),
+                    core: ServiceCore::new(settings_of(config, service), self.max_waiting),
                     changed: Arc::new(Notify::new()),
                 }),
             };
+            // A record fetched again may carry other limits.
+            if !Arc::ptr_eq(&entry.service, service) {
+                entry.service = Arc::clone(service);
+                entry
+                    .core
+                    .retune(settings_of(config, service), Instant::now());
+            }
             (f(&mut entry.core, &mut actions), Arc::clone(&entry.changed))
         };
         if !actions.is_empty() {
@@ -127,8 +191,8 @@ impl Services {
         f: impl FnOnce(&mut ServiceCore<PeerId>, &mut Vec<Action<PeerId>>),
     ) {
         let todo = {
-            let mut all = self.all();
-            let Some(entry) = all.get_mut(key) else {
+            let mut table = self.table();
+            let Some(entry) = table.entries.get_mut(key) else {
                 return;
             };
             let mut actions = Vec::new();
@@ -158,8 +222,10 @@ impl Services {
                 _ = stop.cancelled() => return,
             };
             let now = Instant::now();
-            let todos: Vec<Todo> = self
-                .all()
+            let mut table = self.table();
+            self.follow_reloads(&mut table);
+            let todos: Vec<Todo> = table
+                .entries
                 .iter_mut()
                 .filter_map(|(key, entry)| {
                     let mut actions = Vec::new();
@@ -179,6 +245,7 @@ impl Services {
                     })
                 })
                 .collect();
+            drop(table);
             for todo in todos {
                 self.perform(todo);
             }
@@ -229,7 +296,15 @@ impl Services {
     }
 
     async fn probe(self: Arc<Self>, key: String, peer: PeerId, addr: SocketAddr) {
-        let result = tokio::time::timeout(PROBE_TIMEOUT, async {
+        let Some(timeout) = self
+            .table()
+            .entries
+            .get(&key)
+            .map(|entry| entry.core.settings().tuning.probe_timeout)
+        else {
+            return;
+        };
+        let result = tokio::time::timeout(timeout, async {
             let connection = self
                 .transport
                 .connect(peer, addr)
@@ -263,7 +338,8 @@ impl Services {
     /// listed is what this is about; whether it answers is the probes' business.
     async fn discover(&self, key: &str) -> Vec<(PeerId, SocketAddr)> {
         let known: HashMap<PeerId, SocketAddr> = self
-            .all()
+            .table()
+            .entries
             .get(key)
             .map(|entry| entry.core.addresses().collect())
             .unwrap_or_default();
@@ -316,7 +392,7 @@ impl Services {
     /// Asks allocators for an instance of the service and looks for it until it appears on
     /// the overlay; then tells the core how it went.
     async fn allocate(self: Arc<Self>, key: String, reason: Reason) {
-        let Some((service, before)) = self.all().get(&key).map(|entry| {
+        let Some((service, before)) = self.table().entries.get(&key).map(|entry| {
             let known: HashSet<PeerId> = entry.core.known().copied().collect();
             (Arc::clone(&entry.service), known)
         }) else {
@@ -377,7 +453,8 @@ impl Services {
     /// Every service and its instances, for metrics.
     pub(super) fn view(&self) -> Vec<ServiceView> {
         let now = Instant::now();
-        self.all()
+        self.table()
+            .entries
             .values_mut()
             .map(|entry| ServiceView {
                 service: entry.service.record.name.clone(),

@@ -35,7 +35,7 @@ mod tunnel;
 pub use allocation::Reason;
 pub use error::{RequestError, plain};
 pub use front::{ClientBody, ClientBodyError};
-pub use routing::{InstanceReport, TRY_FLOOR};
+pub use routing::InstanceReport;
 pub use tunnel::Tunnel;
 
 use std::{
@@ -65,7 +65,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::perf::{Limits, Overrides, PerfConfig},
+    config::live::LivePerf,
     forward::{Answer, AttemptError, ConnectError, forward_frame},
     framing::{RequestHead, encode_request_head},
     metrics::{Activity, IngressMetrics, ServiceSeries, ServiceView, UNKNOWN_SERVICE},
@@ -87,7 +87,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// How the ingress behaves; the proxy's flags set it.
 #[derive(Debug, Clone)]
 pub struct IngressSettings {
-    pub perf: PerfConfig,
+    /// perf.conf, followed as it is reloaded.
+    pub perf: Arc<LivePerf>,
     /// How long a resolved service record is used before it is asked for again.
     pub record_ttl: Duration,
     /// How long a request waits for an instance of a service that has none.
@@ -104,7 +105,7 @@ pub struct IngressSettings {
 impl Default for IngressSettings {
     fn default() -> Self {
         Self {
-            perf: PerfConfig::default(),
+            perf: Arc::default(),
             record_ttl: Duration::from_secs(3600),
             instance_wait: Duration::from_secs(15),
             max_waiting: 1024,
@@ -123,7 +124,7 @@ pub struct Ingress {
     /// The series of requests for no known service (bad names, refused heads).
     unknown_series: OnceLock<ServiceSeries>,
     activity: Arc<Activity>,
-    retries: RetryBudget,
+    retries: Arc<RetryBudget>,
 }
 
 thread_local! {
@@ -233,13 +234,15 @@ impl Ingress {
         metrics: IngressMetrics,
         activity: Arc<Activity>,
     ) -> Arc<Self> {
+        let retries = Arc::new(RetryBudget::default());
         Arc::new(Self {
             records: Records::new(node.clone(), settings.record_ttl),
             services: Services::new(
                 node,
                 Arc::clone(&transport),
                 metrics.clone(),
-                settings.perf.policy,
+                Arc::clone(&settings.perf),
+                Arc::clone(&retries),
                 settings.max_waiting,
                 settings.instance_wait,
             ),
@@ -248,7 +251,7 @@ impl Ingress {
             metrics,
             unknown_series: OnceLock::new(),
             activity,
-            retries: RetryBudget::default(),
+            retries,
         })
     }
 
@@ -379,17 +382,6 @@ impl Ingress {
         }
     }
 
-    fn limits(&self, service: &Resolved) -> Limits {
-        let record = &service.record;
-        self.settings.perf.limits_for(
-            &record.name,
-            Overrides {
-                soft_rtt: record.limits.soft_rtt,
-                hard_rtt: record.limits.hard_rtt,
-            },
-        )
-    }
-
     /// Sends a request to an instance of `service`, and again elsewhere when that is safe (see
     /// the module doc), as long as the retry budget lasts.
     async fn send<B: ClientBodyType>(
@@ -404,11 +396,10 @@ impl Ingress {
         // while what it carries is still here.
         let mut body = had_body.then_some(body);
         let arrived = Instant::now();
-        let limits = self.limits(service);
         let name = &service.record.name;
         let mut avoid = None;
         loop {
-            let (peer, addr, try_timeout) = self.pick(service, arrived, limits, avoid).await?;
+            let (peer, addr, try_timeout) = self.pick(service, arrived, avoid).await?;
             let mut attempt = Attempt::begin(&self.services, service, peer);
             let result = match self.connection(peer, addr).await {
                 Err(reason) => {
@@ -416,16 +407,8 @@ impl Ingress {
                     Err((peer, reason.into()))
                 }
                 Ok(connection) if replayable => {
-                    self.hedged(
-                        service,
-                        limits,
-                        arrived,
-                        attempt,
-                        connection,
-                        &head,
-                        try_timeout,
-                    )
-                    .await
+                    self.hedged(service, arrived, attempt, connection, &head, try_timeout)
+                        .await
                 }
                 Ok(connection) => {
                     let sent = match body.take() {
@@ -472,7 +455,6 @@ impl Ingress {
     async fn hedged(
         self: &Arc<Self>,
         service: &Arc<Resolved>,
-        limits: Limits,
         arrived: Instant,
         attempt: Attempt,
         connection: Connection,
@@ -491,14 +473,7 @@ impl Ingress {
         let other = self
             .services
             .with(service, |core, actions| {
-                core.choose(
-                    Instant::now(),
-                    arrived,
-                    limits,
-                    random_below,
-                    Some(&peer),
-                    actions,
-                )
+                core.choose(Instant::now(), arrived, random_below, Some(&peer), actions)
             })
             .0;
         let (other, addr) = match other {
@@ -541,7 +516,6 @@ impl Ingress {
         self: &Arc<Self>,
         service: &Arc<Resolved>,
         arrived: Instant,
-        limits: Limits,
         avoid: Option<PeerId>,
     ) -> Result<(PeerId, SocketAddr, Duration), RequestError> {
         let name = &service.record.name;
@@ -561,7 +535,6 @@ impl Ingress {
                 let choice = core.choose(
                     Instant::now(),
                     arrived,
-                    limits,
                     random_below,
                     avoid.as_ref(),
                     actions,

@@ -26,34 +26,34 @@
 //!    a sidecar on a loaded machine, takes to answer is kept apart per instance (for metrics
 //!    and per-try timeouts) and never makes the ingress ask for a nearer instance.
 //! 2. **Verified before used.** A new instance, and every instance after the service was quiet
-//!    for [`QUIET`], is held out of the choice until a probe answers that its service is
+//!    for `in-use-window`, is held out of the choice until a probe answers that its service is
 //!    serving; requests wait for that (a round trip) rather than go to an instance that may be
 //!    gone. A first probe that times out does not end the wait: the instance's connection is
 //!    checked, and one whose QUIC stack answers (alive, on a loaded machine) is probed again
-//!    and waited for, up to [`VERIFY_PATIENCE`] from when it was found; one with no connection
+//!    and waited for, up to `verify-patience` from when it was found; one with no connection
 //!    once its probe failed, or a silent one, is not waited for. An instance whose sidecar
 //!    says its service is down (a probe, or a refused request) is held out until a probe says
 //!    it serves again. So is one that closed its connection (it shut down, as when culled),
 //!    and no request waits for it: with nothing else, an allocation starts at once.
 //! 3. **No request left on a stalled instance.** Each attempt gets a per-try timeout:
-//!    [`TRY_FACTOR`] times the p99 of the instance's own recent request times, at least
-//!    [`TRY_FLOOR`]. An attempt past it makes the instance's RTT estimate at least the
+//!    `try-factor` times the p99 of the instance's own recent request times, at least
+//!    `try-floor`. An attempt past it makes the instance's RTT estimate at least the
 //!    attempt's age (the chooser's unanswered-exchange bound) and gets the instance probed at
 //!    once; the driver then sends an idempotent request a second time elsewhere (a hedge,
 //!    within the retry budget) and takes the first answer. An instance that has not answered
 //!    anything it was asked (a probe, which its sidecar answers without its service, or an
 //!    overdue request since it became overdue) for the service's hard limit, at least
-//!    [`DEAD_FLOOR`], has its connection checked for silence ([`Action::CheckSilent`]: the
+//!    `dead-floor`, has its connection checked for silence ([`Action::CheckSilent`]: the
 //!    driver elicits an acknowledgement from the peer's QUIC stack). If nothing comes back it
 //!    is declared dead: ejected, and its connection closed so that requests on it fail at
 //!    once rather than after the QUIC idle timeout. If its transport answers, its sidecar is
 //!    alive but busy: it keeps its connection and what is under way on it.
 //! 4. **Probes cost nothing where traffic measures.** An instance is probed only when nothing
-//!    answered from it for [`PROBE_INTERVAL`] and no request to it is under way (unless one
-//!    is overdue), while the service is in use ([`QUIET`]). An
+//!    answered from it for `probe-interval` and no request to it is under way (unless one
+//!    is overdue), while the service is in use (`in-use-window`). An
 //!    instance that keeps answering probes but gets no traffic is probed less and less often,
-//!    up to [`PROBE_IDLE_MAX`]; one that does not answer is probed every
-//!    [`PROBE_INTERVAL`] after its probe times out, so a thawed instance is back within about
+//!    up to `probe-idle-max`; one that does not answer is probed every
+//!    `probe-interval` after its probe times out, so a thawed instance is back within about
 //!    a second.
 //! 5. **Allocation.** With no usable instance, one allocation is asked for (and requests wait
 //!    for it, at most `max_waiting` of them); when the best instance is over the soft limit,
@@ -74,42 +74,12 @@ use control::rtt::{RttWindow, WindowShape};
 
 use super::allocation::{AllocationError, AllocationState, Begin, Reason};
 use crate::{
-    config::perf::{DEFAULT_LIMITS, Limits, Policy},
+    config::perf::{Limits, ServiceSettings, Tuning},
     framing::Health,
     select::{Chooser, InstanceView},
     transport::Silence,
 };
 
-/// An instance that answered nothing for this long is probed (if the service is in use).
-pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
-/// Longest interval between probes of an instance that answers them but gets no traffic.
-pub const PROBE_IDLE_MAX: Duration = Duration::from_secs(4);
-/// A probe not answered within this failed.
-pub const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
-/// Longest wait for a new instance's first answer while its transport answers (see rule 2).
-pub const VERIFY_PATIENCE: Duration = Duration::from_secs(2);
-/// An instance that answered nothing (probe or overdue request) for the service's hard limit,
-/// at least this, is suspected dead: its connection is checked for silence (see
-/// [`Action::CheckSilent`]) before it is declared dead. The check, not this, is what keeps a
-/// live instance's connection open: a loaded machine delays a sidecar's answers by hundreds of
-/// milliseconds, but its QUIC stack keeps acknowledging (closing on answers alone, after 200
-/// ms, cut off a 16 MiB upload in the test suite).
-pub const DEAD_FLOOR: Duration = Duration::from_millis(100);
-/// A service that served no request for this long is quiet: its instances are not probed,
-/// and are verified again before its next request.
-pub const QUIET: Duration = Duration::from_secs(30);
-/// How often the instances of a service in use are looked for again.
-pub const REFRESH: Duration = Duration::from_secs(10);
-/// With no instance known, how soon the instances are looked for again.
-pub const EMPTY_RETRY: Duration = Duration::from_secs(1);
-/// Per-try timeout: this many times the p99 of the instance's request times...
-pub const TRY_FACTOR: u32 = 2;
-/// ...but never less than this. The requests a freeze catches wait this long before they are
-/// sent elsewhere too (at 25 ms, those of a frozen edge instance set `bench tiers`' p99.9);
-/// a request that merely runs late past it is sent twice, within the retry budget...
-pub const TRY_FLOOR: Duration = Duration::from_millis(10);
-/// ...and this before the instance has answered any request.
-pub const TRY_UNKNOWN: Duration = Duration::from_secs(1);
 /// Request times (network and service) kept per instance for its per-try timeout and its
 /// service time: ten seconds in five slices.
 const TIMES_WINDOW: WindowShape = WindowShape {
@@ -122,7 +92,7 @@ const TIMEOUT_REFRESH: Duration = Duration::from_millis(100);
 /// What the driver does for the core.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action<K> {
-    /// Probe this instance (within [`PROBE_TIMEOUT`]) and report with
+    /// Probe this instance (within `probe-timeout`) and report with
     /// [`ServiceCore::probed`].
     Probe(K, SocketAddr),
     /// Look for the service's instances and report with [`ServiceCore::discovered`].
@@ -249,7 +219,7 @@ struct Instance {
 }
 
 impl Instance {
-    fn new(addr: SocketAddr, now: Instant) -> Self {
+    fn new(addr: SocketAddr, tuning: &Tuning, now: Instant) -> Self {
         Self {
             addr,
             answered: None,
@@ -257,9 +227,9 @@ impl Instance {
             probing: false,
             in_flight: 0,
             next_probe: now,
-            idle_interval: PROBE_INTERVAL,
+            idle_interval: tuning.probe_interval,
             verified: false,
-            awaited_until: Some(now + VERIFY_PATIENCE),
+            awaited_until: Some(now + tuning.verify_patience),
             down: false,
             checking: false,
             closed: false,
@@ -292,16 +262,18 @@ impl Instance {
             .map_or(Duration::ZERO, |since| now.saturating_duration_since(since))
     }
 
-    fn try_timeout(&mut self, now: Instant) -> Duration {
+    fn try_timeout(&mut self, tuning: &Tuning, now: Instant) -> Duration {
         if let Some((at, value)) = self.try_timeout
             && now.saturating_duration_since(at) < TIMEOUT_REFRESH
         {
             return value;
         }
         let value = match self.times.quantile(now, 0.99) {
-            Some(p99) => (p99 * TRY_FACTOR).max(TRY_FLOOR),
+            Some(p99) => (p99 * tuning.try_factor).max(tuning.try_floor),
             // A quiet spell keeps the last timeout.
-            None => self.try_timeout.map_or(TRY_UNKNOWN, |(_, value)| value),
+            None => self
+                .try_timeout
+                .map_or(tuning.try_unknown, |(_, value)| value),
         };
         self.try_timeout = Some((now, value));
         value
@@ -331,9 +303,8 @@ pub struct ServiceCore<K> {
     last_used: Option<Instant>,
     waiting: usize,
     max_waiting: usize,
-    /// How long an instance may answer nothing while asked before it is dead (from the
-    /// service's limits at the last choice).
-    dead_after: Duration,
+    /// Its limits and tuning (perf.conf and its lookup record).
+    settings: ServiceSettings,
 }
 
 /// The RTT an allocator must be under for an instance it starts to count as nearer than one
@@ -343,17 +314,17 @@ pub fn nearer_than(rtt: Duration, limits: Limits) -> Duration {
     limits.soft_rtt.max(rtt / 2)
 }
 
-/// How long an instance of a service with `limits` may answer nothing while asked before its
-/// connection is checked for silence.
-pub fn dead_after(limits: Limits) -> Duration {
-    limits.hard_rtt.max(DEAD_FLOOR)
+/// How long an instance of a service routed with `settings` may answer nothing while asked
+/// before its connection is checked for silence.
+pub fn dead_after(settings: &ServiceSettings) -> Duration {
+    settings.limits.hard_rtt.max(settings.tuning.dead_floor)
 }
 
 impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
     /// At most `max_waiting` requests wait for instances at once; more are refused.
-    pub fn new(policy: Policy, max_waiting: usize) -> Self {
+    pub fn new(settings: ServiceSettings, max_waiting: usize) -> Self {
         Self {
-            chooser: Chooser::new(policy),
+            chooser: Chooser::new(settings.tuning),
             instances: HashMap::new(),
             discovered: None,
             discovering: false,
@@ -361,7 +332,22 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
             last_used: None,
             waiting: 0,
             max_waiting,
-            dead_after: dead_after(DEFAULT_LIMITS),
+            settings,
+        }
+    }
+
+    /// The limits and tuning in use.
+    pub fn settings(&self) -> &ServiceSettings {
+        &self.settings
+    }
+
+    /// Routes with `settings` from now on (perf.conf was reloaded, or the service's record
+    /// changed). What is known of the instances stays (see [`Chooser::retune`]); timers
+    /// already set (the next probe, an ejection) run out as they were set.
+    pub fn retune(&mut self, settings: ServiceSettings, now: Instant) {
+        if settings != self.settings {
+            self.chooser.retune(settings.tuning, now);
+            self.settings = settings;
         }
     }
 
@@ -384,16 +370,15 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         &mut self,
         now: Instant,
         arrived: Instant,
-        limits: Limits,
         random: impl FnMut(usize) -> usize,
         avoid: Option<&K>,
         actions: &mut Vec<Action<K>>,
     ) -> Choice<K> {
-        let quiet = self
-            .last_used
-            .is_none_or(|at| now.saturating_duration_since(at) >= QUIET);
+        let limits = self.settings.limits;
+        let quiet = self.last_used.is_none_or(|at| {
+            now.saturating_duration_since(at) >= self.settings.tuning.in_use_window
+        });
         self.last_used = Some(now);
-        self.dead_after = dead_after(limits);
         if quiet {
             self.wake_from_quiet(now, actions);
         }
@@ -411,7 +396,7 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
                 .expect("the chooser holds known instances only");
             return Choice::Pick {
                 addr: instance.addr,
-                try_timeout: instance.try_timeout(now),
+                try_timeout: instance.try_timeout(&self.settings.tuning, now),
                 key,
             };
         }
@@ -421,7 +406,8 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         if verifying || self.discovering {
             return Choice::Wait;
         }
-        if self.instances.is_empty() && self.discovery_due(now, EMPTY_RETRY) {
+        if self.instances.is_empty() && self.discovery_due(now, self.settings.tuning.discover_retry)
+        {
             self.discover(actions);
             return Choice::Wait;
         }
@@ -468,8 +454,8 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
                 instance.verified = false;
                 self.chooser.hold(key, true);
             }
-            instance.awaited_until = Some(now + VERIFY_PATIENCE);
-            instance.idle_interval = PROBE_INTERVAL;
+            instance.awaited_until = Some(now + self.settings.tuning.verify_patience);
+            instance.idle_interval = self.settings.tuning.probe_interval;
             instance.next_probe = now;
         }
         if self.discovered.is_some() {
@@ -493,13 +479,15 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
     }
 
     fn refresh_if_due(&mut self, now: Instant, actions: &mut Vec<Action<K>>) {
-        if !self.instances.is_empty() && self.discovery_due(now, REFRESH) {
+        if !self.instances.is_empty()
+            && self.discovery_due(now, self.settings.tuning.discover_interval)
+        {
             self.discover(actions);
         }
     }
 
     fn allocate(&mut self, reason: Reason, now: Instant, actions: &mut Vec<Action<K>>) -> Begin {
-        let begin = self.allocation.begin(reason, now);
+        let begin = self.allocation.begin(reason, &self.settings.tuning, now);
         if begin == Begin::Start {
             actions.push(Action::Allocate(reason));
         }
@@ -523,8 +511,9 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
                 continue;
             }
             instance.missing += 1;
-            let failing =
-                instance.down || instance.closed || instance.silent_for(now) >= PROBE_TIMEOUT;
+            let failing = instance.down
+                || instance.closed
+                || instance.silent_for(now) >= self.settings.tuning.probe_timeout;
             if instance.missing >= 2 || failing || !instance.verified {
                 gone.push(key.clone());
             }
@@ -537,8 +526,10 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
             match self.instances.get_mut(key) {
                 Some(instance) => instance.addr = *addr,
                 None => {
-                    self.instances
-                        .insert(key.clone(), Instance::new(*addr, now));
+                    self.instances.insert(
+                        key.clone(),
+                        Instance::new(*addr, &self.settings.tuning, now),
+                    );
                     self.chooser.add(key.clone(), now);
                     self.chooser.hold(key, true);
                     new = true;
@@ -584,15 +575,16 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
                 instance.verified = true;
                 self.chooser.hold(key, instance.down);
                 instance.next_probe = now + instance.idle_interval;
-                instance.idle_interval = (instance.idle_interval * 2).min(PROBE_IDLE_MAX);
+                instance.idle_interval =
+                    (instance.idle_interval * 2).min(self.settings.tuning.probe_idle_max);
                 if !was_usable && !instance.down {
                     actions.push(Action::Wake);
                 }
             }
             None => {
                 self.chooser.outcome(key, false, now);
-                instance.idle_interval = PROBE_INTERVAL;
-                instance.next_probe = now + PROBE_INTERVAL;
+                instance.idle_interval = self.settings.tuning.probe_interval;
+                instance.next_probe = now + self.settings.tuning.probe_interval;
                 if instance.awaited(now) {
                     // Not answering yet: whether it can, its connection tells.
                     if !instance.checking {
@@ -615,8 +607,8 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         };
         instance.closed = true;
         instance.verified = false;
-        instance.next_probe = now + PROBE_INTERVAL;
-        instance.idle_interval = PROBE_INTERVAL;
+        instance.next_probe = now + self.settings.tuning.probe_interval;
+        instance.idle_interval = self.settings.tuning.probe_interval;
         self.chooser.hold(key, true);
         // Requests waiting may now ask for an allocation rather than wait for it.
         actions.push(Action::Wake);
@@ -647,7 +639,7 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         instance.asked(now);
         self.chooser.unanswered(key, started);
         instance.next_probe = now;
-        instance.idle_interval = PROBE_INTERVAL;
+        instance.idle_interval = self.settings.tuning.probe_interval;
         self.probe_due(now, actions);
     }
 
@@ -667,8 +659,8 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         match outcome {
             Outcome::Answered { network, total } => {
                 instance.answer(now);
-                instance.idle_interval = PROBE_INTERVAL;
-                instance.next_probe = now + PROBE_INTERVAL;
+                instance.idle_interval = self.settings.tuning.probe_interval;
+                instance.next_probe = now + self.settings.tuning.probe_interval;
                 instance.times.record(now, total);
                 instance
                     .service_times
@@ -681,7 +673,7 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
                 // The sidecar answered, its service did not: out until a probe says it serves.
                 instance.answer(now);
                 instance.down = true;
-                instance.next_probe = now + PROBE_INTERVAL;
+                instance.next_probe = now + self.settings.tuning.probe_interval;
                 self.chooser.answered(key);
                 self.chooser.hold(key, true);
                 self.chooser.finish(key, false, now);
@@ -703,7 +695,7 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         let Some(instance) = self.instances.get_mut(key) else {
             return;
         };
-        if instance.silent_for(now) >= self.dead_after
+        if instance.silent_for(now) >= dead_after(&self.settings)
             && !instance.checking
             && !self.chooser.is_ejected(key, now)
         {
@@ -754,7 +746,7 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
                 }
             }
             Silence::Silent => {
-                for _ in 0..crate::select::EJECT_AFTER {
+                for _ in 0..self.settings.tuning.eject_after {
                     self.chooser.outcome(key, false, now);
                 }
                 actions.push(Action::Close(key.clone()));
@@ -776,9 +768,9 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
 
     /// Time passes: probes that are due, a refresh of the instance list, dead instances.
     pub fn tick(&mut self, now: Instant, actions: &mut Vec<Action<K>>) {
-        let in_use = self
-            .last_used
-            .is_some_and(|at| now.saturating_duration_since(at) < QUIET);
+        let in_use = self.last_used.is_some_and(|at| {
+            now.saturating_duration_since(at) < self.settings.tuning.in_use_window
+        });
         if !in_use {
             // Quiet: nothing is probed, but instances that went away (culled) are looked for
             // until discovery no longer lists them, so that they leave the metrics too.
@@ -796,7 +788,7 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         let silent: Vec<K> = self
             .instances
             .iter()
-            .filter(|(_, i)| i.silent_for(now) >= self.dead_after)
+            .filter(|(_, i)| i.silent_for(now) >= dead_after(&self.settings))
             .map(|(k, _)| k.clone())
             .collect();
         for key in silent {

@@ -48,12 +48,11 @@ impl Ingress {
         let service = self.resolved(name).await?;
         self.retries.deposit();
         let arrived = std::time::Instant::now();
-        let limits = self.limits(&service);
         // Every later hop may wait for an instance in turn.
         let timeout = self.settings.instance_wait + Duration::from_secs(10);
         let mut avoid = None;
         loop {
-            let (peer, addr, try_timeout) = self.pick(&service, arrived, limits, avoid).await?;
+            let (peer, addr, try_timeout) = self.pick(&service, arrived, avoid).await?;
             let mut attempt = Attempt::begin(&self.services, &service, peer);
             let error = match self.connection(peer, addr).await {
                 Err(reason) => {

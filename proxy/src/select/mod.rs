@@ -14,7 +14,7 @@
 //!    tie, the one with fewer requests in flight). [`Policy::PeakEwma`] is Finagle's and
 //!    linkerd's: cost = peak EWMA of the RTT x (requests in flight + 1).
 //!    [`Policy::RttHistogram`] routes on a high quantile of the window and counts as load
-//!    only the requests in flight for longer than [`PAST_THE_NETWORK`] times that RTT (past
+//!    only the requests in flight for longer than `load-after-rtts` times that RTT (past
 //!    the network: at the service or queued for it): cost = RTT x (such requests + 1). A
 //!    request still crossing the network is not load: 200 requests a second keep four in
 //!    flight on a path 20 ms long however idle its instance, and counting them sent a fifth
@@ -22,7 +22,7 @@
 //!    jitter, a millisecond at the sidecar), which at one RTT sent 0.4 % of it there.
 //!    [`Policy::RoundRobin`] ignores RTT altogether, as a baseline.
 //!
-//! The window is short ([`ROUTING_WINDOW`]) so that a change of path is followed within about a
+//! The window is short (`rtt-window`, a second) so that a change of path is followed within about a
 //! second; an instance whose window ran empty (no traffic, no probe answered yet) keeps its
 //! last estimate rather than becoming "unmeasured" again.
 //!
@@ -36,8 +36,8 @@
 //! and gets none until it answers again, where waiting for probes to time out and eject it
 //! would take seconds, and ejections end.
 //!
-//! An instance failing [`EJECT_AFTER`] times in a row is ejected for a period that doubles with
-//! each ejection (up to [`MAX_EJECTION`]); a success (an answered probe) ends the ejection and
+//! An instance failing `eject-after` times in a row is ejected for `first-ejection`, a period
+//! that doubles with each ejection (up to `max-ejection`); a success (an answered probe) ends the ejection and
 //! resets the count.
 
 use std::{
@@ -47,29 +47,21 @@ use std::{
 
 use control::rtt::{RttWindow, WindowShape};
 
-use crate::config::perf::{Limits, Policy};
+use crate::config::perf::{Limits, Policy, Tuning};
 
-/// Consecutive failures that eject an instance.
-pub const EJECT_AFTER: u32 = 3;
-/// First ejection period; each further one doubles.
-pub const FIRST_EJECTION: Duration = Duration::from_secs(1);
-pub const MAX_EJECTION: Duration = Duration::from_secs(60);
-/// Quantile of the RTT window the `rtt-histogram` policy routes on.
-pub const ROUTING_QUANTILE: f64 = 0.9;
-/// `rtt-histogram` counts a request in flight as load once it has been under way this many
-/// times its instance's RTT: a request is late by its path's jitter and a little service time
-/// as a matter of course, and by a whole round trip only when it waits at the instance.
-pub const PAST_THE_NETWORK: u32 = 2;
-/// The samples an estimate is built from: the last second, in four slices.
-pub const ROUTING_WINDOW: WindowShape = WindowShape {
-    slices: 4,
-    slice: Duration::from_millis(250),
-};
 /// How long a computed quantile is reused: summarising a window costs microseconds, too much
 /// for every request, and RTTs do not move faster than this matters.
 const QUANTILE_REFRESH: Duration = Duration::from_millis(50);
-/// Time constant of the peak EWMA (linkerd and Finagle use 10 s).
-const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// Slices of an RTT window (`rtt-window` long): samples leave it a quarter at a time.
+const WINDOW_SLICES: u32 = 4;
+
+/// The shape of a window `length` long.
+pub fn window_shape(length: Duration) -> WindowShape {
+    WindowShape {
+        slices: WINDOW_SLICES as usize,
+        slice: length / WINDOW_SLICES,
+    }
+}
 
 /// What the chooser knows of one instance.
 #[derive(Debug, Clone)]
@@ -95,10 +87,10 @@ struct Instance<K> {
 }
 
 impl<K> Instance<K> {
-    fn new(key: K, now: Instant) -> Self {
+    fn new(key: K, tuning: &Tuning, now: Instant) -> Self {
         Self {
             key,
-            window: RttWindow::new(ROUTING_WINDOW, now),
+            window: RttWindow::new(window_shape(tuning.rtt_window), now),
             quantile: None,
             peak_ewma: None,
             started: VecDeque::new(),
@@ -110,7 +102,7 @@ impl<K> Instance<K> {
         }
     }
 
-    fn record(&mut self, rtt: Duration, now: Instant) {
+    fn record(&mut self, rtt: Duration, tuning: &Tuning, now: Instant) {
         self.window.record(now, rtt);
         let sample = rtt.as_secs_f64();
         self.peak_ewma = Some(match self.peak_ewma {
@@ -118,7 +110,7 @@ impl<K> Instance<K> {
             Some((_, value)) if sample > value => (now, sample),
             Some((at, value)) => {
                 let weight = (-now.saturating_duration_since(at).as_secs_f64()
-                    / EWMA_DECAY.as_secs_f64())
+                    / tuning.ewma_decay.as_secs_f64())
                 .exp();
                 (now, value * weight + sample * (1.0 - weight))
             }
@@ -134,16 +126,16 @@ impl<K> Instance<K> {
 
     /// The RTT estimate `policy` routes on, or `None` before the first sample: the policy's
     /// estimate from samples, or the age of the outstanding probe if that is more.
-    fn estimate(&mut self, policy: Policy, now: Instant) -> Option<Duration> {
-        let sampled = self.sampled_estimate(policy, now)?;
+    fn estimate(&mut self, tuning: &Tuning, now: Instant) -> Option<Duration> {
+        let sampled = self.sampled_estimate(tuning, now)?;
         let waited = self
             .unanswered_since
             .map_or(Duration::ZERO, |sent| now.saturating_duration_since(sent));
         Some(sampled.max(waited))
     }
 
-    fn sampled_estimate(&mut self, policy: Policy, now: Instant) -> Option<Duration> {
-        match policy {
+    fn sampled_estimate(&mut self, tuning: &Tuning, now: Instant) -> Option<Duration> {
+        match tuning.policy {
             Policy::PeakEwma => self
                 .peak_ewma
                 .map(|(_, secs)| Duration::from_secs_f64(secs)),
@@ -155,7 +147,7 @@ impl<K> Instance<K> {
                 }
                 // An empty window keeps the last estimate (its time is not renewed, so the
                 // next call looks at the window again), or else the EWMA of what was seen.
-                let Some(value) = self.window.quantile(now, ROUTING_QUANTILE) else {
+                let Some(value) = self.window.quantile(now, tuning.rtt_quantile) else {
                     return self.quantile.map(|(_, value)| value).or_else(|| {
                         self.peak_ewma
                             .map(|(_, secs)| Duration::from_secs_f64(secs))
@@ -167,10 +159,10 @@ impl<K> Instance<K> {
         }
     }
 
-    /// Requests in flight for longer than [`PAST_THE_NETWORK`] times `rtt`: at the service
-    /// or queued for it.
-    fn past_the_network(&self, rtt: Duration, now: Instant) -> u32 {
-        let rtt = rtt * PAST_THE_NETWORK;
+    /// Requests in flight for longer than `load_after_rtts` times `rtt`: at the service or
+    /// queued for it.
+    fn past_the_network(&self, rtt: Duration, load_after_rtts: u32, now: Instant) -> u32 {
+        let rtt = rtt * load_after_rtts;
         let old = self
             .started
             .iter()
@@ -222,7 +214,7 @@ pub struct InstanceView<K> {
 /// The instances of one service and the state to choose among them.
 #[derive(Debug, Clone)]
 pub struct Chooser<K> {
-    policy: Policy,
+    tuning: Tuning,
     instances: Vec<Instance<K>>,
     next_in_turn: usize,
     /// Scratch space of [`Chooser::choose`]: (index, RTT estimate) per class of instance.
@@ -230,9 +222,9 @@ pub struct Chooser<K> {
 }
 
 impl<K: Clone + PartialEq> Chooser<K> {
-    pub fn new(policy: Policy) -> Self {
+    pub fn new(tuning: Tuning) -> Self {
         Self {
-            policy,
+            tuning,
             instances: Vec::new(),
             next_in_turn: 0,
             classes: Default::default(),
@@ -246,7 +238,7 @@ impl<K: Clone + PartialEq> Chooser<K> {
     /// Adds an instance (not yet measured); an existing one is left as it is.
     pub fn add(&mut self, key: K, now: Instant) {
         if self.find(&key).is_none() {
-            self.instances.push(Instance::new(key, now));
+            self.instances.push(Instance::new(key, &self.tuning, now));
         }
     }
 
@@ -281,8 +273,35 @@ impl<K: Clone + PartialEq> Chooser<K> {
 
     /// An RTT sample of `key` (path RTT or a request's round trip).
     pub fn record_rtt(&mut self, key: &K, rtt: Duration, now: Instant) {
+        let tuning = self.tuning;
         if let Some(instance) = self.find(key) {
-            instance.record(rtt, now);
+            instance.record(rtt, &tuning, now);
+        }
+    }
+
+    /// The tuning in use.
+    pub fn tuning(&self) -> &Tuning {
+        &self.tuning
+    }
+
+    /// Chooses with `tuning` from now on (perf.conf was reloaded). What is known of each
+    /// instance stays: its estimate, EWMA, requests in flight and ejection. A new
+    /// `rtt-window` length starts each instance's window anew, and until it holds samples the
+    /// instance is routed on its last estimate; a new `rtt-quantile` is computed at the next
+    /// choice.
+    pub fn retune(&mut self, tuning: Tuning, now: Instant) {
+        let old = std::mem::replace(&mut self.tuning, tuning);
+        for instance in &mut self.instances {
+            if old.rtt_window != tuning.rtt_window {
+                instance.window = RttWindow::new(window_shape(tuning.rtt_window), now);
+            }
+            if old.rtt_quantile != tuning.rtt_quantile
+                && let Some((_, value)) = instance.quantile
+            {
+                // Kept as the last estimate, but too old to be reused while samples exist.
+                let stale = now.checked_sub(QUANTILE_REFRESH).unwrap_or(now);
+                instance.quantile = Some((stale, value));
+            }
         }
     }
 
@@ -355,6 +374,7 @@ impl<K: Clone + PartialEq> Chooser<K> {
     /// The outcome of an exchange with `key` that was not a request in flight (a probe); a
     /// failure counts towards ejection, a success forgives past failures.
     pub fn outcome(&mut self, key: &K, success: bool, now: Instant) {
+        let tuning = self.tuning;
         let Some(instance) = self.find(key) else {
             return;
         };
@@ -366,10 +386,11 @@ impl<K: Clone + PartialEq> Chooser<K> {
             return;
         }
         instance.failures_in_a_row += 1;
-        if instance.failures_in_a_row >= EJECT_AFTER {
-            let period = FIRST_EJECTION
+        if instance.failures_in_a_row >= tuning.eject_after {
+            let period = tuning
+                .first_ejection
                 .saturating_mul(1 << instance.ejections.min(16))
-                .min(MAX_EJECTION);
+                .min(tuning.max_ejection);
             instance.ejected_until = Some(now + period);
             instance.ejections += 1;
             instance.failures_in_a_row = 0;
@@ -395,8 +416,8 @@ impl<K: Clone + PartialEq> Chooser<K> {
         mut random: impl FnMut(usize) -> usize,
         avoid: Option<&K>,
     ) -> Decision<K> {
-        let policy = self.policy;
-        if policy == Policy::RoundRobin {
+        let tuning = self.tuning;
+        if tuning.policy == Policy::RoundRobin {
             return self.in_turn(now, avoid);
         }
         // Usable instances by class: within soft, within hard, not measured yet. The buffers
@@ -414,7 +435,7 @@ impl<K: Clone + PartialEq> Chooser<K> {
             if instance.out(now) || (others > 0 && avoided(instance)) {
                 continue;
             }
-            match instance.estimate(policy, now) {
+            match instance.estimate(&tuning, now) {
                 Some(rtt) if rtt <= limits.soft_rtt => classes[0].push((index, rtt)),
                 Some(rtt) if rtt <= limits.hard_rtt => classes[1].push((index, rtt)),
                 Some(_) => {}
@@ -432,8 +453,10 @@ impl<K: Clone + PartialEq> Chooser<K> {
                     let b = (a + 1 + random(n - 1)) % n;
                     let cost = |(index, rtt): (usize, Duration)| {
                         let instance: &Instance<K> = &instances[index];
-                        let load = match policy {
-                            Policy::RttHistogram => instance.past_the_network(rtt, now),
+                        let load = match tuning.policy {
+                            Policy::RttHistogram => {
+                                instance.past_the_network(rtt, tuning.load_after_rtts, now)
+                            }
                             _ => instance.in_flight(),
                         };
                         (

@@ -1,6 +1,7 @@
 use super::*;
 
 const MS: Duration = Duration::from_millis(1);
+const T: Tuning = Tuning::DEFAULT;
 const LIMITS: Limits = Limits {
     soft_rtt: Duration::from_millis(20),
     hard_rtt: Duration::from_millis(100),
@@ -25,7 +26,7 @@ fn summary(decision: Decision<&'static str>) -> (Option<&'static str>, bool, Opt
 }
 
 fn chooser(policy: Policy, rtts: &[(&'static str, u64)], now: Instant) -> Chooser<&'static str> {
-    let mut chooser = Chooser::new(policy);
+    let mut chooser = Chooser::new(Tuning { policy, ..T });
     for &(key, ms) in rtts {
         chooser.add(key, now);
         for _ in 0..10 {
@@ -136,7 +137,7 @@ fn hard_limit_excludes_and_soft_limit_asks_for_a_nearer_instance() {
         summary(c.choose(now, LIMITS, counter())),
         (Some("good"), false, Some(5))
     );
-    let mut empty: Chooser<&str> = Chooser::new(Policy::RttHistogram);
+    let mut empty: Chooser<&str> = Chooser::new(T);
     assert_eq!(
         empty.choose(now, LIMITS, counter()),
         Decision {
@@ -167,30 +168,30 @@ fn repeated_failures_eject_for_growing_periods() {
     let t0 = Instant::now();
     let mut c = chooser(Policy::RttHistogram, &[("flaky", 2), ("steady", 10)], t0);
     let fail = |c: &mut Chooser<&'static str>, at: Instant| {
-        for _ in 0..EJECT_AFTER {
+        for _ in 0..T.eject_after {
             c.start(&"flaky", at);
             c.finish(&"flaky", false, at);
         }
     };
     fail(&mut c, t0);
     assert_eq!(share(&mut c, "steady", t0, 20), 1.0, "ejected");
-    let back = t0 + FIRST_EJECTION;
+    let back = t0 + T.first_ejection;
     assert!(
         share(&mut c, "flaky", back, 20) > 0.5,
         "back after the first period"
     );
     fail(&mut c, back);
     assert_eq!(
-        share(&mut c, "steady", back + FIRST_EJECTION, 20),
+        share(&mut c, "steady", back + T.first_ejection, 20),
         1.0,
         "second ejection is longer"
     );
-    assert!(share(&mut c, "flaky", back + FIRST_EJECTION * 2, 20) > 0.5);
+    assert!(share(&mut c, "flaky", back + T.first_ejection * 2, 20) > 0.5);
     // A success forgets the history: the next ejection is short again.
-    c.finish(&"flaky", true, back + FIRST_EJECTION * 2);
-    let later = back + FIRST_EJECTION * 3;
+    c.finish(&"flaky", true, back + T.first_ejection * 2);
+    let later = back + T.first_ejection * 3;
     fail(&mut c, later);
-    assert!(share(&mut c, "flaky", later + FIRST_EJECTION, 20) > 0.5);
+    assert!(share(&mut c, "flaky", later + T.first_ejection, 20) > 0.5);
 }
 
 #[test]
@@ -199,7 +200,7 @@ fn traffic_moves_when_rtts_change() {
     let mut c = chooser(Policy::RttHistogram, &[("a", 2), ("b", 30)], t0);
     assert_eq!(share(&mut c, "a", t0, 20), 1.0);
     // The window forgets: after it has turned over, only the new samples count.
-    let later = t0 + ROUTING_WINDOW.slice * ROUTING_WINDOW.slices as u32;
+    let later = t0 + T.rtt_window;
     for _ in 0..10 {
         c.record_rtt(&"a", MS * 30, later);
         c.record_rtt(&"b", MS * 2, later);
@@ -215,7 +216,7 @@ fn round_robin_ignores_rtt_but_not_ejection() {
         .map(|_| c.choose(now, LIMITS, counter()).pick.unwrap())
         .collect();
     assert_eq!(picks, ["a", "b", "c", "a", "b", "c"]);
-    for _ in 0..EJECT_AFTER {
+    for _ in 0..T.eject_after {
         c.finish(&"b", false, now);
     }
     let picks: Vec<_> = (0..4)
@@ -242,7 +243,7 @@ fn the_view_shows_quantiles_in_flight_and_ejection() {
     let mut c = chooser(Policy::RttHistogram, &[("a", 4)], now);
     c.add("b", now);
     c.start(&"a", now);
-    for _ in 0..EJECT_AFTER {
+    for _ in 0..T.eject_after {
         c.finish(&"b", false, now);
     }
     let view = c.view(now);

@@ -10,9 +10,14 @@ use std::{
 };
 
 use super::*;
-use crate::{config::perf::DEFAULT_LIMITS, retry::RetryBudget, transport::MIN_SILENCE};
+use crate::{
+    config::perf::{DEFAULT_LIMITS, Policy, ServiceSettings},
+    retry::RetryBudget,
+    transport::MIN_SILENCE,
+};
 
 const MS: Duration = Duration::from_millis(1);
+const T: Tuning = Tuning::DEFAULT;
 const SECOND: Duration = Duration::from_secs(1);
 /// How long a request waits for an instance, as the ingress's --instance-wait.
 const INSTANCE_WAIT: Duration = Duration::from_secs(15);
@@ -161,7 +166,6 @@ struct Sim {
     now: Instant,
     start: Instant,
     core: ServiceCore<Key>,
-    limits: Limits,
     world: BTreeMap<Key, Behaviour>,
     /// What an allocator starts, under which name, and whether it refuses.
     allocations: Vec<Key>,
@@ -196,8 +200,7 @@ impl Sim {
         let mut sim = Self {
             now,
             start: now,
-            core: ServiceCore::new(Policy::RttHistogram, 1024),
-            limits: DEFAULT_LIMITS,
+            core: ServiceCore::new(ServiceSettings::default(), 1024),
             world: world.iter().cloned().collect(),
             allocations: Vec::new(),
             allocatable: Vec::new(),
@@ -409,14 +412,8 @@ impl Sim {
                 random ^= random << 17;
                 (random % n as u64) as usize
             };
-            self.core.choose(
-                now,
-                arrived,
-                self.limits,
-                &mut next,
-                avoid.as_ref(),
-                actions,
-            )
+            self.core
+                .choose(now, arrived, &mut next, avoid.as_ref(), actions)
         };
         self.random = random;
         let request = &mut self.requests[id];
@@ -500,14 +497,14 @@ impl Sim {
                     let answer = behaviour
                         .answer_at(sent, Duration::ZERO)
                         .map(|(at, _)| at)
-                        .filter(|at| *at - now < PROBE_TIMEOUT);
+                        .filter(|at| *at - now < T.probe_timeout);
                     let health = match behaviour.service_dead_from {
                         Some(from) if now >= from => Health::Down,
                         _ => Health::Serving,
                     };
                     match answer {
                         Some(at) => self.at(at, Event::ProbeDone(key, sent, Some(health))),
-                        None => self.at(now + PROBE_TIMEOUT, Event::ProbeDone(key, sent, None)),
+                        None => self.at(now + T.probe_timeout, Event::ProbeDone(key, sent, None)),
                     }
                 }
                 Action::Discover => self.at(now + DISCOVERY_TIME, Event::Discovered),
@@ -607,6 +604,36 @@ fn three_tiers_send_nearly_everything_to_the_edge() {
     let stats = sim.stats(SECOND, 10 * SECOND);
     assert!(stats.failed.is_empty(), "{:?}", stats.failed);
     assert!(stats.share("edge") >= 0.95, "{stats:?}");
+    assert!(sim.allocations.is_empty());
+}
+
+/// perf.conf reloaded under load: the core takes the new tuning in place. What it measured
+/// under round robin routes at once under the RTT policy: nothing is verified or measured
+/// again, nothing fails, nothing waits.
+#[test]
+fn a_retune_applies_at_the_next_choice_and_keeps_what_was_measured() {
+    let mut sim = Sim::new(&tiers());
+    let round_robin = ServiceSettings {
+        limits: DEFAULT_LIMITS,
+        tuning: Tuning {
+            policy: Policy::RoundRobin,
+            ..T
+        },
+    };
+    sim.core.retune(round_robin, sim.now);
+    sim.load(Duration::ZERO, 8 * SECOND, 100, true);
+    sim.run_until(4 * SECOND);
+    let before = sim.stats(SECOND, 4 * SECOND);
+    assert!(
+        (0.25..0.42).contains(&before.share("edge")),
+        "round robin: {before:?}"
+    );
+    sim.core.retune(ServiceSettings::default(), sim.now);
+    sim.run_until(10 * SECOND);
+    let after = sim.stats(4 * SECOND, 8 * SECOND);
+    assert!(after.failed.is_empty(), "{:?}", after.failed);
+    assert!(after.share("edge") >= 0.97, "after the retune: {after:?}");
+    assert!(after.slowest <= 50 * MS, "{after:?}");
     assert!(sim.allocations.is_empty());
 }
 
@@ -814,7 +841,7 @@ fn a_culled_instance_leaves_within_a_provider_lifetime_even_while_the_service_is
     sim.at(culled, Event::Closed("old"));
     sim.run_until(150 * SECOND);
     assert_eq!(sim.core.known().count(), 1, "still listed: still known");
-    sim.run_until(160 * SECOND + REFRESH + SECOND);
+    sim.run_until(160 * SECOND + T.discover_interval + SECOND);
     assert_eq!(sim.core.known().count(), 0, "gone with its record");
     assert!(sim.core.report(sim.now).is_empty());
 }
@@ -832,7 +859,7 @@ fn a_culled_instance_still_listed_costs_a_probe_timeout_not_the_idle_timeout() {
     assert_eq!(stats.served.get("fresh"), Some(&1), "{stats:?}");
     // Its probe's timeout and the check that finds its connection silent.
     assert!(
-        stats.slowest < PROBE_TIMEOUT + MIN_SILENCE + START_TIME + 100 * MS,
+        stats.slowest < T.probe_timeout + MIN_SILENCE + START_TIME + 100 * MS,
         "{stats:?}"
     );
 }
@@ -840,7 +867,7 @@ fn a_culled_instance_still_listed_costs_a_probe_timeout_not_the_idle_timeout() {
 #[test]
 fn requests_wait_for_one_allocation_and_past_max_waiting_are_refused() {
     let mut sim = Sim::new(&[]);
-    sim.core = ServiceCore::new(Policy::RttHistogram, 5);
+    sim.core = ServiceCore::new(ServiceSettings::default(), 5);
     sim.allocatable.push(("first", Behaviour::new(1, 1)));
     sim.allocatable.push(("second", Behaviour::new(1, 1)));
     // Eight requests within 80 ms, while the first instance starts.
@@ -905,7 +932,7 @@ fn hedges_stop_when_the_retry_budget_is_spent() {
     let tries: u32 = sim.requests.iter().map(|r| r.tries).sum();
     assert!(tries <= 150 + 150 / 5 + 1, "{tries} tries for 150 requests");
     assert!(
-        stats.slowest < dead_after(DEFAULT_LIMITS) + PROBE_TIMEOUT,
+        stats.slowest < dead_after(&ServiceSettings::default()) + T.probe_timeout,
         "{stats:?}"
     );
 }
@@ -931,10 +958,12 @@ fn a_frozen_instance_is_declared_dead_after_the_hard_limit_and_a_silent_check() 
     for hard_ms in [50, 100, 400] {
         let start = Instant::now();
         let mut sim = Sim::new(&[]);
-        sim.limits = Limits {
+        let limits = Limits {
             soft_rtt: 20 * MS,
             hard_rtt: hard_ms * MS,
         };
+        sim.core
+            .retune(ServiceSettings { limits, tuning: T }, start);
         sim.world = a_frozen_beside_b(start);
         // Not idempotent: the requests on the frozen instance wait until it is declared dead.
         sim.load(Duration::ZERO, 3 * SECOND, 50, false);
@@ -951,7 +980,7 @@ fn a_frozen_instance_is_declared_dead_after_the_hard_limit_and_a_silent_check() 
         // Silent from the first overdue request on (its per-try timeout, the floor here) for
         // the hard limit, at least 100 ms, then silent while its connection is checked;
         // declared at the first tick past it.
-        let dead = TRY_FLOOR + (hard_ms * MS).max(DEAD_FLOOR) + MIN_SILENCE;
+        let dead = T.try_floor + (hard_ms * MS).max(T.dead_floor) + MIN_SILENCE;
         assert!(
             longest >= dead && longest <= dead + 20 * MS,
             "hard limit {hard_ms} ms, dead after {dead:?}: requests failed after {failed_after:?}"
@@ -1041,7 +1070,7 @@ fn a_new_instance_that_cannot_be_reached_is_not_waited_for() {
     gone.gone_from = Some(Instant::now());
     let slowest = one_request_to(gone);
     assert!(
-        slowest < PROBE_TIMEOUT + MIN_SILENCE + START_TIME + 100 * MS,
+        slowest < T.probe_timeout + MIN_SILENCE + START_TIME + 100 * MS,
         "{slowest:?}"
     );
 }
@@ -1049,13 +1078,13 @@ fn a_new_instance_that_cannot_be_reached_is_not_waited_for() {
 #[test]
 fn a_new_instance_whose_transport_answers_but_never_its_sidecar_is_waited_for_a_while_only() {
     // Its QUIC stack acknowledges, its sidecar never answers: requests wait for it at most
-    // VERIFY_PATIENCE, then an allocation starts.
+    // T.verify_patience, then an allocation starts.
     let start = Instant::now();
     let mut stuck = Behaviour::new(1, 1);
     stuck.stalled.push((start, start + 3600 * SECOND));
     let slowest = one_request_to(stuck);
     assert!(
-        slowest < VERIFY_PATIENCE + START_TIME + 100 * MS,
+        slowest < T.verify_patience + START_TIME + 100 * MS,
         "{slowest:?}"
     );
 }
@@ -1097,9 +1126,9 @@ fn an_idle_instance_is_probed_less_and_less_and_a_busy_one_not_at_all() {
     sim.run_until(60 * SECOND);
     let late = sim.probes - early;
     // Before: every instance every 200 ms, 250 probes in 50 s each. Now "near" answers
-    // traffic, "far" backs off to one probe per PROBE_IDLE_MAX.
+    // traffic, "far" backs off to one probe per T.probe_idle_max.
     assert!(
-        late <= 50 / PROBE_IDLE_MAX.as_secs() as usize + 2,
+        late <= 50 / T.probe_idle_max.as_secs() as usize + 2,
         "{late} probes in 50 s"
     );
 }
