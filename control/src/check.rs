@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::{
     allocator::protocol::NAMESPACE as ALLOCATORS,
-    common::overlay_args::OverlayArgs,
+    common::program::{CommonArgs, Program},
     lookup::{client, protocol::NAMESPACE as LOOKUPS},
     overlay::{BootstrapPolicy, Node, Timing},
     rpc::NodeInfoProtocol,
@@ -34,16 +34,17 @@ pub struct Cli {
           value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 
-    /// TOML file with any of these flags as keys.
-    #[arg(long, env = "CHECK_CONFIG", value_name = "FILE")]
-    pub config: Option<std::path::PathBuf>,
-
-    /// Debug logs (RUST_LOG overrides).
-    #[arg(long)]
-    pub debug: bool,
-
     #[command(flatten)]
-    pub overlay: OverlayArgs,
+    pub common: CommonArgs,
+}
+
+impl Program for Cli {
+    const NAME: &'static str = "check";
+    const CONFIG_ENV: &'static str = "CHECK_CONFIG";
+
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
 }
 
 /// The outcome of one check.
@@ -111,7 +112,7 @@ async fn providers(node: &Node, namespace: &str) -> Vec<Found> {
 /// Runs every check; the verdicts in order.
 pub async fn verdicts(cli: &Cli) -> Vec<Verdict> {
     let mut verdicts = Vec::new();
-    let bootstraps = match cli.overlay.bootstrap_addrs() {
+    let bootstraps = match cli.common.overlay.bootstrap_addrs() {
         Ok(list) if !list.is_empty() => list,
         Ok(_) => {
             verdicts.push(Verdict::failed(
@@ -134,7 +135,7 @@ pub async fn verdicts(cli: &Cli) -> Vec<Verdict> {
     let mut config =
         crate::overlay::NodeConfig::new("check", libp2p::identity::Keypair::generate_ed25519());
     config.bootstraps = bootstraps.clone();
-    config.network_key = cli.overlay.network_key();
+    config.network_key = cli.common.overlay.network_key();
     config.dht_server = false;
     config.timing = Timing {
         handshake_timeout: cli.timeout,

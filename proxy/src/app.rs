@@ -27,15 +27,15 @@ use std::{
 
 use anyhow::Context;
 use control::{
+    allocator::protocol::instance,
     common::{
         daemon::Daemon,
-        net::{parse_p2p_listen_addr, parse_socket_addr},
-        overlay_args::OverlayArgs,
+        net::parse_socket_addr,
+        program::{CommonArgs, DaemonArgs, Program as Flags},
     },
     lookup::{ServiceProtocol, ServiceRecord},
     overlay::{Backoff, Node},
 };
-use libp2p::Multiaddr;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -55,19 +55,21 @@ use crate::{
 #[command(name = "proxy", version)]
 pub struct Cli {
     /// Port of the HTTP ingress on --listen-ip (HTTP/1.1 and h2c); l4-proxy's control API.
-    #[arg(value_name = "PORT", env = "PROXY_PORT")]
+    #[arg(value_name = "PORT", env = instance::PROXY_PORT)]
     pub port: u16,
 
     /// Service mode: the service this proxy is the sidecar of.
-    #[arg(value_name = "SERVICE", env = "SERVICE_NAME")]
+    #[arg(value_name = "SERVICE", env = instance::SERVICE_NAME)]
     pub service: Option<String>,
 
     /// Service mode: where the service listens. [env: PROXY_IP and SERVICE_PORT]
     #[arg(value_name = "IP:SERVICE_PORT", value_parser = parse_service_addr)]
     pub address: Option<SocketAddr>,
 
-    /// Port of /metrics (the original's fourth argument); --prom-listen-addr says more.
-    #[arg(value_name = "METRICS_PORT", env = "METRICS_PORT")]
+    /// Port of /metrics on every interface (the original's fourth argument), unless
+    /// --prom-listen-addr (or the old MTC_METRICS_ADDR) says where; without any, a free port,
+    /// printed at start.
+    #[arg(value_name = "METRICS_PORT", env = instance::METRICS_PORT)]
     pub metrics_port: Option<u16>,
 
     /// Service mode: the service's command line, started and supervised by the proxy;
@@ -77,9 +79,10 @@ pub struct Cli {
 
     /// perf.conf: RTT limits and the tuning of choosing, probing, ejection and retries
     /// (TOML, or the original's JSON). Built-in defaults (those of the repository's perf.conf)
-    /// without it. Read again on SIGHUP and when it changes.
-    #[arg(long, env = "MTC_PERF_CONF", value_name = "FILE")]
-    pub configfile: Option<PathBuf>,
+    /// without it. Read again on SIGHUP and when it changes. (`--configfile`, the original's
+    /// name, still works.)
+    #[arg(long, alias = "configfile", env = "MTC_PERF_CONF", value_name = "FILE")]
+    pub perf_conf: Option<PathBuf>,
 
     /// How often perf.conf is checked for changes; 0s: only on SIGHUP.
     #[arg(long, env = "MTC_PERF_POLL", default_value = "1s", value_name = "DURATION",
@@ -104,18 +107,6 @@ pub struct Cli {
     /// at another address (NAT, a relay).
     #[arg(long, env = "MTC_QUIC_ADVERTISE_ADDR", value_name = "ADDR")]
     pub quic_advertise_addr: Option<SocketAddr>,
-
-    /// Address of the Prometheus endpoint: IP:PORT or :PORT, as every program's
-    /// (--metrics-addr and MTC_METRICS_ADDR, its old spellings, still work). [default:
-    /// :METRICS_PORT if given, else :0, printed at start]
-    #[arg(long, alias = "metrics-addr", env = "MTC_PROM_LISTEN_ADDR", value_name = "ADDR",
-          value_parser = parse_socket_addr)]
-    pub prom_listen_addr: Option<SocketAddr>,
-
-    /// P2P listen address: IP:PORT, :PORT or a TCP multiaddr.
-    #[arg(long, env = "MTC_P2P_LISTEN_ADDR", default_value = ":0", value_name = "ADDR",
-          value_parser = parse_p2p_listen_addr)]
-    pub p2p_listen_addr: Multiaddr,
 
     /// How long a resolved service record is used before the lookup is asked again: seconds
     /// (as the original) or a duration ("1h").
@@ -143,7 +134,7 @@ pub struct Cli {
     /// Service mode: how the service is spoken to (the `--protocol` of its record; allocators
     /// set SERVICE_PROTOCOL from it). A UDP service cannot be checked by connecting to it, so
     /// its sidecar takes it as serving from the start.
-    #[arg(long, env = "SERVICE_PROTOCOL", default_value = "http", value_enum)]
+    #[arg(long, env = instance::SERVICE_PROTOCOL, default_value = "http", value_enum)]
     pub protocol: ServiceProtocol,
 
     /// l4-proxy: a UDP client that sends and receives nothing for this long is forgotten, and
@@ -165,17 +156,19 @@ pub struct Cli {
     )]
     pub worker_threads: u16,
 
-    /// TOML file with any of these flags as keys; flags win over it, it wins over environment
-    /// variables.
-    #[arg(long, env = "PROXY_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-
-    /// Debug logs (RUST_LOG overrides).
-    #[arg(long)]
-    pub debug: bool,
-
+    /// The shared flags; the proxy's --prom-listen-addr defaults to :METRICS_PORT if given,
+    /// else to the old MTC_METRICS_ADDR, else to :0 (the port is printed at start).
     #[command(flatten)]
-    pub overlay: OverlayArgs,
+    pub daemon: DaemonArgs,
+}
+
+impl Flags for Cli {
+    const NAME: &'static str = "proxy";
+    const CONFIG_ENV: &'static str = "PROXY_CONFIG";
+
+    fn common(&self) -> &CommonArgs {
+        &self.daemon.common
+    }
 }
 
 /// Layer-4 tunnels and service chains (the original's l4-proxy): `GET /tcp/<svc1>/<svc2>...`
@@ -188,6 +181,15 @@ pub struct Cli {
 pub struct L4Cli {
     #[command(flatten)]
     pub proxy: Cli,
+}
+
+impl Flags for L4Cli {
+    const NAME: &'static str = "l4-proxy";
+    const CONFIG_ENV: &'static str = "PROXY_CONFIG";
+
+    fn common(&self) -> &CommonArgs {
+        &self.proxy.daemon.common
+    }
 }
 
 /// Which program runs: what PORT serves.
@@ -224,8 +226,8 @@ impl Cli {
         let from_env = || -> Option<String> {
             Some(format!(
                 "{}:{}",
-                std::env::var("PROXY_IP").ok()?,
-                std::env::var("SERVICE_PORT").ok()?
+                std::env::var(instance::PROXY_IP).ok()?,
+                std::env::var(instance::SERVICE_PORT).ok()?
             ))
         };
         match (&self.service, self.address) {
@@ -258,7 +260,7 @@ impl Cli {
     /// Where /metrics is served: --prom-listen-addr, else the old MTC_METRICS_ADDR, else
     /// METRICS_PORT on every interface, else any port.
     fn metrics_addr(&self) -> anyhow::Result<SocketAddr> {
-        if let Some(addr) = self.prom_listen_addr {
+        if let Some(addr) = self.daemon.prom_listen_addr {
             return Ok(addr);
         }
         if let Ok(text) = std::env::var(OLD_METRICS_ENV) {
@@ -301,7 +303,7 @@ pub async fn run_l4(cli: L4Cli) -> anyhow::Result<()> {
 
 async fn run_program(cli: Cli, program: Program) -> anyhow::Result<()> {
     let service_addr = cli.service_addr()?;
-    let perf = LivePerf::load(cli.configfile.as_deref())?;
+    let perf = LivePerf::load(cli.perf_conf.as_deref())?;
     let stop = CancellationToken::new();
     // At once: from here on a SIGHUP reloads perf.conf rather than ends the process.
     perf.watch(cli.perf_poll, stop.clone())
@@ -323,8 +325,12 @@ async fn run_program(cli: Cli, program: Program) -> anyhow::Result<()> {
 
     // The data plane proves the overlay identity, so both use one key pair.
     let default_keyfile = format!("~/.privKeyProxy-{}", cli.port);
-    let mut config = cli.overlay.node_config("proxy", &default_keyfile)?;
-    config.listen = vec![cli.p2p_listen_addr.clone()];
+    let mut config = cli
+        .daemon
+        .common
+        .overlay
+        .node_config("proxy", &default_keyfile)?;
+    config.listen = vec![cli.daemon.p2p_listen_addr_of::<Cli>()];
     config.data_plane = Some(cli.quic_advertise_addr.unwrap_or(quic_addr));
     let keypair = config.keypair.clone();
     let network_key = config.network_key.as_ref().map(|key| *key.key_bytes());

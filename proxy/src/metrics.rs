@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use control::allocator::protocol::instance;
 use http::StatusCode;
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
@@ -288,7 +289,7 @@ impl<F: Fn() -> Vec<ServiceView> + Send + Sync + 'static> LiveCollector<F> {
                 instance_labels,
             )?,
             idle: Gauge::new(
-                "proxy_seconds_since_last_request",
+                instance::IDLE_METRIC,
                 "Seconds since this proxy last served a request (since start before the first); \
                  the allocator culls idle instances on it",
             )?,

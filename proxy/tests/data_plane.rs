@@ -738,11 +738,7 @@ async fn perf_conf_edited_under_a_running_ingress_takes_effect_and_a_bad_edit_is
     let perf = dir.path().join("perf.conf");
     std::fs::write(&perf, "[defaults]\npolicy = \"round-robin\"\n").unwrap();
     let perf_arg = perf.to_str().unwrap();
-    let polled = ingress(
-        &network,
-        &["--configfile", perf_arg, "--perf-poll", "100ms"],
-    )
-    .await;
+    let polled = ingress(&network, &["--perf-conf", perf_arg, "--perf-poll", "100ms"]).await;
     wait_for_ok(&polled.ingress, "/tuned/tag").await;
     wait_for_instances(&polled, "tuned", 2).await;
     let far = 1.0 - share_of(&polled.ingress, "near", 100).await;

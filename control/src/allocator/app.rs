@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr},
     ops::RangeInclusive,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -12,21 +12,20 @@ use std::{
 };
 
 use anyhow::Context;
-use libp2p::Multiaddr;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 use super::{
     book::{CullPolicy, Instance, Verdict, idle_from_metrics, reuses},
     ports::{self, InstancePorts, PortPool},
-    protocol::{NAMESPACE, StartProtocol, StartRequest, StartResponse},
+    protocol::{NAMESPACE, StartProtocol, StartRequest, StartResponse, instance},
     runtime::{Launch, Runtime, docker::DockerRuntime, process::ProcessRuntime},
 };
 use crate::{
     blob::{BlobStore, transfer},
     common::{
         daemon::Daemon,
-        net::{parse_p2p_listen_addr, parse_socket_addr},
-        overlay_args::{BOOTSTRAPS_ENV, OverlayArgs},
+        overlay_args::{BOOTSTRAPS_ENV, EPHEMERAL_ENV, PSK_ENV},
+        program::{CommonArgs, DaemonArgs, Program},
     },
     lookup::{ServiceRecord, client},
     overlay::{Node, identity::expand_home},
@@ -65,16 +64,6 @@ pub struct Cli {
         default_value = "~/.local/share/multi-tier-cloud/allocator"
     )]
     pub data_dir: PathBuf,
-
-    /// P2P listen address: IP:PORT, :PORT or a TCP multiaddr.
-    #[arg(long, env = "MTC_P2P_LISTEN_ADDR", default_value = ":0", value_name = "ADDR",
-          value_parser = parse_p2p_listen_addr)]
-    pub p2p_listen_addr: Multiaddr,
-
-    /// Address of the Prometheus endpoint: IP:PORT or :PORT.
-    #[arg(long, env = "MTC_PROM_LISTEN_ADDR", default_value = ":9101", value_name = "ADDR",
-          value_parser = parse_socket_addr)]
-    pub prom_listen_addr: SocketAddr,
 
     /// The address other machines reach this one at, given to instances as PROXY_IP.
     /// [default: the address of the interface with the default route, else 127.0.0.1]
@@ -119,17 +108,19 @@ pub struct Cli {
     #[arg(long, value_name = "FILE", hide = true)]
     pub configfile: Option<PathBuf>,
 
-    /// TOML file with any of these flags as keys; flags win over it, it wins over environment
-    /// variables.
-    #[arg(long, env = "ALLOCATOR_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-
-    /// Debug logs (RUST_LOG overrides).
-    #[arg(long)]
-    pub debug: bool,
-
     #[command(flatten)]
-    pub overlay: OverlayArgs,
+    pub daemon: DaemonArgs,
+}
+
+impl Program for Cli {
+    const NAME: &'static str = "allocator";
+    const CONFIG_ENV: &'static str = "ALLOCATOR_CONFIG";
+    const P2P_LISTEN_ADDR: &'static str = ":0";
+    const PROM_LISTEN_ADDR: Option<&'static str> = Some(":9101");
+
+    fn common(&self) -> &CommonArgs {
+        &self.daemon.common
+    }
 }
 
 /// The allocator's series on /metrics.
@@ -264,10 +255,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let blobs = Arc::new(BlobStore::open(&data_dir.join("blobs"))?);
     let runtime = choose_runtime(&cli, &data_dir).await?;
 
-    let mut config = cli.overlay.node_config("allocator", DEFAULT_KEYFILE)?;
-    config.listen = vec![cli.p2p_listen_addr.clone()];
+    let mut config = cli
+        .daemon
+        .common
+        .overlay
+        .node_config("allocator", DEFAULT_KEYFILE)?;
+    config.listen = vec![cli.daemon.p2p_listen_addr_of::<Cli>()];
     let own_bootstraps: Vec<String> = config.bootstraps.iter().map(|b| b.to_string()).collect();
-    let daemon = Daemon::start(config, cli.prom_listen_addr).await?;
+    let daemon = Daemon::start(
+        config,
+        cli.daemon.prom_listen_addr_of::<Cli>().expect("a default"),
+    )
+    .await?;
     let node = daemon.node.clone();
     let mut bootstraps = own_bootstraps;
     bootstraps.extend(node.listen_addrs().await.iter().map(|a| a.to_string()));
@@ -289,7 +288,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .or_else(default_route_ip)
             .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         bootstraps: bootstraps.join(" "),
-        psk: cli.overlay.psk.clone().filter(|p| !p.is_empty()),
+        psk: cli
+            .daemon
+            .common
+            .overlay
+            .psk
+            .clone()
+            .filter(|p| !p.is_empty()),
         max_instances: cli.max_instances,
         reuse_window: cli.reuse_window,
         cull: CullPolicy {
@@ -513,17 +518,20 @@ impl Allocator {
     /// The environment of an instance (the container contract of sidecar-image/README.md).
     fn environment(&self, record: &ServiceRecord, ports: InstancePorts) -> Vec<(String, String)> {
         let mut env = vec![
-            ("SERVICE_NAME".to_owned(), record.name.clone()),
-            ("SERVICE_PROTOCOL".into(), record.protocol.as_str().into()),
-            ("PROXY_PORT".into(), ports.proxy.to_string()),
-            ("PROXY_IP".into(), self.host_ip.to_string()),
-            ("SERVICE_PORT".into(), ports.service.to_string()),
-            ("METRICS_PORT".into(), ports.metrics.to_string()),
+            (instance::SERVICE_NAME.to_owned(), record.name.clone()),
+            (
+                instance::SERVICE_PROTOCOL.into(),
+                record.protocol.as_str().into(),
+            ),
+            (instance::PROXY_PORT.into(), ports.proxy.to_string()),
+            (instance::PROXY_IP.into(), self.host_ip.to_string()),
+            (instance::SERVICE_PORT.into(), ports.service.to_string()),
+            (instance::METRICS_PORT.into(), ports.metrics.to_string()),
             (BOOTSTRAPS_ENV.into(), self.bootstraps.clone()),
-            ("P2P_EPHEMERAL".into(), "true".into()),
+            (EPHEMERAL_ENV.into(), "true".into()),
         ];
         if let Some(psk) = &self.psk {
-            env.push(("P2P_PSK".into(), psk.clone()));
+            env.push((PSK_ENV.into(), psk.clone()));
         }
         if let Ok(filter) = std::env::var("RUST_LOG") {
             env.push(("RUST_LOG".into(), filter));

@@ -8,7 +8,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::ports::InstancePorts;
+use super::{ports::InstancePorts, protocol::instance};
 
 /// Labels on every container (and in every process's state file), so that an allocator
 /// that restarts finds what it started.
@@ -103,10 +103,10 @@ pub fn reuses(last: Option<Instant>, now: Instant, window: Duration) -> bool {
     last.is_some_and(|at| now.saturating_duration_since(at) < window)
 }
 
-/// The value of `proxy_seconds_since_last_request` in a Prometheus text exposition.
+/// The value of the idle metric ([`instance::IDLE_METRIC`]) in a Prometheus text exposition.
 pub fn idle_from_metrics(text: &str) -> Option<Duration> {
     text.lines()
-        .find_map(|line| line.strip_prefix("proxy_seconds_since_last_request "))
+        .find_map(|line| line.strip_prefix(instance::IDLE_METRIC)?.strip_prefix(' '))
         .and_then(|value| value.trim().parse::<f64>().ok())
         .filter(|secs| secs.is_finite() && *secs >= 0.0)
         .map(Duration::from_secs_f64)

@@ -14,6 +14,28 @@ use crate::rpc::Protocol;
 /// Allocators advertise themselves under this namespace.
 pub const NAMESPACE: &str = "allocator";
 
+/// The contract between an allocator and each instance it starts (sidecar-image/README.md):
+/// the environment it gives the instance's proxy, and the metric of that proxy it culls on.
+/// Both sides use these names, so they cannot drift apart.
+pub mod instance {
+    /// The service's name in the lookup: the proxy's SERVICE argument.
+    pub const SERVICE_NAME: &str = "SERVICE_NAME";
+    /// How the service is spoken to (`http`, `tcp`, `udp`): the proxy's `--protocol`.
+    pub const SERVICE_PROTOCOL: &str = "SERVICE_PROTOCOL";
+    /// The proxy's data-plane port: its PORT argument.
+    pub const PROXY_PORT: &str = "PROXY_PORT";
+    /// The address other machines reach the instance at; with [`SERVICE_PORT`], where the
+    /// service listens.
+    pub const PROXY_IP: &str = "PROXY_IP";
+    /// The port the service listens on.
+    pub const SERVICE_PORT: &str = "SERVICE_PORT";
+    /// The port of the proxy's /metrics: its METRICS_PORT argument.
+    pub const METRICS_PORT: &str = "METRICS_PORT";
+    /// Seconds since the proxy last served a request: the allocator culls an instance whose
+    /// proxy says it has been idle past the idle timeout.
+    pub const IDLE_METRIC: &str = "proxy_seconds_since_last_request";
+}
+
 pub struct StartProtocol;
 
 impl Protocol for StartProtocol {

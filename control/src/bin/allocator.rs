@@ -3,5 +3,5 @@
 use control::{allocator::app, common::run_binary};
 
 fn main() -> std::process::ExitCode {
-    run_binary("allocator", |cli: &app::Cli| cli.debug, app::run)
+    run_binary(app::run)
 }

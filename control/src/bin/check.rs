@@ -3,5 +3,5 @@
 use control::{check, common::run_binary};
 
 fn main() -> std::process::ExitCode {
-    run_binary("check", |cli: &check::Cli| cli.debug, check::run)
+    run_binary(check::run)
 }

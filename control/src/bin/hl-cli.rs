@@ -3,5 +3,5 @@
 use control::{common::run_binary, lookup::cli};
 
 fn main() -> std::process::ExitCode {
-    run_binary("hl-cli", |cli: &cli::Cli| cli.debug, cli::run)
+    run_binary(cli::run)
 }

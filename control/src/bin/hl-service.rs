@@ -3,5 +3,5 @@
 use control::{common::run_binary, lookup::app};
 
 fn main() -> std::process::ExitCode {
-    run_binary("hl-service", |cli: &app::Cli| cli.debug, app::run)
+    run_binary(app::run)
 }

@@ -3,5 +3,5 @@
 use control::{common::run_binary, monitor::app};
 
 fn main() -> std::process::ExitCode {
-    run_binary("ping-monitor", |cli: &app::Cli| cli.debug, app::run)
+    run_binary(app::run)
 }

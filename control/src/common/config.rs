@@ -34,7 +34,19 @@ pub fn parse_layered<C>(args: Vec<OsString>, config_id: &str) -> Result<C, Confi
 where
     C: CommandFactory + FromArgMatches,
 {
-    let command = C::command();
+    parse_layered_as(C::command(), args, config_id)
+}
+
+/// [`parse_layered`] with `command` as the definition of `C` (its own, with some defaults
+/// changed: [`super::program::Program::definition`]).
+pub fn parse_layered_as<C>(
+    command: clap::Command,
+    args: Vec<OsString>,
+    config_id: &str,
+) -> Result<C, ConfigError>
+where
+    C: FromArgMatches,
+{
     let args = normalize_single_dash(args, &command);
     let from_cli = command
         .clone()

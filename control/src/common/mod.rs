@@ -6,7 +6,10 @@ pub mod daemon;
 pub mod http;
 pub mod net;
 pub mod overlay_args;
+pub mod program;
 pub mod telemetry;
+
+use program::Program;
 
 /// Resolves when the process receives SIGINT (Ctrl-C) or SIGTERM (`docker stop`, `kill`).
 pub async fn shutdown_signal() {
@@ -21,44 +24,36 @@ pub async fn shutdown_signal() {
 /// The `main` of every binary: parses the layered configuration of `C`, starts logs and a
 /// Tokio runtime (one worker thread per core), runs `run`, and turns an error into a message
 /// on stderr and exit code 1 (usage errors exit with 2, as clap does).
-pub fn run_binary<C, F>(
-    name: &str,
-    debug: impl FnOnce(&C) -> bool,
-    run: impl FnOnce(C) -> F,
-) -> std::process::ExitCode
+pub fn run_binary<C, F>(run: impl FnOnce(C) -> F) -> std::process::ExitCode
 where
-    C: clap::CommandFactory + clap::FromArgMatches,
+    C: Program,
     F: std::future::Future<Output = anyhow::Result<()>>,
 {
-    run_binary_with(
-        name,
-        debug,
-        tokio::runtime::Builder::new_multi_thread(),
-        run,
-    )
+    run_binary_with(tokio::runtime::Builder::new_multi_thread(), run)
 }
 
 /// [`run_binary`] on a runtime `builder` makes: `new_current_thread()` for a program that
 /// starts whatever threads it needs itself (the proxy's workers), with no work-stealing
 /// machinery (cross-thread wake-ups, a parked main thread beside the worker).
 pub fn run_binary_with<C, F>(
-    name: &str,
-    debug: impl FnOnce(&C) -> bool,
     mut builder: tokio::runtime::Builder,
     run: impl FnOnce(C) -> F,
 ) -> std::process::ExitCode
 where
-    C: clap::CommandFactory + clap::FromArgMatches,
+    C: Program,
     F: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let cli: C = match config::parse_layered(std::env::args_os().collect(), "config") {
+    let name = C::NAME;
+    let args = std::env::args_os().collect();
+    let cli: C = match config::parse_layered_as(C::definition(), args, "config") {
         Ok(cli) => cli,
         Err(error) => {
             eprintln!("{name}: {error}");
             return std::process::ExitCode::from(2);
         }
     };
-    telemetry::init_logs(debug(&cli));
+    let common = cli.common();
+    telemetry::init_logs(common.debug, common.log_format);
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {

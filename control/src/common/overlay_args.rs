@@ -10,6 +10,10 @@ use crate::overlay::{
 /// Environment variable with whitespace-separated bootstrap addresses, used when neither the
 /// command line nor the config file names any (the allocator sets it for its instances).
 pub const BOOTSTRAPS_ENV: &str = "P2P_BOOTSTRAPS";
+/// Environment variable of `--psk`.
+pub const PSK_ENV: &str = "P2P_PSK";
+/// Environment variable of `--ephemeral`.
+pub const EPHEMERAL_ENV: &str = "P2P_EPHEMERAL";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct OverlayArgs {
@@ -22,7 +26,7 @@ pub struct OverlayArgs {
     /// an open network.
     #[arg(
         long,
-        env = "P2P_PSK",
+        env = PSK_ENV,
         value_name = "PASSPHRASE",
         hide_env_values = true
     )]
@@ -35,7 +39,7 @@ pub struct OverlayArgs {
 
     /// Use a new identity for this run only: no key file is read or written (what service
     /// instances started by an allocator do).
-    #[arg(long, env = "P2P_EPHEMERAL")]
+    #[arg(long, env = EPHEMERAL_ENV)]
     pub ephemeral: bool,
 
     /// Key algorithm of a newly created identity.

@@ -1,14 +1,13 @@
 //! The hl-service program: a lookup service on the overlay.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
 
 use anyhow::Context;
-use libp2p::Multiaddr;
 
 use super::{
     client,
@@ -21,8 +20,7 @@ use crate::{
     blob::{BlobStore, transfer},
     common::{
         daemon::Daemon,
-        net::{parse_p2p_listen_addr, parse_socket_addr},
-        overlay_args::OverlayArgs,
+        program::{CommonArgs, DaemonArgs, Program},
     },
     overlay::{Backoff, Node, identity::expand_home},
 };
@@ -43,16 +41,6 @@ pub struct Cli {
         value_name = "DIR"
     )]
     pub data_dir: PathBuf,
-
-    /// P2P listen address: IP:PORT, :PORT or a TCP multiaddr (:0 picks a free port).
-    #[arg(long, env = "MTC_P2P_LISTEN_ADDR", default_value = ":0", value_name = "ADDR",
-          value_parser = parse_p2p_listen_addr)]
-    pub p2p_listen_addr: Multiaddr,
-
-    /// Address of the Prometheus endpoint: IP:PORT or :PORT.
-    #[arg(long, env = "MTC_PROM_LISTEN_ADDR", default_value = ":9102", value_name = "ADDR",
-          value_parser = parse_socket_addr)]
-    pub prom_listen_addr: SocketAddr,
 
     /// Use this existing etcd cluster as the record store (comma-separated client URLs).
     #[arg(
@@ -87,17 +75,19 @@ pub struct Cli {
     #[arg(long, default_value_t = 2380, value_name = "PORT")]
     pub etcd_peer_port: u16,
 
-    /// TOML file with any of these flags as keys; flags win over it, it wins over environment
-    /// variables.
-    #[arg(long, env = "HL_SERVICE_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-
-    /// Debug logs (RUST_LOG overrides).
-    #[arg(long)]
-    pub debug: bool,
-
     #[command(flatten)]
-    pub overlay: OverlayArgs,
+    pub daemon: DaemonArgs,
+}
+
+impl Program for Cli {
+    const NAME: &'static str = "hl-service";
+    const CONFIG_ENV: &'static str = "HL_SERVICE_CONFIG";
+    const P2P_LISTEN_ADDR: &'static str = ":0";
+    const PROM_LISTEN_ADDR: Option<&'static str> = Some(":9102");
+
+    fn common(&self) -> &CommonArgs {
+        &self.daemon.common
+    }
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -106,9 +96,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
     let blobs = Arc::new(BlobStore::open(&data_dir.join("blobs"))?);
 
-    let mut config = cli.overlay.node_config("hl-service", DEFAULT_KEYFILE)?;
-    config.listen = vec![cli.p2p_listen_addr.clone()];
-    let daemon = Daemon::start(config, cli.prom_listen_addr).await?;
+    let mut config = cli
+        .daemon
+        .common
+        .overlay
+        .node_config("hl-service", DEFAULT_KEYFILE)?;
+    config.listen = vec![cli.daemon.p2p_listen_addr_of::<Cli>()];
+    let daemon = Daemon::start(
+        config,
+        cli.daemon.prom_listen_addr_of::<Cli>().expect("a default"),
+    )
+    .await?;
     let node = daemon.node.clone();
     // Kept until shutdown: dropping it stops the etcd member this program supervises.
     let (store, _etcd_member) = open_store(&cli, &data_dir, &node).await?;

@@ -19,7 +19,10 @@ use super::{
 };
 use crate::{
     blob::{Digest, hash_file, transfer},
-    common::overlay_args::OverlayArgs,
+    common::{
+        overlay_args::OverlayArgs,
+        program::{CommonArgs, Program},
+    },
     overlay::{Node, identity::IdentitySource},
 };
 
@@ -27,23 +30,24 @@ use crate::{
 #[derive(clap::Parser, Debug)]
 #[command(name = "hl-cli", version)]
 pub struct Cli {
-    #[command(flatten)]
-    pub overlay: OverlayArgs,
-
     /// Print JSON instead of text, for scripts.
     #[arg(long, global = true)]
     pub json: bool,
 
-    /// TOML file with any of the global flags as keys.
-    #[arg(long, env = "HL_CLI_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-
-    /// Debug logs (RUST_LOG overrides).
-    #[arg(long, global = true)]
-    pub debug: bool,
+    #[command(flatten)]
+    pub common: CommonArgs,
 
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Program for Cli {
+    const NAME: &'static str = "hl-cli";
+    const CONFIG_ENV: &'static str = "HL_CLI_CONFIG";
+
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -102,7 +106,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Add(args) => {
             // Everything about the artifact is checked before the network is touched.
             let artifact = prepare(args).await?;
-            let node = connect(&cli.overlay).await?;
+            let node = connect(&cli.common.overlay).await?;
             let (peer, record) = add(&node, &cli, artifact).await?;
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&record)?);
@@ -112,7 +116,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Get { name } => {
-            let node = connect(&cli.overlay).await?;
+            let node = connect(&cli.common.overlay).await?;
             match ask(&node, &cli, LookupRequest::Get(name.clone())).await? {
                 LookupResponse::Found(record) if cli.json => {
                     println!("{}", serde_json::to_string_pretty(&record)?)
@@ -123,7 +127,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::List => {
-            let node = connect(&cli.overlay).await?;
+            let node = connect(&cli.common.overlay).await?;
             match ask(&node, &cli, LookupRequest::List).await? {
                 LookupResponse::Services(records) if cli.json => {
                     println!("{}", serde_json::to_string_pretty(&records)?)
@@ -133,7 +137,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Delete { name } => {
-            let node = connect(&cli.overlay).await?;
+            let node = connect(&cli.common.overlay).await?;
             match ask(&node, &cli, LookupRequest::Delete(name.clone())).await? {
                 LookupResponse::Deleted(0) => bail!("no service named '{name}'"),
                 LookupResponse::Deleted(n) if cli.json => println!("{{\"deleted\": {n}}}"),
@@ -311,7 +315,7 @@ fn no_service_hint(error: ClientError, overlay: &OverlayArgs) -> anyhow::Error {
 async fn ask(node: &Node, cli: &Cli, request: LookupRequest) -> anyhow::Result<LookupResponse> {
     let (_, response) = client::call(node, &request)
         .await
-        .map_err(|e| no_service_hint(e, &cli.overlay))?;
+        .map_err(|e| no_service_hint(e, &cli.common.overlay))?;
     Ok(response)
 }
 
@@ -325,7 +329,7 @@ async fn add(
     let record = prepared.record;
     let services = client::lookup_services(node)
         .await
-        .map_err(|e| no_service_hint(e, &cli.overlay))?;
+        .map_err(|e| no_service_hint(e, &cli.common.overlay))?;
     let bar = if std::io::stderr().is_terminal() && !cli.json {
         ProgressBar::new(record.size).with_style(
             ProgressStyle::with_template("{bytes}/{total_bytes} {wide_bar} {bytes_per_sec} {eta}")

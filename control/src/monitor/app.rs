@@ -1,16 +1,14 @@
 //! The ping-monitor program: flags, start-up, the metrics endpoint and shutdown.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use futures::FutureExt;
-use libp2p::Multiaddr;
 
 use super::exporter::{LabelStyle, PeerRow, PeersView, RttCollector};
 use crate::common::{
     daemon::Daemon,
     http,
-    net::{parse_p2p_listen_addr, parse_socket_addr},
-    overlay_args::OverlayArgs,
+    program::{CommonArgs, DaemonArgs, Program},
 };
 
 /// Where the identity is kept unless --keyfile says otherwise (the original's default).
@@ -21,16 +19,6 @@ pub const DEFAULT_KEYFILE: &str = "~/.privKeyPing";
 #[derive(clap::Parser, Debug)]
 #[command(name = "ping-monitor", version)]
 pub struct Cli {
-    /// P2P listen address: IP:PORT, :PORT (all interfaces) or a TCP multiaddr.
-    #[arg(long, env = "MTC_P2P_LISTEN_ADDR", default_value = ":4001", value_name = "ADDR",
-          value_parser = parse_p2p_listen_addr)]
-    pub p2p_listen_addr: Multiaddr,
-
-    /// Address of the Prometheus endpoint (/metrics, /peers): IP:PORT or :PORT.
-    #[arg(long, env = "MTC_PROM_LISTEN_ADDR", default_value = ":9100", value_name = "ADDR",
-          value_parser = parse_socket_addr)]
-    pub prom_listen_addr: SocketAddr,
-
     /// Value of the `host` label on every series [default: this machine's hostname].
     #[arg(long, env = "MTC_HOSTNAME")]
     pub hostname: Option<String>,
@@ -56,22 +44,28 @@ pub struct Cli {
     )]
     pub metric_labels: LabelStyle,
 
-    /// TOML file with any of these flags as keys (`prom-listen-addr = ":9100"`); flags win over
-    /// it, it wins over environment variables.
-    #[arg(long, env = "PING_MONITOR_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-
-    /// Debug logs (RUST_LOG overrides).
-    #[arg(long)]
-    pub debug: bool,
-
     #[command(flatten)]
-    pub overlay: OverlayArgs,
+    pub daemon: DaemonArgs,
+}
+
+impl Program for Cli {
+    const NAME: &'static str = "ping-monitor";
+    const CONFIG_ENV: &'static str = "PING_MONITOR_CONFIG";
+    const P2P_LISTEN_ADDR: &'static str = ":4001";
+    const PROM_LISTEN_ADDR: Option<&'static str> = Some(":9100");
+
+    fn common(&self) -> &CommonArgs {
+        &self.daemon.common
+    }
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut config = cli.overlay.node_config("ping-monitor", DEFAULT_KEYFILE)?;
-    config.listen = vec![cli.p2p_listen_addr.clone()];
+    let mut config = cli
+        .daemon
+        .common
+        .overlay
+        .node_config("ping-monitor", DEFAULT_KEYFILE)?;
+    config.listen = vec![cli.daemon.p2p_listen_addr_of::<Cli>()];
     config.timing.ping_interval = cli.ping_interval;
     config.timing.peer_expiry = cli.peer_expiry;
     let host = cli
@@ -79,7 +73,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned());
 
-    let daemon = Daemon::start(config, cli.prom_listen_addr).await?;
+    let daemon = Daemon::start(
+        config,
+        cli.daemon.prom_listen_addr_of::<Cli>().expect("a default"),
+    )
+    .await?;
     let node = daemon.node.clone();
     let rtt = RttCollector::new(
         Arc::clone(node.rtt_table()),

@@ -7,10 +7,5 @@ fn main() -> std::process::ExitCode {
     app::tune_allocator();
     // The current-thread scheduler: the proxy starts its workers' threads itself.
     let runtime = tokio::runtime::Builder::new_current_thread();
-    run_binary_with(
-        "l4-proxy",
-        |cli: &app::L4Cli| cli.proxy.debug,
-        runtime,
-        app::run_l4,
-    )
+    run_binary_with(runtime, app::run_l4)
 }

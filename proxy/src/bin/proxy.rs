@@ -7,5 +7,5 @@ fn main() -> std::process::ExitCode {
     app::tune_allocator();
     // The current-thread scheduler: the proxy starts its workers' threads itself.
     let runtime = tokio::runtime::Builder::new_current_thread();
-    run_binary_with("proxy", |cli: &app::Cli| cli.debug, runtime, app::run)
+    run_binary_with(runtime, app::run)
 }

@@ -214,7 +214,7 @@ impl LivePerf {
                     _ = stop.cancelled() => return,
                 };
                 if trigger == Trigger::Signal && live.path.is_none() {
-                    tracing::info!("SIGHUP: no perf.conf (--configfile) to reload");
+                    tracing::info!("SIGHUP: no perf.conf (--perf-conf) to reload");
                     continue;
                 }
                 live.reload(trigger);
