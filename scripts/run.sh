@@ -81,7 +81,7 @@ start allocator "$bin/allocator" --ephemeral --bootstrap "$boot" --runtime "$run
 wait_for allocator 'runtime:' >/dev/null
 allocator=$(wait_for allocator 'listening on' | cut -d' ' -f2)
 
-start proxy "$bin/proxy" --ephemeral --bootstrap "$boot" --prom-listen-addr 127.0.0.1:0 4200
+start proxy "$bin/proxy" --ephemeral --bootstrap "$boot" --prom-listen-addr 127.0.0.1:9110 4200
 proxy_metrics=$(wait_for proxy 'metrics:')
 wait_for proxy 'ingress:' >/dev/null
 

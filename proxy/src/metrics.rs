@@ -167,8 +167,12 @@ impl IngressMetrics {
         self.accepted.inc();
     }
 
-    /// The request series of `service`, to be kept (by its record) and counted on.
+    /// The request series of `service`, to be kept (by its record) and counted on. Its
+    /// retry series start at zero, so that a rate over them reads 0 rather than nothing.
     pub fn series(&self, service: &str) -> ServiceSeries {
+        for outcome in ["taken", "over_budget", "hedged"] {
+            self.retries.with_label_values(&[service, outcome]);
+        }
         ServiceSeries {
             service: service.to_owned(),
             requests: self.requests.clone(),

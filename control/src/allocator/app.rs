@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     ops::RangeInclusive,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -12,6 +12,7 @@ use std::{
 };
 
 use anyhow::Context;
+use futures::FutureExt;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 use super::{
@@ -24,6 +25,7 @@ use crate::{
     blob::{BlobStore, transfer},
     common::{
         daemon::Daemon,
+        http,
         overlay_args::{BOOTSTRAPS_ENV, EPHEMERAL_ENV, PSK_ENV},
         program::{CommonArgs, DaemonArgs, Program},
     },
@@ -159,6 +161,13 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        // Every outcome and reason from zero: a rate over them reads 0 rather than nothing.
+        for outcome in ["started", "reused", "refused"] {
+            starts.with_label_values(&[outcome]);
+        }
+        for reason in ["idle", "unresponsive", "exited"] {
+            culls.with_label_values(&[reason]);
+        }
         registry.register(Box::new(instances.clone()))?;
         registry.register(Box::new(starts.clone()))?;
         registry.register(Box::new(start_seconds.clone()))?;
@@ -332,7 +341,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     });
 
-    daemon.run_until_signal(vec![]).await?;
+    let listing = Arc::clone(&allocator);
+    let targets: http::Handler = Arc::new(move || {
+        let allocator = Arc::clone(&listing);
+        async move { ("application/json", allocator.scrape_targets()) }.boxed()
+    });
+    daemon.run_until_signal(vec![("/targets", targets)]).await?;
     if !cli.leave_instances {
         allocator.stop_all().await;
     }
@@ -513,6 +527,29 @@ impl Allocator {
                 Err(reason)
             }
         }
+    }
+
+    /// The /metrics endpoints of the proxies of this allocator's instances, as Prometheus'
+    /// HTTP service discovery reads them (`http_sd_configs` in prometheus.yml): one target
+    /// group per instance, labelled with its service (`mtc_service`, so as not to clash with
+    /// the proxy's own `service` label) and its ID.
+    fn scrape_targets(&self) -> String {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let groups: Vec<serde_json::Value> = state
+            .instances
+            .values()
+            .map(|tracked| {
+                let instance = &tracked.instance;
+                serde_json::json!({
+                    "targets": [SocketAddr::new(self.host_ip, instance.ports.metrics).to_string()],
+                    "labels": {
+                        "mtc_service": instance.service,
+                        "mtc_instance": instance.id,
+                    },
+                })
+            })
+            .collect();
+        serde_json::Value::Array(groups).to_string()
     }
 
     /// The environment of an instance (the container contract of sidecar-image/README.md).
