@@ -15,7 +15,8 @@ set -euo pipefail
 #                      generated configs; the packaged services are stopped)
 #   util-linux         taskset, to pin benchmark processes to CPUs
 #   python3            the UDP echo service an allocator test registers as a user's script
-PACKAGES=(protobuf-compiler libprotobuf-dev etcd-server etcd-client prometheus musl-tools iproute2 procps curl nginx haproxy util-linux python3)
+#   binutils           strings and strip: test.sh checks what the proxy binary links
+PACKAGES=(protobuf-compiler libprotobuf-dev etcd-server etcd-client prometheus musl-tools iproute2 procps curl nginx haproxy util-linux python3 binutils)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

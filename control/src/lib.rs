@@ -1,4 +1,6 @@
-//! Control plane of multi-tier-cloud.
+//! Control plane of multi-tier-cloud. What the proxy shares with it (overlay, RPC, RTT
+//! windows, blobs, the lookup and allocator protocols, daemon plumbing) is the `mtc-overlay`
+//! crate, re-exported here under the same paths.
 //!
 //! - [`overlay`]: the libp2p network every program joins, with discovery by namespace.
 //! - [`rpc`]: typed request-response control protocols over overlay streams.
@@ -12,11 +14,8 @@
 //!   shutdown on signals.
 
 pub mod allocator;
-pub mod blob;
 pub mod check;
-pub mod common;
 pub mod lookup;
 pub mod monitor;
-pub mod overlay;
-pub mod rpc;
-pub mod rtt;
+
+pub use mtc_overlay::{blob, common, overlay, rpc, rtt};

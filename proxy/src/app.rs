@@ -26,7 +26,7 @@ use std::{
 };
 
 use anyhow::Context;
-use control::{
+use mtc_overlay::{
     allocator::protocol::instance,
     common::{
         daemon::Daemon,
@@ -406,10 +406,10 @@ async fn run_program(cli: Cli, program: Program) -> anyhow::Result<()> {
     let until = async {
         match service.as_mut() {
             Some(service) => tokio::select! {
-                () = control::common::shutdown_signal() => {}
+                () = mtc_overlay::common::shutdown_signal() => {}
                 exit = service.exited() => service_exit = Some(exit),
             },
-            None => control::common::shutdown_signal().await,
+            None => mtc_overlay::common::shutdown_signal().await,
         }
         // Before the node stops: ingresses must stop finding an instance that is going.
         if let Some(advertiser) = advertiser {
@@ -503,7 +503,7 @@ async fn advertise_service(
 async fn resolve(node: &Node, service: &str) -> ServiceRecord {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
-        match control::lookup::client::get(node, service).await {
+        match mtc_overlay::lookup::client::get(node, service).await {
             Ok(Some(record)) => return record,
             Ok(None) => tracing::warn!(%service, "the lookup knows no such service; asking again"),
             Err(error) => tracing::warn!(%service, %error, "cannot resolve the service; retrying"),

@@ -17,8 +17,10 @@
 //! - [`rewrite`], [`cache`], [`retry`], [`metrics`], [`supervise`]: the target and header
 //!   rewrite, the record cache, the retry budget, `/metrics`, the supervised service process.
 //!
-//! The overlay it joins and the RTT histograms it chooses from live in the `control` crate
-//! (`control::overlay`, `control::rtt`).
+//! The overlay it joins, the RTT histograms it chooses from and the protocols it speaks with
+//! lookups and allocators live in the `mtc-overlay` crate (`mtc_overlay::overlay`,
+//! `mtc_overlay::rtt`, ...), which holds no etcd or Docker code: the proxy does not depend on
+//! `control` at all (only its tests do), so no build links those clients into it.
 
 pub mod app;
 pub mod cache;

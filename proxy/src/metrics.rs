@@ -12,8 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use control::allocator::protocol::instance;
 use http::StatusCode;
+use mtc_overlay::allocator::protocol::instance;
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGaugeVec, Opts, Registry,

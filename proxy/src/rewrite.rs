@@ -36,7 +36,7 @@ pub fn split_service(path_and_query: &str) -> Result<(&str, &str), RouteError> {
     if service.is_empty() {
         return Err(RouteError::NoService);
     }
-    if control::lookup::record::validate_name(service).is_err() {
+    if mtc_overlay::lookup::record::validate_name(service).is_err() {
         return Err(RouteError::BadName(service.chars().take(64).collect()));
     }
     Ok((service, after))

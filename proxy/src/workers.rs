@@ -39,8 +39,8 @@ use std::{
 };
 
 use anyhow::Context;
-use control::overlay::Node;
 use libp2p::identity::Keypair;
+use mtc_overlay::overlay::Node;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;

@@ -8,7 +8,7 @@
 
 pub mod book;
 pub mod ports;
-pub mod protocol;
+pub use mtc_overlay::allocator::protocol;
 
 #[cfg(feature = "docker")]
 pub mod app;

@@ -6,12 +6,11 @@
 pub mod app;
 pub mod archive;
 pub mod cli;
-pub mod client;
 #[cfg(feature = "etcd")]
 pub mod etcd;
-pub mod protocol;
-pub mod record;
 pub mod service;
 pub mod store;
 
-pub use record::{Artifact, Limits, ServiceProtocol, ServiceRecord};
+pub use mtc_overlay::lookup::{
+    Artifact, Limits, ServiceProtocol, ServiceRecord, client, protocol, record,
+};

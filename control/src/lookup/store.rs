@@ -1,5 +1,6 @@
 //! Where records live: an embedded redb database (one machine, the default) or etcd (a
-//! cluster of lookup services, planned). Values are the records' JSON.
+//! cluster of lookup services sharing one store: `--etcd-endpoints`, or `--new-etcd-cluster`
+//! and `--etcd-ip`, see [`super::etcd`]). Values are the records' JSON.
 
 use std::{path::Path, sync::Arc};
 

@@ -1,6 +1,6 @@
 //! `l4-proxy`: layer-4 tunnels and service chains. See `proxy::l4` and `proxy::app`.
 
-use control::common::run_binary_with;
+use mtc_overlay::common::run_binary_with;
 use proxy::app;
 
 fn main() -> std::process::ExitCode {

@@ -1,6 +1,6 @@
 //! `proxy`: the local ingress and sidecar. See `proxy::app`.
 
-use control::common::run_binary_with;
+use mtc_overlay::common::run_binary_with;
 use proxy::app;
 
 fn main() -> std::process::ExitCode {

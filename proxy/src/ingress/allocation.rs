@@ -7,14 +7,14 @@
 
 use std::time::{Duration, Instant};
 
-use control::{
+use futures::StreamExt;
+use libp2p::PeerId;
+use mtc_overlay::{
     allocator::protocol::{NAMESPACE, StartProtocol, StartRequest, StartResponse},
     lookup::ServiceRecord,
     overlay::Node,
     rpc::NodeInfoProtocol,
 };
-use futures::StreamExt;
-use libp2p::PeerId;
 
 use crate::config::perf::Tuning;
 

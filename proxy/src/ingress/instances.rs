@@ -14,9 +14,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use control::{overlay::Node, rpc::NodeInfoProtocol};
 use futures::StreamExt;
 use libp2p::PeerId;
+use mtc_overlay::{overlay::Node, rpc::NodeInfoProtocol};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 

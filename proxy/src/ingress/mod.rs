@@ -49,13 +49,13 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use control::overlay::Node;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, Either, Empty, combinators::BoxBody};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use libp2p::PeerId;
+use mtc_overlay::overlay::Node;
 use quinn::Connection;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
@@ -664,33 +664,38 @@ async fn accept_until_shutdown(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) {
-    control::common::http::accept_until(listener, shutdown, "ingress", move |stream, client| {
-        let ingress = Arc::clone(&ingress);
-        ingress.metrics.accepted();
-        // A response's head and body may be separate writes: without NODELAY the body would
-        // wait for the client's delayed ACK of the head (up to 40 ms on Linux).
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "cannot set TCP_NODELAY");
-        }
-        tokio::spawn(async move {
-            let mut stream = stream;
-            let mut buffer = BytesMut::with_capacity(8 * 1024);
-            // Enough bytes to tell HTTP/2's preface from an HTTP/1.1 request line (one read,
-            // nearly always: the first byte of a method differs from the preface's or not).
-            let deadline = tokio::time::Instant::now() + ingress.settings.head_timeout;
-            while buffer.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&buffer) {
-                match tokio::time::timeout_at(deadline, stream.read_buf(&mut buffer)).await {
-                    Ok(Ok(n)) if n > 0 => {}
-                    _ => return,
+    mtc_overlay::common::http::accept_until(
+        listener,
+        shutdown,
+        "ingress",
+        move |stream, client| {
+            let ingress = Arc::clone(&ingress);
+            ingress.metrics.accepted();
+            // A response's head and body may be separate writes: without NODELAY the body would
+            // wait for the client's delayed ACK of the head (up to 40 ms on Linux).
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let mut buffer = BytesMut::with_capacity(8 * 1024);
+                // Enough bytes to tell HTTP/2's preface from an HTTP/1.1 request line (one read,
+                // nearly always: the first byte of a method differs from the preface's or not).
+                let deadline = tokio::time::Instant::now() + ingress.settings.head_timeout;
+                while buffer.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&buffer) {
+                    match tokio::time::timeout_at(deadline, stream.read_buf(&mut buffer)).await {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => return,
+                    }
                 }
-            }
-            if buffer.starts_with(H2_PREFACE) {
-                serve_h2(ingress, stream, client, buffer.freeze()).await;
-            } else {
-                front::serve(ingress, stream, client, buffer).await;
-            }
-        });
-    })
+                if buffer.starts_with(H2_PREFACE) {
+                    serve_h2(ingress, stream, client, buffer.freeze()).await;
+                } else {
+                    front::serve(ingress, stream, client, buffer).await;
+                }
+            });
+        },
+    )
     .await;
 }
 

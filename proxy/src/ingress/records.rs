@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use control::{
+use mtc_overlay::{
     lookup::{ServiceRecord, client::get as fetch_record},
     overlay::Node,
 };

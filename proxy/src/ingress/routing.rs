@@ -1,5 +1,5 @@
 //! The routing core of one service at the ingress: a pure state machine, as
-//! `control::overlay::bootstrap` is for joining the overlay and quinn-proto is under quinn.
+//! `mtc_overlay::overlay::bootstrap` is for joining the overlay and quinn-proto is under quinn.
 //! It does no I/O and reads no clock: the driver ([`super`]) passes the time, the randomness
 //! and what happened, and carries out the [`Action`]s it returns (probe, discover, allocate,
 //! wake waiting requests, check an instance's connection for silence, close it). The
@@ -70,7 +70,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use control::rtt::{RttWindow, WindowShape};
+use mtc_overlay::rtt::{RttWindow, WindowShape};
 
 use super::allocation::{AllocationError, AllocationState, Begin, Reason};
 use crate::{

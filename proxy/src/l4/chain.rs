@@ -13,7 +13,7 @@
 use std::fmt;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use control::lookup::record::validate_name;
+use mtc_overlay::lookup::record::validate_name;
 
 /// Version of the encoded chain.
 const VERSION: u8 = 1;

@@ -45,7 +45,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use control::rtt::{RttWindow, WindowShape};
+use mtc_overlay::rtt::{RttWindow, WindowShape};
 
 use crate::config::perf::{Limits, Policy, Tuning};
 
