@@ -135,7 +135,17 @@ pub async fn verdicts(cli: &Cli) -> Vec<Verdict> {
     let mut config =
         crate::overlay::NodeConfig::new("check", libp2p::identity::Keypair::generate_ed25519());
     config.bootstraps = bootstraps.clone();
-    config.network_key = cli.common.overlay.network_key();
+    config.network_key = match cli.common.overlay.network_key() {
+        Ok(key) => key,
+        Err(error) => {
+            verdicts.push(Verdict::failed(
+                "overlay",
+                error.to_string(),
+                "check /dev/urandom, or pass a --psk passphrase",
+            ));
+            return verdicts;
+        }
+    };
     config.dht_server = false;
     config.timing = Timing {
         handshake_timeout: cli.timeout,

@@ -30,17 +30,20 @@ async fn walk(docker_runtime: bool) {
     let dir = tempfile::tempdir().unwrap();
     let _reaper = InstanceReaper(dir.path().join("allocator"));
 
-    // $ ./allocator -bootstrap <bootstrap-p2p-addr> -configfile ../conf/conf.json
+    // $ ./allocator -configfile ../conf/conf.json, the bootstrap in the original's conf.json
+    // rather than a flag (what the original read it for).
     let conf = dir.path().join("conf.json");
-    std::fs::write(&conf, "{}").unwrap();
+    std::fs::write(
+        &conf,
+        format!(r#"{{"Perf":{{"SoftReq":{{"RTT":100}},"HardReq":{{"RTT":1000}}}},"Bootstraps":["{boot}"]}}"#),
+    )
+    .unwrap();
     let runtime = if docker_runtime { "docker" } else { "process" };
     let proxy = sibling("proxy");
     let data = dir.path().join("allocator");
     let allocator = start_daemon(
         ALLOCATOR,
         &[
-            "-bootstrap",
-            &boot,
             "-configfile",
             conf.to_str().unwrap(),
             "-ephemeral",
@@ -89,10 +92,20 @@ async fn walk(docker_runtime: bool) {
 
     // $ docker build ... && docker save ... && ./hl-cli -bootstrap <addr> add ... (or the
     // executable for the process runtime)
+    // $ ./hl-cli add --file hello-world-server.1.0.tar \
+    //     <DockerHub username>/hello-world-server@sha256:<image digest/hash> hello-world-server
+    // with the digest `docker push` would have printed: a registry's, not the image ID.
     let hello = sibling("helloworldserver");
     let tarball = docker_runtime.then(test_image);
+    let pushed = format!("walker/hello-world-server@sha256:{}", "5e".repeat(32));
     let add: Vec<&str> = match &tarball {
-        Some(tar) => vec!["add", "--file", tar.to_str().unwrap(), "hello-world-server"],
+        Some(tar) => vec![
+            "add",
+            "--file",
+            tar.to_str().unwrap(),
+            &pushed,
+            "hello-world-server",
+        ],
         None => vec![
             "add",
             "--exec",
@@ -103,10 +116,15 @@ async fn walk(docker_runtime: bool) {
             "$SERVICE_PORT",
         ],
     };
-    let mut args = vec!["-bootstrap", &boot];
-    args.extend(add);
-    let (ok, _, err) = run_to_exit(HL_CLI, &args, &[]).await;
+    // The bootstrap from the environment, as the walkthrough's line has no flag for it.
+    let (ok, out, err) = run_to_exit(HL_CLI, &add, &[("P2P_BOOTSTRAPS", &boot)]).await;
     assert!(ok, "{err}");
+    if docker_runtime {
+        assert!(
+            err.contains("taken as a registry digest") && out.contains(&pushed),
+            "the output says how the digest was taken: {err} / {out}"
+        );
+    }
 
     // $ ./proxy -bootstrap <bootstrap-p2p-addr> 4200
     let ingress = Process::spawn(

@@ -29,6 +29,7 @@ use anyhow::Context;
 use mtc_overlay::{
     allocator::protocol::instance,
     common::{
+        conf_json,
         daemon::Daemon,
         net::parse_socket_addr,
         program::{CommonArgs, DaemonArgs, Program as Flags},
@@ -303,6 +304,12 @@ pub async fn run_l4(cli: L4Cli) -> anyhow::Result<()> {
 
 async fn run_program(cli: Cli, program: Program) -> anyhow::Result<()> {
     let service_addr = cli.service_addr()?;
+    let mut cli = cli;
+    if let Some(path) = &cli.perf_conf {
+        // The original's conf.json: its bootstraps, if the flags name none.
+        let bootstraps = conf_json::bootstraps_of(path)?;
+        cli.daemon.common.overlay.or_bootstraps(bootstraps);
+    }
     let perf = LivePerf::load(cli.perf_conf.as_deref())?;
     let stop = CancellationToken::new();
     // At once: from here on a SIGHUP reloads perf.conf rather than ends the process.

@@ -24,6 +24,7 @@ use super::{
 use crate::{
     blob::{BlobStore, transfer},
     common::{
+        conf_json,
         daemon::Daemon,
         http,
         overlay_args::{BOOTSTRAPS_ENV, EPHEMERAL_ENV, PSK_ENV},
@@ -105,9 +106,9 @@ pub struct Cli {
     #[arg(long)]
     pub leave_instances: bool,
 
-    /// The original's configuration file: accepted so its command lines keep working;
-    /// everything it held is a flag here.
-    #[arg(long, value_name = "FILE", hide = true)]
+    /// The original's conf.json: its Bootstraps are used if no --bootstrap is given (its Perf
+    /// is the proxies' business).
+    #[arg(long, value_name = "FILE")]
     pub configfile: Option<PathBuf>,
 
     #[command(flatten)]
@@ -251,9 +252,11 @@ async fn choose_runtime(cli: &Cli, data_dir: &std::path::Path) -> anyhow::Result
     }
 }
 
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    if cli.configfile.is_some() {
-        tracing::info!("--configfile is accepted for compatibility; its settings are flags now");
+pub async fn run(mut cli: Cli) -> anyhow::Result<()> {
+    if let Some(path) = &cli.configfile {
+        // The original's conf.json: its bootstraps, if the flags name none.
+        let bootstraps = conf_json::bootstraps_of(path)?;
+        cli.daemon.common.overlay.or_bootstraps(bootstraps);
     }
     if let Some(ephemeral) = ports::kernel_ephemeral_range() {
         ports::check_outside_ephemeral(&cli.port_range, ephemeral).map_err(anyhow::Error::msg)?;
@@ -270,6 +273,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         .overlay
         .node_config("allocator", DEFAULT_KEYFILE)?;
     config.listen = vec![cli.daemon.p2p_listen_addr_of::<Cli>()];
+    // Handed on to the instances (a random one, from `-psk ""`, too: they join this network).
+    let network_passphrase = config
+        .network_key
+        .as_ref()
+        .map(|key| key.passphrase().to_owned());
     let own_bootstraps: Vec<String> = config.bootstraps.iter().map(|b| b.to_string()).collect();
     let daemon = Daemon::start(
         config,
@@ -297,13 +305,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .or_else(default_route_ip)
             .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         bootstraps: bootstraps.join(" "),
-        psk: cli
-            .daemon
-            .common
-            .overlay
-            .psk
-            .clone()
-            .filter(|p| !p.is_empty()),
+        psk: network_passphrase,
         max_instances: cli.max_instances,
         reuse_window: cli.reuse_window,
         cull: CullPolicy {

@@ -75,6 +75,11 @@ pub struct Cli {
     #[arg(long, default_value_t = 2380, value_name = "PORT")]
     pub etcd_peer_port: u16,
 
+    /// The original's debug switch "no bootstraps": joins no network, whatever --bootstrap or
+    /// P2P_BOOTSTRAPS say (a lookup service on its own, for trying hl-cli against it).
+    #[arg(long)]
+    pub local: bool,
+
     #[command(flatten)]
     pub daemon: DaemonArgs,
 }
@@ -101,6 +106,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         .common
         .overlay
         .node_config("hl-service", DEFAULT_KEYFILE)?;
+    if cli.local {
+        tracing::info!("--local: no bootstraps; this lookup service joins no network");
+        config.bootstraps.clear();
+    }
     config.listen = vec![cli.daemon.p2p_listen_addr_of::<Cli>()];
     let daemon = Daemon::start(
         config,

@@ -91,6 +91,10 @@ pub struct AddArgs {
     /// Memory per instance, e.g. 256MiB.
     #[arg(long, value_parser = parse_bytes, value_name = "SIZE")]
     pub memory: Option<u64>,
+    /// Check the artifact and print its digest and the record, but add nothing (the original's
+    /// --no-add; no lookup service is contacted).
+    #[arg(long)]
+    pub no_add: bool,
     /// How the service is spoken to: HTTP requests through `proxy`, or TCP connections and
     /// UDP datagrams through `l4-proxy` chains. Allocators start its sidecar accordingly.
     #[arg(long, value_enum, default_value = "http")]
@@ -106,6 +110,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Add(args) => {
             // Everything about the artifact is checked before the network is touched.
             let artifact = prepare(args).await?;
+            for note in &artifact.notes {
+                eprintln!("note: {note}");
+            }
+            if args.no_add {
+                // The original's --no-add: the hash only, nothing sent.
+                let record = &artifact.record;
+                if cli.json {
+                    println!("{}", serde_json::to_string_pretty(record)?);
+                } else {
+                    println!("Hashed file: {}", record.digest);
+                    print_record(record);
+                }
+                return Ok(());
+            }
             let node = connect(&cli.common.overlay).await?;
             let (peer, record) = add(&node, &cli, artifact).await?;
             if cli.json {
@@ -160,6 +178,8 @@ fn unexpected(response: LookupResponse) -> anyhow::Result<()> {
 struct Prepared {
     path: PathBuf,
     record: ServiceRecord,
+    /// What the user should know about how the arguments were taken.
+    notes: Vec<String>,
     /// Keeps a spooled standard input alive until the upload is done.
     _spool: Option<tempfile::NamedTempFile>,
 }
@@ -177,6 +197,7 @@ async fn prepare(args: &AddArgs) -> anyhow::Result<Prepared> {
         memory_bytes: args.memory,
     };
     let mut spool = None;
+    let mut notes = Vec::new();
     let (path, digest, size, artifact) = if let Some(exec) = &args.exec {
         if image_ref.is_some() {
             bail!("--exec takes only NAME, not an image reference (put the command line after --)");
@@ -212,17 +233,23 @@ async fn prepare(args: &AddArgs) -> anyhow::Result<Prepared> {
         };
         let info = inspect_archive(&path).await?;
         let (image, claimed) = split_image_ref(image_ref.as_deref())?;
-        if let Some(claimed) = claimed
-            && claimed != info.image_id
-        {
-            bail!(
-                "{}: the archive's image ID is {}, not {claimed}. After @sha256: give the image ID \
-                 (docker inspect --format '{{{{.Id}}}}' IMAGE); a registry's manifest digest (what \
-                 docker push prints) cannot be checked offline",
-                path.display(),
-                info.image_id
-            );
-        }
+        let image = match claimed {
+            // The original's walkthrough gives the digest `docker push` printed: a registry's
+            // manifest digest, which cannot be checked offline. It is kept as the image's
+            // reference; what identifies the image is the archive's own image ID (checked
+            // against its config when the archive was read).
+            Some(claimed) if claimed != info.image_id => {
+                let reference = format!("{}@{claimed}", image.as_deref().unwrap_or_default());
+                notes.push(format!(
+                    "{claimed} is not the archive's image ID ({}): taken as a registry digest and \
+                     recorded as the image reference {reference}; the archive is verified and \
+                     identified by its image ID instead",
+                    info.image_id
+                ));
+                Some(reference)
+            }
+            _ => image,
+        };
         let image = image.or_else(|| info.repo_tags.first().cloned());
         (
             path,
@@ -248,6 +275,7 @@ async fn prepare(args: &AddArgs) -> anyhow::Result<Prepared> {
     Ok(Prepared {
         path,
         record,
+        notes,
         _spool: spool,
     })
 }
@@ -298,7 +326,7 @@ async fn connect(overlay: &OverlayArgs) -> anyhow::Result<Node> {
     config.listen = Vec::new();
     config.dht_server = false;
     config.bootstraps = bootstraps;
-    config.network_key = overlay.network_key();
+    config.network_key = overlay.network_key()?;
     Ok(Node::start(config).await?)
 }
 

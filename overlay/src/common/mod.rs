@@ -1,6 +1,7 @@
 //! What every long-running binary shares: layered configuration (flags, config file,
 //! environment), overlay flags, logs, the Prometheus endpoint and shutdown on signals.
 
+pub mod conf_json;
 pub mod config;
 pub mod daemon;
 pub mod http;

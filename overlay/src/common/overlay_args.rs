@@ -22,14 +22,11 @@ pub struct OverlayArgs {
     #[arg(long = "bootstrap", value_name = "MULTIADDR")]
     pub bootstraps: Vec<String>,
 
-    /// Passphrase of a private network: only nodes given the same one can connect. Empty means
-    /// an open network.
-    #[arg(
-        long,
-        env = PSK_ENV,
-        value_name = "PASSPHRASE",
-        hide_env_values = true
-    )]
+    /// Passphrase of a private network: only nodes given the same one can connect. As in the
+    /// original, an empty one (`-psk ""`) makes a random key: a network of this node alone
+    /// (and the instances an allocator so started). Without the flag, env P2P_PSK (empty or
+    /// unset: an open network).
+    #[arg(long, value_name = "PASSPHRASE")]
     pub psk: Option<String>,
 
     /// File holding this node's private key, created on first start; keeps the peer ID stable
@@ -65,11 +62,31 @@ impl OverlayArgs {
             .collect()
     }
 
-    pub fn network_key(&self) -> Option<NetworkKey> {
-        self.psk
-            .as_deref()
-            .filter(|p| !p.is_empty())
-            .map(NetworkKey::from_passphrase)
+    /// Uses `bootstraps` (from the original's conf.json) unless the flags name some.
+    pub fn or_bootstraps(&mut self, bootstraps: Vec<String>) {
+        if self.bootstraps.is_empty() {
+            self.bootstraps = bootstraps;
+        }
+    }
+
+    /// The private network's key: `--psk`'s (empty: a random one, see the flag), else env
+    /// P2P_PSK's, else none. Call once per node: each call makes a new random key.
+    pub fn network_key(&self) -> Result<Option<NetworkKey>, ArgsError> {
+        match self.psk.as_deref() {
+            Some("") => {
+                let key = NetworkKey::random().map_err(ArgsError::Random)?;
+                tracing::warn!(
+                    fingerprint = %key.fingerprint(),
+                    "--psk \"\": a random network key, as the original made: no other node can join"
+                );
+                Ok(Some(key))
+            }
+            Some(passphrase) => Ok(Some(NetworkKey::from_passphrase(passphrase))),
+            None => Ok(std::env::var(PSK_ENV)
+                .ok()
+                .filter(|p| !p.is_empty())
+                .map(|p| NetworkKey::from_passphrase(&p))),
+        }
     }
 
     /// Where the identity comes from; `default_keyfile` (e.g. `~/.privKeyPing`) unless
@@ -90,7 +107,7 @@ impl OverlayArgs {
         let keypair = self.identity(default_keyfile).load()?;
         let mut config = NodeConfig::new(role, keypair);
         config.bootstraps = self.bootstrap_addrs().map_err(ArgsError::Bootstrap)?;
-        config.network_key = self.network_key();
+        config.network_key = self.network_key()?;
         Ok(config)
     }
 }
@@ -101,4 +118,6 @@ pub enum ArgsError {
     Identity(#[from] IdentityError),
     #[error("{0}")]
     Bootstrap(String),
+    #[error("cannot make a random network key for --psk \"\": {0}")]
+    Random(std::io::Error),
 }

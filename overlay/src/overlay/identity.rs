@@ -5,6 +5,12 @@
 //! encoding go-libp2p's `MarshalPrivateKey` and IPFS's `PrivKey` use). The file is created with
 //! mode 0600 and never overwritten: a file that cannot be read or decoded is an error that names
 //! it, and it is left exactly as it was.
+//!
+//! The original system's key files (`~/.privKeyPing`, `~/.privKeyProxy`, ...) are read too, so
+//! a migrated node keeps its peer ID: one line `<key type> <base64 of the raw private key>`,
+//! with go-libp2p's key types and raw forms: 0 RSA (PKCS#1 DER, the original's default), 1
+//! Ed25519 (seed and public key, 64 bytes), 2 secp256k1 (the 32-byte scalar), 3 ECDSA (SEC1
+//! DER). New key files are written in the first form.
 
 use std::{
     fs::OpenOptions,
@@ -96,10 +102,91 @@ pub fn load_or_create(path: &Path, algorithm: KeyAlgorithm) -> Result<Keypair, I
 
 fn decode(contents: &[u8]) -> Result<Keypair, String> {
     let text = std::str::from_utf8(contents).map_err(|_| "not UTF-8 text".to_owned())?;
+    if let Some((kind, raw)) = text.trim().split_once(' ') {
+        return decode_original(kind, raw);
+    }
     let bytes = STANDARD
         .decode(text.trim())
         .map_err(|e| format!("not base64: {e}"))?;
     Keypair::from_protobuf_encoding(&bytes).map_err(|e| format!("not a libp2p private key: {e}"))
+}
+
+/// The original's `<key type> <base64 raw key>` (see the module doc).
+fn decode_original(kind: &str, raw: &str) -> Result<Keypair, String> {
+    let mut raw = STANDARD
+        .decode(raw.trim())
+        .map_err(|e| format!("original key file: the key is not base64: {e}"))?;
+    let bad = |e: &dyn std::fmt::Display| format!("original key file of type {kind}: {e}");
+    match kind {
+        "0" => Keypair::rsa_from_pkcs8(&mut pkcs1_to_pkcs8(&raw)).map_err(|e| bad(&e)),
+        "1" => {
+            // go-libp2p's raw Ed25519 key is the 32-byte seed followed by the public key.
+            if raw.len() != 64 {
+                return Err(bad(&format!("{} bytes, not 64", raw.len())));
+            }
+            Keypair::ed25519_from_bytes(&mut raw[..32]).map_err(|e| bad(&e))
+        }
+        "2" => {
+            let secret = libp2p::identity::secp256k1::SecretKey::try_from_bytes(&mut raw)
+                .map_err(|e| bad(&e))?;
+            Ok(libp2p::identity::secp256k1::Keypair::from(secret).into())
+        }
+        "3" => {
+            let scalar = sec1_scalar(&raw).ok_or_else(|| bad(&"not an SEC1 EC private key"))?;
+            let secret =
+                libp2p::identity::ecdsa::SecretKey::try_from_bytes(scalar).map_err(|e| bad(&e))?;
+            Ok(libp2p::identity::ecdsa::Keypair::from(secret).into())
+        }
+        other => Err(format!(
+            "original key file: unknown key type {other} (0 RSA, 1 Ed25519, 2 secp256k1, 3 ECDSA)"
+        )),
+    }
+}
+
+/// A DER length.
+fn der_length(length: usize) -> Vec<u8> {
+    match length {
+        0..=127 => vec![length as u8],
+        128..=255 => vec![0x81, length as u8],
+        _ => vec![0x82, (length >> 8) as u8, length as u8],
+    }
+}
+
+/// Wraps a PKCS#1 RSA private key (what go-libp2p stores) in PKCS#8 (what libp2p here reads):
+/// `SEQUENCE { INTEGER 0, SEQUENCE { rsaEncryption, NULL }, OCTET STRING pkcs1 }`.
+fn pkcs1_to_pkcs8(pkcs1: &[u8]) -> Vec<u8> {
+    const VERSION_AND_ALGORITHM: [u8; 18] = [
+        0x02, 0x01, 0x00, // INTEGER 0
+        0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05,
+        0x00, // SEQUENCE { OID 1.2.840.113549.1.1.1, NULL }
+    ];
+    let mut octets = vec![0x04];
+    octets.extend(der_length(pkcs1.len()));
+    octets.extend_from_slice(pkcs1);
+    let mut body = VERSION_AND_ALGORITHM.to_vec();
+    body.extend(octets);
+    let mut out = vec![0x30];
+    out.extend(der_length(body.len()));
+    out.extend(body);
+    out
+}
+
+/// The private scalar of an SEC1 `ECPrivateKey` (`SEQUENCE { INTEGER 1, OCTET STRING key,
+/// ... }`), what go-libp2p stores for ECDSA.
+fn sec1_scalar(der: &[u8]) -> Option<&[u8]> {
+    let (&tag, rest) = der.split_first()?;
+    if tag != 0x30 {
+        return None;
+    }
+    // Skip the sequence's length (short or long form).
+    let (&first, mut rest) = rest.split_first()?;
+    if first & 0x80 != 0 {
+        rest = rest.get(usize::from(first & 0x7f)..)?;
+    }
+    let rest = rest.strip_prefix(&[0x02, 0x01, 0x01])?;
+    let (&tag, rest) = rest.split_first()?;
+    let (&length, rest) = rest.split_first()?;
+    (tag == 0x04).then(|| rest.get(..usize::from(length)))?
 }
 
 fn create(path: &Path, algorithm: KeyAlgorithm) -> Result<Keypair, IdentityError> {
@@ -173,6 +260,62 @@ mod tests {
             load_or_create(&path, KeyAlgorithm::Ed25519),
             Err(IdentityError::Corrupt { .. })
         ));
+    }
+
+    /// A key file as the original wrote it: `<type> <base64 raw>`.
+    fn original_key_file(dir: &Path, kind: u8, raw: &[u8]) -> PathBuf {
+        let path = dir.join(format!(".privKey-{kind}"));
+        std::fs::write(&path, format!("{kind} {}\n", STANDARD.encode(raw))).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_originals_key_files_keep_their_peer_id() {
+        use libp2p::identity::{PublicKey, ecdsa, ed25519, secp256k1};
+        let dir = tempfile::tempdir().unwrap();
+        let peer_of = |path: &Path| {
+            load_or_create(path, KeyAlgorithm::Ed25519)
+                .unwrap()
+                .public()
+                .to_peer_id()
+        };
+
+        // RSA, the original's default: PKCS#1 DER (openssl's -traditional form); the same key
+        // as PKCS#8 gives the peer ID it must have.
+        let pkcs1 = include_bytes!("testdata/rsa2048.pkcs1.der");
+        let mut pkcs8 = include_bytes!("testdata/rsa2048.pkcs8.der").to_vec();
+        let rsa = Keypair::rsa_from_pkcs8(&mut pkcs8).unwrap();
+        assert_eq!(
+            pkcs1_to_pkcs8(pkcs1),
+            include_bytes!("testdata/rsa2048.pkcs8.der")
+        );
+        let path = original_key_file(dir.path(), 0, pkcs1);
+        assert_eq!(peer_of(&path), rsa.public().to_peer_id());
+
+        // Ed25519: seed and public key.
+        let ed = ed25519::Keypair::generate();
+        let path = original_key_file(dir.path(), 1, &ed.to_bytes());
+        assert_eq!(peer_of(&path), Keypair::from(ed).public().to_peer_id());
+
+        // secp256k1: the scalar.
+        let k1 = secp256k1::Keypair::generate();
+        let path = original_key_file(dir.path(), 2, &k1.secret().to_bytes());
+        assert_eq!(peer_of(&path), Keypair::from(k1).public().to_peer_id());
+
+        // ECDSA: SEC1 DER with parameters and public key (openssl's form, as Go's
+        // x509.MarshalECPrivateKey); its public key from the SubjectPublicKeyInfo.
+        let path = original_key_file(dir.path(), 3, include_bytes!("testdata/p256.sec1.der"));
+        let public =
+            ecdsa::PublicKey::try_decode_der(include_bytes!("testdata/p256.spki.der")).unwrap();
+        assert_eq!(peer_of(&path), PublicKey::from(public).to_peer_id());
+
+        // A type it does not know is named, and the file left alone.
+        let path = original_key_file(dir.path(), 7, b"whatever");
+        let error = load_or_create(&path, KeyAlgorithm::Ed25519)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown key type 7"), "{error}");
+        assert!(std::fs::read_to_string(&path).unwrap().starts_with("7 "));
     }
 
     #[test]

@@ -26,6 +26,16 @@ impl NetworkKey {
         }
     }
 
+    /// A key no one else has: a random passphrase (64 hex digits from /dev/urandom), kept so
+    /// that an allocator can hand it on to its instances.
+    pub fn random() -> std::io::Result<Self> {
+        use std::io::Read;
+        let mut bytes = [0u8; 32];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        let passphrase: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Self::from_passphrase(&passphrase))
+    }
+
     /// The passphrase this key was derived from.
     pub fn passphrase(&self) -> &str {
         &self.passphrase

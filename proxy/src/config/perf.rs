@@ -332,6 +332,26 @@ struct SeedRequirement {
     rtt_ms: u64,
 }
 
+/// The original's later `conf.json`: its `Perf` is the seed's perf.conf; its `Bootstraps`
+/// are the overlay's business (`mtc_overlay::common::conf_json`), other keys are ignored.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ConfJson {
+    perf: SeedJson,
+}
+
+/// The limits of the seed's JSON perf.conf, or of a conf.json's `Perf`.
+fn seed_json(text: &str) -> Result<SeedJson, InvalidPerf> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| InvalidPerf(format!("JSON form: {e}")))?;
+    if value.get("Perf").is_some() || value.get("Bootstraps").is_some() {
+        let conf: ConfJson = serde_json::from_value(value)
+            .map_err(|e| InvalidPerf(format!("conf.json form: {e}")))?;
+        return Ok(conf.perf);
+    }
+    serde_json::from_value(value).map_err(|e| InvalidPerf(format!("seed JSON form: {e}")))
+}
+
 /// A duration as a humantime string ("20ms"); a bare number is refused for lack of a unit.
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
@@ -447,8 +467,7 @@ impl PerfConfig {
     /// Parses perf.conf text; the error names the line and key where TOML says them.
     pub fn parse(text: &str) -> Result<Self, InvalidPerf> {
         let config = if text.trim_start().starts_with('{') {
-            let seed: SeedJson = serde_json::from_str(text)
-                .map_err(|e| InvalidPerf(format!("seed JSON form: {e}")))?;
+            let seed: SeedJson = seed_json(text)?;
             let mut config = Self::default();
             config.defaults.limits = Limits {
                 soft_rtt: Duration::from_millis(seed.soft_req.rtt_ms),
@@ -637,6 +656,28 @@ mod tests {
                 rtt_window: MS * 2000,
                 ..defaults
             }
+        );
+    }
+
+    #[test]
+    fn the_originals_conf_json_gives_its_perf() {
+        let config = PerfConfig::parse(
+            r#"{"Perf":{"SoftReq":{"RTT":30},"HardReq":{"RTT":300}},"Bootstraps":["/ip4/1.2.3.4/tcp/4001/p2p/x"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.defaults.limits,
+            Limits {
+                soft_rtt: MS * 30,
+                hard_rtt: MS * 300
+            }
+        );
+        let error = PerfConfig::parse(r#"{"Bootstraps":[]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("conf.json") && error.contains("Perf"),
+            "{error}"
         );
     }
 
