@@ -1,29 +1,56 @@
 #!/usr/bin/env bash
-# Builds the hello-world-server image with no registry: static (musl) proxy and
-# helloworldserver, a FROM-scratch image, and its `docker save` tarball.
+# Bakes services into images with their proxy, with no registry.
 #
-#   sidecar-image/build.sh [OUT_DIR]        default OUT_DIR: target/sidecar-image
+#   sidecar-image/build.sh [OUT_DIR] [SERVICE_DIR]
 #
-# Prints the tarball's path. IMAGE_TAG overrides the tag
-# (default multi-tier-cloud/hello-world-server:latest).
+# Always builds the proxy base image multi-tier-cloud/proxy-base:latest (base/Dockerfile: the
+# static musl proxy and perf.conf). Then, without SERVICE_DIR, the hello-world-server image
+# (Dockerfile here, with a static helloworldserver), saved as OUT_DIR/hello-world-server.tar;
+# with SERVICE_DIR, the image of that directory (its Dockerfile builds FROM the base; an
+# executable `prepare` in it runs first with CONTEXT and CARGO_TARGET_DIR set, to put what
+# the image copies into the context), tagged multi-tier-cloud/<dir name>:latest and saved as
+# OUT_DIR/<dir name>.tar. OUT_DIR defaults to target/sidecar-image. Prints the tarball's path.
+# IMAGE_TAG overrides the service image's tag.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-target/sidecar-image}")
-tag=${IMAGE_TAG:-multi-tier-cloud/hello-world-server:latest}
+service_dir=${2:-}
 
-# Its own target directory: the proxy built alone links neither the etcd nor a Docker client
-# (a workspace build would unify features), and this build never waits on another cargo.
+# Its own target directory: this build never waits on another cargo.
 export CARGO_TARGET_DIR=${SIDECAR_TARGET_DIR:-target/sidecar-build}
 musl=x86_64-unknown-linux-musl
-cargo build --release --locked --quiet --target "$musl" -p proxy --bin proxy >&2
-cargo build --release --locked --quiet --target "$musl" -p helloworld >&2
+release="$CARGO_TARGET_DIR/$musl/release"
 
-context="$out/context"
-rm -rf "$context"
-mkdir -p "$context"
-cp "$CARGO_TARGET_DIR/$musl/release/proxy" "$CARGO_TARGET_DIR/$musl/release/helloworldserver" \
-   perf.conf sidecar-image/Dockerfile "$context/"
-strip "$context/proxy" "$context/helloworldserver"
+# The base image.
+cargo build --release --locked --quiet --target "$musl" -p proxy --bin proxy >&2
+base="$out/base"
+rm -rf "$base"
+mkdir -p "$base"
+cp "$release/proxy" perf.conf sidecar-image/base/Dockerfile "$base/"
+strip "$base/proxy"
+docker build --quiet --tag multi-tier-cloud/proxy-base:latest "$base" >&2
+
+# The service's image.
+if [ -z "$service_dir" ]; then
+  name=hello-world-server
+  context="$out/context"
+  rm -rf "$context"
+  mkdir -p "$context"
+  cargo build --release --locked --quiet --target "$musl" -p helloworld --bin helloworldserver >&2
+  cp "$release/helloworldserver" sidecar-image/Dockerfile "$context/"
+  strip "$context/helloworldserver"
+else
+  name=$(basename "$(realpath "$service_dir")")
+  context="$out/context-$name"
+  rm -rf "$context"
+  mkdir -p "$context"
+  cp -r "$service_dir/." "$context/"
+  rm -f "$context/prepare"
+  if [ -x "$service_dir/prepare" ]; then
+    CONTEXT="$context" "$service_dir/prepare"
+  fi
+fi
+tag=${IMAGE_TAG:-multi-tier-cloud/$name:latest}
 docker build --quiet --tag "$tag" "$context" >&2
-docker save --output "$out/hello-world-server.tar" "$tag"
-echo "$out/hello-world-server.tar"
+docker save --output "$out/$name.tar" "$tag"
+echo "$out/$name.tar"

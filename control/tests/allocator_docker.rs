@@ -169,3 +169,34 @@ async fn docker_instances_load_from_the_overlay_serve_are_culled_and_adopted() {
         containers.ids()
     );
 }
+
+/// Issue 15: any service is baked on the proxy base image (sidecar-image/README.md's contract)
+/// and runs through a Docker allocator like hello world: here sidecar-image/examples/echo,
+/// built by sidecar-image/build.sh from its directory, registered, started on demand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_service_baked_on_the_proxy_base_image_serves_through_an_allocator() {
+    if !docker_engine() {
+        return;
+    }
+    let tarball = bake("examples/echo");
+    assert!(tarball.ends_with("echo.tar"), "{}", tarball.display());
+    let network = start_network().await;
+    let (ok, _, err) = cli(
+        &network,
+        &["add", "--file", tarball.to_str().unwrap(), "echo"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let allocator = start_allocator(
+        &network,
+        dir.path(),
+        "docker",
+        &["--idle-timeout", "1h", "--port-range", "21300-21399"],
+    )
+    .await;
+    let _containers = Containers(allocator.peer.to_string());
+    let (_ingress, addr) = start_ingress(&network).await;
+    let (status, body) = http_get(&addr, "/echo/hello/there").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "GET /hello/there"));
+}

@@ -287,6 +287,23 @@ pub fn test_image() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
 }
 
+/// Bakes the service in `sidecar-image/<dir>` on the proxy base image with
+/// sidecar-image/build.sh; its tarball.
+pub fn bake(dir: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let output = Command::new(root.join("sidecar-image/build.sh"))
+        .arg(root.join("target/test-image"))
+        .arg(root.join("sidecar-image").join(dir))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "sidecar-image/build.sh {dir} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+}
+
 /// Removes every container labelled as `allocator`'s when dropped, even if the test failed.
 pub struct Containers(pub String);
 
