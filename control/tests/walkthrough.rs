@@ -202,7 +202,13 @@ async fn the_repositorys_prometheus_config_is_valid() {
     )
     .await;
     assert!(ok, "{out}{err}");
-    for job in ["ping-monitor", "allocator", "hl-service", "ingress", "instances"] {
+    for job in [
+        "ping-monitor",
+        "allocator",
+        "hl-service",
+        "ingress",
+        "instances",
+    ] {
         let text = std::fs::read_to_string(&config).unwrap();
         assert!(text.contains(&format!("job_name: {job}")), "{job}");
     }

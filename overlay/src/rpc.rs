@@ -31,7 +31,7 @@ pub trait Protocol: Send + Sync + 'static {
 /// Why a request or a frame failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RpcError {
-    /// `target` reads "<protocol> to <peer>".
+    /// `target` reads `"<protocol> to <peer>"`.
     #[error("cannot open {target}: {reason}")]
     Open { target: String, reason: String },
     #[error("no answer to {target} within {timeout:?}")]

@@ -52,6 +52,8 @@ use crate::{
 /// Sidecar and local ingress: `/<service>/<path>` on 127.0.0.1:PORT goes to the nearest
 /// instance of <service> over QUIC. Given SERVICE and IP:SERVICE_PORT, also the sidecar of one
 /// instance of SERVICE.
+// The doc comments are --help texts, where `<service>` is a placeholder, not HTML.
+#[allow(rustdoc::invalid_html_tags)]
 #[derive(clap::Parser, Debug)]
 #[command(name = "proxy", version)]
 pub struct Cli {

@@ -15,6 +15,8 @@ pub const PSK_ENV: &str = "P2P_PSK";
 /// Environment variable of `--ephemeral`.
 pub const EPHEMERAL_ENV: &str = "P2P_EPHEMERAL";
 
+// The doc comments are --help texts, where `<peer id>` is a placeholder, not HTML.
+#[allow(rustdoc::invalid_html_tags)]
 #[derive(clap::Args, Debug, Clone)]
 pub struct OverlayArgs {
     /// Multiaddr of a bootstrap node, ending in /p2p/<peer id>; repeat for several. Without

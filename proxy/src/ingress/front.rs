@@ -1,5 +1,5 @@
 //! The ingress's own HTTP/1.1 front: one task per client connection reads request heads,
-//! hands each to [`Ingress::request`] as the `HEAD` frame [`http1::front`] made of it (parsed
+//! hands each to [`Ingress::request`] as the `HEAD` frame [`crate::http1::front`] made of it (parsed
 //! once, no `HeaderMap`), and writes the instance's answer back as it streams in. A
 //! connection that opens with HTTP/2's preface goes to hyper's HTTP/2 server instead
 //! ([`super::serve_h2`]).
