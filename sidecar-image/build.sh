@@ -12,12 +12,13 @@
 # OUT_DIR/<dir name>.tar. OUT_DIR defaults to target/sidecar-image. Prints the tarball's path.
 # IMAGE_TAG overrides the service image's tag.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# Paths as the caller gave them, before moving to the repository's root.
 out=$(realpath -m "${1:-target/sidecar-image}")
-service_dir=${2:-}
+service_dir=${2:+$(realpath "$2")}
+cd "$(dirname "$0")/.."
 
 # Its own target directory: this build never waits on another cargo.
-export CARGO_TARGET_DIR=${SIDECAR_TARGET_DIR:-target/sidecar-build}
+export CARGO_TARGET_DIR=$(realpath -m "${SIDECAR_TARGET_DIR:-target/sidecar-build}")
 musl=x86_64-unknown-linux-musl
 release="$CARGO_TARGET_DIR/$musl/release"
 
@@ -40,7 +41,8 @@ if [ -z "$service_dir" ]; then
   cp "$release/helloworldserver" sidecar-image/Dockerfile "$context/"
   strip "$context/helloworldserver"
 else
-  name=$(basename "$(realpath "$service_dir")")
+  # The directory's name is the image's: Docker wants it lower case.
+  name=$(basename "$service_dir" | tr '[:upper:]' '[:lower:]')
   context="$out/context-$name"
   rm -rf "$context"
   mkdir -p "$context"

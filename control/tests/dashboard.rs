@@ -248,10 +248,12 @@ async fn every_dashboard_query_is_valid_and_names_series_the_programs_export() {
         missing.lock().unwrap()
     );
     // The sidecar of the instance is scraped too, found through the allocator.
-    let (_, up) = http_get(&web, "/api/v1/query?query=proxy_service_up")
-        .await
-        .unwrap();
-    assert!(up.contains("\"job\":\"instances\""), "{up}");
+    wait_until("the instance's sidecar scraped", DEADLINE, || async {
+        http_get(&web, "/api/v1/query?query=proxy_service_up")
+            .await
+            .is_some_and(|(_, up)| up.contains("\"job\":\"instances\""))
+    })
+    .await;
 
     for (title, expr) in &queries {
         let path = format!("/api/v1/query?query={}", url_encode(&expand(expr)));

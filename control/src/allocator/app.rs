@@ -29,6 +29,7 @@ use crate::{
         http,
         overlay_args::{BOOTSTRAPS_ENV, EPHEMERAL_ENV, PSK_ENV},
         program::{CommonArgs, DaemonArgs, Program},
+        program::{P2P_LISTEN_ENV, PROM_LISTEN_ENV},
     },
     lookup::{ServiceRecord, client},
     overlay::{Node, identity::expand_home},
@@ -568,6 +569,10 @@ impl Allocator {
             (instance::METRICS_PORT.into(), ports.metrics.to_string()),
             (BOOTSTRAPS_ENV.into(), self.bootstraps.clone()),
             (EPHEMERAL_ENV.into(), "true".into()),
+            // What a process instance would otherwise inherit from this allocator's own
+            // environment: its listen addresses, which the instance's proxy would try to bind.
+            (PROM_LISTEN_ENV.into(), format!(":{}", ports.metrics)),
+            (P2P_LISTEN_ENV.into(), ":0".into()),
         ];
         if let Some(psk) = &self.psk {
             env.push((PSK_ENV.into(), psk.clone()));

@@ -239,7 +239,8 @@ async fn prepare(args: &AddArgs) -> anyhow::Result<Prepared> {
             // reference; what identifies the image is the archive's own image ID (checked
             // against its config when the archive was read).
             Some(claimed) if claimed != info.image_id => {
-                let reference = format!("{}@{claimed}", image.as_deref().unwrap_or_default());
+                let repository = image.or_else(|| info.repo_tags.first().cloned());
+                let reference = format!("{}@{claimed}", repository.unwrap_or_default());
                 notes.push(format!(
                     "{claimed} is not the archive's image ID ({}): taken as a registry digest and \
                      recorded as the image reference {reference}; the archive is verified and \

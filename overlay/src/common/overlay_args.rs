@@ -26,8 +26,8 @@ pub struct OverlayArgs {
 
     /// Passphrase of a private network: only nodes given the same one can connect. As in the
     /// original, an empty one (`-psk ""`) makes a random key: a network of this node alone
-    /// (and the instances an allocator so started). Without the flag, env P2P_PSK (empty or
-    /// unset: an open network).
+    /// (and the instances an allocator so started); so does `psk = ""` in a --config file.
+    /// Without the flag, env P2P_PSK (empty or unset: an open network).
     #[arg(long, value_name = "PASSPHRASE")]
     pub psk: Option<String>,
 

@@ -15,6 +15,11 @@ use super::{
     telemetry::LogFormat,
 };
 
+/// Environment variable of `--p2p-listen-addr`.
+pub const P2P_LISTEN_ENV: &str = "MTC_P2P_LISTEN_ADDR";
+/// Environment variable of `--prom-listen-addr`.
+pub const PROM_LISTEN_ENV: &str = "MTC_PROM_LISTEN_ADDR";
+
 /// The heading of the shared flags in `--help`.
 pub const HEADING: &str = "Shared by every program";
 
@@ -51,13 +56,13 @@ pub struct CommonArgs {
 #[command(next_help_heading = HEADING)]
 pub struct DaemonArgs {
     /// P2P listen address: IP:PORT, :PORT (all interfaces) or a TCP multiaddr.
-    #[arg(long, env = "MTC_P2P_LISTEN_ADDR", value_name = "ADDR",
+    #[arg(long, env = P2P_LISTEN_ENV, value_name = "ADDR",
           value_parser = parse_p2p_listen_addr)]
     pub p2p_listen_addr: Option<Multiaddr>,
 
     /// Address of the Prometheus endpoint (/metrics): IP:PORT or :PORT (`--metrics-addr`,
     /// the proxy's old spelling, still works).
-    #[arg(long, alias = "metrics-addr", env = "MTC_PROM_LISTEN_ADDR", value_name = "ADDR",
+    #[arg(long, alias = "metrics-addr", env = PROM_LISTEN_ENV, value_name = "ADDR",
           value_parser = parse_socket_addr)]
     pub prom_listen_addr: Option<SocketAddr>,
 

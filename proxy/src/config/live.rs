@@ -10,9 +10,11 @@
 //! and takes the new configuration when they differ. It then retunes every service in place: RTT history,
 //! instances, ejections and connections survive a reload.
 //!
-//! The file is polled (one read every `--perf-poll`, 1 s by default) rather than watched
-//! through inotify: a poll also sees an editor's save-by-rename and a Kubernetes ConfigMap's
-//! symlink swap, and costs one small read a second.
+//! The file is polled (one read every `--perf-poll`, 1 s by default, off the event loop)
+//! rather than watched through inotify: a poll also sees an editor's save-by-rename and a
+//! Kubernetes ConfigMap's symlink swap, and costs one small read a second. A change is
+//! applied when two polls in a row read the same new text, so a file caught in the middle of
+//! an in-place write is never applied; a missing or unreadable file is reported once.
 
 use std::{
     path::{Path, PathBuf},
@@ -59,6 +61,17 @@ pub enum Trigger {
     Poll,
 }
 
+/// What the polls have seen of the file.
+#[derive(Debug, Default)]
+struct Seen {
+    /// The text last parsed, applied or not: a poll that reads it again does nothing.
+    text: Option<String>,
+    /// A new text read once, applied if the next poll reads it again.
+    pending: Option<String>,
+    /// The last read error reported.
+    error: Option<String>,
+}
+
 /// The configuration in use, and where it comes from.
 #[derive(Debug)]
 pub struct LivePerf {
@@ -66,8 +79,8 @@ pub struct LivePerf {
     current: RwLock<Arc<PerfConfig>>,
     /// Bumped at each applied reload.
     generation: AtomicU64,
-    /// The text last parsed, applied or not: a poll that reads it again does nothing.
-    last_text: Mutex<Option<String>>,
+    /// What the polls have seen.
+    seen: Mutex<Seen>,
     reloads: IntCounterVec,
 }
 
@@ -95,7 +108,10 @@ impl LivePerf {
             path,
             current: RwLock::new(Arc::new(config)),
             generation: AtomicU64::new(0),
-            last_text: Mutex::new(text),
+            seen: Mutex::new(Seen {
+                text,
+                ..Seen::default()
+            }),
             reloads: reloads_counter(),
         }
     }
@@ -164,19 +180,40 @@ impl LivePerf {
         result
     }
 
-    /// `None`: polled, and the text is what was last looked at.
+    /// `None`: polled, and nothing new to report.
     fn reload_from(&self, path: &Path, trigger: Trigger) -> Option<Reload> {
-        let text = match read(path) {
-            Ok(text) => text,
-            Err(error) => return Some(Reload::Invalid(error)),
+        let read = read(path);
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let text = match read {
+            Ok(text) => {
+                seen.error = None;
+                text
+            }
+            Err(error) => {
+                // A file gone or unreadable is reported once, not at every poll.
+                let message = error.to_string();
+                if trigger == Trigger::Poll && seen.error.as_deref() == Some(message.as_str()) {
+                    return None;
+                }
+                seen.error = Some(message);
+                return Some(Reload::Invalid(error));
+            }
         };
-        {
-            let mut last = self.last_text.lock().unwrap_or_else(|p| p.into_inner());
-            if trigger == Trigger::Poll && last.as_deref() == Some(text.as_str()) {
+        if trigger == Trigger::Poll {
+            if seen.text.as_deref() == Some(text.as_str()) {
+                seen.pending = None;
                 return None;
             }
-            *last = Some(text.clone());
+            // A change is taken once two polls in a row read the same text: a file caught
+            // in the middle of an in-place write is not applied.
+            if seen.pending.as_deref() != Some(text.as_str()) {
+                seen.pending = Some(text);
+                return None;
+            }
         }
+        seen.pending = None;
+        seen.text = Some(text.clone());
+        drop(seen);
         let config = match PerfConfig::parse(&text) {
             Ok(config) => config,
             Err(error) => {
@@ -217,7 +254,9 @@ impl LivePerf {
                     tracing::info!("SIGHUP: no perf.conf (--perf-conf) to reload");
                     continue;
                 }
-                live.reload(trigger);
+                // The read is file I/O: off the event loop, which serves a worker.
+                let reloading = Arc::clone(&live);
+                let _ = tokio::task::spawn_blocking(move || reloading.reload(trigger)).await;
             }
         });
         Ok(())
@@ -262,11 +301,16 @@ mod tests {
             (1, generation)
         );
 
+        // Caught mid-write: read once, not applied; the whole file read twice is.
+        std::fs::write(file.path(), "[defaults]\nsoft-rtt = \"7ms\"\n").unwrap();
+        assert!(matches!(live.reload(Trigger::Poll), Reload::Unchanged));
         std::fs::write(
             file.path(),
             "[defaults]\nsoft-rtt = \"7ms\"\nprobe-interval = \"1s\"\n",
         )
         .unwrap();
+        assert!(matches!(live.reload(Trigger::Poll), Reload::Unchanged));
+        assert_eq!(live.generation(), generation);
         assert!(matches!(live.reload(Trigger::Poll), Reload::Applied));
         let (after, config) = live.current();
         assert_ne!(after, generation);
@@ -282,6 +326,7 @@ mod tests {
             "[defaults]\nsoft-rtt = \"9ms\"\nprobe-interval = \"never\"\n",
         )
         .unwrap();
+        assert!(matches!(live.reload(Trigger::Poll), Reload::Unchanged));
         match live.reload(Trigger::Poll) {
             Reload::Invalid(error) => {
                 let error = error.to_string();
@@ -308,6 +353,9 @@ mod tests {
             Duration::from_millis(7)
         );
         assert_eq!(live.reloads("applied"), 1);
+        // ...and reported once, not at every poll.
+        assert!(matches!(live.reload(Trigger::Poll), Reload::Unchanged));
+        assert_eq!(live.reloads("invalid"), 2);
         assert!(!path.exists());
     }
 }

@@ -384,10 +384,19 @@ impl<'de> Deserialize<'de> for Span {
     }
 }
 
+/// The longest period any key takes: longer is surely a mistake ("forever"), and time
+/// arithmetic on it could overflow.
+const MAX_PERIOD: Duration = Duration::from_secs(24 * 3600);
+/// The largest count any key takes (a failure count, a factor).
+const MAX_COUNT: u32 = 1000;
+
 impl<'de> Deserialize<'de> for Period {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         match duration(d)? {
             Duration::ZERO => Err(serde::de::Error::custom("must be longer than zero")),
+            value if value > MAX_PERIOD => {
+                Err(serde::de::Error::custom("must be at most a day (\"24h\")"))
+            }
             value => Ok(Self(value)),
         }
     }
@@ -410,6 +419,9 @@ impl<'de> Deserialize<'de> for Count {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         match u32::deserialize(d)? {
             0 => Err(serde::de::Error::custom("must be at least 1")),
+            value if value > MAX_COUNT => Err(serde::de::Error::custom(format!(
+                "{value} is more than {MAX_COUNT}"
+            ))),
             value => Ok(Self(value)),
         }
     }
@@ -722,6 +734,14 @@ mod tests {
                 &["line 3", "probe-interval", "zero"],
             ),
             ("[defaults]\neject-after = 0\n", &["line 2", "eject-after"]),
+            (
+                "[defaults]\nmax-ejection = \"1000y\"\n",
+                &["line 2", "max-ejection", "a day"],
+            ),
+            (
+                "[defaults]\neject-after = 4000000000\n",
+                &["line 2", "eject-after"],
+            ),
             (
                 "[services.api]\nprobe-idle-max = \"100ms\"\n",
                 &["[services.api]", "probe-interval", "probe-idle-max"],

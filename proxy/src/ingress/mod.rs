@@ -234,7 +234,8 @@ impl Ingress {
         metrics: IngressMetrics,
         activity: Arc<Activity>,
     ) -> Arc<Self> {
-        let retries = Arc::new(RetryBudget::default());
+        // The reserve is the balance at start; a reload changes the ratio (see retry).
+        let retries = Arc::new(RetryBudget::new(settings.perf.current().1.budget));
         Arc::new(Self {
             records: Records::new(node.clone(), settings.record_ttl),
             services: Services::new(
