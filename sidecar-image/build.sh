@@ -24,9 +24,11 @@ release="$CARGO_TARGET_DIR/$musl/release"
 
 # The base image.
 cargo build --release --locked --quiet --target "$musl" -p proxy --bin proxy >&2
-base="$out/base"
-rm -rf "$base"
-mkdir -p "$base"
+# Build contexts of their own, so that builds running at once (tests) do not clash.
+mkdir -p "$out"
+base=$(mktemp -d "$out/base.XXXXXX")
+context=$(mktemp -d "$out/context.XXXXXX")
+trap 'rm -rf "$base" "$context"' EXIT
 cp "$release/proxy" perf.conf sidecar-image/base/Dockerfile "$base/"
 strip "$base/proxy"
 docker build --quiet --tag multi-tier-cloud/proxy-base:latest "$base" >&2
@@ -34,18 +36,12 @@ docker build --quiet --tag multi-tier-cloud/proxy-base:latest "$base" >&2
 # The service's image.
 if [ -z "$service_dir" ]; then
   name=hello-world-server
-  context="$out/context"
-  rm -rf "$context"
-  mkdir -p "$context"
   cargo build --release --locked --quiet --target "$musl" -p helloworld --bin helloworldserver >&2
   cp "$release/helloworldserver" sidecar-image/Dockerfile "$context/"
   strip "$context/helloworldserver"
 else
   # The directory's name is the image's: Docker wants it lower case.
   name=$(basename "$service_dir" | tr '[:upper:]' '[:lower:]')
-  context="$out/context-$name"
-  rm -rf "$context"
-  mkdir -p "$context"
   cp -r "$service_dir/." "$context/"
   rm -f "$context/prepare"
   if [ -x "$service_dir/prepare" ]; then

@@ -274,14 +274,23 @@ pub fn test_image() -> PathBuf {
     if let Ok(path) = std::env::var("MTC_TEST_IMAGE_TAR") {
         return path.into();
     }
+    build_image(None)
+}
+
+/// sidecar-image/build.sh into target/test-image: hello world, or the service in
+/// `sidecar-image/<dir>`; the tarball it made.
+fn build_image(dir: Option<&str>) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let output = Command::new(root.join("sidecar-image/build.sh"))
-        .arg(root.join("target/test-image"))
-        .output()
-        .unwrap();
+    let mut build = Command::new(root.join("sidecar-image/build.sh"));
+    build.arg(root.join("target/test-image"));
+    if let Some(dir) = dir {
+        build.arg(root.join("sidecar-image").join(dir));
+    }
+    let output = build.output().unwrap();
     assert!(
         output.status.success(),
-        "sidecar-image/build.sh failed: {}",
+        "sidecar-image/build.sh {} failed: {}",
+        dir.unwrap_or_default(),
         String::from_utf8_lossy(&output.stderr)
     );
     PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
@@ -290,18 +299,7 @@ pub fn test_image() -> PathBuf {
 /// Bakes the service in `sidecar-image/<dir>` on the proxy base image with
 /// sidecar-image/build.sh; its tarball.
 pub fn bake(dir: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let output = Command::new(root.join("sidecar-image/build.sh"))
-        .arg(root.join("target/test-image"))
-        .arg(root.join("sidecar-image").join(dir))
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "sidecar-image/build.sh {dir} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+    build_image(Some(dir))
 }
 
 /// Removes every container labelled as `allocator`'s when dropped, even if the test failed.
