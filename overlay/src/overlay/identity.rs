@@ -103,7 +103,7 @@ pub fn load_or_create(path: &Path, algorithm: KeyAlgorithm) -> Result<Keypair, I
 fn decode(contents: &[u8]) -> Result<Keypair, String> {
     let text = std::str::from_utf8(contents).map_err(|_| "not UTF-8 text".to_owned())?;
     if let Some((kind, raw)) = text.trim().split_once(' ') {
-        return decode_original(kind, raw);
+        return decode_original(kind, raw).map_err(|e| e.to_string());
     }
     let bytes = STANDARD
         .decode(text.trim())
@@ -111,35 +111,48 @@ fn decode(contents: &[u8]) -> Result<Keypair, String> {
     Keypair::from_protobuf_encoding(&bytes).map_err(|e| format!("not a libp2p private key: {e}"))
 }
 
+/// Why an original-format key file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum OriginalKeyError {
+    #[error("original key file: the key is not base64: {0}")]
+    Base64(#[from] base64::DecodeError),
+    #[error("original key file: unknown key type {0} (0 RSA, 1 Ed25519, 2 secp256k1, 3 ECDSA)")]
+    UnknownType(String),
+    #[error("original key file of type {kind}: {reason}")]
+    BadKey { kind: &'static str, reason: String },
+}
+
 /// The original's `<key type> <base64 raw key>` (see the module doc).
-fn decode_original(kind: &str, raw: &str) -> Result<Keypair, String> {
-    let mut raw = STANDARD
-        .decode(raw.trim())
-        .map_err(|e| format!("original key file: the key is not base64: {e}"))?;
-    let bad = |e: &dyn std::fmt::Display| format!("original key file of type {kind}: {e}");
+fn decode_original(kind: &str, raw: &str) -> Result<Keypair, OriginalKeyError> {
+    use libp2p::identity::{ecdsa, secp256k1};
+    let mut raw = STANDARD.decode(raw.trim())?;
+    let bad = |kind: &'static str| {
+        move |reason: &dyn std::fmt::Display| OriginalKeyError::BadKey {
+            kind,
+            reason: reason.to_string(),
+        }
+    };
     match kind {
-        "0" => Keypair::rsa_from_pkcs8(&mut pkcs1_to_pkcs8(&raw)).map_err(|e| bad(&e)),
+        "0" => Keypair::rsa_from_pkcs8(&mut pkcs1_to_pkcs8(&raw)).map_err(|e| bad("0")(&e)),
         "1" => {
             // go-libp2p's raw Ed25519 key is the 32-byte seed followed by the public key.
             if raw.len() != 64 {
-                return Err(bad(&format!("{} bytes, not 64", raw.len())));
+                return Err(bad("1")(&format!("{} bytes, not 64", raw.len())));
             }
-            Keypair::ed25519_from_bytes(&mut raw[..32]).map_err(|e| bad(&e))
+            Keypair::ed25519_from_bytes(&mut raw[..32]).map_err(|e| bad("1")(&e))
         }
         "2" => {
-            let secret = libp2p::identity::secp256k1::SecretKey::try_from_bytes(&mut raw)
-                .map_err(|e| bad(&e))?;
-            Ok(libp2p::identity::secp256k1::Keypair::from(secret).into())
+            let secret =
+                secp256k1::SecretKey::try_from_bytes(&mut raw).map_err(|e| bad("2")(&e))?;
+            Ok(secp256k1::Keypair::from(secret).into())
         }
         "3" => {
-            let scalar = sec1_scalar(&raw).ok_or_else(|| bad(&"not an SEC1 EC private key"))?;
-            let secret =
-                libp2p::identity::ecdsa::SecretKey::try_from_bytes(scalar).map_err(|e| bad(&e))?;
-            Ok(libp2p::identity::ecdsa::Keypair::from(secret).into())
+            let scalar =
+                sec1_scalar(&raw).ok_or_else(|| bad("3")(&"not an SEC1 EC private key"))?;
+            let secret = ecdsa::SecretKey::try_from_bytes(scalar).map_err(|e| bad("3")(&e))?;
+            Ok(ecdsa::Keypair::from(secret).into())
         }
-        other => Err(format!(
-            "original key file: unknown key type {other} (0 RSA, 1 Ed25519, 2 secp256k1, 3 ECDSA)"
-        )),
+        other => Err(OriginalKeyError::UnknownType(other.to_owned())),
     }
 }
 
