@@ -34,6 +34,7 @@ pub struct Cli {
           value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 
+    /// The flags every program takes: overlay (bootstraps, network key), logs, config file.
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -50,8 +51,11 @@ impl Program for Cli {
 /// The outcome of one check.
 #[derive(Debug, Serialize)]
 pub struct Verdict {
+    /// Which check: `overlay`, `lookup`, `allocators` or `service`.
     pub check: &'static str,
+    /// Whether the check passed.
     pub ok: bool,
+    /// What was found (peers and their RTT, instance counts), or what went wrong.
     pub detail: String,
     /// What to do about a failure.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -251,6 +255,8 @@ pub async fn verdicts(cli: &Cli) -> Vec<Verdict> {
     verdicts
 }
 
+/// The `check` program: runs every check and prints the verdicts, as text or (with --json)
+/// one JSON object. Fails, naming the failed checks, if any check failed.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let verdicts = verdicts(&cli).await;
     let ok = verdicts.iter().all(|v| v.ok);

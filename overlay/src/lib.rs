@@ -12,6 +12,7 @@
 //!   the instances it starts.
 //! - [`common`]: what every binary shares: flags and config files, logs, the metrics endpoint,
 //!   shutdown on signals.
+#![warn(missing_docs)]
 
 pub mod allocator;
 pub mod blob;

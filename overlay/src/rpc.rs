@@ -24,22 +24,47 @@ pub trait Protocol: Send + Sync + 'static {
     const MAX_REQUEST_BYTES: u32;
     /// Largest encoded response a client accepts.
     const MAX_RESPONSE_BYTES: u32;
+    /// What a client sends, encoded as CBOR.
     type Request: Serialize + DeserializeOwned + Send + Sync + 'static;
+    /// What a server answers, encoded as CBOR.
     type Response: Serialize + DeserializeOwned + Send + Sync + 'static;
 }
 
 /// Why a request or a frame failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RpcError {
-    /// `target` reads `"<protocol> to <peer>"`.
+    /// No stream of the protocol could be opened to the peer (it is unreachable, or does
+    /// not serve the protocol). `target` reads `"<protocol> to <peer>"`.
     #[error("cannot open {target}: {reason}")]
-    Open { target: String, reason: String },
+    Open {
+        /// The protocol and peer, as `"<protocol> to <peer>"`.
+        target: String,
+        /// Why the stream could not be opened.
+        reason: String,
+    },
+    /// The whole exchange (open, send, answer) took longer than the node's request timeout.
     #[error("no answer to {target} within {timeout:?}")]
-    Timeout { target: String, timeout: Duration },
+    Timeout {
+        /// The protocol and peer, as `"<protocol> to <peer>"`.
+        target: String,
+        /// The timeout that passed: the node's
+        /// [`Timing::request_timeout`](crate::overlay::Timing::request_timeout).
+        timeout: Duration,
+    },
+    /// A frame's body is longer than the protocol allows; refused before it is read or sent.
     #[error("message of {len} bytes is over the limit of {limit} bytes")]
-    TooLarge { len: u64, limit: u32 },
+    TooLarge {
+        /// The body's length, in bytes.
+        len: u64,
+        /// The largest body allowed, in bytes.
+        limit: u32,
+    },
+    /// A message could not be encoded as CBOR, or a received body does not decode as the
+    /// expected type; the text says what is wrong.
     #[error("malformed message: {0}")]
     Malformed(String),
+    /// Reading or writing the stream failed, including a stream that ended in the middle of
+    /// a frame.
     #[error("stream failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -127,7 +152,7 @@ impl Node {
     }
 
     /// Serves protocol `P` with `handler` until the node stops. Each request runs in its own
-    /// task, at most [`MAX_CONCURRENT_REQUESTS`] at once; a peer that sends a malformed or
+    /// task, at most `MAX_CONCURRENT_REQUESTS` at once; a peer that sends a malformed or
     /// oversized request, or stalls, loses its stream and nothing else.
     ///
     /// # Panics

@@ -27,7 +27,9 @@ const EWMA_ALPHA: f64 = 0.1;
 /// `slices * slice` of the past.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowShape {
+    /// How many histograms the window is split into (a window has at least one).
     pub slices: usize,
+    /// How long each histogram collects samples before the next one starts (at least 1 ms).
     pub slice: Duration,
 }
 
@@ -56,6 +58,7 @@ fn empty_histogram() -> Histogram<u32> {
 }
 
 impl RttWindow {
+    /// An empty window of `shape` whose first slice starts at `now`.
     pub fn new(shape: WindowShape, now: Instant) -> Self {
         let slices = shape.slices.max(1);
         Self {
@@ -124,17 +127,25 @@ impl RttWindow {
 /// Quantiles of a window's samples.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct WindowSummary {
+    /// How many samples are in the window.
     pub samples: u64,
+    /// The smallest sample (fractional milliseconds in JSON, as every duration here).
     #[serde(with = "millis")]
     pub min: Duration,
+    /// The median.
     #[serde(with = "millis")]
     pub p50: Duration,
+    /// The 90th percentile.
     #[serde(with = "millis")]
     pub p90: Duration,
+    /// The 99th percentile.
     #[serde(with = "millis")]
     pub p99: Duration,
+    /// The largest sample.
     #[serde(with = "millis")]
     pub max: Duration,
+    /// The sum of the samples, computed as mean times count (for Prometheus summaries); like
+    /// the quantiles, at the histogram's resolution of about 1%.
     #[serde(with = "millis")]
     pub sum: Duration,
 }
@@ -174,6 +185,7 @@ pub struct RttTable {
 }
 
 impl RttTable {
+    /// An empty table; each peer measured gets a window of `shape`.
     pub fn new(shape: WindowShape) -> Self {
         Self {
             shape,
@@ -232,10 +244,12 @@ impl RttTable {
         expired
     }
 
+    /// How many peers the table holds.
     pub fn len(&self) -> usize {
         self.lock().len()
     }
 
+    /// Whether the table holds no peer.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -182,6 +182,7 @@ impl Flags for Cli {
 #[derive(clap::Parser, Debug)]
 #[command(name = "l4-proxy", version)]
 pub struct L4Cli {
+    /// The same flags and positionals as `proxy`'s; only the name and help differ.
     #[command(flatten)]
     pub proxy: Cli,
 }

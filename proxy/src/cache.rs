@@ -20,7 +20,12 @@ pub const REFRESH_AT: f64 = 0.75;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Read<'a, V> {
     /// A value, and whether it is time to refresh it.
-    Found { value: &'a V, refresh_due: bool },
+    Found {
+        /// The cached value.
+        value: &'a V,
+        /// Whether [`REFRESH_AT`] of the TTL has passed since it was stored.
+        refresh_due: bool,
+    },
     /// Known not to exist (a negative entry).
     Absent,
     /// Not cached, or expired: ask.
@@ -33,6 +38,7 @@ struct Entry<V> {
     stored: Instant,
 }
 
+/// Values (or their known absence) by key, each kept for a TTL from when it was stored.
 #[derive(Debug, Clone)]
 pub struct TtlCache<K, V> {
     entries: HashMap<K, Entry<V>>,
@@ -41,6 +47,7 @@ pub struct TtlCache<K, V> {
 }
 
 impl<K: Eq + Hash, V> TtlCache<K, V> {
+    /// An empty cache keeping found values for `ttl` and negative entries for `negative_ttl`.
     pub fn new(ttl: Duration, negative_ttl: Duration) -> Self {
         Self {
             entries: HashMap::new(),
@@ -75,6 +82,7 @@ impl<K: Eq + Hash, V> TtlCache<K, V> {
         self.entries.insert(key, Entry { value, stored: now });
     }
 
+    /// Forgets `key`, found or absent, so the next read is a miss.
     pub fn remove(&mut self, key: &K) {
         self.entries.remove(key);
     }
@@ -92,10 +100,12 @@ impl<K: Eq + Hash, V> TtlCache<K, V> {
         });
     }
 
+    /// How many entries are held, negative and expired-but-not-purged ones included.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// Whether no entry is held, not even an expired one.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

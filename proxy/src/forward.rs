@@ -48,8 +48,11 @@ pub enum AttemptError {
 /// Why no connection to an instance could be had.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    /// Connecting or authenticating failed (the QUIC handshake, the identity proof).
     #[error(transparent)]
     Transport(#[from] crate::transport::TransportError),
+    /// No connection was had within the given time (the ingress's `CONNECT_TIMEOUT`); the
+    /// instance may be frozen or gone.
     #[error("no connection within {0:?}")]
     TimedOut(Duration),
 }
@@ -59,7 +62,10 @@ pub enum ConnectError {
 pub struct Answer {
     /// Its status, read off the head (which was checked when it arrived).
     pub status: u16,
+    /// The response `HEAD` frame's payload as received, still encoded (status and header
+    /// fields); see `crate::framing::decode_response_head`.
     pub head: Bytes,
+    /// The response body, read from the stream as it is polled.
     pub body: FramedBody,
 }
 

@@ -48,6 +48,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
 pub use decoder::{Decoder, Piece, parse_header};
 
+/// Version byte that opens every `HEAD` payload; a head of another version is refused
+/// ([`FrameError::Version`]).
 pub const VERSION: u8 = 1;
 /// Largest encoded head or trailers frame.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -60,16 +62,27 @@ pub const MAX_DATAGRAM_BYTES: usize = 65507;
 /// Bytes before every frame's payload.
 pub const FRAME_HEADER_BYTES: usize = 5;
 
+/// The kind byte that opens every frame; the table in the module doc gives each payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// A request or response head: method and target, or status, then header fields.
     Head = 1,
+    /// Body bytes, or a tunnel's bytes, as they came.
     Data = 2,
+    /// The trailer fields that close a body.
     Trailers = 3,
+    /// A probe (empty payload) or its answer (the service's [`Health`]).
     Ping = 4,
+    /// The sidecar could not hand the request to its service; the payload says why, in UTF-8.
     Refused = 5,
+    /// The service took the request and broke the exchange before a response; the payload says
+    /// why, in UTF-8.
     Failed = 6,
+    /// Opens a layer-4 tunnel; the payload is the chain of hops.
     Chain = 7,
+    /// Answers `CHAIN`: the tunnel is open; the payload is the reverse chain, in UTF-8.
     Ready = 8,
+    /// One whole UDP datagram of a tunnel, at most [`MAX_DATAGRAM_BYTES`].
     Datagram = 9,
 }
 
@@ -101,43 +114,67 @@ impl Health {
 /// One frame split off the receive buffer; the payload shares the buffer's memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
+    /// What the frame carries.
     pub kind: Kind,
+    /// The bytes after the 5-byte header, `length` of them.
     pub payload: Bytes,
 }
 
+/// Why a frame could not be encoded, or what was wrong with one received.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
+    /// A frame header's kind byte (given) is none of the kinds of [`Kind`].
     #[error("unknown frame kind {0}")]
     UnknownKind(u8),
+    /// A frame, or a part of one, is longer than its limit: a received length prefix over the
+    /// limit of its kind, or, when encoding, a head or trailers over [`MAX_HEAD_BYTES`], a
+    /// method, target, name or value too long for its length field.
     #[error("{kind:?} frame of {len} bytes is over the limit of {limit}")]
     TooLarge {
+        /// The kind of the frame (`Head` for a field of a head or trailers).
         kind: Kind,
+        /// Its length, in bytes.
         len: usize,
+        /// The most bytes allowed.
         limit: usize,
     },
+    /// A `HEAD` payload opens with a version (given) other than [`VERSION`].
     #[error("head version {0} is not supported (this proxy speaks {VERSION})")]
     Version(u8),
+    /// A payload ends before the part named (`"method"`, `"header value"`, ...) is whole.
     #[error("truncated {0}")]
     Truncated(&'static str),
+    /// A head or trailers frame has more than [`MAX_HEADERS`] fields.
     #[error("more than {MAX_HEADERS} header fields")]
     TooManyHeaders,
+    /// A part of a head or trailers is malformed: a method or name that is not a token, a
+    /// target not starting with `/`, a status out of range, bytes left after the fields, ...
     #[error("invalid {what}: {detail}")]
-    Invalid { what: &'static str, detail: String },
+    Invalid {
+        /// The part at fault (`"method"`, `"target"`, `"header name"`, `"status"`, ...).
+        what: &'static str,
+        /// What is wrong with it, for a person to read.
+        detail: String,
+    },
 }
 
 /// The head of a request between proxies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHead {
+    /// The request method.
     pub method: Method,
     /// Path and query for the service, starting with `/`.
     pub target: String,
+    /// The request's header fields; a name may repeat.
     pub headers: HeaderMap,
 }
 
 /// The head of a response between proxies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResponseHead {
+    /// The service's status code.
     pub status: StatusCode,
+    /// The response's header fields; a name may repeat.
     pub headers: HeaderMap,
 }
 
@@ -377,10 +414,12 @@ pub struct Fields<'a> {
 }
 
 impl<'a> Fields<'a> {
+    /// How many fields there are.
     pub fn len(&self) -> usize {
         self.count
     }
 
+    /// Whether there are no fields.
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
@@ -391,6 +430,7 @@ impl<'a> Fields<'a> {
         self.bytes.len()
     }
 
+    /// The `(name, value)` pairs, in the order of the frame.
     pub fn iter(&self) -> FieldIter<'a> {
         FieldIter {
             rest: self.bytes,
@@ -505,6 +545,7 @@ pub struct RequestHeadView<'a> {
     pub method: &'a [u8],
     /// Starts with `/`; no spaces or control characters.
     pub target: &'a [u8],
+    /// The header fields, each name a token and each value free of CR, LF and NUL.
     pub fields: Fields<'a>,
 }
 
@@ -541,6 +582,7 @@ pub fn view_request_head(mut payload: &[u8]) -> Result<RequestHeadView<'_>, Fram
     })
 }
 
+/// Reads a request head off a `HEAD` frame's payload into owned values.
 pub fn decode_request_head(payload: &[u8]) -> Result<RequestHead, FrameError> {
     let view = view_request_head(payload)?;
     let method = Method::from_bytes(view.method).map_err(|e| invalid("method", e.to_string()))?;
@@ -566,6 +608,7 @@ pub fn view_response_head(mut payload: &[u8]) -> Result<(u16, Fields<'_>), Frame
     Ok((status as u16, take_fields(payload)?))
 }
 
+/// Reads a response head off a `HEAD` frame's payload into owned values.
 pub fn decode_response_head(mut payload: &[u8]) -> Result<ResponseHead, FrameError> {
     let payload = &mut payload;
     take_version(payload)?;
@@ -581,6 +624,7 @@ pub fn decode_response_head(mut payload: &[u8]) -> Result<ResponseHead, FrameErr
     })
 }
 
+/// Reads the fields of a `TRAILERS` frame's payload.
 pub fn decode_trailers(mut payload: &[u8]) -> Result<HeaderMap, FrameError> {
     fields_to_map(take_fields(&mut payload)?)
 }

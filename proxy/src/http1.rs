@@ -31,16 +31,28 @@ use crate::framing::{
     encode_trailer_fields,
 };
 
+/// Why HTTP/1.1 bytes could not be read or re-framed: a service's response head, a
+/// `Content-Length`, or a chunked body (a service's response or a client's request).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Http1Error {
+    /// The service's response head does not parse (or has more than `MAX_HEADERS` fields);
+    /// holds the parser's reason.
     #[error("the service's response head is malformed: {0}")]
     Head(String),
+    /// The service's response head is longer than `MAX_HEAD_BYTES` bytes, or had not ended
+    /// within them.
     #[error("the service's response head is over {MAX_HEAD_BYTES} bytes")]
     HeadTooLarge,
+    /// A `Content-Length` that is not a decimal number, or repeated values that disagree;
+    /// holds the value or the disagreement.
     #[error("invalid Content-Length: {0}")]
     ContentLength(String),
+    /// A chunked body breaks the coding (a bad chunk size, no CRLF after a chunk's data,
+    /// malformed or oversized trailers); holds what was wrong.
     #[error("malformed chunked body: {0}")]
     Chunked(&'static str),
+    /// A service's response head, or a chunked body's trailers, parsed but the frame encoding
+    /// refused them (too many fields, a field too long, ...).
     #[error("the service's head cannot be framed: {0}")]
     Frame(#[from] FrameError),
 }
@@ -48,17 +60,25 @@ pub enum Http1Error {
 /// How a request's body goes to the service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestBody {
+    /// No body follows the head.
     None,
+    /// A body of exactly this many bytes, as `Content-Length` said.
     Length(u64),
+    /// A body in the chunked coding, ended by its last (empty) chunk.
     Chunked,
 }
 
 /// How a response's body comes from the service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResponseBody {
+    /// No body (after `HEAD`, and for 101, 204 and 304).
     None,
+    /// A body of exactly this many bytes, as `Content-Length` said.
     Length(u64),
+    /// A body in the chunked coding, ended by its last (empty) chunk.
     Chunked,
+    /// A body that ends when the service closes the connection (no length given, or a
+    /// transfer coding other than chunked last).
     UntilClose,
 }
 
@@ -144,9 +164,11 @@ pub fn write_request_head(
 /// A response head read off the service's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResponseStart {
+    /// The response's status code.
     pub status: u16,
     /// Bytes of the head, to drop from the receive buffer.
     pub head_len: usize,
+    /// How the response's body follows the head.
     pub body: ResponseBody,
     /// Whether the connection may carry another request once this body is read.
     pub keep_alive: bool,

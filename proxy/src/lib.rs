@@ -21,6 +21,7 @@
 //! lookups and allocators live in the `mtc-overlay` crate (`mtc_overlay::overlay`,
 //! `mtc_overlay::rtt`, ...), which holds no etcd or Docker code: the proxy does not depend on
 //! `control` at all (only its tests do), so no build links those clients into it.
+#![warn(missing_docs)]
 
 pub mod app;
 pub mod cache;

@@ -45,6 +45,7 @@ impl Drop for Serving<'_> {
 }
 
 impl Activity {
+    /// Activity from now: nothing served yet, idle since now.
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             started: Instant::now(),
@@ -74,6 +75,8 @@ impl Activity {
         now.saturating_duration_since(last)
     }
 
+    /// Requests begun since start ([`Activity::serve`] calls), as ingress or as sidecar; a
+    /// sidecar's layer-4 tunnels count too.
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::Relaxed)
     }
@@ -96,6 +99,10 @@ pub struct IngressMetrics {
 pub const UNKNOWN_SERVICE: &str = "";
 
 impl IngressMetrics {
+    /// Creates the ingress's series (`proxy_requests_total`, `proxy_request_duration_seconds`,
+    /// `proxy_retries_total`, `proxy_allocations_total`, `proxy_connections_accepted_total`)
+    /// in `registry`; connections count as worker 0's ([`IngressMetrics::for_worker`] gives
+    /// another worker's).
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let requests = IntCounterVec::new(
             Opts::new(
@@ -181,6 +188,8 @@ impl IngressMetrics {
         }
     }
 
+    /// A failed attempt of `service` that could go elsewhere was retried (`taken`), or was not
+    /// for lack of retry budget.
     pub fn retried(&self, service: &str, taken: bool) {
         let outcome = if taken { "taken" } else { "over_budget" };
         self.retries.with_label_values(&[service, outcome]).inc();
@@ -191,6 +200,8 @@ impl IngressMetrics {
         self.retries.with_label_values(&[service, "hedged"]).inc();
     }
 
+    /// An allocation for `service` ended: `reason` is `none` or `nearer`
+    /// ([`crate::ingress::Reason::label`]), `started` whether an instance was started.
     pub fn allocation(&self, service: &str, reason: &str, started: bool) {
         let outcome = if started { "started" } else { "failed" };
         self.allocations
@@ -227,7 +238,9 @@ impl ServiceSeries {
 
 /// The instances of one service as the chooser sees them.
 pub struct ServiceView {
+    /// The service's name.
     pub service: String,
+    /// What the routing core knows of each of its instances, keyed by overlay peer id.
     pub instances: Vec<InstanceReport<libp2p::PeerId>>,
 }
 

@@ -27,6 +27,7 @@ pub const MAX_TOKENS: i64 = 1000;
 /// Tokens are counted in thousandths so that deposits of a ratio stay integers.
 const MILLI: i64 = 1000;
 
+/// The token bucket of the module doc; an ingress holds one for all its requests.
 #[derive(Debug)]
 pub struct RetryBudget {
     milli_tokens: AtomicI64,
@@ -41,6 +42,7 @@ impl Default for RetryBudget {
 }
 
 impl RetryBudget {
+    /// A bucket holding `budget.reserve` tokens, each request depositing `budget.ratio` of one.
     pub fn new(budget: Budget) -> Self {
         Self {
             milli_tokens: AtomicI64::new(i64::from(budget.reserve) * MILLI),

@@ -17,10 +17,14 @@ use http::{HeaderMap, HeaderName, HeaderValue, header};
 /// The `Via` entry of this proxy (RFC 9110 section 7.6.3).
 pub const VIA: &str = "1.1 multi-tier-cloud";
 
+/// Why a request target names no service it may be sent to; the client is answered 400.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
+    /// The target does not start with `/<service>`: it is `/`, `/?...`, `//...` or not a
+    /// path (`*`).
     #[error("no service in the path: requests go to /<service>/<path>")]
     NoService,
+    /// The first segment is not a name the lookup accepts; holds its first 64 characters.
     #[error("'{0}' is not a service name")]
     BadName(String),
 }

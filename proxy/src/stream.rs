@@ -19,16 +19,24 @@ use crate::framing::{
     self, Decoder, FrameError, Kind, MAX_DATA_BYTES, Piece, decode_trailers, frame_header,
 };
 
+/// What went wrong reading or writing a message on a QUIC stream.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
+    /// A frame could not be encoded, or one received was malformed or over its limit.
     #[error(transparent)]
     Frame(#[from] FrameError),
+    /// The peer ended the stream direction part way through a frame.
     #[error("stream ended in the middle of a frame")]
     Truncated,
+    /// The peer ended the stream direction before sending any frame.
     #[error("stream ended before the head")]
     NoHead,
+    /// A frame of the given kind came where it has no place (DATA before the head, a second
+    /// HEAD in a body, ...).
     #[error("unexpected {0:?} frame")]
     Unexpected(Kind),
+    /// QUIC failed to open, read or write the stream (connection lost, stream reset, ...);
+    /// holds quinn's error as text.
     #[error("QUIC stream: {0}")]
     Quic(String),
     /// The sidecar did not hand the request to its service (a `REFUSED` frame).
@@ -37,8 +45,11 @@ pub enum StreamError {
     /// The service got the request and broke the exchange (a `FAILED` frame).
     #[error("the service failed: {0}")]
     ServiceFailed(String),
+    /// A body being sent or received failed: it gave an error, broke off, or did not match its
+    /// `Content-Length`; holds the reason as text.
     #[error("body: {0}")]
     Body(String),
+    /// What is named (e.g. the answer to a tunnel's set-up) did not come within the duration.
     #[error("no {0} within {1:?}")]
     TimedOut(&'static str, std::time::Duration),
 }

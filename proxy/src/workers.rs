@@ -145,19 +145,29 @@ fn udp_socket(addr: SocketAddr, shared: bool) -> std::io::Result<std::net::UdpSo
 /// What every worker is given.
 #[derive(Clone)]
 pub struct Shared {
+    /// Which program runs: what the first worker's HTTP listener serves.
     pub program: Program,
+    /// The overlay node: lookups, discovery and allocations go through it.
     pub node: Node,
     /// The overlay identity, which the data plane proves.
     pub keypair: Keypair,
+    /// The overlay's 32-byte pre-shared key when it is a private network; the data plane
+    /// proves it too.
     pub network_key: Option<[u8; 32]>,
+    /// How each worker's ingress behaves (from the flags).
     pub settings: IngressSettings,
+    /// The ingress's series; each worker counts its accepted connections under its index.
     pub metrics: IngressMetrics,
+    /// The series of layer-4 tunnels.
     pub tunnel_metrics: TunnelMetrics,
+    /// Requests served and in flight, across workers (the idle time the allocator culls on).
     pub activity: Arc<Activity>,
     /// Service mode: the service's name and the sidecar each worker's is made from.
     pub sidecar: Option<(String, Arc<Sidecar>)>,
     /// l4-proxy: the IP tunnels' local ends listen on, and the UDP idle timeout.
     pub listen_ip: IpAddr,
+    /// l4-proxy: a UDP client silent for this long (`--udp-idle-timeout`) is forgotten and its
+    /// tunnel closed.
     pub udp_idle_timeout: Duration,
     /// Cancelled when the proxy shuts down.
     pub stop: CancellationToken,

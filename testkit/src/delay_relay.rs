@@ -118,11 +118,14 @@ fn deliver<E: Egress>(due: Receiver<InFlight<E>>) {
 /// its answers come back, each delayed. A round trip through it takes twice the one-way delay
 /// longer. Its threads end soon after it is dropped.
 pub struct UdpDelayRelay {
+    /// Where clients send instead of the target: a free UDP port on the target's IP.
     pub addr: SocketAddr,
     shape: Arc<Shape>,
 }
 
 impl UdpDelayRelay {
+    /// Starts a relay in front of `target` that delays every datagram by `one_way` each way,
+    /// with no jitter. Fails if no UDP socket can be bound on the target's IP.
     pub fn start(target: SocketAddr, one_way: Duration) -> io::Result<Self> {
         let front = Arc::new(UdpSocket::bind((target.ip(), 0))?);
         front.set_read_timeout(Some(POLL))?;
@@ -133,6 +136,8 @@ impl UdpDelayRelay {
         Ok(Self { addr, shape })
     }
 
+    /// Sets the fixed delay every datagram gets, each way, from now on; datagrams already on
+    /// their way keep the delay they were given.
     pub fn set_one_way_delay(&self, delay: Duration) {
         self.shape
             .one_way_micros

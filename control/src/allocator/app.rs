@@ -35,13 +35,17 @@ use crate::{
     overlay::{Node, identity::expand_home},
 };
 
+/// Where the allocator keeps its identity (private key) unless --keyfile names another file.
 pub const DEFAULT_KEYFILE: &str = "~/.privKeyAlloc";
 
+/// The runtime `--runtime` asks for.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RuntimeChoice {
     /// Docker when an engine answers, else processes.
     Auto,
+    /// Docker containers, for image archives (no engine: the allocator does not start).
     Docker,
+    /// Processes run by a proxy (--proxy-binary), for executables.
     Process,
 }
 
@@ -112,6 +116,8 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     pub configfile: Option<PathBuf>,
 
+    /// The flags every long-running program takes: P2P and metrics listen addresses, and the
+    /// flags every program takes.
     #[command(flatten)]
     pub daemon: DaemonArgs,
 }
@@ -253,6 +259,9 @@ async fn choose_runtime(cli: &Cli, data_dir: &std::path::Path) -> anyhow::Result
     }
 }
 
+/// The allocator program: adopts the instances a previous run left, serves start requests
+/// and checks its instances until SIGINT or SIGTERM, then stops them unless
+/// --leave-instances.
 pub async fn run(mut cli: Cli) -> anyhow::Result<()> {
     if let Some(path) = &cli.configfile {
         // The original's conf.json: its bootstraps, if the flags name none.

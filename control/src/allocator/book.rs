@@ -13,8 +13,11 @@ use super::{ports::InstancePorts, protocol::instance};
 /// Labels on every container (and in every process's state file), so that an allocator
 /// that restarts finds what it started.
 pub const LABEL_ALLOCATOR: &str = "mtc.allocator";
+/// The label holding the instance's service name.
 pub const LABEL_SERVICE: &str = "mtc.service";
+/// The label holding the digest of the artifact the instance runs (`sha256:<hex>`).
 pub const LABEL_DIGEST: &str = "mtc.digest";
+/// The label holding the instance's ports, as `proxy,service,metrics`.
 pub const LABEL_PORTS: &str = "mtc.ports";
 
 /// One instance this allocator runs.
@@ -22,8 +25,11 @@ pub const LABEL_PORTS: &str = "mtc.ports";
 pub struct Instance {
     /// The runtime's name for it: container ID or process instance name.
     pub id: String,
+    /// The service's name in the lookup.
     pub service: String,
+    /// The digest of the artifact it runs, as the record names it (`sha256:<hex>`).
     pub digest: String,
+    /// The ports the allocator gave it.
     pub ports: InstancePorts,
 }
 
@@ -73,11 +79,16 @@ pub struct CullPolicy {
     pub max_missed_checks: u32,
 }
 
+/// What [`CullPolicy::verdict`] decides for one instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
+    /// Past its boot grace and in use, or it missed fewer checks than the limit: it stays.
     Keep,
+    /// Younger than the boot grace: it stays, whatever its proxy says.
     Booting,
+    /// Its proxy served nothing for the idle timeout or longer: it is stopped.
     Idle,
+    /// Its proxy missed the maximum number of checks in a row: it is stopped.
     Unresponsive,
 }
 

@@ -14,7 +14,9 @@ pub const DEFAULT_RANGE: RangeInclusive<u16> = 20000..=29999;
 pub struct InstancePorts {
     /// The proxy's ingress (TCP) and data plane (QUIC, UDP).
     pub proxy: u16,
+    /// The port the service listens on (`SERVICE_PORT`).
     pub service: u16,
+    /// The port of the proxy's /metrics, which the allocator reads to cull idle instances.
     pub metrics: u16,
 }
 
@@ -77,6 +79,7 @@ pub struct PortPool {
 }
 
 impl PortPool {
+    /// A pool of the ports in `range`, none taken, handing out from its first port on.
     pub fn new(range: RangeInclusive<u16>) -> Self {
         Self {
             next: *range.start(),
@@ -118,6 +121,8 @@ impl PortPool {
         self.used.extend(ports.all());
     }
 
+    /// Gives an instance's ports back; they are handed out again once the round robin comes
+    /// back to them.
     pub fn release(&mut self, ports: InstancePorts) {
         for port in ports.all() {
             self.used.remove(&port);

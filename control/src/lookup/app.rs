@@ -25,6 +25,7 @@ use crate::{
     overlay::{Backoff, Node, identity::expand_home},
 };
 
+/// Where hl-service keeps its identity (private key) unless --keyfile names another file.
 pub const DEFAULT_KEYFILE: &str = "~/.privKeyHashLookup";
 
 /// Lookup service: resolves service names to their records and holds the artifacts (image
@@ -80,6 +81,8 @@ pub struct Cli {
     #[arg(long)]
     pub local: bool,
 
+    /// The flags every long-running program takes: P2P and metrics listen addresses, and the
+    /// flags every program takes.
     #[command(flatten)]
     pub daemon: DaemonArgs,
 }
@@ -95,6 +98,9 @@ impl Program for Cli {
     }
 }
 
+/// The hl-service program: opens the data directory and the record store, joins the overlay,
+/// serves lookups and blobs, advertises itself as a lookup service, and runs until SIGINT or
+/// SIGTERM.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let data_dir = expand_home(&cli.data_dir);
     std::fs::create_dir_all(&data_dir)

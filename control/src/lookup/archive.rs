@@ -22,6 +22,7 @@ const MAX_KEPT_TOTAL: u64 = 16 << 20;
 pub struct ArchiveInfo {
     /// SHA-256 of the archive file itself.
     pub digest: Digest,
+    /// Size of the archive file, in bytes.
     pub size: u64,
     /// The image ID (config digest).
     pub image_id: Digest,

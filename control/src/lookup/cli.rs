@@ -34,9 +34,11 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub json: bool,
 
+    /// The flags every program takes: overlay (bootstraps, network key), logs, config file.
     #[command(flatten)]
     pub common: CommonArgs,
 
+    /// What to do: add, get, list or delete.
     #[command(subcommand)]
     pub command: Command,
 }
@@ -50,18 +52,27 @@ impl Program for Cli {
     }
 }
 
+/// The subcommands of hl-cli.
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
     /// Register a service: upload its artifact to a lookup service, then write its record.
     Add(AddArgs),
     /// Show a service's record.
-    Get { name: String },
+    Get {
+        /// The service's name.
+        name: String,
+    },
     /// List every service.
     List,
     /// Remove a service's record (its artifact blob stays).
-    Delete { name: String },
+    Delete {
+        /// The service's name.
+        name: String,
+    },
 }
 
+/// The arguments of `hl-cli add`: the artifact (exactly one of --file, --stdin, --exec), the
+/// name, and the record's limits.
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("artifact").required(true).args(["file", "stdin", "exec"])))]
 pub struct AddArgs {
@@ -105,6 +116,8 @@ pub struct AddArgs {
     pub command: Vec<String>,
 }
 
+/// The hl-cli program: runs the subcommand at the nearest lookup service that answers (`add
+/// --no-add` contacts none) and prints the result, as text or (with --json) as JSON.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Add(args) => {

@@ -37,6 +37,8 @@ fn etcd_error(e: etcd_client::Error) -> StoreError {
 }
 
 impl EtcdStore {
+    /// Connects to the etcd cluster at `endpoints` (client URLs); connecting and each request
+    /// may take 5 s at most.
     pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
@@ -52,10 +54,12 @@ impl EtcdStore {
         Ok(Self { client })
     }
 
+    /// The etcd client, for cluster operations such as [`add_member`].
     pub fn client(&self) -> Client {
         self.client.clone()
     }
 
+    /// Stores `value` (a record's JSON) as the record of `name`, replacing any.
     pub async fn put(&self, name: &str, value: Vec<u8>) -> Result<(), StoreError> {
         self.client
             .clone()
@@ -65,6 +69,7 @@ impl EtcdStore {
         Ok(())
     }
 
+    /// The value stored for `name`, if any.
     pub async fn get(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let response = self
             .client
@@ -75,6 +80,7 @@ impl EtcdStore {
         Ok(response.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
+    /// Every (name, value) under [`KEY_PREFIX`], sorted by name.
     pub async fn list(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let options = GetOptions::new().with_prefix();
         let response = self
@@ -96,6 +102,7 @@ impl EtcdStore {
             .collect())
     }
 
+    /// Deletes the record of `name`; returns how many records went (0 or 1).
     pub async fn delete(&self, name: &str) -> Result<u64, StoreError> {
         let response = self
             .client
@@ -111,13 +118,18 @@ impl EtcdStore {
 /// original named members.
 #[derive(Debug, Clone)]
 pub struct MemberSpec {
+    /// The IP the member listens on and advertises, to clients and to other members.
     pub ip: IpAddr,
+    /// The port clients (the lookup services' [`EtcdStore`]s) connect to.
     pub client_port: u16,
+    /// The port other members of the cluster connect to.
     pub peer_port: u16,
+    /// etcd's `--data-dir`; the member's log is written next to it, with the extension `.log`.
     pub data_dir: PathBuf,
 }
 
 impl MemberSpec {
+    /// The member's etcd name: `<ip>-<client port>-<peer port>`.
     pub fn name(&self) -> String {
         format!("{}-{}-{}", self.ip, self.client_port, self.peer_port)
     }
@@ -129,10 +141,12 @@ impl MemberSpec {
         }
     }
 
+    /// `http://IP:CLIENT_PORT`: where clients reach the member.
     pub fn client_url(&self) -> String {
         self.url(self.client_port)
     }
 
+    /// `http://IP:PEER_PORT`: where the other members reach this one.
     pub fn peer_url(&self) -> String {
         self.url(self.peer_port)
     }
@@ -220,9 +234,13 @@ pub async fn start_member(
 /// `/mtc/etcd-member-add/1`: a lookup service joining the etcd cluster asks one that is in it.
 pub struct MemberAddProtocol;
 
+/// A request to add a member to the etcd cluster: the one the asking lookup service is about
+/// to start.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MemberAddRequest {
+    /// The new member's name ([`MemberSpec::name`]).
     pub name: String,
+    /// The new member's peer URL ([`MemberSpec::peer_url`]).
     pub peer_url: String,
 }
 

@@ -20,6 +20,9 @@ pub struct LookupMetrics {
 }
 
 impl LookupMetrics {
+    /// Creates the series `lookup_requests_total` (by `op` and `outcome`),
+    /// `lookup_request_duration_seconds` (by `op`) and `lookup_store_errors_total`, and
+    /// registers them in `registry`; an error if they are registered there already.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let requests = IntCounterVec::new(
             Opts::new(
@@ -51,6 +54,8 @@ impl LookupMetrics {
     }
 }
 
+/// Answers lookup requests: records from a [`Store`], accepted only once their artifact is in
+/// the [`BlobStore`].
 pub struct LookupService {
     store: Store,
     blobs: Arc<BlobStore>,
@@ -58,6 +63,7 @@ pub struct LookupService {
 }
 
 impl LookupService {
+    /// A service over `store` and `blobs` that counts its requests in `metrics`.
     pub fn new(store: Store, blobs: Arc<BlobStore>, metrics: LookupMetrics) -> Self {
         Self {
             store,

@@ -8,6 +8,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
 
+/// A failed record store operation, with the reason (redb's or etcd's error, as text).
 #[derive(Debug, thiserror::Error)]
 #[error("record store: {0}")]
 pub struct StoreError(pub String);
@@ -19,13 +20,16 @@ fn store_error(e: impl std::fmt::Display) -> StoreError {
 /// The record store of a lookup service.
 #[derive(Clone)]
 pub enum Store {
+    /// A redb file on this machine, the default.
     Embedded(EmbeddedStore),
+    /// An etcd cluster, shared by every lookup service that uses it.
     #[cfg(feature = "etcd")]
     // Boxed: the etcd client is large and the store is moved around by value.
     Etcd(Box<super::etcd::EtcdStore>),
 }
 
 impl Store {
+    /// Stores `value` (a record's JSON) as the record of `name`, replacing any.
     pub async fn put(&self, name: &str, value: Vec<u8>) -> Result<(), StoreError> {
         match self {
             Self::Embedded(store) => store.put(name.to_owned(), value).await,
@@ -34,6 +38,7 @@ impl Store {
         }
     }
 
+    /// The value stored for `name`, if any.
     pub async fn get(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         match self {
             Self::Embedded(store) => store.get(name.to_owned()).await,
@@ -68,6 +73,7 @@ pub struct EmbeddedStore {
 }
 
 impl EmbeddedStore {
+    /// Opens the database file at `path`, creating it and its table of records if needed.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = Database::create(path)
             .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;

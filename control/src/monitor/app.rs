@@ -44,6 +44,8 @@ pub struct Cli {
     )]
     pub metric_labels: LabelStyle,
 
+    /// The flags every long-running program takes: P2P and metrics listen addresses, and the
+    /// flags every program takes.
     #[command(flatten)]
     pub daemon: DaemonArgs,
 }
@@ -59,6 +61,8 @@ impl Program for Cli {
     }
 }
 
+/// The ping-monitor program: starts the overlay node (others bootstrap from it), pings every
+/// connected peer, serves /metrics and /peers, and runs until SIGINT or SIGTERM.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut config = cli
         .daemon

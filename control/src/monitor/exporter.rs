@@ -51,6 +51,8 @@ pub struct RttCollector {
 }
 
 impl RttCollector {
+    /// A collector of `table` whose series carry `host` as their `host` label and name the
+    /// peer in the label `style` spells.
     pub fn new(table: Arc<RttTable>, host: String, style: LabelStyle) -> Self {
         let peer_label = style.peer_label();
         let labels = || vec![peer_label.to_owned(), "host".to_owned()];
@@ -179,8 +181,12 @@ fn families(
 /// One row of the `/peers` JSON view.
 #[derive(Debug, serde::Serialize)]
 pub struct PeerRow {
+    /// The peer's ID.
     pub peer: String,
+    /// Whether the peer is connected to this monitor right now.
     pub connected: bool,
+    /// The peer's RTT statistics, written into the row itself (`last`, `ewma`, `window`,
+    /// `age`; durations in milliseconds).
     #[serde(flatten)]
     pub rtt: RttStats,
 }
@@ -188,8 +194,11 @@ pub struct PeerRow {
 /// The `/peers` view: every peer in the table, with whether it is connected right now.
 #[derive(Debug, serde::Serialize)]
 pub struct PeersView {
+    /// This monitor's `host` label: --hostname, else the machine's hostname.
     pub host: String,
+    /// This monitor's own peer ID.
     pub peer_id: String,
+    /// One row per peer in the RTT table, sorted by peer ID.
     pub peers: Vec<PeerRow>,
 }
 

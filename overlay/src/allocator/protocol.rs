@@ -36,6 +36,8 @@ pub mod instance {
     pub const IDLE_METRIC: &str = "proxy_seconds_since_last_request";
 }
 
+/// The start protocol: a [`StartRequest`] asks an allocator to start an instance, and a
+/// [`StartResponse`] says whether it did.
 pub struct StartProtocol;
 
 impl Protocol for StartProtocol {
@@ -46,6 +48,7 @@ impl Protocol for StartProtocol {
     type Response = StartResponse;
 }
 
+/// A request to start an instance of `service`, running the artifact `digest` names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StartRequest {
     /// The service's name in the lookup.
@@ -55,12 +58,19 @@ pub struct StartRequest {
     pub digest: String,
 }
 
+/// An allocator's answer to a [`StartRequest`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StartResponse {
     /// An instance was started (or one already starting was reused): `instance` names it on
     /// the allocator's machine (a container or process ID). It is ready when a provider of the
-    /// digest appears.
-    Started { instance: String, reused: bool },
+    /// service's instance key appears.
+    Started {
+        /// The instance's ID on the allocator's machine: a container ID or a process ID.
+        instance: String,
+        /// True if the allocator answered with an instance of the same service and digest it
+        /// had started within its reuse window, instead of starting a new one.
+        reused: bool,
+    },
     /// Nothing was started; the text says why.
     Refused(String),
 }

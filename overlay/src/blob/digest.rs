@@ -9,10 +9,13 @@ use sha2::{Digest as _, Sha256};
 pub struct Digest([u8; 32]);
 
 impl Digest {
+    /// The digest of `bytes`, hashed in one go.
     pub fn of(bytes: &[u8]) -> Self {
         Self(Sha256::digest(bytes).into())
     }
 
+    /// The digest of everything fed to `hasher` so far, for content hashed piece by piece
+    /// (a file read in chunks, a blob as it arrives).
     pub fn from_hasher(hasher: Sha256) -> Self {
         Self(hasher.finalize().into())
     }

@@ -20,25 +20,54 @@ use super::Digest;
 /// Size of the chunks blobs are copied and hashed in.
 pub const CHUNK: usize = 256 * 1024;
 
+/// Why storing or reading a blob failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
+    /// An I/O operation failed: creating, writing, syncing, renaming or reading a file of the
+    /// store. A read error of the source in [`BlobStore::write_from`] is reported here too,
+    /// with the temporary file's path.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file or directory the operation concerned.
         path: PathBuf,
+        /// The underlying error.
         source: std::io::Error,
     },
+    /// The store holds no blob of that digest (it never did, or it was found corrupt).
     #[error("blob {digest} is not stored here")]
-    Missing { digest: Digest },
+    Missing {
+        /// The blob asked for.
+        digest: Digest,
+    },
+    /// The source ended before the announced size arrived; nothing was stored.
     #[error("blob {expected} arrived with {got} bytes, {size} were announced")]
     Truncated {
+        /// The blob being transferred.
         expected: Digest,
+        /// The announced size, in bytes.
         size: u64,
+        /// The bytes that arrived before the source ended.
         got: u64,
     },
+    /// The bytes received hash to another digest than the one announced; nothing was stored.
     #[error("content does not match its digest: expected {expected}, got {got}")]
-    DigestMismatch { expected: Digest, got: Digest },
+    DigestMismatch {
+        /// The digest announced for the content.
+        expected: Digest,
+        /// The digest of the bytes that actually arrived.
+        got: Digest,
+    },
+    /// A stored blob no longer matches its digest when read (damaged on disk); it was moved
+    /// out of the store so that a good copy can be fetched.
     #[error("stored blob {digest} is corrupt (its content no longer matches); moved to {}", moved_to.display())]
-    Corrupt { digest: Digest, moved_to: PathBuf },
+    Corrupt {
+        /// The blob that failed verification.
+        digest: Digest,
+        /// Where it now lies, under `corrupt/`.
+        moved_to: PathBuf,
+    },
+    /// No byte arrived from the source within the idle timeout; the text says how long that
+    /// was.
     #[error("transfer stalled: {0}")]
     Stalled(String),
 }

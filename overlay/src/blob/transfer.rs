@@ -26,6 +26,7 @@ use crate::{
     rpc::{RpcError, read_frame, write_frame},
 };
 
+/// The stream protocol ID of blob transfers; see the module documentation for the exchange.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/mtc/blob/1");
 /// Largest header frame.
 pub const HEADER_LIMIT: u32 = 4096;
@@ -52,35 +53,76 @@ enum Reply {
     Refused { reason: String },
 }
 
+/// Why moving a blob to or from another node failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
+    /// The other node answered `Refused`, for instance because it does not hold the blob, found
+    /// its copy corrupt, or could not store an upload.
     #[error("{peer} refused: {reason}")]
-    Refused { peer: PeerId, reason: String },
+    Refused {
+        /// The node that refused.
+        peer: PeerId,
+        /// Its explanation, as it sent it.
+        reason: String,
+    },
+    /// Writing to or reading from the stream failed, or a header frame was malformed or over
+    /// [`HEADER_LIMIT`]. In [`upload`], a read error of the local source is reported here too.
     #[error("{peer}: {source}")]
-    Protocol { peer: PeerId, source: RpcError },
+    Protocol {
+        /// The node at the other end of the stream.
+        peer: PeerId,
+        /// What failed.
+        source: RpcError,
+    },
+    /// Storing the received blob failed (for instance it was cut short or did not match its
+    /// digest), or the source of an upload ended before the announced size.
     #[error(transparent)]
     Blob(#[from] BlobError),
+    /// No stream to the node could be opened, or it sent no header within [`IDLE_TIMEOUT`].
     #[error("cannot reach {peer}: {reason}")]
-    Unreachable { peer: PeerId, reason: String },
+    Unreachable {
+        /// The node that could not be reached.
+        peer: PeerId,
+        /// Why, as text.
+        reason: String,
+    },
+    /// No node advertises the blob on the overlay.
     #[error("no node holds blob {digest}")]
-    NoHolder { digest: Digest },
+    NoHolder {
+        /// The blob asked for.
+        digest: Digest,
+    },
+    /// [`fetch`] tried every node advertising the blob and each one failed.
     #[error("every holder of blob {digest} failed: {}", failures.join("; "))]
     AllFailed {
+        /// The blob asked for.
         digest: Digest,
+        /// One message per holder tried, nearest first.
         failures: Vec<String>,
     },
+    /// The other node sent a reply that does not fit the exchange at that point.
     #[error("{peer} answered out of protocol: {reply}")]
-    Unexpected { peer: PeerId, reply: String },
+    Unexpected {
+        /// The node that answered.
+        peer: PeerId,
+        /// The reply it sent, in its debug form.
+        reply: String,
+    },
 }
 
 /// Byte counters of blob traffic, exported by the programs that move blobs.
 #[derive(Clone)]
 pub struct BlobCounters {
+    /// Bytes of blobs other nodes uploaded to this node and that were stored
+    /// (`blob_bytes_received_total`); blobs this node fetches itself are not counted.
     pub bytes_in: IntCounter,
+    /// Bytes of blobs this node sent to nodes that fetched them (`blob_bytes_sent_total`).
     pub bytes_out: IntCounter,
 }
 
 impl BlobCounters {
+    /// Creates both counters and registers them in `registry`; fails if counters of those
+    /// names are already registered there.
     pub fn register(registry: &prometheus::Registry) -> prometheus::Result<Self> {
         let bytes_in = IntCounter::new(
             "blob_bytes_received_total",

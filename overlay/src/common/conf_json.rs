@@ -15,16 +15,24 @@ struct ConfJson {
     bootstraps: Option<Vec<String>>,
 }
 
+/// Why a conf.json could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfJsonError {
+    /// The file could not be read (missing, unreadable, not UTF-8).
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The file, as given.
         path: String,
+        /// The underlying error.
         source: std::io::Error,
     },
+    /// The file looks like JSON but does not parse as a conf.json (malformed JSON, or
+    /// `Bootstraps` that is not a list of strings).
     #[error("{path} is not the original's conf.json: {source}")]
     Invalid {
+        /// The file, as given.
         path: String,
+        /// What the JSON parser found wrong.
         source: serde_json::Error,
     },
 }

@@ -16,13 +16,23 @@ use clap::{CommandFactory, FromArgMatches, parser::ValueSource};
 /// A configuration error that is not clap's (clap prints its own usage errors).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The config file could not be read (missing, unreadable, not UTF-8).
     #[error("cannot read config file {path}: {source}")]
     Read {
+        /// The config file, as given.
         path: String,
+        /// The underlying error.
         source: std::io::Error,
     },
+    /// The config file is not valid TOML, names an unknown key, or gives a key a value the
+    /// flag does not accept.
     #[error("config file {path}: {message}")]
-    Invalid { path: String, message: String },
+    Invalid {
+        /// The config file, as given.
+        path: String,
+        /// What is wrong, with the line and key where they are known.
+        message: String,
+    },
 }
 
 /// Parses the command line of `C`, filling what it leaves unset from the config file named by

@@ -17,12 +17,19 @@ use crate::{
 
 /// A started program: its overlay node and the registry its `/metrics` serves.
 pub struct Daemon {
+    /// The program's overlay node, already answering node-info requests.
     pub node: Node,
+    /// The registry `/metrics` serves. Process metrics (CPU, memory, open files) are already
+    /// in it; the program registers its own.
     pub registry: Registry,
     metrics: TcpListener,
 }
 
 impl Daemon {
+    /// Binds the metrics endpoint to `metrics_addr` first (a port in use fails here, before
+    /// anything else), starts the overlay node from `config`, serves node info, and prints the
+    /// node's listen addresses and the metrics URL on standard output. `/metrics` is served
+    /// only once [`Daemon::run_until`] or [`Daemon::run_until_signal`] runs.
     pub async fn start(config: NodeConfig, metrics_addr: SocketAddr) -> anyhow::Result<Self> {
         let metrics = http::bind(metrics_addr).await.map_err(anyhow::Error::msg)?;
         let role = config.role.clone();
@@ -59,7 +66,7 @@ impl Daemon {
         self.run_until(routes, shutdown_signal()).await
     }
 
-    /// Serves `/metrics` and `routes` until `stop` resolves, then stops the node.
+    /// Serves `/metrics` and `routes` until `until` resolves, then stops the node.
     pub async fn run_until(
         self,
         routes: Vec<(&'static str, http::Handler)>,

@@ -15,6 +15,7 @@ pub const PSK_ENV: &str = "P2P_PSK";
 /// Environment variable of `--ephemeral`.
 pub const EPHEMERAL_ENV: &str = "P2P_EPHEMERAL";
 
+/// The overlay flags: bootstrap nodes, private network key and this node's identity.
 // The doc comments are --help texts, where `<peer id>` is a placeholder, not HTML.
 #[allow(rustdoc::invalid_html_tags)]
 #[derive(clap::Args, Debug, Clone)]
@@ -114,12 +115,18 @@ impl OverlayArgs {
     }
 }
 
+/// Why the overlay flags could not be turned into a node configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ArgsError {
+    /// The identity could not be loaded: the key file is unreadable or malformed, or a new one
+    /// could not be written.
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// A bootstrap address is not a multiaddr ending in `/p2p/<peer id>`; the text names it
+    /// and where it came from.
     #[error("{0}")]
     Bootstrap(String),
+    /// Reading `/dev/urandom` failed while making the random key `--psk ""` asks for.
     #[error("cannot make a random network key for --psk \"\": {0}")]
     Random(std::io::Error),
 }

@@ -47,6 +47,7 @@ pub struct CommonArgs {
     )]
     pub log_format: LogFormat,
 
+    /// The overlay flags: bootstrap nodes, network key, identity.
     #[command(flatten)]
     pub overlay: OverlayArgs,
 }
@@ -66,6 +67,7 @@ pub struct DaemonArgs {
           value_parser = parse_socket_addr)]
     pub prom_listen_addr: Option<SocketAddr>,
 
+    /// The flags every program takes, long-running or not.
     #[command(flatten)]
     pub common: CommonArgs,
 }

@@ -15,6 +15,9 @@ pub enum LogFormat {
     Json,
 }
 
+/// Sends logs to standard error in `format`, filtered by `RUST_LOG` if set, else at `info`
+/// (`debug` if `debug` is true, with libp2p's own crates kept at `info`). Does nothing if a
+/// logger is already installed.
 pub fn init_logs(debug: bool, format: LogFormat) {
     let default = if debug {
         "debug,libp2p=info,multistream_select=info,yamux=info"

@@ -12,10 +12,17 @@ use crate::{
     overlay::{Backoff, Node},
 };
 
+/// Why no lookup service gave an answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// No node advertised the lookup namespace in any of the DHT searches.
     #[error("no lookup service (hl-service) answered on the overlay after {attempts} searches")]
-    NoLookupService { attempts: u32 },
+    NoLookupService {
+        /// How many searches were made ([`SEARCH_ATTEMPTS`]).
+        attempts: u32,
+    },
+    /// Lookup services were found, but the request to each one failed (unreachable, timed
+    /// out, malformed answer); one message per service, nearest first.
     #[error("every lookup service failed: {}", .0.join("; "))]
     AllFailed(Vec<String>),
 }

@@ -20,12 +20,16 @@ impl Protocol for LookupProtocol {
     type Response = LookupResponse;
 }
 
+/// A request to a lookup service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum LookupRequest {
     /// Store (or replace) a record. Its blob must already be stored at the lookup service.
     Add(ServiceRecord),
+    /// Get the record of the service with this name.
     Get(String),
+    /// Get every record the lookup service holds.
     List,
+    /// Delete the record of the service with this name.
     Delete(String),
 }
 
@@ -41,12 +45,18 @@ impl LookupRequest {
     }
 }
 
+/// A lookup service's answer to a [`LookupRequest`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum LookupResponse {
+    /// The record of an `Add` was stored.
     Added,
+    /// The record a `Get` asked for.
     Found(ServiceRecord),
+    /// A `Get` named a service that has no record.
     NotFound,
+    /// The answer to a `List`: every record that could be read (unreadable ones are skipped).
     Services(Vec<ServiceRecord>),
+    /// The answer to a `Delete`: how many records were deleted (0 if the name had none).
     Deleted(u64),
     /// The request was refused or failed; the text says why.
     Failed(String),

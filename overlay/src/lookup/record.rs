@@ -29,7 +29,11 @@ pub enum Artifact {
     },
     /// A static executable, for the process runtime, started with `command` (the executable
     /// itself is `command[0]`'s place; environment variables in arguments are expanded).
-    Executable { command: Vec<String> },
+    Executable {
+        /// The command line: the executable's name (replaced by the artifact when started),
+        /// then its arguments.
+        command: Vec<String>,
+    },
 }
 
 /// Resource and latency limits of the service's instances.
@@ -73,6 +77,7 @@ pub enum ServiceProtocol {
 }
 
 impl ServiceProtocol {
+    /// The name used in records and flags: `http`, `tcp` or `udp`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Http => "http",
@@ -89,14 +94,19 @@ impl ServiceProtocol {
 /// A service name's record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceRecord {
+    /// The format version the record was written with ([`RECORD_VERSION`] for this program).
     pub version: u32,
+    /// The service's name, the key it is stored and looked up by (see [`validate_name`]).
     pub name: String,
     /// SHA-256 of the artifact blob: the blob's name on the overlay. Instances advertise
     /// [`ServiceRecord::instance_key`], not this: one artifact may run as several services.
     pub digest: Digest,
     /// Size of the artifact blob in bytes.
     pub size: u64,
+    /// What kind of artifact the blob is, and how an instance of it is started.
     pub artifact: Artifact,
+    /// RTT limits for choosing instances, and resource limits per instance; none if the
+    /// record sets none.
     #[serde(default)]
     pub limits: Limits,
     /// How the service is spoken to; HTTP when the record does not say (older records).
@@ -108,6 +118,8 @@ pub struct ServiceRecord {
 }
 
 impl ServiceRecord {
+    /// The record as JSON bytes, the form it is stored in (fields written by a newer version
+    /// included).
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("records always serialize")
     }
@@ -123,6 +135,8 @@ impl ServiceRecord {
         format!("instance/{}/{}", self.name, &hash[..32])
     }
 
+    /// Parses a record from its JSON form, keeping unknown fields; the error says what is
+    /// malformed. Does not [validate](ServiceRecord::validate) it.
     pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
         serde_json::from_slice(bytes).map_err(|e| format!("malformed service record: {e}"))
     }

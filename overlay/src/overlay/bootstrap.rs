@@ -13,6 +13,7 @@ use super::backoff::Backoff;
 /// A bootstrap node: its peer ID and the address to dial it at.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BootstrapAddr {
+    /// The bootstrap's peer ID, taken from the `/p2p/` part at the end of `addr`.
     pub peer: PeerId,
     /// The full address as given, ending in `/p2p/<peer>`.
     pub addr: Multiaddr,
@@ -46,6 +47,7 @@ impl fmt::Display for BootstrapAddr {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}", describe_join_failure(*.attempts, .tried))]
 pub struct JoinError {
+    /// How many rounds of dials were made ([`BootstrapPolicy::join_attempts`]).
     pub attempts: u32,
     /// Each bootstrap with the last error dialing it.
     pub tried: Vec<(BootstrapAddr, String)>,

@@ -47,20 +47,34 @@ impl KeyAlgorithm {
 /// Why a key file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
+    /// The key file exists but could not be read (permissions, I/O error).
     #[error("cannot read key file {}: {source}", path.display())]
     Read {
+        /// The key file.
         path: PathBuf,
+        /// The underlying error.
         source: std::io::Error,
     },
+    /// The key file holds no key in either accepted format; it was left as it was.
     #[error(
         "key file {} is not a valid key ({reason}); it was left untouched: \
          fix or remove it, or pass another --keyfile",
         path.display()
     )]
-    Corrupt { path: PathBuf, reason: String },
+    Corrupt {
+        /// The key file.
+        path: PathBuf,
+        /// What is wrong with its content.
+        reason: String,
+    },
+    /// There was no key file and a new one could not be written: its directory could not be
+    /// created, the file could not be created (including because one appeared meanwhile), or
+    /// writing or syncing it failed.
     #[error("cannot create key file {}: {source}", path.display())]
     Create {
+        /// The key file.
         path: PathBuf,
+        /// The underlying error.
         source: std::io::Error,
     },
 }
@@ -114,12 +128,20 @@ fn decode(contents: &[u8]) -> Result<Keypair, String> {
 /// Why an original-format key file could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum OriginalKeyError {
+    /// The key after the type number is not valid base64.
     #[error("original key file: the key is not base64: {0}")]
     Base64(#[from] base64::DecodeError),
+    /// The type number is not one of 0 to 3; holds it as written.
     #[error("original key file: unknown key type {0} (0 RSA, 1 Ed25519, 2 secp256k1, 3 ECDSA)")]
     UnknownType(String),
+    /// The raw key does not decode as a key of its type.
     #[error("original key file of type {kind}: {reason}")]
-    BadKey { kind: &'static str, reason: String },
+    BadKey {
+        /// The key type number, `"0"` to `"3"`.
+        kind: &'static str,
+        /// Why the raw key was rejected (wrong length, not valid DER, not a valid scalar).
+        reason: String,
+    },
 }
 
 /// The original's `<key type> <base64 raw key>` (see the module doc).

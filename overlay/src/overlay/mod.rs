@@ -7,7 +7,7 @@
 //! [control protocols](crate::rpc).
 //!
 //! Pure parts (backoff, bootstrap state machine, namespaces, key files, the PSK) are apart from
-//! the [`driver`] task that owns the swarm, and are unit-tested without sockets.
+//! the `driver` task that owns the swarm, and are unit-tested without sockets.
 
 mod backoff;
 mod behaviour;

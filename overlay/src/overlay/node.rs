@@ -63,9 +63,12 @@ impl Default for Timing {
 pub struct NodeConfig {
     /// What this program is ("ping-monitor", "proxy", ...): sent in identify and node info.
     pub role: String,
+    /// The node's key pair; its public key is the node's peer ID.
     pub keypair: Keypair,
     /// Addresses to listen on; `/ip4/0.0.0.0/tcp/0` picks any free port.
     pub listen: Vec<Multiaddr>,
+    /// The nodes to join the overlay through. Empty for the first node of a network, which
+    /// counts as joined as soon as it listens.
     pub bootstraps: Vec<BootstrapAddr>,
     /// Set for a private network: only peers with the same key can connect.
     pub network_key: Option<NetworkKey>,
@@ -75,6 +78,7 @@ pub struct NodeConfig {
     /// Where this node's data plane (a proxy's QUIC endpoint) listens, told to others in node
     /// info.
     pub data_plane: Option<std::net::SocketAddr>,
+    /// Timers and lifetimes of the node.
     pub timing: Timing,
 }
 
@@ -97,12 +101,24 @@ impl NodeConfig {
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// A listen address could not be bound (port in use, IP not on this machine, or an
+    /// address the transport does not support).
     #[error("cannot listen on {}: {reason}", describe_listen_addr(addr))]
-    Listen { addr: Multiaddr, reason: String },
+    Listen {
+        /// The listen address that failed, from [`NodeConfig::listen`].
+        addr: Multiaddr,
+        /// Why, as the transport reported it.
+        reason: String,
+    },
+    /// The transport could not be built: the noise configuration could not be made from the
+    /// key pair. Holds the reason.
     #[error("cannot set up the transport: {0}")]
     Transport(String),
+    /// No bootstrap could be reached in any round of dials.
     #[error(transparent)]
     Join(#[from] JoinError),
+    /// The node's driver task ended before saying whether the node started (it panicked or
+    /// was cancelled).
     #[error("the node stopped while starting")]
     Stopped,
 }
@@ -211,14 +227,17 @@ impl Node {
         })
     }
 
+    /// This node's peer ID, derived from its key pair.
     pub fn peer_id(&self) -> PeerId {
         self.inner.peer_id
     }
 
+    /// What this program is, as [`NodeConfig::role`] gave it.
     pub fn role(&self) -> &str {
         &self.inner.role
     }
 
+    /// The timers and lifetimes the node was started with.
     pub fn timing(&self) -> &Timing {
         &self.inner.timing
     }

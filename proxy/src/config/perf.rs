@@ -45,7 +45,11 @@ pub enum Policy {
 /// RTT limits of one service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
+    /// `soft-rtt`: instances within this RTT are preferred; with none within it, the proxy
+    /// asks an allocator for a nearer instance.
     pub soft_rtt: Duration,
+    /// `hard-rtt`: an instance over this RTT gets no traffic; with none under it, the proxy
+    /// asks an allocator to start one.
     pub hard_rtt: Duration,
 }
 
@@ -157,6 +161,7 @@ pub struct Budget {
 }
 
 impl Budget {
+    /// The built-in budget: retries may add a fifth of the requests, plus 10 at start.
     pub const DEFAULT: Budget = Budget {
         ratio: 0.2,
         reserve: 10,
@@ -166,7 +171,9 @@ impl Budget {
 /// What one service is routed with.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ServiceSettings {
+    /// The RTT limits its instances are chosen against.
     pub limits: Limits,
+    /// How its routing chooses, probes, ejects, times attempts out and allocates.
     pub tuning: Tuning,
 }
 
@@ -182,7 +189,10 @@ impl Default for ServiceSettings {
 /// A parsed perf.conf.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PerfConfig {
+    /// The `[defaults]` section over the built-in values: what a service without a section
+    /// of its own is routed with.
     pub defaults: ServiceSettings,
+    /// The proxy-wide retry budget, from `retry-ratio` and `retry-reserve` in `[defaults]`.
     pub budget: Budget,
     services: BTreeMap<String, Section>,
 }
@@ -200,7 +210,9 @@ impl Default for PerfConfig {
 /// Limits a service's lookup record sets; what it leaves out comes from perf.conf.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Overrides {
+    /// The record's soft RTT limit, if it sets one; it wins over perf.conf's `soft-rtt`.
     pub soft_rtt: Option<Duration>,
+    /// The record's hard RTT limit, if it sets one; it wins over perf.conf's `hard-rtt`.
     pub hard_rtt: Option<Duration>,
 }
 
@@ -445,15 +457,25 @@ impl From<Count> for u32 {
     }
 }
 
+/// Why [`PerfConfig::load`] failed: the file could not be read, or its text was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PerfError {
+    /// The file could not be read (missing, unreadable, not UTF-8).
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The file's path, as given.
         path: String,
+        /// The I/O error reading it.
         source: std::io::Error,
     },
+    /// The file was read but its text is not a valid perf.conf.
     #[error("{path}: {error}")]
-    Invalid { path: String, error: InvalidPerf },
+    Invalid {
+        /// The file's path, as given.
+        path: String,
+        /// What is wrong in it: the line and key, or the section and keys.
+        error: InvalidPerf,
+    },
 }
 
 /// Why perf.conf text was refused: where TOML says it, the line and the key; else the

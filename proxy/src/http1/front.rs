@@ -36,18 +36,27 @@ use crate::{
 /// Why a client's request head is refused; each kind has its status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrontError {
+    /// The head does not parse as an HTTP/1.x request (400); holds the parser's reason.
     #[error("malformed request head: {0}")]
     Malformed(String),
+    /// The head is longer than the limit it holds, in bytes (`--max-head-bytes`; 431).
     #[error("the request head is over {0} bytes")]
     HeadTooLarge(usize),
+    /// The target names no service, or not a valid one (400).
     #[error(transparent)]
     Route(#[from] RouteError),
+    /// A `Content-Length` that is not a decimal number, or repeated values that disagree
+    /// (400); holds the field's value.
     #[error("invalid Content-Length: {0}")]
     ContentLength(String),
+    /// The request has both `Content-Length` and `Transfer-Encoding` (400).
     #[error("both Content-Length and Transfer-Encoding")]
     LengthAndCoding,
+    /// `Transfer-Encoding` does not end in `chunked` (501); holds the field's value.
     #[error("transfer coding '{0}' is not supported")]
     Coding(String),
+    /// The head cannot be put in a frame: too many fields or a part too long (431), or a
+    /// part the frame encoding refuses (400).
     #[error("the request head cannot be framed: {0}")]
     Frame(#[from] FrameError),
 }
@@ -67,10 +76,13 @@ impl FrontError {
 /// A client's request head, read off its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestStart<'a> {
+    /// The request's method, as the client wrote it.
     pub method: &'a [u8],
+    /// The service the target names (its first path segment).
     pub service: &'a str,
     /// Bytes of the head, to drop from the receive buffer.
     pub head_len: usize,
+    /// How the request's body follows the head on the client's connection.
     pub body: RequestBody,
     /// The client may send another request on the connection after this one.
     pub keep_alive: bool,
@@ -97,9 +109,14 @@ impl RequestStart<'_> {
 /// What of a request decides how its response is framed (see [`RequestStart`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResponseContext {
+    /// The request was `HEAD`: its response has no body whatever its fields say.
     pub head_request: bool,
+    /// The client speaks HTTP/1.0: no chunked coding, a body without a length ends with the
+    /// connection.
     pub http10: bool,
+    /// The client may send another request on the connection after this one.
     pub keep_alive: bool,
+    /// The client said `TE: trailers`: a chunked response may carry trailers.
     pub trailers: bool,
 }
 
@@ -262,10 +279,13 @@ fn lossy(bytes: &[u8]) -> String {
 /// How a response's body goes to the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResponseFraming {
+    /// No body (after `HEAD`, and for 1xx, 204 and 304).
     None,
+    /// A body of exactly this many bytes, as the instance's `Content-Length` said.
     Length(u64),
     /// Chunked; trailers are written only if the client takes them.
     Chunked {
+        /// Whether the client takes trailers (`TE: trailers`).
         trailers: bool,
     },
     /// Until the connection closes (an HTTP/1.0 client, no length).

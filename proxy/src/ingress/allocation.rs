@@ -32,6 +32,7 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// The `reason` label of `proxy_allocations_total`: `none` or `nearer`.
     pub fn label(&self) -> &'static str {
         match self {
             Self::NoInstance => "none",

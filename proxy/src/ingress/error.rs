@@ -22,31 +22,63 @@ use libp2p::PeerId;
 use super::{ResponseBody, routing::Unavailable};
 use crate::{forward::AttemptError, framing::FrameError, rewrite::RouteError};
 
+/// Why the ingress could not serve a request (or open a layer-4 tunnel); each kind has its
+/// status ([`RequestError::status`]), as the module's table says.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
+    /// The target names no service, or not a valid one (400).
     #[error(transparent)]
     Target(#[from] RouteError),
+    /// An HTTP/2 request's head cannot be encoded as a `HEAD` frame: too many fields, a part
+    /// too long, ... (431).
     #[error("the request head cannot be sent: {0}")]
     Head(FrameError),
+    /// The lookup knows no service of this name (404).
     #[error("no service named '{0}'")]
     NoSuchService(String),
+    /// The lookup could not be asked or did not answer (503); holds the reason.
     #[error("the lookup service is unreachable: {0}")]
     Lookup(String),
+    /// The service's routing says no instance can be had now (503).
     #[error("no instance of '{service}' {why}")]
-    Unavailable { service: String, why: Unavailable },
+    Unavailable {
+        /// The service's name.
+        service: String,
+        /// Why: no instance and none could be started, or too many requests wait already.
+        why: Unavailable,
+    },
+    /// The request waited `--instance-wait` for an instance and none became usable (503).
     #[error("no instance of '{service}' became available within {waited:?}")]
-    WaitedTooLong { service: String, waited: Duration },
+    WaitedTooLong {
+        /// The service's name.
+        service: String,
+        /// How long the request waited.
+        waited: Duration,
+    },
+    /// An instance's response `HEAD` frame arrived but cannot be decoded (502).
     #[error("the answer of an instance of '{service}' cannot be read: {error}")]
-    Answer { service: String, error: FrameError },
+    Answer {
+        /// The service's name.
+        service: String,
+        /// What is wrong with the frame.
+        error: FrameError,
+    },
+    /// The last attempt on an instance failed and the request was not sent again: it could
+    /// not be, or the retry budget was spent (400 if the client's body failed, 503 if the
+    /// service never got it, else 502).
     #[error("instance {peer} of '{service}' failed: {error}")]
     Attempt {
+        /// The service's name.
         service: String,
+        /// The instance's proxy, by overlay peer id.
         peer: PeerId,
+        /// How the attempt failed.
         error: AttemptError,
     },
 }
 
 impl RequestError {
+    /// The HTTP status the client is answered with.
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Target(_) => StatusCode::BAD_REQUEST,

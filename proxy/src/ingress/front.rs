@@ -339,12 +339,17 @@ fn put_trailers(out: &mut BytesMut, trailers: &HeaderMap) {
 /// Why a client's request body could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientBodyError {
+    /// The connection ended before the body did (fewer bytes than `Content-Length`, or no
+    /// last chunk).
     #[error("the client closed the connection before the end of its body")]
     Closed,
+    /// Reading from the client's connection failed.
     #[error("reading the body: {0}")]
     Io(#[from] std::io::Error),
+    /// The chunked coding of the body is malformed.
     #[error(transparent)]
     Chunked(#[from] Http1Error),
+    /// The body's trailers cannot be decoded into header fields.
     #[error("the body's trailers: {0}")]
     Trailers(#[from] crate::framing::FrameError),
 }

@@ -77,7 +77,10 @@ use instances::Services;
 use records::{Records, Resolved};
 use routing::{Choice, Outcome};
 
+/// Any error a body may fail with, boxed.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body of a response to an HTTP/2 client: an instance's streamed answer, or the plain
+/// text of an error.
 pub type ResponseBody = BoxBody<Bytes, BoxError>;
 
 /// A connection to an instance not had within this is given up on (a handshake with a frozen
@@ -115,6 +118,8 @@ impl Default for IngressSettings {
     }
 }
 
+/// The ingress of one worker: its lookup cache, the routing core of every service it has
+/// served, its connections to instances (through its [`Transport`]) and its metrics.
 pub struct Ingress {
     transport: Arc<Transport>,
     settings: IngressSettings,

@@ -283,6 +283,7 @@ impl Instance {
 /// What the core knows of an instance, for metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceReport<K> {
+    /// What the chooser knows of it: its key, RTT quantiles, requests in flight, ejection.
     pub view: InstanceView<K>,
     /// p50, p90 and p99 of its service times over the last ten seconds.
     pub service_time: Option<[Duration; 3]>,

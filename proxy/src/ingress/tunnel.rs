@@ -18,12 +18,15 @@ use crate::{
 
 /// An open tunnel to an instance: the stream, and what its sidecar answered.
 pub struct Tunnel {
+    /// The sending half of the tunnel's QUIC stream, toward the instance.
     pub send: SendStream,
+    /// The receiving half of the tunnel's QUIC stream, from the instance.
     pub recv: RecvStream,
     /// Holds whatever arrived after `READY`.
     pub rest: Decoder,
     /// The reverse chain, as the hop answered it.
     pub ready: String,
+    /// The instance's proxy at the other end, by overlay peer id.
     pub peer: PeerId,
     /// The connection the stream is on (its QUIC datagrams carry the tunnel's too).
     pub connection: Connection,

@@ -56,34 +56,44 @@ pub const RESET_TUNNEL: u32 = 2;
 /// What crosses: see the module doc.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unit {
+    /// Bytes of a byte stream, cut wherever a read ended.
     Bytes(Bytes),
+    /// One UDP datagram, whole.
     Datagram(Bytes),
 }
 
 impl Unit {
+    /// Its length, in bytes.
     pub fn len(&self) -> usize {
         match self {
             Self::Bytes(b) | Self::Datagram(b) => b.len(),
         }
     }
 
+    /// Whether it holds no bytes (as an empty UDP datagram does).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
 
+/// Why one direction of a tunnel broke.
 #[derive(Debug, thiserror::Error)]
 pub enum CarryError {
+    /// The source's socket failed to read (a TCP reset, ...).
     #[error("reading: {0}")]
     Read(io::Error),
+    /// The sink's socket failed to write, or the sink was aborted already.
     #[error("writing: {0}")]
     Write(io::Error),
+    /// The tunnel's QUIC stream failed: reset, connection lost, or a malformed or unexpected
+    /// frame.
     #[error(transparent)]
     Stream(#[from] StreamError),
 }
 
 /// Where one direction of a tunnel reads.
 pub enum Source {
+    /// A TCP connection's read half (a client's at the l4-proxy, or a hop's service).
     Tcp(OwnedReadHalf),
     /// A UDP socket connected to one peer (a hop's service).
     Udp(Arc<UdpSocket>),
@@ -137,6 +147,7 @@ impl Source {
 
 /// Where one direction of a tunnel writes.
 pub enum Sink {
+    /// A TCP connection's write half (a client's at the l4-proxy, or a hop's service).
     Tcp(OwnedWriteHalf),
     /// A UDP socket connected to one peer (a hop's service).
     Udp(Arc<UdpSocket>),
@@ -171,6 +182,7 @@ pub fn stream_ends(
 /// What became of a unit put into a sink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Put {
+    /// Written: to a socket, or as a frame on the tunnel's stream.
     Sent,
     /// Sent as a QUIC datagram (a tunnel's datagram that the path takes).
     AsQuicDatagram,
@@ -181,7 +193,9 @@ pub enum Put {
 /// Where a tunnel stream's datagrams go as QUIC datagrams: its connection, and the stream's
 /// ID that names the tunnel in each.
 pub struct DatagramPath {
+    /// The QUIC connection the tunnel's stream is on.
     pub connection: Connection,
+    /// The stream's ID, which opens every QUIC datagram of the tunnel.
     pub stream: u64,
 }
 
@@ -311,8 +325,12 @@ async fn send_datagrams(unit: Unit, socket: &UdpSocket, to: Option<SocketAddr>) 
 /// sent as QUIC datagrams.
 #[derive(Debug, Clone)]
 pub struct Counts {
+    /// Bytes of the units put into the sink (`l4_bytes_total`).
     pub bytes: IntCounter,
+    /// Units a UDP socket refused, each counted once even when cut into several datagrams
+    /// (`l4_datagrams_dropped_total`, reason `send_failed`).
     pub dropped: IntCounter,
+    /// Datagrams sent to the other proxy as QUIC datagrams (`l4_quic_datagrams_total`).
     pub quic_datagrams: IntCounter,
 }
 

@@ -23,11 +23,14 @@ pub const MAX_HOPS: usize = 16;
 /// How a service (or the client) is spoken to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
+    /// TCP: a byte stream; token `tcp`, byte 0 on the wire.
     Tcp,
+    /// UDP: datagrams; token `udp`, byte 1 on the wire.
     Udp,
 }
 
 impl Protocol {
+    /// Its token in a spec: `tcp` or `udp`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Tcp => "tcp",
@@ -47,7 +50,9 @@ impl Protocol {
 /// One service of a chain and how it is spoken to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Hop {
+    /// How the hop's sidecar speaks to its service.
     pub protocol: Protocol,
+    /// The service's name, valid as a lookup record's name.
     pub service: String,
 }
 
@@ -57,36 +62,51 @@ pub struct Chain {
     hops: Vec<Hop>,
 }
 
+/// Why a spec, or a list of hops, is not a chain.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
+    /// The spec holds a `?`.
     #[error("a chain spec takes no query string")]
     Query,
+    /// The spec has fewer than two tokens, or the chain no hop at all.
     #[error("a chain spec is /<tcp|udp>/<service>[/<service>...]: at least two tokens")]
     TooShort,
+    /// The first token (given) is not `tcp` or `udp`.
     #[error("a chain spec starts with a protocol, tcp or udp, not '{0}'")]
     NoProtocol(String),
+    /// A protocol token (given) is followed by another one or ends the spec.
     #[error("'{0}' is not followed by a service")]
     ProtocolWithoutService(&'static str),
+    /// A service name is not valid as a lookup record's name; holds why.
     #[error("{0}")]
     Name(String),
+    /// A service (given) is named twice.
     #[error("'{0}' appears twice: a chain may not loop")]
     Loop(String),
+    /// More than [`MAX_HOPS`] services.
     #[error("a chain has at most {MAX_HOPS} services")]
     TooLong,
+    /// An empty segment: `//`, or a `/` at the end.
     #[error("an empty segment (//) in the spec")]
     Empty,
 }
 
+/// Why the payload of a `CHAIN` frame is not a chain.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
+    /// The payload opens with a version (given) this proxy does not speak.
     #[error("chain version {0} is not supported (this proxy speaks {VERSION})")]
     Version(u8),
+    /// The payload ends part way through a hop, or has bytes after the last one.
     #[error("truncated chain")]
     Truncated,
+    /// A hop's protocol byte (given) is neither 0 (TCP) nor 1 (UDP).
     #[error("unknown protocol {0} in chain")]
     Protocol(u8),
+    /// A service name is not UTF-8.
     #[error("a service name in the chain is not UTF-8")]
     Utf8,
+    /// The hops fail the checks a parsed spec must pass (a bad name, a loop, too many, none).
     #[error(transparent)]
     Spec(#[from] SpecError),
 }
@@ -148,6 +168,7 @@ impl Chain {
         Ok(Self { hops })
     }
 
+    /// The hops, in the order the client's traffic passes through them.
     pub fn hops(&self) -> &[Hop] {
         &self.hops
     }

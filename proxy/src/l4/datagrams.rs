@@ -43,6 +43,8 @@ struct Demux {
 
 /// The datagrams of one tunnel, until dropped.
 pub struct Registration {
+    /// The payloads of the tunnel's QUIC datagrams, stream ID removed, as they arrived; at
+    /// most 256 wait here, newer ones are dropped.
     pub datagrams: mpsc::Receiver<Bytes>,
     demux: Arc<Demux>,
     stream: u64,
@@ -61,6 +63,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl DatagramRouter {
+    /// A router with no connections yet; a connection's reader starts with its first tunnel.
     pub fn new() -> Arc<Self> {
         Arc::default()
     }

@@ -75,6 +75,9 @@ struct Listening {
 }
 
 impl L4Front {
+    /// A front opening tunnels through `ingress`, binding chain listeners on `ip` (the
+    /// control API's), forgetting a UDP client quiet for `udp_idle`, routing tunnels' QUIC
+    /// datagrams with `datagrams`, until `shutdown` is cancelled.
     pub fn new(
         ingress: Arc<Ingress>,
         metrics: TunnelMetrics,

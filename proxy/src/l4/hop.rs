@@ -42,6 +42,7 @@ pub struct HopRole {
     pub service: String,
     /// How the next hop is reached.
     pub ingress: Arc<Ingress>,
+    /// Where the tunnels this sidecar takes part in are counted (role `hop`).
     pub metrics: TunnelMetrics,
     /// Where the QUIC datagrams of tunnels go.
     pub datagrams: Arc<DatagramRouter>,
@@ -50,17 +51,33 @@ pub struct HopRole {
 /// Where the hop's service is: its address, and how long a connect to it may take.
 #[derive(Debug, Clone, Copy)]
 pub struct ServiceAddr {
+    /// The service's address, spoken to over TCP or UDP as the chain says.
     pub addr: SocketAddr,
+    /// How long a TCP connect to the service may take.
     pub connect_timeout: Duration,
 }
 
 /// Why a hop could not reach its service.
 #[derive(Debug, thiserror::Error)]
 pub enum Unreachable {
+    /// The TCP connect failed (refused, unreachable, ...) or took longer than the connect
+    /// timeout (an error of kind `TimedOut`).
     #[error("cannot connect to the service at {addr}: {source}")]
-    Tcp { addr: SocketAddr, source: io::Error },
+    Tcp {
+        /// The service's address.
+        addr: SocketAddr,
+        /// Why the connect failed.
+        source: io::Error,
+    },
+    /// A UDP socket could not be bound, or connected to the service's address (a local
+    /// failure: nothing is sent to connect one).
     #[error("no UDP socket to the service at {addr}: {source}")]
-    Udp { addr: SocketAddr, source: io::Error },
+    Udp {
+        /// The service's address.
+        addr: SocketAddr,
+        /// Why the socket could not be had.
+        source: io::Error,
+    },
 }
 
 /// Serves one tunnel: `payload` is its `CHAIN` frame's, `rest` what followed it. Returns

@@ -64,12 +64,17 @@ pub struct TunnelMetrics {
 /// `backward` towards the client.
 #[derive(Debug, Clone, Copy)]
 pub enum Direction {
+    /// From the client towards the last service; label `forward`.
     Forward,
+    /// At a hop, its service's output; label `from_service`.
     FromService,
+    /// Towards the client; label `backward`.
     Backward,
 }
 
 impl TunnelMetrics {
+    /// Creates the `l4_*` series and registers them in `registry`; fails if one of them is
+    /// registered there already.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let labels = &["chain", "role"];
         let opened = IntCounterVec::new(
@@ -137,6 +142,8 @@ impl TunnelMetrics {
         OpenTunnel(gauge)
     }
 
+    /// Counts a tunnel whose set-up failed or that broke, for `reason` (`set_up`, `broken`,
+    /// `service_unreachable`, `next_hop`).
     pub fn failed(&self, chain: &str, role: &str, reason: &str) {
         self.failed.with_label_values(&[chain, role, reason]).inc();
     }
@@ -166,6 +173,8 @@ impl TunnelMetrics {
             .with_label_values(&[chain, role, "receive_queue_full"])
     }
 
+    /// Counts one datagram of a UDP client dropped at the l4-proxy because the client's queue
+    /// was full (its tunnel still being set up, or sending on slower than the client sends).
     pub fn queue_full(&self, chain: &str) {
         self.dropped
             .with_label_values(&[chain, "client", "queue_full"])

@@ -204,10 +204,14 @@ pub struct Decision<K> {
 /// What the chooser knows of one instance, for metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceView<K> {
+    /// The instance, as given to [`Chooser::add`].
     pub key: K,
     /// p50, p90 and p99 of the window, if it holds samples.
     pub quantiles: Option<[Duration; 3]>,
+    /// Requests started ([`Chooser::start`]) and not yet ended ([`Chooser::finish`] or
+    /// [`Chooser::release`]).
     pub in_flight: u32,
+    /// Whether it is ejected for failing at the time of the view.
     pub ejected: bool,
 }
 
@@ -222,6 +226,7 @@ pub struct Chooser<K> {
 }
 
 impl<K: Clone + PartialEq> Chooser<K> {
+    /// A chooser with no instances yet, choosing with `tuning`.
     pub fn new(tuning: Tuning) -> Self {
         Self {
             tuning,
@@ -242,18 +247,22 @@ impl<K: Clone + PartialEq> Chooser<K> {
         }
     }
 
+    /// Forgets an instance and all that is known of it; an unknown `key` is ignored.
     pub fn remove(&mut self, key: &K) {
         self.instances.retain(|i| &i.key != key);
     }
 
+    /// How many instances there are, usable or not.
     pub fn len(&self) -> usize {
         self.instances.len()
     }
 
+    /// Whether there is no instance at all.
     pub fn is_empty(&self) -> bool {
         self.instances.is_empty()
     }
 
+    /// Whether `key` is one of the instances (ejected or held ones included).
     pub fn contains(&self, key: &K) -> bool {
         self.instances.iter().any(|i| &i.key == key)
     }

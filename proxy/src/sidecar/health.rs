@@ -111,8 +111,11 @@ pub enum Observation {
 /// A change of state: what it was, what it is, and how long the old state lasted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transition {
+    /// The state left.
     pub from: ServiceState,
+    /// The state entered.
     pub to: ServiceState,
+    /// How long the service was in `from`.
     pub lasted: Duration,
 }
 
@@ -142,6 +145,7 @@ impl HealthMachine {
         }
     }
 
+    /// The current state.
     pub fn state(&self) -> ServiceState {
         self.state
     }
@@ -246,10 +250,12 @@ impl ServiceHealth {
         })
     }
 
+    /// The address of the service, which checks connect to.
     pub fn upstream(&self) -> SocketAddr {
         self.upstream
     }
 
+    /// How the service is checked.
     pub fn policy(&self) -> HealthPolicy {
         self.policy
     }

@@ -28,7 +28,9 @@ const TRANSCRIPT_PREFIX: &[u8] = b"mtc-proxy-auth/1";
 /// Which end of the connection a proof comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    /// The side that dialled the connection.
     Client,
+    /// The side that accepted it.
     Server,
 }
 
@@ -41,15 +43,27 @@ impl Role {
     }
 }
 
+/// Why a peer's [`Proof`] was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
+    /// The proof could not be decoded; says which part was wrong (`"length"`, `"truncated"`,
+    /// `"trailing bytes"`, `"public key"`).
     #[error("malformed proof: {0}")]
     Malformed(&'static str),
+    /// The signature is not the public key's over this connection's keying material and the
+    /// prover's role.
     #[error("the identity signature does not verify")]
     BadSignature,
     /// Peer IDs as text: an error carrying two `PeerId`s would make every `Result` here large.
     #[error("the peer is {actual}, not {expected}")]
-    WrongPeer { expected: String, actual: String },
+    WrongPeer {
+        /// The peer ID that was dialled.
+        expected: String,
+        /// The peer ID the proof's key belongs to.
+        actual: String,
+    },
+    /// The network MAC does not verify under our pre-shared key, or the peer sent one while
+    /// this proxy is in no private network.
     #[error("the peer does not prove knowledge of the network key")]
     WrongNetworkKey,
 }
@@ -154,6 +168,7 @@ impl Proof {
         out
     }
 
+    /// Reads a proof in the layout of [`Proof::encode`]; the whole of `bytes` must be one.
     pub fn decode(mut bytes: &[u8]) -> Result<Self, AuthError> {
         let mut field = |wide: bool| -> Result<Vec<u8>, AuthError> {
             let (len, rest) = if wide {

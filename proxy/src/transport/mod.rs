@@ -2,7 +2,7 @@
 //! proxies, reused by every request, authenticated by overlay identity and network key
 //! ([`auth`]) before any request is served. Datagrams grow to what the path carries (path MTU
 //! discovery up to 64 KiB, GSO batches kept within what the kernel takes, on a socket the
-//! runtime watches for reading only: [`udp`]), and a peer acknowledges every tenth packet
+//! runtime watches for reading only: `udp`), and a peer acknowledges every tenth packet
 //! rather than every second (the ACK-frequency extension).
 
 pub mod auth;
@@ -73,20 +73,52 @@ pub enum Silence {
     Unconnected,
 }
 
+/// Why the endpoint could not be set up, or a connection with a peer not made or not
+/// authenticated.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
+    /// The endpoint could not be made (the UDP socket, the TLS configuration, no Tokio
+    /// runtime), or the task of an inbound handshake failed; holds the reason as text.
     #[error("cannot set up QUIC: {0}")]
     Setup(String),
+    /// The QUIC handshake with a peer, dialled or inbound, did not complete.
     #[error("cannot connect to {addr}: {reason}")]
-    Connect { addr: SocketAddr, reason: String },
+    Connect {
+        /// The peer's UDP address.
+        addr: SocketAddr,
+        /// quinn's error, as text.
+        reason: String,
+    },
+    /// The peer's proof did not verify: malformed, another peer than the one dialled, a wrong
+    /// network key or signature.
     #[error("authentication with {addr} failed: {source}")]
-    Auth { addr: SocketAddr, source: AuthError },
+    Auth {
+        /// The peer's UDP address.
+        addr: SocketAddr,
+        /// What was wrong with the proof.
+        source: AuthError,
+    },
+    /// The proof exchange after the TLS handshake took longer than 5 s.
     #[error("{addr} did not authenticate within {AUTH_TIMEOUT:?}")]
-    AuthTimeout { addr: SocketAddr },
+    AuthTimeout {
+        /// The peer's UDP address.
+        addr: SocketAddr,
+    },
+    /// The TLS session gave no keying material for the proofs to sign.
     #[error("the TLS session with {addr} exports no keying material to prove identities on")]
-    KeyingMaterial { addr: SocketAddr },
+    KeyingMaterial {
+        /// The peer's UDP address.
+        addr: SocketAddr,
+    },
+    /// The stream the proofs cross on failed (the connection was lost or reset, or a proof was
+    /// longer than allowed).
     #[error("connection to {addr} failed during authentication: {reason}")]
-    Stream { addr: SocketAddr, reason: String },
+    Stream {
+        /// The peer's UDP address.
+        addr: SocketAddr,
+        /// quinn's error, as text.
+        reason: String,
+    },
 }
 
 /// This proxy's QUIC endpoint: listens for other proxies and connects to them.
@@ -210,10 +242,12 @@ impl Transport {
         })
     }
 
+    /// The UDP address the endpoint is bound to (with the actual port when bound to port 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
     }
 
+    /// This proxy's overlay identity, which its proofs show to peers.
     pub fn peer_id(&self) -> PeerId {
         self.credentials.keypair.public().to_peer_id()
     }

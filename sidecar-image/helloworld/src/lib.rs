@@ -1,5 +1,6 @@
 //! The example services' one server loop: `NAME PORT` on the command line, HTTP/1.1 on
 //! 0.0.0.0:PORT, every request answered by `respond`, exit on SIGINT or SIGTERM.
+#![warn(missing_docs)]
 
 use std::{convert::Infallible, net::SocketAddr, process::ExitCode};
 

@@ -24,6 +24,7 @@ use crate::{
 /// How long a container may take to stop after SIGTERM before the engine kills it.
 const STOP_SECONDS: i32 = 5;
 
+/// Instances as containers of the local Docker engine.
 pub struct DockerRuntime {
     docker: Docker,
 }
@@ -54,6 +55,8 @@ impl DockerRuntime {
         Ok(Self { docker })
     }
 
+    /// Loads `record`'s image archive from `blobs` into the engine (`docker load`) unless the
+    /// engine has the image already, then checks that it now holds the record's image ID.
     pub async fn prepare(&self, record: &ServiceRecord, blobs: &BlobStore) -> Result<(), String> {
         let image = image_of(record)?;
         if self.docker.inspect_image(&image).await.is_ok() {
@@ -87,6 +90,8 @@ impl DockerRuntime {
         Ok(())
     }
 
+    /// Creates and starts a container for `launch` (host network, the record's CPU and memory
+    /// limits); returns its ID. A container that fails to start is removed.
     pub async fn start(&self, launch: &Launch<'_>) -> Result<String, String> {
         let image = image_of(launch.record)?;
         let limits = &launch.record.limits;
@@ -118,6 +123,8 @@ impl DockerRuntime {
         Ok(created.id)
     }
 
+    /// Stops container `id` (SIGTERM, killed after 5 s) and removes it; one that already
+    /// exited is only removed.
     pub async fn stop(&self, id: &str) -> Result<(), String> {
         let options = StopContainerOptions {
             t: Some(STOP_SECONDS),
@@ -139,6 +146,8 @@ impl DockerRuntime {
             .map_err(|e| format!("cannot remove container {id}: {e}"))
     }
 
+    /// Whether container `id` runs; false too when it is missing or the engine does not
+    /// answer.
     pub async fn is_running(&self, id: &str) -> bool {
         self.docker
             .inspect_container(id, None)
@@ -148,6 +157,8 @@ impl DockerRuntime {
             .unwrap_or(false)
     }
 
+    /// Every container, running or not, labelled as `allocator`'s, and whether it runs;
+    /// containers with incomplete labels are left out.
     pub async fn list(&self, allocator: &str) -> Result<Vec<(Instance, bool)>, String> {
         let options = ListContainersOptions {
             all: true,

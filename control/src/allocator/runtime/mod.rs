@@ -13,19 +13,28 @@ use super::book::Instance;
 
 /// What starting one instance needs.
 pub struct Launch<'a> {
+    /// The service's record: its artifact, limits and protocol.
     pub record: &'a ServiceRecord,
     /// A name unique on this machine (the container's name, the process's directory).
     pub name: String,
+    /// The instance's environment variables (SERVICE_NAME, PROXY_PORT, P2P_BOOTSTRAPS and the
+    /// rest of the container contract).
     pub env: Vec<(String, String)>,
+    /// Labels naming the instance as this allocator's ([`Instance::labels`]), so that it is
+    /// adopted after a restart.
     pub labels: BTreeMap<String, String>,
 }
 
+/// The runtime an allocator starts its instances with, chosen once at start-up.
 pub enum Runtime {
+    /// Docker containers, for image archives.
     Docker(docker::DockerRuntime),
+    /// Processes run by a proxy in service mode, for executables.
     Process(process::ProcessRuntime),
 }
 
 impl Runtime {
+    /// `docker` or `process`, as printed at start-up.
     pub fn name(&self) -> &'static str {
         match self {
             Self::Docker(_) => "docker",
@@ -58,6 +67,7 @@ impl Runtime {
         }
     }
 
+    /// Whether instance `id` runs; false too when it cannot be found or asked about.
     pub async fn is_running(&self, id: &str) -> bool {
         match self {
             Self::Docker(docker) => docker.is_running(id).await,

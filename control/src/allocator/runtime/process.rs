@@ -26,6 +26,8 @@ use crate::{
 const STATE_FILE: &str = "instance.json";
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
+/// Instances as processes: a proxy in service mode running the service's executable, one
+/// directory per instance.
 pub struct ProcessRuntime {
     proxy: PathBuf,
     dir: PathBuf,
@@ -40,6 +42,8 @@ struct State {
     labels: BTreeMap<String, String>,
 }
 
+/// Accepts `record` if its artifact is an executable; an image archive needs Docker. Nothing
+/// else is prepared: the executable is copied out of the blob store at start.
 pub fn check_artifact(record: &ServiceRecord) -> Result<(), String> {
     match &record.artifact {
         Artifact::Executable { .. } => Ok(()),
@@ -79,6 +83,9 @@ impl ProcessRuntime {
         self.dir.join(id)
     }
 
+    /// Copies the executable out of `blobs` (its digest checked) into the instance's
+    /// directory and starts `proxy -- EXECUTABLE ARGS` there in a session of its own, both
+    /// programs writing to `log`; returns the instance ID, `launch.name`.
     pub async fn start(&self, launch: &Launch<'_>, blobs: &BlobStore) -> Result<String, String> {
         let Artifact::Executable { command } = &launch.record.artifact else {
             return check_artifact(launch.record).map(|()| String::new());
@@ -154,10 +161,14 @@ impl ProcessRuntime {
         start_time(state.pid).is_some_and(|t| t == state.start_time)
     }
 
+    /// Whether the process of instance `id` is alive: the process ID in `instance.json` names
+    /// a live process with the recorded start time.
     pub fn is_running(&self, id: &str) -> bool {
         self.state(id).is_some_and(|s| Self::alive(&s))
     }
 
+    /// Sends SIGTERM to the instance's process, SIGKILL if it is still alive after 5 s, and
+    /// removes the instance's directory.
     pub async fn stop(&self, id: &str) -> Result<(), String> {
         if let Some(state) = self.state(id)
             && Self::alive(&state)
@@ -176,6 +187,8 @@ impl ProcessRuntime {
         remove_dir(&self.instance_dir(id)).await
     }
 
+    /// Every instance whose `instance.json` labels it as `allocator`'s, and whether its
+    /// process is alive.
     pub fn list(&self, allocator: &str) -> Vec<(Instance, bool)> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
