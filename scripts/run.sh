@@ -29,7 +29,10 @@ cleanup() {
   rm -rf "$work"
   echo "stopped; nothing left running"
 }
-trap cleanup INT TERM EXIT
+# Ctrl-C ends it with 130 and SIGTERM with 143, as for any command a signal interrupted.
+trap 'cleanup; exit 130' INT
+trap 'cleanup; exit 143' TERM
+trap cleanup EXIT
 
 # start NAME COMMAND...: runs it in the background, its output in $work/NAME.{out,err}.
 start() {

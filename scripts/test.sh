@@ -33,7 +33,11 @@ fi
 
 log=$(mktemp)
 bench_out=$(mktemp -d)
-trap 'rm -rf "$log" "$log.bench" "$bench_out"' EXIT
+# Tests that cannot run here (no Docker engine with MTC_SKIP_DOCKER=1) say so in this file
+# (testkit::skipped); the summary counts them as skipped, not passed.
+MTC_SKIPPED_LOG=$(mktemp)
+export MTC_SKIPPED_LOG
+trap 'rm -rf "$log" "$log.bench" "$bench_out" "$MTC_SKIPPED_LOG"' EXIT
 set +e
 cargo test --workspace --locked 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
@@ -72,6 +76,11 @@ else
   grep -E '^Done [0-9]+ runs' "$fuzz_log" | sed 's/^/fuzz codec: /'
 fi
 
-# One closing line for the whole suite (cargo prints one per test binary).
-awk '/^test result:/ { passed += $4; failed += $6 } END { printf "%d passed, %d failed\n", passed, failed }' "$log"
+# One closing line for the whole suite (cargo prints one per test binary): how many ran,
+# passed, failed and were skipped (a skipped test returns early, so cargo counts it passed).
+skipped=$(sort -u "$MTC_SKIPPED_LOG" | wc -l)
+sort -u "$MTC_SKIPPED_LOG" | sed 's/^/skipped: /'
+awk -v skipped="$skipped" '/^test result:/ { passed += $4; failed += $6; ignored += $8 }
+  END { printf "%d tests: %d passed, %d failed, %d skipped, %d ignored\n",
+        passed + failed + ignored, passed - skipped, failed, skipped, ignored }' "$log"
 exit "$status"

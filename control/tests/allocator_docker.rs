@@ -67,12 +67,12 @@ async fn docker_instances_load_from_the_overlay_serve_are_culled_and_adopted() {
     let peer = allocator.peer;
     let containers = Containers(peer.to_string());
 
-    // request -> allocation -> response, through an ingress proxy.
-    let (_ingress, addr) = start_ingress(&network).await;
-    let (status, body) = http_get(&addr, "/hello-world-server/").await.unwrap();
-    assert_eq!((status, body.as_str()), (200, "Hello, world\n"));
-
-    // 20 more start requests at once, as from 20 proxies: still one container.
+    // 20 start requests at once while nothing runs yet, as from 20 proxies that all missed
+    // at the same moment: one image load, one container, 20 answers naming it.
+    assert!(
+        containers.ids().is_empty(),
+        "nothing runs before the first start"
+    );
     let asker = start_node(std::slice::from_ref(&network.monitor.bootstrap), None).await;
     wait_until("the allocator found", DEADLINE, || async {
         providers(&asker, NAMESPACE).await.contains(&peer)
@@ -99,6 +99,12 @@ async fn docker_instances_load_from_the_overlay_serve_are_culled_and_adopted() {
         docker(&["image", "inspect", &image_id.to_string()]).0,
         "loaded"
     );
+
+    // request -> (the running instance) -> response, through an ingress proxy.
+    let (_ingress, addr) = start_ingress(&network).await;
+    let (status, body) = http_get(&addr, "/hello-world-server/").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "Hello, world\n"));
+    assert_eq!(containers.ids(), ids, "the ingress used the same instance");
 
     // As asked: environment, limits, labels, host networking.
     let (_, inspect) = docker(&["inspect", &ids[0]]);

@@ -247,19 +247,15 @@ async fn a_corrupt_holder_is_skipped_and_the_blob_fetched_from_another() {
             == 2
     })
     .await;
-    // Whichever holder is tried first, the blob comes intact from the good one.
-    let from = transfer::fetch(&fetcher, digest, &store).await.unwrap();
+    // The corrupt holder tried first (as if nearest): skipped, the blob comes intact from the
+    // good one.
+    let order = vec![holders[0].0.peer_id(), holders[1].0.peer_id()];
+    let from = transfer::fetch_from(&fetcher, order, digest, &store)
+        .await
+        .unwrap();
     assert_eq!(from, holders[1].0.peer_id());
     assert!(store.open_verified(digest).await.is_ok());
-    // The corrupt holder stops serving and advertising it.
-    let result = transfer::download_from(
-        &fetcher,
-        holders[0].0.peer_id(),
-        digest,
-        &BlobStore::open(tempfile::tempdir().unwrap().path()).unwrap(),
-    )
-    .await;
-    assert!(result.is_err(), "{result:?}");
+    // The corrupt holder set its copy aside, refuses it from now on and stops advertising it.
     assert!(
         holders[0]
             .1
@@ -268,6 +264,22 @@ async fn a_corrupt_holder_is_skipped_and_the_blob_fetched_from_another() {
             .join(digest.hex())
             .exists()
     );
+    let result = transfer::download_from(
+        &fetcher,
+        holders[0].0.peer_id(),
+        digest,
+        &BlobStore::open(tempfile::tempdir().unwrap().path()).unwrap(),
+    )
+    .await;
+    assert!(result.is_err(), "{result:?}");
+    let blob = transfer::namespace(&digest);
+    assert!(!holders[0].0.advertised().await.contains(&blob));
+    assert!(holders[1].0.advertised().await.contains(&blob));
+    // And a plain fetch, in whatever order, finds and uses the good holders only.
+    let again_dir = tempfile::tempdir().unwrap();
+    let again = BlobStore::open(again_dir.path()).unwrap();
+    let from = transfer::fetch(&fetcher, digest, &again).await.unwrap();
+    assert_ne!(from, holders[0].0.peer_id());
 }
 
 #[tokio::test]

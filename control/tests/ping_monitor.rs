@@ -144,18 +144,24 @@ async fn a_peer_unseen_for_the_expiry_leaves_the_metrics() {
     let monitor = start_monitor(&["--ephemeral", "--peer-expiry", "1s"]).await;
     let node = start_node(std::slice::from_ref(&monitor.bootstrap), None).await;
     let series = format!("targetHost=\"{}\"", node.peer_id());
+    // Some(whether the series is there) from a scrape that worked; None when it failed (a
+    // crashed monitor is not a monitor whose series expired).
     let has_series = || {
         let (addr, series) = (monitor.metrics.clone(), series.clone());
         async move {
             http_get(&addr, "/metrics")
                 .await
-                .is_some_and(|(_, body)| body.contains(&series))
+                .filter(|(status, _)| *status == 200)
+                .map(|(_, body)| body.contains(&series))
         }
     };
-    wait_until("the peer's series", DEADLINE, &has_series).await;
+    wait_until("the peer's series", DEADLINE, || async {
+        has_series().await == Some(true)
+    })
+    .await;
     node.shutdown().await;
     wait_until("the series to expire", DEADLINE, || async {
-        !has_series().await
+        has_series().await == Some(false)
     })
     .await;
 }

@@ -2,6 +2,7 @@
 //! on loopback with short timers, child processes whose output can be waited on, a minimal
 //! HTTP GET, waiting on conditions with a deadline (never a bare sleep), a UDP delay relay
 //! that emulates a long link, and a far host: a network namespace behind a delayed link.
+#![warn(missing_docs)]
 
 use std::{
     future::Future,
@@ -51,6 +52,8 @@ pub fn node_config(role: &str, keypair: Keypair, bootstraps: &[BootstrapAddr]) -
     config
 }
 
+/// Starts a node with [`fast_timing`] on a free loopback port, joined through `bootstraps`;
+/// with `psk`, in the private network of that passphrase. Panics if it does not start.
 pub async fn start_node(bootstraps: &[BootstrapAddr], psk: Option<&str>) -> Node {
     let mut config = node_config("test", Keypair::generate_ed25519(), bootstraps);
     config.network_key = psk.map(NetworkKey::from_passphrase);
@@ -60,6 +63,33 @@ pub async fn start_node(bootstraps: &[BootstrapAddr], psk: Option<&str>) -> Node
 /// The first listen address of `node`, as a bootstrap address for others.
 pub async fn bootstrap_of(node: &Node) -> BootstrapAddr {
     node.listen_addrs().await[0].to_string().parse().unwrap()
+}
+
+/// Reports the running test as skipped, with `reason`: a line `<test name>: <reason>` is
+/// appended to the file `MTC_SKIPPED_LOG` names (scripts/test.sh sets it and counts those
+/// tests as skipped, not passed, in its summary), and printed. The caller then returns.
+/// The test harness names each test's thread after the test.
+pub fn skipped(reason: &str) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("an unnamed test")
+        .to_owned();
+    eprintln!("SKIPPED {test}: {reason}");
+    if let Some(path) = std::env::var_os("MTC_SKIPPED_LOG") {
+        use std::io::Write;
+        let line = format!("{test}: {reason}\n");
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut file| file.write_all(line.as_bytes()));
+        if let Err(error) = written {
+            panic!(
+                "cannot record the skip in {}: {error}",
+                path.to_string_lossy()
+            );
+        }
+    }
 }
 
 /// Polls `condition` until it holds; panics with `what` at the deadline.
@@ -88,12 +118,18 @@ pub async fn providers(node: &Node, namespace: &str) -> Vec<PeerId> {
 /// A child process of one of our binaries, killed when dropped, whose standard output lines
 /// are collected so tests can wait for them.
 pub struct Process {
+    /// The child process. Killed when the [`Process`] is dropped if it was started with
+    /// `kill_on_drop`, as [`Process::spawn`] does.
     pub child: Child,
     stdout: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<String>>,
 }
 
 impl Process {
+    /// Starts `binary` with `args` and the variables `env` added to this process's
+    /// environment, collecting its output. `P2P_BOOTSTRAPS` and `P2P_PSK` are removed after
+    /// `env` is applied, so the child never gets them, even from `env`. Panics if it cannot
+    /// start.
     pub fn spawn(binary: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
         let mut command = Command::new(binary);
         command
@@ -159,6 +195,7 @@ impl Process {
         found.unwrap()
     }
 
+    /// Everything the process has written to standard error so far.
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
@@ -183,8 +220,12 @@ unsafe extern "C" {
 
 /// A started long-running program: its process, overlay address and metrics address.
 pub struct Daemon {
+    /// The running program; it is killed when dropped.
     pub process: Process,
+    /// The first address it printed that ends in `/p2p/<peer id>`, for other nodes to
+    /// bootstrap from.
     pub bootstrap: BootstrapAddr,
+    /// Where its `/metrics` endpoint listens, as `HOST:PORT`.
     pub metrics: String,
 }
 

@@ -13,7 +13,9 @@ use std::{
 
 use anyhow::Context;
 use futures::FutureExt;
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
 
 use super::{
     book::{CullPolicy, Instance, Verdict, idle_from_metrics, reuses},
@@ -140,6 +142,7 @@ struct Metrics {
     starts: IntCounterVec,
     start_seconds: Histogram,
     culls: IntCounterVec,
+    check_rounds: IntCounter,
 }
 
 impl Metrics {
@@ -169,6 +172,11 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        let check_rounds = IntCounter::new(
+            "allocator_check_rounds_total",
+            "Rounds of instance checks done (each looks at every instance once, every \
+             --check-interval)",
+        )?;
         // Every outcome and reason from zero: a rate over them reads 0 rather than nothing.
         for outcome in ["started", "reused", "refused"] {
             starts.with_label_values(&[outcome]);
@@ -180,11 +188,13 @@ impl Metrics {
         registry.register(Box::new(starts.clone()))?;
         registry.register(Box::new(start_seconds.clone()))?;
         registry.register(Box::new(culls.clone()))?;
+        registry.register(Box::new(check_rounds.clone()))?;
         Ok(Self {
             instances,
             starts,
             start_seconds,
             culls,
+            check_rounds,
         })
     }
 }
@@ -652,6 +662,7 @@ impl Allocator {
                 Err(error) => tracing::warn!(id = %instance.id, %error, "cannot stop"),
             }
         }
+        self.metrics.check_rounds.inc();
     }
 
     async fn stop_all(&self) {

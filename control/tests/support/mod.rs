@@ -260,12 +260,33 @@ pub async fn start_l4_proxy(network: &Network) -> (Process, String) {
     (l4, control)
 }
 
+/// `docker ARGS...`: whether it succeeded, and its output. Panics (naming the command) when
+/// the `docker` program cannot be run at all, so no check reads "cannot ask" as "nothing
+/// there".
 pub fn docker(args: &[&str]) -> (bool, String) {
-    let output = Command::new("docker").args(args).output().unwrap();
+    let output = Command::new("docker")
+        .args(args)
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run `docker {}`: {error}", args.join(" ")));
     (
         output.status.success(),
         String::from_utf8_lossy(&output.stdout).trim().to_owned(),
     )
+}
+
+/// `docker ARGS...` that must succeed: its output; panics with its error output otherwise.
+pub fn docker_ok(args: &[&str]) -> String {
+    let output = Command::new("docker")
+        .args(args)
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run `docker {}`: {error}", args.join(" ")));
+    assert!(
+        output.status.success(),
+        "`docker {}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
 /// The test image's tarball: `MTC_TEST_IMAGE_TAR` if set (scripts/test.sh builds it once),
@@ -306,33 +327,49 @@ pub fn bake(dir: &str) -> PathBuf {
 pub struct Containers(pub String);
 
 impl Containers {
+    /// The IDs of the allocator's containers, running or not. A `docker ps` that fails fails
+    /// the test: "no containers" must mean the engine said so.
     pub fn ids(&self) -> Vec<String> {
         let filter = format!("label=mtc.allocator={}", self.0);
-        let (_, out) = docker(&["ps", "-aq", "--filter", &filter]);
+        let out = docker_ok(&["ps", "-aq", "--filter", &filter]);
         out.lines().map(str::to_owned).collect()
     }
 }
 
 impl Drop for Containers {
     fn drop(&mut self) {
-        for id in self.ids() {
-            docker(&["rm", "-f", &id]);
+        // Best effort while possibly unwinding: a second panic here would abort the run.
+        let filter = format!("label=mtc.allocator={}", self.0);
+        let Ok(out) = Command::new("docker")
+            .args(["ps", "-aq", "--filter", &filter])
+            .output()
+        else {
+            return;
+        };
+        for id in String::from_utf8_lossy(&out.stdout).lines() {
+            let _ = Command::new("docker").args(["rm", "-f", id]).output();
         }
     }
 }
 
 /// Whether the Docker tests run: yes when an engine answers. A machine without one fails them
 /// loudly, unless MTC_SKIP_DOCKER=1 says it is meant to have none.
+/// A skipped test is reported by name through [`testkit::skipped`], so scripts/test.sh's
+/// summary counts it as skipped, not passed. A missing `docker` program is no engine.
 pub fn docker_engine() -> bool {
-    if docker(&["info"]).0 {
+    let answers = Command::new("docker")
+        .arg("info")
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if answers {
         return true;
     }
     if std::env::var("MTC_SKIP_DOCKER").is_ok_and(|v| v == "1") {
-        eprintln!("MTC_SKIP_DOCKER=1: the Docker runtime's tests are skipped");
+        testkit::skipped("MTC_SKIP_DOCKER=1: no Docker engine on this machine");
         return false;
     }
     panic!(
-        "no Docker engine answers (`docker info` fails): start it, or set MTC_SKIP_DOCKER=1 \
-         on a machine meant to have none"
+        "no Docker engine answers (`docker info` fails or docker is not installed): start \
+         it, or set MTC_SKIP_DOCKER=1 on a machine meant to have none"
     );
 }

@@ -366,8 +366,20 @@ pub async fn fetch(
     if holders.is_empty() {
         return Err(TransferError::NoHolder { digest });
     }
+    fetch_from(node, nearest_first(node, holders), digest, store).await
+}
+
+/// Fetches blob `digest` into `store` from the first of `holders` that delivers it intact,
+/// in their order; then advertises it. What [`fetch`] does once it has found and ordered the
+/// holders.
+pub async fn fetch_from(
+    node: &Node,
+    holders: Vec<PeerId>,
+    digest: Digest,
+    store: &BlobStore,
+) -> Result<PeerId, TransferError> {
     let mut failures = Vec::new();
-    for peer in nearest_first(node, holders) {
+    for peer in holders {
         match download_from(node, peer, digest, store).await {
             Ok(_) => {
                 node.advertise(&namespace(&digest)).await;

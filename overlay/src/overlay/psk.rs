@@ -84,9 +84,12 @@ mod tests {
     fn key_is_sha3_256_of_the_passphrase() {
         // SHA3-256("abc") from FIPS 202's examples.
         let expected = "3a985da74fe225b2045c172d6bd390bd855f086e3e9d525b46bfe24511431532";
-        let digest: [u8; 32] = Sha3_256::digest(b"abc").into();
-        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let key = NetworkKey::from_passphrase("abc");
+        let hex: String = key.key_bytes().iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(hex, expected);
+        // And it is what the transport's handshake uses.
+        let transport = PreSharedKey::new(*key.key_bytes()).fingerprint().to_string();
+        assert_eq!(key.fingerprint(), transport);
         assert!(!format!("{:?}", NetworkKey::from_passphrase("abc")).contains("abc\""));
     }
 }
