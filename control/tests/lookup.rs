@@ -66,6 +66,20 @@ async fn records_are_added_read_listed_deleted_and_survive_a_restart() {
     )
     .await;
     assert!(ok, "add --exec failed: {out}{err}");
+    // Issue 16: what no start could run is refused when it is added, saying why; nothing is
+    // stored.
+    let empty = files.path().join("empty");
+    std::fs::write(&empty, b"").unwrap();
+    let text = files.path().join("notes.txt");
+    std::fs::write(&text, b"not a program").unwrap();
+    for (file, why) in [(&empty, "is empty"), (&text, "is not an executable")] {
+        let (ok, _, err) = cli(
+            &network,
+            &["add", "--exec", file.to_str().unwrap(), "never-runs"],
+        )
+        .await;
+        assert!(!ok && err.contains(why), "{err}");
+    }
 
     // The archive can come on standard input too, as `docker save IMAGE | hl-cli add --stdin`.
     let bootstrap = network.monitor.bootstrap.to_string();
@@ -102,6 +116,7 @@ async fn records_are_added_read_listed_deleted_and_survive_a_restart() {
         "{out}"
     );
     assert!(out.contains("from-stdin"), "{out}");
+    assert!(!out.contains("never-runs"), "{out}");
 
     // Restart the lookup service on the same data: records and blobs are still there.
     assert!(network.service.process.terminate().await);

@@ -6,7 +6,10 @@
 //! Docker 25+ next to the OCI layout) or, failing that, through `index.json` and the OCI
 //! manifest it points to; the config's own bytes are hashed to check the claim.
 
-use std::{collections::HashMap, io::Read};
+use std::{
+    collections::{HashMap, HashSet},
+    io::Read,
+};
 
 use sha2::{Digest as _, Sha256};
 
@@ -52,6 +55,8 @@ struct DockerManifest {
     config: String,
     #[serde(rename = "RepoTags", default)]
     repo_tags: Option<Vec<String>>,
+    #[serde(rename = "Layers", default)]
+    layers: Vec<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -62,6 +67,8 @@ struct OciIndex {
 #[derive(serde::Deserialize)]
 struct OciManifest {
     config: OciDescriptor,
+    #[serde(default)]
+    layers: Vec<OciDescriptor>,
 }
 
 #[derive(serde::Deserialize)]
@@ -78,6 +85,8 @@ pub fn inspect<R: Read>(source: R) -> Result<ArchiveInfo, String> {
     };
     let mut kept: HashMap<String, Vec<u8>> = HashMap::new();
     let mut kept_total = 0;
+    // Every entry's path: a manifest may only name layers the archive holds.
+    let mut present: HashSet<String> = HashSet::new();
     {
         let mut archive = tar::Archive::new(&mut hashing);
         let entries = archive
@@ -91,6 +100,7 @@ pub fn inspect<R: Read>(source: R) -> Result<ArchiveInfo, String> {
                 .to_string_lossy()
                 .into_owned();
             let path = path.trim_start_matches("./").to_owned();
+            present.insert(path.clone());
             let size = entry.header().size().unwrap_or(u64::MAX);
             let interesting = path == "manifest.json"
                 || path == "index.json"
@@ -108,7 +118,7 @@ pub fn inspect<R: Read>(source: R) -> Result<ArchiveInfo, String> {
     }
     // What follows the end-of-archive marker belongs to the file too.
     std::io::copy(&mut hashing, &mut std::io::sink()).map_err(|e| e.to_string())?;
-    let (image_id, repo_tags) = image_id(&kept)?;
+    let (image_id, repo_tags) = image_id(&kept, &present)?;
     Ok(ArchiveInfo {
         digest: Digest::from_hasher(hashing.hasher),
         size: hashing.count,
@@ -117,8 +127,15 @@ pub fn inspect<R: Read>(source: R) -> Result<ArchiveInfo, String> {
     })
 }
 
-fn image_id(kept: &HashMap<String, Vec<u8>>) -> Result<(Digest, Vec<String>), String> {
-    let (config_path, tags) = if let Some(manifest) = kept.get("manifest.json") {
+/// The image ID and tags, from the manifest; checks that the config matches its name and that
+/// every layer the manifest names is in the archive (`present`: every entry's path), so an
+/// archive that `docker load` would refuse is refused when it is added, not when an allocator
+/// first tries to start it.
+fn image_id(
+    kept: &HashMap<String, Vec<u8>>,
+    present: &HashSet<String>,
+) -> Result<(Digest, Vec<String>), String> {
+    let (config_path, tags, layers) = if let Some(manifest) = kept.get("manifest.json") {
         let manifests: Vec<DockerManifest> = serde_json::from_slice(manifest)
             .map_err(|e| format!("manifest.json is malformed ({e})"))?;
         let [first, ..] = manifests.as_slice() else {
@@ -127,6 +144,7 @@ fn image_id(kept: &HashMap<String, Vec<u8>>) -> Result<(Digest, Vec<String>), St
         (
             first.config.clone(),
             first.repo_tags.clone().unwrap_or_default(),
+            first.layers.clone(),
         )
     } else if let Some(index) = kept.get("index.json") {
         let index: OciIndex =
@@ -143,7 +161,12 @@ fn image_id(kept: &HashMap<String, Vec<u8>>) -> Result<(Digest, Vec<String>), St
         })?;
         let manifest: OciManifest = serde_json::from_slice(manifest)
             .map_err(|e| format!("OCI manifest is malformed ({e})"))?;
-        (blob_path(&manifest.config.digest)?, Vec::new())
+        let layers = manifest
+            .layers
+            .iter()
+            .map(|layer| blob_path(&layer.digest))
+            .collect::<Result<Vec<_>, _>>()?;
+        (blob_path(&manifest.config.digest)?, Vec::new(), layers)
     } else {
         return Err(
             "no manifest.json or index.json: not a docker save or OCI image archive".into(),
@@ -163,6 +186,14 @@ fn image_id(kept: &HashMap<String, Vec<u8>>) -> Result<(Digest, Vec<String>), St
     if actual != claimed {
         return Err(format!(
             "the image config {config_path} does not match its name (its content is {actual})"
+        ));
+    }
+    if let Some(missing) = layers
+        .iter()
+        .find(|layer| !present.contains(layer.trim_start_matches("./")))
+    {
+        return Err(format!(
+            "the manifest names the layer {missing}, which is not in the archive"
         ));
     }
     Ok((claimed, tags))
@@ -301,5 +332,29 @@ mod tests {
         bytes[512] ^= 1;
         let error = inspect(bytes.as_slice()).unwrap_err();
         assert!(error.contains("does not match its name"), "{error}");
+    }
+
+    #[test]
+    fn a_manifest_naming_a_layer_not_in_the_archive_is_refused() {
+        let config = b"{\"config\":1}";
+        let config_path = format!("blobs/sha256/{}", Digest::of(config).hex());
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut add = |path: &str, data: &[u8]| {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_cksum();
+            builder.append_data(&mut header, path, data).unwrap();
+        };
+        add(&config_path, config);
+        add("present/layer.tar", b"a layer");
+        let manifest = format!(
+            r#"[{{"Config":"{config_path}","Layers":["present/layer.tar","gone/layer.tar"]}}]"#
+        );
+        add("manifest.json", manifest.as_bytes());
+        let error = inspect(builder.into_inner().unwrap().as_slice()).unwrap_err();
+        assert!(
+            error.contains("names the layer gone/layer.tar, which is not in the archive"),
+            "{error}"
+        );
     }
 }

@@ -221,6 +221,7 @@ async fn prepare(args: &AddArgs) -> anyhow::Result<Prepared> {
             .await?
             .with_context(|| format!("cannot read {}", path.display()))?;
         let size = std::fs::metadata(&path)?.len();
+        check_executable(&path)?;
         let command = if args.command.is_empty() {
             vec![
                 path.file_name()
@@ -292,6 +293,32 @@ async fn prepare(args: &AddArgs) -> anyhow::Result<Prepared> {
         notes,
         _spool: spool,
     })
+}
+
+/// What can be known at add time of a file for the process runtime: it is a program the
+/// allocator can run (an ELF binary, or a script starting with `#!`), not empty or some other
+/// file, whose every start would fail while requests wait for it.
+fn check_executable(path: &Path) -> anyhow::Result<()> {
+    use std::io::Read;
+    let mut head = [0u8; 4];
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut read = 0;
+    while read < head.len() {
+        match file.read(&mut head[read..])? {
+            0 => break,
+            n => read += n,
+        }
+    }
+    match &head[..read] {
+        [] => bail!("{} is empty: --exec needs an executable", path.display()),
+        [0x7f, b'E', b'L', b'F'] => Ok(()),
+        [b'#', b'!', ..] => Ok(()),
+        _ => bail!(
+            "{} is not an executable (neither an ELF binary nor a script starting with #!)",
+            path.display()
+        ),
+    }
 }
 
 async fn inspect_archive(path: &Path) -> anyhow::Result<archive::ArchiveInfo> {

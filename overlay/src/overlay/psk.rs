@@ -88,7 +88,9 @@ mod tests {
         let hex: String = key.key_bytes().iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(hex, expected);
         // And it is what the transport's handshake uses.
-        let transport = PreSharedKey::new(*key.key_bytes()).fingerprint().to_string();
+        let transport = PreSharedKey::new(*key.key_bytes())
+            .fingerprint()
+            .to_string();
         assert_eq!(key.fingerprint(), transport);
         assert!(!format!("{:?}", NetworkKey::from_passphrase("abc")).contains("abc\""));
     }
