@@ -33,6 +33,27 @@ async fn processes_with(needle: &str) -> Vec<String> {
         .collect()
 }
 
+/// The sockets process `pid` listens on (TCP) or has bound (UDP), as `<proto> <local addr>`.
+fn listening_sockets_of(pid: u64) -> Vec<String> {
+    let out = std::process::Command::new("ss")
+        .args(["-Hlntup"])
+        .output()
+        .expect("ss (iproute2) runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|line| line.contains(&format!("pid={pid},")))
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            format!("{} {}", fields[0], fields[4])
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_instances_start_once_serve_and_are_culled_when_idle() {
     let network = start_network().await;
@@ -127,6 +148,19 @@ async fn process_instances_start_once_serve_and_are_culled_when_idle() {
         bootstraps.contains(&allocator.peer.to_string()),
         "the allocator itself: {bootstraps}"
     );
+    // Issue 16: with --host-ip 127.0.0.1, the instance's proxy listens there only: data plane
+    // (UDP), ingress, /metrics and overlay (TCP); none on every interface.
+    let mut sockets = Vec::new();
+    wait_until("the instance's proxy listening", DEADLINE, || {
+        sockets = listening_sockets_of(pid);
+        std::future::ready(sockets.iter().filter(|s| s.starts_with("tcp")).count() >= 3)
+    })
+    .await;
+    assert!(sockets.iter().any(|s| s.starts_with("udp")), "{sockets:?}");
+    for socket in &sockets {
+        let local = socket.split_whitespace().nth(1).unwrap();
+        assert!(local.starts_with("127.0.0.1:"), "{socket} in {sockets:?}");
+    }
 
     // A wrong digest is refused, and nothing more is run.
     let wrong = StartRequest {

@@ -125,6 +125,10 @@ async fn docker_instances_load_from_the_overlay_serve_are_culled_and_adopted() {
     for name in [
         "PROXY_PORT=",
         "PROXY_IP=127.0.0.1",
+        // Every listener of the sidecar on the host IP only.
+        "MTC_QUIC_ADDR=127.0.0.1:",
+        "MTC_PROM_LISTEN_ADDR=127.0.0.1:",
+        "MTC_P2P_LISTEN_ADDR=127.0.0.1:0",
         "SERVICE_PORT=",
         "METRICS_PORT=",
         "P2P_BOOTSTRAPS=",

@@ -103,7 +103,7 @@ pub struct Cli {
 
     /// Data-plane (QUIC, UDP) listen address, advertised on the overlay. [default: :PORT in
     /// service mode, :0 otherwise]
-    #[arg(long, env = "MTC_QUIC_ADDR", value_name = "ADDR", value_parser = parse_socket_addr)]
+    #[arg(long, env = instance::QUIC_ADDR, value_name = "ADDR", value_parser = parse_socket_addr)]
     pub quic_addr: Option<SocketAddr>,
 
     /// Data-plane address advertised instead of --quic-addr, for when others reach this proxy

@@ -588,10 +588,20 @@ impl Allocator {
             (instance::METRICS_PORT.into(), ports.metrics.to_string()),
             (BOOTSTRAPS_ENV.into(), self.bootstraps.clone()),
             (EPHEMERAL_ENV.into(), "true".into()),
-            // What a process instance would otherwise inherit from this allocator's own
-            // environment: its listen addresses, which the instance's proxy would try to bind.
-            (PROM_LISTEN_ENV.into(), format!(":{}", ports.metrics)),
-            (P2P_LISTEN_ENV.into(), ":0".into()),
+            // Every listener of the instance on the host IP and no other interface (a process
+            // instance would otherwise also inherit this allocator's own listen addresses).
+            (
+                instance::QUIC_ADDR.into(),
+                SocketAddr::new(self.host_ip, ports.proxy).to_string(),
+            ),
+            (
+                PROM_LISTEN_ENV.into(),
+                SocketAddr::new(self.host_ip, ports.metrics).to_string(),
+            ),
+            (
+                P2P_LISTEN_ENV.into(),
+                SocketAddr::new(self.host_ip, 0).to_string(),
+            ),
         ];
         if let Some(psk) = &self.psk {
             env.push((PSK_ENV.into(), psk.clone()));

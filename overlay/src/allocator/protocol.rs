@@ -31,6 +31,10 @@ pub mod instance {
     pub const SERVICE_PORT: &str = "SERVICE_PORT";
     /// The port of the proxy's /metrics: its METRICS_PORT argument.
     pub const METRICS_PORT: &str = "METRICS_PORT";
+    /// Where the proxy's data plane (QUIC) binds: its `--quic-addr`. An allocator sets it,
+    /// and the other listen addresses, to [`PROXY_IP`], so an instance listens on the address
+    /// the allocator was told to use (`--host-ip`) and on no other interface.
+    pub const QUIC_ADDR: &str = "MTC_QUIC_ADDR";
     /// Seconds since the proxy last served a request: the allocator culls an instance whose
     /// proxy says it has been idle past the idle timeout.
     pub const IDLE_METRIC: &str = "proxy_seconds_since_last_request";
