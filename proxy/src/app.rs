@@ -346,11 +346,6 @@ async fn run_program(cli: Cli, program: Program) -> anyhow::Result<()> {
     let network_key = config.network_key.as_ref().map(|key| *key.key_bytes());
     let daemon = Daemon::start(config, cli.metrics_addr()?).await?;
     let node = daemon.node.clone();
-    match program {
-        Program::Proxy => println!("ingress: http://{ingress_addr}"),
-        Program::L4Proxy => println!("l4 control API: http://{ingress_addr}"),
-    }
-    println!("data plane (QUIC): {quic_addr}");
 
     let activity = Activity::new();
     let template = match (&cli.service, service_addr) {
@@ -392,6 +387,13 @@ async fn run_program(cli: Cli, program: Program) -> anyhow::Result<()> {
         },
     )
     .await?;
+    // Only now does the ingress listen (workers), and its address is printed: a proxy that
+    // cannot join has accepted no client it would never answer.
+    match program {
+        Program::Proxy => println!("ingress: http://{ingress_addr}"),
+        Program::L4Proxy => println!("l4 control API: http://{ingress_addr}"),
+    }
+    println!("data plane (QUIC): {quic_addr}");
     LiveCollector::register(&daemon.registry, Arc::clone(&activity), workers.views())?;
     let advertiser = match template {
         Some((service, sidecar)) => {

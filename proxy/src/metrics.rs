@@ -98,6 +98,17 @@ pub struct IngressMetrics {
 /// series without bound.
 pub const UNKNOWN_SERVICE: &str = "";
 
+/// What became of a failed attempt that could have gone elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryOutcome {
+    /// Sent to another instance.
+    Taken,
+    /// Not: the retry budget was spent.
+    OverBudget,
+    /// Not: the request had had perf.conf's `max-attempts` tries.
+    MaxAttempts,
+}
+
 impl IngressMetrics {
     /// Creates the ingress's series (`proxy_requests_total`, `proxy_request_duration_seconds`,
     /// `proxy_retries_total`, `proxy_allocations_total`, `proxy_connections_accepted_total`)
@@ -125,7 +136,8 @@ impl IngressMetrics {
         let retries = IntCounterVec::new(
             Opts::new(
                 "proxy_retries_total",
-                "Failed attempts retried on another instance (taken) or not (over_budget), and \
+                "Failed attempts retried on another instance (taken) or not (over_budget, \
+                 max_attempts), and \
                  overdue ones sent to a second instance too (hedged)",
             ),
             &["service", "outcome"],
@@ -177,7 +189,7 @@ impl IngressMetrics {
     /// The request series of `service`, to be kept (by its record) and counted on. Its
     /// retry series start at zero, so that a rate over them reads 0 rather than nothing.
     pub fn series(&self, service: &str) -> ServiceSeries {
-        for outcome in ["taken", "over_budget", "hedged"] {
+        for outcome in ["taken", "over_budget", "max_attempts", "hedged"] {
             self.retries.with_label_values(&[service, outcome]);
         }
         ServiceSeries {
@@ -188,10 +200,15 @@ impl IngressMetrics {
         }
     }
 
-    /// A failed attempt of `service` that could go elsewhere was retried (`taken`), or was not
-    /// for lack of retry budget.
-    pub fn retried(&self, service: &str, taken: bool) {
-        let outcome = if taken { "taken" } else { "over_budget" };
+    /// A failed attempt of `service` that could go elsewhere was retried (`taken`), or was not:
+    /// for lack of retry budget (`over_budget`), or because the request had had its
+    /// `max-attempts` tries (`max_attempts`).
+    pub fn retried(&self, service: &str, outcome: RetryOutcome) {
+        let outcome = match outcome {
+            RetryOutcome::Taken => "taken",
+            RetryOutcome::OverBudget => "over_budget",
+            RetryOutcome::MaxAttempts => "max_attempts",
+        };
         self.retries.with_label_values(&[service, outcome]).inc();
     }
 

@@ -62,10 +62,13 @@ const CLOSE: Duration = Duration::from_secs(1);
 /// Pending client connections per listener (as Tokio's own `bind`).
 const BACKLOG: i32 = 1024;
 
-/// The sockets of one worker, bound but not yet given to any runtime.
+/// The sockets of one worker, bound but not yet given to any runtime. The HTTP socket is
+/// bound (its port is known, and taken) but listens only once its worker starts, after the
+/// proxy has joined the overlay: a proxy that cannot join (a wrong network key, no bootstrap)
+/// exits having accepted no client it could not serve.
 pub struct Sockets {
     /// The ingress (or l4-proxy's control API, which only the first worker serves).
-    http: Option<std::net::TcpListener>,
+    http: Option<Socket>,
     /// Its share of the data-plane port.
     quic: std::net::UdpSocket,
     /// With several workers: the endpoint its own connections are opened from.
@@ -87,10 +90,13 @@ pub fn bind(
     let mut all = Vec::with_capacity(workers);
     for index in 0..workers {
         let listener = if index < http_workers {
-            let listener =
-                tcp_listener(http, shared).with_context(|| format!("cannot listen on {http}"))?;
-            http = listener.local_addr()?;
-            Some(listener)
+            let socket =
+                tcp_socket(http, shared).with_context(|| format!("cannot listen on {http}"))?;
+            http = socket
+                .local_addr()?
+                .as_socket()
+                .context("a TCP socket has an IP address")?;
+            Some(socket)
         } else {
             None
         };
@@ -115,7 +121,7 @@ pub fn bind(
 impl Sockets {
     /// Where the HTTP listener is, if this worker has one.
     pub fn http_addr(&self) -> Option<SocketAddr> {
-        self.http.as_ref().and_then(|l| l.local_addr().ok())
+        self.http.as_ref()?.local_addr().ok()?.as_socket()
     }
 
     /// The data-plane address (every worker's is the same).
@@ -124,15 +130,21 @@ impl Sockets {
     }
 }
 
-fn tcp_listener(addr: SocketAddr, shared: bool) -> std::io::Result<std::net::TcpListener> {
+/// A TCP socket bound to `addr`, not yet listening ([`listen`] does that).
+fn tcp_socket(addr: SocketAddr, shared: bool) -> std::io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // As Tokio's `bind`: a restarted proxy may listen again at once.
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(shared)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+/// Starts listening on a socket [`tcp_socket`] bound, for this thread's runtime.
+fn listen(socket: Socket) -> std::io::Result<tokio::net::TcpListener> {
     socket.listen(BACKLOG)?;
-    Ok(socket.into())
+    tokio::net::TcpListener::from_std(socket.into())
 }
 
 fn udp_socket(addr: SocketAddr, shared: bool) -> std::io::Result<std::net::UdpSocket> {
@@ -291,10 +303,7 @@ async fn run(
             Some(socket) => Arc::new(transport(socket)?),
             None => Arc::clone(&quic),
         };
-        let listener = sockets
-            .http
-            .map(tokio::net::TcpListener::from_std)
-            .transpose()?;
+        let listener = sockets.http.map(listen).transpose()?;
         Ok((quic, dial, listener))
     })();
     let (quic, dial, listener) = match set_up {

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use prometheus::Registry;
-use tokio::net::TcpListener;
+use tokio::net::TcpSocket;
 use tokio_util::sync::CancellationToken;
 
 use super::{http, shutdown_signal};
@@ -22,16 +22,18 @@ pub struct Daemon {
     /// The registry `/metrics` serves. Process metrics (CPU, memory, open files) are already
     /// in it; the program registers its own.
     pub registry: Registry,
-    metrics: TcpListener,
+    metrics: TcpSocket,
 }
 
 impl Daemon {
     /// Binds the metrics endpoint to `metrics_addr` first (a port in use fails here, before
-    /// anything else), starts the overlay node from `config`, serves node info, and prints the
-    /// node's listen addresses and the metrics URL on standard output. `/metrics` is served
-    /// only once [`Daemon::run_until`] or [`Daemon::run_until_signal`] runs.
+    /// anything else), starts the overlay node from `config`, serves node info, and prints
+    /// the node's listen addresses on standard output. `/metrics` listens, is served, and its
+    /// URL is printed only once [`Daemon::run_until`] or [`Daemon::run_until_signal`] runs:
+    /// a node that cannot join has accepted no scrape it would never answer.
     pub async fn start(config: NodeConfig, metrics_addr: SocketAddr) -> anyhow::Result<Self> {
-        let metrics = http::bind(metrics_addr).await.map_err(anyhow::Error::msg)?;
+        let metrics = http::bind(metrics_addr)
+            .with_context(|| format!("cannot listen on {metrics_addr} for /metrics"))?;
         let role = config.role.clone();
         let node = Node::start(config)
             .await
@@ -49,7 +51,6 @@ impl Daemon {
             println!("{addr}");
         }
         let metrics_addr = metrics.local_addr()?;
-        println!("metrics: http://{metrics_addr}/metrics");
         tracing::info!(%metrics_addr, peer = %node.peer_id(), "{role} started");
         Ok(Self {
             node,
@@ -73,7 +74,12 @@ impl Daemon {
         until: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
         let stop = CancellationToken::new();
-        let server = http::spawn(self.metrics, self.registry, routes, stop.clone());
+        let addr = self.metrics.local_addr()?;
+        let listener = http::listen(self.metrics)
+            .with_context(|| format!("cannot listen on {addr} for /metrics"))?;
+        // Printed once it is served: a script that waits for this line can scrape at once.
+        println!("metrics: http://{addr}/metrics");
+        let server = http::spawn(listener, self.registry, routes, stop.clone());
         until.await;
         stop.cancel();
         self.node.shutdown().await;

@@ -10,17 +10,30 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, header, service::service_fn};
 use hyper_util::rt::TokioIo;
 use prometheus::{Encoder, Registry, TextEncoder};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
 /// A route's handler: builds the content type and body at request time.
 pub type Handler = Arc<dyn Fn() -> BoxFuture<'static, (&'static str, String)> + Send + Sync>;
 
-/// Binds the metrics address; the error names it (a port in use is the usual cause).
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen on {addr} for /metrics: {e}"))
+/// Binds the metrics address without listening yet: the port is taken (a port in use fails
+/// here, before anything else starts), but no client is accepted until [`listen`], once
+/// there is something to answer it with.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpSocket> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind`: a restarted daemon may listen again at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket)
+}
+
+/// Starts listening on a socket [`bind`] bound.
+pub fn listen(socket: TcpSocket) -> std::io::Result<TcpListener> {
+    socket.listen(1024)
 }
 
 /// Serves `/metrics` from `registry` and the extra `routes` until `shutdown` is cancelled.

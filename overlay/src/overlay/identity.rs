@@ -272,6 +272,10 @@ mod tests {
             let first = load_or_create(&path, algorithm).unwrap();
             let second = load_or_create(&path, KeyAlgorithm::Ed25519).unwrap();
             assert_eq!(first.public().to_peer_id(), second.public().to_peer_id());
+            // A private key: readable and writable by its owner only.
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         }
     }
 

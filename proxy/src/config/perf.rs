@@ -110,6 +110,10 @@ pub struct Tuning {
     pub try_floor: Duration,
     /// `try-unknown`: the per-try timeout before an instance has answered any request.
     pub try_unknown: Duration,
+    /// `max-attempts`: how many times one request is tried at most (the first try, retries
+    /// and a hedge all count), however much retry budget is left: a request that breaks
+    /// every instance it reaches (a "query of death") breaks at most this many.
+    pub max_attempts: u32,
     /// `allocation-retry`: after an allocation failed, the next may start this much later.
     pub allocation_retry: Duration,
     /// `nearer-retry`: after an allocation for a nearer instance, the next one may start
@@ -139,6 +143,7 @@ impl Tuning {
         try_factor: 2,
         try_floor: Duration::from_millis(10),
         try_unknown: Duration::from_secs(1),
+        max_attempts: 3,
         allocation_retry: Duration::from_secs(2),
         nearer_retry: Duration::from_secs(30),
     };
@@ -242,6 +247,7 @@ struct Section {
     try_factor: Option<Count>,
     try_floor: Option<Period>,
     try_unknown: Option<Period>,
+    max_attempts: Option<Count>,
     allocation_retry: Option<Period>,
     nearer_retry: Option<Period>,
     retry_ratio: Option<Quantile>,
@@ -278,6 +284,7 @@ impl Section {
             try_factor,
             try_floor,
             try_unknown,
+            max_attempts,
             allocation_retry,
             nearer_retry
         );
@@ -314,6 +321,7 @@ pub const KEYS: &[&str] = &[
     "try-factor",
     "try-floor",
     "try-unknown",
+    "max-attempts",
     "allocation-retry",
     "nearer-retry",
     "retry-ratio",

@@ -16,7 +16,8 @@
 //!    instance (a hedge, within the [`RetryBudget`]): the first answer wins;
 //! 4. an attempt that fails is retried elsewhere when that is safe: nothing was sent, or the
 //!    instance's service never got it and its body is still here, or the request is
-//!    idempotent without a body;
+//!    idempotent without a body; and while the retry budget lasts and the request has had
+//!    fewer than perf.conf's `max-attempts` tries;
 //! 5. every attempt's typed outcome goes back to the core (network RTT and service time
 //!    apart); every failure is a [`RequestError`], turned into a response in one place.
 //!
@@ -68,7 +69,9 @@ use crate::{
     config::live::LivePerf,
     forward::{Answer, AttemptError, ConnectError, forward_frame},
     framing::{RequestHead, encode_request_head},
-    metrics::{Activity, IngressMetrics, ServiceSeries, ServiceView, UNKNOWN_SERVICE},
+    metrics::{
+        Activity, IngressMetrics, RetryOutcome, ServiceSeries, ServiceView, UNKNOWN_SERVICE,
+    },
     retry::{RetryBudget, idempotent},
     rewrite::{forward_request_headers, forward_response_headers, split_target},
     transport::Transport,
@@ -404,8 +407,10 @@ impl Ingress {
         let arrived = Instant::now();
         let name = &service.record.name;
         let mut avoid = None;
+        let mut attempts = 0u32;
         loop {
             let (peer, addr, try_timeout) = self.pick(service, arrived, avoid).await?;
+            attempts += 1;
             let mut attempt = Attempt::begin(&self.services, service, peer);
             let result = match self.connection(peer, addr).await {
                 Err(reason) => {
@@ -438,10 +443,7 @@ impl Ingress {
                 | AttemptError::Refused(_) => !had_body || body.is_some(),
                 AttemptError::Broken(_) => replayable,
             };
-            let retry = may_retry && self.retries.withdraw();
-            if may_retry {
-                self.metrics.retried(name, retry);
-            }
+            let retry = may_retry && self.may_try_again(service, attempts);
             tracing::debug!(service = %name, peer = %failed, %error, retry, "attempt failed");
             if !retry {
                 return Err(RequestError::Attempt {
@@ -452,6 +454,25 @@ impl Ingress {
             }
             avoid = Some(failed);
         }
+    }
+
+    /// After the `attempts`-th try of a request (or tunnel set-up) to `service` failed in a way
+    /// that lets it go elsewhere: whether it does, within its `max-attempts` and the retry
+    /// budget (counted either way). The failure path only: the service's `max-attempts` is
+    /// looked up here, not on every request.
+    fn may_try_again(self: &Arc<Self>, service: &Arc<Resolved>, attempts: u32) -> bool {
+        let (max, _) = self
+            .services
+            .with(service, |core, _| core.settings().tuning.max_attempts);
+        let outcome = if attempts >= max {
+            RetryOutcome::MaxAttempts
+        } else if self.retries.withdraw() {
+            RetryOutcome::Taken
+        } else {
+            RetryOutcome::OverBudget
+        };
+        self.metrics.retried(&service.record.name, outcome);
+        outcome == RetryOutcome::Taken
     }
 
     /// Sends a bodiless idempotent request on `connection`; if no answer has begun within

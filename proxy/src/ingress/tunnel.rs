@@ -54,8 +54,10 @@ impl Ingress {
         // Every later hop may wait for an instance in turn.
         let timeout = self.settings.instance_wait + Duration::from_secs(10);
         let mut avoid = None;
+        let mut attempts = 0u32;
         loop {
             let (peer, addr, try_timeout) = self.pick(&service, arrived, avoid).await?;
+            attempts += 1;
             let mut attempt = Attempt::begin(&self.services, &service, peer);
             let error = match self.connection(peer, addr).await {
                 Err(reason) => {
@@ -105,10 +107,7 @@ impl Ingress {
             // repeat that, on the same hop when it is the only one.
             let next_hop_failed =
                 matches!(error, AttemptError::Broken(StreamError::ServiceFailed(_)));
-            let retry = !next_hop_failed && self.retries.withdraw();
-            if !next_hop_failed {
-                self.metrics.retried(name, retry);
-            }
+            let retry = !next_hop_failed && self.may_try_again(&service, attempts);
             tracing::debug!(service = %name, %peer, %error, retry, "tunnel set-up failed");
             if !retry {
                 return Err(RequestError::Attempt {
