@@ -6,7 +6,10 @@ mod support;
 
 use std::time::Duration;
 
-use control::allocator::protocol::{StartProtocol, StartRequest, StartResponse};
+use control::{
+    allocator::protocol::{StartProtocol, StartRequest, StartResponse},
+    lookup::ServiceRecord,
+};
 use support::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -401,4 +404,85 @@ async fn a_tunnel_to_a_udp_service_starts_it_behind_a_udp_sidecar() {
         );
     };
     assert_eq!(answer, b"started on demand");
+}
+
+/// Issue 16: a service that ignores SIGTERM outlived its proxy when the proxy died (the dying
+/// proxy's SIGTERM was all it got), and the allocator, seeing the instance exited, removed
+/// it without stopping that service: an orphan. Now the instance's whole process group is
+/// stopped, the orphan included (SIGKILL after the grace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_outlives_its_proxy_is_stopped_too() {
+    let network = start_network().await;
+    let dir = tempfile::tempdir().unwrap();
+    let instances = dir.path().join("data/instances");
+    let _reaper = InstanceReaper(instances.clone());
+    let script = dir.path().join("stubborn");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n# Ignores SIGTERM (and so does every child it starts).\ntrap '' TERM\n\
+         while :; do sleep 1; done\n",
+    )
+    .unwrap();
+    let (ok, _, err) = cli(
+        &network,
+        &["add", "--exec", script.to_str().unwrap(), "stubborn"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let (_, out, _) = cli(&network, &["get", "--json", "stubborn"]).await;
+    let record = ServiceRecord::from_json(out.as_bytes()).unwrap();
+    let allocator = start_allocator(
+        &network,
+        dir.path(),
+        "process",
+        &["--idle-timeout", "1h", "--port-range", "21300-21399"],
+    )
+    .await;
+    let asker = start_node(std::slice::from_ref(&network.monitor.bootstrap), None).await;
+    wait_until("the allocator found", DEADLINE, || async {
+        providers(&asker, control::allocator::protocol::NAMESPACE)
+            .await
+            .contains(&allocator.peer)
+    })
+    .await;
+    let request = StartRequest {
+        service: record.name.clone(),
+        digest: record.digest.to_string(),
+    };
+    let Ok(StartResponse::Started { instance, .. }) = ask(&asker, allocator.peer, &request).await
+    else {
+        panic!("not started: {}", allocator.daemon.process.stderr());
+    };
+    let instance_dir = instances.join(&instance);
+    // Two command lines name the service: the proxy's (`proxy -- DIR/service`) and, once the
+    // proxy has started it, the service's own.
+    wait_until("the service running", DEADLINE, || async {
+        processes_with(&format!("{}/service", instance_dir.display()))
+            .await
+            .len()
+            == 2
+    })
+    .await;
+
+    // The proxy dies outright; its service ignores the SIGTERM that brings it.
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(instance_dir.join("instance.json")).unwrap())
+            .unwrap();
+    let proxy = state["pid"].as_u64().unwrap() as libc::pid_t;
+    // SAFETY: kill(2) with a valid signal has no memory-safety preconditions.
+    unsafe { libc::kill(proxy, libc::SIGKILL) };
+    wait_until("the exited instance culled", DEADLINE, || async {
+        value(
+            &metrics(&allocator.daemon).await,
+            "allocator_culls_total{reason=\"exited\"}",
+        ) == Some(1.0)
+    })
+    .await;
+    wait_until("nothing of the instance left", DEADLINE, || async {
+        processes_with(instance_dir.to_str().unwrap())
+            .await
+            .is_empty()
+    })
+    .await;
+    assert!(!instance_dir.exists());
 }

@@ -25,7 +25,8 @@ use crate::ingress::InstanceReport;
 
 /// When the proxy last served a request. The allocator culls an instance whose sidecar has
 /// served nothing for its idle timeout, so this is exported as seconds since then (since start
-/// before the first request).
+/// before the first request). A proxy with a request or tunnel in flight is not idle, however
+/// long it has been open; idle time counts from when the last one ended.
 #[derive(Debug)]
 pub struct Activity {
     started: Instant,
@@ -40,6 +41,8 @@ pub struct Serving<'a>(&'a Activity);
 
 impl Drop for Serving<'_> {
     fn drop(&mut self) {
+        // Idle from the end of the last request, not its start (a tunnel may last hours).
+        self.0.touch();
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -57,8 +60,7 @@ impl Activity {
 
     /// A request is being served, until the returned guard is dropped.
     pub fn serve(&self) -> Serving<'_> {
-        let millis = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_millis.fetch_max(millis, Ordering::Relaxed);
+        self.touch();
         self.served.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         Serving(self)
@@ -69,8 +71,18 @@ impl Activity {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Time since the last request (or since start) at `now`.
+    /// Marks now as the last moment something was served.
+    fn touch(&self) {
+        let millis = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_millis.fetch_max(millis, Ordering::Relaxed);
+    }
+
+    /// Time since the last request ended (or since start) at `now`; zero while one is in
+    /// flight.
     pub fn idle(&self, now: Instant) -> Duration {
+        if self.in_flight() > 0 {
+            return Duration::ZERO;
+        }
         let last = self.started + Duration::from_millis(self.last_millis.load(Ordering::Relaxed));
         now.saturating_duration_since(last)
     }
@@ -389,7 +401,8 @@ impl<F: Fn() -> Vec<ServiceView> + Send + Sync + 'static> Collector for LiveColl
         self.idle
             .set(self.activity.idle(Instant::now()).as_secs_f64());
         self.served
-            .inc_by(self.activity.served() - self.served.get());
+            // Saturating: two scrapes at once may both read the counter before either adds.
+            .inc_by(self.activity.served().saturating_sub(self.served.get()));
         [
             self.rtt.collect(),
             self.service_time.collect(),
@@ -468,6 +481,13 @@ mod tests {
         assert_eq!(activity.in_flight(), 0);
         assert!(activity.idle(Instant::now() + Duration::from_secs(1)) < Duration::from_secs(2));
         assert_eq!(activity.served(), 1);
+        // Issue 16: a request or tunnel open for longer than any idle timeout keeps the
+        // proxy busy (it was culled as idle while serving), and idle time counts from its end.
+        let long = activity.serve();
+        assert_eq!(activity.idle(Instant::now() + Duration::from_secs(3600)), Duration::ZERO);
+        drop(long);
+        let idle = activity.idle(Instant::now() + Duration::from_secs(3600));
+        assert!(idle >= Duration::from_secs(3600) && idle < Duration::from_secs(3601));
     }
 
     #[test]

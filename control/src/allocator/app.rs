@@ -638,7 +638,12 @@ impl Allocator {
             .map(|t| (t.instance.clone(), t.since))
             .collect();
         for (instance, since) in tracked {
-            if !self.runtime.is_running(&instance.id).await {
+            let running = match self.runtime.is_running(&instance.id).await {
+                Some(running) => running,
+                // The runtime cannot say now: ask again next round.
+                None => continue,
+            };
+            if !running {
                 tracing::info!(id = %instance.id, service = %instance.service, "instance exited");
                 let _ = self.runtime.stop(&instance.id).await;
                 self.forget(&instance.id);

@@ -146,15 +146,22 @@ impl DockerRuntime {
             .map_err(|e| format!("cannot remove container {id}: {e}"))
     }
 
-    /// Whether container `id` runs; false too when it is missing or the engine does not
-    /// answer.
-    pub async fn is_running(&self, id: &str) -> bool {
-        self.docker
-            .inspect_container(id, None)
-            .await
-            .ok()
-            .and_then(|c| c.state?.running)
-            .unwrap_or(false)
+    /// Whether container `id` runs (false when it is gone); `None` when the engine cannot
+    /// say, so that a moment of engine trouble never reads as "exited" (and culls a running
+    /// container).
+    pub async fn is_running(&self, id: &str) -> Option<bool> {
+        match self.docker.inspect_container(id, None).await {
+            Ok(container) => Some(container.state.and_then(|s| s.running).unwrap_or(false)),
+            // Gone: certainly not running.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Some(false),
+            // The engine could not say (restarting, overloaded): no verdict.
+            Err(error) => {
+                tracing::warn!(%id, %error, "cannot ask the engine whether a container runs");
+                None
+            }
+        }
     }
 
     /// Every container, running or not, labelled as `allocator`'s, and whether it runs;

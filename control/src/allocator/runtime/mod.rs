@@ -67,11 +67,12 @@ impl Runtime {
         }
     }
 
-    /// Whether instance `id` runs; false too when it cannot be found or asked about.
-    pub async fn is_running(&self, id: &str) -> bool {
+    /// Whether instance `id` runs (false when it is gone); `None` when the runtime cannot say
+    /// now (the engine does not answer), which is no verdict.
+    pub async fn is_running(&self, id: &str) -> Option<bool> {
         match self {
             Self::Docker(docker) => docker.is_running(id).await,
-            Self::Process(process) => process.is_running(id),
+            Self::Process(process) => Some(process.is_running(id)),
         }
     }
 

@@ -56,13 +56,56 @@ pub fn check_artifact(record: &ServiceRecord) -> Result<(), String> {
 
 /// The start time of process `pid`, if it exists and is not a zombie.
 fn start_time(pid: u32) -> Option<u64> {
+    stat_of(pid).map(|stat| stat.start_time)
+}
+
+/// What /proc/PID/stat says of a live (not zombie) process.
+struct Stat {
+    /// Its process group.
+    group: u32,
+    /// When it started, in clock ticks since boot.
+    start_time: u64,
+}
+
+fn stat_of(pid: u32) -> Option<Stat> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    // After the command name: state is field 3, starttime field 22.
+    // After the command name: state is field 3, pgrp field 5, starttime field 22.
     if fields.first() == Some(&"Z") {
         return None;
     }
-    fields.get(19)?.parse().ok()
+    Some(Stat {
+        group: fields.get(2)?.parse().ok()?,
+        start_time: fields.get(19)?.parse().ok()?,
+    })
+}
+
+/// The live processes of an instance: those in the process group its proxy leads (the proxy
+/// starts a session of its own, and the service it supervises stays in it), started no
+/// earlier than the proxy, so that a group ID reused after the instance is gone names nothing.
+/// The proxy may be dead already while its service lives on (a service that ignores the
+/// SIGTERM a dying proxy sends it).
+fn processes_of(state: &State) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            stat_of(pid).is_some_and(|stat| {
+                stat.group == state.pid && stat.start_time >= state.start_time
+            })
+        })
+        .collect()
+}
+
+/// Sends `signal` to each of `pids`.
+fn signal_all(pids: &[u32], signal: libc::c_int) {
+    for &pid in pids {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(pid as libc::pid_t, signal) };
+    }
 }
 
 impl ProcessRuntime {
@@ -167,22 +210,17 @@ impl ProcessRuntime {
         self.state(id).is_some_and(|s| Self::alive(&s))
     }
 
-    /// Sends SIGTERM to the instance's process, SIGKILL if it is still alive after 5 s, and
-    /// removes the instance's directory.
+    /// Sends SIGTERM to the instance's processes (its proxy and the service it runs, even
+    /// one that outlived its proxy), SIGKILL to those still alive after 5 s, and removes the
+    /// instance's directory.
     pub async fn stop(&self, id: &str) -> Result<(), String> {
-        if let Some(state) = self.state(id)
-            && Self::alive(&state)
-        {
-            // SAFETY: kill(2) has no memory-safety preconditions.
-            unsafe { libc::kill(state.pid as i32, libc::SIGTERM) };
+        if let Some(state) = self.state(id) {
+            signal_all(&processes_of(&state), libc::SIGTERM);
             let give_up = tokio::time::Instant::now() + STOP_GRACE;
-            while Self::alive(&state) && tokio::time::Instant::now() < give_up {
+            while !processes_of(&state).is_empty() && tokio::time::Instant::now() < give_up {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            if Self::alive(&state) {
-                // SAFETY: as above.
-                unsafe { libc::kill(state.pid as i32, libc::SIGKILL) };
-            }
+            signal_all(&processes_of(&state), libc::SIGKILL);
         }
         remove_dir(&self.instance_dir(id)).await
     }
