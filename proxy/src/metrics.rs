@@ -484,7 +484,10 @@ mod tests {
         // Issue 16: a request or tunnel open for longer than any idle timeout keeps the
         // proxy busy (it was culled as idle while serving), and idle time counts from its end.
         let long = activity.serve();
-        assert_eq!(activity.idle(Instant::now() + Duration::from_secs(3600)), Duration::ZERO);
+        assert_eq!(
+            activity.idle(Instant::now() + Duration::from_secs(3600)),
+            Duration::ZERO
+        );
         drop(long);
         let idle = activity.idle(Instant::now() + Duration::from_secs(3600));
         assert!(idle >= Duration::from_secs(3600) && idle < Duration::from_secs(3601));

@@ -722,23 +722,19 @@ async fn the_near_instance_gets_the_traffic_and_traffic_follows_a_change_of_path
         "the near instance got {near:.2} of the requests"
     );
 
-    // Swap the paths: now b is near. Within 2 s the traffic goes there.
+    // Swap the paths: now b is near, and the traffic goes there. (How soon is the routing
+    // core's to say, in virtual time: routing::tests::traffic_follows_a_change_of_paths_
+    // within_two_seconds; here only that it does, on real sockets.)
     relays[0].set_one_way_delay(Duration::from_millis(10));
     relays[1].set_one_way_delay(Duration::ZERO);
-    let swapped = Instant::now();
-    let mut after = Vec::new();
-    while swapped.elapsed() < Duration::from_secs(4) {
-        let tag = get(&front.ingress, "/tiered/tag").await.1;
-        if swapped.elapsed() > Duration::from_secs(2) {
-            after.push(tag);
+    wait_until("the traffic to follow the swap", DEADLINE, || async {
+        let mut tags = Vec::new();
+        for _ in 0..20 {
+            tags.push(get(&front.ingress, "/tiered/tag").await.1);
         }
-    }
-    let moved = share_of(&after, "b");
-    assert!(
-        moved >= 0.95,
-        "2 s after the swap the new near instance got {moved:.2} of {} requests",
-        after.len()
-    );
+        share_of(&tags, "b") >= 0.95
+    })
+    .await;
 }
 
 /// The share of `n` requests through `ingress` answered by instance `tag` (a failure is
@@ -1323,10 +1319,10 @@ fn signal(proxy: &Proxy, signal: &str) {
 /// Issue 12's reproduction: one of two instances frozen for 4 s under 50 requests/s failed
 /// 2 of 600 requests and held the slowest for 4.05 s (the QUIC idle timeout). Now the overdue
 /// requests are sent to the other instance too, and the frozen one is declared dead within
-/// about a second. (The bound on the slowest answer here is loose, for a debug build on a
-/// shared machine; `bench tiers` measures the p99.9 against the hard limit in release.)
+/// about a second. Here: no request fails on real sockets; how long the slowest took is
+/// asserted in virtual time and measured by `bench tiers` (the p99.9 against the hard limit).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_of_two_instances_frozen_fails_no_request_and_holds_none_for_seconds() {
+async fn one_of_two_instances_frozen_fails_no_request() {
     let network = Network::start().await;
     network.register("icy", Limits::default()).await;
     let (a, b) = (test_service("a").await, test_service("b").await);
@@ -1350,14 +1346,10 @@ async fn one_of_two_instances_frozen_fails_no_request_and_holds_none_for_seconds
     let thawed = Instant::now();
     let load = load.await.unwrap();
     load.assert_none_failed();
-    if load.slowest >= Duration::from_secs(1) {
-        eprintln!("INGRESS LOG:\n{}", front.process.stderr());
-    }
-    assert!(
-        load.slowest < Duration::from_secs(1),
-        "the slowest took {:?}",
-        load.slowest
-    );
+    // How long the slowest request took is measured where time can be trusted: in virtual
+    // time (routing::tests::one_of_two_instances_frozen_fails_nothing_and_delays_nothing_
+    // past_the_hard_limit) and by `bench tiers` in release; a loaded CI machine cannot.
+    eprintln!("the slowest took {:?}", load.slowest);
     // Thawed, the nearer instance gets the traffic back.
     wait_until("the thawed instance answers again", DEADLINE, || {
         let addr = front.ingress.clone();

@@ -93,9 +93,8 @@ fn processes_of(state: &State) -> Vec<u32> {
         .flatten()
         .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&pid| {
-            stat_of(pid).is_some_and(|stat| {
-                stat.group == state.pid && stat.start_time >= state.start_time
-            })
+            stat_of(pid)
+                .is_some_and(|stat| stat.group == state.pid && stat.start_time >= state.start_time)
         })
         .collect()
 }

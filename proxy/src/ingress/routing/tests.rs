@@ -128,6 +128,8 @@ enum Event {
     Connected(Key),
     /// The check of the connection to the instance ended.
     SilenceChecked(Key, Silence),
+    /// The path to the instance changes: its round trip is this from now on.
+    PathChanged(Key, Duration),
 }
 
 #[derive(Debug)]
@@ -232,6 +234,12 @@ impl Sim {
     }
 
     /// Requests at `rate` per second from `from` for `length`, idempotent or not.
+    /// At `after` from the start, the path to `key` takes `rtt` a round trip.
+    fn change_path(&mut self, after: Duration, key: Key, rtt: Duration) {
+        let when = self.start + after;
+        self.at(when, Event::PathChanged(key, rtt));
+    }
+
     fn load(&mut self, from: Duration, length: Duration, rate: u32, replayable: bool) {
         let gap = SECOND / rate;
         let mut offset = from;
@@ -314,6 +322,11 @@ impl Sim {
             Event::Closed(key) => self.core.closed_by_peer(&key, now, &mut actions),
             Event::Connected(key) => {
                 self.connected.insert(key);
+            }
+            Event::PathChanged(key, rtt) => {
+                if let Some(behaviour) = self.world.get_mut(key) {
+                    behaviour.rtt = rtt;
+                }
             }
             Event::SilenceChecked(key, silence) => {
                 self.core.silence_checked(&key, silence, now, &mut actions)
@@ -635,6 +648,24 @@ fn a_retune_applies_at_the_next_choice_and_keeps_what_was_measured() {
     assert!(after.share("edge") >= 0.97, "after the retune: {after:?}");
     assert!(after.slowest <= 50 * MS, "{after:?}");
     assert!(sim.allocations.is_empty());
+}
+
+/// Two instances whose paths swap (the near one becomes the far one): within 2 s the traffic
+/// follows, and nothing fails or waits on the way. (Was a timed integration test; the data
+/// plane test now checks only that traffic moves.)
+#[test]
+fn traffic_follows_a_change_of_paths_within_two_seconds() {
+    let mut sim = Sim::new(&[("a", Behaviour::new(1, 0)), ("b", Behaviour::new(21, 0))]);
+    sim.change_path(10 * SECOND, "a", 21 * MS);
+    sim.change_path(10 * SECOND, "b", MS);
+    sim.load(Duration::ZERO, 20 * SECOND, 100, true);
+    sim.run_until(22 * SECOND);
+    let before = sim.stats(SECOND, 10 * SECOND);
+    assert!(before.share("a") >= 0.95, "before: {before:?}");
+    let after = sim.stats(12 * SECOND, 20 * SECOND);
+    assert!(after.failed.is_empty(), "{:?}", after.failed);
+    assert!(after.share("b") >= 0.95, "2 s after the swap: {after:?}");
+    assert!(sim.allocations.is_empty(), "{:?}", sim.allocations);
 }
 
 #[test]
