@@ -79,17 +79,22 @@ async fn ingress(network: &Network, extra: &[&str]) -> Proxy {
 
 /// GET `path` through the ingress at `addr`; status and body.
 async fn get(addr: &str, path: &str) -> (StatusCode, String) {
-    let response = http1_client()
-        .request(
-            Request::get(format!("http://{addr}{path}"))
-                .body(body(Bytes::new()))
-                .unwrap(),
-        )
+    let exchange = async {
+        let response = http1_client()
+            .request(
+                Request::get(format!("http://{addr}{path}"))
+                    .body(body(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    };
+    tokio::time::timeout(DEADLINE, exchange)
         .await
-        .unwrap();
-    let status = response.status();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_else(|_| panic!("GET {path} through {addr}: no answer within {DEADLINE:?}"))
 }
 
 /// Waits until `path` answers 200 through the ingress (instances take a moment to be found).

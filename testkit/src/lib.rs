@@ -251,8 +251,20 @@ pub async fn start_daemon(binary: &str, args: &[&str]) -> Daemon {
     }
 }
 
-/// GET `path` from `addr` (HOST:PORT); returns status and body, or `None` if not reachable.
+/// GET `path` from `addr` (HOST:PORT); returns status and body, or `None` if not reachable
+/// or not answered within [`HTTP_DEADLINE`].
 pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    // Under a deadline: a server that accepts and never answers is a failure, not a hang.
+    tokio::time::timeout(HTTP_DEADLINE, http_get_unbounded(addr, path))
+        .await
+        .ok()
+        .flatten()
+}
+
+/// How long [`http_get`] waits for a whole answer.
+pub const HTTP_DEADLINE: Duration = Duration::from_secs(30);
+
+async fn http_get_unbounded(addr: &str, path: &str) -> Option<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
