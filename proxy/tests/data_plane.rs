@@ -13,10 +13,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use control::{
-    allocator::protocol::{NAMESPACE as ALLOCATORS, StartProtocol, StartResponse},
-    lookup::Limits,
-};
+use control::lookup::Limits;
 use futures::StreamExt;
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
@@ -919,96 +916,40 @@ async fn killing_an_instance_under_load_loses_no_idempotent_request() {
     assert_eq!((status, text.as_str()), (StatusCode::OK, "b"));
 }
 
-/// A stand-in for the allocator of issue #5, which is not written yet: a node that serves the
-/// allocator's start protocol and, when asked, starts a sidecar (a real `proxy` process) in
-/// front of a test service tagged "allocated"; it refuses services whose name starts with
-/// "refused". Returns the node (keep it), how many times it was asked, and what it started.
-async fn allocator_double(
-    network: &Network,
-) -> (
-    control::overlay::Node,
-    Arc<AtomicUsize>,
-    Arc<tokio::sync::Mutex<Vec<Process>>>,
-) {
-    let allocator = support::node(
-        "allocator",
-        std::slice::from_ref(&network.boot),
-        Keypair::generate_ed25519(),
-        None,
-    )
-    .await;
-    let asked = Arc::new(AtomicUsize::new(0));
-    let started: Arc<tokio::sync::Mutex<Vec<Process>>> = Arc::default();
-    let boot = network.boot_arg();
-    let (counting, keeping) = (Arc::clone(&asked), Arc::clone(&started));
-    allocator.serve::<StartProtocol, _, _>(move |_, request| {
-        let (asked, started, boot) = (Arc::clone(&counting), Arc::clone(&keeping), boot.clone());
-        async move {
-            asked.fetch_add(1, Ordering::SeqCst);
-            if request.service.starts_with("refused") {
-                return StartResponse::Refused("no capacity for this test".into());
-            }
-            if request.service.starts_with("phantom") {
-                // Says it started one, but nothing ever appears.
-                return StartResponse::Started {
-                    instance: "ghost".into(),
-                    reused: false,
-                };
-            }
-            let upstream = test_service("allocated").await.to_string();
-            let process = Process::spawn(
-                PROXY,
-                &[
-                    "--bootstrap",
-                    &boot,
-                    "--ephemeral",
-                    "--quic-addr",
-                    "127.0.0.1:0",
-                    "--prom-listen-addr",
-                    "127.0.0.1:0",
-                    "0",
-                    &request.service,
-                    &upstream,
-                ],
-                &[("RUST_LOG", "warn")],
-            );
-            let instance = process.child.id().unwrap().to_string();
-            started.lock().await.push(process);
-            StartResponse::Started {
-                instance,
-                reused: false,
-            }
-        }
-    });
-    allocator.advertise(ALLOCATORS).await;
-    (allocator, asked, started)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_for_a_service_with_no_instance_wait_for_one_allocation() {
+    // A real allocator (process runtime) that runs at most two instances.
     let network = Network::start().await;
-    network.register("on-demand", Limits::default()).await;
+    register_hello(&network, "on-demand").await;
+    // An instance whose service never comes up: its sidecar is never advertised.
+    let never = b"#!/bin/sh\nexec sleep 1000\n".to_vec();
+    network
+        .register_artifact(
+            "phantom-service",
+            never,
+            vec!["never".into()],
+            Limits::default(),
+        )
+        .await;
     network.register("refused-service", Limits::default()).await;
-    network.register("phantom-service", Limits::default()).await;
-    let (_allocator, asked, started) = allocator_double(&network).await;
+    let allocator = RealAllocator::start(&network, &["--max-instances", "2"]).await;
     let front = ingress(&network, &[]).await;
 
     let requests: Vec<_> = (0..20)
         .map(|_| {
             let addr = front.ingress.clone();
-            tokio::spawn(async move { get(&addr, "/on-demand/tag").await })
+            tokio::spawn(async move { get(&addr, "/on-demand/").await })
         })
         .collect();
     for request in requests {
         let (status, text) = request.await.unwrap();
-        assert_eq!((status, text.as_str()), (StatusCode::OK, "allocated"));
+        assert_eq!((status, text.as_str()), (StatusCode::OK, "Hello, world\n"));
     }
     assert_eq!(
-        asked.load(Ordering::SeqCst),
-        1,
+        allocator.asked().await,
+        1.0,
         "one allocation for 20 waiting requests"
     );
-    assert_eq!(started.lock().await.len(), 1);
     let text = metrics_of(&front).await;
     assert_eq!(
         metric(
@@ -1018,10 +959,6 @@ async fn requests_for_a_service_with_no_instance_wait_for_one_allocation() {
         Some(1.0),
         "{text}"
     );
-
-    let (status, text) = get(&front.ingress, "/refused-service/").await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(text.contains("no capacity for this test"), "{text}");
 
     // An instance that never appears: the waiting requests get a 503 at their deadline; past
     // --max-waiting, the others get theirs at once.
@@ -1044,12 +981,21 @@ async fn requests_for_a_service_with_no_instance_wait_for_one_allocation() {
         }
     }
     assert_eq!((waited, turned_away), (2, 3));
+
+    // Two instances run: a third service is refused, and the allocator's reason reaches the
+    // client.
+    let (status, text) = get(&front.ingress, "/refused-service/").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(text.contains("maximum of 2 instances"), "{text}");
+    assert_eq!(allocator.starts("refused").await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_over_the_soft_limit_is_used_until_a_nearer_one_answers() {
     let network = Network::start().await;
-    let record = network.register("far-away", Limits::default()).await;
+    // Its artifact is the hello-world server, which the allocator runs nearer; the far
+    // instance is a test service (tag "far") whose sidecar advertises the same record.
+    let record = register_hello(&network, "far-away").await;
     // The only instance is 30 ms away (over the default soft limit of 20 ms).
     let far = test_service("far").await;
     let (_far, _relay) =
@@ -1066,7 +1012,7 @@ async fn an_instance_over_the_soft_limit_is_used_until_a_nearer_one_answers() {
             .is_some()
     })
     .await;
-    let (_allocator, asked, _started) = allocator_double(&network).await;
+    let allocator = RealAllocator::start(&network, &[]).await;
     let front = ingress(&network, &[]).await;
     // The far instance serves (from its first answer on, which may start the nearer
     // allocation) while a nearer one starts, then the nearer one once it answers: wait for
@@ -1086,14 +1032,18 @@ async fn an_instance_over_the_soft_limit_is_used_until_a_nearer_one_answers() {
             continue;
         }
         assert_eq!(status, StatusCode::OK, "{tag}");
-        in_a_row = if tag == "allocated" { in_a_row + 1 } else { 0 };
+        in_a_row = if tag == "Hello, world\n" {
+            in_a_row + 1
+        } else {
+            0
+        };
         far_served += usize::from(tag == "far");
     }
     assert!(
         far_served > 0,
         "the far instance served until the nearer one answered"
     );
-    assert_eq!(asked.load(Ordering::SeqCst), 1);
+    assert_eq!(allocator.asked().await, 1.0);
     let text = metrics_of(&front).await;
     assert_eq!(
         metric(
@@ -1405,17 +1355,13 @@ async fn a_slow_service_on_a_near_instance_asks_for_no_allocation() {
     let network = Network::start().await;
     network.register("sluggish", Limits::default()).await;
     let slow = support::TestService::start("slow", Duration::from_millis(150)).await;
-    let (_allocator, asked, _started) = allocator_double(&network).await;
+    let allocator = RealAllocator::start(&network, &[]).await;
     let _sidecar = sidecar(&network, "sluggish", slow.addr, &[]).await;
     let front = ingress(&network, &[]).await;
     wait_for_ok(&front.ingress, "/sluggish/tag").await;
     let load = open_loop(&front.ingress, "/sluggish/tag", 10, Duration::from_secs(5)).await;
     assert!(load.failures.is_empty(), "{:?}", load.failures);
-    assert_eq!(
-        asked.load(Ordering::Relaxed),
-        0,
-        "no allocation was asked for"
-    );
+    assert_eq!(allocator.asked().await, 0.0, "no allocation was asked for");
     let metrics = metrics_of(&front).await;
     assert!(
         !metrics.contains("proxy_allocations_total{"),

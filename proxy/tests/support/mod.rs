@@ -417,3 +417,99 @@ pub fn tcp_listeners_of(pid: u32) -> Vec<String> {
         .filter_map(|line| Some(line.split_whitespace().nth(3)?.to_owned()))
         .collect()
 }
+
+/// A program built beside the `proxy` binary (the workspace's own, e.g. `allocator`); the
+/// workspace must be built (`cargo build --workspace`, as `cargo test --workspace` does).
+pub fn sibling(name: &str) -> std::path::PathBuf {
+    let path = std::path::Path::new(PROXY).with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// A real `allocator` (process runtime) on `network`, its instances' proxies being `proxy`,
+/// with fast checks; its instances are stopped when it is dropped, even if the test failed.
+pub struct RealAllocator {
+    pub process: Process,
+    pub peer: libp2p::PeerId,
+    /// HOST:PORT of its /metrics.
+    pub metrics: String,
+    data: tempfile::TempDir,
+}
+
+impl RealAllocator {
+    pub async fn start(network: &Network, extra: &[&str]) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let boot = network.boot_arg();
+        let allocator = sibling("allocator");
+        let mut args = vec![
+            "--bootstrap",
+            &boot,
+            "--ephemeral",
+            "--runtime",
+            "process",
+            "--proxy-binary",
+            PROXY,
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "--p2p-listen-addr",
+            "127.0.0.1:0",
+            "--prom-listen-addr",
+            "127.0.0.1:0",
+            "--host-ip",
+            "127.0.0.1",
+            "--check-interval",
+            "200ms",
+        ];
+        args.extend_from_slice(extra);
+        let daemon = start_daemon(allocator.to_str().unwrap(), &args).await;
+        Self {
+            peer: daemon.bootstrap.peer,
+            metrics: daemon.metrics,
+            process: daemon.process,
+            data,
+        }
+    }
+
+    /// Start requests it answered, by outcome (`started`, `reused`, `refused`).
+    pub async fn starts(&self, outcome: &str) -> f64 {
+        let text = http_get(&self.metrics, "/metrics").await.unwrap().1;
+        metric(
+            &text,
+            &format!("allocator_starts_total{{outcome=\"{outcome}\"}}"),
+        )
+        .unwrap_or(0.0)
+    }
+
+    /// Every start request it answered.
+    pub async fn asked(&self) -> f64 {
+        self.starts("started").await + self.starts("reused").await + self.starts("refused").await
+    }
+}
+
+impl Drop for RealAllocator {
+    fn drop(&mut self) {
+        // Its instances run in sessions of their own: stop every process under its data.
+        let _ = std::process::Command::new("pkill")
+            .args(["-9", "-f"])
+            .arg(self.data.path())
+            .status();
+    }
+}
+
+/// Registers `name` as the project's hello-world server (an executable), run by a real
+/// allocator: it answers every request with "Hello, world\n".
+pub async fn register_hello(network: &Network, name: &str) -> ServiceRecord {
+    let bytes = std::fs::read(sibling("helloworldserver")).unwrap();
+    network
+        .register_artifact(
+            name,
+            bytes,
+            vec!["helloworldserver".into(), "$SERVICE_PORT".into()],
+            Limits::default(),
+        )
+        .await
+}
