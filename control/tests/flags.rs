@@ -139,3 +139,45 @@ fn log_format_json_writes_one_json_object_per_line() {
     assert!(object["target"].is_string(), "{object}");
     assert!(object["timestamp"].is_string(), "{object}");
 }
+
+/// Where `ping-monitor`, given `args` and `env`, serves /metrics (the address it prints).
+async fn metrics_address(args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut all = vec!["--ephemeral", "--p2p-listen-addr", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let monitor = Process::spawn(PING_MONITOR, &all, env);
+    let prefix = "metrics: http://";
+    let line = monitor
+        .line_containing(prefix, Duration::from_secs(30))
+        .await;
+    line[line.find(prefix).unwrap() + prefix.len()..]
+        .trim_end_matches("/metrics")
+        .rsplit_once(':')
+        .unwrap()
+        .0
+        .to_owned()
+}
+
+/// Issue 16: the environment layer of the configuration, untested until now. A setting comes
+/// from the flag, else the config file, else the environment, else the default; loopback
+/// addresses tell the layers apart.
+#[tokio::test]
+async fn flag_beats_file_beats_environment_beats_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("monitor.toml");
+    std::fs::write(&file, "prom-listen-addr = \"127.0.0.3:0\"\n").unwrap();
+    let file = file.to_str().unwrap();
+    let env = [("MTC_PROM_LISTEN_ADDR", "127.0.0.2:0")];
+    assert_eq!(metrics_address(&[], &env).await, "127.0.0.2");
+    assert_eq!(
+        metrics_address(&["--config", file], &env).await,
+        "127.0.0.3"
+    );
+    assert_eq!(
+        metrics_address(
+            &["--config", file, "--prom-listen-addr", "127.0.0.4:0"],
+            &env
+        )
+        .await,
+        "127.0.0.4"
+    );
+}
