@@ -52,7 +52,7 @@ use crate::{
     l4::{TunnelMetrics, datagrams::DatagramRouter, front::L4Front, hop::HopRole},
     metrics::{Activity, IngressMetrics, ServiceView},
     sidecar::Sidecar,
-    transport::Transport,
+    transport::{EndpointRole, Transport},
 };
 
 /// How long in-flight requests may finish after a shutdown begins.
@@ -295,12 +295,18 @@ async fn run(
     started: oneshot::Sender<anyhow::Result<Started>>,
     _done: oneshot::Sender<()>,
 ) {
-    let transport =
-        |socket| Transport::on_socket(socket, shared.keypair.clone(), shared.network_key);
+    let transport = |socket, role| {
+        Transport::on_socket(socket, shared.keypair.clone(), shared.network_key, role)
+    };
+    // Only a sidecar's data-plane port accepts connections; an ingress's only opens them.
+    let role = match shared.sidecar {
+        Some(_) => EndpointRole::Serve,
+        None => EndpointRole::DialOnly,
+    };
     let set_up = (|| -> anyhow::Result<_> {
-        let quic = Arc::new(transport(sockets.quic)?);
+        let quic = Arc::new(transport(sockets.quic, role)?);
         let dial = match sockets.dial {
-            Some(socket) => Arc::new(transport(socket)?),
+            Some(socket) => Arc::new(transport(socket, EndpointRole::DialOnly)?),
             None => Arc::clone(&quic),
         };
         let listener = sockets.http.map(listen).transpose()?;
@@ -331,7 +337,9 @@ async fn run(
         });
         sidecar
     });
-    tokio::spawn(accept_peers(Arc::clone(&quic), sidecar.clone()));
+    if let Some(sidecar) = &sidecar {
+        tokio::spawn(accept_peers(Arc::clone(&quic), Arc::clone(sidecar)));
+    }
     tokio::spawn(pace_timers(
         Arc::clone(&shared.activity),
         shared.stop.clone(),
@@ -397,17 +405,16 @@ async fn pace_timers(activity: Arc<Activity>, stop: CancellationToken) {
     }
 }
 
-/// Serves the requests of authenticated peers (service mode); in anonymous mode there is
-/// nothing to serve and their connections are closed.
-async fn accept_peers(transport: Arc<Transport>, sidecar: Option<Arc<Sidecar>>) {
+/// Serves the requests of authenticated peers (service mode; an ingress's endpoint accepts
+/// no connection at all).
+async fn accept_peers(transport: Arc<Transport>, sidecar: Arc<Sidecar>) {
     while let Some(accepted) = transport.accept().await {
-        match (accepted, &sidecar) {
-            (Ok((peer, connection)), Some(sidecar)) => {
+        match accepted {
+            Ok((peer, connection)) => {
                 tracing::debug!(%peer, "peer connected");
-                tokio::spawn(Arc::clone(sidecar).serve_connection(connection));
+                tokio::spawn(Arc::clone(&sidecar).serve_connection(connection));
             }
-            (Ok((_, connection)), None) => connection.close(0u32.into(), b"not a sidecar"),
-            (Err(error), _) => tracing::info!(%error, "data-plane connection refused"),
+            Err(error) => tracing::info!(%error, "data-plane connection refused"),
         }
     }
 }

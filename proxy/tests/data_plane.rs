@@ -1094,6 +1094,16 @@ async fn outside_the_private_network_the_data_plane_answers_nothing() {
     .unwrap();
     let connection = insider.connect(sidecar_peer, side.quic).await.unwrap();
     proxy::forward::probe(&connection).await.unwrap();
+    // An ingress serves nothing over QUIC: even with the key, its endpoint takes no connection.
+    let ingress_peer = {
+        let line = front.process.line_containing("proxy ", DEADLINE).await;
+        line.split(' ').nth(1).unwrap().parse().unwrap()
+    };
+    let attempt = tokio::time::timeout(DEADLINE, insider.connect(ingress_peer, front.quic)).await;
+    assert!(
+        matches!(attempt, Ok(Err(_))),
+        "the ingress's data plane accepted a connection"
+    );
 
     // Issue 16: an ingress given the wrong key fails before it listens, saying why; it never
     // accepts a client it cannot serve (it used to, for the 10-30 s its join took to fail).

@@ -189,24 +189,38 @@ fn endpoint_config() -> quinn::EndpointConfig {
     config
 }
 
+/// Whether an endpoint accepts connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointRole {
+    /// It accepts connections (a sidecar, which serves its service to ingresses) and opens
+    /// them.
+    Serve,
+    /// It only opens connections (an ingress, an l4-proxy, a worker's dialing endpoint): a
+    /// connection attempt from outside is refused before any handshake, so a proxy that
+    /// serves nothing exposes nothing on its UDP port, whichever interface that is on.
+    DialOnly,
+}
+
 impl Transport {
-    /// Binds the endpoint on `addr` (UDP). `network_key` is the 32-byte pre-shared key of a
-    /// private network, if any.
+    /// Binds the endpoint on `addr` (UDP), accepting connections as well as opening them.
+    /// `network_key` is the 32-byte pre-shared key of a private network, if any.
     pub fn bind(
         addr: SocketAddr,
         keypair: Keypair,
         network_key: Option<[u8; 32]>,
     ) -> Result<Self, TransportError> {
         let socket = std::net::UdpSocket::bind(addr).map_err(|e| cannot_listen(addr, e))?;
-        Self::on_socket(socket, keypair, network_key)
+        Self::on_socket(socket, keypair, network_key, EndpointRole::Serve)
     }
 
     /// The endpoint on a UDP socket bound already (a worker's share of the data-plane port,
-    /// [`crate::workers`]); within a Tokio runtime, whose thread then drives it.
+    /// [`crate::workers`]), accepting connections or not as `role` says; within a Tokio
+    /// runtime, whose thread then drives it.
     pub fn on_socket(
         socket: std::net::UdpSocket,
         keypair: Keypair,
         network_key: Option<[u8; 32]>,
+        role: EndpointRole,
     ) -> Result<Self, TransportError> {
         let setup = |e: &dyn std::fmt::Display| TransportError::Setup(e.to_string());
         let server_crypto =
@@ -225,8 +239,12 @@ impl Transport {
         let runtime = quinn::default_runtime()
             .ok_or_else(|| TransportError::Setup("no async runtime".into()))?;
         let socket = udp::Socket::new(socket).map_err(listen)?;
+        let server = match role {
+            EndpointRole::Serve => Some(server),
+            EndpointRole::DialOnly => None,
+        };
         let mut endpoint =
-            Endpoint::new_with_abstract_socket(endpoint_config(), Some(server), socket, runtime)
+            Endpoint::new_with_abstract_socket(endpoint_config(), server, socket, runtime)
                 .map_err(listen)?;
         endpoint.set_default_client_config(client);
         Ok(Self {
