@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::live::LivePerf,
-    ingress::IngressSettings,
+    ingress::{IngressSettings, limits::ClientConnections},
     l4::TunnelMetrics,
     metrics::{Activity, IngressMetrics, LiveCollector, SidecarCollector, SidecarView},
     sidecar::{Sidecar, health::ServiceState},
@@ -133,6 +133,12 @@ pub struct Cli {
     /// A client that has not sent a whole request head within this is disconnected.
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     pub head_timeout: Duration,
+
+    /// Most connections one client address may hold open to the ingress; one more is answered
+    /// 503 and closed.
+    #[arg(long, env = "MTC_MAX_CLIENT_CONNECTIONS", default_value_t = 1000, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_client_connections: u32,
 
     /// Service mode: how the service is spoken to (the `--protocol` of its record; allocators
     /// set SERVICE_PROTOCOL from it). A UDP service cannot be checked by connecting to it, so
@@ -376,6 +382,7 @@ async fn run_program(cli: Cli, program: Program) -> anyhow::Result<()> {
                 max_waiting: cli.max_waiting,
                 max_head_bytes: cli.max_head_bytes,
                 head_timeout: cli.head_timeout,
+                client_connections: ClientConnections::new(cli.max_client_connections as usize),
             },
             metrics: IngressMetrics::register(&daemon.registry)?,
             tunnel_metrics: TunnelMetrics::register(&daemon.registry)?,

@@ -21,7 +21,7 @@ use prometheus::{
     proto::MetricFamily,
 };
 
-use crate::ingress::InstanceReport;
+use crate::ingress::{InstanceReport, limits::Limit};
 
 /// When the proxy last served a request. The allocator culls an instance whose sidecar has
 /// served nothing for its idle timeout, so this is exported as seconds since then (since start
@@ -101,6 +101,7 @@ pub struct IngressMetrics {
     latency: HistogramVec,
     retries: IntCounterVec,
     allocations: IntCounterVec,
+    limits: IntCounterVec,
     connections: IntCounterVec,
     /// This worker's series of `connections`.
     accepted: IntCounter,
@@ -175,11 +176,25 @@ impl IngressMetrics {
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(allocations.clone()))?;
+        let limits = IntCounterVec::new(
+            Opts::new(
+                "proxy_limit_hits_total",
+                "Times a limit on what one client may hold was hit: client_connections \
+                 (--max-client-connections), head_bytes (--max-head-bytes), head_time \
+                 (--head-timeout)",
+            ),
+            &["limit"],
+        )?;
+        for limit in Limit::ALL {
+            limits.with_label_values(&[limit.label()]);
+        }
+        registry.register(Box::new(limits.clone()))?;
         Ok(Self {
             requests,
             latency,
             retries,
             allocations,
+            limits,
             accepted: connections.with_label_values(&["0"]),
             connections,
         })
@@ -191,6 +206,11 @@ impl IngressMetrics {
             accepted: self.connections.with_label_values(&[&index.to_string()]),
             ..self.clone()
         }
+    }
+
+    /// A client hit `limit`.
+    pub fn limit_hit(&self, limit: Limit) {
+        self.limits.with_label_values(&[limit.label()]).inc();
     }
 
     /// A client connection was accepted.

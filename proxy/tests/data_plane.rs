@@ -635,6 +635,12 @@ async fn bad_requests_and_missing_services_get_clear_answers() {
         "{answer}"
     );
     assert!(begin.elapsed() >= Duration::from_secs(1));
+    // Both limits are counted.
+    let text = metrics_of(&front).await;
+    for limit in ["head_bytes", "head_time"] {
+        let series = format!("proxy_limit_hits_total{{limit=\"{limit}\"}}");
+        assert_eq!(metric(&text, &series), Some(1.0), "{limit}: {text}");
+    }
 
     let (status, text) = get(&front.ingress, "/nobody-here/x").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
@@ -1568,4 +1574,48 @@ async fn sigterm_lets_requests_in_flight_finish() {
         .expect("it exits after its requests")
         .unwrap();
     assert!(exit.success(), "{exit:?}");
+}
+
+/// Issue 16: one client address holds at most `--max-client-connections` connections; one
+/// more is answered 503 and closed, and counted; once one closes, the next is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_hold_more_than_its_connections() {
+    let network = Network::start().await;
+    let front = ingress(&network, &["--max-client-connections", "2"]).await;
+    let first = tokio::net::TcpStream::connect(&front.ingress)
+        .await
+        .unwrap();
+    let _second = tokio::net::TcpStream::connect(&front.ingress)
+        .await
+        .unwrap();
+    let request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    // Connections are accepted in order: the third is the one over the limit.
+    let hits = || async {
+        let text = metrics_of(&front).await;
+        metric(
+            &text,
+            "proxy_limit_hits_total{limit=\"client_connections\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let mut third = tokio::net::TcpStream::connect(&front.ingress)
+        .await
+        .unwrap();
+    third.write_all(request).await.ok();
+    let answer = String::from_utf8_lossy(&read_until_closed(&mut third).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("too many connections"), "{answer}");
+    assert_eq!(hits().await, 1.0);
+
+    drop(first);
+    wait_until("a connection admitted again", DEADLINE, || async {
+        let mut next = tokio::net::TcpStream::connect(&front.ingress)
+            .await
+            .unwrap();
+        next.write_all(request).await.ok();
+        let answer = String::from_utf8_lossy(&read_until_closed(&mut next).await).into_owned();
+        // Admitted, it is answered for what it asked: no service in the path.
+        answer.starts_with("HTTP/1.1 400")
+    })
+    .await;
 }

@@ -43,7 +43,7 @@ use tokio::{
 };
 use tokio_util::io::poll_read_buf;
 
-use super::{Ingress, RequestError};
+use super::{Ingress, RequestError, limits::Limit};
 use crate::{
     forward::{Answer, HEAD_CAPACITY},
     framing::{MAX_DATA_BYTES, decode_trailers},
@@ -131,11 +131,20 @@ async fn one_request(
                 );
             }
             Ok(ParsedRequest::Partial) => {}
-            Err(error) => return refuse(ingress, write, out, &error).await,
+            Err(error) => {
+                if matches!(error, FrontError::HeadTooLarge(_)) {
+                    ingress.metrics.limit_hit(Limit::HeadBytes);
+                }
+                return refuse(ingress, write, out, &error).await;
+            }
         }
         reader.buffer.reserve(READ_CHUNK);
         match tokio::time::timeout_at(deadline, reader.read.read_buf(&mut reader.buffer)).await {
-            Ok(Ok(0) | Err(_)) | Err(_) => return Ok(Next::Close),
+            Ok(Ok(0) | Err(_)) => return Ok(Next::Close),
+            Err(_) => {
+                ingress.metrics.limit_hit(Limit::HeadTime);
+                return Ok(Next::Close);
+            }
             Ok(Ok(_)) => {}
         }
     };

@@ -29,6 +29,7 @@ mod allocation;
 mod error;
 mod front;
 mod instances;
+pub mod limits;
 mod records;
 mod routing;
 mod tunnel;
@@ -59,7 +60,7 @@ use libp2p::PeerId;
 use mtc_overlay::overlay::Node;
 use quinn::Connection;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::Notify,
 };
@@ -77,6 +78,7 @@ use crate::{
     transport::Transport,
 };
 use instances::Services;
+use limits::{ClientConnections, Limit};
 use records::{Records, Resolved};
 use routing::{Choice, Outcome};
 
@@ -106,6 +108,9 @@ pub struct IngressSettings {
     pub max_head_bytes: usize,
     /// A client that has not sent a whole request head within this is disconnected.
     pub head_timeout: Duration,
+    /// The connections open per client address, shared by every worker
+    /// (`--max-client-connections`).
+    pub client_connections: Arc<ClientConnections>,
 }
 
 impl Default for IngressSettings {
@@ -117,6 +122,7 @@ impl Default for IngressSettings {
             max_waiting: 1024,
             max_head_bytes: 64 * 1024,
             head_timeout: Duration::from_secs(10),
+            client_connections: ClientConnections::new(1000),
         }
     }
 }
@@ -698,12 +704,19 @@ async fn accept_until_shutdown(
         move |stream, client| {
             let ingress = Arc::clone(&ingress);
             ingress.metrics.accepted();
+            let Some(admitted) = ingress.settings.client_connections.admit(client.ip()) else {
+                ingress.metrics.limit_hit(Limit::ClientConnections);
+                tokio::spawn(too_many_connections(stream));
+                return;
+            };
             // A response's head and body may be separate writes: without NODELAY the body would
             // wait for the client's delayed ACK of the head (up to 40 ms on Linux).
             if let Err(error) = stream.set_nodelay(true) {
                 tracing::debug!(%error, "cannot set TCP_NODELAY");
             }
             tokio::spawn(async move {
+                // Counted as open until the connection ends.
+                let _admitted = admitted;
                 let mut stream = stream;
                 let mut buffer = BytesMut::with_capacity(8 * 1024);
                 // Enough bytes to tell HTTP/2's preface from an HTTP/1.1 request line (one read,
@@ -712,6 +725,7 @@ async fn accept_until_shutdown(
                 while buffer.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&buffer) {
                     match tokio::time::timeout_at(deadline, stream.read_buf(&mut buffer)).await {
                         Ok(Ok(n)) if n > 0 => {}
+                        Err(_) => return ingress.metrics.limit_hit(Limit::HeadTime),
                         _ => return,
                     }
                 }
@@ -724,6 +738,17 @@ async fn accept_until_shutdown(
         },
     )
     .await;
+}
+
+/// Answers a connection over its client's `--max-client-connections` and closes it.
+async fn too_many_connections(mut stream: TcpStream) {
+    let body = "too many connections from this client address\n";
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer.as_bytes())).await;
 }
 
 /// What an HTTP/2 client sends first (RFC 9113 section 3.4).
