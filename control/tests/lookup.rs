@@ -386,3 +386,265 @@ async fn the_service_survives_bad_messages_and_refuses_records_without_blobs() {
         "{metrics}"
     );
 }
+
+// Issue 16: blob uploads as a peer sees them. Every await below is under DEADLINE.
+
+/// Awaits `future` for at most [`DEADLINE`]; panics naming `what` if it takes longer.
+async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what} took over {DEADLINE:?}"))
+}
+
+/// A node serving blobs from a store, its metrics, and a node joined to it to upload from.
+struct BlobPeers {
+    holder: control::overlay::Node,
+    uploader: control::overlay::Node,
+    registry: prometheus::Registry,
+}
+
+async fn serve_blobs(store: BlobStore) -> BlobPeers {
+    let holder = start_node(&[], None).await;
+    let registry = prometheus::Registry::new();
+    let counters = transfer::BlobCounters::register(&registry).unwrap();
+    transfer::serve(&holder, Arc::new(store), counters).await;
+    let uploader = start_node(&[bootstrap_of(&holder).await], None).await;
+    BlobPeers {
+        holder,
+        uploader,
+        registry,
+    }
+}
+
+impl BlobPeers {
+    /// Uploads `bytes` to the holder; returns the result and how many bytes were sent.
+    async fn upload(&self, bytes: &[u8]) -> (Result<(), transfer::TransferError>, u64) {
+        let mut source = futures::io::Cursor::new(bytes.to_vec());
+        self.upload_from(Digest::of(bytes), bytes.len() as u64, &mut source)
+            .await
+    }
+
+    async fn upload_from(
+        &self,
+        digest: Digest,
+        size: u64,
+        source: &mut (impl futures::AsyncRead + Unpin),
+    ) -> (Result<(), transfer::TransferError>, u64) {
+        let mut sent = 0;
+        let peer = self.holder.peer_id();
+        let result = within(
+            "an upload",
+            transfer::upload(&self.uploader, peer, digest, size, source, |n| sent = n),
+        )
+        .await;
+        (result, sent)
+    }
+
+    /// The holder's metrics, as its /metrics endpoint would show them.
+    fn metrics(&self) -> String {
+        prometheus::TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap()
+    }
+}
+
+fn blob_bytes(len: u32) -> Vec<u8> {
+    (0..len).map(|i| (i * 13 % 251) as u8).collect()
+}
+
+async fn store_blob(store: &BlobStore, bytes: &[u8]) {
+    let mut source = futures::io::Cursor::new(bytes.to_vec());
+    let size = bytes.len() as u64;
+    within(
+        "storing a blob",
+        store.write_from(Digest::of(bytes), size, &mut source, DEADLINE, |_| {}),
+    )
+    .await
+    .unwrap();
+}
+
+/// Files left in the store's `tmp/`.
+fn temporary_files(root: &Path) -> Vec<std::path::PathBuf> {
+    let entries = std::fs::read_dir(root.join("tmp")).unwrap();
+    entries.flatten().map(|entry| entry.path()).collect()
+}
+
+#[tokio::test]
+async fn an_upload_over_a_damaged_copy_of_the_right_size_replaces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(dir.path()).unwrap();
+    let bytes = blob_bytes(300_000);
+    let digest = Digest::of(&bytes);
+    store_blob(&store, &bytes).await;
+    let path = dir.path().join("sha256").join(digest.hex());
+    let mut damaged = bytes.clone();
+    damaged[123_456] ^= 0xff;
+    std::fs::write(&path, &damaged).unwrap();
+    let peers = within("starting the nodes", serve_blobs(store)).await;
+
+    // Not taken for stored: the damaged copy is set aside and the upload stored instead.
+    let (result, sent) = peers.upload(&bytes).await;
+    result.unwrap();
+    assert_eq!(sent, bytes.len() as u64);
+    assert!(
+        std::fs::read(&path).unwrap() == bytes,
+        "the damaged copy was kept"
+    );
+    let set_aside = std::fs::read(dir.path().join("corrupt").join(digest.hex())).unwrap();
+    assert!(set_aside == damaged);
+    let received = format!("blob_bytes_received_total {}", bytes.len());
+    assert!(peers.metrics().contains(&received), "{}", peers.metrics());
+    // The intact copy is already stored: nothing more is received.
+    let (result, _) = peers.upload(&bytes).await;
+    result.unwrap();
+    assert!(peers.metrics().contains(&received), "{}", peers.metrics());
+    assert!(temporary_files(dir.path()).is_empty());
+}
+
+#[tokio::test]
+async fn an_upload_over_the_size_limit_is_refused_before_any_byte_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(dir.path())
+        .unwrap()
+        .with_max_blob_bytes(100_000);
+    let peers = within("starting the nodes", serve_blobs(store)).await;
+    let bytes = blob_bytes(100_001);
+    let (result, sent) = peers.upload(&bytes).await;
+    let Err(transfer::TransferError::Refused { reason, .. }) = result else {
+        panic!("{result:?}")
+    };
+    assert!(
+        reason.contains("100001 bytes") && reason.contains("limit of 100000 bytes"),
+        "{reason}"
+    );
+    assert_eq!(sent, 0, "bytes were sent before the refusal");
+    let refused = r#"blob_uploads_refused_total{reason="too_large"} 1"#;
+    assert!(peers.metrics().contains(refused), "{}", peers.metrics());
+    assert!(BlobStore::open(dir.path()).unwrap().list().is_empty());
+    // A blob of exactly the limit is taken.
+    let (result, _) = peers.upload(&bytes[..100_000]).await;
+    result.unwrap();
+}
+
+/// A tmpfs of a given size mounted on a new directory; unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// Mounts it, or says why it cannot be (mounting needs root, or CAP_SYS_ADMIN).
+    async fn mount(bytes: u64) -> Result<SmallDisk, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let size = format!("size={bytes}");
+        let mounted = tokio::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &size, "mtc-small-disk"])
+            .arg(dir.path())
+            .output()
+            .await
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !mounted.status.success() {
+            let why = String::from_utf8_lossy(&mounted.stderr);
+            return Err(format!("cannot mount a tmpfs: {}", why.trim()));
+        }
+        Ok(SmallDisk { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The bytes still free on it.
+    fn free(&self) -> u64 {
+        let path = std::ffi::CString::new(self.path().as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: statvfs is plain data, for which all zeroes is a valid value.
+        let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a NUL-terminated path and a statvfs to fill, both alive for the call.
+        let result = unsafe { libc::statvfs(path.as_ptr(), &mut stats) };
+        assert_eq!(result, 0, "statvfs: {}", std::io::Error::last_os_error());
+        stats.f_bavail * stats.f_frsize
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn an_upload_that_fills_the_disk_is_refused_and_loses_nothing() {
+    let disk = match within("mounting a tmpfs", SmallDisk::mount(1 << 20)).await {
+        Ok(disk) => disk,
+        Err(reason) => return skipped(&reason),
+    };
+    let root = disk.path().join("blobs");
+    let store = BlobStore::open(&root).unwrap();
+    let earlier = blob_bytes(256 * 1024);
+    store_blob(&store, &earlier).await;
+    let peers = within("starting the nodes", serve_blobs(store)).await;
+    // Full in the middle of the blob, with far more to come than the stream buffers (the
+    // uploader must hear the refusal while still sending), and full at its very last byte
+    // (the write a sync alone does not report).
+    for (round, over) in [16 << 20, 1].into_iter().enumerate() {
+        let bytes = blob_bytes((disk.free() + over) as u32);
+        let (result, _) = peers.upload(&bytes).await;
+        let Err(transfer::TransferError::Refused { reason, .. }) = result else {
+            panic!("{} bytes over the free space: {result:?}", over)
+        };
+        assert!(reason.contains("the disk is full"), "{reason}");
+        let refused = format!(
+            r#"blob_uploads_refused_total{{reason="no_space"}} {}"#,
+            round + 1
+        );
+        assert!(peers.metrics().contains(&refused), "{}", peers.metrics());
+        let store = BlobStore::open(&root).unwrap();
+        assert_eq!(store.list(), [Digest::of(&earlier)]);
+        assert!(
+            within("verifying", store.open_verified(Digest::of(&earlier)))
+                .await
+                .is_ok()
+        );
+        assert!(temporary_files(&root).is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_failing_local_source_is_not_blamed_on_the_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let peers = within(
+        "starting the nodes",
+        serve_blobs(BlobStore::open(dir.path()).unwrap()),
+    )
+    .await;
+    let bytes = blob_bytes(600_000);
+    let chunks = vec![
+        Ok(bytes[..300_000].to_vec()),
+        Err(std::io::Error::other("the local disk failed")),
+    ];
+    let mut source = futures::TryStreamExt::into_async_read(futures::stream::iter(chunks));
+    let (result, _) = peers
+        .upload_from(Digest::of(&bytes), bytes.len() as u64, &mut source)
+        .await;
+    let Err(error) = result else {
+        panic!("uploaded from a failing source")
+    };
+    assert!(
+        matches!(error, transfer::TransferError::Source { sent: 300_000, .. }),
+        "{error:?}"
+    );
+    let text = error.to_string();
+    assert!(
+        text.contains("the local disk failed")
+            && !text.contains(&peers.holder.peer_id().to_string()),
+        "{text}"
+    );
+    // The holder drops the part it received.
+    wait_until("the partial upload to be dropped", DEADLINE, || async {
+        temporary_files(dir.path()).is_empty()
+    })
+    .await;
+    assert!(BlobStore::open(dir.path()).unwrap().list().is_empty());
+}

@@ -6,4 +6,4 @@ mod store;
 pub mod transfer;
 
 pub use digest::Digest;
-pub use store::{BlobError, BlobStore, hash_file};
+pub use store::{BlobError, BlobStore, DEFAULT_MAX_BLOB_BYTES, hash_file};

@@ -9,14 +9,22 @@
 //!   `Refused`; after `Proceed` the client sends the bytes and closes, the server verifies
 //!   them and answers `Stored` or `Refused`.
 //!
+//! Uploads: `AlreadyStored` only if the stored copy of that size still verifies (hashed anew);
+//! a copy that does not is moved to `corrupt/` and the upload taken in its place. A blob over
+//! the store's [`BlobStore::max_blob_bytes`] (8 GiB by default) is refused in answer to `Put`,
+//! before any byte is sent, the refusal naming the size and the limit; so is a download whose
+//! holder announces such a size. A write that runs out of disk is refused saying the disk is
+//! full; the blobs stored before are intact. Every refused upload is counted by reason in
+//! [`BlobCounters::refusals`].
+//!
 //! Every node that holds a blob advertises the namespace [`namespace`]`(digest)`; a fetch
 //! tries holders nearest first (lowest measured RTT) and falls back to the next.
 
 use std::{sync::Arc, time::Duration};
 
-use futures::{AsyncRead, AsyncWriteExt, StreamExt};
+use futures::{AsyncRead, AsyncWriteExt, StreamExt, future::Either};
 use libp2p::{PeerId, Stream, StreamProtocol};
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntCounterVec};
 use serde::{Deserialize, Serialize};
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
@@ -66,7 +74,8 @@ pub enum TransferError {
         reason: String,
     },
     /// Writing to or reading from the stream failed, or a header frame was malformed or over
-    /// [`HEADER_LIMIT`]. In [`upload`], a read error of the local source is reported here too.
+    /// [`HEADER_LIMIT`]. (A read error of [`upload`]'s local source is
+    /// [`TransferError::Source`].)
     #[error("{peer}: {source}")]
     Protocol {
         /// The node at the other end of the stream.
@@ -78,7 +87,8 @@ pub enum TransferError {
     /// digest), or the source of an upload ended before the announced size.
     #[error(transparent)]
     Blob(#[from] BlobError),
-    /// No stream to the node could be opened, or it sent no header within [`IDLE_TIMEOUT`].
+    /// No stream to the node could be opened, or it sent no header within [`IDLE_TIMEOUT`],
+    /// or it took no byte of an upload for that long.
     #[error("cannot reach {peer}: {reason}")]
     Unreachable {
         /// The node that could not be reached.
@@ -100,6 +110,17 @@ pub enum TransferError {
         /// One message per holder tried, nearest first.
         failures: Vec<String>,
     },
+    /// Reading the local copy of the blob being uploaded failed (not the other node's
+    /// doing).
+    #[error("reading the blob {digest} to upload failed after {sent} bytes: {source}")]
+    Source {
+        /// The blob being uploaded.
+        digest: Digest,
+        /// The bytes sent before the error.
+        sent: u64,
+        /// The local source's error.
+        source: std::io::Error,
+    },
     /// The other node sent a reply that does not fit the exchange at that point.
     #[error("{peer} answered out of protocol: {reply}")]
     Unexpected {
@@ -118,6 +139,11 @@ pub struct BlobCounters {
     pub bytes_in: IntCounter,
     /// Bytes of blobs this node sent to nodes that fetched them (`blob_bytes_sent_total`).
     pub bytes_out: IntCounter,
+    /// Uploads this node refused (`blob_uploads_refused_total`), by `reason`: `too_large`
+    /// (over the store's [`BlobStore::max_blob_bytes`]), `no_space` (the disk is full),
+    /// `mismatch` (the bytes did not match the digest), `incomplete` (the upload ended early,
+    /// stalled or its stream failed), `io` (another error of the store's disk).
+    pub refusals: IntCounterVec,
 }
 
 impl BlobCounters {
@@ -130,11 +156,20 @@ impl BlobCounters {
         )?;
         let bytes_out =
             IntCounter::new("blob_bytes_sent_total", "Blob bytes sent to other nodes.")?;
+        let refusals = IntCounterVec::new(
+            prometheus::Opts::new("blob_uploads_refused_total", "Blob uploads refused."),
+            &["reason"],
+        )?;
         registry.register(Box::new(bytes_in.clone()))?;
         registry.register(Box::new(bytes_out.clone()))?;
+        registry.register(Box::new(refusals.clone()))?;
+        for reason in REFUSAL_REASONS {
+            refusals.with_label_values(&[reason]);
+        }
         Ok(Self {
             bytes_in,
             bytes_out,
+            refusals,
         })
     }
 }
@@ -194,28 +229,92 @@ async fn answer(
             }
         },
         Request::Put { digest, size } => {
-            if store.size_of(&digest) == Some(size) {
-                write_frame(&mut stream, &Reply::AlreadyStored, HEADER_LIMIT).await?;
-                return Ok(stream.close().await?);
-            }
-            write_frame(&mut stream, &Reply::Proceed, HEADER_LIMIT).await?;
-            match store
-                .write_from(digest, size, &mut stream, IDLE_TIMEOUT, |_| {})
-                .await
-            {
-                Ok(()) => {
-                    counters.bytes_in.inc_by(size);
-                    if let Some(node) = node.upgrade() {
-                        node.advertise(&namespace(&digest)).await;
-                    }
-                    write_frame(&mut stream, &Reply::Stored, HEADER_LIMIT).await?;
-                    stream.close().await?;
-                }
-                Err(error) => refuse(&mut stream, error.to_string()).await?,
-            }
+            answer_put(&mut stream, store, counters, node, digest, size).await?;
         }
     }
     Ok(())
+}
+
+async fn answer_put(
+    stream: &mut Stream,
+    store: &BlobStore,
+    counters: &BlobCounters,
+    node: &crate::overlay::WeakNode,
+    digest: Digest,
+    size: u64,
+) -> Result<(), RpcError> {
+    let limit = store.max_blob_bytes();
+    if size > limit {
+        let error = BlobError::TooLarge {
+            digest,
+            size,
+            limit,
+        };
+        return refuse_upload(stream, counters, &error).await;
+    }
+    if already_stored(store, digest, size).await {
+        write_frame(stream, &Reply::AlreadyStored, HEADER_LIMIT).await?;
+        return Ok(stream.close().await?);
+    }
+    write_frame(stream, &Reply::Proceed, HEADER_LIMIT).await?;
+    match store
+        .write_from(digest, size, stream, IDLE_TIMEOUT, |_| {})
+        .await
+    {
+        Ok(()) => {
+            counters.bytes_in.inc_by(size);
+            if let Some(node) = node.upgrade() {
+                node.advertise(&namespace(&digest)).await;
+            }
+            write_frame(stream, &Reply::Stored, HEADER_LIMIT).await?;
+            Ok(stream.close().await?)
+        }
+        Err(error) => refuse_upload(stream, counters, &error).await,
+    }
+}
+
+/// Whether `store` holds blob `digest` of `size` bytes intact. This hashes the stored copy
+/// (reads all of it) on every upload of a blob already there: acceptable, uploads are rare
+/// (an operator adding a service), and a damaged copy must not pass for stored. A copy that
+/// does not verify is moved to `corrupt/`, and the upload is taken in its place.
+async fn already_stored(store: &BlobStore, digest: Digest, size: u64) -> bool {
+    if store.size_of(&digest) != Some(size) {
+        return false;
+    }
+    match store.open_verified(digest).await {
+        Ok(_) => true,
+        Err(error) => {
+            tracing::warn!(%digest, %error, "stored copy does not verify; taking the upload");
+            false
+        }
+    }
+}
+
+/// The values of the `reason` label of [`BlobCounters::refusals`].
+const REFUSAL_REASONS: [&str; 5] = ["too_large", "no_space", "mismatch", "incomplete", "io"];
+
+/// The `reason` an upload refused because of `error` is counted under.
+fn refusal_reason(error: &BlobError) -> &'static str {
+    match error {
+        BlobError::TooLarge { .. } => "too_large",
+        BlobError::NoSpace { .. } => "no_space",
+        BlobError::DigestMismatch { .. } => "mismatch",
+        BlobError::Truncated { .. } | BlobError::Stalled(_) | BlobError::Source { .. } => {
+            "incomplete"
+        }
+        BlobError::Io { .. } | BlobError::Missing { .. } | BlobError::Corrupt { .. } => "io",
+    }
+}
+
+/// Refuses an upload because of `error`, and counts it.
+async fn refuse_upload(
+    stream: &mut Stream,
+    counters: &BlobCounters,
+    error: &BlobError,
+) -> Result<(), RpcError> {
+    let reason = refusal_reason(error);
+    counters.refusals.with_label_values(&[reason]).inc();
+    refuse(stream, error.to_string()).await
 }
 
 async fn refuse(stream: &mut Stream, reason: String) -> Result<(), RpcError> {
@@ -263,7 +362,8 @@ async fn reply(stream: &mut Stream, peer: PeerId) -> Result<Reply, TransferError
 }
 
 /// Uploads `size` bytes from `source` as blob `digest` to `peer`; `progress` is told the
-/// bytes sent so far.
+/// bytes sent so far. An answer arriving while the bytes are still being sent (the other node
+/// refusing midway, say its disk is full) ends the upload at once with that answer.
 pub async fn upload<R: AsyncRead + Unpin>(
     node: &Node,
     peer: PeerId,
@@ -272,11 +372,10 @@ pub async fn upload<R: AsyncRead + Unpin>(
     source: &mut R,
     mut progress: impl FnMut(u64),
 ) -> Result<(), TransferError> {
-    let protocol = |source| TransferError::Protocol { peer, source };
     let mut stream = open(node, peer).await?;
     write_frame(&mut stream, &Request::Put { digest, size }, HEADER_LIMIT)
         .await
-        .map_err(protocol)?;
+        .map_err(|source| TransferError::Protocol { peer, source })?;
     match reply(&mut stream, peer).await? {
         Reply::Proceed => {}
         Reply::AlreadyStored => {
@@ -291,13 +390,58 @@ pub async fn upload<R: AsyncRead + Unpin>(
             });
         }
     }
+    let (mut answers, mut bytes) = futures::AsyncReadExt::split(stream);
+    let early = std::pin::pin!(read_frame::<Reply, _>(&mut answers, HEADER_LIMIT));
+    let send = std::pin::pin!(send(&mut bytes, source, digest, size, peer, &mut progress));
+    // The answer first: once the other node has answered, what is left to send is moot.
+    let answer = match futures::future::select(early, send).await {
+        Either::Left((answer, _)) => answer,
+        Either::Right((sent, early)) => {
+            sent?;
+            tokio::time::timeout(IDLE_TIMEOUT, early)
+                .await
+                .map_err(|_| TransferError::Unreachable {
+                    peer,
+                    reason: format!("no answer within {IDLE_TIMEOUT:?}"),
+                })?
+        }
+    };
+    let answer = answer.map_err(|source| TransferError::Protocol { peer, source })?;
+    match answer {
+        Reply::Stored => Ok(()),
+        Reply::Refused { reason } => Err(TransferError::Refused { peer, reason }),
+        other => Err(TransferError::Unexpected {
+            peer,
+            reply: format!("{other:?}"),
+        }),
+    }
+}
+
+/// Sends the `size` bytes of blob `digest` from `source` to `peer`, then closes the sending
+/// side. A write that `peer` does not take within [`IDLE_TIMEOUT`] ends it.
+async fn send<R, W>(
+    to: &mut W,
+    source: &mut R,
+    digest: Digest,
+    size: u64,
+    peer: PeerId,
+    progress: &mut impl FnMut(u64),
+) -> Result<(), TransferError>
+where
+    R: AsyncRead + Unpin,
+    W: futures::AsyncWrite + Unpin,
+{
     let mut buffer = vec![0; CHUNK];
     let mut sent = 0u64;
     while sent < size {
         let want = CHUNK.min((size - sent) as usize);
         let read = futures::AsyncReadExt::read(source, &mut buffer[..want])
             .await
-            .map_err(|e| protocol(e.into()))?;
+            .map_err(|source| TransferError::Source {
+                digest,
+                sent,
+                source,
+            })?;
         if read == 0 {
             return Err(BlobError::Truncated {
                 expected: digest,
@@ -306,22 +450,28 @@ pub async fn upload<R: AsyncRead + Unpin>(
             }
             .into());
         }
-        stream
-            .write_all(&buffer[..read])
-            .await
-            .map_err(|e| protocol(e.into()))?;
+        taken(to.write_all(&buffer[..read]), peer).await?;
         sent += read as u64;
         progress(sent);
     }
-    stream.close().await.map_err(|e| protocol(e.into()))?;
-    match reply(&mut stream, peer).await? {
-        Reply::Stored => Ok(()),
-        Reply::Refused { reason } => Err(TransferError::Refused { peer, reason }),
-        other => Err(TransferError::Unexpected {
+    taken(to.close(), peer).await
+}
+
+/// Awaits a write to `peer`, for at most [`IDLE_TIMEOUT`].
+async fn taken(
+    write: impl std::future::Future<Output = std::io::Result<()>>,
+    peer: PeerId,
+) -> Result<(), TransferError> {
+    tokio::time::timeout(IDLE_TIMEOUT, write)
+        .await
+        .map_err(|_| TransferError::Unreachable {
             peer,
-            reply: format!("{other:?}"),
-        }),
-    }
+            reason: format!("it took no byte for {IDLE_TIMEOUT:?}"),
+        })?
+        .map_err(|e| TransferError::Protocol {
+            peer,
+            source: e.into(),
+        })
 }
 
 /// Downloads blob `digest` from `peer` into `store` (which verifies it).
