@@ -36,27 +36,6 @@ async fn processes_with(needle: &str) -> Vec<String> {
         .collect()
 }
 
-/// The sockets process `pid` listens on (TCP) or has bound (UDP), as `<proto> <local addr>`.
-fn listening_sockets_of(pid: u64) -> Vec<String> {
-    let out = std::process::Command::new("ss")
-        .args(["-Hlntup"])
-        .output()
-        .expect("ss (iproute2) runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|line| line.contains(&format!("pid={pid},")))
-        .map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            format!("{} {}", fields[0], fields[4])
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_instances_start_once_serve_and_are_culled_when_idle() {
     let network = start_network().await;
@@ -155,14 +134,19 @@ async fn process_instances_start_once_serve_and_are_culled_when_idle() {
     // (UDP), ingress, /metrics and overlay (TCP); none on every interface.
     let mut sockets = Vec::new();
     wait_until("the instance's proxy listening", DEADLINE, || {
-        sockets = listening_sockets_of(pid);
-        std::future::ready(sockets.iter().filter(|s| s.starts_with("tcp")).count() >= 3)
+        sockets = sockets_of(pid as u32);
+        std::future::ready(sockets.iter().filter(|(proto, _)| proto == "tcp").count() >= 3)
     })
     .await;
-    assert!(sockets.iter().any(|s| s.starts_with("udp")), "{sockets:?}");
-    for socket in &sockets {
-        let local = socket.split_whitespace().nth(1).unwrap();
-        assert!(local.starts_with("127.0.0.1:"), "{socket} in {sockets:?}");
+    assert!(
+        sockets.iter().any(|(proto, _)| proto == "udp"),
+        "{sockets:?}"
+    );
+    for (proto, local) in &sockets {
+        assert!(
+            local.starts_with("127.0.0.1:"),
+            "{proto} {local} in {sockets:?}"
+        );
     }
 
     // A wrong digest is refused, and nothing more is run.

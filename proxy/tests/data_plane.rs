@@ -1125,7 +1125,10 @@ async fn outside_the_private_network_the_data_plane_answers_nothing() {
         }
         // The overlay's own listener (one, whose handshake needs the key) and nothing else:
         // no ingress, no /metrics.
-        let listening = support::tcp_listeners_of(pid);
+        let listening: Vec<_> = support::sockets_of(pid)
+            .into_iter()
+            .filter(|(proto, _)| proto == "tcp")
+            .collect();
         assert!(
             listening.len() <= 1,
             "listening before it joined: {listening:?}"

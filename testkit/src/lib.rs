@@ -65,6 +65,28 @@ pub async fn bootstrap_of(node: &Node) -> BootstrapAddr {
     node.listen_addrs().await[0].to_string().parse().unwrap()
 }
 
+/// The sockets process `pid` listens on (TCP) or has bound (UDP), from `ss`: each as its
+/// protocol (`tcp`, `udp`) and local address.
+pub fn sockets_of(pid: u32) -> Vec<(String, String)> {
+    let out = std::process::Command::new("ss")
+        .args(["-Hlntup"])
+        .output()
+        .expect("ss (iproute2) runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|line| line.contains(&format!("pid={pid},")))
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            Some((fields.first()?.to_string(), fields.get(4)?.to_string()))
+        })
+        .collect()
+}
+
 /// Reports the running test as skipped, with `reason`: a line `<test name>: <reason>` is
 /// appended to the file `MTC_SKIPPED_LOG` names (scripts/test.sh sets it and counts those
 /// tests as skipped, not passed, in its summary), and printed. The caller then returns.

@@ -400,24 +400,6 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
         .and_then(|value| value.parse().ok())
 }
 
-/// The TCP addresses process `pid` listens on (from `ss`).
-pub fn tcp_listeners_of(pid: u32) -> Vec<String> {
-    let out = std::process::Command::new("ss")
-        .args(["-Hltnp"])
-        .output()
-        .expect("ss (iproute2) runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|line| line.contains(&format!("pid={pid},")))
-        .filter_map(|line| Some(line.split_whitespace().nth(3)?.to_owned()))
-        .collect()
-}
-
 /// A program built beside the `proxy` binary (the workspace's own, e.g. `allocator`); the
 /// workspace must be built (`cargo build --workspace`, as `cargo test --workspace` does).
 pub fn sibling(name: &str) -> std::path::PathBuf {
