@@ -46,7 +46,9 @@ impl FromStr for Digest {
         let hex = text.strip_prefix("sha256:").unwrap_or(text);
         let bad =
             || format!("'{text}' is not a sha256 digest (expected sha256: and 64 hex digits)");
-        if hex.len() != 64 || !hex.is_ascii() {
+        // Hex digits only: `u8::from_str_radix` alone would take a sign (`+f` for `0f`), so
+        // that different texts named one digest (found by the rpc_frames fuzz target).
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad());
         }
         let mut bytes = [0; 32];
@@ -92,7 +94,16 @@ mod tests {
 
     #[test]
     fn bad_digests_are_named() {
-        for bad in ["", "sha256:", "sha256:xyz", &"g".repeat(64), "sha256:€€€€"] {
+        // A sign is not a hex digit (the fuzzer's find: `+f` read as `0f`).
+        let signed = format!("sha256:+f{}", "a".repeat(62));
+        for bad in [
+            "",
+            "sha256:",
+            "sha256:xyz",
+            &"g".repeat(64),
+            "sha256:€€€€",
+            &signed,
+        ] {
             let error = bad.parse::<Digest>().unwrap_err();
             assert!(error.contains(&format!("'{bad}'")), "{error}");
         }

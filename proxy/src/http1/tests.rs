@@ -248,12 +248,30 @@ fn the_response_body_length_follows_rfc_9112() {
     }
 }
 
+/// The fuzzer's find: with `Transfer-Encoding: chunked` beside it, the service's
+/// `Content-Length` crossed to the client, who was told a length the body did not have.
+#[test]
+fn a_content_length_beside_a_transfer_encoding_does_not_cross() {
+    let text =
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\nx-a: 1\r\n\r\n";
+    let mut frame = BytesMut::new();
+    let Ok(Parsed::Response(start)) = parse_response_head(text, false, &mut frame) else {
+        panic!("not a response");
+    };
+    assert_eq!(start.body, ResponseBody::Chunked);
+    let framed = String::from_utf8_lossy(&frame).to_ascii_lowercase();
+    assert!(!framed.contains("content-length"), "{framed}");
+    assert!(framed.contains("x-a"), "{framed}");
+}
+
 #[test]
 fn malformed_and_oversized_response_heads_are_errors() {
     let mut frame = BytesMut::new();
     for bad in [
         &b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n"[..],
         b"HTTP/1.1 2000 OK\r\n\r\n",
+        // Three digits, but no status (the fuzzer's find).
+        b"HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n",
         b"NOT HTTP\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
     ] {
