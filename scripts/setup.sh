@@ -49,7 +49,7 @@ if command -v rustup >/dev/null 2>&1; then
   if ! rustup target list --installed | grep -q '^x86_64-unknown-linux-musl$'; then
     rustup target add x86_64-unknown-linux-musl
   fi
-  # cargo-fuzz runs the protocol codec's fuzz target (briefly, in scripts/test.sh).
+  # cargo-fuzz runs the fuzz targets in fuzz/, one per parser (briefly, in scripts/test.sh).
   if ! command -v cargo-fuzz >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked --quiet
   fi

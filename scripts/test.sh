@@ -4,9 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+# Where the time goes (CI has a budget): each stage says when it ended.
+stage() { echo "test.sh: $1 done at $((SECONDS / 60))m$((SECONDS % 60))s"; }
+stage setup
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+stage "fmt and clippy"
 # Docs that build without warnings (broken links, stray HTML). Private items are documented
 # too, as a newcomer reads them, so links to them are fine.
 RUSTDOCFLAGS="-D warnings -A rustdoc::private_intra_doc_links" \
@@ -26,6 +30,7 @@ fi
 if docker info >/dev/null 2>&1; then
   MTC_TEST_IMAGE_TAR=$(./sidecar-image/build.sh target/test-image)
   export MTC_TEST_IMAGE_TAR
+  stage "docs and the test image"
 elif [ "${MTC_SKIP_DOCKER:-}" != 1 ]; then
   echo "test: no Docker engine answers (docker info fails): start it, or set MTC_SKIP_DOCKER=1" >&2
   exit 1
@@ -42,6 +47,7 @@ set +e
 cargo test --workspace --locked 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+stage "cargo test"
 # The tree above is not the whole story (cargo unifies features across a workspace build):
 # the proxy binary the workspace build made must hold no etcd or Docker client code either.
 if [ "$status" -eq 0 ] && strings target/debug/proxy | grep -Eq 'etcd_client|bollard::'; then
@@ -63,19 +69,73 @@ if [ "$status" -eq 0 ]; then
     echo "bench all --quick: $(grep -c '^## ' "$bench_out/RESULTS.md") scenarios, $(ls "$bench_out/results" | wc -l) plots"
   fi
 fi
-# The protocol codec's fuzz target, briefly: any crash or failed round trip fails the run.
-# cargo-fuzz wants nightly flags; RUSTC_BOOTSTRAP lets the stable toolchain accept them, and
-# without a sanitizer none is needed.
-fuzz_log=$(mktemp)
-if ! (cd control/fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run codec --sanitizer none -- \
-      -max_total_time="${FUZZ_SECONDS:-20}") >"$fuzz_log" 2>&1; then
-  tail -40 "$fuzz_log"
-  echo "fuzzing the protocol codec failed (full log: $fuzz_log)"
-  status=1
+# Every parser of untrusted bytes, fuzzed briefly (fuzz/: one crate, one build, a target per
+# parser): each target runs FUZZ_SECONDS from a temporary copy of its committed seed corpus
+# (fuzz/corpus/<target>/, which libFuzzer would grow), and any crash, failed round trip or
+# broken invariant fails the run. cargo-fuzz wants nightly flags; RUSTC_BOOTSTRAP lets the
+# stable toolchain accept them, and without a sanitizer none is needed. Debug assertions are
+# on (an overflow is a crash), and an input that takes over 10 s is one too. Two targets run
+# at a time (libFuzzer uses one core each), each with its own log.
+stage "bench all --quick"
+# Built in the dev profile: a cold build takes 3.5 min rather than 11 (CI starts cold), for
+# about a tenth of the runs per second; FUZZ_RELEASE=1 builds optimised for longer runs.
+if [ "${FUZZ_RELEASE:-}" = 1 ]; then
+  fuzz_flags=(--sanitizer none --debug-assertions)
 else
-  grep -E '^Done [0-9]+ runs' "$fuzz_log" | sed 's/^/fuzz codec: /'
+  fuzz_flags=(--dev --sanitizer none)
+fi
+fuzz_tmp=$(mktemp -d)
+fuzz_failed=0
+fuzz_one() {
+  cp -r "fuzz/corpus/$1" "$fuzz_tmp/$1"
+  if (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "${fuzz_flags[@]}" "$1" "$fuzz_tmp/$1" -- \
+      -max_total_time="${FUZZ_SECONDS:-10}" -timeout=10) >"$fuzz_tmp/$1.log" 2>&1; then
+    touch "$fuzz_tmp/$1.passed"
+  fi
+}
+if ! (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz build "${fuzz_flags[@]}") >"$fuzz_tmp/build.log" 2>&1; then
+  tail -40 "$fuzz_tmp/build.log"
+  echo "building the fuzz targets failed (full log: $fuzz_tmp/build.log)"
+  fuzz_failed=1
+elif ! fuzz_targets=$(cd fuzz && cargo fuzz list) || [ -z "$fuzz_targets" ]; then
+  echo "fuzz: cargo fuzz list names no target"
+  fuzz_failed=1
+else
+  running=0
+  for target in $fuzz_targets; do
+    if [ -d "fuzz/corpus/$target" ]; then
+      fuzz_one "$target" &
+      running=$((running + 1))
+      if [ "$running" -ge 2 ]; then
+        wait -n || true
+        running=$((running - 1))
+      fi
+    fi
+  done
+  wait
+  for target in $fuzz_targets; do
+    if [ ! -d "fuzz/corpus/$target" ]; then
+      echo "fuzz $target: no seed corpus (fuzz/corpus/$target)"
+      fuzz_failed=1
+    elif [ -e "$fuzz_tmp/$target.passed" ]; then
+      sed -nE "s/^Done ([0-9]+) runs.*/fuzz $target: \1 runs/p" "$fuzz_tmp/$target.log"
+    else
+      # The panic's message and the input (cargo fuzz prints it after the backtrace).
+      grep -A4 -E 'panicked|ERROR: libFuzzer' "$fuzz_tmp/$target.log" || true
+      grep -A8 -E '^(Failing input|Output of)' "$fuzz_tmp/$target.log" ||
+        tail -20 "$fuzz_tmp/$target.log"
+      echo "fuzz $target: failed (full log: $fuzz_tmp/$target.log)"
+      fuzz_failed=1
+    fi
+  done
+fi
+if [ "$fuzz_failed" -eq 0 ]; then
+  rm -rf "$fuzz_tmp"
+else
+  status=1
 fi
 
+stage fuzzing
 # One closing line for the whole suite (cargo prints one per test binary): how many ran,
 # passed, failed and were skipped (a skipped test returns early, so cargo counts it passed).
 skipped=$(sort -u "$MTC_SKIPPED_LOG" | wc -l)
