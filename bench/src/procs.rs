@@ -283,7 +283,9 @@ pub async fn start_daemon_with(
         &listen,
     ];
     let all: Vec<&str> = own.iter().chain(args).copied().collect();
-    let (mut bootstrap, mut metrics) = (None, None);
+    // The metrics line comes once /metrics is served, which may be after the `ready` line:
+    // both are waited for, in any order.
+    let (mut bootstrap, mut metrics, mut is_ready) = (None, None, ready.is_none());
     let (process, (bootstrap, metrics)) =
         spawn_reading_with(&sibling_binary(name)?, &all, extra, |line| {
             if bootstrap.is_none() && line.contains("/p2p/") {
@@ -295,7 +297,8 @@ pub async fn start_daemon_with(
             {
                 metrics = Some(addr.parse::<SocketAddr>());
             }
-            let done = metrics.is_some() && ready.is_none_or(|ready| line.starts_with(ready));
+            is_ready |= ready.is_some_and(|ready| line.starts_with(ready));
+            let done = metrics.is_some() && is_ready;
             done.then(|| (bootstrap.take(), metrics.take()))
         })
         .await?;

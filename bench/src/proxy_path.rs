@@ -76,7 +76,11 @@ impl Lookup {
     pub async fn with_service(service: &str) -> anyhow::Result<Self> {
         let lookup = Self::start().await?;
         let artifact = lookup.dir.path().join("artifact");
-        std::fs::write(&artifact, format!("{service} artifact\n"))?;
+        // A placeholder program (add refuses what is not one).
+        std::fs::write(
+            &artifact,
+            format!("#!/bin/sh\n# {service} placeholder\nexit 1\n"),
+        )?;
         lookup
             .add(&["--exec", artifact.to_str().context("path")?, service])
             .await?;
@@ -218,9 +222,9 @@ pub async fn start_proxy_with(
     args.extend_from_slice(flags);
     args.push("0");
     args.extend_from_slice(service);
-    // "<role> <peer> listening on:" comes first, then the metrics, the ingress, and the data
-    // plane's line once everything listens.
-    let (mut peer, mut metrics, mut ingress) = (None, None, None);
+    // "<role> <peer> listening on:" comes first; the ingress, the data plane's and the
+    // metrics' lines once each listens (in that order today; any order is taken).
+    let (mut peer, mut metrics, mut ingress, mut data_plane) = (None, None, None, false);
     let (process, ((ingress, metrics), peer)) =
         spawn_reading_with(&sibling_binary("proxy")?, &args, extra, |line| {
             if let Some(head) = line.strip_suffix(" listening on:") {
@@ -232,7 +236,8 @@ pub async fn start_proxy_with(
             if let Some(addr) = line.strip_prefix("ingress: http://") {
                 ingress = addr.parse().ok();
             }
-            line.starts_with("data plane (QUIC): ")
+            data_plane |= line.starts_with("data plane (QUIC): ");
+            data_plane
                 .then(|| ingress.zip(metrics).zip(peer.clone()))
                 .flatten()
         })

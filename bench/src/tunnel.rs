@@ -255,7 +255,9 @@ impl TunnelPaths {
             .start_pinned(async {
                 let lookup = Lookup::start().await?;
                 let artifact = lookup.dir.path().join("artifact");
-                std::fs::write(&artifact, "bench-l4 artifact\n")?;
+                // A placeholder program (add refuses what is not one): instances are started
+                // by the benchmark, never from the record.
+                std::fs::write(&artifact, "#!/bin/sh\n# bench-l4 placeholder\nexit 1\n")?;
                 let artifact = artifact.to_str().context("path")?;
                 for (name, protocol) in [(TCP_SERVICE, "tcp"), (UDP_SERVICE, "udp")] {
                     lookup

@@ -5,7 +5,8 @@
 //! to `a` and `b` and UDP to `c`. The first token also says what the client's listener is.
 //! Refused, each with its reason: a query string, fewer than two tokens, a spec that does not
 //! start with a protocol, a protocol token with no service after it, an invalid service name,
-//! and a service named twice (a looped chain: its hop could not tell which place is its own).
+//! a service named `tcp` or `udp` (a spec could not name it: it reads as a protocol), and a
+//! service named twice (a looped chain: its hop could not tell which place is its own).
 //!
 //! On the wire (the payload of a `CHAIN` frame, [`crate::l4`]):
 //! `version 1 | hops: u8 | per hop: protocol u8 (0 tcp, 1 udp) | name (u16 length)`.
@@ -86,6 +87,9 @@ pub enum SpecError {
     /// More than [`MAX_HOPS`] services.
     #[error("a chain has at most {MAX_HOPS} services")]
     TooLong,
+    /// A service (given) named like a protocol token, which no spec can name.
+    #[error("a service named '{0}' cannot be in a chain: a spec reads it as a protocol")]
+    ProtocolName(String),
     /// An empty segment: `//`, or a `/` at the end.
     #[error("an empty segment (//) in the spec")]
     Empty,
@@ -151,7 +155,9 @@ impl Chain {
         Self::new(hops)
     }
 
-    /// A chain of `hops`, checked: names valid, none twice, at most [`MAX_HOPS`].
+    /// A chain of `hops`, checked: names valid and not protocol tokens, none twice, at most
+    /// [`MAX_HOPS`]. (A hop named `udp` decoded from a frame was a chain whose spelling read
+    /// back as another: found by the chain_spec fuzz target.)
     pub fn new(hops: Vec<Hop>) -> Result<Self, SpecError> {
         if hops.is_empty() {
             return Err(SpecError::TooShort);
@@ -161,6 +167,9 @@ impl Chain {
         }
         for (i, hop) in hops.iter().enumerate() {
             validate_name(&hop.service).map_err(SpecError::Name)?;
+            if Protocol::parse(&hop.service).is_some() {
+                return Err(SpecError::ProtocolName(hop.service.clone()));
+            }
             if hops[..i].iter().any(|h| h.service == hop.service) {
                 return Err(SpecError::Loop(hop.service.clone()));
             }
@@ -361,6 +370,24 @@ mod tests {
         assert_eq!(
             Chain::decode(&empty.to_bytes()),
             Err(DecodeError::Spec(SpecError::TooShort))
+        );
+        // The fuzzer's find: a hop named `udp` spelled `/tcp/b/udp`, which reads back as a
+        // protocol without a service.
+        let named_udp = Chain {
+            hops: vec![
+                Hop {
+                    protocol: Protocol::Tcp,
+                    service: "b".into(),
+                },
+                Hop {
+                    protocol: Protocol::Tcp,
+                    service: "udp".into(),
+                },
+            ],
+        };
+        assert_eq!(
+            Chain::decode(&named_udp.to_bytes()),
+            Err(DecodeError::Spec(SpecError::ProtocolName("udp".into())))
         );
     }
 }
