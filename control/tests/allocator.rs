@@ -36,6 +36,23 @@ async fn processes_with(needle: &str) -> Vec<String> {
         .collect()
 }
 
+/// Waits until the allocator has culled one instance for `reason`, and nothing of the
+/// instance in `dir` (processes, files) is left.
+async fn culled_and_gone(allocator: &Daemon, reason: &str, dir: &std::path::Path) {
+    let series = format!("allocator_culls_total{{reason=\"{reason}\"}}");
+    wait_until(
+        &format!("the instance culled ({reason})"),
+        DEADLINE,
+        || async { value(&metrics(allocator).await, &series) == Some(1.0) },
+    )
+    .await;
+    wait_until("nothing of the instance left", DEADLINE, || async {
+        processes_with(dir.to_str().unwrap()).await.is_empty()
+    })
+    .await;
+    assert!(!dir.exists());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_instances_start_once_serve_and_are_culled_when_idle() {
     let network = start_network().await;
@@ -200,20 +217,7 @@ async fn process_instances_start_once_serve_and_are_culled_when_idle() {
     );
 
     // Unused, the instance is culled after the idle timeout (its boot grace passed).
-    wait_until("the idle instance culled", DEADLINE, || async {
-        value(
-            &metrics(&allocator.daemon).await,
-            "allocator_culls_total{reason=\"idle\"}",
-        ) == Some(1.0)
-    })
-    .await;
-    wait_until("its processes gone", DEADLINE, || async {
-        processes_with(instance_dir.to_str().unwrap())
-            .await
-            .is_empty()
-    })
-    .await;
-    assert!(!instance_dir.exists());
+    culled_and_gone(&allocator.daemon, "idle", &instance_dir).await;
     assert!(allocator.daemon.process.terminate().await);
 }
 
@@ -455,18 +459,5 @@ async fn a_service_that_outlives_its_proxy_is_stopped_too() {
     let proxy = state["pid"].as_u64().unwrap() as libc::pid_t;
     // SAFETY: kill(2) with a valid signal has no memory-safety preconditions.
     unsafe { libc::kill(proxy, libc::SIGKILL) };
-    wait_until("the exited instance culled", DEADLINE, || async {
-        value(
-            &metrics(&allocator.daemon).await,
-            "allocator_culls_total{reason=\"exited\"}",
-        ) == Some(1.0)
-    })
-    .await;
-    wait_until("nothing of the instance left", DEADLINE, || async {
-        processes_with(instance_dir.to_str().unwrap())
-            .await
-            .is_empty()
-    })
-    .await;
-    assert!(!instance_dir.exists());
+    culled_and_gone(&allocator.daemon, "exited", &instance_dir).await;
 }
