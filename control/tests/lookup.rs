@@ -531,9 +531,20 @@ struct SmallDisk {
     dir: tempfile::TempDir,
 }
 
+/// Why a small disk cannot be had here (the test is then skipped, saying so).
+#[derive(Debug, thiserror::Error)]
+enum MountError {
+    /// The `mount` program cannot be run.
+    #[error("cannot run mount: {0}")]
+    CannotRun(std::io::Error),
+    /// `mount` refused (no root, no CAP_SYS_ADMIN); its message.
+    #[error("cannot mount a tmpfs: {0}")]
+    Refused(String),
+}
+
 impl SmallDisk {
     /// Mounts it, or says why it cannot be (mounting needs root, or CAP_SYS_ADMIN).
-    async fn mount(bytes: u64) -> Result<SmallDisk, String> {
+    async fn mount(bytes: u64) -> Result<SmallDisk, MountError> {
         let dir = tempfile::tempdir().unwrap();
         let size = format!("size={bytes}");
         let mounted = tokio::process::Command::new("mount")
@@ -541,10 +552,10 @@ impl SmallDisk {
             .arg(dir.path())
             .output()
             .await
-            .map_err(|e| format!("cannot run mount: {e}"))?;
+            .map_err(MountError::CannotRun)?;
         if !mounted.status.success() {
-            let why = String::from_utf8_lossy(&mounted.stderr);
-            return Err(format!("cannot mount a tmpfs: {}", why.trim()));
+            let why = String::from_utf8_lossy(&mounted.stderr).trim().to_owned();
+            return Err(MountError::Refused(why));
         }
         Ok(SmallDisk { dir })
     }
@@ -578,7 +589,7 @@ impl Drop for SmallDisk {
 async fn an_upload_that_fills_the_disk_is_refused_and_loses_nothing() {
     let disk = match within("mounting a tmpfs", SmallDisk::mount(1 << 20)).await {
         Ok(disk) => disk,
-        Err(reason) => return skipped(&reason),
+        Err(reason) => return skipped(&reason.to_string()),
     };
     let root = disk.path().join("blobs");
     let store = BlobStore::open(&root).unwrap();
