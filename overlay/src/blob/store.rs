@@ -4,7 +4,10 @@
 //!
 //! - Each write streams the blob into a temporary file of its own (`tmp/<hex>.<pid>.<n>`,
 //!   created exclusively, `n` counting the writes of this process), hashing the bytes as it
-//!   hands them to that file; no other write touches it. Two writes of one blob at once (two
+//!   hands them to that file; no other write touches it. The writer holds an exclusive
+//!   `flock` on it until it is published or removed; opening the store removes only the
+//!   temporary files nobody holds (left by a crash), never those of a live writer in another
+//!   process sharing the directory. Two writes of one blob at once (two
 //!   peers uploading it, a fetch racing an upload) each write their own file, and each
 //!   verified copy is renamed into place atomically, the later one replacing the earlier.
 //! - Before the rename the file is flushed (which reports the last write's error, e.g. a full
@@ -145,7 +148,8 @@ pub const DEFAULT_MAX_BLOB_BYTES: u64 = 8 << 30;
 
 impl BlobStore {
     /// Opens (creating if needed) the store under `root`; transfers a crash interrupted are
-    /// discarded.
+    /// discarded (temporary files no writer holds locked), those in progress in another
+    /// process left alone.
     pub fn open(root: &Path) -> Result<Self, BlobError> {
         for sub in ["sha256", "tmp", "corrupt"] {
             let dir = root.join(sub);
@@ -153,7 +157,11 @@ impl BlobStore {
         }
         let tmp = root.join("tmp");
         for entry in std::fs::read_dir(&tmp).map_err(io_error(&tmp))?.flatten() {
-            let _ = std::fs::remove_file(entry.path());
+            let abandoned =
+                std::fs::File::open(entry.path()).is_ok_and(|file| file.try_lock().is_ok());
+            if abandoned {
+                let _ = std::fs::remove_file(entry.path());
+            }
         }
         Ok(Self {
             root: root.to_owned(),
@@ -263,18 +271,23 @@ impl BlobStore {
             let number = TEMP_NUMBER.fetch_add(1, Ordering::Relaxed);
             let name = format!("{}.{}.{number}", digest.hex(), std::process::id());
             let path = self.root.join("tmp").join(name);
-            let created = tokio::fs::OpenOptions::new()
+            // Created and locked at once (a quick, local system call each): the lock tells
+            // `open` in another process that this file is being written.
+            let created = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .open(&path)
-                .await;
+                .open(&path);
             match created {
                 Ok(file) => {
                     let temp = Temp {
                         path,
                         published: false,
                     };
-                    return Ok((temp, file));
+                    if let Err(e) = file.try_lock() {
+                        let path = temp.path.clone();
+                        return Err(self.storing_failed(digest, size, &path, e.into()));
+                    }
+                    return Ok((temp, tokio::fs::File::from_std(file)));
                 }
                 Err(e) if e.kind() == ErrorKind::AlreadyExists && attempts < 8 => attempts += 1,
                 Err(e) => return Err(self.storing_failed(digest, size, &path, e)),
@@ -500,6 +513,21 @@ mod tests {
         assert_eq!((size, back), (bytes.len() as u64, bytes));
         // Reopening the store keeps it.
         assert_eq!(BlobStore::open(dir.path()).unwrap().list(), [digest]);
+    }
+
+    #[tokio::test]
+    async fn opening_the_store_removes_abandoned_writes_but_not_one_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let digest = Digest::of(b"in progress");
+        let (writing, _file) = store.create_temp(digest, 11).await.unwrap();
+        // What a crashed writer leaves: a file nobody holds.
+        let abandoned = dir.path().join("tmp").join("abandoned.1.0");
+        std::fs::write(&abandoned, b"half").unwrap();
+        // Another process (a second hl-service, a test) opening the same directory.
+        BlobStore::open(dir.path()).unwrap();
+        assert!(!abandoned.exists());
+        assert!(writing.path.exists(), "a live write's file was removed");
     }
 
     #[tokio::test]
