@@ -659,3 +659,84 @@ async fn a_failing_local_source_is_not_blamed_on_the_peer() {
     .await;
     assert!(BlobStore::open(dir.path()).unwrap().list().is_empty());
 }
+
+/// The records a lookup service holds, asked of it directly.
+async fn records_at(asker: &control::overlay::Node, service: libp2p::PeerId) -> Vec<String> {
+    use control::lookup::protocol::{LookupProtocol, LookupRequest, LookupResponse};
+    match within(
+        "a list request",
+        asker.request::<LookupProtocol>(service, &LookupRequest::List),
+    )
+    .await
+    {
+        Ok(LookupResponse::Services(records)) => records.into_iter().map(|r| r.name).collect(),
+        other => panic!("list at {service}: {other:?}"),
+    }
+}
+
+/// Issue 16: `hl-cli add --copies 2` with two lookup services, one of them on a full disk:
+/// that one refuses the upload cleanly (its earlier records and blobs intact, nothing left
+/// in `tmp/`), the other takes it, and the add succeeds saying one copy of the two asked for
+/// was stored, and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_service_on_a_full_disk_is_passed_over_for_another() {
+    let disk = match within("mounting a tmpfs", SmallDisk::mount(4 << 20)).await {
+        Ok(disk) => disk,
+        Err(reason) => return skipped(&reason.to_string()),
+    };
+    let network = start_network().await;
+    let full = start_service(&network.monitor, disk.path()).await;
+    let files = tempfile::tempdir().unwrap();
+    let script = |name: &str, len: usize| {
+        let path = files.path().join(name);
+        let mut bytes = format!("#!/bin/sh\n# {name}\n").into_bytes();
+        bytes.resize(len.max(bytes.len()), b'#');
+        std::fs::write(&path, &bytes).unwrap();
+        (path.to_str().unwrap().to_owned(), Digest::of(&bytes))
+    };
+    let (earlier, earlier_digest) = script("earlier", 1000);
+    let (ok, out, err) = cli(
+        &network,
+        &["add", "--copies", "2", "--exec", &earlier, "earlier"],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("copies:   2 "), "{out}");
+    let asker = start_node(std::slice::from_ref(&network.monitor.bootstrap), None).await;
+    wait_until(
+        "the lookup service found on the overlay",
+        DEADLINE,
+        || async {
+            providers(&asker, "lookup")
+                .await
+                .contains(&full.bootstrap.peer)
+        },
+    )
+    .await;
+    let before = records_at(&asker, full.bootstrap.peer).await;
+
+    let (big, big_digest) = script("big", (disk.free() + (1 << 20)) as usize);
+    let (ok, out, err) = cli(&network, &["add", "--copies", "2", "--exec", &big, "big"]).await;
+    assert!(ok, "one lookup service could take it: {out}{err}");
+    assert!(out.contains("copies:   1 "), "{out}");
+    assert!(
+        err.contains("stored 1 of the 2 copies") && err.contains("the disk is full"),
+        "{err}"
+    );
+    assert!(temporary_files(&disk.path().join("blobs")).is_empty());
+    let blobs = BlobStore::open(&disk.path().join("blobs")).unwrap();
+    assert_eq!(
+        blobs.list(),
+        [earlier_digest],
+        "nothing of the refused upload kept"
+    );
+    assert!(
+        within("verifying", blobs.open_verified(earlier_digest))
+            .await
+            .is_ok()
+    );
+    assert_eq!(records_at(&asker, full.bootstrap.peer).await, before);
+    let other = BlobStore::open(&network.data.path().join("blobs")).unwrap();
+    assert!(other.size_of(&big_digest).is_some(), "the other took it");
+    drop((full, network));
+}

@@ -1,6 +1,6 @@
 //! Lookup services over a real etcd cluster (Debian's etcd-server, started by hl-service on
 //! loopback ports): one creates the cluster, two more join it through the overlay, all three
-//! agree, and losing one loses nothing.
+//! agree, and losing one loses nothing: neither a record nor the artifact it names.
 
 mod support;
 
@@ -15,6 +15,15 @@ use support::*;
 const DEADLINE: Duration = Duration::from_secs(60);
 
 async fn start_member(monitor: &Daemon, data: &Path, new_cluster: bool) -> (Daemon, String) {
+    start_member_with(monitor, data, new_cluster, &[]).await
+}
+
+async fn start_member_with(
+    monitor: &Daemon,
+    data: &Path,
+    new_cluster: bool,
+    extra: &[&str],
+) -> (Daemon, String) {
     let ports = free_ports(2);
     let (client, peer) = (ports[0].to_string(), ports[1].to_string());
     let bootstrap = monitor.bootstrap.to_string();
@@ -39,6 +48,7 @@ async fn start_member(monitor: &Daemon, data: &Path, new_cluster: bool) -> (Daem
     if new_cluster {
         args.push("-new-etcd-cluster");
     }
+    args.extend_from_slice(extra);
     let daemon = start_daemon(HL_SERVICE, &args).await;
     (daemon, format!("http://127.0.0.1:{client}"))
 }
@@ -164,4 +174,150 @@ async fn three_lookup_services_share_one_etcd_cluster_and_survive_losing_one() {
         );
     }
     drop((first, second));
+}
+
+/// hl-cli against the network of `monitor`: (success, stdout, stderr).
+async fn hl_cli(monitor: &Daemon, args: &[&str]) -> (bool, String, String) {
+    let bootstrap = monitor.bootstrap.to_string();
+    let mut all = vec!["--bootstrap", bootstrap.as_str()];
+    all.extend_from_slice(args);
+    run_to_exit(HL_CLI, &all, &[]).await
+}
+
+/// The number on `hl-cli get`'s `copies:` line.
+fn copies(get: &str) -> Option<usize> {
+    let line = get.lines().find(|l| l.starts_with("copies:"))?;
+    line["copies:".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Issue 16's "no single copy": an artifact uploaded through one of three lookup services
+/// sharing an etcd cluster is on all three before `hl-cli add` reports success; that one
+/// killed (SIGKILL) with its data directory deleted, the others make a new copy on a lookup
+/// service that joins, and a new allocator, which has never seen the artifact, starts the
+/// service from a surviving copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_outlives_the_lookup_service_it_was_uploaded_through() {
+    let monitor = start_monitor(&["--ephemeral"]).await;
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let fast = ["--replication-interval", "1s"];
+    let mut members = Vec::new();
+    for (i, dir) in dirs[..3].iter().enumerate() {
+        let (member, endpoint) = start_member_with(&monitor, dir.path(), i == 0, &fast).await;
+        wait_for_started_members(&endpoint, i + 1).await;
+        members.push((member, endpoint));
+    }
+
+    let hello = sibling("helloworldserver");
+    let (ok, out, err) = hl_cli(
+        &monitor,
+        &[
+            "add",
+            "--exec",
+            hello.to_str().unwrap(),
+            "hello",
+            "--",
+            "helloworldserver",
+            "$SERVICE_PORT",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        copies(&out),
+        Some(3),
+        "stored on every lookup service: {out}"
+    );
+    let at: libp2p::PeerId = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Added hello at "))
+        .unwrap_or_else(|| panic!("{out}"))
+        .parse()
+        .unwrap();
+    let (ok, json, err) = hl_cli(&monitor, &["get", "--json", "hello"]).await;
+    assert!(ok, "{err}");
+    let record = control::lookup::ServiceRecord::from_json(json.as_bytes()).unwrap();
+
+    // The one it went through is killed and its data directory deleted.
+    let index = members
+        .iter()
+        .position(|(member, _)| member.bootstrap.peer == at)
+        .expect("the record went to one of the three");
+    let (mut uploader, _) = members.remove(index);
+    uploader.process.child.kill().await.unwrap();
+    std::fs::remove_dir_all(dirs[index].path()).unwrap();
+    let (ok, out, err) = hl_cli(&monitor, &["get", "hello"]).await;
+    assert!(ok, "the record survives in etcd: {out}{err}");
+    assert_eq!(copies(&out), Some(2), "{out}");
+
+    // A fourth lookup service on the same records gets a copy from the survivors.
+    let bootstrap = monitor.bootstrap.to_string();
+    let fourth = start_daemon(
+        HL_SERVICE,
+        &[
+            "--bootstrap",
+            &bootstrap,
+            "--data-dir",
+            dirs[3].path().to_str().unwrap(),
+            "--ephemeral",
+            "--p2p-listen-addr",
+            "127.0.0.1:0",
+            "--prom-listen-addr",
+            "127.0.0.1:0",
+            "--etcd-endpoints",
+            &members[0].1,
+            "--replication-interval",
+            "1s",
+        ],
+    )
+    .await;
+    let copy = dirs[3]
+        .path()
+        .join("blobs/sha256")
+        .join(record.digest.hex());
+    wait_until("a copy on the fourth lookup service", DEADLINE, || async {
+        copy.exists()
+    })
+    .await;
+    let (ok, out, err) = hl_cli(&monitor, &["get", "hello"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(copies(&out), Some(3), "{out}");
+    assert!(
+        out.contains(&fourth.bootstrap.peer.to_string()),
+        "the fourth holds a copy: {out}"
+    );
+
+    // A new allocator, which has never held the artifact, starts the service.
+    let dir = tempfile::tempdir().unwrap();
+    let _reaper = InstanceReaper(dir.path().join("data"));
+    let allocator = start_allocator_at(
+        &monitor.bootstrap,
+        dir.path(),
+        "process",
+        &["--boot-grace", "1s", "--port-range", "21200-21299"],
+    )
+    .await;
+    let asker = start_node(std::slice::from_ref(&monitor.bootstrap), None).await;
+    wait_until("the allocator found on the overlay", DEADLINE, || async {
+        providers(&asker, control::allocator::protocol::NAMESPACE)
+            .await
+            .contains(&allocator.peer)
+    })
+    .await;
+    let request = control::allocator::protocol::StartRequest {
+        service: "hello".into(),
+        digest: record.digest.to_string(),
+    };
+    match ask(&asker, allocator.peer, &request).await {
+        Ok(control::allocator::protocol::StartResponse::Started { .. }) => {}
+        other => panic!(
+            "{other:?}; the allocator said: {}",
+            allocator.daemon.process.stderr()
+        ),
+    }
+    assert!(allocator.daemon.process.terminate().await);
+    drop((members, fourth));
 }

@@ -13,6 +13,8 @@ use super::{
     client,
     etcd::{self, EtcdStore, MemberAddProtocol, MemberAddRequest, MemberSpec},
     protocol::{LookupProtocol, NAMESPACE},
+    record::parse_bytes,
+    replicate,
     service::{LookupMetrics, LookupService},
     store::{EmbeddedStore, Store},
 };
@@ -76,6 +78,20 @@ pub struct Cli {
     #[arg(long, default_value_t = 2380, value_name = "PORT")]
     pub etcd_peer_port: u16,
 
+    /// Copies of each artifact kept on lookup services: this service pushes its copy to others
+    /// (or fetches a lost one) until that many hold it, or every lookup service does.
+    #[arg(long, env = "MTC_COPIES", default_value_t = replicate::DEFAULT_COPIES, value_name = "N")]
+    pub copies: std::num::NonZeroUsize,
+
+    /// Time between two rounds of counting and making copies, e.g. 30s.
+    #[arg(long, env = "MTC_REPLICATION_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub replication_interval: Duration,
+
+    /// Largest artifact accepted, e.g. 8GiB; a larger upload is refused before any byte is
+    /// sent.
+    #[arg(long, env = "MTC_MAX_BLOB_SIZE", default_value = "8GiB", value_parser = parse_bytes, value_name = "SIZE")]
+    pub max_blob_size: u64,
+
     /// The original's debug switch "no bootstraps": joins no network, whatever --bootstrap or
     /// P2P_BOOTSTRAPS say (a lookup service on its own, for trying hl-cli against it).
     #[arg(long)]
@@ -105,7 +121,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let data_dir = expand_home(&cli.data_dir);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
-    let blobs = Arc::new(BlobStore::open(&data_dir.join("blobs"))?);
+    let blobs =
+        Arc::new(BlobStore::open(&data_dir.join("blobs"))?.with_max_blob_bytes(cli.max_blob_size));
 
     let mut config = cli
         .daemon
@@ -138,6 +155,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let metrics = LookupMetrics::register(&daemon.registry)?;
     let counters = transfer::BlobCounters::register(&daemon.registry)?;
+    let replication = replicate::ReplicationMetrics::register(&daemon.registry)?;
+    let settings = replicate::Settings {
+        copies: cli.copies.get(),
+        interval: cli.replication_interval,
+    };
+    tokio::spawn(replicate::run(
+        node.clone(),
+        store.clone(),
+        Arc::clone(&blobs),
+        settings,
+        replication,
+    ));
     let service = Arc::new(LookupService::new(store, Arc::clone(&blobs), metrics));
     node.serve::<LookupProtocol, _, _>(move |_peer, request| {
         let service = Arc::clone(&service);

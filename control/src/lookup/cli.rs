@@ -16,6 +16,7 @@ use super::{
     client::{self, ClientError},
     protocol::{LookupProtocol, LookupRequest, LookupResponse},
     record::{Artifact, Limits, RECORD_VERSION, ServiceProtocol, ServiceRecord, parse_bytes},
+    replicate,
 };
 use crate::{
     blob::{Digest, hash_file, transfer},
@@ -106,6 +107,10 @@ pub struct AddArgs {
     /// --no-add; no lookup service is contacted).
     #[arg(long)]
     pub no_add: bool,
+    /// Lookup services to store the artifact on before the record is written (the nearest
+    /// that take it; fewer if fewer exist). The lookup services keep that many afterwards.
+    #[arg(long, env = "MTC_COPIES", default_value_t = replicate::DEFAULT_COPIES, value_name = "N")]
+    pub copies: std::num::NonZeroUsize,
     /// How the service is spoken to: HTTP requests through `proxy`, or TCP connections and
     /// UDP datagrams through `l4-proxy` chains. Allocators start its sidecar accordingly.
     #[arg(long, value_enum, default_value = "http")]
@@ -138,12 +143,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             let node = connect(&cli.common.overlay).await?;
-            let (peer, record) = add(&node, &cli, artifact).await?;
+            let added = add(&node, &cli, artifact, args.copies.get()).await?;
+            if added.holders.len() < args.copies.get() {
+                eprintln!(
+                    "note: stored {} of the {} copies asked for; the lookup services make the rest when more of them can take it ({})",
+                    added.holders.len(),
+                    args.copies,
+                    if added.failures.is_empty() {
+                        "no other lookup service found".to_owned()
+                    } else {
+                        added.failures.join("; ")
+                    }
+                );
+            }
+            let record = &added.record;
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&record)?);
+                println!("{}", serde_json::to_string_pretty(record)?);
             } else {
-                println!("Added {} at {peer}", record.name);
-                print_record(&record);
+                println!("Added {} at {}", record.name, added.holders[0]);
+                print_record(record);
+                print_copies(&added.holders, &[], &[]);
             }
         }
         Command::Get { name } => {
@@ -152,7 +171,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 LookupResponse::Found(record) if cli.json => {
                     println!("{}", serde_json::to_string_pretty(&record)?)
                 }
-                LookupResponse::Found(record) => print_record(&record),
+                LookupResponse::Found(record) => {
+                    print_record(&record);
+                    let services = client::lookup_services(&node)
+                        .await
+                        .map_err(|e| no_service_hint(e, &cli.common.overlay))?;
+                    let census =
+                        replicate::census(&node, None, &services, record.digest, record.size).await;
+                    let of = |holding| -> Vec<PeerId> {
+                        census
+                            .iter()
+                            .filter(|(_, h)| *h == holding)
+                            .map(|(peer, _)| *peer)
+                            .collect()
+                    };
+                    print_copies(
+                        &of(replicate::Holding::Held),
+                        &of(replicate::Holding::Lacking),
+                        &of(replicate::Holding::Gone),
+                    );
+                }
                 LookupResponse::NotFound => bail!("no service named '{name}'"),
                 other => unexpected(other)?,
             }
@@ -388,13 +426,18 @@ async fn ask(node: &Node, cli: &Cli, request: LookupRequest) -> anyhow::Result<L
     Ok(response)
 }
 
-/// Uploads the artifact to the nearest lookup service that takes it, then writes the record
-/// there: a record is never written without its blob.
-async fn add(
-    node: &Node,
-    cli: &Cli,
-    prepared: Prepared,
-) -> anyhow::Result<(PeerId, ServiceRecord)> {
+/// What `hl-cli add` did: the record written, the lookup services that hold the artifact
+/// (the record was written at the first), and why others did not take it.
+struct Added {
+    record: ServiceRecord,
+    holders: Vec<PeerId>,
+    failures: Vec<String>,
+}
+
+/// Uploads the artifact to the `copies` nearest lookup services that take it, passing over any
+/// that refuse (a full disk, say), then writes the record at the nearest holder: a record is
+/// never written without its blob.
+async fn add(node: &Node, cli: &Cli, prepared: Prepared, copies: usize) -> anyhow::Result<Added> {
     let record = prepared.record;
     let services = client::lookup_services(node)
         .await
@@ -408,7 +451,11 @@ async fn add(
         ProgressBar::hidden()
     };
     let mut failures = Vec::new();
+    let mut holders = Vec::new();
     for peer in services {
+        if holders.len() == copies {
+            break;
+        }
         let file = tokio::fs::File::open(&prepared.path)
             .await
             .with_context(|| format!("cannot read {}", prepared.path.display()))?;
@@ -422,17 +469,28 @@ async fn add(
             |n| bar.set_position(n),
         )
         .await;
-        if let Err(error) = uploaded {
-            failures.push(format!("{peer}: {error}"));
-            continue;
+        match uploaded {
+            Ok(()) => holders.push(peer),
+            Err(error) => failures.push(format!("{peer}: {error}")),
         }
+    }
+    if holders.is_empty() {
+        bar.abandon();
+        bail!("no lookup service took the upload: {}", failures.join("; "));
+    }
+    bar.finish_and_clear();
+    for (i, &peer) in holders.iter().enumerate() {
         match node
             .request::<LookupProtocol>(peer, &LookupRequest::Add(record.clone()))
             .await
         {
             Ok(LookupResponse::Added) => {
-                bar.finish_and_clear();
-                return Ok((peer, record));
+                holders.swap(0, i);
+                return Ok(Added {
+                    record,
+                    holders,
+                    failures,
+                });
             }
             Ok(LookupResponse::Failed(reason)) => {
                 bail!("the lookup service refused the record: {reason}")
@@ -441,8 +499,29 @@ async fn add(
             Err(error) => failures.push(format!("{peer}: {error}")),
         }
     }
-    bar.abandon();
-    bail!("no lookup service took the upload: {}", failures.join("; "))
+    bail!(
+        "the artifact is stored, but no lookup service wrote the record: {}",
+        failures.join("; ")
+    )
+}
+
+/// Prints where the artifact's copies are: the lookup services holding it, lacking it, and
+/// not answering.
+fn print_copies(held: &[PeerId], lacking: &[PeerId], gone: &[PeerId]) {
+    let list = |peers: &[PeerId]| {
+        peers
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!("copies:   {} {}", held.len(), list(held));
+    if !lacking.is_empty() {
+        println!("lacking:  {} {}", lacking.len(), list(lacking));
+    }
+    if !gone.is_empty() {
+        println!("silent:   {} {}", gone.len(), list(gone));
+    }
 }
 
 fn describe_kind(artifact: &Artifact) -> &'static str {

@@ -8,6 +8,7 @@ pub mod archive;
 pub mod cli;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+pub mod replicate;
 pub mod service;
 pub mod store;
 

@@ -109,9 +109,12 @@ impl LookupService {
             return LookupResponse::Failed(reason);
         }
         // Never a record without its blob: whoever resolves the name must be able to get it.
-        if self.blobs.size_of(&record.digest) != Some(record.size) {
+        // The copy is hashed anew (adds are rare; a copy damaged on disk since it was stored
+        // must not pass for the artifact).
+        let held = self.blobs.open_verified(record.digest).await;
+        if !matches!(held, Ok((_, size)) if size == record.size) {
             return LookupResponse::Failed(format!(
-                "blob {} ({} bytes) is not stored at this lookup service: upload it first",
+                "blob {} ({} bytes) is not stored intact at this lookup service: upload it first",
                 record.digest, record.size
             ));
         }

@@ -184,7 +184,17 @@ pub async fn start_allocator(
     runtime: &str,
     extra: &[&str],
 ) -> Allocator {
-    let bootstrap = network.monitor.bootstrap.to_string();
+    start_allocator_at(&network.monitor.bootstrap, dir, runtime, extra).await
+}
+
+/// [`start_allocator`] on the network `bootstrap` belongs to.
+pub async fn start_allocator_at(
+    bootstrap: &control::overlay::BootstrapAddr,
+    dir: &std::path::Path,
+    runtime: &str,
+    extra: &[&str],
+) -> Allocator {
+    let bootstrap = bootstrap.to_string();
     let (key, data) = (dir.join("key"), dir.join("data"));
     let proxy = sibling("proxy");
     let mut args = vec![

@@ -8,6 +8,8 @@
 //! - put: client sends `Put{digest, size}`; server answers `Proceed`, `AlreadyStored` or
 //!   `Refused`; after `Proceed` the client sends the bytes and closes, the server verifies
 //!   them and answers `Stored` or `Refused`.
+//! - has: client sends `Has{digest}`; server answers `Holds{size}`, `size` being `None` if it
+//!   holds no copy. Cheap (the store's index, nothing hashed): replication counts copies with it.
 //!
 //! Uploads: `AlreadyStored` only if the stored copy of that size still verifies (hashed anew);
 //! a copy that does not is moved to `corrupt/` and the upload taken in its place. A blob over
@@ -50,6 +52,7 @@ pub fn namespace(digest: &Digest) -> String {
 enum Request {
     Get { digest: Digest },
     Put { digest: Digest, size: u64 },
+    Has { digest: Digest },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -59,6 +62,7 @@ enum Reply {
     AlreadyStored,
     Stored,
     Refused { reason: String },
+    Holds { size: Option<u64> },
 }
 
 /// Why moving a blob to or from another node failed.
@@ -230,6 +234,11 @@ async fn answer(
         },
         Request::Put { digest, size } => {
             answer_put(&mut stream, store, counters, node, digest, size).await?;
+        }
+        Request::Has { digest } => {
+            let size = store.size_of(&digest);
+            write_frame(&mut stream, &Reply::Holds { size }, HEADER_LIMIT).await?;
+            stream.close().await?;
         }
     }
     Ok(())
@@ -472,6 +481,27 @@ async fn taken(
             peer,
             source: e.into(),
         })
+}
+
+/// The size of `peer`'s copy of blob `digest`, `None` if it holds none. Asked of the node's
+/// index, not verified: a damaged copy is found when it is fetched.
+pub async fn holds(
+    node: &Node,
+    peer: PeerId,
+    digest: Digest,
+) -> Result<Option<u64>, TransferError> {
+    let mut stream = open(node, peer).await?;
+    write_frame(&mut stream, &Request::Has { digest }, HEADER_LIMIT)
+        .await
+        .map_err(|source| TransferError::Protocol { peer, source })?;
+    match reply(&mut stream, peer).await? {
+        Reply::Holds { size } => Ok(size),
+        Reply::Refused { reason } => Err(TransferError::Refused { peer, reason }),
+        other => Err(TransferError::Unexpected {
+            peer,
+            reply: format!("{other:?}"),
+        }),
+    }
 }
 
 /// Downloads blob `digest` from `peer` into `store` (which verifies it).
