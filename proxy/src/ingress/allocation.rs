@@ -4,6 +4,10 @@
 //! in a loop; after a nearer instance was started, the next nearer one waits longer, since a
 //! new instance takes a moment to be measured. A service left with no instance after one was
 //! started (it was culled, or died) gets the next at once.
+//!
+//! An allocator that cannot be reached (stopped: its provider record outlives it by up to the
+//! record lifetime, and libp2p has no way to withdraw it) is [`Unreachable`]: asked last, after
+//! every other, until that lifetime has passed, so that no allocation waits on it first.
 
 use std::time::{Duration, Instant};
 
@@ -128,14 +132,44 @@ impl AllocationState {
     }
 }
 
-/// Asks the allocators on the overlay, nearest first, to start an instance of `record`;
-/// returns the allocator that did and its name for the instance. For [`Reason::Nearer`] only
-/// allocators nearer than the given RTT are asked.
+/// Allocators that could not be reached, each until when it is asked last (pure: the time is
+/// a parameter).
+#[derive(Debug, Default)]
+pub struct Unreachable {
+    until: std::collections::HashMap<PeerId, Instant>,
+}
+
+impl Unreachable {
+    /// Notes that `allocator` could not be reached at `now`: it is asked last until `now +
+    /// lasting`.
+    pub fn failed(&mut self, allocator: PeerId, now: Instant, lasting: Duration) {
+        self.until.insert(allocator, now + lasting);
+    }
+
+    /// Notes that `allocator` answered: it is asked in its place again.
+    pub fn answered(&mut self, allocator: &PeerId) {
+        self.until.remove(allocator);
+    }
+
+    /// Reorders `by_rtt` (nearest first) so that the allocators unreachable at `now` come
+    /// last, in their order; forgets those whose time is up.
+    pub fn order<T>(&mut self, by_rtt: &mut [(T, PeerId)], now: Instant) {
+        self.until.retain(|_, until| *until > now);
+        by_rtt.sort_by_key(|(_, peer)| self.until.contains_key(peer));
+    }
+}
+
+/// Asks the allocators on the overlay, nearest first (those in `unreachable` last), to start
+/// an instance of `record`; returns the allocator that did and its name for the instance. For
+/// [`Reason::Nearer`] only allocators nearer than the given RTT are asked. An allocator that
+/// cannot be reached is noted in `unreachable` for the provider record lifetime.
 pub async fn ask_allocators(
     node: &Node,
     record: &ServiceRecord,
     reason: Reason,
+    unreachable: &std::sync::Mutex<Unreachable>,
 ) -> Result<(PeerId, String), AllocationError> {
+    let lock = || unreachable.lock().unwrap_or_else(|p| p.into_inner());
     let mut allocators = Vec::new();
     let mut found = node.find_providers(NAMESPACE).await;
     let search = async {
@@ -160,6 +194,7 @@ pub async fn ask_allocators(
             return Err(AllocationError::NoneNearer(limit));
         }
     }
+    lock().order(&mut by_rtt, Instant::now());
     let request = StartRequest {
         service: record.name.clone(),
         digest: record.digest.to_string(),
@@ -177,11 +212,19 @@ pub async fn ask_allocators(
         };
         match answer {
             Ok(StartResponse::Started { instance, .. }) => {
+                lock().answered(&allocator);
                 tracing::info!(service = %record.name, %allocator, %instance, "instance started");
                 return Ok((allocator, instance));
             }
-            Ok(StartResponse::Refused(why)) => failures.push(format!("{allocator}: {why}")),
-            Err(error) => failures.push(format!("{allocator}: {error}")),
+            Ok(StartResponse::Refused(why)) => {
+                lock().answered(&allocator);
+                failures.push(format!("{allocator}: {why}"));
+            }
+            Err(error) => {
+                let lasting = node.timing().provider_ttl;
+                lock().failed(allocator, Instant::now(), lasting);
+                failures.push(format!("{allocator}: {error}"));
+            }
         }
     }
     Err(AllocationError::Refused(failures))
@@ -207,6 +250,27 @@ mod tests {
     const T: Tuning = Tuning::DEFAULT;
     const RETRY_NONE: Duration = T.allocation_retry;
     const RETRY_NEARER: Duration = T.nearer_retry;
+
+    #[test]
+    fn an_unreachable_allocator_is_asked_last_until_its_record_would_have_lapsed() {
+        let t0 = Instant::now();
+        let [near, middle, far] = [PeerId::random(), PeerId::random(), PeerId::random()];
+        let found = [(1, near), (2, middle), (3, far)];
+        let mut unreachable = Unreachable::default();
+        unreachable.failed(near, t0, Duration::from_secs(120));
+        let mut order = found;
+        unreachable.order(&mut order, t0 + Duration::from_secs(1));
+        assert_eq!(order, [(2, middle), (3, far), (1, near)]);
+        // Its record has lapsed (or it came back): nearest first again.
+        let mut order = found;
+        unreachable.order(&mut order, t0 + Duration::from_secs(120));
+        assert_eq!(order, found);
+        unreachable.failed(middle, t0, Duration::from_secs(120));
+        unreachable.answered(&middle);
+        let mut order = found;
+        unreachable.order(&mut order, t0);
+        assert_eq!(order, found);
+    }
 
     #[test]
     fn one_allocation_at_a_time_and_a_cool_down_after_each() {

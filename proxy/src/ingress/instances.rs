@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    allocation::{AllocationError, Reason, ask_allocators},
+    allocation::{AllocationError, Reason, Unreachable, ask_allocators},
     records::Resolved,
     routing::{Action, ServiceCore},
 };
@@ -80,6 +80,8 @@ pub(super) struct Services {
     table: Mutex<Table>,
     /// Peers that closed their connection to this proxy (taken by the ticker).
     closes: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<PeerId>>>,
+    /// Allocators that could not be reached lately: asked last.
+    unreachable: Mutex<Unreachable>,
 }
 
 /// What to do once the lock is released.
@@ -116,6 +118,7 @@ impl Services {
                 config,
                 generation,
             }),
+            unreachable: Mutex::default(),
         })
     }
 
@@ -399,7 +402,7 @@ impl Services {
             return;
         };
         let record = &service.record;
-        let result = match ask_allocators(&self.node, record, reason).await {
+        let result = match ask_allocators(&self.node, record, reason, &self.unreachable).await {
             Ok((allocator, instance)) => {
                 self.wait_for_new_instance(&key, &before)
                     .await

@@ -284,17 +284,27 @@ impl Transport {
             let mut connecting = self.connecting.lock().await;
             Arc::clone(connecting.entry(peer).or_default())
         };
-        let _guard = lock.lock().await;
-        if let Some(connection) = self.open_connection(&peer) {
-            return Ok(connection);
+        let dialled = {
+            let _guard = lock.lock().await;
+            match self.open_connection(&peer) {
+                Some(connection) => Ok(connection),
+                None => self.dial(peer, addr).await.inspect(|connection| {
+                    self.connections
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(peer, connection.clone());
+                    self.watch(peer, connection);
+                }),
+            }
+        };
+        // The last of the callers that shared this dial takes its lock out of the map (the
+        // map's and this caller's are the only references left): peers dialled once, or
+        // never reached, leave nothing behind.
+        let mut connecting = self.connecting.lock().await;
+        if Arc::strong_count(&lock) == 2 {
+            connecting.remove(&peer);
         }
-        let connection = self.dial(peer, addr).await?;
-        self.connections
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(peer, connection.clone());
-        self.watch(peer, &connection);
-        Ok(connection)
+        dialled
     }
 
     /// The peers that close connections this proxy dialled, as they do: a proxy that shuts

@@ -63,6 +63,20 @@ async fn peers_authenticate_each_other_and_share_one_connection() {
 }
 
 #[tokio::test]
+async fn dials_leave_nothing_behind_whether_they_succeed_or_fail() {
+    let (server, client) = (transport(None), transport(None));
+    let _accepted = serve_echo(Arc::clone(&server));
+    let addr = server.local_addr().unwrap();
+    let shared =
+        futures::future::join_all((0..8).map(|_| client.connect(server.peer_id(), addr))).await;
+    assert!(shared.iter().all(Result::is_ok));
+    // One that fails: the wrong peer at that address.
+    let someone_else = Keypair::generate_ed25519().public().to_peer_id();
+    assert!(client.connect(someone_else, addr).await.is_err());
+    assert!(client.connecting.lock().await.is_empty());
+}
+
+#[tokio::test]
 async fn the_wrong_peer_is_refused() {
     let (server, client) = (transport(None), transport(None));
     let _accepted = serve_echo(Arc::clone(&server));
