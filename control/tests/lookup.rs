@@ -740,3 +740,56 @@ async fn a_lookup_service_on_a_full_disk_is_passed_over_for_another() {
     assert!(other.size_of(&big_digest).is_some(), "the other took it");
     drop((full, network));
 }
+
+/// Issue 16: a node takes at most `MAX_UPLOADS` uploads at once; the next is refused as busy
+/// before any byte moves (its uploader goes on to another holder), and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_past_the_limit_are_refused_as_busy_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let peers = within(
+        "starting the nodes",
+        serve_blobs(BlobStore::open(dir.path()).unwrap()),
+    )
+    .await;
+    let holder = peers.holder.peer_id();
+    // Uploads whose source never yields a byte: each holds its place until aborted.
+    let stalled: Vec<_> = (0..transfer::MAX_UPLOADS as u32)
+        .map(|i| {
+            let uploader = peers.uploader.clone();
+            let digest = Digest::of(&i.to_be_bytes());
+            tokio::spawn(async move {
+                let mut never = futures::TryStreamExt::into_async_read(futures::stream::pending::<
+                    std::io::Result<Vec<u8>>,
+                >());
+                transfer::upload(&uploader, holder, digest, 1000, &mut never, |_| {}).await
+            })
+        })
+        .collect();
+    wait_until("every stalled upload taken", DEADLINE, || async {
+        temporary_files(dir.path()).len() == transfer::MAX_UPLOADS
+    })
+    .await;
+    let (result, sent) = peers.upload(&blob_bytes(1000)).await;
+    let Err(transfer::TransferError::Refused { reason, .. }) = result else {
+        panic!("an upload past the limit: {result:?}")
+    };
+    assert!(reason.contains("busy"), "{reason}");
+    assert_eq!(sent, 0);
+    assert!(
+        peers
+            .metrics()
+            .contains(r#"blob_uploads_refused_total{reason="busy"} 1"#),
+        "{}",
+        peers.metrics()
+    );
+    for upload in stalled {
+        upload.abort();
+    }
+    // Their places are free again once they are gone.
+    wait_until("the stalled uploads gone", DEADLINE, || async {
+        temporary_files(dir.path()).is_empty()
+    })
+    .await;
+    let (result, _) = peers.upload(&blob_bytes(1000)).await;
+    assert!(result.is_ok(), "{result:?}");
+}

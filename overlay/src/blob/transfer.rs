@@ -19,6 +19,11 @@
 //! full; the blobs stored before are intact. Every refused upload is counted by reason in
 //! [`BlobCounters::refusals`].
 //!
+//! Serving is bounded: at most [`MAX_UPLOADS`] uploads are taken at once (another is refused
+//! as busy, counted, and its uploader tries another holder) and at most [`MAX_TRANSFERS`]
+//! transfers of any kind run at once (the rest wait their turn); a fetch whose reader takes
+//! no byte for [`IDLE_TIMEOUT`] is abandoned.
+//!
 //! Every node that holds a blob advertises the namespace [`namespace`]`(digest)`; a fetch
 //! tries holders nearest first (lowest measured RTT) and falls back to the next.
 
@@ -42,6 +47,10 @@ pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/mtc/blob/1");
 pub const HEADER_LIMIT: u32 = 4096;
 /// A transfer with no byte moving for this long is abandoned.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Uploads a node takes at once; another is refused as busy.
+pub const MAX_UPLOADS: usize = 4;
+/// Transfers (gets, puts, questions) a node serves at once; the others wait for a turn.
+pub const MAX_TRANSFERS: usize = 64;
 
 /// The namespace holders of a blob advertise.
 pub fn namespace(digest: &Digest) -> String {
@@ -146,7 +155,8 @@ pub struct BlobCounters {
     /// Uploads this node refused (`blob_uploads_refused_total`), by `reason`: `too_large`
     /// (over the store's [`BlobStore::max_blob_bytes`]), `no_space` (the disk is full),
     /// `mismatch` (the bytes did not match the digest), `incomplete` (the upload ended early,
-    /// stalled or its stream failed), `io` (another error of the store's disk).
+    /// stalled or its stream failed), `io` (another error of the store's disk), `busy`
+    /// ([`MAX_UPLOADS`] under way already).
     pub refusals: IntCounterVec,
 }
 
@@ -190,15 +200,23 @@ pub async fn serve(node: &Node, store: Arc<BlobStore>, counters: BlobCounters) {
         .expect("blob protocol is served once per node");
     let stopped = node.stopped();
     let weak = node.downgrade();
+    let turns = Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS));
+    let uploads = Arc::new(tokio::sync::Semaphore::new(MAX_UPLOADS));
     tokio::spawn(async move {
         loop {
             let (peer, stream) = tokio::select! {
                 next = incoming.next() => match next { Some(next) => next, None => return },
                 () = stopped.cancelled() => return,
             };
+            let turn = tokio::select! {
+                turn = Arc::clone(&turns).acquire_owned() => turn.expect("never closed"),
+                () = stopped.cancelled() => return,
+            };
             let (store, counters, weak) = (Arc::clone(&store), counters.clone(), weak.clone());
+            let uploads = Arc::clone(&uploads);
             tokio::spawn(async move {
-                if let Err(error) = answer(stream, &store, &counters, &weak).await {
+                let _turn = turn;
+                if let Err(error) = answer(stream, &store, &counters, &weak, &uploads).await {
                     tracing::debug!(%peer, %error, "blob transfer failed");
                 }
             });
@@ -211,6 +229,7 @@ async fn answer(
     store: &BlobStore,
     counters: &BlobCounters,
     node: &crate::overlay::WeakNode,
+    uploads: &tokio::sync::Semaphore,
 ) -> Result<(), RpcError> {
     let request = tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut stream, HEADER_LIMIT))
         .await
@@ -219,7 +238,7 @@ async fn answer(
         Request::Get { digest } => match store.open_verified(digest).await {
             Ok((file, size)) => {
                 write_frame(&mut stream, &Reply::Sending { size }, HEADER_LIMIT).await?;
-                let sent = copy(&mut file.compat(), &mut stream).await?;
+                let sent = copy(&mut file.compat(), &mut stream, IDLE_TIMEOUT).await?;
                 counters.bytes_out.inc_by(sent);
                 stream.close().await?;
             }
@@ -232,9 +251,14 @@ async fn answer(
                 refuse(&mut stream, error.to_string()).await?;
             }
         },
-        Request::Put { digest, size } => {
-            answer_put(&mut stream, store, counters, node, digest, size).await?;
-        }
+        Request::Put { digest, size } => match uploads.try_acquire() {
+            Ok(_upload) => answer_put(&mut stream, store, counters, node, digest, size).await?,
+            Err(_) => {
+                counters.refusals.with_label_values(&["busy"]).inc();
+                let reason = format!("busy: {MAX_UPLOADS} uploads under way here already");
+                refuse(&mut stream, reason).await?;
+            }
+        },
         Request::Has { digest } => {
             let size = store.size_of(&digest);
             write_frame(&mut stream, &Reply::Holds { size }, HEADER_LIMIT).await?;
@@ -300,7 +324,14 @@ async fn already_stored(store: &BlobStore, digest: Digest, size: u64) -> bool {
 }
 
 /// The values of the `reason` label of [`BlobCounters::refusals`].
-const REFUSAL_REASONS: [&str; 5] = ["too_large", "no_space", "mismatch", "incomplete", "io"];
+const REFUSAL_REASONS: [&str; 6] = [
+    "too_large",
+    "no_space",
+    "mismatch",
+    "incomplete",
+    "io",
+    "busy",
+];
 
 /// The `reason` an upload refused because of `error` is counted under.
 fn refusal_reason(error: &BlobError) -> &'static str {
@@ -331,21 +362,27 @@ async fn refuse(stream: &mut Stream, reason: String) -> Result<(), RpcError> {
     Ok(stream.close().await?)
 }
 
-/// Copies everything from `from` to `to` in [`CHUNK`]s; returns the byte count.
-async fn copy<R, W>(from: &mut R, to: &mut W) -> std::io::Result<u64>
+/// Copies everything from `from` to `to` in [`CHUNK`]s; returns the byte count. A write that
+/// `to` does not take within `idle` fails with `TimedOut`.
+async fn copy<R, W>(from: &mut R, to: &mut W, idle: Duration) -> std::io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: futures::AsyncWrite + Unpin,
 {
+    let stalled = || std::io::Error::new(std::io::ErrorKind::TimedOut, "the reader took no byte");
     let mut buffer = vec![0; CHUNK];
     let mut total = 0;
     loop {
         let read = futures::AsyncReadExt::read(from, &mut buffer).await?;
         if read == 0 {
-            to.flush().await?;
+            tokio::time::timeout(idle, to.flush())
+                .await
+                .map_err(|_| stalled())??;
             return Ok(total);
         }
-        to.write_all(&buffer[..read]).await?;
+        tokio::time::timeout(idle, to.write_all(&buffer[..read]))
+            .await
+            .map_err(|_| stalled())??;
         total += read as u64;
     }
 }
@@ -578,4 +615,50 @@ pub async fn fetch_from(
 pub fn nearest_first(node: &Node, mut peers: Vec<PeerId>) -> Vec<PeerId> {
     peers.sort_by_key(|peer| node.rtt(peer).map_or(Duration::MAX, |stats| stats.ewma));
     peers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that never takes a byte: a fetcher that stopped reading.
+    struct Stuck;
+
+    impl futures::AsyncWrite for Stuck {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Pending
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Pending
+        }
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn serving_a_fetch_to_a_reader_that_stopped_reading_is_abandoned() {
+        let mut from = futures::io::Cursor::new(vec![7u8; 3 * CHUNK]);
+        let began = tokio::time::Instant::now();
+        let error = copy(&mut from, &mut Stuck, IDLE_TIMEOUT).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(began.elapsed(), IDLE_TIMEOUT, "virtual time");
+        // A reader that takes everything gets everything.
+        let mut from = futures::io::Cursor::new(vec![7u8; 3 * CHUNK]);
+        let mut to = futures::io::Cursor::new(Vec::new());
+        assert_eq!(
+            copy(&mut from, &mut to, IDLE_TIMEOUT).await.unwrap(),
+            3 * CHUNK as u64
+        );
+    }
 }
