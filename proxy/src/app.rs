@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::live::LivePerf,
     ingress::{IngressSettings, limits::ClientConnections},
-    l4::TunnelMetrics,
+    l4::{TunnelMetrics, admit::UdpLimits},
     metrics::{Activity, IngressMetrics, LiveCollector, SidecarCollector, SidecarView},
     sidecar::{Sidecar, health::ServiceState},
     supervise::Service,
@@ -150,6 +150,18 @@ pub struct Cli {
     /// its tunnel closed.
     #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
     pub udp_idle_timeout: Duration,
+
+    /// l4-proxy: UDP clients (source addresses) one chain listener holds at once; datagrams of
+    /// further sources are dropped, counted as `too_many_clients`.
+    #[arg(long, default_value_t = 1024, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_udp_clients: u32,
+
+    /// l4-proxy: datagrams a second one UDP source may send (bursts of a tenth of a second
+    /// pass); the excess is dropped, counted as `rate_limited`.
+    #[arg(long, default_value_t = 100_000, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub udp_rate: u32,
 
     /// Threads serving requests, each with its own event loop, listeners, QUIC endpoints and
     /// connections, sharing nothing per request (see the `workers` module); the kernel spreads
@@ -389,7 +401,11 @@ async fn run_program(cli: Cli, program: Program) -> anyhow::Result<()> {
             activity: Arc::clone(&activity),
             sidecar: template.clone(),
             listen_ip: cli.listen_ip,
-            udp_idle_timeout: cli.udp_idle_timeout,
+            udp: UdpLimits {
+                idle: cli.udp_idle_timeout,
+                max_clients: cli.max_udp_clients as usize,
+                rate: cli.udp_rate,
+            },
             stop: stop.clone(),
         },
     )

@@ -178,9 +178,9 @@ pub struct Shared {
     pub sidecar: Option<(String, Arc<Sidecar>)>,
     /// l4-proxy: the IP tunnels' local ends listen on, and the UDP idle timeout.
     pub listen_ip: IpAddr,
-    /// l4-proxy: a UDP client silent for this long (`--udp-idle-timeout`) is forgotten and its
-    /// tunnel closed.
-    pub udp_idle_timeout: Duration,
+    /// l4-proxy: what one UDP client may hold and send (`--udp-idle-timeout`,
+    /// `--max-udp-clients`, `--udp-rate`).
+    pub udp: crate::l4::admit::UdpLimits,
     /// Cancelled when the proxy shuts down.
     pub stop: CancellationToken,
 }
@@ -358,7 +358,7 @@ async fn run(
                 Arc::clone(&ingress),
                 shared.tunnel_metrics.clone(),
                 shared.listen_ip,
-                shared.udp_idle_timeout,
+                shared.udp,
                 datagrams,
                 stop,
             );

@@ -94,8 +94,16 @@ async fn l4_proxy(network: &Network) -> (Process, String) {
 
 /// [`l4_proxy`], and the address of its /metrics.
 async fn l4_proxy_with_metrics(network: &Network) -> (Process, String, String) {
+    l4_proxy_with(network, &[]).await
+}
+
+/// [`l4_proxy_with_metrics`] with `extra` flags.
+async fn l4_proxy_with(network: &Network, extra: &[&str]) -> (Process, String, String) {
     let boot = network.boot_arg();
-    let mut args = proxy_args(&boot, &["--udp-idle-timeout", "2s", "0"]);
+    let mut flags = vec!["--udp-idle-timeout", "2s"];
+    flags.extend_from_slice(extra);
+    flags.push("0");
+    let mut args = proxy_args(&boot, &flags);
     // The original's single-dash spelling.
     args[0] = "-bootstrap";
     let log = option_env!("MTC_TEST_LOG").unwrap_or("warn");
@@ -249,6 +257,59 @@ async fn tcp_and_udp_services_are_reached_through_one_sidecar_each() {
         },
     )
     .await;
+}
+
+/// Issue 16: what one UDP source can make an l4-proxy hold or carry is bounded: a third source
+/// past `--max-udp-clients 2` gets nothing through, and a source's datagrams past `--udp-rate`
+/// (50 a second, bursts of 5) are dropped; both counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_sources_past_their_limits_are_dropped_and_counted() {
+    let network = Network::start().await;
+    network.register("echo-udp", Limits::default()).await;
+    let _udp = sidecar(&network, "echo-udp", udp_prefixer("").await, "udp").await;
+    let (_l4, control, metrics) =
+        l4_proxy_with(&network, &["--max-udp-clients", "2", "--udp-rate", "50"]).await;
+    let udp = chain_addr(&control, "/udp/echo-udp").await;
+    let sockets = futures::future::join_all((0..3).map(|_| UdpSocket::bind("127.0.0.1:0"))).await;
+    let [a, b, c] = <[_; 3]>::try_from(sockets).unwrap().map(Result::unwrap);
+    assert_eq!(udp_round(&a, udp, b"a").await, b"a");
+    assert_eq!(udp_round(&b, udp, b"b").await, b"b");
+    let dropped = |reason: &'static str| {
+        let metrics = metrics.clone();
+        async move {
+            let text = http_get(&metrics, "/metrics").await.unwrap().1;
+            let series = format!(
+                r#"l4_datagrams_dropped_total{{chain="/udp/echo-udp",reason="{reason}",role="client"}}"#
+            );
+            metric(&text, &series).unwrap_or(0.0) as usize
+        }
+    };
+
+    for _ in 0..3 {
+        c.send_to(b"c", udp).await.unwrap();
+    }
+    wait_until("the third source's datagrams dropped", DEADLINE, || async {
+        dropped("too_many_clients").await == 3
+    })
+    .await;
+    let mut buffer = [0; 64];
+    assert!(c.try_recv(&mut buffer).is_err(), "nothing came back to c");
+
+    // 40 at once from a: a burst passes, the rest is dropped; every one is accounted for.
+    for i in 0..40u8 {
+        a.send_to(&[i], udp).await.unwrap();
+    }
+    let mut answers = 0;
+    wait_until("every datagram answered or dropped", DEADLINE, || {
+        while a.try_recv(&mut buffer).is_ok() {
+            answers += 1;
+        }
+        let answers = answers;
+        let dropped = dropped("rate_limited");
+        async move { answers + dropped.await == 40 }
+    })
+    .await;
+    assert!((1..40).contains(&answers), "{answers} passed of 40");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Direction, OpenTunnel, TunnelMetrics,
+    admit::{TokenBucket, UdpLimits},
     carry::{Counts, Sink, Source, direction, stream_ends},
     chain::{Chain, Protocol},
     datagrams::DatagramRouter,
@@ -52,7 +53,7 @@ pub struct L4Front {
     metrics: TunnelMetrics,
     /// Where chain listeners bind (the control API's address).
     ip: IpAddr,
-    udp_idle: Duration,
+    udp: UdpLimits,
     datagrams: Arc<DatagramRouter>,
     chains: tokio::sync::Mutex<HashMap<Chain, SocketAddr>>,
     shutdown: CancellationToken,
@@ -76,13 +77,13 @@ struct Listening {
 
 impl L4Front {
     /// A front opening tunnels through `ingress`, binding chain listeners on `ip` (the
-    /// control API's), forgetting a UDP client quiet for `udp_idle`, routing tunnels' QUIC
+    /// control API's), holding UDP clients within `udp`'s limits, routing tunnels' QUIC
     /// datagrams with `datagrams`, until `shutdown` is cancelled.
     pub fn new(
         ingress: Arc<Ingress>,
         metrics: TunnelMetrics,
         ip: IpAddr,
-        udp_idle: Duration,
+        udp: UdpLimits,
         datagrams: Arc<DatagramRouter>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
@@ -90,7 +91,7 @@ impl L4Front {
             ingress,
             metrics,
             ip,
-            udp_idle,
+            udp,
             datagrams,
             chains: Default::default(),
             shutdown,
@@ -254,19 +255,22 @@ impl L4Front {
     }
 
     /// Reads the chain's UDP socket: each client address gets a tunnel of its own (set up in
-    /// its own task) and a queue; a client quiet for the idle timeout is forgotten.
+    /// its own task) and a queue; a client quiet for the idle timeout is forgotten. What a
+    /// source may hold and send is bounded as [`super::admit`] says.
     async fn receive_udp(self: Arc<Self>, socket: Arc<UdpSocket>, chain: Arc<Listening>) {
         struct Client {
             id: u64,
             queue: mpsc::Sender<Bytes>,
             last: Arc<AtomicU64>,
+            bucket: TokenBucket,
         }
         let began = Instant::now();
         let now_ms = move || began.elapsed().as_millis() as u64;
         let mut clients: HashMap<SocketAddr, Client> = HashMap::new();
         let (ended, mut ends) = mpsc::unbounded_channel::<(SocketAddr, u64)>();
-        let mut sweep = tokio::time::interval((self.udp_idle / 4).max(Duration::from_millis(50)));
-        let idle_ms = self.udp_idle.as_millis() as u64;
+        let mut sweep = tokio::time::interval((self.udp.idle / 4).max(Duration::from_millis(50)));
+        let idle_ms = self.udp.idle.as_millis() as u64;
+        let (rate, burst) = (self.udp.rate, self.udp.burst());
         let mut next_id = 0;
         let mut buffer = BytesMut::new();
         loop {
@@ -281,6 +285,11 @@ impl L4Front {
                         }
                     };
                     let datagram = buffer.split().freeze();
+                    if !clients.contains_key(&from) && clients.len() >= self.udp.max_clients {
+                        self.metrics.udp_limit_hit(&chain.spec, "too_many_clients");
+                        continue;
+                    }
+                    let now = now_ms();
                     let client = clients.entry(from).or_insert_with(|| {
                         next_id += 1;
                         let (queue, queued) = mpsc::channel(CLIENT_QUEUE);
@@ -300,9 +309,13 @@ impl L4Front {
                                 move || { let _ = ended.send((from, id)); }
                             },
                         ));
-                        Client { id: next_id, queue, last }
+                        Client { id: next_id, queue, last, bucket: TokenBucket::new(now, burst) }
                     });
-                    client.last.store(now_ms(), Ordering::Relaxed);
+                    client.last.store(now, Ordering::Relaxed);
+                    if !client.bucket.admit(now, rate, burst) {
+                        self.metrics.udp_limit_hit(&chain.spec, "rate_limited");
+                        continue;
+                    }
                     if client.queue.try_send(datagram).is_err() {
                         self.metrics.queue_full(&chain.spec);
                     }

@@ -35,8 +35,11 @@
 //!   datagrams that arrive meanwhile wait in that client's queue (dropped, and counted, past
 //!   [`front::CLIENT_QUEUE`]).
 //! - A UDP client's tunnel ends after `--udp-idle-timeout` without a datagram either way.
+//! - What one UDP source can make the l4-proxy hold and carry is bounded ([`admit`]:
+//!   `--max-udp-clients`, `--udp-rate`).
 //! - Tunnels are never retried once open: bytes may have reached a service.
 
+pub mod admit;
 pub mod carry;
 pub mod chain;
 pub mod datagrams;
@@ -101,7 +104,8 @@ impl TunnelMetrics {
                 "l4_datagrams_dropped_total",
                 "UDP datagrams dropped, by reason (queue_full: a client's queue during set-up; \
                  receive_queue_full: a tunnel's queue of datagrams from the other proxy; \
-                 send_failed: the socket refused it)",
+                 send_failed: the socket refused it; too_many_clients: a new source past \
+                 --max-udp-clients; rate_limited: a source over --udp-rate)",
             ),
             &["chain", "role", "reason"],
         )?;
@@ -171,6 +175,14 @@ impl TunnelMetrics {
     pub fn receive_queue_full(&self, chain: &str, role: &str) -> IntCounter {
         self.dropped
             .with_label_values(&[chain, role, "receive_queue_full"])
+    }
+
+    /// Counts one datagram dropped at the l4-proxy's listener of `chain` for a limit of
+    /// [`admit`] (`reason` `too_many_clients` or `rate_limited`).
+    pub fn udp_limit_hit(&self, chain: &str, reason: &str) {
+        self.dropped
+            .with_label_values(&[chain, "client", reason])
+            .inc();
     }
 
     /// Counts one datagram of a UDP client dropped at the l4-proxy because the client's queue
