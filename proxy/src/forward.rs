@@ -94,28 +94,44 @@ where
 {
     let mut encoded = BytesMut::with_capacity(HEAD_CAPACITY);
     encode_request_head(head, &mut encoded).map_err(|e| AttemptError::NotSent(e.into()))?;
-    forward_frame(connection, encoded.freeze(), body)
+    forward_frame(connection, encoded.freeze(), body, || {})
         .await?
         .into_response()
         .map_err(|e| AttemptError::Broken(e.into()))
 }
 
+/// Opens a stream on `connection`. `blocked` is called, before it waits, if the peer's limit
+/// of concurrent streams ([`crate::transport`]: 1024) is reached, so that the wait is counted.
+pub async fn open_stream(
+    connection: &Connection,
+    blocked: impl FnOnce(),
+) -> Result<(quinn::SendStream, quinn::RecvStream), AttemptError> {
+    let mut open = std::pin::pin!(connection.open_bi());
+    let opened = match futures::FutureExt::now_or_never(open.as_mut()) {
+        Some(opened) => opened,
+        None => {
+            blocked();
+            open.await
+        }
+    };
+    opened.map_err(|e| AttemptError::NotSent(StreamError::Quic(e.to_string())))
+}
+
 /// Sends a request whose `HEAD` frame is `head` (encoded, header included) and `body` on a new
 /// stream of `connection`, and returns the answer as soon as its head arrives. The request
-/// body is sent concurrently, so a service may answer before it has read all of it.
+/// body is sent concurrently, so a service may answer before it has read all of it. `blocked`
+/// is told if the stream had to wait for the peer's stream limit ([`open_stream`]).
 pub async fn forward_frame<B>(
     connection: &Connection,
     head: Bytes,
     body: B,
+    blocked: impl FnOnce(),
 ) -> Result<Answer, AttemptError>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: std::fmt::Display + Send,
 {
-    let (mut send, mut recv) = connection
-        .open_bi()
-        .await
-        .map_err(|e| AttemptError::NotSent(StreamError::Quic(e.to_string())))?;
+    let (mut send, mut recv) = open_stream(connection, blocked).await?;
     // Set by the body's sender when the client's body fails: the client's fault, told
     // apart from the exchange's.
     let mut client_fault = None;

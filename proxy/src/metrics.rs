@@ -181,7 +181,8 @@ impl IngressMetrics {
                 "proxy_limit_hits_total",
                 "Times a limit on what one client may hold was hit: client_connections \
                  (--max-client-connections), head_bytes (--max-head-bytes), head_time \
-                 (--head-timeout)",
+                 (--head-timeout); and peer_streams: a request waited for an instance's \
+                 limit of concurrent QUIC streams (1024)",
             ),
             &["limit"],
         )?;

@@ -175,3 +175,32 @@ async fn trailers_cross_the_stream() {
     assert_eq!(target, "/t");
     assert_eq!(got, Some(trailers));
 }
+
+#[tokio::test]
+async fn a_stream_past_the_peers_limit_waits_its_turn_and_says_so() {
+    let (_client, connection) = sidecar_connection(echo_service().await).await;
+    let mut held = Vec::new();
+    let waiting = loop {
+        let hit = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&hit);
+        let mut open = Box::pin(open_stream(&connection, move || {
+            flag.store(true, std::sync::atomic::Ordering::Relaxed)
+        }));
+        match futures::FutureExt::now_or_never(open.as_mut()) {
+            Some(opened) => held.push(opened.unwrap()),
+            None => {
+                assert!(hit.load(std::sync::atomic::Ordering::Relaxed), "not told");
+                break open;
+            }
+        }
+        assert!(held.len() <= 1024, "past the limit without waiting");
+    };
+    // Every stream the sidecar allows (1024; one less if the authentication's stream has not
+    // been credited back yet), then a wait.
+    assert!(held.len() >= 1023, "{} opened", held.len());
+    drop(held);
+    let opened = tokio::time::timeout(std::time::Duration::from_secs(30), waiting)
+        .await
+        .expect("a stream freed lets the waiting one open");
+    assert!(opened.is_ok());
+}

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     allocation::{AllocationError, Reason, Unreachable, ask_allocators},
+    limits::Limit,
     records::Resolved,
     routing::{Action, ServiceCore},
 };
@@ -120,6 +121,11 @@ impl Services {
             }),
             unreachable: Mutex::default(),
         })
+    }
+
+    /// A stream to an instance had to wait for the instance's limit of concurrent streams.
+    pub(super) fn stream_limit_hit(&self) {
+        self.metrics.limit_hit(Limit::PeerStreams);
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {

@@ -7,9 +7,11 @@
 //! | `client_connections` | `--max-client-connections` (1000) | a client address with this many connections open gets a `503` on its next one, which is closed |
 //! | `head_bytes` | `--max-head-bytes` (64 KiB) | a request head longer than this is answered `431` and its connection closed |
 //! | `head_time` | `--head-timeout` (10 s) | a client that has not sent a whole head within this is disconnected |
+//! | `peer_streams` | 1024 (QUIC's `max_concurrent_bidi_streams`, [`crate::transport`]) | a request or tunnel to an instance waits for one of its 1024 open streams to end |
 //!
-//! On the data plane, a peer's concurrent streams are bounded by QUIC's stream limits (see
-//! [`crate::transport`]) and only authenticated peers get that far.
+//! On the data plane, a peer's concurrent streams are bounded by QUIC's stream limits: a
+//! peer cannot open more, it waits, and only authenticated peers get that far. The ingress
+//! counts its own waits (`peer_streams`): requests queued at an instance's limit.
 
 use std::{
     collections::HashMap,
@@ -26,11 +28,18 @@ pub enum Limit {
     HeadBytes,
     /// The time to send a request head.
     HeadTime,
+    /// Concurrent streams to one instance (QUIC's stream limit).
+    PeerStreams,
 }
 
 impl Limit {
     /// Every limit, for metrics that start at zero.
-    pub const ALL: [Limit; 3] = [Limit::ClientConnections, Limit::HeadBytes, Limit::HeadTime];
+    pub const ALL: [Limit; 4] = [
+        Limit::ClientConnections,
+        Limit::HeadBytes,
+        Limit::HeadTime,
+        Limit::PeerStreams,
+    ];
 
     /// The `limit` label.
     pub fn label(self) -> &'static str {
@@ -38,6 +47,7 @@ impl Limit {
             Limit::ClientConnections => "client_connections",
             Limit::HeadBytes => "head_bytes",
             Limit::HeadTime => "head_time",
+            Limit::PeerStreams => "peer_streams",
         }
     }
 }

@@ -220,7 +220,8 @@ impl Attempt {
         body: SentBody<B>,
     ) -> Result<Answer, (PeerId, AttemptError)> {
         let begin = Instant::now();
-        let result = forward_frame(&connection, head, body).await;
+        let services = &self.services;
+        let result = forward_frame(&connection, head, body, || services.stream_limit_hit()).await;
         let total = begin.elapsed();
         let outcome = match &result {
             Ok(_) => Outcome::answered(connection.rtt(), total),

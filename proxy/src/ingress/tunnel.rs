@@ -10,7 +10,7 @@ use quinn::{Connection, RecvStream, SendStream};
 
 use super::{Attempt, Ingress, RequestError, routing::Outcome, watched};
 use crate::{
-    forward::AttemptError,
+    forward::{AttemptError, open_stream},
     framing::{Decoder, Kind, frame_header},
     l4::carry::RESET_TUNNEL,
     stream::{Opening, StreamError, read_opening},
@@ -69,7 +69,9 @@ impl Ingress {
                 // a dead or frozen one is found silent and its connection closed, which ends
                 // this set-up at once rather than at `timeout`.
                 Ok(connection) => match watched(
-                    pin!(set_up(&connection, chain, timeout)),
+                    pin!(set_up(&connection, chain, timeout, || {
+                        self.services.stream_limit_hit()
+                    })),
                     try_timeout,
                     attempt.overdue_handle(),
                 )
@@ -126,11 +128,9 @@ async fn set_up(
     connection: &Connection,
     chain: &Bytes,
     timeout: Duration,
+    blocked: impl FnOnce(),
 ) -> Result<(SendStream, RecvStream, Decoder, String), AttemptError> {
-    let (mut send, mut recv) = connection
-        .open_bi()
-        .await
-        .map_err(|e| AttemptError::NotSent(StreamError::Quic(e.to_string())))?;
+    let (mut send, mut recv) = open_stream(connection, blocked).await?;
     let header = Bytes::copy_from_slice(&frame_header(Kind::Chain, chain.len()));
     let answer = async {
         send.write_all_chunks(&mut [header, chain.clone()])
