@@ -44,8 +44,13 @@ MTC_SKIPPED_LOG=$(mktemp)
 export MTC_SKIPPED_LOG
 trap 'rm -rf "$log" "$log.bench" "$bench_out" "$MTC_SKIPPED_LOG"' EXIT
 set +e
-cargo test --workspace --locked 2>&1 | tee "$log"
+# A backstop for an await that never ends: the run fails (libtest has named the tests running
+# for over 60 s by then) instead of holding CI until its own limit. Building is included.
+timeout -k 30 "${MTC_TEST_TIMEOUT:-2400}" cargo test --workspace --locked 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+if [ "$status" -eq 124 ]; then
+  echo "test: cargo test did not end within ${MTC_TEST_TIMEOUT:-2400} s (see the tests 'running for over 60 seconds' above)" >&2
+fi
 set -e
 stage "cargo test"
 # The tree above is not the whole story (cargo unifies features across a workspace build):
