@@ -75,14 +75,7 @@ async fn process_instances_start_once_serve_and_are_culled_when_idle() {
     .await;
 
     // 20 concurrent start requests, as from 20 proxies at once: one instance.
-    let asker = start_node(std::slice::from_ref(&network.monitor.bootstrap), None).await;
-    // Found as proxies find it: a provider of the allocator namespace (which dials it).
-    wait_until("the allocator found on the overlay", DEADLINE, || async {
-        providers(&asker, control::allocator::protocol::NAMESPACE)
-            .await
-            .contains(&allocator.peer)
-    })
-    .await;
+    let asker = asker_of(&network.monitor.bootstrap, allocator.peer).await;
     let request = StartRequest {
         service: record.name.clone(),
         digest: record.digest.to_string(),
@@ -426,13 +419,7 @@ async fn a_service_that_outlives_its_proxy_is_stopped_too() {
         &["--idle-timeout", "1h", "--port-range", "21300-21399"],
     )
     .await;
-    let asker = start_node(std::slice::from_ref(&network.monitor.bootstrap), None).await;
-    wait_until("the allocator found", DEADLINE, || async {
-        providers(&asker, control::allocator::protocol::NAMESPACE)
-            .await
-            .contains(&allocator.peer)
-    })
-    .await;
+    let asker = asker_of(&network.monitor.bootstrap, allocator.peer).await;
     let request = StartRequest {
         service: record.name.clone(),
         digest: record.digest.to_string(),

@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use control::{
-    allocator::protocol::{NAMESPACE, StartRequest, StartResponse},
+    allocator::protocol::{StartRequest, StartResponse},
     lookup::ServiceRecord,
 };
 use support::*;
@@ -73,11 +73,7 @@ async fn docker_instances_load_from_the_overlay_serve_are_culled_and_adopted() {
         containers.ids().is_empty(),
         "nothing runs before the first start"
     );
-    let asker = start_node(std::slice::from_ref(&network.monitor.bootstrap), None).await;
-    wait_until("the allocator found", DEADLINE, || async {
-        providers(&asker, NAMESPACE).await.contains(&peer)
-    })
-    .await;
+    let asker = asker_of(&network.monitor.bootstrap, peer).await;
     let request = StartRequest {
         service: record.name.clone(),
         digest: record.digest.to_string(),

@@ -300,13 +300,7 @@ async fn an_artifact_outlives_the_lookup_service_it_was_uploaded_through() {
         &["--boot-grace", "1s", "--port-range", "21200-21299"],
     )
     .await;
-    let asker = start_node(std::slice::from_ref(&monitor.bootstrap), None).await;
-    wait_until("the allocator found on the overlay", DEADLINE, || async {
-        providers(&asker, control::allocator::protocol::NAMESPACE)
-            .await
-            .contains(&allocator.peer)
-    })
-    .await;
+    let asker = asker_of(&monitor.bootstrap, allocator.peer).await;
     let request = control::allocator::protocol::StartRequest {
         service: "hello".into(),
         digest: record.digest.to_string(),

@@ -82,6 +82,26 @@ pub async fn cli(network: &Network, args: &[&str]) -> (bool, String, String) {
     (ok, out, err)
 }
 
+/// A node on the network of `bootstrap` that has found `allocator` as proxies find it: a
+/// provider of the allocator namespace (which dials it). For asking it to start instances.
+pub async fn asker_of(
+    bootstrap: &control::overlay::BootstrapAddr,
+    allocator: libp2p::PeerId,
+) -> control::overlay::Node {
+    let asker = start_node(std::slice::from_ref(bootstrap), None).await;
+    wait_until(
+        "the allocator found on the overlay",
+        std::time::Duration::from_secs(60),
+        || async {
+            providers(&asker, control::allocator::protocol::NAMESPACE)
+                .await
+                .contains(&allocator)
+        },
+    )
+    .await;
+    asker
+}
+
 /// Sends a start request to `allocator`, again (twice at most) if the overlay connection
 /// failed under it: a loaded machine can drop one, and proxies ask again too. A refusal is an
 /// answer and is returned at once.
