@@ -114,6 +114,33 @@ pub fn skipped(reason: &str) {
     }
 }
 
+/// The flags every test starts an `allocator` with: on the network of `bootstrap`, with
+/// `runtime` ("process" or "docker"), its instances' proxies being `proxy`, its data (and
+/// instances) under `data_dir`, everything on loopback, and checks every 200 ms. Tests add
+/// the identity (`--keyfile` or `--ephemeral`) and their own flags.
+pub fn allocator_args(bootstrap: &str, runtime: &str, proxy: &str, data_dir: &str) -> Vec<String> {
+    [
+        "--bootstrap",
+        bootstrap,
+        "--runtime",
+        runtime,
+        "--proxy-binary",
+        proxy,
+        "--data-dir",
+        data_dir,
+        "--p2p-listen-addr",
+        "127.0.0.1:0",
+        "--prom-listen-addr",
+        "127.0.0.1:0",
+        "--host-ip",
+        "127.0.0.1",
+        "--check-interval",
+        "200ms",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 /// Polls `condition` until it holds; panics with `what` at the deadline.
 pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut condition: F)
 where

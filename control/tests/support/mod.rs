@@ -217,26 +217,14 @@ pub async fn start_allocator_at(
     let bootstrap = bootstrap.to_string();
     let (key, data) = (dir.join("key"), dir.join("data"));
     let proxy = sibling("proxy");
-    let mut args = vec![
-        "--bootstrap",
+    let common = allocator_args(
         &bootstrap,
-        "--runtime",
         runtime,
-        "--proxy-binary",
         proxy.to_str().unwrap(),
-        "--keyfile",
-        key.to_str().unwrap(),
-        "--data-dir",
         data.to_str().unwrap(),
-        "--p2p-listen-addr",
-        "127.0.0.1:0",
-        "--prom-listen-addr",
-        "127.0.0.1:0",
-        "--host-ip",
-        "127.0.0.1",
-        "--check-interval",
-        "200ms",
-    ];
+    );
+    let mut args: Vec<&str> = common.iter().map(String::as_str).collect();
+    args.extend_from_slice(&["--keyfile", key.to_str().unwrap()]);
     args.extend_from_slice(extra);
     let daemon = start_daemon(ALLOCATOR, &args).await;
     let peer = daemon.bootstrap.peer;

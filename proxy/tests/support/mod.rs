@@ -427,25 +427,9 @@ impl RealAllocator {
         let data = tempfile::tempdir().unwrap();
         let boot = network.boot_arg();
         let allocator = sibling("allocator");
-        let mut args = vec![
-            "--bootstrap",
-            &boot,
-            "--ephemeral",
-            "--runtime",
-            "process",
-            "--proxy-binary",
-            PROXY,
-            "--data-dir",
-            data.path().to_str().unwrap(),
-            "--p2p-listen-addr",
-            "127.0.0.1:0",
-            "--prom-listen-addr",
-            "127.0.0.1:0",
-            "--host-ip",
-            "127.0.0.1",
-            "--check-interval",
-            "200ms",
-        ];
+        let common = allocator_args(&boot, "process", PROXY, data.path().to_str().unwrap());
+        let mut args: Vec<&str> = common.iter().map(String::as_str).collect();
+        args.push("--ephemeral");
         args.extend_from_slice(extra);
         let daemon = start_daemon(allocator.to_str().unwrap(), &args).await;
         Self {
