@@ -7,11 +7,13 @@
 //!
 //! # Rules
 //! - **Request body framing** (what hyper's client does, so services see no change): a
-//!   `Content-Length` from the ingress is kept and the body sent as it is; without one, `GET`,
-//!   `HEAD` and `CONNECT` carry no body and every other method a chunked one. `TE: trailers`
-//!   is added (this proxy carries trailers), and `Host` when the ingress sent none.
-//!   `Transfer-Encoding`, `TE`, `Connection` and `Keep-Alive` from the ingress are dropped:
-//!   they were the client's hop's, and this hop sets its own.
+//!   `Content-Length` from the ingress is kept and the body sent as it is; without one, a
+//!   request the ingress marked `Transfer-Encoding: chunked` (it has a body of unknown
+//!   length, whatever its method) and every method but `GET`, `HEAD` and `CONNECT` get a
+//!   chunked one, and those three none. `TE: trailers` is added (this proxy carries
+//!   trailers), and `Host` when the ingress sent none. `Transfer-Encoding`, `TE`, `Connection`
+//!   and `Keep-Alive` from the ingress are dropped: they were the client's hop's, and this hop
+//!   sets its own.
 //! - **Response body length** (RFC 9112 section 6.3): none after `HEAD` and for 1xx, 204 and
 //!   304; chunked if `Transfer-Encoding` ends in `chunked` (a `Content-Length` beside it is
 //!   then removed, as RFC 9112 has intermediaries do); else `Content-Length`; else until the
@@ -132,8 +134,10 @@ pub fn write_request_head(
     out.put_slice(b" HTTP/1.1\r\n");
     let mut has_host = false;
     let mut length = None;
+    let mut marked_chunked = false;
     for (name, value) in head.fields {
         if hop_field(name) {
+            marked_chunked |= eq(name, b"transfer-encoding");
             continue;
         }
         if eq(name, b"content-length") {
@@ -153,7 +157,9 @@ pub fn write_request_head(
     out.put_slice(b"te: trailers\r\n");
     let body = match length {
         Some(length) => RequestBody::Length(length),
-        None if matches!(head.method, b"GET" | b"HEAD" | b"CONNECT") => RequestBody::None,
+        None if !marked_chunked && matches!(head.method, b"GET" | b"HEAD" | b"CONNECT") => {
+            RequestBody::None
+        }
         None => {
             out.put_slice(b"transfer-encoding: chunked\r\n");
             RequestBody::Chunked

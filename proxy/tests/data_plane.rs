@@ -458,6 +458,16 @@ async fn the_http1_front_keeps_connections_open_and_frames_bodies_as_rfc_9112_sa
     )
     .await;
     assert_eq!((answer.status, &answer.body[..]), (200, &b"world!"[..]));
+    // A GET with a body of unknown length reaches the service with it (the sidecar used to
+    // take a GET without a length for one without a body, and drop it).
+    let answer = exchange(
+        &mut stream,
+        &mut buffer,
+        b"GET /echo/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+              4\r\nget!\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!((answer.status, &answer.body[..]), (200, &b"get!"[..]));
     let answer = exchange(
         &mut stream,
         &mut buffer,

@@ -253,7 +253,12 @@ pub fn parse_request_head<'b>(
         .chain([
             (&b"via"[..], VIA.as_bytes()),
             (&b"x-forwarded-for"[..], forwarded_for),
-        ]);
+        ])
+        // A body without a length is marked so, whatever the method: the sidecar would take
+        // a GET or HEAD without a length for one without a body.
+        .chain(
+            (body == RequestBody::Chunked).then_some((&b"transfer-encoding"[..], &b"chunked"[..])),
+        );
     let target: [&[u8]; 2] = if after.starts_with('/') {
         [b"", after.as_bytes()]
     } else {

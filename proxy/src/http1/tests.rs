@@ -67,9 +67,10 @@ fn host_is_added_and_the_client_hops_fields_are_not_passed() {
         ],
     );
     let (text, _) = request_text(&payload);
+    // The ingress's `transfer-encoding` says a body follows: this hop's own framing says so.
     assert_eq!(
         text,
-        "GET / HTTP/1.1\r\nhost: 127.0.0.1:8080\r\nte: trailers\r\n\r\n"
+        "GET / HTTP/1.1\r\nhost: 127.0.0.1:8080\r\nte: trailers\r\ntransfer-encoding: chunked\r\n\r\n"
     );
 }
 
@@ -89,6 +90,11 @@ fn the_body_framing_follows_content_length_then_the_method() {
             request_text(&frame_of(method, "/", &[])).1,
             Ok(RequestBody::None)
         );
+        // Unless the ingress marked a body of unknown length: it is sent, chunked, once.
+        let (text, body) =
+            request_text(&frame_of(method, "/", &[("transfer-encoding", "chunked")]));
+        assert_eq!(body, Ok(RequestBody::Chunked), "{method}");
+        assert_eq!(text.matches("transfer-encoding").count(), 1, "{text}");
     }
     assert_eq!(
         request_text(&frame_of("PUT", "/", &[("content-length", "7, 7")])).1,

@@ -357,6 +357,14 @@ impl Ingress {
         let (parts, body) = request.into_parts();
         let mut headers = parts.headers;
         forward_request_headers(&mut headers, client.ip());
+        if !body.is_end_stream() && !headers.contains_key(http::header::CONTENT_LENGTH) {
+            // A body without a length, marked as the HTTP/1.1 front marks one: the sidecar
+            // would take a GET or HEAD without a length for one without a body.
+            headers.insert(
+                http::header::TRANSFER_ENCODING,
+                http::HeaderValue::from_static("chunked"),
+            );
+        }
         let replayable = idempotent(parts.method.as_str().as_bytes()) && body.is_end_stream();
         let head = RequestHead {
             method: parts.method,

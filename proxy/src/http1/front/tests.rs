@@ -106,6 +106,30 @@ fn the_body_is_framed_by_coding_then_length_and_never_both() {
 }
 
 #[test]
+fn a_body_without_a_length_is_marked_chunked_for_the_sidecar_whatever_the_method() {
+    for method in ["GET", "HEAD", "POST"] {
+        let head =
+            format!("{method} /s/ HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let (start, _, fields) = parse(&head).unwrap();
+        assert_eq!(start.body, RequestBody::Chunked);
+        let marks: Vec<_> = fields
+            .iter()
+            .filter(|(n, _)| n == "transfer-encoding")
+            .collect();
+        assert_eq!(
+            marks,
+            [&("transfer-encoding".into(), "chunked".into())],
+            "{method}"
+        );
+    }
+    for extra in ["", "Content-Length: 4\r\n"] {
+        let head = format!("GET /s/ HTTP/1.1\r\nHost: h\r\n{extra}\r\n");
+        let (_, _, fields) = parse(&head).unwrap();
+        assert!(!names(&fields).contains(&"transfer-encoding"), "{extra}");
+    }
+}
+
+#[test]
 fn keep_alive_follows_the_version_and_connection() {
     let keep = |version: &str, connection: &str| {
         let head = format!("GET /s/ {version}\r\n{connection}\r\n");
