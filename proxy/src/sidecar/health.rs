@@ -235,6 +235,9 @@ pub struct ServiceHealth {
     state: AtomicU8,
     machine: Mutex<HealthMachine>,
     changes: watch::Sender<ServiceState>,
+    /// Told when a change of state brought the next check forward (rule 5), so that
+    /// [`run_checks`], asleep until the check it knew of, looks again at once.
+    rescheduled: tokio::sync::Notify,
 }
 
 impl ServiceHealth {
@@ -247,6 +250,7 @@ impl ServiceHealth {
             state: AtomicU8::new(ServiceState::Starting as u8),
             machine: Mutex::new(HealthMachine::new(policy, Instant::now())),
             changes: watch::Sender::new(ServiceState::Starting),
+            rescheduled: tokio::sync::Notify::new(),
         })
     }
 
@@ -286,6 +290,9 @@ impl ServiceHealth {
             transition
         };
         if let Some(Transition { from, to, lasted }) = transition {
+            if to != ServiceState::Serving {
+                self.rescheduled.notify_one();
+            }
             let upstream = self.upstream;
             match to {
                 ServiceState::Serving => {
@@ -324,7 +331,7 @@ impl ServiceHealth {
 }
 
 /// Checks the service of `health` by a TCP connect whenever one is due, until `health` is
-/// dropped by everyone else.
+/// dropped by everyone else (then within one interval).
 pub async fn run_checks(health: Weak<ServiceHealth>) {
     loop {
         let (upstream, timeout) = {
@@ -334,8 +341,11 @@ pub async fn run_checks(health: Weak<ServiceHealth>) {
             match health.start_check(Instant::now()) {
                 Ok(()) => (health.upstream, health.policy.connect_timeout),
                 Err(due) => {
-                    drop(health);
-                    tokio::time::sleep_until(due.into()).await;
+                    // Until it is due, or sooner if a request's failure brought it forward.
+                    tokio::select! {
+                        () = tokio::time::sleep_until(due.into()) => {}
+                        () = health.rescheduled.notified() => {}
+                    }
                     continue;
                 }
             }

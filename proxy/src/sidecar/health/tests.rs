@@ -200,3 +200,46 @@ fn a_service_that_stops_answering_is_down_within_one_interval_if_refused_and_two
         now - stopped
     );
 }
+
+/// A request that cannot connect makes a serving service down and brings the next check
+/// forward to within milliseconds (rule 5); the checking task, asleep until the check it knew
+/// of (an hour away here), is woken for it, so a service that answers again is seen serving
+/// at once rather than at the next interval.
+#[tokio::test]
+async fn a_failed_request_wakes_the_checks_to_look_again_at_once() {
+    use std::sync::atomic::AtomicUsize;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while listener.accept().await.is_ok() {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let policy = HealthPolicy {
+        interval: Duration::from_secs(3600),
+        ..HealthPolicy::default()
+    };
+    let health = ServiceHealth::new(upstream, policy);
+    tokio::spawn(run_checks(Arc::downgrade(&health)));
+    // Two checks (the first while starting, the next soon after), then the hour's sleep.
+    let asleep = async {
+        while accepted.load(Ordering::Relaxed) < 2
+            || health.machine.lock().unwrap().next_check() < Instant::now() + policy.interval / 2
+        {
+            tokio::task::yield_now().await;
+        }
+    };
+    let deadline = Duration::from_secs(30);
+    tokio::time::timeout(deadline, asleep)
+        .await
+        .expect("two checks, the service serving");
+    assert_eq!(health.state(), ServiceState::Serving);
+    // A request could not connect (a full backlog, say): down, and checked again at once.
+    health.observe(Observation::ConnectFailed);
+    assert_eq!(health.state(), ServiceState::Down);
+    tokio::time::timeout(deadline, health.serving())
+        .await
+        .expect("a check within milliseconds, not at the next interval");
+}
