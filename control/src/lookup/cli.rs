@@ -471,7 +471,8 @@ async fn add(node: &Node, cli: &Cli, prepared: Prepared, copies: usize) -> anyho
         .await;
         match uploaded {
             Ok(()) => holders.push(peer),
-            Err(error) => failures.push(format!("{peer}: {error}")),
+            // The error names the lookup service already.
+            Err(error) => failures.push(error.to_string()),
         }
     }
     if holders.is_empty() {
