@@ -137,6 +137,43 @@ async fn three_lookup_services_share_one_etcd_cluster_and_survive_losing_one() {
         .await;
     }
 
+    // Issue 16's fault suite found an etcd member killed under its hl-service left for good
+    // (a zombie, never restarted) and that hl-service answering every request with the
+    // store's error. Now: lookups go on (through another lookup service, or another member),
+    // the member is restarted and the old process reaped.
+    let pid = second.process.child.id().unwrap();
+    let (ok, etcd, _) = run_to_exit("pgrep", &["-P", &pid.to_string(), "-x", "etcd"], &[]).await;
+    assert!(ok, "the second lookup service supervises an etcd");
+    let etcd = etcd.trim().to_owned();
+    assert!(run_to_exit("kill", &["-9", &etcd], &[]).await.0);
+    // Asked directly, it says its store failed (not that the request is bad: clients ask
+    // another), and it is not restarted within the first second.
+    let answer = get(services[1], "before").await;
+    assert!(
+        matches!(answer, Ok(LookupResponse::Unavailable(_))),
+        "{answer:?}"
+    );
+    for _ in 0..5 {
+        let (ok, out, err) = hl_cli(&monitor, &["list"]).await;
+        assert!(ok && out.contains("before"), "{out}{err}");
+    }
+    wait_for_started_members(&endpoint, 3).await;
+    wait_until("the killed member reaped", DEADLINE, || async {
+        !std::path::Path::new(&format!("/proc/{etcd}")).exists()
+    })
+    .await;
+    wait_until(
+        "the second lookup service reads its store again",
+        DEADLINE,
+        || async {
+            matches!(
+                get(services[1], "before").await,
+                Ok(LookupResponse::Found(_))
+            )
+        },
+    )
+    .await;
+
     // Lose one member (its etcd goes with it): the other two keep quorum.
     assert!(third.process.terminate().await);
     let (ok, out, err) = add("after").await;

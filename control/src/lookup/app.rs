@@ -212,6 +212,8 @@ async fn open_store(
         let initial_cluster = join_cluster(node, &spec).await?;
         etcd::start_member(&spec, &initial_cluster, true).await?
     };
+    // Its own member only: etcd-client balances requests over every endpoint it is given,
+    // dead ones included. While the member restarts, clients ask another lookup service.
     let store = EtcdStore::connect(&[spec.client_url()]).await?;
     Ok((Store::Etcd(Box::new(store)), Some(member)))
 }

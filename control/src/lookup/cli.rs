@@ -221,6 +221,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 fn unexpected(response: LookupResponse) -> anyhow::Result<()> {
     match response {
         LookupResponse::Failed(reason) => bail!("the lookup service refused: {reason}"),
+        LookupResponse::Unavailable(reason) => bail!("the lookup service failed: {reason}"),
         other => bail!("the lookup service answered out of protocol: {other:?}"),
     }
 }

@@ -157,14 +157,22 @@ impl MemberSpec {
     }
 }
 
-/// An etcd process started and supervised by this program; it is stopped when this value is
-/// dropped, and (through the parent-death signal) if this program dies.
+/// An etcd process started and supervised by this program: restarted (from its own data,
+/// with a backoff of 1 s doubling to 30 s) whenever it exits, and reaped each time; stopped
+/// when this value is dropped, and (through the parent-death signal) if this program dies.
 pub struct EtcdMember {
-    _child: tokio::process::Child,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for EtcdMember {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 /// Starts `etcd` from PATH as `spec`, in a cluster described by `initial_cluster`
-/// (`name=peer-url,...`), `new` or joining an `existing` one, and waits until it answers.
+/// (`name=peer-url,...`), `new` or joining an `existing` one, waits until it answers, and
+/// supervises it from then on (see [`EtcdMember`]).
 pub async fn start_member(
     spec: &MemberSpec,
     initial_cluster: &str,
@@ -172,9 +180,36 @@ pub async fn start_member(
 ) -> Result<EtcdMember, StoreError> {
     std::fs::create_dir_all(&spec.data_dir)
         .map_err(|e| StoreError(format!("cannot create {}: {e}", spec.data_dir.display())))?;
-    let log_path = spec.data_dir.with_extension("log");
-    let log = std::fs::File::create(&log_path)
-        .map_err(|e| StoreError(format!("cannot create {}: {e}", log_path.display())))?;
+    let child = spawn_member(spec, initial_cluster, existing)?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(supervise(
+        spec.clone(),
+        initial_cluster.to_owned(),
+        child,
+        stop.clone(),
+    ));
+    let member = EtcdMember { stop };
+    answering(spec).await?;
+    Ok(member)
+}
+
+/// Where the member's log goes: beside its data directory.
+fn log_path(spec: &MemberSpec) -> PathBuf {
+    spec.data_dir.with_extension("log")
+}
+
+/// Starts the `etcd` process of `spec` (its log appended to [`log_path`]).
+fn spawn_member(
+    spec: &MemberSpec,
+    initial_cluster: &str,
+    existing: bool,
+) -> Result<tokio::process::Child, StoreError> {
+    let log_path = log_path(spec);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| StoreError(format!("cannot open {}: {e}", log_path.display())))?;
     let mut command = tokio::process::Command::new("etcd");
     command
         .arg("--name")
@@ -205,12 +240,15 @@ pub async fn start_member(
             Ok(())
         });
     }
-    let child = command.spawn().map_err(|e| {
+    command.spawn().map_err(|e| {
         StoreError(format!(
             "cannot start etcd (is it installed? scripts/setup.sh installs etcd-server): {e}"
         ))
-    })?;
-    let member = EtcdMember { _child: child };
+    })
+}
+
+/// Waits until the member of `spec` answers a status request, for at most [`START_DEADLINE`].
+async fn answering(spec: &MemberSpec) -> Result<(), StoreError> {
     let endpoint = spec.client_url();
     let give_up = tokio::time::Instant::now() + START_DEADLINE;
     loop {
@@ -218,16 +256,62 @@ pub async fn start_member(
             && store.client().status().await.is_ok()
         {
             tracing::info!(name = %spec.name(), %endpoint, "etcd member running");
-            return Ok(member);
+            return Ok(());
         }
         if tokio::time::Instant::now() >= give_up {
             return Err(StoreError(format!(
                 "etcd member {} did not answer at {endpoint} within {START_DEADLINE:?}; see {}",
                 spec.name(),
-                log_path.display()
+                log_path(spec).display()
             )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits on the member's process and starts it again whenever it exits (it rejoins from its
+/// own data: the cluster flags are ignored then), until `stop`; then kills it.
+async fn supervise(
+    spec: MemberSpec,
+    initial_cluster: String,
+    mut child: tokio::process::Child,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut backoff = crate::overlay::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        let status = tokio::select! {
+            status = child.wait() => status,
+            () = stop.cancelled() => {
+                let _ = child.kill().await;
+                return;
+            }
+        };
+        tracing::warn!(name = %spec.name(), ?status, log = %log_path(&spec).display(), "etcd member exited; starting it again");
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(backoff.next_delay()) => {}
+                () = stop.cancelled() => return,
+            }
+            match spawn_member(&spec, &initial_cluster, true) {
+                Ok(started) => {
+                    child = started;
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(name = %spec.name(), %error, "cannot start the etcd member again")
+                }
+            }
+        }
+        let answered = tokio::select! {
+            answered = answering(&spec) => answered.is_ok(),
+            () = stop.cancelled() => {
+                let _ = child.kill().await;
+                return;
+            }
+        };
+        if answered {
+            backoff.reset();
+        }
     }
 }
 

@@ -84,7 +84,7 @@ impl LookupService {
         };
         let outcome = match &response {
             LookupResponse::NotFound => "not_found",
-            LookupResponse::Failed(_) => "error",
+            LookupResponse::Failed(_) | LookupResponse::Unavailable(_) => "error",
             _ => "ok",
         };
         self.metrics
@@ -101,7 +101,7 @@ impl LookupService {
     fn store_failed(&self, error: impl std::fmt::Display) -> LookupResponse {
         self.metrics.store_errors.inc();
         tracing::warn!(%error, "record store failed");
-        LookupResponse::Failed(error.to_string())
+        LookupResponse::Unavailable(error.to_string())
     }
 
     async fn add(&self, record: ServiceRecord) -> LookupResponse {

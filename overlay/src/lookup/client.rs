@@ -48,8 +48,8 @@ pub async fn lookup_services(node: &Node) -> Result<Vec<PeerId>, ClientError> {
     })
 }
 
-/// Sends `request` to the nearest lookup service that answers. Returns the answer and who gave
-/// it.
+/// Sends `request` to the nearest lookup service that answers, passing over any whose record
+/// store failed ([`LookupResponse::Unavailable`]). Returns the answer and who gave it.
 pub async fn call(
     node: &Node,
     request: &LookupRequest,
@@ -57,6 +57,7 @@ pub async fn call(
     let mut failures = Vec::new();
     for peer in lookup_services(node).await? {
         match node.request::<LookupProtocol>(peer, request).await {
+            Ok(LookupResponse::Unavailable(reason)) => failures.push(format!("{peer}: {reason}")),
             Ok(response) => return Ok((peer, response)),
             Err(error) => failures.push(format!("{peer}: {error}")),
         }

@@ -58,6 +58,10 @@ pub enum LookupResponse {
     Services(Vec<ServiceRecord>),
     /// The answer to a `Delete`: how many records were deleted (0 if the name had none).
     Deleted(u64),
-    /// The request was refused or failed; the text says why.
+    /// The request was refused (a bad name, a record without its blob); the text says why.
+    /// Another lookup service would answer the same.
     Failed(String),
+    /// The lookup service's record store failed (its etcd member down, a disk error); the
+    /// text says why. Another lookup service may answer: clients ask the next.
+    Unavailable(String),
 }
