@@ -6,12 +6,14 @@
 //! cargo build --release --workspace
 //! cargo run -p bench --release -- all          # or one: overlay, monitor-memory, lookup, quic,
 //!                                              # side-by-side, stream, cold-start, tiers,
-//!                                              # probes, slow-service, tunnel, workers
+//!                                              # probes, slow-service, tunnel, workers,
+//!                                              # faults
 //! ```
 
 mod body;
 mod cold_start;
 mod compare;
+mod faults;
 mod foreign;
 mod load;
 mod lookup;
@@ -93,6 +95,10 @@ enum Scenario {
     /// Closed-loop throughput and CPU with one and two worker threads per proxy: ours
     /// (`--worker-threads`) and haproxy (`nbthread`), nothing pinned.
     Workers(workers::Args),
+    /// SIGKILL (and restart) and SIGSTOP of an instance, its sidecar, the allocator, an
+    /// hl-service, the ping-monitor and an etcd member under a steady load through an
+    /// ingress: failed requests, time to recover, what was left behind, state picked up.
+    Faults(faults::Args),
     /// The HTTP service behind the proxies (the data-plane scenarios start it themselves).
     #[command(hide = true)]
     Serve(serve::Args),
@@ -123,6 +129,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::SlowService(args) => slow_service::run(args, &mut out).await?,
         Scenario::Tunnel(args) => tunnel::run(args, &mut out).await?,
         Scenario::Workers(args) => workers::run(args, &mut out).await?,
+        Scenario::Faults(args) => faults::run(args, &mut out).await?,
         Scenario::Serve(args) => serve::run(args).await?,
         Scenario::ServeL4(args) => tunnel::serve(args).await?,
     }
@@ -155,7 +162,8 @@ async fn all(quick: bool, out: &mut Report) -> anyhow::Result<()> {
         probes,
         slow_service,
         tunnel,
-        workers
+        workers,
+        faults
     );
     Ok(())
 }

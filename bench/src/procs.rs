@@ -283,25 +283,34 @@ pub async fn start_daemon_with(
         &listen,
     ];
     let all: Vec<&str> = own.iter().chain(args).copied().collect();
-    // The metrics line comes once /metrics is served, which may be after the `ready` line:
-    // both are waited for, in any order.
+    spawn_daemon(&sibling_binary(name)?, &all, ready, extra).await
+}
+
+/// Starts `program` with exactly `args` and waits until it has printed its overlay address,
+/// its metrics address and the `ready` line if there is one (in any order: the metrics line
+/// comes once /metrics is served, which may be after the `ready` line).
+pub async fn spawn_daemon(
+    program: &Path,
+    args: &[&str],
+    ready: Option<&str>,
+    extra: Extra<'_>,
+) -> anyhow::Result<Daemon> {
     let (mut bootstrap, mut metrics, mut is_ready) = (None, None, ready.is_none());
-    let (process, (bootstrap, metrics)) =
-        spawn_reading_with(&sibling_binary(name)?, &all, extra, |line| {
-            if bootstrap.is_none() && line.contains("/p2p/") {
-                bootstrap = Some(line.parse::<BootstrapAddr>());
-            }
-            if let Some(addr) = line
-                .strip_prefix("metrics: http://")
-                .and_then(|rest| rest.strip_suffix("/metrics"))
-            {
-                metrics = Some(addr.parse::<SocketAddr>());
-            }
-            is_ready |= ready.is_some_and(|ready| line.starts_with(ready));
-            let done = metrics.is_some() && is_ready;
-            done.then(|| (bootstrap.take(), metrics.take()))
-        })
-        .await?;
+    let (process, (bootstrap, metrics)) = spawn_reading_with(program, args, extra, |line| {
+        if bootstrap.is_none() && line.contains("/p2p/") {
+            bootstrap = Some(line.parse::<BootstrapAddr>());
+        }
+        if let Some(addr) = line
+            .strip_prefix("metrics: http://")
+            .and_then(|rest| rest.strip_suffix("/metrics"))
+        {
+            metrics = Some(addr.parse::<SocketAddr>());
+        }
+        is_ready |= ready.is_some_and(|ready| line.starts_with(ready));
+        let done = metrics.is_some() && is_ready;
+        done.then(|| (bootstrap.take(), metrics.take()))
+    })
+    .await?;
     Ok(Daemon {
         pid: process.pid,
         process,

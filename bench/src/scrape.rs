@@ -9,7 +9,14 @@ use crate::load::GetClient;
 
 /// The text of `http://<metrics>/metrics`, within 5 s.
 pub async fn scrape(client: &GetClient, metrics: SocketAddr) -> Result<String, String> {
-    let uri: Uri = format!("http://{metrics}/metrics")
+    http_text(client, metrics, "/metrics")
+        .await
+        .map_err(|e| format!("the metrics at {metrics}: {e}"))
+}
+
+/// The body of `http://<addr><path>` as text, within 5 s.
+pub async fn http_text(client: &GetClient, addr: SocketAddr, path: &str) -> Result<String, String> {
+    let uri: Uri = format!("http://{addr}{path}")
         .parse()
         .map_err(|e| format!("{e}"))?;
     let read = async {
@@ -20,8 +27,7 @@ pub async fn scrape(client: &GetClient, metrics: SocketAddr) -> Result<String, S
     };
     tokio::time::timeout(Duration::from_secs(5), read)
         .await
-        .map_err(|_| "the metrics endpoint did not answer".to_owned())?
-        .map_err(|e: String| format!("the metrics at {metrics}: {e}"))
+        .map_err(|_| format!("{addr}{path} did not answer within 5 s"))?
 }
 
 /// The value of `series` (name and labels as printed) in a Prometheus text exposition.
