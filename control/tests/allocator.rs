@@ -448,3 +448,60 @@ async fn a_service_that_outlives_its_proxy_is_stopped_too() {
     unsafe { libc::kill(proxy, libc::SIGKILL) };
     culled_and_gone(&allocator.daemon, "exited", &instance_dir).await;
 }
+
+/// Issue 16's fault suite, as a test: an allocator frozen (SIGSTOP) under requests to its
+/// instance fails none of them, and resumed (SIGCONT) it still lists that instance and no
+/// other, starts nothing more, and, stopped, leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_allocator_fails_no_request_and_resumes_with_its_instance() {
+    let network = start_network().await;
+    register_hello(&network, "hello-world-server").await;
+    let dir = tempfile::tempdir().unwrap();
+    let _reaper = InstanceReaper(dir.path().join("data"));
+    let allocator = start_allocator(
+        &network,
+        dir.path(),
+        "process",
+        &["--idle-timeout", "1h", "--port-range", "21400-21499"],
+    )
+    .await;
+    let (_ingress, addr) = start_ingress(&network).await;
+    let (status, body) = http_get(&addr, "/hello-world-server/").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "Hello, world\n"));
+    let pid = allocator.daemon.process.child.id().unwrap().to_string();
+
+    assert!(run_to_exit("kill", &["-STOP", &pid], &[]).await.0);
+    // Requests for as long as it is frozen (three seconds: the fault, not a wait).
+    let frozen_until = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut served = 0;
+    while tokio::time::Instant::now() < frozen_until {
+        let (status, body) = http_get(&addr, "/hello-world-server/").await.unwrap();
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "Hello, world\n"),
+            "after {served}"
+        );
+        served += 1;
+    }
+    assert!(run_to_exit("kill", &["-CONT", &pid], &[]).await.0);
+
+    let text = metrics(&allocator.daemon).await;
+    assert_eq!(
+        value(&text, "allocator_instances{service=\"hello-world-server\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "allocator_starts_total{outcome=\"started\"}"),
+        Some(1.0)
+    );
+    let instances = dir.path().join("data/instances");
+    assert_eq!(std::fs::read_dir(&instances).unwrap().count(), 1);
+    let (status, _) = http_get(&addr, "/hello-world-server/").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(allocator.daemon.process.terminate().await);
+    wait_until("nothing of its instance left", DEADLINE, || async {
+        processes_with(instances.to_str().unwrap()).await.is_empty()
+    })
+    .await;
+}
