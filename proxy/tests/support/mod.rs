@@ -138,17 +138,31 @@ impl Network {
         let lookup_peer = control::lookup::client::lookup_services(&self.admin)
             .await
             .unwrap()[0];
-        let mut source = futures::io::Cursor::new(artifact.clone());
-        transfer::upload(
-            &self.admin,
-            lookup_peer,
-            digest,
-            artifact.len() as u64,
-            &mut source,
-            |_| {},
-        )
-        .await
-        .unwrap();
+        // Right after the network starts, the DHT may name the lookup service before its
+        // address is known here (the dial the search started still under way: "no addresses
+        // for peer"); an unreachable peer is asked again for a while, as clients do.
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut source = futures::io::Cursor::new(artifact.clone());
+            let uploaded = transfer::upload(
+                &self.admin,
+                lookup_peer,
+                digest,
+                artifact.len() as u64,
+                &mut source,
+                |_| {},
+            )
+            .await;
+            match uploaded {
+                Ok(()) => break,
+                Err(transfer::TransferError::Unreachable { .. })
+                    if tokio::time::Instant::now() < give_up =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(error) => panic!("uploading the artifact of {name}: {error}"),
+            }
+        }
         let record = ServiceRecord {
             version: RECORD_VERSION,
             name: name.into(),
