@@ -55,23 +55,20 @@ async fn culled_and_gone(allocator: &Daemon, reason: &str, dir: &std::path::Path
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_instances_start_once_serve_and_are_culled_when_idle() {
-    let network = start_network().await;
-    let record = register_hello(&network, "hello-world-server").await;
-    let dir = tempfile::tempdir().unwrap();
-    let _reaper = InstanceReaper(dir.path().join("data"));
-    let allocator = start_allocator(
-        &network,
-        dir.path(),
-        "process",
-        &[
-            "--idle-timeout",
-            "5s",
-            "--boot-grace",
-            "1s",
-            "--port-range",
-            "21000-21099",
-        ],
-    )
+    let HelloNetwork {
+        allocator,
+        reaper: _reaper,
+        dir,
+        record,
+        network,
+    } = hello_network(&[
+        "--idle-timeout",
+        "5s",
+        "--boot-grace",
+        "1s",
+        "--port-range",
+        "21000-21099",
+    ])
     .await;
 
     // 20 concurrent start requests, as from 20 proxies at once: one instance.
@@ -454,17 +451,13 @@ async fn a_service_that_outlives_its_proxy_is_stopped_too() {
 /// other, starts nothing more, and, stopped, leaves nothing behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_allocator_fails_no_request_and_resumes_with_its_instance() {
-    let network = start_network().await;
-    register_hello(&network, "hello-world-server").await;
-    let dir = tempfile::tempdir().unwrap();
-    let _reaper = InstanceReaper(dir.path().join("data"));
-    let allocator = start_allocator(
-        &network,
-        dir.path(),
-        "process",
-        &["--idle-timeout", "1h", "--port-range", "21400-21499"],
-    )
-    .await;
+    let HelloNetwork {
+        allocator,
+        reaper: _reaper,
+        dir,
+        network,
+        ..
+    } = hello_network(&["--idle-timeout", "1h", "--port-range", "21400-21499"]).await;
     let (_ingress, addr) = start_ingress(&network).await;
     let (status, body) = http_get(&addr, "/hello-world-server/").await.unwrap();
     assert_eq!((status, body.as_str()), (200, "Hello, world\n"));

@@ -11,17 +11,13 @@ async fn check(args: &[&str]) -> (bool, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_reports_a_healthy_network_and_each_kind_of_breakage() {
-    let network = start_network().await;
-    register_hello(&network, "hello-world-server").await;
-    let dir = tempfile::tempdir().unwrap();
-    let _reaper = InstanceReaper(dir.path().join("data"));
-    let allocator = start_allocator(
-        &network,
-        dir.path(),
-        "process",
-        &["--port-range", "21300-21399"],
-    )
-    .await;
+    let HelloNetwork {
+        allocator,
+        reaper: _reaper,
+        dir: _dir,
+        network,
+        ..
+    } = hello_network(&["--port-range", "21300-21399"]).await;
     let boot = network.monitor.bootstrap.to_string();
 
     // Healthy: everything found, with RTTs; the service resolves.

@@ -231,6 +231,34 @@ pub async fn start_allocator_at(
     Allocator { daemon, peer }
 }
 
+/// A network (a ping-monitor and an hl-service) with helloworldserver registered as
+/// `hello-world-server`, and a process allocator on it started with `flags`. Fields drop in
+/// order: the allocator, then its instances (the reaper), then the network.
+pub struct HelloNetwork {
+    pub allocator: Allocator,
+    pub reaper: InstanceReaper,
+    /// The allocator's key and data (its instances under `data/instances`).
+    pub dir: tempfile::TempDir,
+    pub record: ServiceRecord,
+    pub network: Network,
+}
+
+/// Starts a [`HelloNetwork`].
+pub async fn hello_network(flags: &[&str]) -> HelloNetwork {
+    let network = start_network().await;
+    let record = register_hello(&network, "hello-world-server").await;
+    let dir = tempfile::tempdir().unwrap();
+    let reaper = InstanceReaper(dir.path().join("data"));
+    let allocator = start_allocator(&network, dir.path(), "process", flags).await;
+    HelloNetwork {
+        allocator,
+        reaper,
+        dir,
+        record,
+        network,
+    }
+}
+
 /// An anonymous (ingress) proxy joined to `network`; the process and its ingress HOST:PORT.
 pub async fn start_ingress(network: &Network) -> (Process, String) {
     let bootstrap = network.monitor.bootstrap.to_string();
