@@ -461,22 +461,7 @@ async fn a_frozen_allocator_fails_no_request_and_resumes_with_its_instance() {
     let (_ingress, addr) = start_ingress(&network).await;
     let (status, body) = http_get(&addr, "/hello-world-server/").await.unwrap();
     assert_eq!((status, body.as_str()), (200, "Hello, world\n"));
-    let pid = allocator.daemon.process.child.id().unwrap().to_string();
-
-    assert!(run_to_exit("kill", &["-STOP", &pid], &[]).await.0);
-    // Requests for as long as it is frozen (three seconds: the fault, not a wait).
-    let frozen_until = tokio::time::Instant::now() + Duration::from_secs(3);
-    let mut served = 0;
-    while tokio::time::Instant::now() < frozen_until {
-        let (status, body) = http_get(&addr, "/hello-world-server/").await.unwrap();
-        assert_eq!(
-            (status, body.as_str()),
-            (200, "Hello, world\n"),
-            "after {served}"
-        );
-        served += 1;
-    }
-    assert!(run_to_exit("kill", &["-CONT", &pid], &[]).await.0);
+    frozen_under_requests(&addr, &[allocator.daemon.process.child.id().unwrap()]).await;
 
     let text = metrics(&allocator.daemon).await;
     assert_eq!(
@@ -497,4 +482,62 @@ async fn a_frozen_allocator_fails_no_request_and_resumes_with_its_instance() {
         processes_with(instances.to_str().unwrap()).await.is_empty()
     })
     .await;
+}
+
+/// Freezes (SIGSTOP) the processes `pids` for three seconds (the fault, not a wait) while
+/// requests to hello-world-server go through the ingress at `addr` one after the other, every
+/// one of which must be served; then resumes them (SIGCONT).
+async fn frozen_under_requests(addr: &str, pids: &[u32]) {
+    let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+    let signal = |signal: &'static str| {
+        let pids = pids.clone();
+        async move {
+            for pid in &pids {
+                assert!(
+                    run_to_exit("kill", &[signal, pid], &[]).await.0,
+                    "kill {signal} {pid}"
+                );
+            }
+        }
+    };
+    signal("-STOP").await;
+    let frozen_until = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut served = 0;
+    while tokio::time::Instant::now() < frozen_until {
+        let (status, body) = http_get(addr, "/hello-world-server/").await.unwrap();
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "Hello, world\n"),
+            "after {served}"
+        );
+        served += 1;
+    }
+    signal("-CONT").await;
+}
+
+/// Issue 16's fault suite, as a test: the control plane (the bootstrap ping-monitor and the
+/// hl-service) frozen under requests to a running instance fails none of them; resumed, the
+/// lookup answers and the record and artifact are intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_control_plane_fails_no_request_and_loses_nothing() {
+    let HelloNetwork {
+        allocator: _allocator,
+        reaper: _reaper,
+        dir: _dir,
+        record,
+        network,
+    } = hello_network(&["--idle-timeout", "1h", "--port-range", "21500-21599"]).await;
+    let (_ingress, addr) = start_ingress(&network).await;
+    let (status, _) = http_get(&addr, "/hello-world-server/").await.unwrap();
+    assert_eq!(status, 200);
+    let pids = [
+        network.monitor.process.child.id().unwrap(),
+        network.service.process.child.id().unwrap(),
+    ];
+    frozen_under_requests(&addr, &pids).await;
+    let (ok, out, err) = cli(&network, &["get", "--json", "hello-world-server"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(ServiceRecord::from_json(out.as_bytes()).unwrap(), record);
+    let blobs = control::blob::BlobStore::open(&network.data.path().join("blobs")).unwrap();
+    assert!(blobs.open_verified(record.digest).await.is_ok());
 }
