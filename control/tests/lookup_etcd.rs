@@ -173,6 +173,26 @@ async fn three_lookup_services_share_one_etcd_cluster_and_survive_losing_one() {
         },
     )
     .await;
+    // Frozen (SIGSTOP) instead: lookups go on (hl-cli, whose requests wait 10 s, hears
+    // `Unavailable` from that lookup service once etcd's own timeout, 5 s, has passed, and
+    // asks another), and resumed (SIGCONT) the member serves again.
+    let (ok, etcd, _) = run_to_exit("pgrep", &["-P", &pid.to_string(), "-x", "etcd"], &[]).await;
+    assert!(
+        ok,
+        "the restarted member runs under the second lookup service"
+    );
+    let etcd = etcd.trim().to_owned();
+    assert!(run_to_exit("kill", &["-STOP", &etcd], &[]).await.0);
+    let (ok, out, err) = hl_cli(&monitor, &["list"]).await;
+    assert!(ok && out.contains("before"), "{out}{err}");
+    assert!(run_to_exit("kill", &["-CONT", &etcd], &[]).await.0);
+    wait_until("the resumed member serving again", DEADLINE, || async {
+        matches!(
+            get(services[1], "before").await,
+            Ok(LookupResponse::Found(_))
+        )
+    })
+    .await;
 
     // Lose one member (its etcd goes with it): the other two keep quorum.
     assert!(third.process.terminate().await);
