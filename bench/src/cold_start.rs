@@ -497,7 +497,7 @@ async fn no_instance(
     let series = format!("allocator_instances{{service=\"{service}\"}}");
     let give_up = Instant::now() + timeout;
     loop {
-        let text = scrape(client, metrics).await?;
+        let text = scrape(client, metrics).await.map_err(|e| e.to_string())?;
         if value(&text, &series).unwrap_or(0.0) == 0.0 {
             return Ok(());
         }
@@ -510,7 +510,7 @@ async fn no_instance(
 
 /// Sum and count of the allocator's `allocator_start_duration_seconds`.
 async fn start_histogram(client: &GetClient, metrics: SocketAddr) -> Result<(f64, u64), String> {
-    let text = scrape(client, metrics).await?;
+    let text = scrape(client, metrics).await.map_err(|e| e.to_string())?;
     let sum = value(&text, "allocator_start_duration_seconds_sum").unwrap_or(0.0);
     let count = value(&text, "allocator_start_duration_seconds_count").unwrap_or(0.0);
     Ok((sum, count as u64))

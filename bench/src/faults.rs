@@ -56,7 +56,7 @@ use crate::{
     procs::{Daemon, Extra, run_output, sibling_binary, spawn_daemon},
     proxy_path::{StartedProxy, start_proxy_with},
     report::{Report, outln},
-    scrape::{http_text, scrape, value},
+    scrape::{HttpError, http_text, scrape, value},
     stats::{ms, percentile},
 };
 
@@ -760,10 +760,10 @@ impl Managed {
         self.running.as_ref().map(|r| r.pid)
     }
 
-    fn running(&self) -> anyhow::Result<&Daemon> {
+    fn running(&self) -> Result<&Daemon, ProbeError> {
         self.running
             .as_ref()
-            .with_context(|| format!("{} is not running", self.label))
+            .ok_or_else(|| ProbeError::Daemon(format!("{} is not running", self.label)))
     }
 
     /// Whether it runs (it may have exited on its own).
@@ -787,13 +787,44 @@ impl Managed {
     }
 }
 
+/// Why a look at the system under test (a program run, an endpoint read, a daemon asked) gave
+/// no answer; the report prints it in the row.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    /// A program did not exit, or the system did not come to a state, within its time.
+    #[error("{what} within {within:?}")]
+    TimedOut {
+        /// What did not happen ("etcdctl did not exit", ...).
+        what: String,
+        /// The time it had.
+        within: Duration,
+    },
+    /// A program could not be run, or exited with a failure: its message.
+    #[error("{0}")]
+    Failed(String),
+    /// An endpoint of a daemon (/metrics, /targets) could not be read.
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    /// A daemon of the system is not running, or could not be started again.
+    #[error("{0}")]
+    Daemon(String),
+    /// A daemon answered, otherwise than the starting state has it.
+    #[error("{0}")]
+    Answer(String),
+}
+
+/// A fault's target with no process to signal.
+fn not_running() -> ProbeError {
+    ProbeError::Daemon("not running".into())
+}
+
 /// Runs `program` (from PATH or a path) to completion within [`COMMAND_WITHIN`]: its standard
 /// output, or why not.
 async fn command_output(
     program: &str,
     args: &[&str],
     env: &[(&str, &str)],
-) -> Result<String, String> {
+) -> Result<String, ProbeError> {
     let run = tokio::process::Command::new(program)
         .args(args)
         .envs(env.iter().copied())
@@ -804,28 +835,34 @@ async fn command_output(
         .output();
     let output = tokio::time::timeout(COMMAND_WITHIN, run)
         .await
-        .map_err(|_| format!("{program} did not exit within {COMMAND_WITHIN:?}"))?
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
+        .map_err(|_| ProbeError::TimedOut {
+            what: format!("{program} did not exit"),
+            within: COMMAND_WITHIN,
+        })?
+        .map_err(|e| ProbeError::Failed(format!("cannot run {program}: {e}")))?;
     if !output.status.success() {
-        return Err(format!(
+        return Err(ProbeError::Failed(format!(
             "{program} {} failed ({}): {}",
             args.join(" "),
             output.status,
             String::from_utf8_lossy(&output.stderr).trim()
-        ));
+        )));
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// [`run_output`] of one of our binaries within [`COMMAND_WITHIN`]; its error is the last line
 /// of its standard error (its message, after any log lines).
-async fn ours(name: &str, args: &[&str]) -> Result<String, String> {
+async fn ours(name: &str, args: &[&str]) -> Result<String, ProbeError> {
     tokio::time::timeout(COMMAND_WITHIN, run_output(name, args))
         .await
-        .map_err(|_| format!("{name} did not exit within {COMMAND_WITHIN:?}"))?
+        .map_err(|_| ProbeError::TimedOut {
+            what: format!("{name} did not exit"),
+            within: COMMAND_WITHIN,
+        })?
         .map_err(|e| {
             let text = format!("{e:#}");
-            short(text.lines().last().unwrap_or_default())
+            ProbeError::Failed(short(text.lines().last().unwrap_or_default()))
         })
 }
 
@@ -964,9 +1001,7 @@ impl System {
             let mut lookup = Managed::new("hl-service", &format!("hl-service {}", i + 1), flags);
             lookup.start().await?;
             if n > 1 {
-                wait_members(&etcd[0], i + 1, Duration::from_secs(90))
-                    .await
-                    .map_err(anyhow::Error::msg)?;
+                wait_members(&etcd[0], i + 1, Duration::from_secs(90)).await?;
             }
             lookups.push(lookup);
         }
@@ -987,15 +1022,13 @@ impl System {
                 "$SERVICE_PORT",
             ],
         )
-        .await
-        .map_err(anyhow::Error::msg)?;
+        .await?;
         eprintln!("faults: {}", added.lines().next().unwrap_or_default());
         let json = ours(
             "hl-cli",
             &["--bootstrap", &bootstrap, "--json", "get", SERVICE],
         )
-        .await
-        .map_err(anyhow::Error::msg)?;
+        .await?;
         let record = ServiceRecord::from_json(json.as_bytes()).map_err(anyhow::Error::msg)?;
 
         let data = dir.path().join("allocator");
@@ -1160,7 +1193,7 @@ impl System {
     async fn fault(&mut self, args: &Args, target: Target, fault: Fault, row: &mut Row) -> Instant {
         let mut victim_instance = None;
         // The victim, and what is to be started again after SIGKILL.
-        let victim: Result<u32, String> = match target {
+        let victim: Result<u32, ProbeError> = match target {
             Target::Instance | Target::Sidecar => match self.busiest().await {
                 Err(why) => Err(why),
                 Ok((instance, served, of)) => {
@@ -1170,40 +1203,41 @@ impl System {
                         instance.id
                     ));
                     victim_instance = Some(instance.id.clone());
-                    let sidecar = instance
-                        .sidecar
-                        .ok_or_else(|| format!("no process of instance {}", instance.id));
+                    let sidecar = instance.sidecar.ok_or_else(|| {
+                        ProbeError::Daemon(format!("no process of instance {}", instance.id))
+                    });
                     match target {
                         Target::Sidecar => sidecar,
                         _ => sidecar.and_then(|pid| {
-                            children(pid)
-                                .into_iter()
-                                .next()
-                                .ok_or_else(|| format!("no service process under sidecar {pid}"))
+                            children(pid).into_iter().next().ok_or_else(|| {
+                                ProbeError::Daemon(format!(
+                                    "no service process under sidecar {pid}"
+                                ))
+                            })
                         }),
                     }
                 }
             },
-            Target::Allocator => self.allocator.pid().ok_or_else(|| "not running".into()),
+            Target::Allocator => self.allocator.pid().ok_or_else(not_running),
             Target::HlService => self.lookups[self.lookup_target()]
                 .pid()
-                .ok_or_else(|| "not running".into()),
-            Target::Monitor => self.monitor.pid().ok_or_else(|| "not running".into()),
-            Target::Etcd if self.etcd.is_empty() => {
-                Err("one lookup service with the embedded store: no etcd".into())
-            }
+                .ok_or_else(not_running),
+            Target::Monitor => self.monitor.pid().ok_or_else(not_running),
+            Target::Etcd if self.etcd.is_empty() => Err(ProbeError::Daemon(
+                "one lookup service with the embedded store: no etcd".into(),
+            )),
             Target::Etcd => self.etcd_member(self.etcd_target()).ok_or_else(|| {
-                format!(
+                ProbeError::Daemon(format!(
                     "{} has no etcd child",
                     self.lookups[self.etcd_target()].label
-                )
+                ))
             }),
         };
         let victim = match victim {
             Ok(pid) => pid,
             Err(why) => {
                 let notes = std::mem::take(&mut row.notes);
-                *row = Row::not_measured(target, fault, &why);
+                *row = Row::not_measured(target, fault, &why.to_string());
                 row.notes = notes;
                 return Instant::now();
             }
@@ -1366,7 +1400,7 @@ impl System {
                 let i = self.lookup_target();
                 let mut answer = self.lookup_answers(i).await;
                 if answer.is_ok() && !self.etcd.is_empty() && self.etcd_member(i).is_none() {
-                    answer = Err("its etcd member is not running".into());
+                    answer = Err(ProbeError::Daemon("its etcd member is not running".into()));
                 }
                 match answer {
                     Ok(()) => format!("yes: answers `get {SERVICE}`"),
@@ -1410,8 +1444,8 @@ impl System {
     }
 
     /// Whether lookup service `i` answers `get hello` with the record.
-    async fn lookup_answers(&self, i: usize) -> Result<(), String> {
-        let running = self.lookups[i].running().map_err(|e| e.to_string())?;
+    async fn lookup_answers(&self, i: usize) -> Result<(), ProbeError> {
+        let running = self.lookups[i].running()?;
         let peer = running.bootstrap.peer;
         // Found as clients find it (which dials its current address).
         let _ = tokio::time::timeout(
@@ -1425,26 +1459,28 @@ impl System {
             .await
         {
             Ok(LookupResponse::Found(_)) => Ok(()),
-            Ok(other) => Err(short(&format!("answered {other:?}"))),
-            Err(e) => Err(short(&e.to_string())),
+            Ok(other) => Err(ProbeError::Answer(short(&format!("answered {other:?}")))),
+            Err(e) => Err(ProbeError::Failed(short(&e.to_string()))),
         }
     }
 
     /// The instances the allocator lists on /targets.
-    async fn listed(&self) -> Result<Vec<Instance>, String> {
-        let metrics = self.allocator.running().map_err(|e| e.to_string())?.metrics;
+    async fn listed(&self) -> Result<Vec<Instance>, ProbeError> {
+        let metrics = self.allocator.running()?.metrics;
         let text = http_text(&self.client, metrics, "/targets").await?;
-        let groups: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        let groups: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ProbeError::Answer(format!("/targets: {e}")))?;
+        let malformed = |what: &str| ProbeError::Answer(format!("/targets: {what}"));
         let mut instances = Vec::new();
         for group in groups.as_array().into_iter().flatten() {
             let id = group["labels"]["mtc_instance"]
                 .as_str()
-                .ok_or("a target with no mtc_instance")?
+                .ok_or_else(|| malformed("a target with no mtc_instance"))?
                 .to_owned();
             let metrics = group["targets"][0]
                 .as_str()
                 .and_then(|t| t.parse().ok())
-                .ok_or("a target with no address")?;
+                .ok_or_else(|| malformed("a target with no address"))?;
             let state = std::fs::read(self.instances_dir().join(&id).join("instance.json")).ok();
             let sidecar = state
                 .and_then(|s| serde_json::from_slice::<serde_json::Value>(&s).ok())
@@ -1462,8 +1498,8 @@ impl System {
     }
 
     /// `allocator_instances{service="hello"}`.
-    async fn allocator_metric(&self) -> Result<usize, String> {
-        let metrics = self.allocator.running().map_err(|e| e.to_string())?.metrics;
+    async fn allocator_metric(&self) -> Result<usize, ProbeError> {
+        let metrics = self.allocator.running()?.metrics;
         let text = scrape(&self.client, metrics).await?;
         let series = format!("allocator_instances{{service=\"{SERVICE}\"}}");
         Ok(value(&text, &series).unwrap_or(0.0) as usize)
@@ -1489,7 +1525,7 @@ impl System {
 
     /// The instance whose sidecar served the most requests in the last second, and how many
     /// of how many it served.
-    async fn busiest(&self) -> Result<(Instance, u64, u64), String> {
+    async fn busiest(&self) -> Result<(Instance, u64, u64), ProbeError> {
         let instances = self.listed().await?;
         let served = |text: &str| value(text, "proxy_served_requests_total").unwrap_or(0.0);
         let mut before = Vec::new();
@@ -1515,7 +1551,7 @@ impl System {
             }
         }
         best.map(|(most, instance)| (instance.clone(), most as u64, total as u64))
-            .ok_or_else(|| "no instance's sidecar answers".into())
+            .ok_or_else(|| ProbeError::Answer("no instance's sidecar answers".into()))
     }
 
     /// The peer ID of an instance's sidecar, from the line it printed to its log.
@@ -1593,23 +1629,18 @@ impl System {
                     lines.join(", ")
                 }
             }
-            Err(why) => why,
+            Err(why) => why.to_string(),
         }
     }
 
     /// Asks the allocator for one more instance.
-    async fn ask_instance(&self) -> Result<String, String> {
-        let allocator = self
-            .allocator
-            .running()
-            .map_err(|e| e.to_string())?
-            .bootstrap
-            .peer;
+    async fn ask_instance(&self) -> Result<String, ProbeError> {
+        let allocator = self.allocator.running()?.bootstrap.peer;
         let request = StartRequest {
             service: SERVICE.into(),
             digest: self.record.digest.to_string(),
         };
-        let mut last = String::new();
+        let mut last = ProbeError::Answer("not asked".into());
         for attempt in 0..3 {
             // Found as proxies find it (which dials its current address).
             let found = tokio::time::timeout(
@@ -1619,7 +1650,7 @@ impl System {
             .await
             .unwrap_or_default();
             if !found.contains(&allocator) {
-                last = "the allocator is not found on the overlay".into();
+                last = ProbeError::Answer("the allocator is not found on the overlay".into());
             } else {
                 match self
                     .node
@@ -1627,8 +1658,10 @@ impl System {
                     .await
                 {
                     Ok(StartResponse::Started { instance, .. }) => return Ok(instance),
-                    Ok(StartResponse::Refused(why)) => return Err(format!("refused: {why}")),
-                    Err(e) => last = e.to_string(),
+                    Ok(StartResponse::Refused(why)) => {
+                        return Err(ProbeError::Answer(format!("refused: {why}")));
+                    }
+                    Err(e) => last = ProbeError::Failed(e.to_string()),
                 }
             }
             tokio::time::sleep(Duration::from_millis(300 * (attempt + 1))).await;
@@ -1645,22 +1678,23 @@ impl System {
         args: &Args,
         since: Option<Instant>,
         done: &mut Vec<String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ProbeError> {
         let give_up = Instant::now() + args.deadline;
         let late = |what: &str| {
             if Instant::now() >= give_up {
-                Err(format!(
-                    "{what} after {}",
-                    humantime::format_duration(args.deadline)
-                ))
+                Err(ProbeError::TimedOut {
+                    what: format!("{what}: not back"),
+                    within: args.deadline,
+                })
             } else {
                 Ok(())
             }
         };
+        let restarting = |e: anyhow::Error| ProbeError::Daemon(format!("{e:#}"));
         if !self.monitor.is_alive() {
             done.push("restarted the ping-monitor (it was not running)".into());
             self.monitor.kill().await;
-            self.monitor.start().await.map_err(|e| format!("{e:#}"))?;
+            self.monitor.start().await.map_err(restarting)?;
         }
         for i in 0..self.lookups.len() {
             let etcd_gone = !self.etcd.is_empty() && self.etcd_member(i).is_none();
@@ -1675,16 +1709,13 @@ impl System {
                     }
                 ));
                 self.lookups[i].terminate(Duration::from_secs(10)).await;
-                self.lookups[i]
-                    .start()
-                    .await
-                    .map_err(|e| format!("{e:#}"))?;
+                self.lookups[i].start().await.map_err(restarting)?;
             }
         }
         if !self.allocator.is_alive() {
             done.push("restarted the allocator (it was not running)".into());
             self.allocator.kill().await;
-            self.allocator.start().await.map_err(|e| format!("{e:#}"))?;
+            self.allocator.start().await.map_err(restarting)?;
         }
         if let Some(endpoint) = self.etcd.first() {
             let left = give_up.saturating_duration_since(Instant::now());
@@ -1733,15 +1764,15 @@ impl System {
             // look the service up: it knows only services it was asked for).
             while !self.ingress_uses(&peers).await {
                 if let Err(why) = late("the ingress does not use every instance") {
-                    return Err(format!(
+                    return Err(ProbeError::Answer(format!(
                         "{why}: instances {peers:?}; the ingress lists: {}",
                         self.ingress_view().await
-                    ));
+                    )));
                 }
                 if let (None, Some(ingress)) = (&self.load, &self.ingress) {
                     let uri: Uri = format!("http://{}/{SERVICE}/", ingress.ingress)
                         .parse()
-                        .map_err(|e| format!("{e}"))?;
+                        .map_err(|e: http::uri::InvalidUri| ProbeError::Failed(e.to_string()))?;
                     let _ =
                         tokio::time::timeout(REQUEST_TIMEOUT, get_hello(&self.client, uri)).await;
                 }
@@ -1751,7 +1782,7 @@ impl System {
                 let left = give_up.saturating_duration_since(Instant::now());
                 load.wait_steady(Instant::now(), args.settle, left)
                     .await
-                    .map_err(|_| "requests did not all succeed".to_owned())?;
+                    .map_err(|_| ProbeError::Answer("requests did not all succeed".into()))?;
             }
             let live = self
                 .listed()
@@ -1962,7 +1993,7 @@ fn counters_changed(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64
 }
 
 /// `etcdctl member list` through any of `endpoints`: one line per member.
-async fn member_list(endpoints: &[String]) -> Result<Vec<String>, String> {
+async fn member_list(endpoints: &[String]) -> Result<Vec<String>, ProbeError> {
     let endpoints = endpoints.join(",");
     let out = command_output(
         "etcdctl",
@@ -1980,7 +2011,7 @@ async fn member_list(endpoints: &[String]) -> Result<Vec<String>, String> {
 }
 
 /// Until `etcdctl member list` through `endpoint` shows `count` members, all started.
-async fn wait_members(endpoint: &str, count: usize, within: Duration) -> Result<(), String> {
+async fn wait_members(endpoint: &str, count: usize, within: Duration) -> Result<(), ProbeError> {
     let give_up = Instant::now() + within;
     loop {
         let last = match member_list(&[endpoint.to_owned()]).await {
@@ -1988,12 +2019,13 @@ async fn wait_members(endpoint: &str, count: usize, within: Duration) -> Result<
                 return Ok(());
             }
             Ok(list) => list.join(" / "),
-            Err(why) => why,
+            Err(why) => why.to_string(),
         };
         if Instant::now() >= give_up {
-            return Err(format!(
-                "{count} started etcd members not seen within {within:?}: {last}"
-            ));
+            return Err(ProbeError::TimedOut {
+                what: format!("{count} started etcd members not seen (last: {last})"),
+                within,
+            });
         }
         tokio::time::sleep(POLL).await;
     }
