@@ -53,7 +53,7 @@ use tokio::{sync::Semaphore, time::MissedTickBehavior};
 
 use crate::{
     load::{self, GetClient},
-    procs::{Daemon, Extra, run_output, sibling_binary, spawn_daemon},
+    procs::{Daemon, Extra, alive, children, run_output, sibling_binary, spawn_daemon, stat},
     proxy_path::{StartedProxy, start_proxy_with},
     report::{Report, outln},
     scrape::{HttpError, http_text, scrape, value},
@@ -647,21 +647,6 @@ fn signal(pid: u32, signal: libc::c_int) {
     unsafe { libc::kill(pid as libc::pid_t, signal) };
 }
 
-/// What /proc/PID/stat says: (state, parent PID); `None` if there is no such process.
-fn stat(pid: u32) -> Option<(char, u32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    Some((
-        fields.first()?.chars().next()?,
-        fields.get(1)?.parse().ok()?,
-    ))
-}
-
-/// Whether `pid` is a live process (not a zombie).
-fn alive(pid: u32) -> bool {
-    stat(pid).is_some_and(|(state, _)| state != 'Z')
-}
-
 fn comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|c| c.trim().to_owned())
@@ -691,18 +676,6 @@ fn processes_matching(needle: &str) -> Vec<(u32, String)> {
     processes()
         .into_iter()
         .filter(|(_, cmdline)| cmdline.contains(needle))
-        .collect()
-}
-
-/// The live children of `pid`.
-fn children(pid: u32) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&child| stat(child).is_some_and(|(state, parent)| parent == pid && state != 'Z'))
         .collect()
 }
 

@@ -18,7 +18,7 @@ use tokio::process::{Child, Command};
 
 use crate::{
     load,
-    procs::{cpu_time, status_kb},
+    procs::{children, cpu_time, status_kb},
 };
 
 /// How long nginx or haproxy may take to answer through both hops.
@@ -69,25 +69,6 @@ impl Drop for Foreign {
             unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
         }
     }
-}
-
-/// PIDs whose parent is `pid`, from /proc.
-pub fn children(pid: u32) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&candidate| {
-            std::fs::read_to_string(format!("/proc/{candidate}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    let rest = stat.rsplit_once(')')?.1.to_owned();
-                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
-                == Some(pid)
-        })
-        .collect()
 }
 
 /// A program on PATH or in the sbin directories (not always on a user's PATH).

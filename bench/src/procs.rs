@@ -46,6 +46,33 @@ pub fn status_kb(pid: u32, field: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
+/// What /proc/PID/stat says: (state, parent PID); `None` if there is no such process.
+pub fn stat(pid: u32) -> Option<(char, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some((
+        fields.first()?.chars().next()?,
+        fields.get(1)?.parse().ok()?,
+    ))
+}
+
+/// Whether `pid` is a live process (not a zombie).
+pub fn alive(pid: u32) -> bool {
+    stat(pid).is_some_and(|(state, _)| state != 'Z')
+}
+
+/// The live (not zombie) children of `pid`, from /proc.
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&child| stat(child).is_some_and(|(state, parent)| parent == pid && state != 'Z'))
+        .collect()
+}
+
 /// A size in kB (as /proc and rusage give it) in MiB.
 pub fn mib(kb: u64) -> String {
     format!("{:.1} MiB", kb as f64 / 1024.0)
