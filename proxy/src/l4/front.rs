@@ -11,7 +11,7 @@
 //! | no listener could be bound | 500 |
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, hash_map::Entry},
     convert::Infallible,
     io,
     net::{IpAddr, SocketAddr},
@@ -285,32 +285,36 @@ impl L4Front {
                         }
                     };
                     let datagram = buffer.split().freeze();
-                    if !clients.contains_key(&from) && clients.len() >= self.udp.max_clients {
-                        self.metrics.udp_limit_hit(&chain.spec, "too_many_clients");
-                        continue;
-                    }
                     let now = now_ms();
-                    let client = clients.entry(from).or_insert_with(|| {
-                        next_id += 1;
-                        let (queue, queued) = mpsc::channel(CLIENT_QUEUE);
-                        let last = Arc::new(AtomicU64::new(now_ms()));
-                        tokio::spawn(Arc::clone(&self).udp_tunnel(
-                            Arc::clone(&socket),
-                            from,
-                            queued,
-                            Arc::clone(&chain),
-                            {
-                                let last = Arc::clone(&last);
-                                move || last.store(now_ms(), Ordering::Relaxed)
-                            },
-                            {
-                                let ended = ended.clone();
-                                let id = next_id;
-                                move || { let _ = ended.send((from, id)); }
-                            },
-                        ));
-                        Client { id: next_id, queue, last, bucket: TokenBucket::new(now, burst) }
-                    });
+                    let held = clients.len();
+                    let client = match clients.entry(from) {
+                        Entry::Occupied(known) => known.into_mut(),
+                        Entry::Vacant(_) if held >= self.udp.max_clients => {
+                            self.metrics.udp_limit_hit(&chain.spec, "too_many_clients");
+                            continue;
+                        }
+                        Entry::Vacant(new) => {
+                            next_id += 1;
+                            let (queue, queued) = mpsc::channel(CLIENT_QUEUE);
+                            let last = Arc::new(AtomicU64::new(now));
+                            tokio::spawn(Arc::clone(&self).udp_tunnel(
+                                Arc::clone(&socket),
+                                from,
+                                queued,
+                                Arc::clone(&chain),
+                                {
+                                    let last = Arc::clone(&last);
+                                    move || last.store(now_ms(), Ordering::Relaxed)
+                                },
+                                {
+                                    let ended = ended.clone();
+                                    let id = next_id;
+                                    move || { let _ = ended.send((from, id)); }
+                                },
+                            ));
+                            new.insert(Client { id: next_id, queue, last, bucket: TokenBucket::new(now, burst) })
+                        }
+                    };
                     client.last.store(now, Ordering::Relaxed);
                     if !client.bucket.admit(now, rate, burst) {
                         self.metrics.udp_limit_hit(&chain.spec, "rate_limited");
