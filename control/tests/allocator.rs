@@ -316,6 +316,30 @@ async fn a_request_to_an_ingress_starts_an_instance_and_a_restarted_allocator_ad
     assert_eq!(std::fs::read_dir(&instances).unwrap().count(), 0);
 }
 
+/// Issue 16: after an allocator stopped, ingresses kept finding it, and asking it, until its
+/// provider record expired (two minutes, longer than the deadline here): a clean shutdown
+/// withdraws the record.
+#[tokio::test]
+async fn a_stopped_allocator_is_not_found_any_more() {
+    let network = start_network().await;
+    let dir = tempfile::tempdir().unwrap();
+    let _reaper = InstanceReaper(dir.path().join("data"));
+    let allocator = start_allocator(&network, dir.path(), "process", &[]).await;
+    let asker = asker_of(&network.monitor.bootstrap, allocator.peer).await;
+    assert!(allocator.daemon.process.terminate().await);
+    wait_until(
+        "the stopped allocator to be forgotten",
+        DEADLINE,
+        || async {
+            !providers(&asker, control::allocator::protocol::NAMESPACE)
+                .await
+                .contains(&allocator.peer)
+        },
+    )
+    .await;
+    asker.shutdown().await;
+}
+
 /// A UDP echo service as a user might write one: a script, run with the port it is given.
 const UDP_ECHO: &str = r#"#!/usr/bin/python3
 import socket, sys

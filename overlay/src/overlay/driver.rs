@@ -33,7 +33,11 @@ use crate::rtt::RttTable;
 /// Requests from [`Node`](super::Node) handles (and the driver's own timers).
 pub(crate) enum Command {
     Advertise(String),
-    StopAdvertising(String),
+    /// Stop announcing these namespaces; the reply names the peers that may hold their
+    /// records ([`super::withdraw`]).
+    StopAdvertising(Vec<String>, oneshot::Sender<Vec<PeerId>>),
+    /// A peer withdrew its records of these namespaces; the reply says they are gone here.
+    Withdrawn(PeerId, Vec<String>, oneshot::Sender<()>),
     Advertised(oneshot::Sender<Vec<String>>),
     FindProviders(String, fmpsc::UnboundedSender<PeerId>),
     LocalProviders(String, oneshot::Sender<Vec<PeerId>>),
@@ -143,12 +147,16 @@ impl Driver {
                 self.publish(&namespace);
                 self.advertised.insert(namespace);
             }
-            Command::StopAdvertising(namespace) => {
-                self.swarm
-                    .behaviour_mut()
-                    .kad
-                    .stop_providing(&record_key(&namespace));
-                self.advertised.remove(&namespace);
+            Command::StopAdvertising(namespaces, reply) => {
+                let _ = reply.send(self.stop_advertising(&namespaces));
+            }
+            Command::Withdrawn(peer, namespaces, done) => {
+                let store = self.swarm.behaviour_mut().kad.store_mut();
+                for namespace in &namespaces {
+                    kad::store::RecordStore::remove_provider(store, &record_key(namespace), &peer);
+                }
+                tracing::debug!(%peer, ?namespaces, "peer withdrew its provider records");
+                let _ = done.send(());
             }
             Command::Advertised(reply) => {
                 let _ = reply.send(self.advertised.iter().cloned().collect());
@@ -189,6 +197,23 @@ impl Driver {
             }
             Command::Shutdown => self.stopping = true,
         }
+    }
+
+    /// Stops announcing `namespaces` and returns the peers that may hold their records: every
+    /// connected peer and the closest peers to each key that the routing table knows.
+    fn stop_advertising(&mut self, namespaces: &[String]) -> Vec<PeerId> {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let mut holders = BTreeSet::new();
+        for namespace in namespaces {
+            let key = record_key(namespace);
+            kad.stop_providing(&key);
+            let key = kad::KBucketKey::new(key);
+            let closest = kad.get_closest_local_peers(&key).take(kad::K_VALUE.get());
+            holders.extend(closest.map(|peer| *peer.preimage()));
+            self.advertised.remove(namespace);
+        }
+        holders.extend(self.swarm.connected_peers().copied());
+        holders.into_iter().collect()
     }
 
     /// Announces one namespace to the DHT (kad republishes it every half record lifetime).

@@ -4,7 +4,8 @@
 //! Kademlia DHT in server mode for discovery, identify to learn peers' addresses and ping to
 //! measure RTTs. Programs find each other by *namespace*: a node [advertises](Node::advertise)
 //! one, others [find its providers](Node::find_providers), then talk over typed
-//! [control protocols](crate::rpc).
+//! [control protocols](crate::rpc). A node that stops advertising, or stops, [withdraws]
+//! (withdraw) its records at the peers that hold them.
 //!
 //! Pure parts (backoff, bootstrap state machine, namespaces, key files, the PSK) are apart from
 //! the `driver` task that owns the swarm, and are unit-tested without sockets.
@@ -18,6 +19,7 @@ mod namespace;
 mod node;
 pub mod psk;
 mod transport;
+pub mod withdraw;
 
 pub use backoff::Backoff;
 pub use behaviour::KAD_PROTOCOL;

@@ -16,7 +16,7 @@ use super::{
     bootstrap::{BootstrapAddr, BootstrapPolicy, JoinError},
     driver::{self, Command},
     psk::NetworkKey,
-    transport,
+    transport, withdraw,
 };
 use crate::rtt::{RttStats, RttTable, WindowShape};
 
@@ -211,7 +211,7 @@ impl Node {
             }
             Err(_) => return Err(StartError::Stopped),
         }
-        Ok(Node {
+        let node = Node {
             inner: Arc::new(Inner {
                 peer_id,
                 role: config.role,
@@ -224,7 +224,9 @@ impl Node {
                 stopped,
                 driver: Mutex::new(Some(handle)),
             }),
-        })
+        };
+        withdraw::serve(&node);
+        Ok(node)
     }
 
     /// This node's peer ID, derived from its key pair.
@@ -272,7 +274,10 @@ impl Node {
         addrs.into_iter().map(|a| a.with(p2p.clone())).collect()
     }
 
-    async fn command<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
+    pub(super) async fn command<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Option<T> {
         let (tx, rx) = oneshot::channel();
         self.inner.commands.send(make(tx)).await.ok()?;
         rx.await.ok()
@@ -289,14 +294,11 @@ impl Node {
             .await;
     }
 
-    /// Stops announcing `namespace`. Others forget it when their records expire
-    /// ([`Timing::provider_ttl`]).
+    /// Stops announcing `namespace`, and tells the peers that may hold its record, so that
+    /// others stop finding this node under it now rather than when the record expires
+    /// ([`withdraw`](super::withdraw)).
     pub async fn stop_advertising(&self, namespace: &str) {
-        let _ = self
-            .inner
-            .commands
-            .send(Command::StopAdvertising(namespace.to_owned()))
-            .await;
+        withdraw::withdraw(self, vec![namespace.to_owned()]).await;
     }
 
     /// The namespaces this node advertises.
@@ -358,8 +360,10 @@ impl Node {
         WeakNode(Arc::downgrade(&self.inner))
     }
 
-    /// Closes every connection and stops the node; other clones become inert.
+    /// Withdraws what the node advertises ([`Node::stop_advertising`]), closes every
+    /// connection and stops the node; other clones become inert.
     pub async fn shutdown(&self) {
+        withdraw::withdraw(self, self.advertised().await).await;
         let _ = self.inner.commands.send(Command::Shutdown).await;
         let handle = self
             .inner

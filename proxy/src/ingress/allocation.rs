@@ -5,9 +5,9 @@
 //! new instance takes a moment to be measured. A service left with no instance after one was
 //! started (it was culled, or died) gets the next at once.
 //!
-//! An allocator that cannot be reached (stopped: its provider record outlives it by up to the
-//! record lifetime, and libp2p has no way to withdraw it) is [`Unreachable`]: asked last, after
-//! every other, until that lifetime has passed, so that no allocation waits on it first.
+//! An allocator that cannot be reached (killed: a clean stop withdraws its provider record, but
+//! a killed one's outlives it by up to the record lifetime) is [`Unreachable`]: asked last,
+//! after every other, until that lifetime has passed, so that no allocation waits on it first.
 
 use std::time::{Duration, Instant};
 
