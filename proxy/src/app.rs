@@ -26,6 +26,7 @@ use std::{
 };
 
 use anyhow::Context;
+use libp2p::{Multiaddr, multiaddr::Protocol};
 use mtc_overlay::{
     allocator::protocol::instance,
     common::{
@@ -177,8 +178,10 @@ pub struct Cli {
     )]
     pub worker_threads: u16,
 
-    /// The shared flags; the proxy's --prom-listen-addr defaults to :METRICS_PORT if given,
-    /// else to the old MTC_METRICS_ADDR, else to :0 (the port is printed at start).
+    /// The shared flags. The proxy's --p2p-listen-addr defaults to :0 (every interface) for a
+    /// sidecar and to --listen-ip for an ingress; its --prom-listen-addr to :METRICS_PORT if
+    /// given, else to the old MTC_METRICS_ADDR, else to any port (printed at start) on every
+    /// interface for a sidecar and on --listen-ip for an ingress.
     #[command(flatten)]
     pub daemon: DaemonArgs,
 }
@@ -186,6 +189,7 @@ pub struct Cli {
 impl Flags for Cli {
     const NAME: &'static str = "proxy";
     const CONFIG_ENV: &'static str = "PROXY_CONFIG";
+    const P2P_LISTEN_ADDR: Option<&'static str> = None;
 
     fn common(&self) -> &CommonArgs {
         &self.daemon.common
@@ -208,6 +212,7 @@ pub struct L4Cli {
 impl Flags for L4Cli {
     const NAME: &'static str = "l4-proxy";
     const CONFIG_ENV: &'static str = "PROXY_CONFIG";
+    const P2P_LISTEN_ADDR: Option<&'static str> = None;
 
     fn common(&self) -> &CommonArgs {
         &self.proxy.daemon.common
@@ -279,8 +284,22 @@ impl Cli {
         })
     }
 
+    /// Where the overlay listens: --p2p-listen-addr, else every interface for a sidecar
+    /// (other machines reach its instance there) and --listen-ip for an ingress (a user who
+    /// asked for loopback is not exposed on every interface).
+    fn p2p_listen_addr(&self) -> Multiaddr {
+        self.daemon.p2p_listen_addr.clone().unwrap_or_else(|| {
+            let ip = match self.service {
+                Some(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                None => self.listen_ip,
+            };
+            Multiaddr::from(ip).with(Protocol::Tcp(0))
+        })
+    }
+
     /// Where /metrics is served: --prom-listen-addr, else the old MTC_METRICS_ADDR, else
-    /// METRICS_PORT on every interface, else any port.
+    /// METRICS_PORT on every interface, else any port on every interface (a sidecar) or on
+    /// --listen-ip (an ingress).
     fn metrics_addr(&self) -> anyhow::Result<SocketAddr> {
         if let Some(addr) = self.daemon.prom_listen_addr {
             return Ok(addr);
@@ -288,11 +307,21 @@ impl Cli {
         if let Ok(text) = std::env::var(OLD_METRICS_ENV) {
             return parse_socket_addr(&text).map_err(|e| anyhow::anyhow!("{OLD_METRICS_ENV}: {e}"));
         }
-        Ok(SocketAddr::new(
-            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            self.metrics_port.unwrap_or(0),
-        ))
+        Ok(match (self.metrics_port, &self.service) {
+            (Some(port), _) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+            (None, Some(_)) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+            (None, None) => SocketAddr::new(self.listen_ip, 0),
+        })
     }
+}
+
+/// Whether `addr` is on a loopback interface.
+fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|part| match part {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
 }
 
 /// Tunes glibc's allocator for a data plane, before anything allocates; the mains call it.
@@ -358,7 +387,12 @@ async fn run_program(cli: Cli, program: Program) -> anyhow::Result<()> {
         .common
         .overlay
         .node_config("proxy", &default_keyfile)?;
-    config.listen = vec![cli.daemon.p2p_listen_addr_of::<Cli>()];
+    let p2p_listen = cli.p2p_listen_addr();
+    // A node on loopback in a network that reaches beyond this machine cannot serve the DHT
+    // to the others: they would keep an address of it they cannot dial. It still asks it.
+    config.dht_server =
+        !is_loopback(&p2p_listen) || config.bootstraps.iter().all(|b| is_loopback(&b.addr));
+    config.listen = vec![p2p_listen];
     config.data_plane = Some(cli.quic_advertise_addr.unwrap_or(quic_addr));
     let keypair = config.keypair.clone();
     let network_key = config.network_key.as_ref().map(|key| *key.key_bytes());

@@ -1153,6 +1153,32 @@ async fn outside_the_private_network_the_data_plane_answers_nothing() {
     assert!(stderr.contains(&network.boot_arg()), "{stderr}");
 }
 
+/// Issue 16: an ingress on loopback (`--listen-ip`'s default) listened on the overlay, and
+/// served /metrics, on every interface: a user who asked for loopback was exposed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingress_on_loopback_listens_on_loopback_alone() {
+    let network = Network::start().await;
+    let boot = network.boot_arg();
+    let process = Process::spawn(
+        PROXY,
+        &["--bootstrap", &boot, "--ephemeral", "0"],
+        &[("RUST_LOG", "warn")],
+    );
+    process.line_containing("ingress: http://", DEADLINE).await;
+    let tcp: Vec<_> = support::sockets_of(process.child.id().unwrap())
+        .into_iter()
+        .filter(|(proto, _)| proto == "tcp")
+        .collect();
+    // The ingress, the overlay and /metrics. (Its one UDP socket, the data plane's, is on
+    // every interface to reach other machines' instances, but takes no connection:
+    // outside_the_private_network_the_data_plane_answers_nothing.)
+    assert_eq!(tcp.len(), 3, "{tcp:?}");
+    assert!(
+        tcp.iter().all(|(_, addr)| addr.starts_with("127.0.0.1:")),
+        "{tcp:?}"
+    );
+}
+
 /// The sidecar's positionals from the environment an allocator sets, and a service it starts
 /// and supervises (Python's http.server stands in for a service binary here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -127,7 +127,6 @@ pub struct Cli {
 impl Program for Cli {
     const NAME: &'static str = "allocator";
     const CONFIG_ENV: &'static str = "ALLOCATOR_CONFIG";
-    const P2P_LISTEN_ADDR: &'static str = ":0";
     const PROM_LISTEN_ADDR: Option<&'static str> = Some(":9101");
 
     fn common(&self) -> &CommonArgs {

@@ -106,7 +106,6 @@ pub struct Cli {
 impl Program for Cli {
     const NAME: &'static str = "hl-service";
     const CONFIG_ENV: &'static str = "HL_SERVICE_CONFIG";
-    const P2P_LISTEN_ADDR: &'static str = ":0";
     const PROM_LISTEN_ADDR: Option<&'static str> = Some(":9102");
 
     fn common(&self) -> &CommonArgs {

@@ -53,7 +53,7 @@ pub struct Cli {
 impl Program for Cli {
     const NAME: &'static str = "ping-monitor";
     const CONFIG_ENV: &'static str = "PING_MONITOR_CONFIG";
-    const P2P_LISTEN_ADDR: &'static str = ":4001";
+    const P2P_LISTEN_ADDR: Option<&'static str> = Some(":4001");
     const PROM_LISTEN_ADDR: Option<&'static str> = Some(":9100");
 
     fn common(&self) -> &CommonArgs {

@@ -73,10 +73,12 @@ pub struct DaemonArgs {
 }
 
 impl DaemonArgs {
-    /// The P2P listen address: the flag's, else program `P`'s default.
+    /// The P2P listen address: the flag's, else program `P`'s fixed default, else all
+    /// interfaces on any port.
     pub fn p2p_listen_addr_of<P: Program>(&self) -> Multiaddr {
         self.p2p_listen_addr.clone().unwrap_or_else(|| {
-            parse_p2p_listen_addr(P::P2P_LISTEN_ADDR).expect("a program's default is valid")
+            parse_p2p_listen_addr(P::P2P_LISTEN_ADDR.unwrap_or(":0"))
+                .expect("a program's default is valid")
         })
     }
 
@@ -95,8 +97,9 @@ pub trait Program: clap::CommandFactory + clap::FromArgMatches {
     const NAME: &'static str;
     /// The environment variable naming its flags file (`--config`).
     const CONFIG_ENV: &'static str;
-    /// Its default `--p2p-listen-addr`, for a daemon.
-    const P2P_LISTEN_ADDR: &'static str = ":0";
+    /// Its default `--p2p-listen-addr`, for a daemon whose default is fixed (`None`: the
+    /// program works it out from its other flags when the flag is not given).
+    const P2P_LISTEN_ADDR: Option<&'static str> = Some(":0");
     /// Its default `--prom-listen-addr`, for a daemon whose default is fixed.
     const PROM_LISTEN_ADDR: Option<&'static str> = None;
 
@@ -106,13 +109,12 @@ pub trait Program: clap::CommandFactory + clap::FromArgMatches {
     /// Its command line definition, with this program's defaults of the shared flags.
     fn definition() -> clap::Command {
         let mut command = Self::command().mut_arg("config", |arg| arg.env(Self::CONFIG_ENV));
-        if command
-            .get_arguments()
-            .any(|arg| arg.get_id() == "p2p_listen_addr")
+        if let Some(addr) = Self::P2P_LISTEN_ADDR
+            && command
+                .get_arguments()
+                .any(|arg| arg.get_id() == "p2p_listen_addr")
         {
-            command = command.mut_arg("p2p_listen_addr", |arg| {
-                arg.default_value(Self::P2P_LISTEN_ADDR)
-            });
+            command = command.mut_arg("p2p_listen_addr", |arg| arg.default_value(addr));
         }
         if let Some(addr) = Self::PROM_LISTEN_ADDR {
             command = command.mut_arg("prom_listen_addr", |arg| arg.default_value(addr));
