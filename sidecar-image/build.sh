@@ -7,10 +7,12 @@
 # static musl proxy and perf.conf). Then, without SERVICE_DIR, the hello-world-server image
 # (Dockerfile here, with a static helloworldserver), saved as OUT_DIR/hello-world-server.tar;
 # with SERVICE_DIR, the image of that directory (its Dockerfile builds FROM the base; an
-# executable `prepare` in it runs first with CONTEXT and CARGO_TARGET_DIR set, to put what
-# the image copies into the context), tagged multi-tier-cloud/<dir name>:latest and saved as
-# OUT_DIR/<dir name>.tar. OUT_DIR defaults to target/sidecar-image. Prints the tarball's path.
-# IMAGE_TAG overrides the service image's tag.
+# executable `prepare` in it runs first with CONTEXT and CARGO_TARGET_DIR set, and
+# SIDECAR_PROFILE if it is, to put what the image copies into the context), tagged
+# multi-tier-cloud/<dir name>:latest and saved as OUT_DIR/<dir name>.tar. OUT_DIR defaults to
+# target/sidecar-image. Prints the tarball's path. IMAGE_TAG overrides the service image's
+# tag; SIDECAR_PROFILE the Cargo profile the binaries are built with (default release;
+# scripts/test.sh uses test-image, quicker to build).
 set -euo pipefail
 # Paths as the caller gave them, before moving to the repository's root.
 out=$(realpath -m "${1:-target/sidecar-image}")
@@ -20,10 +22,11 @@ cd "$(dirname "$0")/.."
 # Its own target directory: this build never waits on another cargo.
 export CARGO_TARGET_DIR=$(realpath -m "${SIDECAR_TARGET_DIR:-target/sidecar-build}")
 musl=x86_64-unknown-linux-musl
-release="$CARGO_TARGET_DIR/$musl/release"
+profile=${SIDECAR_PROFILE:-release}
+release="$CARGO_TARGET_DIR/$musl/$profile"
 
 # The base image.
-cargo build --release --locked --quiet --target "$musl" -p proxy --bin proxy >&2
+cargo build --profile "$profile" --locked --quiet --target "$musl" -p proxy --bin proxy >&2
 # Build contexts of their own, so that builds running at once (tests) do not clash.
 mkdir -p "$out"
 base=$(mktemp -d "$out/base.XXXXXX")
@@ -36,7 +39,7 @@ docker build --quiet --tag multi-tier-cloud/proxy-base:latest "$base" >&2
 # The service's image.
 if [ -z "$service_dir" ]; then
   name=hello-world-server
-  cargo build --release --locked --quiet --target "$musl" -p helloworld --bin helloworldserver >&2
+  cargo build --profile "$profile" --locked --quiet --target "$musl" -p helloworld --bin helloworldserver >&2
   cp "$release/helloworldserver" sidecar-image/Dockerfile "$context/"
   strip "$context/helloworldserver"
 else

@@ -145,9 +145,13 @@ async fn all(quick: bool, out: &mut Report) -> anyhow::Result<()> {
             } else {
                 $module::Args::default()
             };
+            let started = std::time::Instant::now();
             $module::run(args, out)
                 .await
                 .context(concat!("scenario ", stringify!($module)))?;
+            // What each scenario costs (CI runs them all in its time budget).
+            let took = started.elapsed().as_secs_f64();
+            eprintln!("bench: {} took {took:.0} s", stringify!($module));
         )*};
     }
     run!(
