@@ -296,7 +296,7 @@ impl Node {
 
     /// Stops announcing `namespace`, and tells the peers that may hold its record, so that
     /// others stop finding this node under it now rather than when the record expires
-    /// ([`withdraw`](super::withdraw)).
+    /// ([`withdraw`]).
     pub async fn stop_advertising(&self, namespace: &str) {
         withdraw::withdraw(self, vec![namespace.to_owned()]).await;
     }
