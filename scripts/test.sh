@@ -77,7 +77,7 @@ if [ "$status" -eq 0 ]; then
     status=1
   else
     echo "bench all --quick: $(grep -c '^## ' "$bench_out/RESULTS.md") scenarios, $(ls "$bench_out/results" | wc -l) plots"
-    grep '^bench: .* took' "$log.bench" | sed 's/^bench: //' | paste -sd, - | sed 's/^/bench all --quick: /'
+    grep '^bench: .* took' "$log.bench" | sed 's/^bench: //' | paste -sd, - | sed 's/,/, /g; s/^/bench all --quick: /'
   fi
 fi
 # Every parser of untrusted bytes, fuzzed briefly (fuzz/: one crate, one build, a target per
