@@ -7,12 +7,12 @@
 # static musl proxy and perf.conf). Then, without SERVICE_DIR, the hello-world-server image
 # (Dockerfile here, with a static helloworldserver), saved as OUT_DIR/hello-world-server.tar;
 # with SERVICE_DIR, the image of that directory (its Dockerfile builds FROM the base; an
-# executable `prepare` in it runs first with CONTEXT and CARGO_TARGET_DIR set, and
-# SIDECAR_PROFILE if it is, to put what the image copies into the context), tagged
-# multi-tier-cloud/<dir name>:latest and saved as OUT_DIR/<dir name>.tar. OUT_DIR defaults to
-# target/sidecar-image. Prints the tarball's path. IMAGE_TAG overrides the service image's
-# tag; SIDECAR_PROFILE the Cargo profile the binaries are built with (default release;
-# scripts/test.sh uses test-image, quicker to build).
+# executable `prepare` in it runs first with CONTEXT, CARGO_TARGET_DIR and SIDECAR_BIN_DIR
+# (where the profile's musl binaries go) set, and SIDECAR_PROFILE if it is, to put what the
+# image copies into the context), tagged multi-tier-cloud/<dir name>:latest and saved as
+# OUT_DIR/<dir name>.tar. OUT_DIR defaults to target/sidecar-image. Prints the tarball's path.
+# IMAGE_TAG overrides the service image's tag; SIDECAR_PROFILE the Cargo profile the binaries
+# are built with (default release; scripts/test.sh uses test-image, quicker to build).
 set -euo pipefail
 # Paths as the caller gave them, before moving to the repository's root.
 out=$(realpath -m "${1:-target/sidecar-image}")
@@ -23,7 +23,14 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=$(realpath -m "${SIDECAR_TARGET_DIR:-target/sidecar-build}")
 musl=x86_64-unknown-linux-musl
 profile=${SIDECAR_PROFILE:-release}
-release="$CARGO_TARGET_DIR/$musl/$profile"
+# Where cargo puts that profile's binaries (dev and test share debug/); prepare scripts read it.
+case $profile in
+  dev | test) profile_dir=debug ;;
+  bench) profile_dir=release ;;
+  *) profile_dir=$profile ;;
+esac
+export SIDECAR_BIN_DIR="$CARGO_TARGET_DIR/$musl/$profile_dir"
+release=$SIDECAR_BIN_DIR
 
 # The base image.
 cargo build --profile "$profile" --locked --quiet --target "$musl" -p proxy --bin proxy >&2

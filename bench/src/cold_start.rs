@@ -3,10 +3,11 @@
 //! Docker if an engine answers): a ping-monitor, an hl-service where hl-cli registers the
 //! hello-world service, an allocator culling idle instances after a second, and for every run
 //! a fresh ingress proxy; then as many runs through one ingress kept across them, for which
-//! each culled instance is still listed on the overlay (its proxy said goodbye as it stopped:
-//! the ingress passes over it at once), and one more through it after `--quiet` (150 s) with
-//! no request at all, by when its instances' provider records have expired: the ingress
-//! should list none of them and go straight to an allocation. A run waits until the allocator reports no instance
+//! each culled instance may still be listed by the ingress (its proxy said goodbye and withdrew
+//! its provider record as it stopped: the ingress passes over it at once), and one more
+//! through it after `--quiet` (150 s) with no request at all, by when its instances are long
+//! gone from the overlay (withdrawn, or expired if killed): the ingress should list none of
+//! them and go straight to an allocation. A run waits until the allocator reports no instance
 //! of the service, starts the ingress (or not), then times `GET /<service>/` to the first byte
 //! of a 200 "Hello, world".
 //!
@@ -92,7 +93,7 @@ pub struct Args {
     timeout: Duration,
     /// After the runs through the kept ingress, one more through it after this long with no
     /// request at all (0: none): every instance it knew is long culled and its provider record
-    /// (120 s) expired. Meanwhile its /metrics are read every second, to see when the culled
+    /// withdrawn (or, had it been killed, expired: 120 s). Meanwhile its /metrics are read every second, to see when the culled
     /// instances leave them.
     #[arg(long, default_value = "150s", value_parser = humantime::parse_duration)]
     quiet: Duration,
@@ -170,9 +171,9 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
          Per runtime: a ping-monitor, an hl-service where hl-cli registers the hello-world \
          service, an allocator culling idle instances after a second, and for every run a \
          fresh ingress proxy; then as many runs through one ingress kept across them (each \
-         culled instance is still listed on the overlay when the next request comes: the \
-         ingress must pass over it), and one more through it after a quiet spell with no \
-         request at all, by when the culled instances' provider records have expired. A run \
+         culled instance may still be listed by the ingress when the next request comes: it \
+         must pass over it), and one more through it after a quiet spell with no request at \
+         all, by when the culled instances are long gone from the overlay. A run \
          waits until the allocator reports no instance of the \
          service, then times `GET /<service>/` to the first byte of a 200 \"Hello, world\". \
          Where the time goes comes from the programs' logs as the benchmark reads them \
@@ -652,8 +653,8 @@ fn report(
         outln!(
             out,
             "The kept ingress listed {} instances of the service on /metrics as the quiet spell \
-             began (each culled about a second after its request; provider records live \
-             120 s), and {emptied}.\n",
+             began (each culled about a second after its request, withdrawing its provider \
+             record as it stopped), and {emptied}.\n",
             after.listed
         );
     }

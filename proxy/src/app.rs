@@ -72,7 +72,7 @@ pub struct Cli {
 
     /// Port of /metrics on every interface (the original's fourth argument), unless
     /// --prom-listen-addr (or the old MTC_METRICS_ADDR) says where; without any, a free port,
-    /// printed at start.
+    /// printed at start, on every interface for a sidecar and on --listen-ip for an ingress.
     #[arg(value_name = "METRICS_PORT", env = instance::METRICS_PORT)]
     pub metrics_port: Option<u16>,
 
@@ -288,13 +288,19 @@ impl Cli {
     /// (other machines reach its instance there) and --listen-ip for an ingress (a user who
     /// asked for loopback is not exposed on every interface).
     fn p2p_listen_addr(&self) -> Multiaddr {
-        self.daemon.p2p_listen_addr.clone().unwrap_or_else(|| {
-            let ip = match self.service {
-                Some(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                None => self.listen_ip,
-            };
-            Multiaddr::from(ip).with(Protocol::Tcp(0))
-        })
+        self.daemon
+            .p2p_listen_addr
+            .clone()
+            .unwrap_or_else(|| Multiaddr::from(self.default_ip()).with(Protocol::Tcp(0)))
+    }
+
+    /// Where a listener no flag places goes: every interface for a sidecar, --listen-ip for
+    /// an ingress.
+    fn default_ip(&self) -> IpAddr {
+        match self.service {
+            Some(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            None => self.listen_ip,
+        }
     }
 
     /// Where /metrics is served: --prom-listen-addr, else the old MTC_METRICS_ADDR, else
@@ -307,10 +313,9 @@ impl Cli {
         if let Ok(text) = std::env::var(OLD_METRICS_ENV) {
             return parse_socket_addr(&text).map_err(|e| anyhow::anyhow!("{OLD_METRICS_ENV}: {e}"));
         }
-        Ok(match (self.metrics_port, &self.service) {
-            (Some(port), _) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
-            (None, Some(_)) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
-            (None, None) => SocketAddr::new(self.listen_ip, 0),
+        Ok(match self.metrics_port {
+            Some(port) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+            None => SocketAddr::new(self.default_ip(), 0),
         })
     }
 }

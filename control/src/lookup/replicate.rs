@@ -7,7 +7,7 @@
 //! - **Census.** Every lookup service found on the overlay is asked `Has` (the blob protocol's
 //!   cheap question, see [`transfer`]); one that answers with the record's size holds a copy,
 //!   one that answers otherwise lacks one, one that does not answer within [`ASK_TIMEOUT`] is
-//!   gone (its provider record outlives it by up to the record lifetime; it is not counted).
+//!   gone (a killed one's provider record outlives it by up to the record lifetime; it is not counted).
 //! - **Target.** `copies`, or every live lookup service if there are fewer.
 //! - **Who acts.** One node per artifact, so that lookup services sharing an etcd cluster (all
 //!   seeing the same records) do not all push at once: the holder ranked first by rendezvous

@@ -98,7 +98,8 @@ pub trait Program: clap::CommandFactory + clap::FromArgMatches {
     /// The environment variable naming its flags file (`--config`).
     const CONFIG_ENV: &'static str;
     /// Its default `--p2p-listen-addr`, for a daemon whose default is fixed (`None`: the
-    /// program works it out from its other flags when the flag is not given).
+    /// program works it out from its other flags when the flag is not given, and does not
+    /// call [`DaemonArgs::p2p_listen_addr_of`], which would take `:0`).
     const P2P_LISTEN_ADDR: Option<&'static str> = Some(":0");
     /// Its default `--prom-listen-addr`, for a daemon whose default is fixed.
     const PROM_LISTEN_ADDR: Option<&'static str> = None;

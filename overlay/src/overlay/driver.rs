@@ -33,9 +33,9 @@ use crate::rtt::RttTable;
 /// Requests from [`Node`](super::Node) handles (and the driver's own timers).
 pub(crate) enum Command {
     Advertise(String),
-    /// Stop announcing these namespaces; the reply names the peers that may hold their
-    /// records ([`super::withdraw`]).
-    StopAdvertising(Vec<String>, oneshot::Sender<Vec<PeerId>>),
+    /// Stop announcing these namespaces; the reply names those that were announced and the
+    /// peers that may hold their records ([`super::withdraw`]).
+    StopAdvertising(Vec<String>, oneshot::Sender<(Vec<String>, Vec<PeerId>)>),
     /// A peer withdrew its records of these namespaces; the reply says they are gone here.
     Withdrawn(PeerId, Vec<String>, oneshot::Sender<()>),
     Advertised(oneshot::Sender<Vec<String>>),
@@ -148,7 +148,7 @@ impl Driver {
                 self.advertised.insert(namespace);
             }
             Command::StopAdvertising(namespaces, reply) => {
-                let _ = reply.send(self.stop_advertising(&namespaces));
+                let _ = reply.send(self.stop_advertising(namespaces));
             }
             Command::Withdrawn(peer, namespaces, done) => {
                 let store = self.swarm.behaviour_mut().kad.store_mut();
@@ -199,21 +199,29 @@ impl Driver {
         }
     }
 
-    /// Stops announcing `namespaces` and returns the peers that may hold their records: every
-    /// connected peer and the closest peers to each key that the routing table knows.
-    fn stop_advertising(&mut self, namespaces: &[String]) -> Vec<PeerId> {
+    /// Stops announcing `namespaces` and returns those that were announced, with the peers
+    /// that may hold their records: every connected peer and the closest peers to each key
+    /// that the routing table knows. None if none was announced.
+    fn stop_advertising(&mut self, namespaces: Vec<String>) -> (Vec<String>, Vec<PeerId>) {
         let kad = &mut self.swarm.behaviour_mut().kad;
         let mut holders = BTreeSet::new();
+        let mut withdrawn = Vec::new();
         for namespace in namespaces {
-            let key = record_key(namespace);
+            if !self.advertised.remove(&namespace) {
+                continue;
+            }
+            let key = record_key(&namespace);
             kad.stop_providing(&key);
             let key = kad::KBucketKey::new(key);
             let closest = kad.get_closest_local_peers(&key).take(kad::K_VALUE.get());
             holders.extend(closest.map(|peer| *peer.preimage()));
-            self.advertised.remove(namespace);
+            withdrawn.push(namespace);
+        }
+        if withdrawn.is_empty() {
+            return (withdrawn, Vec::new());
         }
         holders.extend(self.swarm.connected_peers().copied());
-        holders.into_iter().collect()
+        (withdrawn, holders.into_iter().collect())
     }
 
     /// Announces one namespace to the DHT (kad republishes it every half record lifetime).

@@ -4,8 +4,9 @@
 //! Kademlia DHT in server mode for discovery, identify to learn peers' addresses and ping to
 //! measure RTTs. Programs find each other by *namespace*: a node [advertises](Node::advertise)
 //! one, others [find its providers](Node::find_providers), then talk over typed
-//! [control protocols](crate::rpc). A node that stops advertising, or stops,
-//! [withdraws](withdraw) its records at the peers that hold them.
+//! [control protocols](crate::rpc). A node that stops advertising, or shuts down
+//! ([`Node::shutdown`]; dropping the last handle does not), [withdraws](withdraw) its records
+//! at the peers that hold them.
 //!
 //! Pure parts (backoff, bootstrap state machine, namespaces, key files, the PSK) are apart from
 //! the `driver` task that owns the swarm, and are unit-tested without sockets.

@@ -28,7 +28,8 @@ pub struct Timing {
     /// A ping without answer for this long counts as failed.
     pub ping_timeout: Duration,
     /// Lifetime of a provider record at the nodes that store it; the provider republishes it
-    /// every half of that. A provider that stops is forgotten at most this long afterwards.
+    /// every half of that. A provider that dies without withdrawing its records (killed) is
+    /// forgotten at most this long afterwards.
     pub provider_ttl: Duration,
     /// Limit on a connection's handshakes (pnet, noise, yamux). A peer with another network
     /// key often fails only by this timeout: pnet itself cannot tell a wrong key.

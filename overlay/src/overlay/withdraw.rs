@@ -11,6 +11,12 @@
 //! its announcements went). It is best effort within [`WITHDRAW_DEADLINE`]: a peer not reached
 //! forgets the record when it expires, as after a crash.
 //!
+//! Only namespaces the node advertises are withdrawn (asking to stop one it does not provide
+//! sends nothing), in as many requests as fit them ([`batches`]). Not covered: an
+//! announcement still under way when the withdrawal is sent (kad's own `ADD_PROVIDER`, started
+//! just before by an advertisement or a republication) can put the record back at a peer until
+//! it expires.
+//!
 //! Threat model: a peer can withdraw only its own records. The provider removed is the peer
 //! the authenticated connection comes from (noise proves its peer ID), never a peer the
 //! message names; a request is at most [`WithdrawProtocol::MAX_REQUEST_BYTES`], so serving one
@@ -23,15 +29,16 @@ use libp2p::{PeerId, StreamProtocol};
 use super::{Node, driver::Command};
 use crate::rpc::Protocol;
 
-/// How long a node spends telling others that it withdrew, in all.
-pub const WITHDRAW_DEADLINE: Duration = Duration::from_secs(2);
+/// How long a node spends telling others that it withdrew, in all: a round trip to a peer
+/// takes milliseconds, and a stopping sidecar has a few seconds before it is killed.
+pub const WITHDRAW_DEADLINE: Duration = Duration::from_secs(1);
 
 /// "I no longer provide these namespaces."
 pub struct WithdrawProtocol;
 
 impl Protocol for WithdrawProtocol {
     const ID: StreamProtocol = StreamProtocol::new("/mtc/withdraw/1");
-    /// A few dozen namespaces (a service digest is 71 bytes).
+    /// About a hundred namespaces (a blob's is 76 bytes); more go in several requests.
     const MAX_REQUEST_BYTES: u32 = 8 * 1024;
     const MAX_RESPONSE_BYTES: u32 = 16;
     type Request = Vec<String>;
@@ -43,19 +50,23 @@ pub(super) async fn withdraw(node: &Node, namespaces: Vec<String>) {
     if namespaces.is_empty() {
         return;
     }
-    let Some(holders) = node
-        .command(|reply| Command::StopAdvertising(namespaces.clone(), reply))
+    let Some((withdrawn, holders)) = node
+        .command(|reply| Command::StopAdvertising(namespaces, reply))
         .await
     else {
         return; // the node has stopped: nothing left to tell anyone
     };
-    let asks = holders.into_iter().map(|peer| {
-        let namespaces = &namespaces;
-        async move {
-            if let Err(error) = node.request::<WithdrawProtocol>(peer, namespaces).await {
-                tracing::debug!(%peer, %error, "could not withdraw provider records");
-            }
-        }
+    let asks = holders.into_iter().flat_map(|peer| {
+        batches(&withdrawn)
+            .into_iter()
+            .map(move |batch| async move {
+                if let Err(error) = node
+                    .request::<WithdrawProtocol>(peer, &batch.to_vec())
+                    .await
+                {
+                    tracing::debug!(%peer, %error, "could not withdraw provider records");
+                }
+            })
     });
     if tokio::time::timeout(WITHDRAW_DEADLINE, futures::future::join_all(asks))
         .await
@@ -63,6 +74,28 @@ pub(super) async fn withdraw(node: &Node, namespaces: Vec<String>) {
     {
         tracing::debug!("some peers were not told of withdrawn records within the deadline");
     }
+}
+
+/// Splits `namespaces` into runs whose requests each fit [`WithdrawProtocol::MAX_REQUEST_BYTES`]
+/// (an hl-service withdraws a namespace per blob it holds). A namespace too long to fit at all
+/// is a run of its own, and its request is refused as too large.
+fn batches(namespaces: &[String]) -> Vec<&[String]> {
+    // CBOR: an array header and, per string, a header of at most 9 bytes and its bytes.
+    let budget = WithdrawProtocol::MAX_REQUEST_BYTES as usize - 9;
+    let mut runs = Vec::new();
+    let (mut start, mut size) = (0, 0);
+    for (i, namespace) in namespaces.iter().enumerate() {
+        let cost = namespace.len() + 9;
+        if i > start && size + cost > budget {
+            runs.push(&namespaces[start..i]);
+            (start, size) = (i, 0);
+        }
+        size += cost;
+    }
+    if start < namespaces.len() {
+        runs.push(&namespaces[start..]);
+    }
+    runs
 }
 
 /// Serves [`WithdrawProtocol`] on `node`: every node does, from its start.
@@ -78,4 +111,27 @@ pub(super) fn serve(node: &Node) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rpc::encode_frame;
+
+    #[test]
+    fn every_batch_fits_a_request_and_together_they_hold_every_namespace() {
+        let names: Vec<String> = (0..300)
+            .map(|i| format!("{i:03}{}", "x".repeat(i % 200)))
+            .collect();
+        let runs = batches(&names);
+        assert!(runs.len() > 1);
+        for run in &runs {
+            encode_frame(&run.to_vec(), WithdrawProtocol::MAX_REQUEST_BYTES).unwrap();
+        }
+        assert_eq!(runs.concat(), names);
+        assert!(batches(&[]).is_empty());
+        // One too long to fit is alone (its request is refused; the others still go).
+        let long = vec!["a".into(), "x".repeat(9000), "b".into()];
+        assert_eq!(batches(&long).len(), 3);
+    }
 }

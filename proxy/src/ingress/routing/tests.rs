@@ -808,7 +808,8 @@ fn a_culled_instance_is_forgotten_and_the_first_request_after_a_quiet_spell_does
     let mut sim = Sim::new(&[("old", Behaviour::new(1, 1))]);
     sim.allocatable.push(("fresh", Behaviour::new(1, 1)));
     sim.load(Duration::ZERO, 5 * SECOND, 20, true);
-    // Culled at 40 s (idle), its provider record expires at 160 s; a request comes at 170 s.
+    // Culled at 40 s (idle), its provider record expires at 160 s (the worst case: a withdrawal
+    // that reached no DHT node, or a killed proxy); a request comes at 170 s.
     let culled = sim.t(40 * SECOND);
     let old = sim.world.get_mut("old").unwrap();
     old.gone_from = Some(culled);
@@ -827,7 +828,8 @@ fn a_culled_instance_that_said_goodbye_costs_nothing_but_the_cold_start() {
     let mut sim = Sim::new(&[("old", Behaviour::new(1, 1))]);
     sim.allocatable.push(("fresh", Behaviour::new(1, 1)));
     sim.load(Duration::ZERO, 5 * SECOND, 20, true);
-    // Culled at 8 s: its proxy closes its connections as it stops; its provider record stays.
+    // Culled at 8 s: its proxy closes its connections as it stops; its provider record stays
+    // (the worst case: its withdrawal reached no DHT node).
     let culled = sim.t(8 * SECOND);
     sim.world.get_mut("old").unwrap().gone_from = Some(culled);
     sim.at(culled, Event::Closed("old"));
@@ -867,7 +869,8 @@ fn a_culled_instance_leaves_within_a_provider_lifetime_even_while_the_service_is
     let culled = sim.t(40 * SECOND);
     let old = sim.world.get_mut("old").unwrap();
     old.gone_from = Some(culled);
-    // Its provider record lives two minutes after its last renewal.
+    // Its provider record lives two minutes after its last renewal (not withdrawn: the worst
+    // case).
     old.unlisted_from = Some(culled + 120 * SECOND);
     sim.at(culled, Event::Closed("old"));
     sim.run_until(150 * SECOND);
