@@ -32,7 +32,7 @@ use mtc_overlay::{
     common::{
         conf_json,
         daemon::Daemon,
-        net::parse_socket_addr,
+        net::{ip_of, parse_socket_addr},
         program::{CommonArgs, DaemonArgs, Program as Flags},
     },
     lookup::{ServiceProtocol, ServiceRecord},
@@ -322,11 +322,7 @@ impl Cli {
 
 /// Whether `addr` is on a loopback interface.
 fn is_loopback(addr: &Multiaddr) -> bool {
-    addr.iter().any(|part| match part {
-        Protocol::Ip4(ip) => ip.is_loopback(),
-        Protocol::Ip6(ip) => ip.is_loopback(),
-        _ => false,
-    })
+    ip_of(addr).is_some_and(|ip| ip.is_loopback())
 }
 
 /// Tunes glibc's allocator for a data plane, before anything allocates; the mains call it.

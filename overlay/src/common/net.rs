@@ -15,6 +15,15 @@ pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
     text.parse().map_err(|_| bad())
 }
 
+/// The IP address a multiaddr names (`/ip4/...` or `/ip6/...`), if it names one.
+pub fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    addr.iter().find_map(|part| match part {
+        Protocol::Ip4(ip) => Some(ip.into()),
+        Protocol::Ip6(ip) => Some(ip.into()),
+        _ => None,
+    })
+}
+
 /// Parses a P2P listen address: a TCP multiaddr (`/ip4/0.0.0.0/tcp/4001`) or the seed's
 /// `IP:PORT` / `:PORT` form.
 pub fn parse_p2p_listen_addr(text: &str) -> Result<Multiaddr, String> {

@@ -255,11 +255,7 @@ impl Node {
         let addr = self
             .command(|reply| Command::RemoteAddr(peer, reply))
             .await??;
-        addr.iter().find_map(|part| match part {
-            Protocol::Ip4(ip) => Some(ip.into()),
-            Protocol::Ip6(ip) => Some(ip.into()),
-            _ => None,
-        })
+        crate::common::net::ip_of(&addr)
     }
 
     /// The network key, for programs that hand it on (the allocator to its instances).

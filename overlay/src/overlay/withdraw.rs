@@ -56,17 +56,13 @@ pub(super) async fn withdraw(node: &Node, namespaces: Vec<String>) {
     else {
         return; // the node has stopped: nothing left to tell anyone
     };
+    let requests: Vec<Vec<String>> = batches(&withdrawn).into_iter().map(<[_]>::to_vec).collect();
     let asks = holders.into_iter().flat_map(|peer| {
-        batches(&withdrawn)
-            .into_iter()
-            .map(move |batch| async move {
-                if let Err(error) = node
-                    .request::<WithdrawProtocol>(peer, &batch.to_vec())
-                    .await
-                {
-                    tracing::debug!(%peer, %error, "could not withdraw provider records");
-                }
-            })
+        requests.iter().map(move |request| async move {
+            if let Err(error) = node.request::<WithdrawProtocol>(peer, request).await {
+                tracing::debug!(%peer, %error, "could not withdraw provider records");
+            }
+        })
     });
     if tokio::time::timeout(WITHDRAW_DEADLINE, futures::future::join_all(asks))
         .await
