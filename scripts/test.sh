@@ -39,6 +39,13 @@ elif [ "${MTC_SKIP_DOCKER:-}" != 1 ]; then
   exit 1
 fi
 
+# Every integration test runs under a deadline (#[testkit::deadline_test], default 240 s), so an await
+# that never ends fails that test by name; a bare #[tokio::test] there would have none.
+if grep -n '#\[tokio::test' control/tests/*.rs proxy/tests/*.rs; then
+  echo "test: integration tests use #[testkit::deadline_test] (a Tokio test with a deadline), not #[tokio::test]" >&2
+  exit 1
+fi
+
 log=$(mktemp)
 bench_out=$(mktemp -d)
 # Tests that cannot run here (no Docker engine with MTC_SKIP_DOCKER=1) say so in this file
@@ -47,8 +54,8 @@ MTC_SKIPPED_LOG=$(mktemp)
 export MTC_SKIPPED_LOG
 trap 'rm -rf "$log" "$log.bench" "$bench_out" "$MTC_SKIPPED_LOG"' EXIT
 set +e
-# A backstop for an await that never ends: the run fails (libtest has named the tests running
-# for over 60 s by then) instead of holding CI until its own limit. Building is included.
+# A backstop beyond the per-test deadlines (a test blocked outside an await, a build that
+# hangs): the run fails instead of holding CI until its own limit. Building is included.
 timeout -k 30 "${MTC_TEST_TIMEOUT:-2400}" cargo test --workspace --locked 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 if [ "$status" -eq 124 ]; then

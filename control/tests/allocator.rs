@@ -53,7 +53,7 @@ async fn culled_and_gone(allocator: &Daemon, reason: &str, dir: &std::path::Path
     assert!(!dir.exists());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_instances_start_once_serve_and_are_culled_when_idle() {
     let HelloNetwork {
         allocator,
@@ -211,7 +211,7 @@ async fn process_instances_start_once_serve_and_are_culled_when_idle() {
     assert!(allocator.daemon.process.terminate().await);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_to_an_ingress_starts_an_instance_and_a_restarted_allocator_adopts_it() {
     let network = start_network().await;
     register_hello(&network, "hello-world-server").await;
@@ -319,7 +319,7 @@ async fn a_request_to_an_ingress_starts_an_instance_and_a_restarted_allocator_ad
 /// Issue 16: after an allocator stopped, ingresses kept finding it, and asking it, until its
 /// provider record expired (two minutes, longer than the deadline here): a clean shutdown
 /// withdraws the record.
-#[tokio::test]
+#[testkit::deadline_test]
 async fn a_stopped_allocator_is_not_found_any_more() {
     let network = start_network().await;
     let dir = tempfile::tempdir().unwrap();
@@ -350,7 +350,7 @@ while True:
     sock.sendto(data, sender)
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tunnel_to_a_udp_service_starts_it_behind_a_udp_sidecar() {
     let network = start_network().await;
     let dir = tempfile::tempdir().unwrap();
@@ -412,7 +412,7 @@ async fn a_tunnel_to_a_udp_service_starts_it_behind_a_udp_sidecar() {
 /// proxy's SIGTERM was all it got), and the allocator, seeing the instance exited, removed
 /// it without stopping that service: an orphan. Now the instance's whole process group is
 /// stopped, the orphan included (SIGKILL after the grace).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_that_outlives_its_proxy_is_stopped_too() {
     let network = start_network().await;
     let dir = tempfile::tempdir().unwrap();
@@ -473,7 +473,7 @@ async fn a_service_that_outlives_its_proxy_is_stopped_too() {
 /// Issue 16's fault suite, as a test: an allocator frozen (SIGSTOP) under requests to its
 /// instance fails none of them, and resumed (SIGCONT) it still lists that instance and no
 /// other, starts nothing more, and, stopped, leaves nothing behind.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_allocator_fails_no_request_and_resumes_with_its_instance() {
     let HelloNetwork {
         allocator,
@@ -542,7 +542,7 @@ async fn frozen_under_requests(addr: &str, pids: &[u32]) {
 /// Issue 16's fault suite, as a test: the control plane (the bootstrap ping-monitor and the
 /// hl-service) frozen under requests to a running instance fails none of them; resumed, the
 /// lookup answers and the record and artifact are intact.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_control_plane_fails_no_request_and_loses_nothing() {
     let HelloNetwork {
         allocator: _allocator,

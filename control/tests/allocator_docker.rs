@@ -23,7 +23,7 @@ async fn metrics_value(daemon: &Daemon, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_instances_load_from_the_overlay_serve_are_culled_and_adopted() {
     if !docker_engine() {
         return;
@@ -179,7 +179,7 @@ async fn docker_instances_load_from_the_overlay_serve_are_culled_and_adopted() {
 /// Issue 15: any service is baked on the proxy base image (sidecar-image/README.md's contract)
 /// and runs through a Docker allocator like hello world: here sidecar-image/examples/echo,
 /// built by sidecar-image/build.sh from its directory, registered, started on demand.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_service_baked_on_the_proxy_base_image_serves_through_an_allocator() {
     if !docker_engine() {
         return;

@@ -9,7 +9,7 @@ async fn check(args: &[&str]) -> (bool, String, String) {
     run_to_exit(CHECK, args, &[]).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_reports_a_healthy_network_and_each_kind_of_breakage() {
     let HelloNetwork {
         allocator,

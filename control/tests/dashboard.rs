@@ -160,7 +160,7 @@ async fn prometheus_names(web: &str) -> BTreeSet<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_query_is_valid_and_names_series_the_programs_export() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let dashboard: serde_json::Value = serde_json::from_str(

@@ -160,7 +160,7 @@ async fn metrics_address(args: &[&str], env: &[(&str, &str)]) -> String {
 /// Issue 16: the environment layer of the configuration, untested until now. A setting comes
 /// from the flag, else the config file, else the environment, else the default; loopback
 /// addresses tell the layers apart.
-#[tokio::test]
+#[testkit::deadline_test]
 async fn flag_beats_file_beats_environment_beats_default() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("monitor.toml");

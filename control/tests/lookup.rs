@@ -21,7 +21,7 @@ fn archive(dir: &Path, name: &str, layer_size: u64) -> (String, Digest) {
     (path.to_str().unwrap().to_owned(), image_id)
 }
 
-#[tokio::test]
+#[testkit::deadline_test]
 async fn records_are_added_read_listed_deleted_and_survive_a_restart() {
     let mut network = start_network().await;
     let files = tempfile::tempdir().unwrap();
@@ -148,7 +148,7 @@ async fn records_are_added_read_listed_deleted_and_survive_a_restart() {
     assert!(!ok && err.contains("no service named"), "{err}");
 }
 
-#[tokio::test]
+#[testkit::deadline_test]
 async fn bad_input_is_refused_and_nothing_is_stored() {
     let network = start_network().await;
     let files = tempfile::tempdir().unwrap();
@@ -199,7 +199,7 @@ async fn bad_input_is_refused_and_nothing_is_stored() {
     assert_eq!(blobs, 0, "no blob was uploaded for refused input");
 }
 
-#[tokio::test]
+#[testkit::deadline_test]
 async fn an_unreachable_lookup_is_reported_with_the_bootstraps_tried() {
     // A bootstrap with no lookup service behind it.
     let monitor = start_monitor(&["--ephemeral"]).await;
@@ -221,7 +221,7 @@ async fn an_unreachable_lookup_is_reported_with_the_bootstraps_tried() {
     assert!(!ok && err.contains("no bootstrap given"), "{err}");
 }
 
-#[tokio::test]
+#[testkit::deadline_test]
 async fn a_corrupt_holder_is_skipped_and_the_blob_fetched_from_another() {
     let bootstrap = start_node(&[], None).await;
     let addr = bootstrap_of(&bootstrap).await;
@@ -297,7 +297,7 @@ async fn a_corrupt_holder_is_skipped_and_the_blob_fetched_from_another() {
     assert_ne!(from, holders[0].0.peer_id());
 }
 
-#[tokio::test]
+#[testkit::deadline_test]
 async fn the_service_survives_bad_messages_and_refuses_records_without_blobs() {
     use control::{
         lookup::{
@@ -469,7 +469,7 @@ fn temporary_files(root: &Path) -> Vec<std::path::PathBuf> {
     entries.flatten().map(|entry| entry.path()).collect()
 }
 
-#[tokio::test]
+#[testkit::deadline_test]
 async fn an_upload_over_a_damaged_copy_of_the_right_size_replaces_it() {
     let dir = tempfile::tempdir().unwrap();
     let store = BlobStore::open(dir.path()).unwrap();
@@ -501,7 +501,7 @@ async fn an_upload_over_a_damaged_copy_of_the_right_size_replaces_it() {
     assert!(temporary_files(dir.path()).is_empty());
 }
 
-#[tokio::test]
+#[testkit::deadline_test]
 async fn an_upload_over_the_size_limit_is_refused_before_any_byte_is_sent() {
     let dir = tempfile::tempdir().unwrap();
     let store = BlobStore::open(dir.path())
@@ -585,7 +585,7 @@ impl Drop for SmallDisk {
     }
 }
 
-#[tokio::test]
+#[testkit::deadline_test]
 async fn an_upload_that_fills_the_disk_is_refused_and_loses_nothing() {
     let disk = match within("mounting a tmpfs", SmallDisk::mount(1 << 20)).await {
         Ok(disk) => disk,
@@ -622,7 +622,7 @@ async fn an_upload_that_fills_the_disk_is_refused_and_loses_nothing() {
     }
 }
 
-#[tokio::test]
+#[testkit::deadline_test]
 async fn a_failing_local_source_is_not_blamed_on_the_peer() {
     let dir = tempfile::tempdir().unwrap();
     let peers = within(
@@ -678,7 +678,7 @@ async fn records_at(asker: &control::overlay::Node, service: libp2p::PeerId) -> 
 /// that one refuses the upload cleanly (its earlier records and blobs intact, nothing left
 /// in `tmp/`), the other takes it, and the add succeeds saying one copy of the two asked for
 /// was stored, and why.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lookup_service_on_a_full_disk_is_passed_over_for_another() {
     let disk = match within("mounting a tmpfs", SmallDisk::mount(4 << 20)).await {
         Ok(disk) => disk,
@@ -743,7 +743,7 @@ async fn a_lookup_service_on_a_full_disk_is_passed_over_for_another() {
 
 /// Issue 16: a node takes at most `MAX_UPLOADS` uploads at once; the next is refused as busy
 /// before any byte moves (its uploader goes on to another holder), and counted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_past_the_limit_are_refused_as_busy_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let peers = within(

@@ -80,7 +80,7 @@ async fn wait_for_started_members(endpoint: &str, count: usize) {
     .await;
 }
 
-#[tokio::test]
+#[testkit::deadline_test]
 async fn three_lookup_services_share_one_etcd_cluster_and_survive_losing_one() {
     let monitor = start_monitor(&["--ephemeral"]).await;
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -256,7 +256,7 @@ fn copies(get: &str) -> Option<usize> {
 /// killed (SIGKILL) with its data directory deleted, the others make a new copy on a lookup
 /// service that joins, and a new allocator, which has never seen the artifact, starts the
 /// service from a surviving copy.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_artifact_outlives_the_lookup_service_it_was_uploaded_through() {
     let monitor = start_monitor(&["--ephemeral"]).await;
     let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();

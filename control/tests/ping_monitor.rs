@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-#[tokio::test]
+#[testkit::deadline_test]
 async fn metrics_cover_every_peer_and_a_real_prometheus_scrapes_them() {
     let monitor = start_monitor(&["--ephemeral", "--hostname", "monitor-host"]).await;
     let mut nodes = Vec::new();
@@ -139,7 +139,7 @@ async fn metrics_cover_every_peer_and_a_real_prometheus_scrapes_them() {
     );
 }
 
-#[tokio::test]
+#[testkit::deadline_test]
 async fn a_peer_unseen_for_the_expiry_leaves_the_metrics() {
     let monitor = start_monitor(&["--ephemeral", "--peer-expiry", "1s"]).await;
     let node = start_node(std::slice::from_ref(&monitor.bootstrap), None).await;
@@ -166,7 +166,7 @@ async fn a_peer_unseen_for_the_expiry_leaves_the_metrics() {
     .await;
 }
 
-#[tokio::test]
+#[testkit::deadline_test]
 async fn a_redundant_bootstrap_keeps_the_network_joinable_and_the_first_one_is_rejoined() {
     let dir = tempfile::tempdir().unwrap();
     let keyfile = dir.path().join("first.key");
@@ -246,7 +246,7 @@ async fn a_redundant_bootstrap_keeps_the_network_joinable_and_the_first_one_is_r
     .await;
 }
 
-#[tokio::test]
+#[testkit::deadline_test]
 async fn the_same_key_file_keeps_the_peer_id_and_a_corrupt_one_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let keyfile = dir.path().join("ping.key");
@@ -268,7 +268,7 @@ async fn the_same_key_file_keeps_the_peer_id_and_a_corrupt_one_is_refused() {
     );
 }
 
-#[tokio::test]
+#[testkit::deadline_test]
 async fn bad_input_is_refused_naming_the_value() {
     /// Flags and environment that must be refused, and what the error must name.
     struct Case<'a> {

@@ -117,7 +117,7 @@ async fn one_run(script: &Path, bin_dir: &Path, docker: bool) {
 /// Both runtimes, one after the other (the network uses fixed ports): Docker when an
 /// engine answers here, then processes with the engine hidden; the second run of each kind
 /// needs no cleanup by hand.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_network_serves_the_curl_line_and_stops_cleanly_every_time() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let bin_dir = Path::new(PING_MONITOR).parent().unwrap();

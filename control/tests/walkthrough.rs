@@ -180,7 +180,7 @@ async fn walk(docker_runtime: bool) {
     assert!(allocator.process.terminate().await);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_walkthrough_works_with_docker_and_with_processes() {
     if docker_engine() {
         walk(true).await;
@@ -189,7 +189,7 @@ async fn the_seed_walkthrough_works_with_docker_and_with_processes() {
 }
 
 /// The scrape configuration README points to is one Prometheus accepts.
-#[tokio::test]
+#[testkit::deadline_test]
 async fn the_repositorys_prometheus_config_is_valid() {
     let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

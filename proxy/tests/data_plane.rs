@@ -132,7 +132,7 @@ async fn wait_for_instances(ingress: &Proxy, service: &str, n: usize) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_and_responses_cross_both_proxies_intact_over_http1_and_h2c() {
     let network = Network::start().await;
     network.register("echo", Limits::default()).await;
@@ -281,7 +281,7 @@ struct RawResponse {
 /// workers, each opening its own connection to the sidecar (from a port of its own: a reply
 /// to the shared data-plane port could reach the other worker), and every request crosses
 /// intact.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_share_the_clients_and_lose_no_request() {
     let network = Network::start().await;
     network.register("echo", Limits::default()).await;
@@ -417,7 +417,7 @@ async fn exchange(
     read_response(stream, buffer, request.starts_with(b"HEAD ")).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http1_front_keeps_connections_open_and_frames_bodies_as_rfc_9112_says() {
     let network = Network::start().await;
     network.register("echo", Limits::default()).await;
@@ -583,7 +583,7 @@ async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
     answer
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_and_missing_services_get_clear_answers() {
     let network = Network::start().await;
     network.register("lonely", Limits::default()).await;
@@ -683,7 +683,7 @@ async fn bad_requests_and_missing_services_get_clear_answers() {
     assert!(text.contains("lookup service is unreachable"), "{text}");
 }
 
-#[tokio::test]
+#[testkit::deadline_test]
 async fn bad_configuration_is_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let perf = dir.path().join("perf.conf");
@@ -710,7 +710,7 @@ async fn bad_configuration_is_refused_with_the_reason() {
     assert!(stderr.contains("not-an-address"), "{stderr}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_near_instance_gets_the_traffic_and_traffic_follows_a_change_of_paths() {
     let network = Network::start().await;
     network.register("tiered", Limits::default()).await;
@@ -780,7 +780,7 @@ async fn reloads(proxy: &Proxy, result: &str) -> f64 {
 /// Issue 15: perf.conf changed under running ingresses, by a file edit (polled) and by SIGHUP:
 /// traffic follows the new policy and limits with no restart; an invalid edit is refused
 /// and counted while traffic goes on as before.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn perf_conf_edited_under_a_running_ingress_takes_effect_and_a_bad_edit_is_refused() {
     let network = Network::start().await;
     network.register("tuned", Limits::default()).await;
@@ -867,7 +867,7 @@ async fn perf_conf_edited_under_a_running_ingress_takes_effect_and_a_bad_edit_is
     assert_eq!(reloads(&hup, "applied").await, 2.0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_an_instance_under_load_loses_no_idempotent_request() {
     let network = Network::start().await;
     network.register("sturdy", Limits::default()).await;
@@ -932,7 +932,7 @@ async fn killing_an_instance_under_load_loses_no_idempotent_request() {
     assert_eq!((status, text.as_str()), (StatusCode::OK, "b"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_for_a_service_with_no_instance_wait_for_one_allocation() {
     // A real allocator (process runtime) that runs at most two instances.
     let network = Network::start().await;
@@ -1006,7 +1006,7 @@ async fn requests_for_a_service_with_no_instance_wait_for_one_allocation() {
     assert_eq!(allocator.starts("refused").await, 1.0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_over_the_soft_limit_is_used_until_a_nearer_one_answers() {
     let network = Network::start().await;
     // Its artifact is the hello-world server, which the allocator runs nearer; the far
@@ -1071,7 +1071,7 @@ async fn an_instance_over_the_soft_limit_is_used_until_a_nearer_one_answers() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn outside_the_private_network_the_data_plane_answers_nothing() {
     let network = Network::start_with_psk(Some("the right one")).await;
     network.register("guarded", Limits::default()).await;
@@ -1155,7 +1155,7 @@ async fn outside_the_private_network_the_data_plane_answers_nothing() {
 
 /// Issue 16: an ingress on loopback (`--listen-ip`'s default) listened on the overlay, and
 /// served /metrics, on every interface: a user who asked for loopback was exposed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ingress_on_loopback_listens_on_loopback_alone() {
     let network = Network::start().await;
     let boot = network.boot_arg();
@@ -1181,7 +1181,7 @@ async fn an_ingress_on_loopback_listens_on_loopback_alone() {
 
 /// The sidecar's positionals from the environment an allocator sets, and a service it starts
 /// and supervises (Python's http.server stands in for a service binary here).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_configured_by_environment_supervises_its_service() {
     let network = Network::start().await;
     network.register("py", Limits::default()).await;
@@ -1331,7 +1331,7 @@ fn signal(proxy: &Proxy, signal: &str) {
 /// requests are sent to the other instance too, and the frozen one is declared dead within
 /// about a second. Here: no request fails on real sockets; how long the slowest took is
 /// asserted in virtual time and measured by `bench tiers` (the p99.9 against the hard limit).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_of_two_instances_frozen_fails_no_request() {
     let network = Network::start().await;
     network.register("icy", Limits::default()).await;
@@ -1373,7 +1373,7 @@ async fn one_of_two_instances_frozen_fails_no_request() {
 /// 281 of 400 requests failed: the sidecar's fast 502 looked like the best instance. Now the
 /// sidecar refuses (its service never saw the request), the request goes to the other
 /// instance, and the dead one gets no more traffic.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_service_behind_a_live_sidecar_fails_no_idempotent_request() {
     let network = Network::start().await;
     network.register("halfdead", Limits::default()).await;
@@ -1405,7 +1405,7 @@ async fn a_killed_service_behind_a_live_sidecar_fails_no_idempotent_request() {
 /// Issue 12's reproduction: a service answering in 150 ms made the ingress ask allocators
 /// for "nearer" instances, its service time taken for network RTT. Now the choice uses the
 /// network RTT alone, and the service time is reported apart.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_service_on_a_near_instance_asks_for_no_allocation() {
     let network = Network::start().await;
     network.register("sluggish", Limits::default()).await;
@@ -1444,7 +1444,7 @@ async fn a_slow_service_on_a_near_instance_asks_for_no_allocation() {
 
 /// Issue 12's reproduction: a second service registered with the first one's artifact was
 /// answered by the first one's instances. Each is now found by a key of its own.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_services_with_one_artifact_each_get_only_their_own_instances() {
     let network = Network::start().await;
     let artifact = b"one executable, two services".to_vec();
@@ -1469,7 +1469,7 @@ async fn two_services_with_one_artifact_each_get_only_their_own_instances() {
 /// Issue 12's reproduction: a malformed chunked body was answered 502 "instance failed" and
 /// counted against the instance. It is the client's fault: 400, and the instance keeps
 /// serving.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_request_body_is_the_clients_fault() {
     let network = Network::start().await;
     network.register("strict", Limits::default()).await;
@@ -1531,7 +1531,7 @@ async fn hang_up_service(received: Arc<AtomicUsize>) -> std::net::SocketAddr {
 /// fails the same way is tried again elsewhere, but at most perf.conf's `max-attempts` (3)
 /// times in all: it used to go back and forth between the two instances until the whole
 /// proxy's retry budget was spent (11 tries), leaving none for other requests.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_idempotent_request_that_fails_after_sending_is_not_retried() {
     let network = Network::start().await;
     network.register("crashy", Limits::default()).await;
@@ -1584,7 +1584,7 @@ async fn a_non_idempotent_request_that_fails_after_sending_is_not_retried() {
 
 /// Issue 16: on SIGTERM the ingress stops accepting but finishes the requests in flight
 /// (within its 5 s grace), then exits cleanly.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_requests_in_flight_finish() {
     let network = Network::start().await;
     network.register("lingering", Limits::default()).await;
@@ -1617,7 +1617,7 @@ async fn sigterm_lets_requests_in_flight_finish() {
 
 /// Issue 16: one client address holds at most `--max-client-connections` connections; one
 /// more is answered 503 and closed, and counted; once one closes, the next is served.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_cannot_hold_more_than_its_connections() {
     let network = Network::start().await;
     let front = ingress(&network, &["--max-client-connections", "2"]).await;

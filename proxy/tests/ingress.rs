@@ -34,7 +34,7 @@ async fn proxy_node(
     node
 }
 
-#[tokio::test]
+#[testkit::deadline_test]
 async fn a_request_goes_through_ingress_and_sidecar_to_the_service_and_back() {
     let network = Network::start().await;
     let record = network

@@ -177,7 +177,7 @@ async fn udp_round(socket: &UdpSocket, addr: SocketAddr, datagram: &[u8]) -> Vec
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_and_udp_services_are_reached_through_one_sidecar_each() {
     let network = Network::start().await;
     network.register("echo-tcp", Limits::default()).await;
@@ -262,7 +262,7 @@ async fn tcp_and_udp_services_are_reached_through_one_sidecar_each() {
 /// Issue 16: what one UDP source can make an l4-proxy hold or carry is bounded: a third source
 /// past `--max-udp-clients 2` gets nothing through, and a source's datagrams past `--udp-rate`
 /// (50 a second, bursts of 5) are dropped; both counted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_sources_past_their_limits_are_dropped_and_counted() {
     let network = Network::start().await;
     network.register("echo-udp", Limits::default()).await;
@@ -312,7 +312,7 @@ async fn udp_sources_past_their_limits_are_dropped_and_counted() {
     assert!((1..40).contains(&answers), "{answers} passed of 40");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_passes_each_service_in_order_and_replies_skip_the_first() {
     let network = Network::start().await;
     for name in ["first", "second", "udp-first", "udp-second", "udp-last"] {
@@ -356,7 +356,7 @@ async fn a_chain_passes_each_service_in_order_and_replies_skip_the_first() {
     assert_eq!(&back[..n], b"u3:1:m\n");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_chains_are_refused_with_the_reason() {
     let network = Network::start().await;
     network.register("known", Limits::default()).await;
@@ -377,7 +377,7 @@ async fn bad_chains_are_refused_with_the_reason() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_an_instance_of_a_hop_moves_new_connections_to_another() {
     let network = Network::start().await;
     network.register("front", Limits::default()).await;
@@ -427,7 +427,7 @@ async fn killing_an_instance_of_a_hop_moves_new_connections_to_another() {
     assert_eq!(line, "f:still\n");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hop_that_answers_its_next_hop_failed_is_not_asked_again() {
     // "back" is known to the lookup, but has no instance and no allocator could start one:
     // the front hop answers that the rest of the chain failed, after its own tries. The
@@ -504,7 +504,7 @@ async fn end_of(
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_close_crosses_as_one_and_a_reset_as_a_reset() {
     let network = Network::start().await;
     network.register("watcher", Limits::default()).await;

@@ -74,7 +74,7 @@ async fn metrics_of(proxy: &Proxy) -> String {
     http_get(&proxy.metrics, "/metrics").await.unwrap().1
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_is_advertised_only_once_its_service_answers() {
     let network = Network::start().await;
     let record = network.register("late-starter", Limits::default()).await;

@@ -25,6 +25,10 @@ mod mtu_relay;
 pub use delay_relay::UdpDelayRelay;
 pub use far_host::FarHost;
 pub use mtu_relay::mtu_relay;
+/// `#[testkit::deadline_test]`: a `#[tokio::test]` under a deadline (see [`within_deadline`]); every
+/// integration test uses it, so an await that never ends fails its test instead of hanging
+/// the run. `deadline_secs = N` sets the deadline (default 240 s), other arguments go to Tokio.
+pub use testkit_macros::deadline_test;
 
 /// Timers short enough for tests: pings every 200 ms, provider records living 3 s.
 pub fn fast_timing() -> Timing {
@@ -156,6 +160,23 @@ where
             panic!("timed out after {deadline:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs a test's body, failing the test, by name, if it does not end within `deadline`.
+/// What `#[testkit::deadline_test]` expands to; dropping the body on the deadline drops what it
+/// started (child processes are killed on drop).
+pub async fn within_deadline<T>(
+    deadline: Duration,
+    test: &str,
+    body: impl Future<Output = T>,
+) -> T {
+    match tokio::time::timeout(deadline, body).await {
+        Ok(output) => output,
+        Err(_) => panic!(
+            "test `{test}` did not end within its deadline of {deadline:?}: something it \
+             awaited never happened"
+        ),
     }
 }
 

@@ -40,7 +40,7 @@ pub(crate) enum Command {
     Withdrawn(PeerId, Vec<String>, oneshot::Sender<()>),
     Advertised(oneshot::Sender<Vec<String>>),
     FindProviders(String, fmpsc::UnboundedSender<PeerId>),
-    LocalProviders(String, oneshot::Sender<Vec<PeerId>>),
+    LocalProviders(String, oneshot::Sender<Vec<(PeerId, Option<Instant>)>>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     RemoteAddr(PeerId, oneshot::Sender<Option<Multiaddr>>),
@@ -180,7 +180,7 @@ impl Driver {
                 let store = self.swarm.behaviour_mut().kad.store_mut();
                 let providers = kad::store::RecordStore::providers(store, &record_key(&namespace));
                 let live = providers.into_iter().filter(|p| !p.is_expired(now));
-                let _ = reply.send(live.map(|p| p.provider).collect());
+                let _ = reply.send(live.map(|p| (p.provider, p.expires)).collect());
             }
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());

@@ -319,6 +319,22 @@ impl Node {
     /// The providers of `namespace` this node's own DHT store holds (unexpired), without
     /// asking anyone: what this node would answer to a lookup.
     pub async fn local_providers(&self, namespace: &str) -> Vec<PeerId> {
+        let stored = self.local_provider_records(namespace).await;
+        stored.into_iter().map(|(peer, _)| peer).collect()
+    }
+
+    /// When the record this node stores of `provider` under `namespace` lapses unless its
+    /// provider renews it (None: no such record, or one that never lapses).
+    pub async fn local_provider_expiry(
+        &self,
+        namespace: &str,
+        provider: PeerId,
+    ) -> Option<Instant> {
+        let stored = self.local_provider_records(namespace).await;
+        stored.into_iter().find(|(peer, _)| *peer == provider)?.1
+    }
+
+    async fn local_provider_records(&self, namespace: &str) -> Vec<(PeerId, Option<Instant>)> {
         let namespace = namespace.to_owned();
         self.command(|reply| Command::LocalProviders(namespace, reply))
             .await
