@@ -208,12 +208,13 @@ fn check_response_head(payload: &[u8]) {
             framed(Kind::Head, payload)[..],
             "not the same bytes"
         );
-        for flags in [0u8, 5, 10, 15] {
+        for flags in [0u8, 5, 10, 15, 20] {
             let context = ResponseContext {
                 head_request: flags & 1 != 0,
                 http10: flags & 2 != 0,
                 keep_alive: flags & 4 != 0,
                 trailers: flags & 8 != 0,
+                upgrade: flags & 16 != 0,
             };
             let mut out = BytesMut::new();
             write_response_head(payload, &context, &mut out)

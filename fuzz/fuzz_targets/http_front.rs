@@ -2,8 +2,8 @@
 //! sends first: any bytes are refused cleanly (nothing framed), wait for more, or yield a head
 //! whose `HEAD` frame is well formed: one frame that the instance's side reads back and writes
 //! to its service as a request that parses again, with the service segment taken off the
-//! target and no hop-by-hop field crossing. A smaller head limit only refuses, never changes a
-//! result. A chunked body after the head decodes to the same bytes and trailers whether it
+//! target and no hop-by-hop field crossing but an upgrade's `Upgrade`. A smaller head limit
+//! only refuses, never changes a result. A chunked body after the head decodes to the same bytes and trailers whether it
 //! arrives whole or a byte at a time.
 
 #![no_main]
@@ -83,6 +83,16 @@ fn check(data: &[u8], max_head: usize, client: IpAddr) -> Option<(Vec<u8>, usize
             "a chunked body is marked"
         );
         names.pop();
+    }
+    // An upgrade's `Upgrade` crosses (and only then).
+    if start.upgrade {
+        assert!(
+            names
+                .iter()
+                .any(|name| name.eq_ignore_ascii_case(b"upgrade")),
+            "an upgrade without its Upgrade field"
+        );
+        names.retain(|name| !name.eq_ignore_ascii_case(b"upgrade"));
     }
     for name in &names {
         assert!(

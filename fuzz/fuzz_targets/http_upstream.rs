@@ -35,6 +35,7 @@ fuzz_target!(|data: &[u8]| {
         http10: flags & 2 != 0,
         keep_alive: flags & 4 != 0,
         trailers: flags & 8 != 0,
+        upgrade: flags & 16 != 0,
     };
     let mut frame = BytesMut::new();
     // As the sidecar does: interim responses are skipped, the final one framed.

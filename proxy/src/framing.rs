@@ -36,6 +36,12 @@
 //! `READY`, or `REFUSED`/`FAILED` as a request is, then bytes both ways as `DATA` and
 //! datagrams as `DATAGRAM` frames.
 //!
+//! A request whose head carries an `Upgrade` field is an upgrade ([`crate::upgrade`]): the
+//! ingress sends its `HEAD` and leaves its direction open. A `101` response `HEAD` switches
+//! the stream: from then on each direction is the upgraded protocol's bytes as `DATA` frames,
+//! ended by its FIN (either side may end first). Any other response is an ordinary one, and
+//! the ingress then ends its direction with no body.
+//!
 //! Body bytes are never copied into frames: a `DATA` frame is its 5-byte header written
 //! before the chunk hyper handed over. Decoding splits frames off the receive buffer without
 //! copying either. Limits ([`MAX_HEAD_BYTES`], [`MAX_HEADERS`], [`MAX_DATA_BYTES`]) are

@@ -14,6 +14,9 @@
 //!   trailers), and `Host` when the ingress sent none. `Transfer-Encoding`, `TE`, `Connection`
 //!   and `Keep-Alive` from the ingress are dropped: they were the client's hop's, and this hop
 //!   sets its own.
+//! - **Upgrades**: an `Upgrade` field from the ingress (which lets it cross only when the
+//!   client asked for the upgrade) is sent with `Connection: upgrade`; a `101` answer to it
+//!   switches the connection to the upgraded protocol ([`crate::sidecar`]).
 //! - **Response body length** (RFC 9112 section 6.3): none after `HEAD` and for 1xx, 204 and
 //!   304; chunked if `Transfer-Encoding` ends in `chunked` (a `Content-Length` beside it is
 //!   then removed, as RFC 9112 has intermediaries do); else `Content-Length`; else until the
@@ -120,6 +123,12 @@ fn content_length(value: &[u8], seen: Option<u64>) -> Result<u64, Http1Error> {
     length.ok_or_else(|| Http1Error::ContentLength("empty".into()))
 }
 
+/// Whether a request's fields (from the ingress) ask to switch protocols: an `Upgrade`
+/// field crosses the ingress only when its client asked for the upgrade.
+pub fn asks_upgrade(fields: crate::framing::Fields<'_>) -> bool {
+    fields.iter().any(|(name, _)| eq(name, b"upgrade"))
+}
+
 /// Appends the HTTP/1.1 request head for `head` to `out`; `host` is used when the ingress
 /// sent no `Host`. Returns how the body must follow.
 pub fn write_request_head(
@@ -135,6 +144,7 @@ pub fn write_request_head(
     let mut has_host = false;
     let mut length = None;
     let mut marked_chunked = false;
+    let mut upgrade = false;
     for (name, value) in head.fields {
         if hop_field(name) {
             marked_chunked |= eq(name, b"transfer-encoding");
@@ -144,6 +154,7 @@ pub fn write_request_head(
             length = Some(content_length(value, length)?);
         }
         has_host |= eq(name, b"host");
+        upgrade |= eq(name, b"upgrade");
         out.put_slice(name);
         out.put_slice(b": ");
         out.put_slice(value);
@@ -155,6 +166,10 @@ pub fn write_request_head(
         out.put_slice(b"\r\n");
     }
     out.put_slice(b"te: trailers\r\n");
+    if upgrade {
+        // The ingress lets `Upgrade` cross only when its client's `Connection` named it.
+        out.put_slice(b"connection: upgrade\r\n");
+    }
     let body = match length {
         Some(length) => RequestBody::Length(length),
         None if !marked_chunked && matches!(head.method, b"GET" | b"HEAD" | b"CONNECT") => {

@@ -14,6 +14,7 @@
 //!   request and its response cross in, bodies streamed over them, and the ingress's end of one
 //!   exchange;
 //! - [`http1`]: HTTP/1.1 to a service as bytes (heads passed through, the chunked coding);
+//! - [`upgrade`]: WebSocket and other upgrades, carried both ways once the service switched;
 //! - [`rewrite`], [`cache`], [`retry`], [`metrics`], [`supervise`]: the target and header
 //!   rewrite, the record cache, the retry budget, `/metrics`, the supervised service process.
 //!
@@ -39,4 +40,5 @@ pub mod sidecar;
 pub mod stream;
 pub mod supervise;
 pub mod transport;
+pub mod upgrade;
 pub mod workers;

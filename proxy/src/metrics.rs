@@ -21,7 +21,10 @@ use prometheus::{
     proto::MetricFamily,
 };
 
-use crate::ingress::{InstanceReport, limits::Limit};
+use crate::{
+    ingress::{InstanceReport, limits::Limit},
+    upgrade::UpgradeMetrics,
+};
 
 /// When the proxy last served a request. The allocator culls an instance whose sidecar has
 /// served nothing for its idle timeout, so this is exported as seconds since then (since start
@@ -105,6 +108,8 @@ pub struct IngressMetrics {
     connections: IntCounterVec,
     /// This worker's series of `connections`.
     accepted: IntCounter,
+    /// Upgraded exchanges (WebSocket, ...), at the ingress and at the sidecar.
+    pub upgrades: UpgradeMetrics,
 }
 
 /// Label of requests for a service that does not exist: client-chosen names must not create
@@ -124,8 +129,8 @@ pub enum RetryOutcome {
 
 impl IngressMetrics {
     /// Creates the ingress's series (`proxy_requests_total`, `proxy_request_duration_seconds`,
-    /// `proxy_retries_total`, `proxy_allocations_total`, `proxy_connections_accepted_total`)
-    /// in `registry`; connections count as worker 0's ([`IngressMetrics::for_worker`] gives
+    /// `proxy_retries_total`, `proxy_allocations_total`, `proxy_connections_accepted_total`,
+    /// and the upgrades' of [`UpgradeMetrics`]) in `registry`; connections count as worker 0's ([`IngressMetrics::for_worker`] gives
     /// another worker's).
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let requests = IntCounterVec::new(
@@ -198,6 +203,7 @@ impl IngressMetrics {
             limits,
             accepted: connections.with_label_values(&["0"]),
             connections,
+            upgrades: UpgradeMetrics::register(registry)?,
         })
     }
 

@@ -25,6 +25,9 @@
 //! 7. **A tunnel** (a stream opening with `CHAIN`) is this instance's part in a layer-4
 //!    chain ([`crate::l4::hop`]), once [`Sidecar::take_part_in_chains`] was called (refused
 //!    before); a service it cannot reach is reported down as in rule 2.
+//! 8. **An upgrade** (a request whose head carries `Upgrade`) that the service answers `101`
+//!    switches the stream and the service's connection to the upgraded protocol, carried both
+//!    ways as [`crate::upgrade`] says; counted as serving while it is open.
 
 pub mod health;
 mod upstream;
@@ -42,15 +45,22 @@ use std::{
 
 use quinn::{Connection, RecvStream, SendStream};
 
+use bytes::Bytes;
+
 use self::{
     health::{HealthPolicy, Observation, ServiceHealth},
-    upstream::{ExchangeError, Upstream},
+    upstream::{ExchangeError, Exchanged, Switched, Upstream},
 };
 use crate::{
     framing::view_request_head,
-    l4::hop::{self, HopRole, ServiceAddr},
+    http1::asks_upgrade,
+    l4::{
+        carry::{Sink, Source},
+        hop::{self, HopRole, ServiceAddr},
+    },
     metrics::Activity,
     stream::{Opening, StreamError, read_opening, send_failed, send_ping, send_refused},
+    upgrade::{self, Ends, IDLE_TIMEOUT, Outcome as UpgradeOutcome, Role, UpgradeMetrics},
 };
 
 /// Application error code of a request stream reset by the sidecar.
@@ -66,6 +76,8 @@ pub struct Sidecar {
     connect_timeout: Duration,
     /// Set when the sidecar takes part in layer-4 chains ([`crate::l4`]).
     chains: OnceLock<HopRole>,
+    /// Where upgraded exchanges are counted, once given ([`Sidecar::count_upgrades_in`]).
+    upgrades: OnceLock<UpgradeMetrics>,
 }
 
 impl Sidecar {
@@ -89,6 +101,7 @@ impl Sidecar {
             probes_answered: AtomicU64::new(0),
             connect_timeout: policy.connect_timeout,
             chains: OnceLock::new(),
+            upgrades: OnceLock::new(),
         })
     }
 
@@ -111,6 +124,7 @@ impl Sidecar {
             probes_answered: AtomicU64::new(0),
             connect_timeout,
             chains: OnceLock::new(),
+            upgrades: OnceLock::new(),
         })
     }
 
@@ -126,6 +140,7 @@ impl Sidecar {
             probes_answered: AtomicU64::new(0),
             connect_timeout: self.connect_timeout,
             chains: OnceLock::new(),
+            upgrades: OnceLock::new(),
         })
     }
 
@@ -144,6 +159,12 @@ impl Sidecar {
     /// Probes this sidecar answered.
     pub fn probes_answered(&self) -> u64 {
         self.probes_answered.load(Ordering::Relaxed)
+    }
+
+    /// Counts this sidecar's upgraded exchanges in `metrics` (the proxy's registry); until
+    /// then they go uncounted. Set once.
+    pub fn count_upgrades_in(&self, metrics: UpgradeMetrics) {
+        let _ = self.upgrades.set(metrics);
     }
 
     /// Serves every request stream of an authenticated connection until it closes.
@@ -188,12 +209,44 @@ impl Sidecar {
         };
         let _serving = self.activity.serve();
         let answered = || self.health.observe(Observation::Answered);
-        let error = match self
+        let upgrade = asks_upgrade(head.fields);
+        let exchanged = self
             .upstream
             .exchange(&head, recv, rest, &mut send, answered)
-            .await
-        {
-            Ok(()) => return Ok(()),
+            .await;
+        let upgrades = self.upgrades.get_or_init(UpgradeMetrics::unregistered);
+        if upgrade {
+            upgrades.outcome(
+                Role::Sidecar,
+                match &exchanged {
+                    Ok(Exchanged::Switched(_)) => UpgradeOutcome::Switched,
+                    Ok(Exchanged::Done) => UpgradeOutcome::Refused,
+                    Err(_) => UpgradeOutcome::Failed,
+                },
+            );
+        }
+        let error = match exchanged {
+            Ok(Exchanged::Done) => return Ok(()),
+            Ok(Exchanged::Switched(switched)) => {
+                let Switched {
+                    connection,
+                    early,
+                    recv,
+                    rest,
+                } = switched;
+                let (read, write) = connection.into_split();
+                let ends = Ends {
+                    from_client: Source::Stream(recv, rest, None),
+                    early_to_service: Bytes::new(),
+                    to_service: Sink::Tcp(write),
+                    from_service: Source::Tcp(read),
+                    early_to_client: early,
+                    to_client: Sink::Stream(send, None),
+                };
+                return upgrade::carry(ends, upgrades, Role::Sidecar, IDLE_TIMEOUT)
+                    .await
+                    .map_err(|error| StreamError::Body(format!("upgraded stream: {error}")));
+            }
             Err(error) => error,
         };
         let addr = self.addr;

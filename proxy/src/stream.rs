@@ -247,6 +247,14 @@ impl FramedBody {
         }
     }
 
+    /// The stream and what its decoder holds, for a stream that stops carrying a body: an
+    /// upgrade that switched it to the upgraded protocol's bytes ([`crate::sidecar`]). Only
+    /// before the body was read (nothing is read ahead then).
+    pub fn into_parts(self) -> (RecvStream, Decoder) {
+        debug_assert!(self.next.is_none(), "a piece was read ahead");
+        (self.recv, self.decoder)
+    }
+
     /// The next piece, small DATA pieces gathered with those that have already arrived.
     fn poll_gathered(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Piece>, StreamError>> {
         let first = match self.next.take() {

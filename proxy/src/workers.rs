@@ -329,6 +329,7 @@ async fn run(
     let datagrams = DatagramRouter::new();
     let sidecar = shared.sidecar.as_ref().map(|(service, template)| {
         let sidecar = template.for_worker();
+        sidecar.count_upgrades_in(shared.metrics.upgrades.clone());
         sidecar.take_part_in_chains(HopRole {
             service: service.clone(),
             ingress: Arc::clone(&ingress),

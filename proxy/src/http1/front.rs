@@ -10,7 +10,7 @@
 //!   answered 400 here and never sent to the lookup.
 //! - **Request fields**: every field crosses but the hop-by-hop ones (`Connection` and the
 //!   fields it names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Transfer-Encoding`, `Upgrade`)
-//!   and `Proxy-Authorization`; `Via` gets this proxy, `X-Forwarded-For` the client's address
+//!   and `Proxy-Authorization`, except that an upgrade's `Upgrade` crosses (below); `Via` gets this proxy, `X-Forwarded-For` the client's address
 //!   after the first value the client sent, if any. `Content-Length` crosses: the sidecar
 //!   sends a body of that length, or chunks one without it.
 //! - **Request body**: `Transfer-Encoding` whose last coding is `chunked` (any other is 501),
@@ -18,6 +18,11 @@
 //!   picks one while the next hop picks the other is how requests are smuggled.
 //! - **Keep-alive**: HTTP/1.1 unless `Connection: close`; HTTP/1.0 only with
 //!   `Connection: keep-alive`.
+//! - **Upgrades** ([`crate::upgrade`]): an HTTP/1.1 request without a body whose
+//!   `Connection` names `upgrade` and that has an `Upgrade` field asks to switch protocols;
+//!   its `Upgrade` crosses. A `101` answer to it is written with the service's `Upgrade` and
+//!   `Connection: upgrade`, and the connection then carries the upgraded protocol; any other
+//!   answer is an ordinary response.
 //! - **Response**: the status line, every field but the hop-by-hop ones, `Via`; the body by
 //!   `Content-Length` when the instance sent one, none after `HEAD` and for 1xx, 204 and 304,
 //!   else chunked to an HTTP/1.1 client (trailers only if it said `TE: trailers`) and until
@@ -92,6 +97,9 @@ pub struct RequestStart<'a> {
     pub expect_continue: bool,
     /// `TE: trailers`: the client takes trailers in a chunked response.
     pub trailers: bool,
+    /// The client asks to switch protocols (`Connection: upgrade` and an `Upgrade` field, no
+    /// body): its `Upgrade` crossed in the frame ([`crate::upgrade`]).
+    pub upgrade: bool,
 }
 
 impl RequestStart<'_> {
@@ -102,6 +110,7 @@ impl RequestStart<'_> {
             http10: self.http10,
             keep_alive: self.keep_alive,
             trailers: self.trailers,
+            upgrade: self.upgrade,
         }
     }
 }
@@ -118,6 +127,8 @@ pub struct ResponseContext {
     pub keep_alive: bool,
     /// The client said `TE: trailers`: a chunked response may carry trailers.
     pub trailers: bool,
+    /// The client asked to switch protocols: a `101` answer switches the connection.
+    pub upgrade: bool,
 }
 
 /// What [`parse_request_head`] found at the start of the buffer.
@@ -191,6 +202,7 @@ pub fn parse_request_head<'b>(
 
     let (mut coding, mut length, mut forwarded) = (None, None, None);
     let (mut expect_continue, mut trailers, mut connection) = (false, false, false);
+    let mut upgrade_field = false;
     for field in fields {
         let (name, value) = (field.name.as_bytes(), field.value);
         if eq(name, b"connection") {
@@ -204,6 +216,8 @@ pub fn parse_request_head<'b>(
             );
         } else if eq(name, b"x-forwarded-for") {
             forwarded.get_or_insert(value);
+        } else if eq(name, b"upgrade") {
+            upgrade_field = true;
         } else if eq(name, b"expect") {
             expect_continue |= eq(value.trim_ascii(), b"100-continue");
         } else if eq(name, b"te") {
@@ -224,6 +238,13 @@ pub fn parse_request_head<'b>(
         (None, Some(0)) | (None, None) => RequestBody::None,
         (None, Some(length)) => RequestBody::Length(length),
     };
+    // HTTP/1.0 has no upgrades; a request with a body is not one here (the body would have
+    // to cross before the switch).
+    let upgrade = !http10
+        && upgrade_field
+        && body == RequestBody::None
+        && connection
+        && connection_names(pairs(fields), b"upgrade");
     let keep_alive = if http10 {
         connection && connection_names(pairs(fields), b"keep-alive")
     } else {
@@ -245,10 +266,11 @@ pub fn parse_request_head<'b>(
     };
     let crossing = pairs(fields)
         .filter(|(name, _)| {
+            let asked_upgrade = upgrade && eq(name, b"upgrade");
             let dropped = hop_by_hop(name)
                 || eq(name, b"x-forwarded-for")
                 || (connection && connection_names(pairs(fields), name));
-            !dropped
+            asked_upgrade || !dropped
         })
         .chain([
             (&b"via"[..], VIA.as_bytes()),
@@ -274,6 +296,7 @@ pub fn parse_request_head<'b>(
         http10,
         expect_continue,
         trailers,
+        upgrade,
     }))
 }
 
@@ -324,7 +347,9 @@ pub fn write_response_head(
                 trailers: request.trailers,
             }
         };
-    let keep_alive = request.keep_alive && framing != ResponseFraming::UntilClose;
+    // The connection becomes the upgraded protocol's: no other request follows on it.
+    let switching = request.upgrade && status == 101;
+    let keep_alive = request.keep_alive && framing != ResponseFraming::UntilClose && !switching;
 
     out.reserve(64 + fields.encoded_len());
     out.put_slice(b"HTTP/1.1 ");
@@ -343,7 +368,12 @@ pub fn write_response_head(
     for (name, value) in fields {
         // An invalid length is not passed on: the body goes chunked instead.
         let bad_length = length.is_none() && eq(name, b"content-length");
-        if bad_length || hop_by_hop(name) || (connection && connection_names(fields.iter(), name)) {
+        let switched_to = switching && eq(name, b"upgrade");
+        if !switched_to
+            && (bad_length
+                || hop_by_hop(name)
+                || (connection && connection_names(fields.iter(), name)))
+        {
             continue;
         }
         out.put_slice(name);
@@ -357,7 +387,9 @@ pub fn write_response_head(
     if matches!(framing, ResponseFraming::Chunked { .. }) {
         out.put_slice(b"transfer-encoding: chunked\r\n");
     }
-    if !keep_alive {
+    if switching {
+        out.put_slice(b"connection: upgrade\r\n");
+    } else if !keep_alive {
         out.put_slice(b"connection: close\r\n");
     } else if request.http10 {
         out.put_slice(b"connection: keep-alive\r\n");

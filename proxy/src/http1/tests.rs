@@ -34,6 +34,28 @@ fn request_text(payload: &[u8]) -> (String, Result<RequestBody, Http1Error>) {
 }
 
 #[test]
+fn an_upgrade_goes_to_the_service_with_connection_upgrade() {
+    let payload = frame_of(
+        "GET",
+        "/chat",
+        &[
+            ("host", "h"),
+            ("upgrade", "websocket"),
+            ("connection", "upgrade"),
+        ],
+    );
+    let (text, body) = request_text(&payload);
+    assert_eq!(
+        text,
+        "GET /chat HTTP/1.1\r\nhost: h\r\nupgrade: websocket\r\nte: trailers\r\n\
+         connection: upgrade\r\n\r\n"
+    );
+    assert_eq!(body, Ok(RequestBody::None));
+    let view = view_request_head(&payload).unwrap();
+    assert!(asks_upgrade(view.fields));
+}
+
+#[test]
 fn a_request_head_passes_through_with_this_hops_fields() {
     let payload = frame_of(
         "GET",

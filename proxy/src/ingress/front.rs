@@ -19,6 +19,10 @@
 //!    answer that breaks mid-body closes the connection without ending the message, so the
 //!    client sees it incomplete. A request that fails is answered with its error's status
 //!    ([`super::RequestError::status`]) and reason.
+//! 4. An upgrade request (WebSocket, ...: [`crate::upgrade`]) goes by [`Ingress::upgrade`]
+//!    instead, its stream left open; answered `101`, the head is written and the connection
+//!    and the stream carry the upgraded protocol both ways until both end; answered
+//!    otherwise, as in step 3.
 
 use std::{
     net::SocketAddr,
@@ -33,6 +37,7 @@ use futures::FutureExt;
 use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
+use quinn::{RecvStream, SendStream};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{
@@ -43,19 +48,21 @@ use tokio::{
 };
 use tokio_util::io::poll_read_buf;
 
-use super::{Ingress, RequestError, limits::Limit};
+use super::{Ingress, RequestError, Resolved, limits::Limit, tunnel::Upgraded};
 use crate::{
     forward::{Answer, HEAD_CAPACITY},
-    framing::{MAX_DATA_BYTES, decode_trailers},
+    framing::{Decoder, FrameError, MAX_DATA_BYTES, decode_trailers},
     http1::{
         ChunkedDecoder, Http1Error, Piece, RequestBody, chunk_size_line,
         front::{
-            FrontError, ParsedRequest, ResponseFraming, parse_request_head,
+            FrontError, ParsedRequest, ResponseContext, ResponseFraming, parse_request_head,
             write_local_response_head, write_response_head,
         },
     },
+    l4::carry::{CarryError, Sink, Source},
     metrics::UNKNOWN_SERVICE,
     retry::idempotent,
+    upgrade::{self, Ends, IDLE_TIMEOUT, Outcome as UpgradeOutcome, Role},
 };
 
 /// What is read from a client at a time.
@@ -80,10 +87,37 @@ pub(super) async fn serve(
         reader = match request.await {
             Ok(Next::Same(same)) => Some(same),
             Ok(Next::After(back)) => back.await.ok(),
+            Ok(Next::Upgraded(reader, stream)) => {
+                // The connection is the upgraded protocol's from now on, until it ends.
+                if let Err(error) = carry_upgraded(&ingress, reader, write, stream).await {
+                    tracing::debug!(%error, "upgraded stream broke");
+                }
+                return;
+            }
             Ok(Next::Close) | Err(_) => None,
         };
     }
     let _ = write.shutdown().await;
+}
+
+/// Carries an upgraded connection and its stream both ways until both ended
+/// ([`crate::upgrade`]); what the client sent after its request head goes first.
+async fn carry_upgraded(
+    ingress: &Ingress,
+    reader: Reader,
+    write: OwnedWriteHalf,
+    stream: UpgradedStream,
+) -> Result<(), CarryError> {
+    let UpgradedStream { send, recv, rest } = stream;
+    let ends = Ends {
+        from_client: Source::Tcp(reader.read),
+        early_to_service: reader.buffer.freeze(),
+        to_service: Sink::Stream(send, None),
+        from_service: Source::Stream(recv, rest, None),
+        early_to_client: Bytes::new(),
+        to_client: Sink::Tcp(write),
+    };
+    upgrade::carry(ends, &ingress.metrics.upgrades, Role::Ingress, IDLE_TIMEOUT).await
 }
 
 /// The read half of a client connection and what was read from it but not yet used.
@@ -99,7 +133,16 @@ enum Next {
     /// The next request is read with what the request's body gives back once it ended (if it
     /// is dropped before, the connection closes).
     After(oneshot::Receiver<Reader>),
+    /// The service switched protocols: the connection and this stream carry its bytes.
+    Upgraded(Reader, UpgradedStream),
     Close,
+}
+
+/// The QUIC stream of an upgraded exchange, at the ingress.
+struct UpgradedStream {
+    send: SendStream,
+    recv: RecvStream,
+    rest: Decoder,
 }
 
 /// Reads, sends and answers one request.
@@ -151,6 +194,9 @@ async fn one_request(
     let begin = Instant::now();
     let head = reader.buffer.split_to(head_len).freeze();
     let name = std::str::from_utf8(&head[service_at]).unwrap_or_default();
+    if context.upgrade {
+        return upgrade_request(ingress, reader, write, out, frame, name, &context, begin).await;
+    }
 
     // 2. The body, read by the exchange; the reader comes back when it ended.
     let (body, mut next) = match body_framing {
@@ -173,9 +219,6 @@ async fn one_request(
     let (service, result) = ingress
         .request(name, frame.split().freeze(), replayable, body)
         .await;
-    let label = service
-        .as_ref()
-        .map_or(UNKNOWN_SERVICE, |s| s.record.name.as_str());
     let answer = match result {
         Ok(answer) => answer,
         Err(error) => {
@@ -194,26 +237,123 @@ async fn one_request(
             return Ok(next);
         }
     };
+    drop(serving);
+    let whole = write_answer(
+        ingress,
+        write,
+        out,
+        service.as_deref(),
+        answer,
+        &context,
+        begin,
+    );
+    Ok(if whole.await? { next } else { Next::Close })
+}
+
+/// Writes an instance's answer to the client, counted; whether the connection can carry
+/// another request after it.
+async fn write_answer(
+    ingress: &Ingress,
+    write: &mut OwnedWriteHalf,
+    out: &mut BytesMut,
+    service: Option<&Resolved>,
+    answer: Answer,
+    context: &ResponseContext,
+    begin: Instant,
+) -> std::io::Result<bool> {
     out.clear();
-    let (framing, keep_alive) = match write_response_head(&answer.head, &context, out) {
+    let (framing, keep_alive) = match write_response_head(&answer.head, context, out) {
         Ok(written) => written,
         Err(error) => {
-            let error = RequestError::Answer {
-                service: label.to_owned(),
-                error,
-            };
+            unframable(ingress, write, out, service, error, begin).await?;
+            return Ok(false);
+        }
+    };
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    ingress.answered(service, status, begin.elapsed());
+    Ok(write_body(write, out, answer, framing).await? && keep_alive)
+}
+
+/// Answers a request whose answer's head cannot be written as HTTP/1.1 (502), counted.
+async fn unframable(
+    ingress: &Ingress,
+    write: &mut OwnedWriteHalf,
+    out: &mut BytesMut,
+    service: Option<&Resolved>,
+    error: FrameError,
+    begin: Instant,
+) -> std::io::Result<()> {
+    let error = RequestError::Answer {
+        service: service
+            .map_or(UNKNOWN_SERVICE, |s| &s.record.name)
+            .to_owned(),
+        error,
+    };
+    ingress.answered(service, error.status(), begin.elapsed());
+    write_local(write, out, error.status(), &error.to_string(), false).await
+}
+
+/// Sends an upgrade request (no body; its frame in `frame`) and answers it: a `101` written
+/// and the connection handed on upgraded ([`Next::Upgraded`]), or an ordinary answer.
+#[allow(clippy::too_many_arguments)]
+async fn upgrade_request(
+    ingress: &Arc<Ingress>,
+    reader: Reader,
+    write: &mut OwnedWriteHalf,
+    out: &mut BytesMut,
+    frame: &mut BytesMut,
+    name: &str,
+    context: &ResponseContext,
+    begin: Instant,
+) -> std::io::Result<Next> {
+    ingress.retries.deposit();
+    let (service, result) = ingress.upgrade(name, frame.split().freeze()).await;
+    let upgrades = &ingress.metrics.upgrades;
+    let answer = match result {
+        Ok(Upgraded::Switched {
+            head,
+            send,
+            recv,
+            rest,
+        }) => {
+            upgrades.outcome(Role::Ingress, UpgradeOutcome::Switched);
+            out.clear();
+            if let Err(error) = write_response_head(&head, context, out) {
+                unframable(ingress, write, out, service.as_deref(), error, begin).await?;
+                return Ok(Next::Close);
+            }
+            let status = StatusCode::SWITCHING_PROTOCOLS;
+            ingress.answered(service.as_deref(), status, begin.elapsed());
+            write.write_all(out).await?;
+            out.clear();
+            return Ok(Next::Upgraded(reader, UpgradedStream { send, recv, rest }));
+        }
+        Ok(Upgraded::Refused(answer)) => {
+            upgrades.outcome(Role::Ingress, UpgradeOutcome::Refused);
+            answer
+        }
+        Err(error) => {
+            upgrades.outcome(Role::Ingress, UpgradeOutcome::Failed);
+            tracing::debug!(%error, "upgrade request failed");
             ingress.answered(service.as_deref(), error.status(), begin.elapsed());
             write_local(write, out, error.status(), &error.to_string(), false).await?;
             return Ok(Next::Close);
         }
     };
-    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    ingress.answered(service.as_deref(), status, begin.elapsed());
-    drop(serving);
-    if !write_body(write, out, answer, framing).await? || !keep_alive {
-        return Ok(Next::Close);
-    }
-    Ok(next)
+    let whole = write_answer(
+        ingress,
+        write,
+        out,
+        service.as_deref(),
+        answer,
+        context,
+        begin,
+    );
+    Ok(if whole.await? {
+        Next::Same(reader)
+    } else {
+        Next::Close
+    })
 }
 
 /// Answers a head that cannot be served with its status, and closes.

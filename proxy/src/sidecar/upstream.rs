@@ -18,6 +18,10 @@
 //!    (it stops reading the response) is dropped with its connection at once, however long
 //!    the service would have taken.
 //!
+//! An upgrade request ([`crate::upgrade`]) goes the same way; a `101` answer to it goes to the
+//! ingress as its head, the stream left open, and the connection is handed back to the
+//! sidecar to carry the upgraded protocol ([`Exchanged::Switched`]), never to the pool.
+//!
 //! A pooled connection the service closed just as a request was written (the keep-alive race)
 //! fails with nothing read back; such a request is written again on a new connection if
 //! nothing of its body was taken yet and it either never left or is idempotent.
@@ -49,8 +53,8 @@ use tokio::{
 use crate::{
     framing::{self, Kind, RequestHeadView, frame_header},
     http1::{
-        ChunkedDecoder, Http1Error, Parsed, Piece, RequestBody, ResponseBody, chunk_size_line,
-        parse_response_head, write_request_head,
+        ChunkedDecoder, Http1Error, Parsed, Piece, RequestBody, ResponseBody, asks_upgrade,
+        chunk_size_line, parse_response_head, write_request_head,
     },
     retry::idempotent,
     stream::{FramedBody, StreamError},
@@ -86,6 +90,36 @@ pub enum ExchangeError {
     /// that the ingress does not take a truncated body for a whole one.
     #[error("the response broke after its head, or the ingress stopped reading it: {0}")]
     AfterHead(String),
+}
+
+/// How an exchange ended well.
+pub enum Exchanged {
+    /// The response went to the ingress whole.
+    Done,
+    /// The service answered an upgrade request `101 Switching Protocols`: the head went to the
+    /// ingress (the stream left open) and the connection now carries the upgraded protocol.
+    Switched(Switched),
+}
+
+/// An upgraded exchange's two ends, for [`crate::l4::carry`]: the connection to the service
+/// (what it sent after its `101` head in `early`) and the ingress's side of the stream.
+pub struct Switched {
+    /// The connection to the service, now the upgraded protocol's.
+    pub connection: TcpStream,
+    /// Bytes the service sent after its `101` head, read with it.
+    pub early: Bytes,
+    /// The receiving half of the request's stream, from the ingress.
+    pub recv: RecvStream,
+    /// What arrived on `recv` after the request head.
+    pub rest: crate::framing::Decoder,
+}
+
+/// How one try on one connection ended well.
+enum Tried {
+    /// The response went whole; whether the connection may carry another request.
+    Whole { reusable: bool },
+    /// A `101` to an upgrade request went to the ingress; what the service sent after it.
+    Switched(BytesMut),
 }
 
 /// The connections of a sidecar to its service.
@@ -144,7 +178,9 @@ impl Upstream {
 
     /// Sends the request whose head is `head` and whose body follows on `recv` (`rest` is
     /// what arrived after the head) to the service, and streams its response on `send`.
-    /// `answered` is called once the service's response head is read.
+    /// `answered` is called once the service's response head is read. An upgrade request
+    /// (its head carries `Upgrade`) that the service switches is handed back
+    /// ([`Exchanged::Switched`]) on its own connection, never pooled again.
     pub async fn exchange(
         &self,
         head: &RequestHeadView<'_>,
@@ -152,12 +188,13 @@ impl Upstream {
         rest: crate::framing::Decoder,
         send: &mut SendStream,
         answered: impl Fn(),
-    ) -> Result<(), ExchangeError> {
+    ) -> Result<Exchanged, ExchangeError> {
         let mut request = BytesMut::with_capacity(HEAD_CAPACITY);
         let kind =
             write_request_head(head, &self.host, &mut request).map_err(ExchangeError::Request)?;
         let request = request.freeze();
         let after_head_request = head.method == b"HEAD";
+        let upgrade = asks_upgrade(head.fields);
         let idempotent = idempotent(head.method);
         let mut body = FramedBody::new(recv, rest);
         loop {
@@ -172,18 +209,27 @@ impl Upstream {
                     &request,
                     kind,
                     &mut body,
-                    after_head_request,
+                    (after_head_request, upgrade),
                     send,
                     &progress,
                     &answered,
                 )
                 .await;
             match tried {
-                Ok(true) => {
+                Ok(Tried::Whole { reusable: true }) => {
                     self.release(connection);
-                    return Ok(());
+                    return Ok(Exchanged::Done);
                 }
-                Ok(false) => return Ok(()),
+                Ok(Tried::Whole { reusable: false }) => return Ok(Exchanged::Done),
+                Ok(Tried::Switched(early)) => {
+                    let (recv, rest) = body.into_parts();
+                    return Ok(Exchanged::Switched(Switched {
+                        connection,
+                        early: early.freeze(),
+                        recv,
+                        rest,
+                    }));
+                }
                 Err(Failure::Service(reason)) => {
                     let stale = reused
                         && !progress.answered.get()
@@ -211,7 +257,7 @@ impl Upstream {
     }
 
     /// One try on `connection`: the request out and the response back, concurrently.
-    /// `Ok(reusable)` when the response was sent whole.
+    /// `request_is` says whether the request was `HEAD`, and whether it asks for an upgrade.
     #[allow(clippy::too_many_arguments)]
     async fn run(
         &self,
@@ -219,24 +265,18 @@ impl Upstream {
         request: &Bytes,
         kind: RequestBody,
         body: &mut FramedBody,
-        after_head_request: bool,
+        request_is: (bool, bool),
         send: &mut SendStream,
         progress: &Progress,
         answered: &impl Fn(),
-    ) -> Result<bool, Failure> {
+    ) -> Result<Tried, Failure> {
         let (mut read, mut write) = connection.split();
         // Resolves when the ingress stops reading the response (it gave up on the request:
         // its client left, another instance answered a hedge): the exchange is then
         // abandoned, so a service that never answers holds no task and no connection here.
         let mut abandoned = pin!(send.stopped());
         let mut upload = pin!(upload(&mut write, request, kind, body, progress));
-        let mut download = pin!(download(
-            &mut read,
-            send,
-            after_head_request,
-            progress,
-            answered
-        ));
+        let mut download = pin!(download(&mut read, send, request_is, progress, answered));
         // Whether the request went out whole; until then the connection cannot be reused.
         let mut uploaded: Option<bool> = None;
         poll_fn(|cx| {
@@ -255,8 +295,13 @@ impl Upstream {
                 }
             }
             if let Poll::Ready(done) = download.as_mut().poll(cx) {
-                let keep_alive = done?;
-                return Poll::Ready(Ok(keep_alive && uploaded == Some(true)));
+                return Poll::Ready(Ok(match done? {
+                    Downloaded::Whole { keep_alive } => Tried::Whole {
+                        reusable: keep_alive && uploaded == Some(true),
+                    },
+                    // An upgrade request has no body: its head went out before any answer.
+                    Downloaded::Switched(early) => Tried::Switched(early),
+                }));
             }
             if abandoned.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Err(Failure::Quic(
@@ -392,15 +437,24 @@ async fn upload(
     }
 }
 
-/// Reads the response from the service and sends it to the ingress as frames. `Ok(keep
-/// alive)` once it was sent whole.
+/// How a response went to the ingress.
+enum Downloaded {
+    /// Whole; whether the connection may carry another request.
+    Whole { keep_alive: bool },
+    /// Its `101` head, to an upgrade request; what the service sent after it.
+    Switched(BytesMut),
+}
+
+/// Reads the response from the service and sends it to the ingress as frames, until it was
+/// sent whole, or until a `101` answer to an upgrade request (`request_is`: whether the
+/// request was `HEAD`, whether it asks for an upgrade) went, the stream left open.
 async fn download(
     read: &mut ReadHalf<'_>,
     send: &mut SendStream,
-    after_head_request: bool,
+    (after_head_request, upgrade): (bool, bool),
     progress: &Progress,
     answered: &impl Fn(),
-) -> Result<bool, Failure> {
+) -> Result<Downloaded, Failure> {
     let service = |error: io::Error| Failure::Service(format!("reading the response: {error}"));
     let malformed = |error: Http1Error| Failure::Service(error.to_string());
     let quic = |error: quinn::WriteError| Failure::Quic(error.to_string());
@@ -427,6 +481,10 @@ async fn download(
     buffer.advance(start.head_len);
     answered();
     progress.head_sent.set(true);
+    if upgrade && start.status == 101 {
+        send.write_chunk(frames.freeze()).await.map_err(quic)?;
+        return Ok(Downloaded::Switched(buffer));
+    }
     let mut body = Body::new(start.body);
     let mut head = Some(frames);
     let mut read_size = FIRST_READ;
@@ -453,7 +511,9 @@ async fn download(
                 send.finish().map_err(|e| Failure::Quic(e.to_string()))?;
                 // Bytes past the body's end were never asked for: the connection is not
                 // safe to reuse.
-                return Ok(start.keep_alive && buffer.is_empty());
+                return Ok(Downloaded::Whole {
+                    keep_alive: start.keep_alive && buffer.is_empty(),
+                });
             }
             None => {
                 // Reads grow while the body goes on, up to MAX_READ.

@@ -242,3 +242,56 @@ fn no_body_after_head_or_for_204_and_304_and_a_close_is_said() {
     assert!(!head.contains("content-length"), "{head}");
     assert_eq!(framing, ResponseFraming::Chunked { trailers: false });
 }
+
+const WEBSOCKET: &str = "GET /s/chat HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, Upgrade\r\n\
+                         Upgrade: websocket\r\nSec-WebSocket-Key: k\r\n\
+                         Sec-WebSocket-Version: 13\r\n\r\n";
+
+#[test]
+fn an_upgrade_request_keeps_its_upgrade_field_and_nothing_else_hop_by_hop() {
+    let (start, _, fields) = parse(WEBSOCKET).unwrap();
+    assert!(start.upgrade);
+    assert_eq!(
+        names(&fields),
+        [
+            "Host",
+            "Upgrade",
+            "Sec-WebSocket-Key",
+            "Sec-WebSocket-Version",
+            "via",
+            "x-forwarded-for"
+        ]
+    );
+    // Not an upgrade: `Connection` does not name it, the request has a body, HTTP/1.0, or
+    // no `Upgrade` field. Then `Upgrade` is hop-by-hop as ever.
+    for head in [
+        "GET /s/ HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+        "POST /s/ HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: h2c\r\nContent-Length: 1\r\n\r\n",
+        "GET /s/ HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        "GET /s/ HTTP/1.1\r\nConnection: upgrade\r\n\r\n",
+    ] {
+        let (start, _, fields) = parse(head).unwrap();
+        assert!(!start.upgrade, "{head:?}");
+        assert!(!names(&fields).contains(&"Upgrade"), "{head:?}");
+    }
+}
+
+#[test]
+fn a_101_to_an_upgrade_switches_and_anything_else_is_an_ordinary_answer() {
+    let switching = [("upgrade", "websocket"), ("sec-websocket-accept", "a")];
+    let (head, framing, keep) = response(101, &switching, WEBSOCKET);
+    assert_eq!(
+        head,
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nsec-websocket-accept: a\r\n\
+         via: 1.1 multi-tier-cloud\r\nconnection: upgrade\r\n\r\n"
+    );
+    assert_eq!((framing, keep), (ResponseFraming::None, false));
+
+    let (head, framing, keep) = response(403, &[("content-length", "2")], WEBSOCKET);
+    assert!(head.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{head}");
+    assert_eq!((framing, keep), (ResponseFraming::Length(2), true));
+
+    // A 101 the client did not ask for switches nothing, and its `Upgrade` stays behind.
+    let (head, _, _) = response(101, &switching, GET);
+    assert!(!head.contains("upgrade"), "{head}");
+}
