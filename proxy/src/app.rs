@@ -142,8 +142,9 @@ pub struct Cli {
     pub max_client_connections: u32,
 
     /// Service mode: how the service is spoken to (the `--protocol` of its record; allocators
-    /// set SERVICE_PROTOCOL from it). A UDP service cannot be checked by connecting to it, so
-    /// its sidecar takes it as serving from the start.
+    /// set SERVICE_PROTOCOL from it): `http` (HTTP/1.1, gRPC calls over HTTP/2), `h2c` or
+    /// `grpc` (every request over HTTP/2), `tcp`, `udp`. A UDP service cannot be checked by
+    /// connecting to it, so its sidecar takes it as serving from the start.
     #[arg(long, env = instance::SERVICE_PROTOCOL, default_value = "http", value_enum)]
     pub protocol: ServiceProtocol,
 
@@ -409,6 +410,7 @@ async fn run_program(cli: Cli, program: Program) -> anyhow::Result<()> {
                 ServiceProtocol::Http | ServiceProtocol::Tcp => {
                     Sidecar::new(upstream, Arc::clone(&activity))
                 }
+                ServiceProtocol::H2c => Sidecar::h2c(upstream, Arc::clone(&activity)),
             };
             Some((service.clone(), sidecar))
         }

@@ -129,6 +129,17 @@ pub fn asks_upgrade(fields: crate::framing::Fields<'_>) -> bool {
     fields.iter().any(|(name, _)| eq(name, b"upgrade"))
 }
 
+/// Whether a request's fields make it a gRPC call (`Content-Type: application/grpc`, or
+/// `application/grpc+proto` and the like), which only HTTP/2 carries.
+pub fn is_grpc(fields: crate::framing::Fields<'_>) -> bool {
+    fields.iter().any(|(name, value)| {
+        eq(name, b"content-type")
+            && value.len() >= 16
+            && eq(&value[..16], b"application/grpc")
+            && matches!(value.get(16), None | Some(b'+' | b';'))
+    })
+}
+
 /// Appends the HTTP/1.1 request head for `head` to `out`; `host` is used when the ingress
 /// sent no `Host`. Returns how the body must follow.
 pub fn write_request_head(

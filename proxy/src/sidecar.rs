@@ -1,6 +1,7 @@
 //! The instance side of the data plane: the [`Sidecar`] answers the streams ingresses open
 //! over QUIC by calling its service over pooled HTTP/1.1 connections ([`upstream`], heads
-//! passed through as bytes), and knows whether that service answers ([`health`]).
+//! passed through as bytes), or over one HTTP/2 connection if the service speaks h2c
+//! ([`h2`]: gRPC), and knows whether that service answers ([`health`]).
 //!
 //! # Rules
 //! 1. **A request** (a stream opening with `HEAD`) goes to the service with its body streamed
@@ -28,7 +29,12 @@
 //! 8. **An upgrade** (a request whose head carries `Upgrade`) that the service answers `101`
 //!    switches the stream and the service's connection to the upgraded protocol, carried both
 //!    ways as [`crate::upgrade`] says; counted as serving while it is open.
+//! 9. **The service's protocol**: a service declared `h2c` (or `grpc`) gets every request
+//!    over HTTP/2 ([`h2`]); one declared `http` (the default, also when undeclared) gets them
+//!    over HTTP/1.1, but for gRPC calls (`Content-Type: application/grpc...`), which only
+//!    HTTP/2 carries: those go over HTTP/2, so an undeclared gRPC service is reached too.
 
+mod h2;
 pub mod health;
 mod upstream;
 
@@ -48,12 +54,13 @@ use quinn::{Connection, RecvStream, SendStream};
 use bytes::Bytes;
 
 use self::{
+    h2::{H2Error, H2Upstream},
     health::{HealthPolicy, Observation, ServiceHealth},
     upstream::{ExchangeError, Exchanged, Switched, Upstream},
 };
 use crate::{
     framing::view_request_head,
-    http1::asks_upgrade,
+    http1::{asks_upgrade, is_grpc},
     l4::{
         carry::{Sink, Source},
         hop::{self, HopRole, ServiceAddr},
@@ -66,9 +73,32 @@ use crate::{
 /// Application error code of a request stream reset by the sidecar.
 const RESET_BROKEN: u32 = 1;
 
+/// How a sidecar speaks to its service (rule 9).
+enum Speaking {
+    /// HTTP/1.1 on pooled connections (and upgrades); gRPC calls over HTTP/2, since no gRPC
+    /// server speaks anything else.
+    Http1 { http1: Upstream, grpc: H2Upstream },
+    /// HTTP/2 without TLS on one multiplexed connection, for every request.
+    H2c(H2Upstream),
+}
+
+impl Speaking {
+    fn new(h2c: bool, addr: SocketAddr, connect_timeout: Duration) -> Self {
+        let h2 = H2Upstream::new(addr, connect_timeout);
+        if h2c {
+            Self::H2c(h2)
+        } else {
+            Self::Http1 {
+                http1: Upstream::new(addr, connect_timeout),
+                grpc: h2,
+            }
+        }
+    }
+}
+
 /// The instance side: requests arriving on QUIC streams go to the service at `upstream`.
 pub struct Sidecar {
-    upstream: Upstream,
+    upstream: Speaking,
     addr: SocketAddr,
     activity: Arc<Activity>,
     health: Arc<ServiceHealth>,
@@ -87,6 +117,12 @@ impl Sidecar {
         Self::with_policy(upstream, activity, HealthPolicy::default())
     }
 
+    /// A sidecar of a service that speaks HTTP/2 without TLS (h2c, gRPC), checked as
+    /// [`Sidecar::new`]'s is.
+    pub fn h2c(upstream: SocketAddr, activity: Arc<Activity>) -> Arc<Self> {
+        Self::start(upstream, activity, HealthPolicy::default(), true)
+    }
+
     /// A sidecar of a service that cannot be checked by connecting to it (UDP): taken as
     /// serving from the start, and never checked.
     pub fn unchecked(upstream: SocketAddr, activity: Arc<Activity>) -> Arc<Self> {
@@ -94,7 +130,7 @@ impl Sidecar {
         let health = ServiceHealth::new(upstream, policy);
         health.observe(Observation::Connected);
         Arc::new(Self {
-            upstream: Upstream::new(upstream, policy.connect_timeout),
+            upstream: Speaking::new(false, upstream, policy.connect_timeout),
             addr: upstream,
             activity,
             health,
@@ -113,11 +149,20 @@ impl Sidecar {
         activity: Arc<Activity>,
         policy: HealthPolicy,
     ) -> Arc<Self> {
+        Self::start(upstream, activity, policy, false)
+    }
+
+    fn start(
+        upstream: SocketAddr,
+        activity: Arc<Activity>,
+        policy: HealthPolicy,
+        h2c: bool,
+    ) -> Arc<Self> {
         let connect_timeout = policy.connect_timeout;
         let health = ServiceHealth::new(upstream, policy);
         tokio::spawn(health::run_checks(Arc::downgrade(&health)));
         Arc::new(Self {
-            upstream: Upstream::new(upstream, connect_timeout),
+            upstream: Speaking::new(h2c, upstream, connect_timeout),
             addr: upstream,
             activity,
             health,
@@ -132,8 +177,9 @@ impl Sidecar {
     /// connections to the service and probe count, the same health (checked once, by the
     /// checks this sidecar's constructor started). Starts nothing, so any thread may call it.
     pub fn for_worker(&self) -> Arc<Self> {
+        let h2c = matches!(self.upstream, Speaking::H2c(_));
         Arc::new(Self {
-            upstream: Upstream::new(self.addr, self.connect_timeout),
+            upstream: Speaking::new(h2c, self.addr, self.connect_timeout),
             addr: self.addr,
             activity: Arc::clone(&self.activity),
             health: Arc::clone(&self.health),
@@ -209,9 +255,15 @@ impl Sidecar {
         };
         let _serving = self.activity.serve();
         let answered = || self.health.observe(Observation::Answered);
+        let upstream = match &self.upstream {
+            Speaking::Http1 { http1, .. } if !is_grpc(head.fields) => http1,
+            Speaking::H2c(h2) | Speaking::Http1 { grpc: h2, .. } => {
+                let exchanged = h2.exchange(&head, recv, rest, &mut send, answered);
+                return self.answer_h2(exchanged.await, send).await;
+            }
+        };
         let upgrade = asks_upgrade(head.fields);
-        let exchanged = self
-            .upstream
+        let exchanged = upstream
             .exchange(&head, recv, rest, &mut send, answered)
             .await;
         let upgrades = self.upgrades.get_or_init(UpgradeMetrics::unregistered);
@@ -268,6 +320,35 @@ impl Sidecar {
                 Err(StreamError::Body(format!(
                     "the response from the service at {addr} broke: {reason}"
                 )))
+            }
+        }
+    }
+
+    /// Tells the ingress how an exchange with an HTTP/2 service failed (rules 2 and 3).
+    async fn answer_h2(
+        &self,
+        exchanged: Result<(), H2Error>,
+        mut send: SendStream,
+    ) -> Result<(), StreamError> {
+        let addr = self.addr;
+        match exchanged {
+            Ok(()) => Ok(()),
+            Err(H2Error::Connect(reason)) => {
+                self.health.observe(Observation::ConnectFailed);
+                let reason = format!("cannot connect to the service at {addr}: {reason}");
+                send_refused(&mut send, &reason).await
+            }
+            Err(error @ H2Error::Unprocessed(_)) => {
+                send_refused(&mut send, &format!("the service at {addr}: {error}")).await
+            }
+            Err(error @ (H2Error::Service(_) | H2Error::ResponseHead(_))) => {
+                let reason = format!("the service at {addr} broke the exchange: {error}");
+                send_failed(&mut send, &reason).await
+            }
+            Err(error @ H2Error::Request(_)) => send_failed(&mut send, &error.to_string()).await,
+            Err(error @ (H2Error::AfterHead(_) | H2Error::Abandoned)) => {
+                let _ = send.reset(RESET_BROKEN.into());
+                Err(StreamError::Body(format!("the service at {addr}: {error}")))
             }
         }
     }

@@ -111,7 +111,8 @@ pub struct AddArgs {
     /// that take it; fewer if fewer exist). The lookup services keep that many afterwards.
     #[arg(long, env = "MTC_COPIES", default_value_t = replicate::DEFAULT_COPIES, value_name = "N")]
     pub copies: std::num::NonZeroUsize,
-    /// How the service is spoken to: HTTP requests through `proxy`, or TCP connections and
+    /// How the service is spoken to: HTTP requests through `proxy` (`http`: HTTP/1.1, gRPC
+    /// calls over HTTP/2; `h2c` or `grpc`: every request over HTTP/2), or TCP connections and
     /// UDP datagrams through `l4-proxy` chains. Allocators start its sidecar accordingly.
     #[arg(long, value_enum, default_value = "http")]
     pub protocol: ServiceProtocol,

@@ -74,15 +74,21 @@ pub enum ServiceProtocol {
     Tcp,
     /// UDP datagrams, through l4-proxy chains (cannot be checked: taken as serving).
     Udp,
+    /// HTTP/2 without TLS, prior knowledge (gRPC servers; `grpc` is another name for it):
+    /// the sidecar calls the service over one multiplexed HTTP/2 connection.
+    #[serde(alias = "grpc")]
+    #[value(alias = "grpc")]
+    H2c,
 }
 
 impl ServiceProtocol {
-    /// The name used in records and flags: `http`, `tcp` or `udp`.
+    /// The name used in records and flags: `http`, `tcp`, `udp` or `h2c`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Http => "http",
             Self::Tcp => "tcp",
             Self::Udp => "udp",
+            Self::H2c => "h2c",
         }
     }
 

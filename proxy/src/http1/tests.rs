@@ -34,6 +34,22 @@ fn request_text(payload: &[u8]) -> (String, Result<RequestBody, Http1Error>) {
 }
 
 #[test]
+fn a_grpc_call_is_told_by_its_content_type() {
+    for (content_type, grpc) in [
+        ("application/grpc", true),
+        ("Application/gRPC+proto", true),
+        ("application/grpc; charset=x", true),
+        ("application/grpc-web", false),
+        ("application/json", false),
+        ("application/grp", false),
+    ] {
+        let payload = frame_of("POST", "/a.B/C", &[("content-type", content_type)]);
+        let view = view_request_head(&payload).unwrap();
+        assert_eq!(is_grpc(view.fields), grpc, "{content_type}");
+    }
+}
+
+#[test]
 fn an_upgrade_goes_to_the_service_with_connection_upgrade() {
     let payload = frame_of(
         "GET",
