@@ -140,6 +140,17 @@ pub fn is_grpc(fields: crate::framing::Fields<'_>) -> bool {
     })
 }
 
+/// Whether the client spoke HTTP/2 to the ingress: the last `Via` entry (the ingress's own)
+/// has received-protocol `2` ([`crate::rewrite::VIA_H2`]).
+pub fn arrived_over_h2(fields: crate::framing::Fields<'_>) -> bool {
+    let last = fields
+        .iter()
+        .filter(|(name, _)| eq(name, b"via"))
+        .last()
+        .and_then(|(_, value)| value.rsplit(|&b| b == b',').next());
+    last.is_some_and(|entry| entry.trim_ascii().starts_with(b"2 "))
+}
+
 /// Appends the HTTP/1.1 request head for `head` to `out`; `host` is used when the ingress
 /// sent no `Host`. Returns how the body must follow.
 pub fn write_request_head(

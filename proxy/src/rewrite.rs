@@ -8,7 +8,8 @@
 //!   `Proxy-Authorization` (meant for a proxy, not the service) are dropped; everything else
 //!   is kept. `Trailer` (which announces trailers)
 //!   is end-to-end and kept.
-//! - `Via` gets this proxy appended and `X-Forwarded-For` the client's address.
+//! - `Via` gets this proxy appended (`2 multi-tier-cloud` on a request received over HTTP/2,
+//!   `1.1 ...` otherwise) and `X-Forwarded-For` the client's address.
 
 use std::net::IpAddr;
 
@@ -16,6 +17,9 @@ use http::{HeaderMap, HeaderName, HeaderValue, header};
 
 /// The `Via` entry of this proxy (RFC 9110 section 7.6.3).
 pub const VIA: &str = "1.1 multi-tier-cloud";
+/// The `Via` entry of this proxy on a request it received over HTTP/2 (its received-protocol
+/// is `2`); the sidecar reads it to know the client spoke HTTP/2 ([`crate::sidecar`]).
+pub const VIA_H2: &str = "2 multi-tier-cloud";
 
 /// Why a request target names no service it may be sent to; the client is answered 400.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -87,10 +91,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Prepares a client's request headers for the trip to an instance.
+/// Prepares the headers of a request a client sent over HTTP/2 for the trip to an instance.
 pub fn forward_request_headers(headers: &mut HeaderMap, client: IpAddr) {
     strip_hop_by_hop(headers);
-    append_via(headers);
+    headers.append(header::VIA, HeaderValue::from_static(VIA_H2));
     let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(previous) => format!("{previous}, {client}"),
         None => client.to_string(),
@@ -174,7 +178,7 @@ mod tests {
             ]
         );
         assert_eq!(headers["x-forwarded-for"], "10.1.2.3");
-        assert_eq!(headers["via"], VIA);
+        assert_eq!(headers["via"], VIA_H2);
     }
 
     #[test]
@@ -185,7 +189,7 @@ mod tests {
         forward_request_headers(&mut headers, "::1".parse().unwrap());
         assert_eq!(headers["x-forwarded-for"], "192.0.2.1, ::1");
         let via: Vec<_> = headers.get_all("via").iter().collect();
-        assert_eq!(via, ["1.1 edge-cache", VIA]);
+        assert_eq!(via, ["1.1 edge-cache", VIA_H2]);
         let mut response = HeaderMap::new();
         response.insert("connection", HeaderValue::from_static("close"));
         forward_response_headers(&mut response);

@@ -32,7 +32,10 @@
 //! 9. **The service's protocol**: a service declared `h2c` (or `grpc`) gets every request
 //!    over HTTP/2 ([`h2`]); one declared `http` (the default, also when undeclared) gets them
 //!    over HTTP/1.1, but for gRPC calls (`Content-Type: application/grpc...`), which only
-//!    HTTP/2 carries: those go over HTTP/2, so an undeclared gRPC service is reached too.
+//!    HTTP/2 carries, and for requests whose client spoke HTTP/2 to the ingress (its `Via`
+//!    entry says `2`) when the service speaks h2c too ([`h2::speaks_h2c`], asked once per
+//!    worker): those go over HTTP/2. So an undeclared gRPC or HTTP/2-only service is reached
+//!    by HTTP/2 clients, and an HTTP/1.1-only one still by everyone.
 
 mod h2;
 pub mod health;
@@ -60,7 +63,7 @@ use self::{
 };
 use crate::{
     framing::view_request_head,
-    http1::{asks_upgrade, is_grpc},
+    http1::{arrived_over_h2, asks_upgrade, is_grpc},
     l4::{
         carry::{Sink, Source},
         hop::{self, HopRole, ServiceAddr},
@@ -75,9 +78,13 @@ const RESET_BROKEN: u32 = 1;
 
 /// How a sidecar speaks to its service (rule 9).
 enum Speaking {
-    /// HTTP/1.1 on pooled connections (and upgrades); gRPC calls over HTTP/2, since no gRPC
-    /// server speaks anything else.
-    Http1 { http1: Upstream, grpc: H2Upstream },
+    /// HTTP/1.1 on pooled connections (and upgrades); over HTTP/2 gRPC calls, and requests
+    /// whose client spoke HTTP/2 if the service does (`h2c`: asked once, when first needed).
+    Http1 {
+        http1: Upstream,
+        h2: H2Upstream,
+        h2c: tokio::sync::OnceCell<bool>,
+    },
     /// HTTP/2 without TLS on one multiplexed connection, for every request.
     H2c(H2Upstream),
 }
@@ -90,7 +97,8 @@ impl Speaking {
         } else {
             Self::Http1 {
                 http1: Upstream::new(addr, connect_timeout),
-                grpc: h2,
+                h2,
+                h2c: tokio::sync::OnceCell::new(),
             }
         }
     }
@@ -255,12 +263,18 @@ impl Sidecar {
         };
         let _serving = self.activity.serve();
         let answered = || self.health.observe(Observation::Answered);
-        let upstream = match &self.upstream {
-            Speaking::Http1 { http1, .. } if !is_grpc(head.fields) => http1,
-            Speaking::H2c(h2) | Speaking::Http1 { grpc: h2, .. } => {
-                let exchanged = h2.exchange(&head, recv, rest, &mut send, answered);
-                return self.answer_h2(exchanged.await, send).await;
+        let (upstream, h2) = match &self.upstream {
+            Speaking::H2c(h2) => (None, h2),
+            Speaking::Http1 { h2, .. } if is_grpc(head.fields) => (None, h2),
+            Speaking::Http1 { http1, h2, h2c } if arrived_over_h2(head.fields) => {
+                let speaks = h2c.get_or_init(|| h2::speaks_h2c(self.addr, self.connect_timeout));
+                (if *speaks.await { None } else { Some(http1) }, h2)
             }
+            Speaking::Http1 { http1, h2, .. } => (Some(http1), h2),
+        };
+        let Some(upstream) = upstream else {
+            let exchanged = h2.exchange(&head, recv, rest, &mut send, answered);
+            return self.answer_h2(exchanged.await, send).await;
         };
         let upgrade = asks_upgrade(head.fields);
         let exchanged = upstream

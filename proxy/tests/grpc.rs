@@ -1,4 +1,4 @@
-//! gRPC through both proxies (issue 17): a tonic client and a tonic service
+//! gRPC and HTTP/2 services through both proxies (issue 17): a tonic client and a tonic service
 //! (testkit-grpc), the client speaking h2c to the ingress, the sidecar speaking h2c to its
 //! service, as real processes on loopback. The client reaches the service under
 //! `/<service>/`, as every request through the ingress does (tonic's `with_origin`).
@@ -167,4 +167,64 @@ async fn an_undeclared_grpc_service_is_reached_over_http2() {
     };
     let stream = client.repeat(many).await.unwrap().into_inner();
     assert_eq!(stream.collect::<Vec<_>>().await.len(), 10);
+}
+
+/// A service that speaks HTTP/2 only (h2c, prior knowledge): every answer says so.
+async fn h2_only_service() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let answer = hyper::service::service_fn(|_request| async {
+                    let body = http_body_util::Full::new(bytes::Bytes::from_static(b"in h2"));
+                    Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let executor = hyper_util::rt::TokioExecutor::new();
+                let _ = hyper::server::conn::http2::Builder::new(executor)
+                    .serve_connection(io, answer)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An HTTP/2-only service registered without a protocol is reached by a client that speaks
+/// HTTP/2 to the ingress: the sidecar sees the client's protocol in the ingress's `Via` and
+/// finds the service speaks h2c.
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undeclared_http2_only_service_is_reached_by_http2_clients() {
+    use http_body_util::BodyExt;
+
+    let network = Network::start().await;
+    network.register("h2only", Limits::default()).await;
+    let service = h2_only_service().await.to_string();
+    let _sidecar = start_proxy(
+        &network,
+        &["--quic-addr", "127.0.0.1:0", "0", "h2only", &service],
+    )
+    .await;
+    let ingress = start_proxy(&network, &["0"]).await;
+    let uri: http::Uri = format!("http://{}/h2only/x", ingress.ingress)
+        .parse()
+        .unwrap();
+    let give_up = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let request = http::Request::get(uri.clone()).body(body("")).unwrap();
+        let response = h2c_client().request(request).await.unwrap();
+        let status = response.status();
+        let text = response.into_body().collect().await.unwrap().to_bytes();
+        if status == http::StatusCode::OK {
+            assert_eq!(&text[..], b"in h2");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "still {status}: {}",
+            String::from_utf8_lossy(&text)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -34,6 +34,22 @@ fn request_text(payload: &[u8]) -> (String, Result<RequestBody, Http1Error>) {
 }
 
 #[test]
+fn the_clients_protocol_is_read_off_the_ingresss_via_entry() {
+    for (vias, h2) in [
+        (&[crate::rewrite::VIA_H2][..], true),
+        (&[crate::rewrite::VIA][..], false),
+        (&["2 edge", crate::rewrite::VIA][..], false),
+        (&["1.1 edge, 2 multi-tier-cloud"][..], true),
+        (&[][..], false),
+    ] {
+        let fields: Vec<(&str, &str)> = vias.iter().map(|via| ("via", *via)).collect();
+        let payload = frame_of("GET", "/", &fields);
+        let view = view_request_head(&payload).unwrap();
+        assert_eq!(arrived_over_h2(view.fields), h2, "{vias:?}");
+    }
+}
+
+#[test]
 fn a_grpc_call_is_told_by_its_content_type() {
     for (content_type, grpc) in [
         ("application/grpc", true),

@@ -24,6 +24,7 @@ use http::{HeaderName, HeaderValue, Method, Request, Uri, header};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use quinn::{RecvStream, SendStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
     framing::{Decoder, FrameError, RequestHeadView, ResponseHead, encode_response_head},
@@ -182,6 +183,24 @@ impl H2Upstream {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<SendRequest<FramedBody>>> {
         self.connection.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The HTTP/2 connection preface and an empty SETTINGS frame (RFC 9113 section 3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+
+/// Whether the service at `addr` speaks HTTP/2 without TLS: on a connection of its own the
+/// preface and an empty SETTINGS frame are sent, and an HTTP/2 server's first frame back is
+/// SETTINGS (type 4), where an HTTP/1.1 server answers with a status line or closes. Nothing
+/// is requested of the service. No answer within `timeout` is a no.
+pub async fn speaks_h2c(addr: SocketAddr, timeout: Duration) -> bool {
+    let ask = async {
+        let mut stream = super::connect_service(addr, timeout).await?;
+        stream.write_all(PREFACE).await?;
+        let mut header = [0u8; 9];
+        stream.read_exact(&mut header).await?;
+        Ok::<_, std::io::Error>(header[3] == 0x4)
+    };
+    matches!(tokio::time::timeout(timeout, ask).await, Ok(Ok(true)))
 }
 
 /// HTTP/1.1's connection-specific fields, which HTTP/2 forbids (RFC 9113 section 8.2.2), and
