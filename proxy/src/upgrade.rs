@@ -259,3 +259,65 @@ async fn put_early(sink: &mut Sink, early: Bytes, counts: &Counts) -> Result<(),
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::{TcpListener, TcpStream},
+    };
+
+    use super::*;
+
+    /// A connected pair: ours (split) and the peer's.
+    async fn pair() -> ((Source, Sink), TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (peer, _) = listener.accept().await.unwrap();
+        let (read, write) = ours.into_split();
+        ((Source::Tcp(read), Sink::Tcp(write)), peer)
+    }
+
+    /// Rule 5 in virtual time: an upgraded stream that carries nothing for the idle timeout is
+    /// ended both ways; a byte either way starts the wait again.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_upgraded_stream_is_ended_and_a_byte_postpones_it() {
+        let ((from_client, to_client), mut client) = pair().await;
+        let ((from_service, to_service), mut service) = pair().await;
+        let ends = Ends {
+            from_client,
+            early_to_service: Bytes::new(),
+            to_service,
+            from_service,
+            early_to_client: Bytes::new(),
+            to_client,
+        };
+        let metrics = UpgradeMetrics::unregistered();
+        let idle = Duration::from_secs(300);
+        let carrying =
+            tokio::spawn(async move { carry(ends, &metrics, Role::Ingress, idle).await });
+
+        tokio::time::sleep(Duration::from_secs(200)).await;
+        client.write_all(b"x").await.unwrap();
+        let mut byte = [0u8; 1];
+        service.read_exact(&mut byte).await.unwrap();
+        // 400 s since the start, 200 since the byte: still open.
+        tokio::time::sleep(Duration::from_secs(200)).await;
+        assert!(!carrying.is_finished(), "ended while a byte was recent");
+        // Past 300 s since the byte: both sides are ended cleanly.
+        tokio::time::sleep(Duration::from_secs(150)).await;
+        carrying.await.unwrap().unwrap();
+        assert_eq!(
+            client.read(&mut byte).await.unwrap(),
+            0,
+            "the client's side ended"
+        );
+        assert_eq!(
+            service.read(&mut byte).await.unwrap(),
+            0,
+            "the service's side ended"
+        );
+    }
+}
