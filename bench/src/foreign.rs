@@ -250,11 +250,13 @@ http {{
 }
 
 /// What haproxy proxies: HTTP requests (kept-alive upstream connections), or TCP
-/// connections as they are (`mode tcp`, one upstream connection per client connection).
+/// connections as they are (`mode tcp`, one upstream connection per client connection), or
+/// gRPC (HTTP/2 without TLS on both sides).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Http,
     Tcp,
+    Grpc,
 }
 
 fn haproxy_config(
@@ -274,8 +276,11 @@ fn haproxy_config(
         HopTls::ToNext => " ssl verify none ssl-min-ver TLSv1.3",
         _ => "",
     };
+    let h2 = if mode == Mode::Grpc { " proto h2" } else { "" };
     let mode = match mode {
-        Mode::Http => "mode http\n    timeout http-keep-alive 30s\n    http-reuse always",
+        Mode::Http | Mode::Grpc => {
+            "mode http\n    timeout http-keep-alive 30s\n    http-reuse always"
+        }
         Mode::Tcp => "mode tcp",
     };
     format!(
@@ -288,10 +293,10 @@ defaults
     timeout client 30s
     timeout server 30s
 frontend in
-    bind 127.0.0.1:{listen}{bind_tls}
+    bind 127.0.0.1:{listen}{bind_tls}{h2}
     default_backend next
 backend next
-    server next {upstream}{server_tls}
+    server next {upstream}{server_tls}{h2}
 "
     )
 }
@@ -336,6 +341,71 @@ pub async fn start_nginx(
         )
     };
     start_two_hops(kind, dir, service, start).await
+}
+
+/// nginx B (to a gRPC service) and nginx A (to B), each a master with one worker, HTTP/2
+/// without TLS on both sides (`grpc_pass`), kept-alive upstream connections; started, not
+/// waited for (a gRPC call says when they answer).
+pub fn start_nginx_grpc(dir: &Path, service: SocketAddr) -> anyhow::Result<TwoHops> {
+    let program = require("nginx")?;
+    let start = |name: &str, listen: u16, upstream: SocketAddr| -> anyhow::Result<Foreign> {
+        let config = dir.join(format!("{name}.conf"));
+        std::fs::write(&config, nginx_grpc_config(dir, name, listen, upstream))?;
+        let early_log = dir.join(format!("{name}.early.log"));
+        spawn_foreign(
+            &program,
+            &[
+                "-p",
+                dir.to_str().context("path")?,
+                "-e",
+                early_log.to_str().context("path")?,
+                "-c",
+                config.to_str().context("path")?,
+                "-g",
+                "daemon off;",
+            ],
+            &dir.join(format!("{name}.stderr")),
+        )
+    };
+    launch_two_hops("nginx-grpc", service, start)
+}
+
+fn nginx_grpc_config(dir: &Path, name: &str, listen: u16, upstream: SocketAddr) -> String {
+    let dir = dir.display();
+    // SAFETY: geteuid has no preconditions.
+    let user = if unsafe { libc::geteuid() } == 0 {
+        "user root root;"
+    } else {
+        ""
+    };
+    format!(
+        "{user}
+worker_processes 1;
+pid {dir}/{name}.pid;
+error_log {dir}/{name}.error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/{name}-body;
+    proxy_temp_path {dir}/{name}-proxy;
+    fastcgi_temp_path {dir}/{name}-fastcgi;
+    uwsgi_temp_path {dir}/{name}-uwsgi;
+    scgi_temp_path {dir}/{name}-scgi;
+    keepalive_requests 1000000;
+    upstream next {{
+        server {upstream};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{listen} http2;
+        location / {{
+            grpc_pass grpc://next;
+        }}
+    }}
+}}
+"
+    )
 }
 
 /// haproxy B (to the service) and haproxy A (to B), one process with `threads` threads each;

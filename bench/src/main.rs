@@ -7,7 +7,7 @@
 //! cargo run -p bench --release -- all          # or one: overlay, monitor-memory, lookup, quic,
 //!                                              # side-by-side, stream, cold-start, tiers,
 //!                                              # probes, slow-service, tunnel, workers,
-//!                                              # faults
+//!                                              # faults, protocols
 //! ```
 
 mod body;
@@ -24,6 +24,7 @@ mod pinning;
 mod plot;
 mod probes;
 mod procs;
+mod protocols;
 mod proxy_path;
 mod quic;
 mod report;
@@ -99,6 +100,10 @@ enum Scenario {
     /// hl-service, the ping-monitor and an etcd member under a steady load through an
     /// ingress: failed requests, time to recover, what was left behind, state picked up.
     Faults(faults::Args),
+    /// A WebSocket round trip, a server-sent event's delay and gRPC unary calls (latency,
+    /// closed-loop throughput, CPU of both hops) through ours, against direct and, for gRPC,
+    /// two nginx (grpc_pass) and two haproxy (HTTP/2) hops.
+    Protocols(protocols::Args),
     /// The HTTP service behind the proxies (the data-plane scenarios start it themselves).
     #[command(hide = true)]
     Serve(serve::Args),
@@ -130,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Tunnel(args) => tunnel::run(args, &mut out).await?,
         Scenario::Workers(args) => workers::run(args, &mut out).await?,
         Scenario::Faults(args) => faults::run(args, &mut out).await?,
+        Scenario::Protocols(args) => protocols::run(args, &mut out).await?,
         Scenario::Serve(args) => serve::run(args).await?,
         Scenario::ServeL4(args) => tunnel::serve(args).await?,
     }
@@ -167,7 +173,8 @@ async fn all(quick: bool, out: &mut Report) -> anyhow::Result<()> {
         slow_service,
         tunnel,
         workers,
-        faults
+        faults,
+        protocols
     );
     Ok(())
 }
