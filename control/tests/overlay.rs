@@ -59,20 +59,23 @@ async fn five_nodes_find_a_provider_then_forget_it_after_it_stops() {
     bootstrap.shutdown().await;
 }
 
+/// A node joined through `bootstraps` whose provider records live `ttl`.
+async fn node_with_ttl(ttl: Duration, bootstraps: &[control::overlay::BootstrapAddr]) -> Node {
+    let mut config = node_config("test", Keypair::generate_ed25519(), bootstraps);
+    config.timing.provider_ttl = ttl;
+    Node::start(config).await.unwrap()
+}
+
 /// A live provider's record never lapses: kad republishes it every half lifetime, and the copy
 /// a peer stores gets a later expiry before its first one passes. Read from that peer's store,
 /// not by sampling lookups over time (a lookup's luck and a loaded machine's timing made that
 /// flaky); the slack for a late renewal is half a lifetime, 4 s here.
 #[testkit::deadline_test]
 async fn a_live_providers_record_is_renewed_before_it_lapses() {
-    let start = |bootstraps: &[control::overlay::BootstrapAddr]| {
-        let mut config = node_config("test", Keypair::generate_ed25519(), bootstraps);
-        config.timing.provider_ttl = Duration::from_secs(8);
-        Node::start(config)
-    };
-    let holder = start(&[]).await.unwrap();
+    let ttl = Duration::from_secs(8);
+    let holder = node_with_ttl(ttl, &[]).await;
     let addr = bootstrap_of(&holder).await;
-    let provider = start(std::slice::from_ref(&addr)).await.unwrap();
+    let provider = node_with_ttl(ttl, std::slice::from_ref(&addr)).await;
     provider.advertise("svc").await;
     let expiry = || holder.local_provider_expiry("svc", provider.peer_id());
     wait_until("the holder to store the record", DEADLINE, || async {
@@ -97,15 +100,11 @@ async fn a_live_providers_record_is_renewed_before_it_lapses() {
 /// the deadline.
 #[testkit::deadline_test]
 async fn a_provider_that_stops_advertising_or_stops_is_forgotten_at_once() {
-    let start = |bootstraps: &[control::overlay::BootstrapAddr]| {
-        let mut config = node_config("test", Keypair::generate_ed25519(), bootstraps);
-        config.timing.provider_ttl = Duration::from_secs(3600);
-        Node::start(config)
-    };
-    let bootstrap = start(&[]).await.unwrap();
+    let ttl = Duration::from_secs(3600);
+    let bootstrap = node_with_ttl(ttl, &[]).await;
     let addr = bootstrap_of(&bootstrap).await;
-    let provider = start(std::slice::from_ref(&addr)).await.unwrap();
-    let seeker = start(std::slice::from_ref(&addr)).await.unwrap();
+    let provider = node_with_ttl(ttl, std::slice::from_ref(&addr)).await;
+    let seeker = node_with_ttl(ttl, std::slice::from_ref(&addr)).await;
     provider.advertise("a").await;
     provider.advertise("b").await;
     for namespace in ["a", "b"] {
