@@ -188,7 +188,6 @@ fn nginx_config(
     upstream: SocketAddr,
     tls: HopTls<'_>,
 ) -> String {
-    let dir = dir.display();
     let (scheme, upstream_tls) = match tls {
         HopTls::ToNext => (
             "https",
@@ -205,6 +204,26 @@ fn nginx_config(
         ),
         _ => String::new(),
     };
+    let server = format!(
+        "listen 127.0.0.1:{listen}{listen_tls};
+        location / {{
+            {upstream_tls}proxy_pass {scheme}://next;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            # Bodies of any size, streamed both ways as ours and haproxy do (nginx would
+            # otherwise refuse uploads over 1 MiB and spool large bodies to disk).
+            client_max_body_size 0;
+            proxy_request_buffering off;
+            proxy_buffering off;
+        }}"
+    );
+    nginx_config_with(dir, name, upstream, &server)
+}
+
+/// An nginx configuration: one worker, its files under `dir` named after `name`, kept-alive
+/// connections to `upstream` (as `next`), and one `server` block holding `server`.
+fn nginx_config_with(dir: &Path, name: &str, upstream: SocketAddr, server: &str) -> String {
+    let dir = dir.display();
     // As root, nginx would run its worker as `nobody`, who cannot use the temporary directory.
     // SAFETY: geteuid has no preconditions.
     let user = if unsafe { libc::geteuid() } == 0 {
@@ -232,17 +251,7 @@ http {{
         keepalive_requests 1000000;
     }}
     server {{
-        listen 127.0.0.1:{listen}{listen_tls};
-        location / {{
-            {upstream_tls}proxy_pass {scheme}://next;
-            proxy_http_version 1.1;
-            proxy_set_header Connection \"\";
-            # Bodies of any size, streamed both ways as ours and haproxy do (nginx would
-            # otherwise refuse uploads over 1 MiB and spool large bodies to disk).
-            client_max_body_size 0;
-            proxy_request_buffering off;
-            proxy_buffering off;
-        }}
+        {server}
     }}
 }}
 "
@@ -321,24 +330,8 @@ pub async fn start_nginx(
     let program = require("nginx")?;
     let kind = if tls.is_some() { "nginx-tls" } else { "nginx" };
     let start = |name: &str, listen: u16, upstream: SocketAddr| -> anyhow::Result<Foreign> {
-        let config = dir.join(format!("{name}.conf"));
-        let hop = hop_tls(name, tls);
-        std::fs::write(&config, nginx_config(dir, name, listen, upstream, hop))?;
-        let early_log = dir.join(format!("{name}.early.log"));
-        spawn_foreign(
-            &program,
-            &[
-                "-p",
-                dir.to_str().context("path")?,
-                "-e",
-                early_log.to_str().context("path")?,
-                "-c",
-                config.to_str().context("path")?,
-                "-g",
-                "daemon off;",
-            ],
-            &dir.join(format!("{name}.stderr")),
-        )
+        let config = nginx_config(dir, name, listen, upstream, hop_tls(name, tls));
+        spawn_nginx(&program, dir, name, &config)
     };
     start_two_hops(kind, dir, service, start).await
 }
@@ -349,62 +342,40 @@ pub async fn start_nginx(
 pub fn start_nginx_grpc(dir: &Path, service: SocketAddr) -> anyhow::Result<TwoHops> {
     let program = require("nginx")?;
     let start = |name: &str, listen: u16, upstream: SocketAddr| -> anyhow::Result<Foreign> {
-        let config = dir.join(format!("{name}.conf"));
-        std::fs::write(&config, nginx_grpc_config(dir, name, listen, upstream))?;
-        let early_log = dir.join(format!("{name}.early.log"));
-        spawn_foreign(
+        let server = format!(
+            "listen 127.0.0.1:{listen} http2;
+        location / {{
+            grpc_pass grpc://next;
+        }}"
+        );
+        spawn_nginx(
             &program,
-            &[
-                "-p",
-                dir.to_str().context("path")?,
-                "-e",
-                early_log.to_str().context("path")?,
-                "-c",
-                config.to_str().context("path")?,
-                "-g",
-                "daemon off;",
-            ],
-            &dir.join(format!("{name}.stderr")),
+            dir,
+            name,
+            &nginx_config_with(dir, name, upstream, &server),
         )
     };
     launch_two_hops("nginx-grpc", service, start)
 }
 
-fn nginx_grpc_config(dir: &Path, name: &str, listen: u16, upstream: SocketAddr) -> String {
-    let dir = dir.display();
-    // SAFETY: geteuid has no preconditions.
-    let user = if unsafe { libc::geteuid() } == 0 {
-        "user root root;"
-    } else {
-        ""
-    };
-    format!(
-        "{user}
-worker_processes 1;
-pid {dir}/{name}.pid;
-error_log {dir}/{name}.error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/{name}-body;
-    proxy_temp_path {dir}/{name}-proxy;
-    fastcgi_temp_path {dir}/{name}-fastcgi;
-    uwsgi_temp_path {dir}/{name}-uwsgi;
-    scgi_temp_path {dir}/{name}-scgi;
-    keepalive_requests 1000000;
-    upstream next {{
-        server {upstream};
-        keepalive 64;
-        keepalive_requests 1000000;
-    }}
-    server {{
-        listen 127.0.0.1:{listen} http2;
-        location / {{
-            grpc_pass grpc://next;
-        }}
-    }}
-}}
-"
+/// Starts nginx in the foreground with `config`, written to `<dir>/<name>.conf`.
+fn spawn_nginx(program: &Path, dir: &Path, name: &str, config: &str) -> anyhow::Result<Foreign> {
+    let path = dir.join(format!("{name}.conf"));
+    std::fs::write(&path, config)?;
+    let early_log = dir.join(format!("{name}.early.log"));
+    spawn_foreign(
+        program,
+        &[
+            "-p",
+            dir.to_str().context("path")?,
+            "-e",
+            early_log.to_str().context("path")?,
+            "-c",
+            path.to_str().context("path")?,
+            "-g",
+            "daemon off;",
+        ],
+        &dir.join(format!("{name}.stderr")),
     )
 }
 

@@ -278,13 +278,8 @@ async fn event_service(epoch: Instant, count: usize) -> anyhow::Result<SocketAdd
         while let Ok((mut stream, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let _ = stream.set_nodelay(true);
-                let mut head = Vec::new();
-                let mut buffer = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buffer).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buffer[..n]),
-                    }
+                if testkit::read_request_head(&mut stream).await.is_none() {
+                    return;
                 }
                 let start = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
                               transfer-encoding: chunked\r\n\r\n";

@@ -1510,13 +1510,8 @@ async fn hang_up_service(received: Arc<AtomicUsize>) -> std::net::SocketAddr {
         while let Ok((mut stream, _)) = listener.accept().await {
             let received = Arc::clone(&received);
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buffer = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buffer).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buffer[..n]),
-                    }
+                if read_request_head(&mut stream).await.is_none() {
+                    return;
                 }
                 received.fetch_add(1, Ordering::SeqCst);
                 // Dropped: the connection closes with no response.

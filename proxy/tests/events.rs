@@ -26,15 +26,7 @@ async fn event_service(mut next: mpsc::Receiver<()>) -> std::net::SocketAddr {
         // request head gets the stream.
         let mut stream = loop {
             let (mut stream, _) = listener.accept().await.unwrap();
-            let mut head = Vec::new();
-            let mut buffer = [0u8; 4096];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match stream.read(&mut buffer).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&buffer[..n]),
-                }
-            }
-            if head.ends_with(b"\r\n\r\n") {
+            if read_request_head(&mut stream).await.is_some() {
                 break stream;
             }
         };

@@ -180,6 +180,21 @@ pub async fn within_deadline<T>(
     }
 }
 
+/// Reads an HTTP/1.x request head from `stream`, for test services that answer by hand: its
+/// bytes through the blank line that ends it (and whatever came with them), or `None` if
+/// the connection ended or failed first (a sidecar's liveness check connects and closes).
+pub async fn read_request_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buffer).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buffer[..n]),
+        }
+    }
+    Some(head)
+}
+
 /// All providers of `namespace` one search on `node` finds.
 pub async fn providers(node: &Node, namespace: &str) -> Vec<PeerId> {
     node.find_providers(namespace).await.collect().await
@@ -363,16 +378,33 @@ fn dechunk(body: &str) -> String {
 }
 
 /// A TCP port free right now on loopback, for programs that cannot report the port they
-/// bound (Prometheus).
+/// bound (Prometheus, etcd) or must be given one in advance (a restart on the same port).
 pub fn free_port() -> u16 {
     free_ports(1)[0]
 }
 
-/// `n` distinct free loopback ports (all held at once while choosing, so none repeats).
+/// `n` distinct loopback ports free right now (all held at once while choosing, so none
+/// repeats), chosen at random below the kernel's ephemeral range (`ip_local_port_range`):
+/// there no `bind(0)` and no outgoing connection of another test or program is given one
+/// between this choice and the program binding it, as happened with ports from `bind(0)`.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
+    use std::hash::BuildHasher;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (ephemeral.saturating_sub(20_000).max(1024), ephemeral);
+    let random = std::collections::hash_map::RandomState::new();
+    let mut held: Vec<std::net::TcpListener> = Vec::with_capacity(n);
+    let mut tries = 0u64;
+    while held.len() < n {
+        tries += 1;
+        assert!(tries < 100_000, "no free port below {high}");
+        let port = low + (random.hash_one(tries) % u64::from(high - low)) as u16;
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push(listener);
+        }
+    }
     held.iter()
         .map(|l| l.local_addr().unwrap().port())
         .collect()
