@@ -302,6 +302,26 @@ mod tests {
     }
 
     #[test]
+    fn an_http2_service_is_recorded_h2c_and_grpc_is_another_name_for_it() {
+        let mut r = record();
+        r.protocol = ServiceProtocol::H2c;
+        let json = String::from_utf8(r.to_json()).unwrap();
+        assert!(json.contains(r#""protocol":"h2c""#), "{json}");
+        let grpc = json.replace(r#""protocol":"h2c""#, r#""protocol":"grpc""#);
+        let read: ServiceRecord = serde_json::from_str(&grpc).unwrap();
+        assert_eq!(read.protocol, ServiceProtocol::H2c);
+        use clap::ValueEnum;
+        for flag in ["h2c", "grpc"] {
+            assert_eq!(
+                ServiceProtocol::from_str(flag, false),
+                Ok(ServiceProtocol::H2c),
+                "{flag}"
+            );
+        }
+        assert_eq!(ServiceProtocol::H2c.as_str(), "h2c");
+    }
+
+    #[test]
     fn sizes_with_units() {
         assert_eq!(parse_bytes("256MiB").unwrap(), 256 << 20);
         assert_eq!(parse_bytes("1GB").unwrap(), 1_000_000_000);
