@@ -267,8 +267,14 @@ impl Sidecar {
             Speaking::H2c(h2) => (None, h2),
             Speaking::Http1 { h2, .. } if is_grpc(head.fields) => (None, h2),
             Speaking::Http1 { http1, h2, h2c } if arrived_over_h2(head.fields) => {
-                let speaks = h2c.get_or_init(|| h2::speaks_h2c(self.addr, self.connect_timeout));
-                (if *speaks.await { None } else { Some(http1) }, h2)
+                // Known once the service answered the question; until then, HTTP/1.1.
+                let ask = || async {
+                    h2::speaks_h2c(self.addr, self.connect_timeout)
+                        .await
+                        .ok_or(())
+                };
+                let speaks = h2c.get_or_try_init(ask).await.copied().unwrap_or(false);
+                (if speaks { None } else { Some(http1) }, h2)
             }
             Speaking::Http1 { http1, h2, .. } => (Some(http1), h2),
         };

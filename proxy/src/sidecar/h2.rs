@@ -191,16 +191,17 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
 /// Whether the service at `addr` speaks HTTP/2 without TLS: on a connection of its own the
 /// preface and an empty SETTINGS frame are sent, and an HTTP/2 server's first frame back is
 /// SETTINGS (type 4), where an HTTP/1.1 server answers with a status line or closes. Nothing
-/// is requested of the service. No answer within `timeout` is a no.
-pub async fn speaks_h2c(addr: SocketAddr, timeout: Duration) -> bool {
+/// is requested of the service. `None` when it cannot be told (no connection, no answer
+/// within `timeout`: a service still starting), so that the question is asked again.
+pub async fn speaks_h2c(addr: SocketAddr, timeout: Duration) -> Option<bool> {
     let ask = async {
-        let mut stream = super::connect_service(addr, timeout).await?;
-        stream.write_all(PREFACE).await?;
+        let mut stream = super::connect_service(addr, timeout).await.ok()?;
+        stream.write_all(PREFACE).await.ok()?;
         let mut header = [0u8; 9];
-        stream.read_exact(&mut header).await?;
-        Ok::<_, std::io::Error>(header[3] == 0x4)
+        // Closed after the preface, or an answer shorter than a frame header: HTTP/1.1.
+        Some(stream.read_exact(&mut header).await.is_ok() && header[3] == 0x4)
     };
-    matches!(tokio::time::timeout(timeout, ask).await, Ok(Ok(true)))
+    tokio::time::timeout(timeout, ask).await.ok().flatten()
 }
 
 /// HTTP/1.1's connection-specific fields, which HTTP/2 forbids (RFC 9113 section 8.2.2), and
@@ -229,4 +230,42 @@ fn unprocessed(error: &hyper::Error) -> bool {
         source = cause.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A listener that answers every connection with `answer` (after reading what came).
+    async fn answering(answer: &'static [u8]) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut buffer = [0u8; 64];
+                let _ = stream.read(&mut buffer).await;
+                let _ = stream.write_all(answer).await;
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn the_service_is_asked_whether_it_speaks_h2c_and_silence_is_no_answer() {
+        let timeout = Duration::from_secs(5);
+        // An HTTP/2 server's first frame: an empty SETTINGS.
+        let h2 = answering(b"\0\0\0\x04\0\0\0\0\0").await;
+        assert_eq!(speaks_h2c(h2, timeout).await, Some(true));
+        let http1 = answering(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n").await;
+        assert_eq!(speaks_h2c(http1, timeout).await, Some(false));
+        let closes = answering(b"").await;
+        assert_eq!(speaks_h2c(closes, timeout).await, Some(false));
+        // Nothing listening (a service still starting): asked again next time.
+        let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = gone.local_addr().unwrap();
+        drop(gone);
+        assert_eq!(speaks_h2c(addr, timeout).await, None);
+    }
 }
