@@ -28,17 +28,46 @@ const DEFAULT_DEADLINE_SECS: u64 = 240;
 pub fn deadline_test(args: TokenStream, item: TokenStream) -> TokenStream {
     match expand(args, item) {
         Ok(tokens) => tokens,
-        Err(message) => compile_error(&message),
+        Err(error) => compile_error(&error.to_string()),
     }
 }
 
-fn expand(args: TokenStream, item: TokenStream) -> Result<TokenStream, String> {
+/// Why the attribute cannot be expanded (a compile error naming it).
+#[derive(Debug)]
+enum MacroError {
+    /// Not on an `async fn`.
+    NotAFunction,
+    /// The function has no body.
+    NoBody,
+    /// `deadline_secs = N` with N not a whole number; holds what was written.
+    BadDeadline(String),
+    /// `deadline_secs = 0`.
+    ZeroDeadline,
+}
+
+impl std::fmt::Display for MacroError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotAFunction => write!(f, "#[testkit::deadline_test] goes on an `async fn`"),
+            Self::NoBody => write!(
+                f,
+                "#[testkit::deadline_test] goes on a function with a body"
+            ),
+            Self::BadDeadline(value) => {
+                write!(f, "deadline_secs = {value}: not a whole number of seconds")
+            }
+            Self::ZeroDeadline => write!(f, "deadline_secs = 0: a test needs some time"),
+        }
+    }
+}
+
+fn expand(args: TokenStream, item: TokenStream) -> Result<TokenStream, MacroError> {
     let (deadline, tokio_args) = split_args(args)?;
     let mut tokens: Vec<TokenTree> = item.into_iter().collect();
-    let name = function_name(&tokens).ok_or("#[testkit::deadline_test] goes on an `async fn`")?;
+    let name = function_name(&tokens).ok_or(MacroError::NotAFunction)?;
     let body = match tokens.pop() {
         Some(TokenTree::Group(body)) if body.delimiter() == Delimiter::Brace => body,
-        _ => return Err("#[testkit::deadline_test] goes on a function with a body".into()),
+        _ => return Err(MacroError::NoBody),
     };
 
     // #[::tokio::test(ARGS)]
@@ -66,7 +95,7 @@ fn expand(args: TokenStream, item: TokenStream) -> Result<TokenStream, String> {
 }
 
 /// Takes `deadline_secs = N` out of the arguments; the rest go to `#[tokio::test]`.
-fn split_args(args: TokenStream) -> Result<(u64, TokenStream), String> {
+fn split_args(args: TokenStream) -> Result<(u64, TokenStream), MacroError> {
     let mut deadline = DEFAULT_DEADLINE_SECS;
     let mut rest: Vec<TokenTree> = Vec::new();
     let tokens: Vec<TokenTree> = args.into_iter().collect();
@@ -78,11 +107,10 @@ fn split_args(args: TokenStream) -> Result<(u64, TokenStream), String> {
                 TokenTree::Punct(eq),
                 TokenTree::Literal(value),
             ] if key.to_string() == "deadline_secs" && eq.as_char() == '=' => {
-                deadline = value.to_string().parse().map_err(|_| {
-                    format!("deadline_secs = {value}: not a whole number of seconds")
-                })?;
+                deadline = (value.to_string().parse())
+                    .map_err(|_| MacroError::BadDeadline(value.to_string()))?;
                 if deadline == 0 {
-                    return Err("deadline_secs = 0: a test needs some time".into());
+                    return Err(MacroError::ZeroDeadline);
                 }
             }
             other => {
