@@ -136,6 +136,55 @@ async fn a_provider_that_stops_advertising_or_stops_is_forgotten_at_once() {
     bootstrap.shutdown().await;
 }
 
+/// Issue 16: a node that stopped right after announcing many names (an hl-service advertising
+/// its blobs at start-up, then stopped) could leave some of them behind: a withdrawal failed
+/// with "connection is closed", or an announcement still on its way put the record back after
+/// the withdrawal. Every name must be gone from every peer, for several providers in turn (the
+/// race showed in about one run in four). Records live an hour: only a withdrawal removes them.
+#[testkit::deadline_test]
+async fn a_provider_stopped_during_a_burst_of_announcements_leaves_no_record() {
+    let ttl = Duration::from_secs(3600);
+    let bootstrap = node_with_ttl(ttl, &[]).await;
+    let addr = bootstrap_of(&bootstrap).await;
+    let seeker = node_with_ttl(ttl, std::slice::from_ref(&addr)).await;
+    for round in 0..4 {
+        let provider = node_with_ttl(ttl, std::slice::from_ref(&addr)).await;
+        let names: Vec<String> = (0..10)
+            .map(|i| format!("{round}-{i}-{}", "x".repeat(1000)))
+            .collect();
+        provider.advertise("settled").await;
+        wait_until(
+            "the bootstrap to store the first record",
+            DEADLINE,
+            || async {
+                bootstrap
+                    .local_providers("settled")
+                    .await
+                    .contains(&provider.peer_id())
+            },
+        )
+        .await;
+        for name in &names {
+            provider.advertise(name).await;
+        }
+        provider.shutdown().await;
+        let peer = provider.peer_id();
+        for name in names.iter().map(String::as_str).chain(["settled"]) {
+            wait_until(
+                "every record of the stopped provider to be gone",
+                DEADLINE,
+                || async {
+                    !bootstrap.local_providers(name).await.contains(&peer)
+                        && !seeker.local_providers(name).await.contains(&peer)
+                },
+            )
+            .await;
+        }
+    }
+    seeker.shutdown().await;
+    bootstrap.shutdown().await;
+}
+
 #[testkit::deadline_test]
 async fn a_bootstrap_that_comes_back_gets_reconnected_and_the_records_again() {
     // The bootstrap keeps its key and port across the restart, as a real one would.

@@ -33,9 +33,9 @@ use crate::rtt::RttTable;
 /// Requests from [`Node`](super::Node) handles (and the driver's own timers).
 pub(crate) enum Command {
     Advertise(String),
-    /// Stop announcing these namespaces; the reply names those that were announced and the
-    /// peers that may hold their records ([`super::withdraw`]).
-    StopAdvertising(Vec<String>, oneshot::Sender<(Vec<String>, Vec<PeerId>)>),
+    /// Stop announcing these namespaces; the reply says which were announced and who may
+    /// hold their records ([`super::withdraw`]).
+    StopAdvertising(Vec<String>, oneshot::Sender<Withdrawal>),
     /// A peer withdrew its records of these namespaces; the reply says they are gone here.
     Withdrawn(PeerId, Vec<String>, oneshot::Sender<()>),
     Advertised(oneshot::Sender<Vec<String>>),
@@ -46,6 +46,22 @@ pub(crate) enum Command {
     RemoteAddr(PeerId, oneshot::Sender<Option<Multiaddr>>),
     Timer(Timer),
     Shutdown,
+}
+
+/// What stopping to announce namespaces left to do: tell the peers that may hold their records,
+/// once the announcements already under way have gone out.
+pub(crate) struct Withdrawal {
+    /// The namespaces that were announced (those that were not need no withdrawal).
+    pub namespaces: Vec<String>,
+    /// Every connected peer and the closest peers to each key the routing table knows.
+    pub holders: Vec<PeerId>,
+    /// Fires (or is dropped) once kad's announcements of these namespaces that were under way
+    /// (a first publication or a republication) have handed their `ADD_PROVIDER` messages to
+    /// the connections: a withdrawal sent before them could be overtaken and the record put
+    /// back until it expires.
+    pub announced: oneshot::Receiver<()>,
+    /// Whether any announcement of these namespaces was under way.
+    pub under_way: bool,
 }
 
 /// How often peers without recent RTT samples are looked for.
@@ -68,6 +84,8 @@ pub(crate) struct Driver {
     bootstraps: Bootstraps,
     advertised: BTreeSet<String>,
     searches: HashMap<kad::QueryId, Search>,
+    /// Withdrawals waiting for these announcements to finish ([`Withdrawal::announced`]).
+    announcing: Vec<(HashSet<kad::QueryId>, oneshot::Sender<()>)>,
     /// The address each connected peer's latest connection comes from.
     remote_addrs: HashMap<PeerId, Multiaddr>,
     rtt: Arc<RttTable>,
@@ -95,6 +113,7 @@ impl Driver {
             bootstraps: Bootstraps::new(&config.bootstraps, config.timing.bootstrap),
             advertised: BTreeSet::new(),
             searches: HashMap::new(),
+            announcing: Vec::new(),
             remote_addrs: HashMap::new(),
             rtt,
             peer_expiry: config.timing.peer_expiry,
@@ -199,29 +218,57 @@ impl Driver {
         }
     }
 
-    /// Stops announcing `namespaces` and returns those that were announced, with the peers
-    /// that may hold their records: every connected peer and the closest peers to each key
-    /// that the routing table knows. None if none was announced.
-    fn stop_advertising(&mut self, namespaces: Vec<String>) -> (Vec<String>, Vec<PeerId>) {
+    /// Stops announcing `namespaces`: see [`Withdrawal`] for what is left to do.
+    fn stop_advertising(&mut self, namespaces: Vec<String>) -> Withdrawal {
         let kad = &mut self.swarm.behaviour_mut().kad;
         let mut holders = BTreeSet::new();
         let mut withdrawn = Vec::new();
+        let mut keys = HashSet::new();
         for namespace in namespaces {
             if !self.advertised.remove(&namespace) {
                 continue;
             }
             let key = record_key(&namespace);
             kad.stop_providing(&key);
-            let key = kad::KBucketKey::new(key);
-            let closest = kad.get_closest_local_peers(&key).take(kad::K_VALUE.get());
+            let kbucket_key = kad::KBucketKey::new(key.clone());
+            let closest = kad
+                .get_closest_local_peers(&kbucket_key)
+                .take(kad::K_VALUE.get());
             holders.extend(closest.map(|peer| *peer.preimage()));
             withdrawn.push(namespace);
+            keys.insert(key);
         }
-        if withdrawn.is_empty() {
-            return (withdrawn, Vec::new());
+        if !withdrawn.is_empty() {
+            holders.extend(self.swarm.connected_peers().copied());
         }
-        holders.extend(self.swarm.connected_peers().copied());
-        (withdrawn, holders.into_iter().collect())
+        let under_way: HashSet<kad::QueryId> = (self.swarm.behaviour_mut().kad.iter_queries())
+            .filter(|query| {
+                matches!(query.info(), kad::QueryInfo::AddProvider { key, .. } if keys.contains(key))
+            })
+            .map(|query| query.id())
+            .collect();
+        let (done, announced) = oneshot::channel();
+        let raced = !under_way.is_empty();
+        if raced {
+            self.announcing.push((under_way, done));
+        } else {
+            let _ = done.send(());
+        }
+        Withdrawal {
+            namespaces: withdrawn,
+            holders: holders.into_iter().collect(),
+            announced,
+            under_way: raced,
+        }
+    }
+
+    /// A kad query ended: withdrawals waiting only for it can go.
+    fn query_finished(&mut self, id: kad::QueryId) {
+        // Dropping a waiter's sender is what tells it.
+        self.announcing.retain_mut(|(under_way, _)| {
+            under_way.remove(&id);
+            !under_way.is_empty()
+        });
     }
 
     /// Announces one namespace to the DHT (kad republishes it every half record lifetime).
@@ -339,6 +386,9 @@ impl Driver {
         else {
             return;
         };
+        if step.last {
+            self.query_finished(id);
+        }
         match result {
             kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
                 providers,

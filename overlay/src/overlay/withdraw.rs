@@ -12,10 +12,12 @@
 //! forgets the record when it expires, as after a crash.
 //!
 //! Only namespaces the node advertises are withdrawn (asking to stop one it does not provide
-//! sends nothing), in as many requests as fit them ([`batches`]). Not covered: an
-//! announcement still under way when the withdrawal is sent (kad's own `ADD_PROVIDER`, started
-//! just before by an advertisement or a republication) can put the record back at a peer until
-//! it expires.
+//! sends nothing), in as many requests as fit them ([`batches`]). An announcement still under
+//! way (kad's own query: find the closest peers, then send them `ADD_PROVIDER`, started by an
+//! advertisement or a republication just before) would put the record back at a peer after
+//! the withdrawal, until it expires; so the withdrawal waits until kad counts those as sent
+//! (at most [`WITHDRAW_DEADLINE`]), and, since kad counts a message as sent once it is queued
+//! and may send it on another connection than ours, is sent a second time shortly after.
 //!
 //! Threat model: a peer can withdraw only its own records. The provider removed is the peer
 //! the authenticated connection comes from (noise proves its peer ID), never a peer the
@@ -29,8 +31,9 @@ use libp2p::{PeerId, StreamProtocol};
 use super::{Node, driver::Command};
 use crate::rpc::Protocol;
 
-/// How long a node spends telling others that it withdrew, in all: a round trip to a peer
-/// takes milliseconds, and a stopping sidecar has a few seconds before it is killed.
+/// How long a node waits for its announcements under way to go out, and then how long it
+/// spends telling others that it withdrew: a round trip to a peer takes milliseconds, and a
+/// stopping sidecar has a few seconds before it is killed.
 pub const WITHDRAW_DEADLINE: Duration = Duration::from_secs(1);
 
 /// "I no longer provide these namespaces."
@@ -50,14 +53,41 @@ pub(super) async fn withdraw(node: &Node, namespaces: Vec<String>) {
     if namespaces.is_empty() {
         return;
     }
-    let Some((withdrawn, holders)) = node
+    let Some(withdrawal) = node
         .command(|reply| Command::StopAdvertising(namespaces, reply))
         .await
     else {
         return; // the node has stopped: nothing left to tell anyone
     };
-    let requests: Vec<Vec<String>> = batches(&withdrawn).into_iter().map(<[_]>::to_vec).collect();
-    let asks = holders.into_iter().flat_map(|peer| {
+    // Announcements already under way go first, or a peer could store the record again after
+    // it heard the withdrawal.
+    let raced = withdrawal.under_way;
+    if tokio::time::timeout(WITHDRAW_DEADLINE, withdrawal.announced)
+        .await
+        .is_err()
+    {
+        tracing::debug!("withdrawing before earlier announcements went out");
+    }
+    let requests: Vec<Vec<String>> = (batches(&withdrawal.namespaces).into_iter())
+        .map(<[_]>::to_vec)
+        .collect();
+    tell(node, &withdrawal.holders, &requests).await;
+    if raced {
+        // kad counts an announcement sent once its message is queued on a connection, not
+        // once it is written, and may use another connection to the peer than ours: it can
+        // still arrive after the withdrawal. Telling the peers once more, after their answers
+        // and a pause, removes what it put back.
+        tokio::time::sleep(SECOND_ROUND_PAUSE).await;
+        tell(node, &withdrawal.holders, &requests).await;
+    }
+}
+
+/// How long after the first round of a withdrawal that raced announcements the second goes.
+const SECOND_ROUND_PAUSE: Duration = Duration::from_millis(100);
+
+/// Sends every request to every holder, at once, within [`WITHDRAW_DEADLINE`].
+async fn tell(node: &Node, holders: &[PeerId], requests: &[Vec<String>]) {
+    let asks = holders.iter().flat_map(|&peer| {
         requests.iter().map(move |request| async move {
             if let Err(error) = node.request::<WithdrawProtocol>(peer, request).await {
                 tracing::debug!(%peer, %error, "could not withdraw provider records");
