@@ -185,6 +185,154 @@ async fn a_provider_stopped_during_a_burst_of_announcements_leaves_no_record() {
     bootstrap.shutdown().await;
 }
 
+/// A node joined through `bootstraps` with connection limits `connections`.
+async fn node_with_limits(
+    connections: control::overlay::Connections,
+    bootstraps: &[control::overlay::BootstrapAddr],
+) -> Node {
+    let mut config = node_config("test", Keypair::generate_ed25519(), bootstraps);
+    config.connections = connections;
+    let node = Node::start(config).await.unwrap();
+    serve_node_info(&node);
+    node
+}
+
+/// Issue 18: every node ended up connected to every other it ever talked to, so an idle
+/// node's cost grew with the network. A connection nobody uses is closed after the idle
+/// timeout; the ones to bootstraps stay (at both ends, the bootstrap being an ordinary node
+/// here): they are kept by a keep stream, not by luck.
+#[testkit::deadline_test]
+async fn idle_connections_close_and_bootstrap_connections_stay() {
+    let idle = control::overlay::Connections {
+        idle_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let bootstrap = node_with_limits(idle.clone(), &[]).await;
+    let addr = bootstrap_of(&bootstrap).await;
+    let x = node_with_limits(idle.clone(), std::slice::from_ref(&addr)).await;
+    let y = node_with_limits(idle, std::slice::from_ref(&addr)).await;
+    // x finds y through the bootstrap and talks to it: a connection of their own.
+    y.advertise("y").await;
+    wait_until("x to find y", DEADLINE, || async {
+        providers(&x, "y").await.contains(&y.peer_id())
+    })
+    .await;
+    x.request::<NodeInfoProtocol>(y.peer_id(), &())
+        .await
+        .unwrap();
+    assert!(x.connected_peers().await.contains(&y.peer_id()));
+    // Unused, it closes; by then the bootstrap connections, opened earlier and as unused,
+    // would have closed too if they were not kept.
+    wait_until("the unused connection to close", DEADLINE, || async {
+        !x.connected_peers().await.contains(&y.peer_id())
+    })
+    .await;
+    assert_eq!(x.connected_peers().await, [bootstrap.peer_id()]);
+    let at_bootstrap = bootstrap.connected_peers().await;
+    assert!(at_bootstrap.contains(&x.peer_id()) && at_bootstrap.contains(&y.peer_id()));
+    for node in [x, y, bootstrap] {
+        node.shutdown().await;
+    }
+}
+
+/// Issue 18: a busy node holds at most its high water mark of connections, trimmed to the low
+/// one, and never its bootstrap's.
+#[testkit::deadline_test]
+async fn a_node_over_its_high_water_mark_trims_to_the_low_one_sparing_its_bootstrap() {
+    let bootstrap = start_node(&[], None).await;
+    let addr = bootstrap_of(&bootstrap).await;
+    let limits = control::overlay::Connections {
+        low: 2,
+        high: 3,
+        grace: Duration::ZERO,
+        ..Default::default()
+    };
+    let busy = node_with_limits(limits, std::slice::from_ref(&addr)).await;
+    busy.advertise("busy").await;
+    let mut others = Vec::new();
+    for _ in 0..5 {
+        let other = node_with_limits(Default::default(), std::slice::from_ref(&addr)).await;
+        // A lookup dials the provider: one more connection at the busy node.
+        wait_until("another node to find the busy one", DEADLINE, || async {
+            providers(&other, "busy").await.contains(&busy.peer_id())
+        })
+        .await;
+        others.push(other);
+        // Closing is asynchronous: what is trimmed goes a moment later. Idle connections
+        // take 30 s to close, so only trimming gets below the mark within the deadline.
+        wait_until(
+            "the busy node to trim to its high mark",
+            DEADLINE,
+            || async { busy.connected_peers().await.len() <= 3 },
+        )
+        .await;
+        let connected = busy.connected_peers().await;
+        assert!(
+            connected.contains(&bootstrap.peer_id()),
+            "the bootstrap was trimmed"
+        );
+    }
+    for node in others.into_iter().chain([busy, bootstrap]) {
+        node.shutdown().await;
+    }
+}
+
+/// Issue 18: a sidecar is a DHT client (it lives as long as its instance): in no routing
+/// table, reachable only at the addresses its provider record carries. A node that joins
+/// later, once the client's idle connections have closed, still finds it and talks to it.
+#[testkit::deadline_test]
+async fn a_dht_clients_record_is_found_and_the_client_reached_after_its_connections_idle_out() {
+    let idle = control::overlay::Connections {
+        idle_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let bootstrap = node_with_limits(idle.clone(), &[]).await;
+    let addr = bootstrap_of(&bootstrap).await;
+    let server = node_with_limits(idle.clone(), std::slice::from_ref(&addr)).await;
+    let mut config = node_config(
+        "client",
+        Keypair::generate_ed25519(),
+        std::slice::from_ref(&addr),
+    );
+    config.dht_server = false;
+    config.connections = idle.clone();
+    let client = Node::start(config).await.unwrap();
+    serve_node_info(&client);
+    client.advertise("instance").await;
+    wait_until(
+        "the bootstrap to store the client's record",
+        DEADLINE,
+        || async {
+            bootstrap
+                .local_providers("instance")
+                .await
+                .contains(&client.peer_id())
+        },
+    )
+    .await;
+    wait_until(
+        "the client's other connections to idle out",
+        DEADLINE,
+        || async { client.connected_peers().await == [bootstrap.peer_id()] },
+    )
+    .await;
+    let newcomer = node_with_limits(idle, std::slice::from_ref(&addr)).await;
+    wait_until("the newcomer to find the client", DEADLINE, || async {
+        providers(&newcomer, "instance")
+            .await
+            .contains(&client.peer_id())
+    })
+    .await;
+    let info = newcomer
+        .request::<NodeInfoProtocol>(client.peer_id(), &())
+        .await
+        .expect("the client is reached at the addresses its record carries");
+    assert_eq!(info.role, "client");
+    for node in [newcomer, client, server, bootstrap] {
+        node.shutdown().await;
+    }
+}
+
 #[testkit::deadline_test]
 async fn a_bootstrap_that_comes_back_gets_reconnected_and_the_records_again() {
     // The bootstrap keeps its key and port across the restart, as a real one would.

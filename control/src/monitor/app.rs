@@ -72,6 +72,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     config.listen = vec![cli.daemon.p2p_listen_addr_of::<Cli>()];
     config.timing.ping_interval = cli.ping_interval;
     config.timing.peer_expiry = cli.peer_expiry;
+    // Its job is to measure every member: it keeps a connection to each.
+    config.connections.keep_all = true;
     let host = cli
         .hostname
         .clone()

@@ -7,7 +7,7 @@ use libp2p::{
     swarm::NetworkBehaviour,
 };
 
-use super::NodeConfig;
+use super::{NodeConfig, keep};
 
 /// Kademlia protocol of this overlay. Not IPFS's `/ipfs/kad/1.0.0`, so that our DHT never
 /// merges with a public one a node might also reach.
@@ -23,6 +23,7 @@ pub(crate) struct Behaviour {
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub streams: libp2p_stream::Behaviour,
+    pub keep: keep::Behaviour,
 }
 
 impl Behaviour {
@@ -64,6 +65,10 @@ impl Behaviour {
             identify,
             ping,
             streams: libp2p_stream::Behaviour::new(),
+            keep: keep::Behaviour::new(
+                config.connections.keep_all,
+                config.bootstraps.iter().map(|b| b.peer),
+            ),
         }
     }
 }

@@ -16,7 +16,7 @@ use libp2p::{
     multiaddr::Protocol,
     ping,
     swarm::{
-        DialError, SwarmEvent,
+        ConnectionId, DialError, SwarmEvent,
         dial_opts::{DialOpts, PeerCondition},
     },
 };
@@ -26,6 +26,8 @@ use super::{
     NodeConfig, StartError,
     behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL},
     bootstrap::{Action, Bootstraps, Timer},
+    connections::{self, Connections, Open},
+    keep::KeptByPeer,
     namespace::record_key,
 };
 use crate::rtt::RttTable;
@@ -86,6 +88,9 @@ pub(crate) struct Driver {
     searches: HashMap<kad::QueryId, Search>,
     /// Withdrawals waiting for these announcements to finish ([`Withdrawal::announced`]).
     announcing: Vec<(HashSet<kad::QueryId>, oneshot::Sender<()>)>,
+    /// Every open connection, for trimming ([`connections`]).
+    open: HashMap<ConnectionId, Open<ConnectionId>>,
+    limits: Connections,
     /// The address each connected peer's latest connection comes from.
     remote_addrs: HashMap<PeerId, Multiaddr>,
     rtt: Arc<RttTable>,
@@ -114,6 +119,8 @@ impl Driver {
             advertised: BTreeSet::new(),
             searches: HashMap::new(),
             announcing: Vec::new(),
+            open: HashMap::new(),
+            limits: config.connections.clone(),
             remote_addrs: HashMap::new(),
             rtt,
             peer_expiry: config.timing.peer_expiry,
@@ -314,10 +321,20 @@ impl Driver {
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 endpoint,
                 num_established,
                 ..
             } => {
+                let kept = self.swarm.behaviour().keep.wants(&peer_id);
+                let opened = Instant::now();
+                let open = Open {
+                    id: connection_id,
+                    opened,
+                    kept,
+                };
+                self.open.insert(connection_id, open);
+                self.trim(opened);
                 if num_established.get() == 1 {
                     tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "peer connected");
                 }
@@ -327,11 +344,19 @@ impl Driver {
                 self.apply(actions);
             }
             SwarmEvent::ConnectionClosed {
+                connection_id,
+                num_established,
+                ..
+            } if num_established > 0 => {
+                self.open.remove(&connection_id);
+            }
+            SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
                 cause,
                 ..
             } => {
+                self.open.remove(&connection_id);
                 tracing::debug!(peer = %peer_id, ?cause, "peer disconnected");
                 self.remote_addrs.remove(&peer_id);
                 let actions = self.bootstraps.on_disconnected(&peer_id);
@@ -375,6 +400,12 @@ impl Driver {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Keep(KeptByPeer { peer, connection })) => {
+                tracing::debug!(%peer, "connection kept at the peer's request");
+                if let Some(open) = self.open.get_mut(&connection) {
+                    open.kept = true;
+                }
+            }
             _ => {}
         }
     }
@@ -438,6 +469,22 @@ impl Driver {
                         .build(),
                 );
             }
+        }
+    }
+
+    /// Closes connections beyond the water marks ([`connections::to_close`]).
+    fn trim(&mut self, now: Instant) {
+        let open: Vec<Open<ConnectionId>> = self.open.values().copied().collect();
+        let excess = connections::to_close(&self.limits, &open, now);
+        if !excess.is_empty() {
+            tracing::debug!(
+                open = open.len(),
+                closing = excess.len(),
+                "above the high water mark"
+            );
+        }
+        for id in excess {
+            self.swarm.close_connection(id);
         }
     }
 

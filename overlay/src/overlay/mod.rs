@@ -14,8 +14,10 @@
 mod backoff;
 mod behaviour;
 mod bootstrap;
+mod connections;
 mod driver;
 pub mod identity;
+mod keep;
 mod namespace;
 mod node;
 pub mod psk;
@@ -25,6 +27,7 @@ pub mod withdraw;
 pub use backoff::Backoff;
 pub use behaviour::KAD_PROTOCOL;
 pub use bootstrap::{BootstrapAddr, BootstrapPolicy, JoinError};
+pub use connections::Connections;
 pub use namespace::record_key;
 pub use node::{Node, NodeConfig, StartError, Timing, WeakNode};
 pub use psk::NetworkKey;

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     behaviour::Behaviour,
     bootstrap::{BootstrapAddr, BootstrapPolicy, JoinError},
+    connections::Connections,
     driver::{self, Command},
     psk::NetworkKey,
     transport, withdraw,
@@ -81,6 +82,8 @@ pub struct NodeConfig {
     pub data_plane: Option<std::net::SocketAddr>,
     /// Timers and lifetimes of the node.
     pub timing: Timing,
+    /// Which connections the node keeps, and how many it holds ([`Connections`]).
+    pub connections: Connections,
 }
 
 impl NodeConfig {
@@ -95,6 +98,7 @@ impl NodeConfig {
             dht_server: true,
             data_plane: None,
             timing: Timing::default(),
+            connections: Connections::default(),
         }
     }
 }
@@ -170,10 +174,8 @@ impl Node {
             behaviour,
             peer_id,
             libp2p::swarm::Config::with_tokio_executor()
-                // Overlay connections stay up: the ping-monitor measures every member and a
-                // lost bootstrap connection triggers a reconnect. Idle timeouts would make both
-                // flap.
-                .with_idle_connection_timeout(Duration::from_secs(u64::MAX)),
+                // Connections to bootstraps, and a monitor's, are kept by keep streams.
+                .with_idle_connection_timeout(config.connections.idle_timeout),
         );
         let streams = swarm.behaviour().streams.new_control();
         let rtt = Arc::new(RttTable::new(config.timing.rtt_window));
