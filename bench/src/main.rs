@@ -64,7 +64,8 @@ enum Scenario {
         #[arg(long)]
         quick: bool,
     },
-    /// N nodes in one process join one bootstrap; time to join and to answer provider lookups.
+    /// Networks of N nodes over several processes, with a ping-monitor and idle proxies:
+    /// joins, cold and warm provider lookups, and each node's idle connections, memory and CPU.
     Overlay(overlay::Args),
     /// Resident memory and CPU of an idle ping-monitor process with N peers.
     MonitorMemory(monitor_memory::Args),
@@ -104,6 +105,9 @@ enum Scenario {
     /// closed-loop throughput, CPU of both hops) through ours, against direct and, for gRPC,
     /// two nginx (grpc_pass) and two haproxy (HTTP/2) hops.
     Protocols(protocols::Args),
+    /// Overlay nodes driven by `overlay` over standard input and output.
+    #[command(hide = true)]
+    OverlayNodes(overlay::NodesArgs),
     /// The HTTP service behind the proxies (the data-plane scenarios start it themselves).
     #[command(hide = true)]
     Serve(serve::Args),
@@ -136,6 +140,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Workers(args) => workers::run(args, &mut out).await?,
         Scenario::Faults(args) => faults::run(args, &mut out).await?,
         Scenario::Protocols(args) => protocols::run(args, &mut out).await?,
+        Scenario::OverlayNodes(args) => overlay::serve_nodes(args).await?,
         Scenario::Serve(args) => serve::run(args).await?,
         Scenario::ServeL4(args) => tunnel::serve(args).await?,
     }

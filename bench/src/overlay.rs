@@ -1,134 +1,480 @@
-//! N overlay nodes in one process join one bootstrap at once; one advertises a namespace and
-//! every other looks it up. Real TCP sockets on loopback.
+//! The overlay as it grows. For each network size: a real `ping-monitor` as the bootstrap, N
+//! overlay nodes spread over P worker processes of this binary (`bench overlay-nodes`, so one
+//! process's scheduler is not the bottleneck), and K real idle ingress proxies, each its own
+//! process. One node advertises a namespace; a sample of the others looks it up, cold and
+//! then warm. Then the network idles past the connection idle timeout and each part's idle
+//! cost is read: connections of every node (the workers' nodes from their swarms, the
+//! proxies' and the monitor's established TCP sockets from /proc), RSS and CPU of the proxies
+//! and the monitor, CPU of the workers per node. Real TCP sockets on loopback throughout.
 
-use std::time::{Duration, Instant};
+use std::{
+    process::Stdio,
+    time::{Duration, Instant},
+};
 
-use control::overlay::{BootstrapAddr, Node, NodeConfig, Timing};
-use futures::{StreamExt, future::join_all};
-use libp2p::identity::Keypair;
+use anyhow::Context;
+use control::overlay::{BootstrapAddr, Node, NodeConfig};
+use futures::{StreamExt, future::join_all, stream};
+use libp2p::{PeerId, identity::Keypair};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
+    process::{Child, ChildStdin, ChildStdout, Command},
+};
 
 use crate::{
+    procs::{cpu_time, established_tcp, sibling_binary, start_daemon, status_kb},
+    proxy_path::start_proxy_with,
     report::{Report, outln},
-    stats::print_percentiles,
+    stats::{ms, percentile},
 };
+
+const NAMESPACE: &str = "bench-namespace";
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Nodes joining the bootstrap.
-    #[arg(long, default_value_t = 50)]
-    nodes: usize,
-    /// Repetitions with a fresh network each.
+    /// Network sizes (overlay nodes besides the monitor and the proxies), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [50, 200, 500, 1000])]
+    nodes: Vec<usize>,
+    /// Worker processes the nodes are spread over.
+    #[arg(long, default_value_t = 4)]
+    processes: usize,
+    /// Idle ingress proxies (real `proxy` processes) measured in each network.
     #[arg(long, default_value_t = 3)]
-    runs: usize,
+    proxies: usize,
+    /// Nodes that look the namespace up (cold, then warm).
+    #[arg(long, default_value_t = 40)]
+    seekers: usize,
+    /// How long the network idles before it is measured (longer than the connection idle
+    /// timeout, so that what is left is what a node keeps).
+    #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
+    settle: Duration,
+    /// The window idle CPU is measured over.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    window: Duration,
 }
 
 impl Default for Args {
     fn default() -> Self {
-        Self { nodes: 50, runs: 3 }
+        Self {
+            nodes: vec![50, 200, 500, 1000],
+            processes: 4,
+            proxies: 3,
+            seekers: 40,
+            settle: Duration::from_secs(40),
+            window: Duration::from_secs(20),
+        }
     }
 }
 
 impl Args {
     pub fn quick() -> Self {
-        Self { nodes: 10, runs: 1 }
+        Self {
+            nodes: vec![20],
+            processes: 2,
+            proxies: 1,
+            seekers: 6,
+            settle: Duration::from_secs(1),
+            window: Duration::from_secs(2),
+        }
     }
 }
 
-fn config(bootstraps: Vec<BootstrapAddr>) -> NodeConfig {
-    let mut config = NodeConfig::new("bench", Keypair::generate_ed25519());
-    config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("valid")];
-    config.bootstraps = bootstraps;
-    config.timing = Timing::default();
-    config
+/// What one network size measured.
+struct Measured {
+    nodes: usize,
+    joins: Vec<Duration>,
+    all_joined: Duration,
+    cold: Vec<Duration>,
+    warm: Vec<Duration>,
+    failed: usize,
+    /// Connections of each worker node after the settle.
+    node_connections: Vec<usize>,
+    /// Per proxy: established TCP connections, RSS (KiB), CPU share of one core.
+    proxies: Vec<(usize, u64, f64)>,
+    /// Worker processes' CPU per node, share of one core.
+    worker_cpu_per_node: f64,
+    /// Monitor: established TCP connections, RSS (KiB), CPU share of one core.
+    monitor: (usize, u64, f64),
 }
 
 pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
     let command = out.command("overlay");
-    let mut joins = Vec::new();
-    let mut all_joined = Vec::new();
-    let mut lookups = Vec::new();
-    let mut warm_lookups = Vec::new();
-    for _ in 0..args.runs {
-        let bootstrap = Node::start(config(vec![])).await?;
-        let addr: BootstrapAddr = bootstrap.listen_addrs().await[0]
-            .to_string()
-            .parse()
-            .map_err(anyhow::Error::msg)?;
-
-        let started = Instant::now();
-        let nodes = join_all((0..args.nodes).map(|_| {
-            let addr = addr.clone();
-            async move {
-                let begin = Instant::now();
-                let node = Node::start(config(vec![addr])).await;
-                (node, begin.elapsed())
-            }
-        }))
-        .await;
-        all_joined.push(started.elapsed());
-        let mut members = Vec::new();
-        for (node, took) in nodes {
-            members.push(node?);
-            joins.push(took);
-        }
-
-        let provider = &members[0];
-        provider.advertise("bench-namespace").await;
-        // Untimed: let the announcement reach the DHT before lookups are measured.
-        find(&bootstrap, provider.peer_id(), Duration::from_secs(30)).await?;
-        for seeker in &members[1..] {
-            lookups.push(find(seeker, provider.peer_id(), Duration::from_secs(30)).await?);
-        }
-        // Again, now that each seeker holds connections to the peers its lookup visited.
-        for seeker in &members[1..] {
-            warm_lookups.push(find(seeker, provider.peer_id(), Duration::from_secs(30)).await?);
-        }
-        for node in members.iter().chain(std::iter::once(&bootstrap)) {
-            node.shutdown().await;
-        }
+    let baseline = two_node_proxy(&args).await?;
+    let mut results = Vec::new();
+    for &nodes in &args.nodes {
+        let measured = measure(&args, nodes)
+            .await
+            .with_context(|| format!("a network of {nodes} nodes"))?;
+        eprintln!("bench: overlay of {nodes} nodes measured");
+        results.push(measured);
     }
 
     outln!(
         out,
-        "## Overlay: {} nodes join one bootstrap at once ({} runs)\n\n`{command}`\n\n\
-         The nodes start together in this process and join a bootstrap node (TCP + noise + \
-         yamux on loopback); then one advertises a namespace and each of the others looks it \
-         up, twice. A cold lookup dials most of the peers its Kademlia query visits; the \
-         proxy keeps lookups off the request path (cached, refreshed in the background).\n",
-        args.nodes,
-        args.runs
+        "## Overlay: cost per node and discovery as the network grows\n\n`{command}`\n\n\
+         A `ping-monitor` bootstrap, N overlay nodes in {} worker processes joining it {} at \
+         a time per process, and {} idle ingress `proxy` processes; one node advertises a \
+         namespace and {} others look it up (cold: right after joining; warm: again at once). \
+         Then the network idles {:.0} s (past the connection idle timeout) and CPU is read \
+         over {:.0} s. Connections: established TCP sockets of a process (proxies, monitor) \
+         or the node's swarm (workers). An idle proxy in a 2-node network (monitor and \
+         itself): {} connections, RSS {:.1} MiB, CPU {:.3} % of a core.\n",
+        args.processes,
+        JOIN_CONCURRENCY,
+        args.proxies,
+        args.seekers,
+        args.settle.as_secs_f64(),
+        args.window.as_secs_f64(),
+        baseline.0,
+        baseline.1 as f64 / 1024.0,
+        baseline.2 * 100.0,
     );
-    print_percentiles(
+    outln!(
         out,
-        "measure",
-        &[50.0, 90.0, 99.0, 100.0],
-        &mut [
-            (
-                "one node's join (start to first bootstrap connection)",
-                &mut joins,
-            ),
-            ("all nodes joined", &mut all_joined),
-            ("provider lookup, first answer", &mut lookups),
-            ("same lookup again, connections warm", &mut warm_lookups),
-        ],
+        "| nodes | join p50 / p99 / max (ms) | all joined (s) | cold lookup p50 / p99 / max \
+         (ms) | warm lookup p50 / p99 / max (ms) | lookups failed | connections per node \
+         p50 / max | idle proxy: connections, RSS (MiB), CPU (% core) | node CPU, workers \
+         (% core) | monitor: connections, RSS (MiB), CPU (% core) |"
     );
+    outln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+    for m in &mut results {
+        let triple = |samples: &mut Vec<Duration>| {
+            format!(
+                "{} / {} / {}",
+                ms(percentile(samples, 50.0)),
+                ms(percentile(samples, 99.0)),
+                ms(percentile(samples, 100.0))
+            )
+        };
+        let mut connections = m.node_connections.clone();
+        connections.sort_unstable();
+        let median = connections.get(connections.len() / 2).copied().unwrap_or(0);
+        let most = connections.last().copied().unwrap_or(0);
+        let proxies: Vec<String> = m
+            .proxies
+            .iter()
+            .map(|(c, rss, cpu)| format!("{c}, {:.1}, {:.3}", *rss as f64 / 1024.0, cpu * 100.0))
+            .collect();
+        outln!(
+            out,
+            "| {} | {} | {:.1} | {} | {} | {} | {median} / {most} | {} | {:.3} | {}, {:.1}, {:.2} |",
+            m.nodes,
+            triple(&mut m.joins),
+            m.all_joined.as_secs_f64(),
+            triple(&mut m.cold),
+            triple(&mut m.warm),
+            m.failed,
+            proxies.join("; "),
+            m.worker_cpu_per_node * 100.0,
+            m.monitor.0,
+            m.monitor.1 as f64 / 1024.0,
+            m.monitor.2 * 100.0,
+        );
+    }
+    outln!(out);
     Ok(())
 }
 
-/// Searches from `seeker` until `provider` is found; returns how long that took.
-async fn find(
-    seeker: &Node,
-    provider: libp2p::PeerId,
-    limit: Duration,
-) -> anyhow::Result<Duration> {
+/// How many nodes a worker starts at once: a thousand TCP + noise handshakes and Kademlia
+/// bootstraps in the same instant would measure the burst, not the overlay.
+const JOIN_CONCURRENCY: usize = 16;
+
+/// An idle proxy with only the monitor for company: (connections, RSS KiB, CPU share).
+async fn two_node_proxy(args: &Args) -> anyhow::Result<(usize, u64, f64)> {
+    let monitor = start_daemon("ping-monitor", &[]).await?;
+    let bootstrap = monitor.bootstrap.to_string();
+    let proxy = start_proxy_with(&bootstrap, &[], &[], Default::default()).await?;
+    tokio::time::sleep(args.settle).await; // the idle period itself
+    let cpu = cpu_share(&[proxy.process.pid], args.window).await?;
+    let pid = proxy.process.pid;
+    Ok((established_tcp(pid)?, status_kb(pid, "VmRSS")?, cpu))
+}
+
+async fn measure(args: &Args, nodes: usize) -> anyhow::Result<Measured> {
+    let monitor = start_daemon("ping-monitor", &[]).await?;
+    let bootstrap = monitor.bootstrap.to_string();
+    let started = Instant::now();
+    let processes = args.processes.clamp(1, nodes.max(1));
+    let per_worker = nodes.div_ceil(processes);
+    let mut workers = join_all((0..processes).map(|i| {
+        let count = per_worker.min(nodes.saturating_sub(i * per_worker));
+        Worker::start(count, &bootstrap)
+    }))
+    .await
+    .into_iter()
+    .collect::<anyhow::Result<Vec<_>>>()?;
+    let all_joined = started.elapsed();
+    let joins: Vec<Duration> = workers.iter().flat_map(|w| w.joins.clone()).collect();
+    let mut proxies = Vec::new();
+    for _ in 0..args.proxies {
+        proxies.push(start_proxy_with(&bootstrap, &[], &[], Default::default()).await?);
+    }
+
+    let provider = workers[0].advertise().await?;
+    // Untimed: the record is in the DHT (a node that is not a seeker finds it) before lookups.
+    let last = workers.len() - 1;
+    workers[last].ask(&format!("wait {provider}")).await?;
+    let (mut cold, mut warm, mut failed) = (Vec::new(), Vec::new(), 0);
+    let share = args.seekers.div_ceil(workers.len());
+    for worker in &mut workers {
+        let (c, w, f) = worker.lookups(provider, share).await?;
+        cold.extend(c);
+        warm.extend(w);
+        failed += f;
+    }
+
+    tokio::time::sleep(args.settle).await; // the idle period itself
+    let mut node_connections = Vec::new();
+    for worker in &mut workers {
+        node_connections.extend(worker.connections().await?);
+    }
+    let proxy_pids: Vec<u32> = proxies.iter().map(|p| p.process.pid).collect();
+    let worker_pids: Vec<u32> = workers.iter().map(|w| w.pid).collect();
+    let mut all = proxy_pids.clone();
+    all.extend(&worker_pids);
+    all.push(monitor.pid);
+    let before: Vec<Duration> = all.iter().map(|&p| cpu_time(p)).collect::<Result<_, _>>()?;
     let begin = Instant::now();
-    while begin.elapsed() < limit {
-        let mut found = seeker.find_providers("bench-namespace").await;
-        while let Some(peer) = found.next().await {
-            if peer == provider {
-                return Ok(begin.elapsed());
+    tokio::time::sleep(args.window).await; // the measured window itself
+    let took = begin.elapsed().as_secs_f64();
+    let share_of = |i: usize| -> anyhow::Result<f64> {
+        Ok((cpu_time(all[i])? - before[i]).as_secs_f64() / took)
+    };
+    let mut proxy_figures = Vec::new();
+    for (i, &pid) in proxy_pids.iter().enumerate() {
+        proxy_figures.push((
+            established_tcp(pid)?,
+            status_kb(pid, "VmRSS")?,
+            share_of(i)?,
+        ));
+    }
+    let mut worker_cpu = 0.0;
+    for i in proxy_pids.len()..proxy_pids.len() + worker_pids.len() {
+        worker_cpu += share_of(i)?;
+    }
+    let monitor_figures = (
+        established_tcp(monitor.pid)?,
+        status_kb(monitor.pid, "VmRSS")?,
+        share_of(all.len() - 1)?,
+    );
+    for worker in workers {
+        worker.quit().await;
+    }
+    Ok(Measured {
+        nodes,
+        joins,
+        all_joined,
+        cold,
+        warm,
+        failed,
+        node_connections,
+        proxies: proxy_figures,
+        worker_cpu_per_node: worker_cpu / nodes.max(1) as f64,
+        monitor: monitor_figures,
+    })
+}
+
+/// CPU used by `pids` over `window`, as a share of one core.
+async fn cpu_share(pids: &[u32], window: Duration) -> anyhow::Result<f64> {
+    let total = |pids: &[u32]| -> anyhow::Result<Duration> {
+        pids.iter()
+            .map(|&p| cpu_time(p))
+            .sum::<anyhow::Result<Duration>>()
+    };
+    let before = total(pids)?;
+    let begin = Instant::now();
+    tokio::time::sleep(window).await; // the measured window itself
+    Ok((total(pids)? - before).as_secs_f64() / begin.elapsed().as_secs_f64())
+}
+
+/// A worker process hosting overlay nodes, driven over its standard input and output.
+struct Worker {
+    _child: Child,
+    pid: u32,
+    input: ChildStdin,
+    output: Lines<BufReader<ChildStdout>>,
+    joins: Vec<Duration>,
+}
+
+impl Worker {
+    async fn start(nodes: usize, bootstrap: &str) -> anyhow::Result<Self> {
+        let mut child = Command::new(sibling_binary("bench")?)
+            .args(["overlay-nodes", "--nodes", &nodes.to_string()])
+            .args(["--bootstrap", bootstrap])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start an overlay worker")?;
+        let pid = child.id().context("the worker exited at once")?;
+        let input = child.stdin.take().context("stdin")?;
+        let output = BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let mut worker = Self {
+            _child: child,
+            pid,
+            input,
+            output,
+            joins: Vec::new(),
+        };
+        let joined = worker.answer().await?;
+        worker.joins = durations(&joined).with_context(|| format!("join times, not {joined:?}"))?;
+        Ok(worker)
+    }
+
+    /// The next line it prints; an error if it printed one starting with `error`.
+    async fn answer(&mut self) -> anyhow::Result<String> {
+        let line = (self.output.next_line().await?).context("the worker exited")?;
+        match line.strip_prefix("error ") {
+            Some(error) => anyhow::bail!("worker {}: {error}", self.pid),
+            None => Ok(line),
+        }
+    }
+
+    async fn ask(&mut self, line: &str) -> anyhow::Result<String> {
+        self.input.write_all(format!("{line}\n").as_bytes()).await?;
+        self.answer().await
+    }
+
+    async fn advertise(&mut self) -> anyhow::Result<PeerId> {
+        let line = self.ask("advertise").await?;
+        line.parse()
+            .with_context(|| format!("a peer ID, not {line:?}"))
+    }
+
+    /// Cold then warm lookups from `count` of its nodes: (cold, warm, failed).
+    async fn lookups(
+        &mut self,
+        provider: PeerId,
+        count: usize,
+    ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, usize)> {
+        let cold = self.ask(&format!("find {provider} {count}")).await?;
+        let warm = self.ask(&format!("find {provider} {count}")).await?;
+        let failed = |line: &str| line.split_whitespace().filter(|w| *w == "failed").count();
+        let parse = |line: &str| durations(line).with_context(|| format!("lookup times: {line:?}"));
+        Ok((parse(&cold)?, parse(&warm)?, failed(&cold) + failed(&warm)))
+    }
+
+    async fn connections(&mut self) -> anyhow::Result<Vec<usize>> {
+        let line = self.ask("connections").await?;
+        let counts: Result<Vec<usize>, _> = line.split_whitespace().map(str::parse).collect();
+        counts.with_context(|| format!("connection counts, not {line:?}"))
+    }
+
+    async fn quit(mut self) {
+        let _ = self.ask("quit").await;
+    }
+}
+
+/// Milliseconds separated by spaces (`failed` entries skipped).
+fn durations(line: &str) -> anyhow::Result<Vec<Duration>> {
+    line.split_whitespace()
+        .filter(|w| *w != "failed")
+        .map(|w| Ok(Duration::from_secs_f64(w.parse::<f64>()? / 1e3)))
+        .collect()
+}
+
+#[derive(clap::Args)]
+pub struct NodesArgs {
+    /// Nodes this process hosts.
+    #[arg(long)]
+    nodes: usize,
+    /// The network's bootstrap.
+    #[arg(long)]
+    bootstrap: BootstrapAddr,
+}
+
+/// A worker: starts its nodes, prints each one's join time (ms) on one line, then answers
+/// one line per command read: `advertise` (the first node advertises the namespace; prints
+/// its peer ID), `find PEER N` (N of its nodes, from the second on and never the last, look
+/// the namespace up until PEER is among the providers; prints each lookup's ms or `failed`),
+/// `wait PEER` (the last node looks until it finds PEER, however long), `connections` (each
+/// node's connection count), `quit`.
+pub async fn serve_nodes(args: NodesArgs) -> anyhow::Result<()> {
+    let started: Vec<(anyhow::Result<Node>, Duration)> = stream::iter(0..args.nodes)
+        .map(|_| {
+            let bootstrap = args.bootstrap.clone();
+            async move {
+                let begin = Instant::now();
+                let mut config = NodeConfig::new("bench", Keypair::generate_ed25519());
+                config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("valid")];
+                config.bootstraps = vec![bootstrap];
+                (
+                    Node::start(config).await.map_err(Into::into),
+                    begin.elapsed(),
+                )
+            }
+        })
+        .buffer_unordered(JOIN_CONCURRENCY)
+        .collect()
+        .await;
+    let mut nodes = Vec::new();
+    let mut joins = Vec::new();
+    for (node, took) in started {
+        match node {
+            Ok(node) => {
+                nodes.push(node);
+                joins.push(format!("{:.1}", took.as_secs_f64() * 1e3));
+            }
+            Err(error) => {
+                println!("error a node could not join: {error:#}");
+                return Ok(());
             }
         }
     }
-    anyhow::bail!("provider not found within {limit:?}")
+    println!("{}", joins.join(" "));
+    let mut commands = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = commands.next_line().await? {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["advertise"] => {
+                nodes[0].advertise(NAMESPACE).await;
+                println!("{}", nodes[0].peer_id());
+            }
+            ["find", peer, count] => {
+                let peer: PeerId = peer.parse()?;
+                let mut took = Vec::new();
+                let seekers = &nodes[1.min(nodes.len())..nodes.len().saturating_sub(1)];
+                for seeker in seekers.iter().take(count.parse()?) {
+                    took.push(match find(seeker, peer, Duration::from_secs(30)).await {
+                        Some(d) => format!("{:.1}", d.as_secs_f64() * 1e3),
+                        None => "failed".to_owned(),
+                    });
+                }
+                println!("{}", took.join(" "));
+            }
+            ["wait", peer] => {
+                let peer: PeerId = peer.parse()?;
+                let last = nodes.last().context("no nodes")?;
+                match find(last, peer, Duration::from_secs(120)).await {
+                    Some(_) => println!("found"),
+                    None => println!("error the provider was not found within 120 s"),
+                }
+            }
+            ["connections"] => {
+                let counts = join_all(nodes.iter().map(Node::connected_peers)).await;
+                let counts: Vec<String> = counts.iter().map(|c| c.len().to_string()).collect();
+                println!("{}", counts.join(" "));
+            }
+            ["quit"] => break,
+            _ => println!("error unknown command {line:?}"),
+        }
+    }
+    join_all(nodes.iter().map(Node::shutdown)).await;
+    println!("bye");
+    Ok(())
+}
+
+/// Searches from `seeker` until `provider` is found; how long that took, None if not within
+/// `limit`.
+async fn find(seeker: &Node, provider: PeerId, limit: Duration) -> Option<Duration> {
+    let begin = Instant::now();
+    while begin.elapsed() < limit {
+        let mut found = seeker.find_providers(NAMESPACE).await;
+        while let Some(peer) = found.next().await {
+            if peer == provider {
+                return Some(begin.elapsed());
+            }
+        }
+    }
+    None
 }

@@ -109,6 +109,36 @@ pub fn context_switches(pid: u32) -> anyhow::Result<u64> {
     Ok(total)
 }
 
+/// Established TCP connections of process `pid`: its socket inodes (from `/proc/PID/fd`)
+/// that `/proc/PID/net/tcp` and `tcp6` list in state ESTABLISHED.
+pub fn established_tcp(pid: u32) -> anyhow::Result<usize> {
+    let mut inodes = std::collections::HashSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let Ok(target) = std::fs::read_link(entry?.path()) else {
+            continue; // closed meanwhile
+        };
+        let target = target.to_string_lossy();
+        if let Some(inode) = target
+            .strip_prefix("socket:[")
+            .and_then(|r| r.strip_suffix(']'))
+        {
+            inodes.insert(inode.to_owned());
+        }
+    }
+    let mut established = 0;
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))?;
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            if fields.get(3) == Some(&"01") && fields.get(9).is_some_and(|i| inodes.contains(*i)) {
+                established += 1;
+            }
+        }
+    }
+    Ok(established)
+}
+
 /// A child process, killed when dropped; its standard output is drained in the background
 /// once read, so it never blocks on a full pipe.
 pub struct Process {
