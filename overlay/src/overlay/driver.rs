@@ -57,13 +57,11 @@ pub(crate) struct Withdrawal {
     pub namespaces: Vec<String>,
     /// Every connected peer and the closest peers to each key the routing table knows.
     pub holders: Vec<PeerId>,
-    /// Fires (or is dropped) once kad's announcements of these namespaces that were under way
-    /// (a first publication or a republication) have handed their `ADD_PROVIDER` messages to
-    /// the connections: a withdrawal sent before them could be overtaken and the record put
-    /// back until it expires.
-    pub announced: oneshot::Receiver<()>,
-    /// Whether any announcement of these namespaces was under way.
-    pub under_way: bool,
+    /// Set if kad's announcements of these namespaces were under way (a first publication or a
+    /// republication): dropped once they have handed their `ADD_PROVIDER` messages to the
+    /// connections. A withdrawal sent before them could be overtaken and the record put back
+    /// until it expires.
+    pub under_way: Option<oneshot::Receiver<()>>,
 }
 
 /// How often peers without recent RTT samples are looked for.
@@ -86,7 +84,7 @@ pub(crate) struct Driver {
     bootstraps: Bootstraps,
     advertised: BTreeSet<String>,
     searches: HashMap<kad::QueryId, Search>,
-    /// Withdrawals waiting for these announcements to finish ([`Withdrawal::announced`]).
+    /// Withdrawals waiting for these announcements to finish ([`Withdrawal::under_way`]).
     announcing: Vec<(HashSet<kad::QueryId>, oneshot::Sender<()>)>,
     /// Every open connection, for trimming ([`connections`]).
     open: HashMap<ConnectionId, Open<ConnectionId>>,
@@ -254,18 +252,15 @@ impl Driver {
             })
             .map(|query| query.id())
             .collect();
-        let (done, announced) = oneshot::channel();
-        let raced = !under_way.is_empty();
-        if raced {
+        let under_way = (!under_way.is_empty()).then(|| {
+            let (done, announced) = oneshot::channel();
             self.announcing.push((under_way, done));
-        } else {
-            let _ = done.send(());
-        }
+            announced
+        });
         Withdrawal {
             namespaces: withdrawn,
             holders: holders.into_iter().collect(),
-            announced,
-            under_way: raced,
+            under_way,
         }
     }
 
@@ -344,23 +339,19 @@ impl Driver {
                 self.apply(actions);
             }
             SwarmEvent::ConnectionClosed {
-                connection_id,
-                num_established,
-                ..
-            } if num_established > 0 => {
-                self.open.remove(&connection_id);
-            }
-            SwarmEvent::ConnectionClosed {
                 peer_id,
                 connection_id,
+                num_established,
                 cause,
                 ..
             } => {
                 self.open.remove(&connection_id);
-                tracing::debug!(peer = %peer_id, ?cause, "peer disconnected");
-                self.remote_addrs.remove(&peer_id);
-                let actions = self.bootstraps.on_disconnected(&peer_id);
-                self.apply(actions);
+                if num_established == 0 {
+                    tracing::debug!(peer = %peer_id, ?cause, "peer disconnected");
+                    self.remote_addrs.remove(&peer_id);
+                    let actions = self.bootstraps.on_disconnected(&peer_id);
+                    self.apply(actions);
+                }
             }
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
@@ -474,6 +465,9 @@ impl Driver {
 
     /// Closes connections beyond the water marks ([`connections::to_close`]).
     fn trim(&mut self, now: Instant) {
+        if self.limits.keep_all || self.open.len() <= self.limits.high {
+            return; // the common case, without a copy of every connection
+        }
         let open: Vec<Open<ConnectionId>> = self.open.values().copied().collect();
         let excess = connections::to_close(&self.limits, &open, now);
         if !excess.is_empty() {

@@ -61,10 +61,11 @@ pub(super) async fn withdraw(node: &Node, namespaces: Vec<String>) {
     };
     // Announcements already under way go first, or a peer could store the record again after
     // it heard the withdrawal.
-    let raced = withdrawal.under_way;
-    if tokio::time::timeout(WITHDRAW_DEADLINE, withdrawal.announced)
-        .await
-        .is_err()
+    let raced = withdrawal.under_way.is_some();
+    if let Some(announced) = withdrawal.under_way
+        && tokio::time::timeout(WITHDRAW_DEADLINE, announced)
+            .await
+            .is_err()
     {
         tracing::debug!("withdrawing before earlier announcements went out");
     }
