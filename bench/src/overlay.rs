@@ -1,8 +1,8 @@
 //! The overlay as it grows. For each network size: a real `ping-monitor` as the bootstrap, N
 //! overlay nodes spread over P worker processes of this binary (`bench overlay-nodes`, so one
 //! process's scheduler is not the bottleneck), and K real idle ingress proxies, each its own
-//! process. One node advertises a namespace; a sample of the others looks it up, cold and
-//! then warm. Then the network idles past the connection idle timeout and each part's idle
+//! process. Once the network has fallen quiet after the joins, one node advertises a
+//! namespace; a sample of the others looks it up, cold and then warm. Then the network idles past the connection idle timeout and each part's idle
 //! cost is read: connections of every node (the workers' nodes from their swarms, the
 //! proxies' and the monitor's established TCP sockets from /proc), RSS and CPU of the proxies
 //! and the monitor, CPU of the workers per node. Real TCP sockets on loopback throughout.
@@ -13,9 +13,9 @@ use std::{
 };
 
 use anyhow::Context;
-use control::overlay::{BootstrapAddr, Node, NodeConfig};
+use control::overlay::{BootstrapAddr, Node, NodeConfig, record_key};
 use futures::{StreamExt, future::join_all, stream};
-use libp2p::{PeerId, identity::Keypair};
+use libp2p::{PeerId, identity::Keypair, kad};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
     process::{Child, ChildStdin, ChildStdout, Command},
@@ -84,6 +84,8 @@ struct Measured {
     nodes: usize,
     joins: Vec<Duration>,
     all_joined: Duration,
+    /// When the network's processes fell quiet after the joins ([`quiet`]).
+    formed: Duration,
     cold: Vec<Duration>,
     warm: Vec<Duration>,
     failed: usize,
@@ -113,8 +115,10 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
         out,
         "## Overlay: cost per node and discovery as the network grows\n\n`{command}`\n\n\
          A `ping-monitor` bootstrap, N overlay nodes in {} worker processes joining it {} at \
-         a time per process, and {} idle ingress `proxy` processes; one node advertises a \
-         namespace and {} others look it up (cold: right after joining; warm: again at once). \
+         a time per process, and {} idle ingress `proxy` processes. Once every process of \
+         the network together uses under {:.0} % of a core (quiet after: seconds from the \
+         first join), one node advertises a namespace and {} others look it up (cold: \
+         their first lookup; warm: again at once). \
          Then the network idles {:.0} s (past the connection idle timeout) and CPU is read \
          over {:.0} s. Connections: established TCP sockets of a process (proxies, monitor) \
          or the node's swarm (workers). An idle proxy in a 2-node network (monitor and \
@@ -122,6 +126,7 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
         args.processes,
         JOIN_CONCURRENCY,
         args.proxies,
+        QUIET * 100.0,
         args.seekers,
         args.settle.as_secs_f64(),
         args.window.as_secs_f64(),
@@ -131,12 +136,12 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
     );
     outln!(
         out,
-        "| nodes | join p50 / p99 / max (ms) | all joined (s) | cold lookup p50 / p99 / max \
+        "| nodes | join p50 / p99 / max (ms) | all joined (s) | quiet after (s) | cold lookup p50 / p99 / max \
          (ms) | warm lookup p50 / p99 / max (ms) | lookups failed | connections per node \
          p50 / max | idle proxy: connections, RSS (MiB), CPU (% core) | node CPU, workers \
          (% core) | monitor: connections, RSS (MiB), CPU (% core) |"
     );
-    outln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+    outln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
     for m in &mut results {
         let triple = |samples: &mut Vec<Duration>| {
             format!(
@@ -157,10 +162,11 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
             .collect();
         outln!(
             out,
-            "| {} | {} | {:.1} | {} | {} | {} | {median} / {most} | {} | {:.3} | {}, {:.1}, {:.2} |",
+            "| {} | {} | {:.1} | {:.0} | {} | {} | {} | {median} / {most} | {} | {:.3} | {}, {:.1}, {:.2} |",
             m.nodes,
             triple(&mut m.joins),
             m.all_joined.as_secs_f64(),
+            m.formed.as_secs_f64(),
             triple(&mut m.cold),
             triple(&mut m.warm),
             m.failed,
@@ -210,10 +216,30 @@ async fn measure(args: &Args, nodes: usize) -> anyhow::Result<Measured> {
         proxies.push(start_proxy_with(&bootstrap, &[], &[], Default::default()).await?);
     }
 
+    // Joining returns once a node reached its bootstrap; filling the routing tables (kad's
+    // queries, each a connection to a peer met for the first time) goes on after. Lookups
+    // are measured in the network that results, not in its joining.
+    let mut everyone: Vec<u32> = workers.iter().map(|w| w.pid).collect();
+    everyone.extend(proxies.iter().map(|p| p.process.pid));
+    everyone.push(monitor.pid);
+    let formed = quiet(&everyone).await?;
+    eprintln!(
+        "bench: {nodes} nodes quiet {:.1} s after the first join",
+        (formed - started).as_secs_f64()
+    );
     let provider = workers[0].advertise().await?;
     // Untimed: the record is in the DHT (a node that is not a seeker finds it) before lookups.
     let last = workers.len() - 1;
-    workers[last].ask(&format!("wait {provider}")).await?;
+    let wait = workers[last].ask(&format!("wait {provider}")).await?;
+    if wait != "found" {
+        // Where the record went, against where a lookup looks: the nodes nearest its key.
+        let mut holders = Vec::new();
+        for worker in &mut workers {
+            holders.extend(worker.holders().await?);
+        }
+        eprintln!("bench: {wait}; {}", placement(&holders));
+        anyhow::bail!("{wait}; {}", placement(&holders));
+    }
     let (mut cold, mut warm, mut failed) = (Vec::new(), Vec::new(), 0);
     let share = args.seekers.div_ceil(workers.len());
     for worker in &mut workers {
@@ -264,6 +290,7 @@ async fn measure(args: &Args, nodes: usize) -> anyhow::Result<Measured> {
         nodes,
         joins,
         all_joined,
+        formed: formed - started,
         cold,
         warm,
         failed,
@@ -272,6 +299,22 @@ async fn measure(args: &Args, nodes: usize) -> anyhow::Result<Measured> {
         worker_cpu_per_node: worker_cpu / nodes.max(1) as f64,
         monitor: monitor_figures,
     })
+}
+
+/// How busy a network may be and count as quiet: a share of one core, for all of it.
+const QUIET: f64 = 0.1;
+/// The longest a network may take to fall quiet.
+const FORMING_LIMIT: Duration = Duration::from_secs(1200);
+
+/// Waits until `pids` together use less than [`QUIET`] of a core over a second; when that was.
+async fn quiet(pids: &[u32]) -> anyhow::Result<Instant> {
+    let begin = Instant::now();
+    while begin.elapsed() < FORMING_LIMIT {
+        if cpu_share(pids, Duration::from_secs(1)).await? < QUIET {
+            return Ok(Instant::now());
+        }
+    }
+    anyhow::bail!("still busy after {FORMING_LIMIT:?}")
 }
 
 /// CPU used by `pids` over `window`, as a share of one core.
@@ -354,6 +397,17 @@ impl Worker {
         Ok((parse(&cold)?, parse(&warm)?, failed(&cold) + failed(&warm)))
     }
 
+    /// Each of its nodes and whether it holds the namespace's provider record.
+    async fn holders(&mut self) -> anyhow::Result<Vec<(PeerId, bool)>> {
+        let line = self.ask("holders").await?;
+        let parse = |word: &str| -> anyhow::Result<(PeerId, bool)> {
+            let (peer, held) = word.split_once(':').context("PEER:0|1")?;
+            Ok((peer.parse()?, held == "1"))
+        };
+        let holders: anyhow::Result<Vec<_>> = line.split_whitespace().map(parse).collect();
+        holders.with_context(|| format!("holders, not {line:?}"))
+    }
+
     async fn connections(&mut self) -> anyhow::Result<Vec<usize>> {
         let line = self.ask("connections").await?;
         let counts: Result<Vec<usize>, _> = line.split_whitespace().map(str::parse).collect();
@@ -363,6 +417,27 @@ impl Worker {
     async fn quit(mut self) {
         let _ = self.ask("quit").await;
     }
+}
+
+/// Which of the nodes nearest the namespace's key (by Kademlia's XOR distance, ranked from 1)
+/// hold its provider record, in words.
+fn placement(holders: &[(PeerId, bool)]) -> String {
+    let key = kad::KBucketKey::new(record_key(NAMESPACE));
+    let mut ranked: Vec<_> = holders
+        .iter()
+        .map(|(peer, held)| (kad::KBucketKey::from(*peer).distance(&key), *held))
+        .collect();
+    ranked.sort_unstable_by_key(|(distance, _)| *distance);
+    let ranks: Vec<String> = (ranked.iter().enumerate())
+        .filter(|(_, (_, held))| *held)
+        .map(|(i, _)| (i + 1).to_string())
+        .collect();
+    format!(
+        "the record is held by {} of the {} worker nodes, ranked by distance to its key: {}",
+        ranks.len(),
+        ranked.len(),
+        ranks.join(" ")
+    )
 }
 
 /// Milliseconds separated by spaces (`failed` entries skipped).
@@ -387,9 +462,14 @@ pub struct NodesArgs {
 /// one line per command read: `advertise` (the first node advertises the namespace; prints
 /// its peer ID), `find PEER N` (N of its nodes, from the second on and never the last, look
 /// the namespace up until PEER is among the providers; prints each lookup's ms or `failed`),
-/// `wait PEER` (the last node looks until it finds PEER, however long), `connections` (each
-/// node's connection count), `quit`.
+/// `wait PEER` (the last node looks until it finds PEER, however long), `holders` (each node's
+/// peer ID and whether it holds the namespace's record: `PEER:1` or `PEER:0`), `connections`
+/// (each node's connection count), `quit`.
 pub async fn serve_nodes(args: NodesArgs) -> anyhow::Result<()> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        // The nodes' logs, on the bench's standard error, when asked for.
+        control::common::telemetry::init_logs(false, Default::default());
+    }
     let started: Vec<(anyhow::Result<Node>, Duration)> = stream::iter(0..args.nodes)
         .map(|_| {
             let bootstrap = args.bootstrap.clone();
@@ -449,6 +529,15 @@ pub async fn serve_nodes(args: NodesArgs) -> anyhow::Result<()> {
                     Some(_) => println!("found"),
                     None => println!("error the provider was not found within 120 s"),
                 }
+            }
+            ["holders"] => {
+                let held = join_all(nodes.iter().map(|n| n.local_providers(NAMESPACE))).await;
+                let words: Vec<String> = (nodes.iter().zip(held))
+                    .map(|(node, held)| {
+                        format!("{}:{}", node.peer_id(), u8::from(!held.is_empty()))
+                    })
+                    .collect();
+                println!("{}", words.join(" "));
             }
             ["connections"] => {
                 let counts = join_all(nodes.iter().map(Node::connected_peers)).await;

@@ -34,7 +34,9 @@ impl Behaviour {
             .set_query_timeout(KAD_QUERY_TIMEOUT)
             .set_provider_record_ttl(Some(config.timing.provider_ttl))
             // Republish at half the lifetime so a record is renewed well before it expires.
-            .set_provider_publication_interval(Some(config.timing.provider_ttl / 2));
+            .set_provider_publication_interval(Some(config.timing.provider_ttl / 2))
+            // The driver decides who enters the routing table (`has_room` there).
+            .set_kbucket_inserts(kad::BucketInserts::Manual);
         let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
         // Nodes answer DHT queries unless told they are short-lived clients. Left to decide by
         // itself, kad waits for a confirmed external address and stays a client on private

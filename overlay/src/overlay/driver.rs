@@ -13,6 +13,7 @@ use libp2p::{
     Multiaddr, PeerId, Swarm, TransportError,
     core::transport::ListenerId,
     identify, kad,
+    kad::store::MemoryStore,
     multiaddr::Protocol,
     ping,
     swarm::{
@@ -384,10 +385,12 @@ impl Driver {
                 ..
             })) if info.protocols.contains(&KAD_PROTOCOL) => {
                 // Peers that speak our DHT go into the routing table at the addresses they
-                // listen on, so lookups can reach them.
+                // listen on, so lookups can reach them: if there is room for them.
                 let kad = &mut self.swarm.behaviour_mut().kad;
-                for addr in info.listen_addrs {
-                    kad.add_address(&peer_id, addr);
+                if has_room(kad, &peer_id) {
+                    for addr in info.listen_addrs {
+                        kad.add_address(&peer_id, addr);
+                    }
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad_event(event),
@@ -538,7 +541,7 @@ impl Driver {
                     });
                 }
                 Action::Joined => {
-                    self.refresh_routing();
+                    self.find_neighbours();
                     self.finish_startup(Ok(()));
                 }
                 Action::JoinFailed(error) => self.finish_startup(Err(error.into())),
@@ -553,11 +556,39 @@ impl Driver {
         }
     }
 
+    /// A joining node's one query: the peers nearest its own ID, which fills the near end of
+    /// its routing table and puts it into its neighbours'. kad itself then refreshes the rest
+    /// of the table (a query per bucket) once: its automatic bootstrap, started when a routing
+    /// table holds fewer than K peers. Starting that full refresh here as well ran it twice per
+    /// joining node, each contacting most of a 200-node network.
+    fn find_neighbours(&mut self) {
+        let local = *self.swarm.local_peer_id();
+        self.swarm.behaviour_mut().kad.get_closest_peers(local);
+    }
+
     /// Fills the routing table from the peers known so far.
     fn refresh_routing(&mut self) {
         // Fails only when the routing table is empty: the first bootstrap of a network.
         let _ = self.swarm.behaviour_mut().kad.bootstrap();
     }
+}
+
+/// Whether `peer` may enter the routing table (or is in it already): its bucket is not full.
+///
+/// Kademlia keeps the contacts it has known longest; a newcomer to a full bucket waits for one
+/// of them to fail. kad checks whether the oldest is alive by dialing it each time a newcomer
+/// is offered, and since idle connections close, a contact is "disconnected" nearly always:
+/// every newcomer met in a full bucket's range would cost a connection to an old contact (and
+/// that contact's identify offers us to its own full buckets). So newcomers are added only
+/// where there is room; a contact that really is gone leaves the table when a query cannot
+/// reach it, and makes room. Peers kad meets by itself are not inserted either
+/// ([`kad::BucketInserts::Manual`]): identify's listen addresses are the one way in.
+fn has_room(kad: &mut kad::Behaviour<MemoryStore>, peer: &PeerId) -> bool {
+    let Some(bucket) = kad.kbucket(*peer) else {
+        return false; // our own ID
+    };
+    bucket.num_entries() < kad::K_VALUE.get()
+        || bucket.iter().any(|entry| entry.node.key.preimage() == peer)
 }
 
 fn without_p2p(addr: &Multiaddr) -> Multiaddr {
@@ -591,5 +622,38 @@ pub(crate) fn transport_error_text(error: &TransportError<std::io::Error>) -> St
             format!("{addr} is not a TCP address this node can listen on")
         }
         TransportError::Other(e) => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` peers in the bucket farthest from `local`, the one half of all IDs fall into.
+    fn farthest(local: PeerId, n: usize) -> Vec<PeerId> {
+        let key = kad::KBucketKey::from(local);
+        std::iter::repeat_with(PeerId::random)
+            .filter(|peer| key.distance(&kad::KBucketKey::from(*peer)).ilog2() == Some(255))
+            .take(n)
+            .collect()
+    }
+
+    #[test]
+    fn a_full_bucket_takes_no_newcomer_and_keeps_its_contacts() {
+        let local = PeerId::random();
+        let mut kad = kad::Behaviour::new(local, MemoryStore::new(local));
+        let addr: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().expect("valid");
+        let k = kad::K_VALUE.get();
+        let peers = farthest(local, k + 1);
+        for peer in &peers[..k] {
+            assert!(has_room(&mut kad, peer), "the bucket fills up to K");
+            kad.add_address(peer, addr.clone());
+        }
+        assert!(
+            !has_room(&mut kad, &peers[k]),
+            "a newcomer to a full bucket"
+        );
+        assert!(has_room(&mut kad, &peers[0]), "a contact already in it");
+        assert!(!has_room(&mut kad, &local), "ourselves");
     }
 }
