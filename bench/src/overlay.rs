@@ -102,15 +102,6 @@ struct Measured {
 pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
     let command = out.command("overlay");
     let baseline = two_node_proxy(&args).await?;
-    let mut results = Vec::new();
-    for &nodes in &args.nodes {
-        let measured = measure(&args, nodes)
-            .await
-            .with_context(|| format!("a network of {nodes} nodes"))?;
-        eprintln!("bench: overlay of {nodes} nodes measured");
-        results.push(measured);
-    }
-
     outln!(
         out,
         "## Overlay: cost per node and discovery as the network grows\n\n`{command}`\n\n\
@@ -142,7 +133,17 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
          (% core) | monitor: connections, RSS (MiB), CPU (% core) |"
     );
     outln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
-    for m in &mut results {
+    // A row per size as soon as it is measured, so a run that fails at some size still
+    // leaves the figures of the sizes before it, and the failure itself.
+    for &nodes in &args.nodes {
+        let mut m = match measure(&args, nodes).await {
+            Ok(measured) => measured,
+            Err(error) => {
+                outln!(out, "| {nodes} | failed: {error:#} |");
+                outln!(out);
+                return Err(error.context(format!("a network of {nodes} nodes")));
+            }
+        };
         let triple = |samples: &mut Vec<Duration>| {
             format!(
                 "{} / {} / {}",
@@ -151,7 +152,7 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
                 ms(percentile(samples, 100.0))
             )
         };
-        let mut connections = m.node_connections.clone();
+        let mut connections = std::mem::take(&mut m.node_connections);
         connections.sort_unstable();
         let median = connections.get(connections.len() / 2).copied().unwrap_or(0);
         let most = connections.last().copied().unwrap_or(0);
