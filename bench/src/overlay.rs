@@ -2,10 +2,11 @@
 //! overlay nodes spread over P worker processes of this binary (`bench overlay-nodes`, so one
 //! process's scheduler is not the bottleneck), and K real idle ingress proxies, each its own
 //! process. Once the network has fallen quiet after the joins, one node advertises a
-//! namespace; a sample of the others looks it up, cold and then warm. Then the network idles past the connection idle timeout and each part's idle
-//! cost is read: connections of every node (the workers' nodes from their swarms, the
-//! proxies' and the monitor's established TCP sockets from /proc), RSS and CPU of the proxies
-//! and the monitor, CPU of the workers per node. Real TCP sockets on loopback throughout.
+//! namespace; a sample of the others looks it up, cold and then warm. Then the network idles
+//! past the connection idle timeout and each part's idle cost is read: connections of every
+//! node (the workers' nodes from their swarms, the proxies' and the monitor's established TCP
+//! sockets from /proc), RSS and CPU of the proxies and the monitor, CPU of the workers per
+//! node. Real TCP sockets on loopback throughout.
 
 use std::{
     process::Stdio,
@@ -232,14 +233,16 @@ async fn measure(args: &Args, nodes: usize) -> anyhow::Result<Measured> {
     let provider = workers[0].advertise().await?;
     // Untimed: the record is in the DHT (a node that is not a seeker finds it) before lookups.
     let last = workers.len() - 1;
-    let wait = workers[last].ask(&format!("wait {provider}")).await?;
-    if wait != "found" {
+    if workers[last].ask(&format!("wait {provider}")).await? != "found" {
         // Where the record went, against where a lookup looks: the nodes nearest its key.
         let mut holders = Vec::new();
         for worker in &mut workers {
             holders.extend(worker.holders().await?);
         }
-        anyhow::bail!("{wait}; {}", placement(&holders));
+        anyhow::bail!(
+            "the provider was not found within {WAIT_LIMIT:?}; {}",
+            placement(&holders)
+        );
     }
     let (mut cold, mut warm, mut failed) = (Vec::new(), Vec::new(), 0);
     let share = args.seekers.div_ceil(workers.len());
@@ -301,6 +304,9 @@ async fn measure(args: &Args, nodes: usize) -> anyhow::Result<Measured> {
         monitor: monitor_figures,
     })
 }
+
+/// How long the record may take to be found once, before the timed lookups.
+const WAIT_LIMIT: Duration = Duration::from_secs(120);
 
 /// How busy a network may be and count as quiet: a share of one core per member (nodes,
 /// proxies, the monitor), at least [`QUIET_FLOOR`] for all of it. An idle network is not
@@ -474,9 +480,9 @@ pub struct NodesArgs {
 /// one line per command read: `advertise` (the first node advertises the namespace; prints
 /// its peer ID), `find PEER N` (N of its nodes, from the second on and never the last, look
 /// the namespace up until PEER is among the providers; prints each lookup's ms or `failed`),
-/// `wait PEER` (the last node looks until it finds PEER, however long), `holders` (each node's
-/// peer ID and whether it holds the namespace's record: `PEER:1` or `PEER:0`), `connections`
-/// (each node's connection count), `quit`.
+/// `wait PEER` (the last node looks until it finds PEER, up to [`WAIT_LIMIT`]; prints `found`
+/// or `missing`), `holders` (each node's peer ID and whether it holds the namespace's record:
+/// `PEER:1` or `PEER:0`), `connections` (each node's connection count), `quit`.
 pub async fn serve_nodes(args: NodesArgs) -> anyhow::Result<()> {
     if std::env::var_os("RUST_LOG").is_some() {
         // The nodes' logs, on the bench's standard error, when asked for.
@@ -537,9 +543,9 @@ pub async fn serve_nodes(args: NodesArgs) -> anyhow::Result<()> {
             ["wait", peer] => {
                 let peer: PeerId = peer.parse()?;
                 let last = nodes.last().context("no nodes")?;
-                match find(last, peer, Duration::from_secs(120)).await {
+                match find(last, peer, WAIT_LIMIT).await {
                     Some(_) => println!("found"),
-                    None => println!("error the provider was not found within 120 s"),
+                    None => println!("missing"),
                 }
             }
             ["holders"] => {
