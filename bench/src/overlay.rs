@@ -109,8 +109,8 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
          A `ping-monitor` bootstrap, N overlay nodes in {} worker processes joining it {} at \
          a time per process, and {} idle ingress `proxy` processes. Once the network's \
          processes together use under {:.2} % of a core per member, at least {:.0} % in all \
-         (quiet after: seconds from the first join), one node advertises a namespace and {} others look it up (cold: \
-         their first lookup; warm: again at once). \
+         (quiet after: seconds from the first join), one node advertises a namespace and {} \
+         others look it up (cold: their first lookup; warm: again at once). \
          Then the network idles {:.0} s (past the connection idle timeout) and CPU is read \
          over {:.0} s. Connections: established TCP sockets of a process (proxies, monitor) \
          or the node's swarm (workers). An idle proxy in a 2-node network (monitor and \
@@ -129,8 +129,8 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
     );
     outln!(
         out,
-        "| nodes | join p50 / p99 / max (ms) | all joined (s) | quiet after (s) | cold lookup p50 / p99 / max \
-         (ms) | warm lookup p50 / p99 / max (ms) | lookups failed | connections per node \
+        "| nodes | join p50 / p99 / max (ms) | all joined (s) | quiet after (s) | cold lookup \
+         p50 / p99 / max (ms) | warm lookup p50 / p99 / max (ms) | lookups failed | connections per node \
          p50 / max | idle proxy: connections, RSS (MiB), CPU (% core) | node CPU, workers \
          (% core) | monitor: connections, RSS (MiB), CPU (% core) |"
     );
@@ -222,10 +222,13 @@ async fn measure(args: &Args, nodes: usize) -> anyhow::Result<Measured> {
     // Joining returns once a node reached its bootstrap; filling the routing tables (kad's
     // queries, each a connection to a peer met for the first time) goes on after. Lookups
     // are measured in the network that results, not in its joining.
-    let mut everyone: Vec<u32> = workers.iter().map(|w| w.pid).collect();
-    everyone.extend(proxies.iter().map(|p| p.process.pid));
-    everyone.push(monitor.pid);
-    let formed = quiet(&everyone, nodes + args.proxies + 1).await?;
+    // Every process of the network: the proxies, the workers, the monitor last.
+    let proxy_pids: Vec<u32> = proxies.iter().map(|p| p.process.pid).collect();
+    let worker_pids: Vec<u32> = workers.iter().map(|w| w.pid).collect();
+    let mut all = proxy_pids.clone();
+    all.extend(&worker_pids);
+    all.push(monitor.pid);
+    let formed = quiet(&all, nodes + args.proxies + 1).await?;
     eprintln!(
         "bench: {nodes} nodes quiet {:.1} s after the first join",
         (formed - started).as_secs_f64()
@@ -258,11 +261,6 @@ async fn measure(args: &Args, nodes: usize) -> anyhow::Result<Measured> {
     for worker in &mut workers {
         node_connections.extend(worker.connections().await?);
     }
-    let proxy_pids: Vec<u32> = proxies.iter().map(|p| p.process.pid).collect();
-    let worker_pids: Vec<u32> = workers.iter().map(|w| w.pid).collect();
-    let mut all = proxy_pids.clone();
-    all.extend(&worker_pids);
-    all.push(monitor.pid);
     let before: Vec<Duration> = all.iter().map(|&p| cpu_time(p)).collect::<Result<_, _>>()?;
     let begin = Instant::now();
     tokio::time::sleep(args.window).await; // the measured window itself
@@ -318,7 +316,7 @@ const QUIET_FLOOR: f64 = 0.1;
 const FORMING_LIMIT: Duration = Duration::from_secs(1200);
 
 /// Waits until `pids`, the processes of a network of `members`, together use less than
-/// [`QUIET_PER_MEMBER`] of a core each over a second; when that was.
+/// [`quiet_limit`] of a core over a second; when that was.
 async fn quiet(pids: &[u32], members: usize) -> anyhow::Result<Instant> {
     let limit = quiet_limit(members);
     let begin = Instant::now();
