@@ -35,6 +35,7 @@ impl Behaviour {
             .set_provider_record_ttl(Some(config.timing.provider_ttl))
             // Republish at half the lifetime so a record is renewed well before it expires.
             .set_provider_publication_interval(Some(config.timing.provider_ttl / 2))
+            .set_periodic_bootstrap_interval(Some(config.timing.routing_refresh))
             // The driver decides who enters the routing table (`has_room` there).
             .set_kbucket_inserts(kad::BucketInserts::Manual);
         let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);

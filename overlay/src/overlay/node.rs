@@ -32,6 +32,13 @@ pub struct Timing {
     /// every half of that. A provider that dies without withdrawing its records (killed) is
     /// forgotten at most this long afterwards.
     pub provider_ttl: Duration,
+    /// How often kad refreshes the whole routing table (a query per bucket, each meeting
+    /// peers over new connections). The Kademlia paper refreshes a bucket after an hour
+    /// without a lookup through it; kad's default of five minutes was nine tenths of an
+    /// idle node's CPU at 200 nodes (bench/ANALYSIS.md, "A thousand nodes"). Lookups find
+    /// their way around stale contacts meanwhile, and dead ones leave the table when a
+    /// query to them fails.
+    pub routing_refresh: Duration,
     /// Limit on a connection's handshakes (pnet, noise, yamux). A peer with another network
     /// key often fails only by this timeout: pnet itself cannot tell a wrong key.
     pub handshake_timeout: Duration,
@@ -52,6 +59,7 @@ impl Default for Timing {
             ping_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             provider_ttl: Duration::from_secs(120),
+            routing_refresh: Duration::from_secs(3600),
             bootstrap: BootstrapPolicy::default(),
             rtt_window: WindowShape::default(),
             peer_expiry: Duration::from_secs(600),
