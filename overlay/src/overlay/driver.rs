@@ -28,6 +28,7 @@ use super::{
     behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL},
     bootstrap::{Action, Bootstraps, Timer},
     connections::{self, Connections, Open},
+    found::Found,
     keep::KeptByPeer,
     namespace::record_key,
 };
@@ -76,8 +77,12 @@ struct Startup {
 
 /// One running provider search.
 struct Search {
+    namespace: String,
     results: fmpsc::UnboundedSender<PeerId>,
+    /// Every provider sent to `results` (from [`Found`] or the query).
     seen: HashSet<PeerId>,
+    /// The providers the query itself found, recorded in [`Found`] when it ends.
+    found: Vec<PeerId>,
 }
 
 pub(crate) struct Driver {
@@ -85,6 +90,8 @@ pub(crate) struct Driver {
     bootstraps: Bootstraps,
     advertised: BTreeSet<String>,
     searches: HashMap<kad::QueryId, Search>,
+    /// What recent lookups found, for repeat lookups ([`found`](super::found)).
+    found: Found,
     /// Withdrawals waiting for these announcements to finish ([`Withdrawal::under_way`]).
     announcing: Vec<(HashSet<kad::QueryId>, oneshot::Sender<()>)>,
     /// Every open connection, for trimming ([`connections`]).
@@ -117,6 +124,7 @@ impl Driver {
             bootstraps: Bootstraps::new(&config.bootstraps, config.timing.bootstrap),
             advertised: BTreeSet::new(),
             searches: HashMap::new(),
+            found: Found::default(),
             announcing: Vec::new(),
             open: HashMap::new(),
             limits: config.connections.clone(),
@@ -180,6 +188,7 @@ impl Driver {
                 for namespace in &namespaces {
                     kad::store::RecordStore::remove_provider(store, &record_key(namespace), &peer);
                 }
+                self.found.withdrawn(&peer, &namespaces);
                 tracing::debug!(%peer, ?namespaces, "peer withdrew its provider records");
                 let _ = done.send(());
             }
@@ -187,6 +196,16 @@ impl Driver {
                 let _ = reply.send(self.advertised.iter().cloned().collect());
             }
             Command::FindProviders(namespace, results) => {
+                // What the last lookup found first, then the query's own finds.
+                let recent = self.found.recent(&namespace, Instant::now());
+                let seen: HashSet<PeerId> = recent
+                    .iter()
+                    .filter(|peer| results.unbounded_send(**peer).is_ok())
+                    .copied()
+                    .collect();
+                for peer in &seen {
+                    self.dial_provider(*peer);
+                }
                 let id = self
                     .swarm
                     .behaviour_mut()
@@ -195,8 +214,10 @@ impl Driver {
                 self.searches.insert(
                     id,
                     Search {
+                        namespace,
                         results,
-                        seen: HashSet::new(),
+                        seen,
+                        found: Vec::new(),
                     },
                 );
             }
@@ -419,9 +440,7 @@ impl Driver {
                 providers,
                 ..
             })) => self.deliver_providers(id, providers),
-            kad::QueryResult::GetProviders(_) => {
-                self.searches.remove(&id);
-            }
+            kad::QueryResult::GetProviders(_) => self.end_search(id),
             kad::QueryResult::StartProviding(Err(error)) => {
                 // Usual while the network is small or forming; the record is republished.
                 tracing::debug!(?error, "provider announcement incomplete");
@@ -429,7 +448,16 @@ impl Driver {
             _ => {}
         }
         if step.last {
-            self.searches.remove(&id);
+            self.end_search(id);
+        }
+    }
+
+    /// A provider search ended (its query finished or timed out, or its caller stopped
+    /// listening): what its query found answers repeat lookups for a while.
+    fn end_search(&mut self, id: kad::QueryId) {
+        if let Some(search) = self.searches.remove(&id) {
+            self.found
+                .record(&search.namespace, search.found, Instant::now());
         }
     }
 
@@ -440,12 +468,14 @@ impl Driver {
         };
         let mut to_dial = Vec::new();
         for peer in providers {
-            if peer == local || !search.seen.insert(peer) {
+            if peer == local || search.found.contains(&peer) {
                 continue;
             }
-            if search.results.unbounded_send(peer).is_err() {
+            search.found.push(peer);
+            // Not sent again if the caller had it from `Found` already.
+            if search.seen.insert(peer) && search.results.unbounded_send(peer).is_err() {
                 // The caller stopped listening: no point in finishing the query.
-                self.searches.remove(&id);
+                self.end_search(id);
                 if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) {
                     query.finish();
                 }
@@ -456,13 +486,18 @@ impl Driver {
         for peer in to_dial {
             // Dial while the query still holds the provider's addresses (kad hands them to the
             // swarm only for the query's lifetime).
-            if !self.swarm.is_connected(&peer) {
-                let _ = self.swarm.dial(
-                    DialOpts::peer_id(peer)
-                        .condition(PeerCondition::DisconnectedAndNotDialing)
-                        .build(),
-                );
-            }
+            self.dial_provider(peer);
+        }
+    }
+
+    /// Connects to a provider a search found, so its caller can open a stream to it at once.
+    fn dial_provider(&mut self, peer: PeerId) {
+        if !self.swarm.is_connected(&peer) {
+            let _ = self.swarm.dial(
+                DialOpts::peer_id(peer)
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build(),
+            );
         }
     }
 

@@ -16,6 +16,7 @@ mod behaviour;
 mod bootstrap;
 mod connections;
 mod driver;
+mod found;
 pub mod identity;
 mod keep;
 mod namespace;

@@ -314,8 +314,10 @@ impl Node {
     }
 
     /// Finds the providers of `namespace` other than this node. Peers arrive as the DHT query
-    /// finds them, each once; the stream ends when the query does. The node dials each one
-    /// while the query still knows its addresses, so a stream can be opened to it right away.
+    /// finds them, each once; the stream ends when the query does. A lookup within 10 s of the
+    /// last one of `namespace` gets what that one's query found first, at once, less any that
+    /// withdrew since (`found`'s rules). The node dials each one while the query still knows
+    /// its addresses, so a stream can be opened to it right away.
     pub async fn find_providers(&self, namespace: &str) -> fmpsc::UnboundedReceiver<PeerId> {
         let (tx, rx) = fmpsc::unbounded();
         let _ = self
