@@ -50,6 +50,8 @@ struct Behaviour {
     service_dead_from: Option<Instant>,
     /// From then on it is gone (culled): nothing answers.
     gone_from: Option<Instant>,
+    /// Before then it is not found on the overlay (started later, by someone else).
+    listed_from: Option<Instant>,
     /// From then on it is no longer found on the overlay.
     unlisted_from: Option<Instant>,
 }
@@ -65,6 +67,7 @@ impl Behaviour {
             stalled: Vec::new(),
             service_dead_from: None,
             gone_from: None,
+            listed_from: None,
             unlisted_from: None,
         }
     }
@@ -358,6 +361,7 @@ impl Sim {
     fn listed(&self) -> Vec<(Key, SocketAddr)> {
         self.world
             .iter()
+            .filter(|(_, b)| b.listed_from.is_none_or(|from| self.now >= from))
             .filter(|(_, b)| b.unlisted_from.is_none_or(|from| self.now < from))
             .map(|(k, _)| (*k, addr(k)))
             .collect()
@@ -860,6 +864,27 @@ fn an_instance_culled_right_after_it_was_started_is_replaced_at_once() {
     assert!(stats.failed.is_empty(), "{:?}", stats.failed);
     assert_eq!(stats.served.get("second"), Some(&1), "{stats:?}");
     assert!(stats.slowest < START_TIME + 10 * MS, "{stats:?}");
+}
+
+#[test]
+fn an_instance_started_by_someone_else_is_known_within_two_seconds_and_takes_the_traffic() {
+    // A far instance serves; a near one appears on the overlay at 20.5 s (another ingress's
+    // allocation, say). Issue 18: an ingress sees a new instance within 2 s.
+    let mut near = Behaviour::new(1, 1);
+    let listed = Duration::from_millis(20_500);
+    let mut sim = Sim::new(&[("far", Behaviour::new(20, 1))]);
+    near.listed_from = Some(sim.t(listed));
+    sim.world.insert("near", near);
+    sim.load(Duration::ZERO, 30 * SECOND, 200, true);
+    sim.run_until(listed + 2 * SECOND);
+    assert_eq!(sim.core.known().count(), 2, "the new instance is known");
+    sim.run_until(30 * SECOND);
+    let stats = sim.stats(listed + 3 * SECOND, 30 * SECOND);
+    assert!(stats.failed.is_empty(), "{:?}", stats.failed);
+    assert!(
+        stats.served.get("near") > stats.served.get("far"),
+        "the nearer instance takes the traffic: {stats:?}"
+    );
 }
 
 #[test]
