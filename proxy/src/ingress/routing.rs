@@ -768,11 +768,17 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
     }
 
     /// Time passes: probes that are due, a refresh of the instance list, dead instances.
-    pub fn tick(&mut self, now: Instant, actions: &mut Vec<Action<K>>) {
-        let in_use = self.last_used.is_some_and(|at| {
+    /// Whether the service served a request within `in-use-window` of `now`: a core that is
+    /// not in use does nothing at a tick but look for instances that went away, at most every
+    /// `discover-interval`, so its driver may tick it less often.
+    pub fn in_use(&self, now: Instant) -> bool {
+        self.last_used.is_some_and(|at| {
             now.saturating_duration_since(at) < self.settings.tuning.in_use_window
-        });
-        if !in_use {
+        })
+    }
+
+    pub fn tick(&mut self, now: Instant, actions: &mut Vec<Action<K>>) {
+        if !self.in_use(now) {
             // Quiet: nothing is probed, but instances that went away (culled) are looked for
             // until discovery no longer lists them, so that they leave the metrics too.
             if self.instances.values().any(|i| i.closed) {
