@@ -6,15 +6,19 @@
 //! past the connection idle timeout and each part's idle cost is read: connections of every
 //! node (the workers' nodes from their swarms, the proxies' and the monitor's established TCP
 //! sockets from /proc), RSS and CPU of the proxies and the monitor, CPU of the workers per
-//! node. Real TCP sockets on loopback throughout.
+//! node. At one size (`--churn-nodes`) instances of a service then come and go while an
+//! observer node looks it up as an ingress does, and how soon it lists each new instance and
+//! stops listing each stopped one is read. Real TCP sockets on loopback throughout.
 
 use std::{
+    collections::HashMap,
     process::Stdio,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use anyhow::Context;
-use control::overlay::{BootstrapAddr, Node, NodeConfig, record_key};
+use control::overlay::{BootstrapAddr, Node, NodeConfig, Timing, record_key};
 use futures::{StreamExt, future::join_all, stream};
 use libp2p::{PeerId, identity::Keypair, kad};
 use tokio::{
@@ -30,6 +34,8 @@ use crate::{
 };
 
 const NAMESPACE: &str = "bench-namespace";
+/// The service whose instances come and go in the churn run.
+const CHURN_NAMESPACE: &str = "bench-churn";
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -52,6 +58,21 @@ pub struct Args {
     /// The window idle CPU is measured over.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     window: Duration,
+    /// The network size (one of --nodes) that also gets the churn run: instances of a service
+    /// advertised and withdrawn while an observer looks the service up as an ingress does.
+    #[arg(long, default_value_t = 500)]
+    churn_nodes: usize,
+    /// Instances started (advertised) in the churn run, evenly over --churn-over.
+    #[arg(long, default_value_t = 100)]
+    churn_instances: usize,
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    churn_over: Duration,
+    /// How long each instance lives before it stops (withdraws).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    churn_life: Duration,
+    /// How often the observer looks the service up (an ingress's `discover-interval`).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    churn_poll: Duration,
 }
 
 impl Default for Args {
@@ -63,6 +84,11 @@ impl Default for Args {
             seekers: 40,
             settle: Duration::from_secs(40),
             window: Duration::from_secs(20),
+            churn_nodes: 500,
+            churn_instances: 100,
+            churn_over: Duration::from_secs(60),
+            churn_life: Duration::from_secs(15),
+            churn_poll: Duration::from_secs(1),
         }
     }
 }
@@ -76,6 +102,11 @@ impl Args {
             seekers: 6,
             settle: Duration::from_secs(1),
             window: Duration::from_secs(2),
+            churn_nodes: 20,
+            churn_instances: 6,
+            churn_over: Duration::from_secs(3),
+            churn_life: Duration::from_secs(2),
+            churn_poll: Duration::from_millis(500),
         }
     }
 }
@@ -98,6 +129,21 @@ struct Measured {
     worker_cpu_per_node: f64,
     /// Monitor: established TCP connections, RSS (KiB), CPU share of one core.
     monitor: (usize, u64, f64),
+    /// The churn run, at [`Args::churn_nodes`].
+    churn: Option<Churn>,
+}
+
+/// What the churn run measured, per instance.
+struct Churn {
+    /// From an instance's advertisement to the observer's first sight of it.
+    seen: Vec<Duration>,
+    /// Instances the observer never saw.
+    unseen: usize,
+    /// From an instance's withdrawal to the observer's last sight of it (zero if not seen
+    /// after it).
+    listed_after_stop: Vec<Duration>,
+    /// Instances still listed when the observer stopped looking.
+    still_listed: usize,
 }
 
 pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
@@ -137,6 +183,7 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
     outln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
     // A row per size as soon as it is measured, so a run that fails at some size still
     // leaves the figures of the sizes before it, and the failure itself.
+    let mut churns = Vec::new();
     for &nodes in &args.nodes {
         let mut m = match measure(&args, nodes).await {
             Ok(measured) => measured,
@@ -145,14 +192,6 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
                 outln!(out);
                 return Err(error.context(format!("a network of {nodes} nodes")));
             }
-        };
-        let triple = |samples: &mut Vec<Duration>| {
-            format!(
-                "{} / {} / {}",
-                ms(percentile(samples, 50.0)),
-                ms(percentile(samples, 99.0)),
-                ms(percentile(samples, 100.0))
-            )
         };
         let mut connections = std::mem::take(&mut m.node_connections);
         connections.sort_unstable();
@@ -179,9 +218,46 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
             m.monitor.1 as f64 / 1024.0,
             m.monitor.2 * 100.0,
         );
+        if let Some(churn) = m.churn.take() {
+            churns.push((m.nodes, churn));
+        }
     }
     outln!(out);
+    for (nodes, mut churn) in churns {
+        outln!(
+            out,
+            "Churn in the network of {nodes} nodes: {} instances of one service advertised \
+             evenly over {:.0} s, each withdrawn (stopped) {:.0} s after it started, while an \
+             observer node looks the service up every {:.1} s as an ingress does (its \
+             `discover-interval`). Seen: from an instance's advertisement to its first listing; \
+             listed after stop: from its withdrawal to its last listing (the records' lifetime \
+             is {:.0} s).\n",
+            args.churn_instances,
+            args.churn_over.as_secs_f64(),
+            args.churn_life.as_secs_f64(),
+            args.churn_poll.as_secs_f64(),
+            Timing::default().provider_ttl.as_secs_f64(),
+        );
+        outln!(
+            out,
+            "| seen after p50 / p99 / max (ms) | never seen | listed after stop p50 / p99 / \
+             max (ms) | still listed at the end |\n|---|---|---|---|\n| {} | {} | {} | {} |\n",
+            triple(&mut churn.seen),
+            churn.unseen,
+            triple(&mut churn.listed_after_stop),
+            churn.still_listed,
+        );
+    }
     Ok(())
+}
+
+fn triple(samples: &mut Vec<Duration>) -> String {
+    format!(
+        "{} / {} / {}",
+        ms(percentile(samples, 50.0)),
+        ms(percentile(samples, 99.0)),
+        ms(percentile(samples, 100.0))
+    )
 }
 
 /// How many nodes a worker starts at once: a thousand TCP + noise handshakes and Kademlia
@@ -285,6 +361,11 @@ async fn measure(args: &Args, nodes: usize) -> anyhow::Result<Measured> {
         status_kb(monitor.pid, "VmRSS")?,
         share_of(all.len() - 1)?,
     );
+    let churn = if nodes == args.churn_nodes {
+        Some(churn(args, &mut workers).await?)
+    } else {
+        None
+    };
     for worker in workers {
         worker.quit().await;
     }
@@ -300,6 +381,7 @@ async fn measure(args: &Args, nodes: usize) -> anyhow::Result<Measured> {
         proxies: proxy_figures,
         worker_cpu_per_node: worker_cpu / nodes.max(1) as f64,
         monitor: monitor_figures,
+        churn,
     })
 }
 
@@ -424,6 +506,37 @@ impl Worker {
         holders.with_context(|| format!("holders, not {line:?}"))
     }
 
+    /// Its node `index` advertises the churn service: (its peer ID, when, Unix ms).
+    async fn provide(&mut self, index: usize) -> anyhow::Result<(PeerId, u64)> {
+        let line = self.ask(&format!("provide {index}")).await?;
+        let parsed = line
+            .split_once(' ')
+            .and_then(|(peer, at)| Some((peer.parse().ok()?, at.parse().ok()?)));
+        parsed.with_context(|| format!("PEER MS, not {line:?}"))
+    }
+
+    /// Its node `index` withdraws the churn service: when, Unix ms.
+    async fn withdraw(&mut self, index: usize) -> anyhow::Result<u64> {
+        let line = self.ask(&format!("withdraw {index}")).await?;
+        line.parse().with_context(|| format!("MS, not {line:?}"))
+    }
+
+    /// What its observer has seen of the churn service: (peer, first, last sight, Unix ms).
+    async fn seen(&mut self) -> anyhow::Result<Vec<(PeerId, u64, u64)>> {
+        let line = self.ask("seen").await?;
+        let parse = |word: &str| -> Option<(PeerId, u64, u64)> {
+            let mut parts = word.split(':');
+            let peer = parts.next()?.parse().ok()?;
+            Some((
+                peer,
+                parts.next()?.parse().ok()?,
+                parts.next()?.parse().ok()?,
+            ))
+        };
+        let seen: Option<Vec<_>> = line.split_whitespace().map(parse).collect();
+        seen.with_context(|| format!("PEER:FIRST:LAST words, not {line:?}"))
+    }
+
     async fn connections(&mut self) -> anyhow::Result<Vec<usize>> {
         let line = self.ask("connections").await?;
         let counts: Result<Vec<usize>, _> = line.split_whitespace().map(str::parse).collect();
@@ -480,7 +593,10 @@ pub struct NodesArgs {
 /// the namespace up until PEER is among the providers; prints each lookup's ms or `failed`),
 /// `wait PEER` (the last node looks until it finds PEER, up to [`WAIT_LIMIT`]; prints `found`
 /// or `missing`), `holders` (each node's peer ID and whether it holds the namespace's record:
-/// `PEER:1` or `PEER:0`), `connections` (each node's connection count), `quit`.
+/// `PEER:1` or `PEER:0`), `provide I` / `withdraw I` (node I advertises or withdraws the
+/// churn service; prints its peer ID and the Unix ms, or the ms), `watch MS` (the last node
+/// looks the churn service up every MS ms until `unwatch`), `seen` (what it listed:
+/// `PEER:FIRST:LAST` in Unix ms), `connections` (each node's connection count), `quit`.
 pub async fn serve_nodes(args: NodesArgs) -> anyhow::Result<()> {
     if std::env::var_os("RUST_LOG").is_some() {
         // The nodes' logs, on the bench's standard error, when asked for.
@@ -519,6 +635,8 @@ pub async fn serve_nodes(args: NodesArgs) -> anyhow::Result<()> {
     }
     println!("{}", joins.join(" "));
     let mut commands = BufReader::new(tokio::io::stdin()).lines();
+    let seen = Seen::default();
+    let mut watcher = None;
     while let Some(line) = commands.next_line().await? {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
@@ -555,6 +673,39 @@ pub async fn serve_nodes(args: NodesArgs) -> anyhow::Result<()> {
                     .collect();
                 println!("{}", words.join(" "));
             }
+            ["provide", index] => {
+                let node = nodes.get(index.parse::<usize>()?).context("no such node")?;
+                let at = unix_ms();
+                node.advertise(CHURN_NAMESPACE).await;
+                println!("{} {at}", node.peer_id());
+            }
+            ["withdraw", index] => {
+                let node = nodes.get(index.parse::<usize>()?).context("no such node")?;
+                let at = unix_ms();
+                node.stop_advertising(CHURN_NAMESPACE).await;
+                println!("{at}");
+            }
+            ["watch", poll_ms] => {
+                let node = nodes.last().context("no nodes")?.clone();
+                let poll = Duration::from_millis(poll_ms.parse()?);
+                if let Some(old) = watcher.replace(tokio::spawn(watch(node, poll, seen.clone()))) {
+                    old.abort();
+                }
+                println!("watching");
+            }
+            ["seen"] => {
+                let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                let words: Vec<String> = (seen.iter())
+                    .map(|(peer, (first, last))| format!("{peer}:{first}:{last}"))
+                    .collect();
+                println!("{}", words.join(" "));
+            }
+            ["unwatch"] => {
+                if let Some(watcher) = watcher.take() {
+                    watcher.abort();
+                }
+                println!("stopped");
+            }
             ["connections"] => {
                 let counts = join_all(nodes.iter().map(Node::connected_peers)).await;
                 let counts: Vec<String> = counts.iter().map(|c| c.len().to_string()).collect();
@@ -567,6 +718,118 @@ pub async fn serve_nodes(args: NodesArgs) -> anyhow::Result<()> {
     join_all(nodes.iter().map(Node::shutdown)).await;
     println!("bye");
     Ok(())
+}
+
+/// Each provider the observer listed: first and last sight (Unix ms).
+type Seen = Arc<Mutex<HashMap<PeerId, (u64, u64)>>>;
+
+/// The churn run's observer: looks [`CHURN_NAMESPACE`] up every `poll` from `node`, as an
+/// ingress discovers a service's instances, and notes when each provider is listed.
+async fn watch(node: Node, poll: Duration, seen: Seen) {
+    let mut every = tokio::time::interval(poll);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let mut found = node.find_providers(CHURN_NAMESPACE).await;
+        while let Some(peer) = found.next().await {
+            let now = unix_ms();
+            let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+            seen.entry(peer).or_insert((now, now)).1 = now;
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since.map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Starts [`Args::churn_instances`] instances of one service over [`Args::churn_over`] and
+/// stops each [`Args::churn_life`] after it started, spread over the workers' nodes, while
+/// the first worker's last node watches; then waits until no stopped instance is listed any
+/// more (at most the records' lifetime and 10 s).
+async fn churn(args: &Args, workers: &mut [Worker]) -> anyhow::Result<Churn> {
+    let count = args.churn_instances;
+    let processes = workers.len();
+    // Instance k is node 1 + k / P of worker k % P: never a worker's node 0 (the namespace's
+    // provider) nor the first worker's last node (the observer).
+    let slots: Vec<(usize, usize)> = (0..count)
+        .map(|k| (k % processes, 1 + k / processes))
+        .collect();
+    for &(worker, index) in &slots {
+        anyhow::ensure!(
+            index + 1 < workers[worker].joins.len(),
+            "{count} churn instances need more than {} nodes per worker",
+            workers[worker].joins.len()
+        );
+    }
+    let poll = args.churn_poll;
+    workers[0]
+        .ask(&format!("watch {}", poll.as_millis()))
+        .await?;
+    let step = args.churn_over / count.max(1) as u32;
+    let mut events: Vec<(Duration, usize, bool)> = (0..count)
+        .flat_map(|k| {
+            let at = step * k as u32;
+            [(at, k, true), (at + args.churn_life, k, false)]
+        })
+        .collect();
+    events.sort_by_key(|&(at, _, _)| at);
+    let mut started: Vec<Option<(PeerId, u64)>> = vec![None; count];
+    let mut stopped: HashMap<PeerId, u64> = HashMap::new();
+    let begin = tokio::time::Instant::now();
+    for (at, k, start) in events {
+        tokio::time::sleep_until(begin + at).await; // the schedule itself
+        let (worker, index) = slots[k];
+        if start {
+            started[k] = Some(workers[worker].provide(index).await?);
+        } else if let Some((peer, _)) = started[k] {
+            stopped.insert(peer, workers[worker].withdraw(index).await?);
+        }
+    }
+    let lingering = |seen: &[(PeerId, u64, u64)], now: u64| {
+        (seen.iter())
+            .filter(|(peer, _, last)| {
+                stopped.get(peer).is_some_and(|stop| last > stop)
+                    && now.saturating_sub(*last) < 3 * poll.as_millis() as u64
+            })
+            .count()
+    };
+    let limit = Instant::now() + Timing::default().provider_ttl + Duration::from_secs(10);
+    let (seen, still_listed) = loop {
+        let seen = workers[0].seen().await?;
+        let still = lingering(&seen, unix_ms());
+        if still == 0 || Instant::now() > limit {
+            break (seen, still);
+        }
+        tokio::time::sleep(poll).await; // polls a condition, with `limit` as its deadline
+    };
+    workers[0].ask("unwatch").await?;
+    let sights: HashMap<PeerId, (u64, u64)> = seen
+        .into_iter()
+        .map(|(peer, first, last)| (peer, (first, last)))
+        .collect();
+    let mut churn = Churn {
+        seen: Vec::new(),
+        unseen: 0,
+        listed_after_stop: Vec::new(),
+        still_listed,
+    };
+    for (peer, advertised) in started.into_iter().flatten() {
+        match sights.get(&peer) {
+            Some(&(first, last)) => {
+                churn
+                    .seen
+                    .push(Duration::from_millis(first.saturating_sub(advertised)));
+                let stop = stopped.get(&peer).copied().unwrap_or(u64::MAX);
+                churn
+                    .listed_after_stop
+                    .push(Duration::from_millis(last.saturating_sub(stop)));
+            }
+            None => churn.unseen += 1,
+        }
+    }
+    Ok(churn)
 }
 
 /// Searches from `seeker` until `provider` is found; how long that took, None if not within
