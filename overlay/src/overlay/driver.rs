@@ -78,7 +78,9 @@ struct Startup {
 /// One running provider search.
 struct Search {
     namespace: String,
-    results: fmpsc::UnboundedSender<PeerId>,
+    /// None once the caller stopped listening; the query still runs to its end, so that
+    /// what it found is complete when recorded in [`Found`].
+    results: Option<fmpsc::UnboundedSender<PeerId>>,
     /// Every provider sent to `results` (from [`Found`] or the query).
     seen: HashSet<PeerId>,
     /// The providers the query itself found, recorded in [`Found`] when it ends.
@@ -189,6 +191,12 @@ impl Driver {
                     kad::store::RecordStore::remove_provider(store, &record_key(namespace), &peer);
                 }
                 self.found.withdrawn(&peer, &namespaces);
+                // Nor may a search under way put it back when it ends.
+                for search in self.searches.values_mut() {
+                    if namespaces.contains(&search.namespace) {
+                        search.found.retain(|p| *p != peer);
+                    }
+                }
                 tracing::debug!(%peer, ?namespaces, "peer withdrew its provider records");
                 let _ = done.send(());
             }
@@ -215,7 +223,7 @@ impl Driver {
                     id,
                     Search {
                         namespace,
-                        results,
+                        results: Some(results),
                         seen,
                         found: Vec::new(),
                     },
@@ -452,8 +460,8 @@ impl Driver {
         }
     }
 
-    /// A provider search ended (its query finished or timed out, or its caller stopped
-    /// listening): what its query found answers repeat lookups for a while.
+    /// A provider search's query ended (finished or timed out): what it found answers repeat
+    /// lookups for a while, and the caller's stream ends.
     fn end_search(&mut self, id: kad::QueryId) {
         if let Some(search) = self.searches.remove(&id) {
             self.found
@@ -472,14 +480,16 @@ impl Driver {
                 continue;
             }
             search.found.push(peer);
-            // Not sent again if the caller had it from `Found` already.
-            if search.seen.insert(peer) && search.results.unbounded_send(peer).is_err() {
-                // The caller stopped listening: no point in finishing the query.
-                self.end_search(id);
-                if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) {
-                    query.finish();
-                }
-                return;
+            let Some(results) = &search.results else {
+                continue;
+            };
+            // Not sent again if the caller had it from `Found` already (but dialled now that
+            // the query holds its addresses).
+            if search.seen.insert(peer) && results.unbounded_send(peer).is_err() {
+                // The caller stopped listening (it had what it needed): the query goes on for
+                // `Found`, nobody needs a connection to what it finds.
+                search.results = None;
+                continue;
             }
             to_dial.push(peer);
         }

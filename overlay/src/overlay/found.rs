@@ -1,18 +1,25 @@
 //! The providers this node's last lookup of each namespace found, kept for a short while so
-//! that a repeat lookup answers at once (pure; the driver passes the time).
+//! that a repeat lookup has them at once (pure; the driver passes the time).
 //!
 //! # Rules
-//! 1. A lookup that runs to its end records what *it* found under its namespace, replacing
-//!    what was there (an empty result removes the entry). Providers a lookup was given from
-//!    here are not recorded again unless its query found them too, so a provider that is gone
-//!    is listed by at most one lookup after the one that last found it.
-//! 2. A lookup of a namespace whose last recorded lookup ended at most [`FRESH`] ago is given
-//!    those providers first, before its query (which runs as always) adds the rest. A Kademlia
-//!    query takes a few round trips to nodes near the key even when every connection is open
-//!    (27–72 ms at 500–1000 nodes on this machine, bench/RESULTS.md); a caller that looks
-//!    again, as an ingress does for each service it uses, gets its answer without them.
-//! 3. A provider that withdraws its records (the peers it may have told include this node,
-//!    [`super::withdraw`]) leaves every entry at once.
+//! 1. Every lookup's query runs to its end (finished or timed out), even when its caller
+//!    stopped listening early, and then records what *it* found under its namespace,
+//!    replacing what was there (an empty result removes the entry). Providers a lookup was
+//!    given from here are not recorded again unless its query found them too, so a provider
+//!    that is gone is listed by at most one lookup after the last query that found it.
+//! 2. A lookup of a namespace whose last query ended at most [`FRESH`] ago is given those
+//!    providers first, at once; its own query then runs as always and adds the rest, and the
+//!    stream ends when the query does. A Kademlia query takes a few round trips to nodes near
+//!    the key even when every connection is open (27–72 ms at 500–1000 nodes, warm, on this
+//!    machine; bench/RESULTS.md). Who benefits: a caller that stops at the first provider
+//!    it can use (none in this tree does yet: each reads to the end, to order providers by
+//!    RTT); and a caller that looks again and again, as an ingress does every second for each
+//!    service it uses, whose list becomes the union of the last two queries, so one query
+//!    that misses an instance (a timeout under load) does not make the ingress forget it. A
+//!    caller that reads to the end still waits for the query.
+//! 3. A provider that withdraws its records (the peers it tells include this node when it is
+//!    connected or near the key, [`super::withdraw`]) leaves every entry at once, and the
+//!    queries under way forget having found it.
 //! 4. Entries older than [`FRESH`] are dropped whenever a lookup is recorded, so the map holds
 //!    only namespaces looked up in the last [`FRESH`].
 
