@@ -2,8 +2,8 @@
 //! that is held only while a core is called. What a core asks for ([`Action`]) is done after
 //! the lock is released: probes, discoveries and allocations as tasks of their own, wake-ups
 //! through the service's [`Notify`], checking a silent instance's connection and closing a
-//! dead one's. A ticker calls every core a few times a second so that probes and refreshes
-//! happen without requests, and retunes every core when perf.conf was reloaded
+//! dead one's. A ticker calls every core twenty times a second while a service is in use
+//! (once a second otherwise) so that probes and refreshes happen without requests, and retunes every core when perf.conf was reloaded
 //! ([`crate::config::live`]): each service gets its new limits and tuning in place, its RTT
 //! history and instances kept.
 
@@ -240,19 +240,23 @@ impl Services {
         let Some(mut closes) = taken else {
             return;
         };
-        let mut period = TICK;
+        // Moved only by a tick, so that closes (or wake-ups) coming faster than ticks never
+        // hold ticks off.
+        let mut next_tick = tokio::time::Instant::now() + TICK;
         loop {
             let closed = tokio::select! {
-                () = tokio::time::sleep(period) => None,
+                () = tokio::time::sleep_until(next_tick) => None,
                 () = self.ticker.notified() => None,
                 Some(peer) = closes.recv() => Some(peer),
                 _ = stop.cancelled() => return,
             };
             let now = Instant::now();
             let mut table = self.table();
-            let idle = !table.entries.values().any(|entry| entry.core.in_use(now));
-            period = if idle { IDLE_TICK } else { TICK };
-            self.ticking_idle.store(idle, Ordering::Relaxed);
+            if closed.is_none() {
+                let idle = !table.entries.values().any(|entry| entry.core.in_use(now));
+                next_tick = tokio::time::Instant::now() + if idle { IDLE_TICK } else { TICK };
+                self.ticking_idle.store(idle, Ordering::Relaxed);
+            }
             self.follow_reloads(&mut table);
             let todos: Vec<Todo> = table
                 .entries

@@ -376,9 +376,7 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         actions: &mut Vec<Action<K>>,
     ) -> Choice<K> {
         let limits = self.settings.limits;
-        let quiet = self.last_used.is_none_or(|at| {
-            now.saturating_duration_since(at) >= self.settings.tuning.in_use_window
-        });
+        let quiet = !self.in_use(now);
         self.last_used = Some(now);
         if quiet {
             self.wake_from_quiet(now, actions);
@@ -767,7 +765,6 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         actions.push(Action::Wake);
     }
 
-    /// Time passes: probes that are due, a refresh of the instance list, dead instances.
     /// Whether the service served a request within `in-use-window` of `now`: a core that is
     /// not in use does nothing at a tick but look for instances that went away, at most every
     /// `discover-interval`, so its driver may tick it less often.
@@ -777,6 +774,7 @@ impl<K: Clone + Eq + Hash + Debug> ServiceCore<K> {
         })
     }
 
+    /// Time passes: probes that are due, a refresh of the instance list, dead instances.
     pub fn tick(&mut self, now: Instant, actions: &mut Vec<Action<K>>) {
         if !self.in_use(now) {
             // Quiet: nothing is probed, but instances that went away (culled) are looked for
