@@ -345,6 +345,7 @@ pub fn tune_allocator() {
 }
 
 /// How long the data plane must have served nothing before free heap goes back to the kernel.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 const IDLE_BEFORE_TRIM: Duration = Duration::from_secs(30);
 
 /// Gives free heap back to the kernel every [`IDLE_BEFORE_TRIM`] while the data plane is idle.
@@ -353,8 +354,11 @@ const IDLE_BEFORE_TRIM: Duration = Duration::from_secs(30);
 /// the middle of the heap is never given back by glibc on its own: an idle proxy that had
 /// joined a network of 200–1000 nodes (a burst of overlay connections, each with its buffers)
 /// stayed at 28–43 MiB, against 13 MiB in a 2-node network (bench/ANALYSIS.md, "A thousand
-/// nodes"). `malloc_trim(0)` returns every free page of every arena; on an idle heap of a few
-/// MiB it takes well under a millisecond.
+/// nodes"). `malloc_trim(0)` returns every free page of every arena. It runs again every
+/// 30 s for as long as the data plane is idle, since the overlay (whose work is not counted
+/// as served) keeps allocating and freeing meanwhile: at most one walk of an idle heap of a
+/// few MiB every 30 s.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 async fn give_back_idle_memory(activity: Arc<Activity>, stop: CancellationToken) {
     loop {
         tokio::select! {
@@ -362,7 +366,6 @@ async fn give_back_idle_memory(activity: Arc<Activity>, stop: CancellationToken)
             () = stop.cancelled() => return,
         }
         if activity.idle(std::time::Instant::now()) >= IDLE_BEFORE_TRIM {
-            #[cfg(all(target_os = "linux", target_env = "gnu"))]
             // SAFETY: malloc_trim only returns free pages; it is safe at any time.
             unsafe {
                 libc::malloc_trim(0);
@@ -482,6 +485,7 @@ async fn run_program(cli: Cli, program: Program) -> anyhow::Result<()> {
     }
     println!("data plane (QUIC): {quic_addr}");
     LiveCollector::register(&daemon.registry, Arc::clone(&activity), workers.views())?;
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     tokio::spawn(give_back_idle_memory(Arc::clone(&activity), stop.clone()));
     let advertiser = match template {
         Some((service, sidecar)) => {
