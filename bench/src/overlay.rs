@@ -111,6 +111,16 @@ impl Args {
     }
 }
 
+/// Provider lookups: until the provider was seen, and until the lookup's stream ended.
+#[derive(Default)]
+struct Lookups {
+    cold: Vec<Duration>,
+    warm: Vec<Duration>,
+    cold_end: Vec<Duration>,
+    warm_end: Vec<Duration>,
+    failed: usize,
+}
+
 /// What one network size measured.
 struct Measured {
     nodes: usize,
@@ -118,9 +128,7 @@ struct Measured {
     all_joined: Duration,
     /// When the network's processes fell quiet after the joins ([`quiet`]).
     formed: Duration,
-    cold: Vec<Duration>,
-    warm: Vec<Duration>,
-    failed: usize,
+    lookups: Lookups,
     /// Connections of each worker node after the settle.
     node_connections: Vec<usize>,
     /// Per proxy: established TCP connections, RSS (KiB), CPU share of one core.
@@ -135,6 +143,8 @@ struct Measured {
 
 /// What the churn run measured, per instance.
 struct Churn {
+    /// From the first advertisement to the last (the schedule, as it was kept).
+    spread: Duration,
     /// From an instance's advertisement to the observer's first sight of it.
     seen: Vec<Duration>,
     /// Instances the observer never saw.
@@ -156,7 +166,8 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
          a time per process, and {} idle ingress `proxy` processes. Once the network's \
          processes together use under {:.2} % of a core per member, at least {:.0} % in all \
          (quiet after: seconds from the first join), one node advertises a namespace and {} \
-         others look it up (cold: their first lookup; warm: again at once). \
+         others look it up (cold: their first lookup; warm: again at once; each timed until \
+         the provider is listed, and until the lookup's stream ends with its query). \
          Then the network idles {:.0} s (past the connection idle timeout) and CPU is read \
          over {:.0} s. Connections: established TCP sockets of a process (proxies, monitor) \
          or the node's swarm (workers). An idle proxy in a 2-node network (monitor and \
@@ -176,14 +187,20 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
     outln!(
         out,
         "| nodes | join p50 / p99 / max (ms) | all joined (s) | quiet after (s) | cold lookup \
-         p50 / p99 / max (ms) | warm lookup p50 / p99 / max (ms) | lookups failed | connections per node \
-         p50 / max | idle proxy: connections, RSS (MiB), CPU (% core) | node CPU, workers \
+         p50 / p99 / max (ms) | warm lookup p50 / p99 / max (ms) | to the query's end, cold / \
+         warm p50 / p99 (ms) | lookups failed | connections per node p50 / max | idle proxy: connections, RSS (MiB), CPU (% core) | node CPU, workers \
          (% core) | monitor: connections, RSS (MiB), CPU (% core) |"
     );
-    outln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
+    outln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     // A row per size as soon as it is measured, so a run that fails at some size still
     // leaves the figures of the sizes before it, and the failure itself.
     let mut churns = Vec::new();
+    if !args.nodes.contains(&args.churn_nodes) {
+        eprintln!(
+            "bench: no churn run: --churn-nodes {} is not one of --nodes",
+            args.churn_nodes
+        );
+    }
     for &nodes in &args.nodes {
         let mut m = match measure(&args, nodes).await {
             Ok(measured) => measured,
@@ -204,14 +221,16 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
             .collect();
         outln!(
             out,
-            "| {} | {} | {:.1} | {:.0} | {} | {} | {} | {median} / {most} | {} | {:.3} | {}, {:.1}, {:.2} |",
+            "| {} | {} | {:.1} | {:.0} | {} | {} | {} / {} | {} | {median} / {most} | {} | {:.3} | {}, {:.1}, {:.2} |",
             m.nodes,
             triple(&mut m.joins),
             m.all_joined.as_secs_f64(),
             m.formed.as_secs_f64(),
-            triple(&mut m.cold),
-            triple(&mut m.warm),
-            m.failed,
+            triple(&mut m.lookups.cold),
+            triple(&mut m.lookups.warm),
+            pair(&mut m.lookups.cold_end),
+            pair(&mut m.lookups.warm_end),
+            m.lookups.failed,
             proxies.join("; "),
             m.worker_cpu_per_node * 100.0,
             m.monitor.0,
@@ -227,13 +246,14 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
         outln!(
             out,
             "Churn in the network of {nodes} nodes: {} instances of one service advertised \
-             evenly over {:.0} s, each withdrawn (stopped) {:.0} s after it started, while an \
+             evenly over {:.0} s (kept: first to last {:.1} s), each withdrawn (stopped) {:.0} s after it started, while an \
              observer node looks the service up every {:.1} s as an ingress does (its \
              `discover-interval`). Seen: from an instance's advertisement to its first listing; \
              listed after stop: from its withdrawal to its last listing (the records' lifetime \
              is {:.0} s).\n",
             args.churn_instances,
             args.churn_over.as_secs_f64(),
+            churn.spread.as_secs_f64(),
             args.churn_life.as_secs_f64(),
             args.churn_poll.as_secs_f64(),
             Timing::default().provider_ttl.as_secs_f64(),
@@ -249,6 +269,14 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+fn pair(samples: &mut Vec<Duration>) -> String {
+    format!(
+        "{} / {}",
+        ms(percentile(samples, 50.0)),
+        ms(percentile(samples, 99.0))
+    )
 }
 
 fn triple(samples: &mut Vec<Duration>) -> String {
@@ -323,13 +351,15 @@ async fn measure(args: &Args, nodes: usize) -> anyhow::Result<Measured> {
             placement(&holders)
         );
     }
-    let (mut cold, mut warm, mut failed) = (Vec::new(), Vec::new(), 0);
+    let mut lookups = Lookups::default();
     let share = args.seekers.div_ceil(workers.len());
     for worker in &mut workers {
-        let (c, w, f) = worker.lookups(provider, share).await?;
-        cold.extend(c);
-        warm.extend(w);
-        failed += f;
+        let some = worker.lookups(provider, share).await?;
+        lookups.cold.extend(some.cold);
+        lookups.warm.extend(some.warm);
+        lookups.cold_end.extend(some.cold_end);
+        lookups.warm_end.extend(some.warm_end);
+        lookups.failed += some.failed;
     }
 
     tokio::time::sleep(args.settle).await; // the idle period itself
@@ -374,9 +404,7 @@ async fn measure(args: &Args, nodes: usize) -> anyhow::Result<Measured> {
         joins,
         all_joined,
         formed: formed - started,
-        cold,
-        warm,
-        failed,
+        lookups,
         node_connections,
         proxies: proxy_figures,
         worker_cpu_per_node: worker_cpu / nodes.max(1) as f64,
@@ -482,17 +510,21 @@ impl Worker {
             .with_context(|| format!("a peer ID, not {line:?}"))
     }
 
-    /// Cold then warm lookups from `count` of its nodes: (cold, warm, failed).
-    async fn lookups(
-        &mut self,
-        provider: PeerId,
-        count: usize,
-    ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, usize)> {
+    /// Cold then warm lookups from `count` of its nodes.
+    async fn lookups(&mut self, provider: PeerId, count: usize) -> anyhow::Result<Lookups> {
         let cold = self.ask(&format!("find {provider} {count}")).await?;
         let warm = self.ask(&format!("find {provider} {count}")).await?;
         let failed = |line: &str| line.split_whitespace().filter(|w| *w == "failed").count();
-        let parse = |line: &str| durations(line).with_context(|| format!("lookup times: {line:?}"));
-        Ok((parse(&cold)?, parse(&warm)?, failed(&cold) + failed(&warm)))
+        let parse = |line: &str, n| {
+            nth_durations(line, n).with_context(|| format!("lookup times: {line:?}"))
+        };
+        Ok(Lookups {
+            cold: parse(&cold, 0)?,
+            warm: parse(&warm, 0)?,
+            cold_end: parse(&cold, 1)?,
+            warm_end: parse(&warm, 1)?,
+            failed: failed(&cold) + failed(&warm),
+        })
     }
 
     /// Each of its nodes and whether it holds the namespace's provider record.
@@ -569,11 +601,20 @@ fn placement(holders: &[(PeerId, bool)]) -> String {
     )
 }
 
-/// Milliseconds separated by spaces (`failed` entries skipped).
+/// Milliseconds separated by spaces (`failed` entries skipped); of `FIRST:END` pairs, the
+/// first.
 fn durations(line: &str) -> anyhow::Result<Vec<Duration>> {
+    nth_durations(line, 0)
+}
+
+/// The `n`th of each word's `:`-separated milliseconds (`failed` entries skipped).
+fn nth_durations(line: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
     line.split_whitespace()
         .filter(|w| *w != "failed")
-        .map(|w| Ok(Duration::from_secs_f64(w.parse::<f64>()? / 1e3)))
+        .map(|w| {
+            let ms = w.split(':').nth(n).context("too few values")?;
+            Ok(Duration::from_secs_f64(ms.parse::<f64>()? / 1e3))
+        })
         .collect()
 }
 
@@ -650,7 +691,11 @@ pub async fn serve_nodes(args: NodesArgs) -> anyhow::Result<()> {
                 let seekers = &nodes[1.min(nodes.len())..nodes.len().saturating_sub(1)];
                 for seeker in seekers.iter().take(count.parse()?) {
                     took.push(match find(seeker, peer, Duration::from_secs(30)).await {
-                        Some(d) => format!("{:.1}", d.as_secs_f64() * 1e3),
+                        Some((first, end)) => format!(
+                            "{:.1}:{:.1}",
+                            first.as_secs_f64() * 1e3,
+                            end.as_secs_f64() * 1e3
+                        ),
                         None => "failed".to_owned(),
                     });
                 }
@@ -795,11 +840,14 @@ async fn churn(args: &Args, workers: &mut [Worker]) -> anyhow::Result<Churn> {
             })
             .count()
     };
+    // The last instances stopped just now: none has been looked for since. Not before three
+    // polls have passed since the last stop does "nothing lingers" mean anything.
+    let earliest = Instant::now() + 3 * poll;
     let limit = Instant::now() + Timing::default().provider_ttl + Duration::from_secs(10);
     let (seen, still_listed) = loop {
         let seen = workers[0].seen().await?;
         let still = lingering(&seen, unix_ms());
-        if still == 0 || Instant::now() > limit {
+        if (still == 0 && Instant::now() >= earliest) || Instant::now() > limit {
             break (seen, still);
         }
         tokio::time::sleep(poll).await; // polls a condition, with `limit` as its deadline
@@ -809,7 +857,11 @@ async fn churn(args: &Args, workers: &mut [Worker]) -> anyhow::Result<Churn> {
         .into_iter()
         .map(|(peer, first, last)| (peer, (first, last)))
         .collect();
+    let advertised: Vec<u64> = started.iter().flatten().map(|&(_, at)| at).collect();
+    let first = advertised.iter().min().copied().unwrap_or(0);
+    let last = advertised.iter().max().copied().unwrap_or(0);
     let mut churn = Churn {
+        spread: Duration::from_millis(last - first),
         seen: Vec::new(),
         unseen: 0,
         listed_after_stop: Vec::new(),
@@ -833,14 +885,17 @@ async fn churn(args: &Args, workers: &mut [Worker]) -> anyhow::Result<Churn> {
 }
 
 /// Searches from `seeker` until `provider` is found; how long that took, None if not within
-/// `limit`.
-async fn find(seeker: &Node, provider: PeerId, limit: Duration) -> Option<Duration> {
+/// `limit`, and how long until that lookup's stream ended (its query's end, what a caller
+/// that reads every provider waits for).
+async fn find(seeker: &Node, provider: PeerId, limit: Duration) -> Option<(Duration, Duration)> {
     let begin = Instant::now();
     while begin.elapsed() < limit {
         let mut found = seeker.find_providers(NAMESPACE).await;
         while let Some(peer) = found.next().await {
             if peer == provider {
-                return Some(begin.elapsed());
+                let first = begin.elapsed();
+                while found.next().await.is_some() {}
+                return Some((first, begin.elapsed()));
             }
         }
     }
