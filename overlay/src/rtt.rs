@@ -1,4 +1,5 @@
-//! Round-trip times: a sliding-window HDR histogram per peer plus the last sample and an EWMA.
+//! Round-trip times: a sliding window per peer (its samples while few, HDR histograms once
+//! many) plus the last sample and an EWMA.
 //!
 //! Pure bookkeeping: every method takes the current `Instant`, so tests drive time by hand. The
 //! overlay feeds it libp2p ping results; the ping-monitor exports it; the proxy will choose
@@ -43,10 +44,52 @@ impl Default for WindowShape {
     }
 }
 
+/// Samples a slice keeps as they are before it turns them into a histogram. A histogram of
+/// these bounds is 10 KiB, whatever it holds; a peer pinged every second puts 15 samples in a
+/// 15 s slice (60 bytes). Kept as samples, the windows of the ping-monitor's thousand members,
+/// and of every peer an idle proxy met while the network formed, cost next to nothing; a
+/// window fed by requests (the ingress's) turns into histograms in its first busy slice and
+/// stays so.
+const RAW_SAMPLES: usize = 64;
+
+/// One slice's samples: as recorded while few, a histogram past [`RAW_SAMPLES`].
+#[derive(Debug, Clone)]
+enum Slice {
+    Samples(Vec<u32>),
+    Histogram(Box<Histogram<u32>>),
+}
+
+impl Slice {
+    fn record(&mut self, micros: u64) {
+        match self {
+            Slice::Samples(samples) if samples.len() < RAW_SAMPLES => {
+                samples.push(u32::try_from(micros).unwrap_or(u32::MAX));
+            }
+            Slice::Samples(samples) => {
+                let mut histogram = Box::new(empty_histogram());
+                for &sample in samples.iter() {
+                    histogram.saturating_record(u64::from(sample));
+                }
+                histogram.saturating_record(micros);
+                *self = Slice::Histogram(histogram);
+            }
+            Slice::Histogram(histogram) => histogram.saturating_record(micros),
+        }
+    }
+
+    /// Empties it, keeping its form: a busy window does not allocate again each slice.
+    fn reset(&mut self) {
+        match self {
+            Slice::Samples(samples) => samples.clear(),
+            Slice::Histogram(histogram) => histogram.reset(),
+        }
+    }
+}
+
 /// RTT samples of the recent past.
 #[derive(Debug, Clone)]
 pub struct RttWindow {
-    slices: Vec<Histogram<u32>>,
+    slices: Vec<Slice>,
     slice_len: Duration,
     current: usize,
     current_start: Instant,
@@ -57,12 +100,66 @@ fn empty_histogram() -> Histogram<u32> {
         .expect("constant histogram bounds are valid")
 }
 
+/// A window's samples, merged: sorted as they are while every slice holds few, else one
+/// histogram.
+enum Merged {
+    Sorted(Vec<u32>),
+    Histogram(Histogram<u32>),
+}
+
+impl Merged {
+    fn len(&self) -> u64 {
+        match self {
+            Merged::Sorted(samples) => samples.len() as u64,
+            Merged::Histogram(histogram) => histogram.len(),
+        }
+    }
+
+    /// The sample at `quantile` (0.0 to 1.0): the smallest with at least that share of the
+    /// samples at or below it, as the histogram's `value_at_quantile` reads it.
+    fn at(&self, quantile: f64) -> Duration {
+        let micros = match self {
+            Merged::Sorted(samples) => {
+                let rank = (quantile * samples.len() as f64).ceil() as usize;
+                u64::from(samples[rank.clamp(1, samples.len()) - 1])
+            }
+            Merged::Histogram(histogram) => histogram.value_at_quantile(quantile),
+        };
+        Duration::from_micros(micros)
+    }
+
+    fn min(&self) -> Duration {
+        match self {
+            Merged::Sorted(_) => self.at(0.0),
+            Merged::Histogram(histogram) => Duration::from_micros(histogram.min()),
+        }
+    }
+
+    fn max(&self) -> Duration {
+        match self {
+            Merged::Sorted(_) => self.at(1.0),
+            Merged::Histogram(histogram) => Duration::from_micros(histogram.max()),
+        }
+    }
+
+    fn sum(&self) -> Duration {
+        match self {
+            Merged::Sorted(samples) => {
+                Duration::from_micros(samples.iter().map(|&s| u64::from(s)).sum())
+            }
+            Merged::Histogram(histogram) => {
+                Duration::from_secs_f64(histogram.mean() * histogram.len() as f64 / 1e6)
+            }
+        }
+    }
+}
+
 impl RttWindow {
     /// An empty window of `shape` whose first slice starts at `now`.
     pub fn new(shape: WindowShape, now: Instant) -> Self {
         let slices = shape.slices.max(1);
         Self {
-            slices: (0..slices).map(|_| empty_histogram()).collect(),
+            slices: (0..slices).map(|_| Slice::Samples(Vec::new())).collect(),
             slice_len: shape.slice.max(Duration::from_millis(1)),
             current: 0,
             current_start: now,
@@ -73,7 +170,7 @@ impl RttWindow {
     pub fn record(&mut self, now: Instant, rtt: Duration) {
         self.advance(now);
         let micros = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
-        self.slices[self.current].saturating_record(micros.clamp(LOWEST_MICROS, HIGHEST_MICROS));
+        self.slices[self.current].record(micros.clamp(LOWEST_MICROS, HIGHEST_MICROS));
     }
 
     /// Starts new slices for the time passed since the current one began, dropping the oldest.
@@ -91,35 +188,52 @@ impl RttWindow {
     }
 
     /// The samples still inside the window at `now`, merged; `None` if there are none.
-    fn merged(&mut self, now: Instant) -> Option<Histogram<u32>> {
+    fn merged(&mut self, now: Instant) -> Option<Merged> {
         self.advance(now);
-        let mut merged = empty_histogram();
-        for slice in &self.slices {
-            merged
-                .add(slice)
-                .expect("histograms with equal bounds always merge");
-        }
-        (!merged.is_empty()).then_some(merged)
+        let merged = if self.slices.iter().all(|s| matches!(s, Slice::Samples(_))) {
+            let mut all = Vec::new();
+            for slice in &self.slices {
+                if let Slice::Samples(samples) = slice {
+                    all.extend_from_slice(samples);
+                }
+            }
+            all.sort_unstable();
+            Merged::Sorted(all)
+        } else {
+            let mut merged = empty_histogram();
+            for slice in &self.slices {
+                match slice {
+                    Slice::Samples(samples) => {
+                        for &sample in samples {
+                            merged.saturating_record(u64::from(sample));
+                        }
+                    }
+                    Slice::Histogram(histogram) => merged
+                        .add(&**histogram)
+                        .expect("histograms with equal bounds always merge"),
+                }
+            }
+            Merged::Histogram(merged)
+        };
+        (merged.len() > 0).then_some(merged)
     }
 
     /// One quantile (0.0 to 1.0) of the samples inside the window at `now`.
     pub fn quantile(&mut self, now: Instant, quantile: f64) -> Option<Duration> {
-        let merged = self.merged(now)?;
-        Some(Duration::from_micros(merged.value_at_quantile(quantile)))
+        Some(self.merged(now)?.at(quantile))
     }
 
     /// Quantiles of the samples still inside the window at `now`, or `None` if there are none.
     pub fn summary(&mut self, now: Instant) -> Option<WindowSummary> {
         let merged = self.merged(now)?;
-        let at = |q: f64| Duration::from_micros(merged.value_at_quantile(q));
         Some(WindowSummary {
             samples: merged.len(),
-            min: Duration::from_micros(merged.min()),
-            p50: at(0.5),
-            p90: at(0.9),
-            p99: at(0.99),
-            max: Duration::from_micros(merged.max()),
-            sum: Duration::from_secs_f64(merged.mean() * merged.len() as f64 / 1e6),
+            min: merged.min(),
+            p50: merged.at(0.5),
+            p90: merged.at(0.9),
+            p99: merged.at(0.99),
+            max: merged.max(),
+            sum: merged.sum(),
         })
     }
 }
@@ -144,8 +258,9 @@ pub struct WindowSummary {
     /// The largest sample.
     #[serde(with = "millis")]
     pub max: Duration,
-    /// The sum of the samples, computed as mean times count (for Prometheus summaries); like
-    /// the quantiles, at the histogram's resolution of about 1%.
+    /// The sum of the samples (for Prometheus summaries): exact while the window holds few
+    /// samples, else mean times count at the histogram's resolution of about 1%, like the
+    /// quantiles.
     #[serde(with = "millis")]
     pub sum: Duration,
 }
@@ -301,6 +416,49 @@ mod tests {
         assert!(close(s.p99, 99.0), "{s:?}");
         assert!(close(s.max, 100.0), "{s:?}");
         assert!(close(s.min, 1.0), "{s:?}");
+    }
+
+    #[test]
+    fn few_samples_are_kept_as_they_are_and_read_exactly() {
+        let t0 = Instant::now();
+        let mut window = RttWindow::new(shape(), t0);
+        for ms in [30, 10, 20, 40] {
+            window.record(t0, MS * ms);
+        }
+        assert!(window.slices.iter().all(|s| matches!(s, Slice::Samples(_))));
+        let s = window.summary(t0).unwrap();
+        assert_eq!(
+            (s.samples, s.min, s.max, s.sum),
+            (4, MS * 10, MS * 40, MS * 100)
+        );
+        assert_eq!((s.p50, s.p90, s.p99), (MS * 20, MS * 40, MS * 40));
+        assert_eq!(window.quantile(t0, 0.75), Some(MS * 30));
+    }
+
+    #[test]
+    fn a_busy_slice_turns_into_a_histogram_and_reads_the_same() {
+        let t0 = Instant::now();
+        let mut window = RttWindow::new(shape(), t0);
+        // A few samples in the first slice, many in the second.
+        for i in 1..=10 {
+            window.record(t0, MS * i);
+        }
+        let t1 = t0 + Duration::from_secs(10);
+        for i in 11..=200 {
+            window.record(t1, MS * i);
+        }
+        assert!(matches!(window.slices[0], Slice::Samples(_)));
+        assert!(matches!(window.slices[1], Slice::Histogram(_)));
+        let s = window.summary(t1).unwrap();
+        assert_eq!(s.samples, 200);
+        let close = |d: Duration, ms: f64| (d.as_secs_f64() * 1e3 - ms).abs() / ms < 0.02;
+        assert!(
+            close(s.p50, 100.0) && close(s.p99, 198.0) && close(s.min, 1.0),
+            "{s:?}"
+        );
+        // Emptied as the window moves on, it stays a histogram (no allocation per slice).
+        assert!(window.summary(t1 + Duration::from_secs(40)).is_none());
+        assert!(matches!(window.slices[1], Slice::Histogram(_)));
     }
 
     #[test]
