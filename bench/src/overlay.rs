@@ -271,7 +271,7 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn pair(samples: &mut Vec<Duration>) -> String {
+fn pair(samples: &mut [Duration]) -> String {
     format!(
         "{} / {}",
         ms(percentile(samples, 50.0)),
@@ -279,7 +279,7 @@ fn pair(samples: &mut Vec<Duration>) -> String {
     )
 }
 
-fn triple(samples: &mut Vec<Duration>) -> String {
+fn triple(samples: &mut [Duration]) -> String {
     format!(
         "{} / {} / {}",
         ms(percentile(samples, 50.0)),
