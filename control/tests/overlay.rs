@@ -170,14 +170,16 @@ async fn a_provider_stopped_during_a_burst_of_announcements_leaves_no_record() {
         provider.shutdown().await;
         let peer = provider.peer_id();
         for name in names.iter().map(String::as_str).chain(["settled"]) {
-            wait_until(
-                "every record of the stopped provider to be gone",
-                DEADLINE,
-                || async {
-                    !bootstrap.local_providers(name).await.contains(&peer)
-                        && !seeker.local_providers(name).await.contains(&peer)
-                },
-            )
+            // Which record stayed, in which round, says which announcement raced the withdrawal.
+            let what = format!(
+                "the stopped provider's record of {:.8}… (round {round}) to be gone from the \
+                 bootstrap and the seeker",
+                name
+            );
+            wait_until(&what, DEADLINE, || async {
+                !bootstrap.local_providers(name).await.contains(&peer)
+                    && !seeker.local_providers(name).await.contains(&peer)
+            })
             .await;
         }
     }
