@@ -3,9 +3,9 @@
 //! the lock is released: probes, discoveries and allocations as tasks of their own, wake-ups
 //! through the service's [`Notify`], checking a silent instance's connection and closing a
 //! dead one's. A ticker calls every core twenty times a second while a service is in use
-//! (once a second otherwise) so that probes and refreshes happen without requests, and retunes every core when perf.conf was reloaded
-//! ([`crate::config::live`]): each service gets its new limits and tuning in place, its RTT
-//! history and instances kept.
+//! (once a second otherwise) so that probes and refreshes happen without requests, and
+//! retunes every core when perf.conf was reloaded ([`crate::config::live`]): each service
+//! gets its new limits and tuning in place, its RTT history and instances kept.
 
 use std::{
     collections::{HashMap, HashSet},
