@@ -187,6 +187,73 @@ async fn a_provider_stopped_during_a_burst_of_announcements_leaves_no_record() {
     bootstrap.shutdown().await;
 }
 
+/// The race above, made certain: an announcement that reaches a peer after its provider's
+/// withdrawal (kad counted it sent; it was still queued) must not put the record back. A second
+/// node with the provider's key pair sends it, after the provider withdrew and stopped, as the
+/// overtaken message would have; a marker announced after it shows when it had time to land.
+#[testkit::deadline_test]
+async fn an_announcement_overtaken_by_its_withdrawal_does_not_put_the_record_back() {
+    let ttl = Duration::from_secs(3600);
+    let bootstrap = node_with_ttl(ttl, &[]).await;
+    let addr = bootstrap_of(&bootstrap).await;
+    let keypair = Keypair::generate_ed25519();
+    let joined = |keypair: Keypair| {
+        let mut config = node_config("test", keypair, std::slice::from_ref(&addr));
+        config.timing.provider_ttl = ttl;
+        Node::start(config)
+    };
+    let provider = joined(keypair.clone()).await.unwrap();
+    let peer = provider.peer_id();
+    let held = |namespace: &'static str| {
+        let bootstrap = &bootstrap;
+        move || async move { bootstrap.local_providers(namespace).await.contains(&peer) }
+    };
+    provider.advertise("late").await;
+    wait_until("the bootstrap to store the record", DEADLINE, held("late")).await;
+    provider.shutdown().await;
+    assert!(!held("late")().await, "the withdrawal removed it");
+
+    let late = joined(keypair).await.unwrap();
+    late.advertise("late").await;
+    late.advertise("marker").await;
+    wait_until(
+        "the marker announced after it to land",
+        DEADLINE,
+        held("marker"),
+    )
+    .await;
+    assert!(
+        !held("late")().await,
+        "an announcement arriving after the withdrawal put the record back"
+    );
+    late.shutdown().await;
+    bootstrap.shutdown().await;
+}
+
+/// A provider that advertises a name again right after withdrawing it is stored under it again
+/// by the peers it told: they drop announcements of it for a while after the withdrawal (the
+/// test above), so it announces once they take them again. (Read from the peer's store: a
+/// lookup would find the provider by asking the provider itself.)
+#[testkit::deadline_test]
+async fn a_name_advertised_again_right_after_its_withdrawal_is_stored_again() {
+    // Records live an hour: no republication comes to the rescue within the test.
+    let ttl = Duration::from_secs(3600);
+    let bootstrap = node_with_ttl(ttl, &[]).await;
+    let addr = bootstrap_of(&bootstrap).await;
+    let provider = node_with_ttl(ttl, std::slice::from_ref(&addr)).await;
+    let held =
+        || async { (bootstrap.local_providers("again").await).contains(&provider.peer_id()) };
+    provider.advertise("again").await;
+    wait_until("the bootstrap to store the record", DEADLINE, held).await;
+    provider.stop_advertising("again").await;
+    assert!(!held().await, "the withdrawal removed it");
+    provider.advertise("again").await;
+    wait_until("the bootstrap to store it again", DEADLINE, held).await;
+    for node in [provider, bootstrap] {
+        node.shutdown().await;
+    }
+}
+
 /// A node joined through `bootstraps` with connection limits `connections`.
 async fn node_with_limits(
     connections: control::overlay::Connections,

@@ -37,7 +37,10 @@ impl Behaviour {
             .set_provider_publication_interval(Some(config.timing.provider_ttl / 2))
             .set_periodic_bootstrap_interval(Some(config.timing.routing_refresh))
             // The driver decides who enters the routing table (`has_room` there).
-            .set_kbucket_inserts(kad::BucketInserts::Manual);
+            .set_kbucket_inserts(kad::BucketInserts::Manual)
+            // The driver stores what peers send, less announcements a withdrawal overtook
+            // ([`super::tombstones`]).
+            .set_record_filtering(kad::StoreInserts::FilterBoth);
         let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
         // Nodes answer DHT queries unless told they are short-lived clients. Left to decide by
         // itself, kad waits for a confirmed external address and stays a client on private

@@ -31,15 +31,22 @@ use super::{
     found::Found,
     keep::KeptByPeer,
     namespace::record_key,
+    tombstones::{self, Tombstones},
 };
 use crate::rtt::RttTable;
 
 /// Requests from [`Node`](super::Node) handles (and the driver's own timers).
 pub(crate) enum Command {
     Advertise(String),
-    /// Stop announcing these namespaces; the reply says which were announced and who may
-    /// hold their records ([`super::withdraw`]).
+    /// Announce a namespace advertised again while its withdrawal's tombstone stood, if it is
+    /// still advertised ([`super::tombstones`] rule 3).
+    Announce(String),
+    /// Stop announcing these namespaces; the reply says which were announced and whether
+    /// announcements of them are under way ([`super::withdraw`]).
     StopAdvertising(Vec<String>, oneshot::Sender<Withdrawal>),
+    /// The peers that may hold this node's records of these namespaces, as they are found
+    /// ([`Driver::find_holders`]); the stream ends when the last query does.
+    FindHolders(Vec<String>, fmpsc::UnboundedSender<PeerId>),
     /// A peer withdrew its records of these namespaces; the reply says they are gone here.
     Withdrawn(PeerId, Vec<String>, oneshot::Sender<()>),
     Advertised(oneshot::Sender<Vec<String>>),
@@ -52,13 +59,11 @@ pub(crate) enum Command {
     Shutdown,
 }
 
-/// What stopping to announce namespaces left to do: tell the peers that may hold their records,
-/// once the announcements already under way have gone out.
+/// What stopping to announce namespaces left to do: tell the peers that may hold their records
+/// ([`Command::FindHolders`]), once the announcements already under way have gone out.
 pub(crate) struct Withdrawal {
     /// The namespaces that were announced (those that were not need no withdrawal).
     pub namespaces: Vec<String>,
-    /// Every connected peer and the closest peers to each key the routing table knows.
-    pub holders: Vec<PeerId>,
     /// Set if kad's announcements of these namespaces were under way (a first publication or a
     /// republication): dropped once they have handed their `ADD_PROVIDER` messages to the
     /// connections. A withdrawal sent before them could be overtaken and the record put back
@@ -94,6 +99,12 @@ pub(crate) struct Driver {
     searches: HashMap<kad::QueryId, Search>,
     /// What recent lookups found, for repeat lookups ([`found`](super::found)).
     found: Found,
+    /// Recent withdrawals, this node's and its peers' ([`super::tombstones`]).
+    tombstones: Tombstones,
+    /// Queries for the peers closest to withdrawn keys ([`Driver::find_holders`]).
+    holder_searches: HashMap<kad::QueryId, fmpsc::UnboundedSender<PeerId>>,
+    /// Dials under way, to tell withdrawn records' holders that are being connected to.
+    dialing: HashMap<ConnectionId, PeerId>,
     /// Withdrawals waiting for these announcements to finish ([`Withdrawal::under_way`]).
     announcing: Vec<(HashSet<kad::QueryId>, oneshot::Sender<()>)>,
     /// Every open connection, for trimming ([`connections`]).
@@ -127,6 +138,9 @@ impl Driver {
             advertised: BTreeSet::new(),
             searches: HashMap::new(),
             found: Found::default(),
+            tombstones: Tombstones::default(),
+            holder_searches: HashMap::new(),
+            dialing: HashMap::new(),
             announcing: Vec::new(),
             open: HashMap::new(),
             limits: config.connections.clone(),
@@ -166,6 +180,7 @@ pub(crate) async fn run(stopped: tokio_util::sync::CancellationToken, mut driver
                 None => driver.stopping = true,
             },
             _ = expiry.tick() => {
+                driver.tombstones.prune(Instant::now());
                 for peer in driver.rtt.expire(Instant::now(), driver.peer_expiry) {
                     tracing::debug!(%peer, "no RTT sample for too long, forgetting peer");
                 }
@@ -179,16 +194,25 @@ impl Driver {
     fn on_command(&mut self, command: Command) {
         match command {
             Command::Advertise(namespace) => {
-                self.publish(&namespace);
+                self.announce(&namespace);
                 self.advertised.insert(namespace);
+            }
+            Command::Announce(namespace) => {
+                if self.advertised.contains(&namespace) {
+                    self.announce(&namespace);
+                }
             }
             Command::StopAdvertising(namespaces, reply) => {
                 let _ = reply.send(self.stop_advertising(namespaces));
             }
+            Command::FindHolders(namespaces, holders) => self.find_holders(&namespaces, holders),
             Command::Withdrawn(peer, namespaces, done) => {
+                let now = Instant::now();
                 let store = self.swarm.behaviour_mut().kad.store_mut();
                 for namespace in &namespaces {
-                    kad::store::RecordStore::remove_provider(store, &record_key(namespace), &peer);
+                    let key = record_key(namespace);
+                    kad::store::RecordStore::remove_provider(store, &key, &peer);
+                    self.tombstones.lay(peer, key, now, tombstones::LINGER);
                 }
                 self.found.withdrawn(&peer, &namespaces);
                 // Nor may a search under way put it back when it ends.
@@ -212,7 +236,7 @@ impl Driver {
                     .copied()
                     .collect();
                 for peer in &seen {
-                    self.dial_provider(*peer);
+                    self.dial(*peer, Vec::new());
                 }
                 let id = self
                     .swarm
@@ -255,8 +279,8 @@ impl Driver {
 
     /// Stops announcing `namespaces`: see [`Withdrawal`] for what is left to do.
     fn stop_advertising(&mut self, namespaces: Vec<String>) -> Withdrawal {
+        let (local, now) = (*self.swarm.local_peer_id(), Instant::now());
         let kad = &mut self.swarm.behaviour_mut().kad;
-        let mut holders = BTreeSet::new();
         let mut withdrawn = Vec::new();
         let mut keys = HashSet::new();
         for namespace in namespaces {
@@ -265,16 +289,9 @@ impl Driver {
             }
             let key = record_key(&namespace);
             kad.stop_providing(&key);
-            let kbucket_key = kad::KBucketKey::new(key.clone());
-            let closest = kad
-                .get_closest_local_peers(&kbucket_key)
-                .take(kad::K_VALUE.get());
-            holders.extend(closest.map(|peer| *peer.preimage()));
+            (self.tombstones).lay(local, key.clone(), now, tombstones::OWN_LINGER);
             withdrawn.push(namespace);
             keys.insert(key);
-        }
-        if !withdrawn.is_empty() {
-            holders.extend(self.swarm.connected_peers().copied());
         }
         let under_way: HashSet<kad::QueryId> = (self.swarm.behaviour_mut().kad.iter_queries())
             .filter(|query| {
@@ -289,8 +306,31 @@ impl Driver {
         });
         Withdrawal {
             namespaces: withdrawn,
-            holders: holders.into_iter().collect(),
             under_way,
+        }
+    }
+
+    /// Sends `holders` the peers that may hold this node's records of `namespaces`: at once,
+    /// every peer it is connected or connecting to (kad sends an announcement to a peer it is
+    /// not connected to once a dial succeeds) and the closest peers to each key its routing
+    /// table knows; then, as kad's queries end, the closest peers to each key the network knows
+    /// (where the announcements went, and where lookups look), dialled while the query holds
+    /// their addresses.
+    fn find_holders(&mut self, namespaces: &[String], holders: fmpsc::UnboundedSender<PeerId>) {
+        let mut known: BTreeSet<PeerId> = self.swarm.connected_peers().copied().collect();
+        known.extend(self.dialing.values().copied());
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        for namespace in namespaces {
+            let key = kad::KBucketKey::new(record_key(namespace));
+            let closest = kad.get_closest_local_peers(&key).take(kad::K_VALUE.get());
+            known.extend(closest.map(|peer| *peer.preimage()));
+        }
+        for peer in known {
+            let _ = holders.unbounded_send(peer);
+        }
+        for namespace in namespaces {
+            let id = kad.get_closest_peers(record_key(namespace).to_vec());
+            self.holder_searches.insert(id, holders.clone());
         }
     }
 
@@ -301,6 +341,22 @@ impl Driver {
             under_way.remove(&id);
             !under_way.is_empty()
         });
+    }
+
+    /// Announces `namespace` now, or when the tombstone of its last withdrawal here falls
+    /// ([`super::tombstones`] rule 3).
+    fn announce(&mut self, namespace: &str) {
+        let (local, now) = (*self.swarm.local_peer_id(), Instant::now());
+        match (self.tombstones).standing(&local, &record_key(namespace), now) {
+            Some(until) => {
+                tracing::debug!(
+                    namespace,
+                    "advertised again just after its withdrawal: announced once its tombstones fall"
+                );
+                self.post_after(until - now, Command::Announce(namespace.to_owned()));
+            }
+            None => self.publish(namespace),
+        }
     }
 
     /// Announces one namespace to the DHT (kad republishes it every half record lifetime).
@@ -344,6 +400,12 @@ impl Driver {
             SwarmEvent::ListenerError { listener_id, error } => {
                 self.fail_listener(listener_id, error.to_string());
             }
+            SwarmEvent::Dialing {
+                peer_id: Some(peer),
+                connection_id,
+            } => {
+                self.dialing.insert(connection_id, peer);
+            }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 connection_id,
@@ -351,6 +413,7 @@ impl Driver {
                 num_established,
                 ..
             } => {
+                self.dialing.remove(&connection_id);
                 let kept = self.swarm.behaviour().keep.wants(&peer_id);
                 let opened = Instant::now();
                 let open = Open {
@@ -384,10 +447,11 @@ impl Driver {
                 }
             }
             SwarmEvent::OutgoingConnectionError {
+                connection_id,
                 peer_id: Some(peer),
                 error,
-                ..
             } => {
+                self.dialing.remove(&connection_id);
                 tracing::debug!(%peer, error = %dial_error_text(&error), "dial failed");
                 let actions = self
                     .bootstraps
@@ -434,11 +498,12 @@ impl Driver {
     }
 
     fn on_kad_event(&mut self, event: kad::Event) {
-        let kad::Event::OutboundQueryProgressed {
-            id, result, step, ..
-        } = event
-        else {
-            return;
+        let (id, result, step) = match event {
+            kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            } => (id, result, step),
+            kad::Event::InboundRequest { request } => return self.store_inbound(request),
+            _ => return,
         };
         if step.last {
             self.query_finished(id);
@@ -449,6 +514,13 @@ impl Driver {
                 ..
             })) => self.deliver_providers(id, providers),
             kad::QueryResult::GetProviders(_) => self.end_search(id),
+            kad::QueryResult::GetClosestPeers(result) => {
+                let peers = match result {
+                    Ok(kad::GetClosestPeersOk { peers, .. }) => peers,
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                };
+                self.deliver_holders(id, peers);
+            }
             kad::QueryResult::StartProviding(Err(error)) => {
                 // Usual while the network is small or forming; the record is republished.
                 tracing::debug!(?error, "provider announcement incomplete");
@@ -457,6 +529,48 @@ impl Driver {
         }
         if step.last {
             self.end_search(id);
+            self.holder_searches.remove(&id);
+        }
+    }
+
+    fn deliver_holders(&mut self, id: kad::QueryId, peers: Vec<kad::PeerInfo>) {
+        let Some(holders) = self.holder_searches.get(&id) else {
+            return; // a query of the driver's own (joining)
+        };
+        let holders = holders.clone();
+        for kad::PeerInfo { peer_id, addrs } in peers {
+            // The query has ended: its addresses are known only from here.
+            self.dial(peer_id, addrs);
+            let _ = holders.unbounded_send(peer_id);
+        }
+    }
+
+    /// Stores what a peer sent (kad leaves it to us, [`kad::StoreInserts::FilterBoth`]), less
+    /// the announcements a withdrawal overtook ([`super::tombstones`] rule 2).
+    fn store_inbound(&mut self, request: kad::InboundRequest) {
+        let now = Instant::now();
+        let store = self.swarm.behaviour_mut().kad.store_mut();
+        let result = match request {
+            kad::InboundRequest::AddProvider {
+                record: Some(record),
+            } => {
+                if (self.tombstones)
+                    .standing(&record.provider, &record.key, now)
+                    .is_some()
+                {
+                    tracing::debug!(peer = %record.provider, "announcement after its withdrawal dropped");
+                    return;
+                }
+                kad::store::RecordStore::add_provider(store, record)
+            }
+            kad::InboundRequest::PutRecord {
+                record: Some(record),
+                ..
+            } => kad::store::RecordStore::put(store, record),
+            _ => return,
+        };
+        if let Err(error) = result {
+            tracing::info!(?error, "record from a peer not stored");
         }
     }
 
@@ -496,15 +610,18 @@ impl Driver {
         for peer in to_dial {
             // Dial while the query still holds the provider's addresses (kad hands them to the
             // swarm only for the query's lifetime).
-            self.dial_provider(peer);
+            self.dial(peer, Vec::new());
         }
     }
 
-    /// Connects to a provider a search found, so its caller can open a stream to it at once.
-    fn dial_provider(&mut self, peer: PeerId) {
+    /// Connects to a peer a query found (a provider, a holder), at `addrs` and the addresses
+    /// the behaviours know, so that a stream can be opened to it at once.
+    fn dial(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
         if !self.swarm.is_connected(&peer) {
             let _ = self.swarm.dial(
                 DialOpts::peer_id(peer)
+                    .addresses(addrs)
+                    .extend_addresses_through_behaviour()
                     .condition(PeerCondition::DisconnectedAndNotDialing)
                     .build(),
             );
@@ -576,15 +693,7 @@ impl Driver {
                         ),
                     }
                 }
-                Action::Schedule(timer, delay) => {
-                    let commands = self.timers.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        if let Some(commands) = commands.upgrade() {
-                            let _ = commands.send(Command::Timer(timer)).await;
-                        }
-                    });
-                }
+                Action::Schedule(timer, delay) => self.post_after(delay, Command::Timer(timer)),
                 Action::Joined => {
                     self.find_neighbours();
                     self.finish_startup(Ok(()));
@@ -594,11 +703,22 @@ impl Driver {
                     tracing::info!(%peer, "bootstrap reconnected, re-advertising");
                     self.refresh_routing();
                     for namespace in self.advertised.clone() {
-                        self.publish(&namespace);
+                        self.announce(&namespace);
                     }
                 }
             }
         }
+    }
+
+    /// Posts `command` to this driver after `delay` (unless every handle is gone by then).
+    fn post_after(&self, delay: Duration, command: Command) {
+        let commands = self.timers.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if let Some(commands) = commands.upgrade() {
+                let _ = commands.send(command).await;
+            }
+        });
     }
 
     /// A joining node's one query: the peers nearest its own ID, which fills the near end of

@@ -22,6 +22,7 @@ mod keep;
 mod namespace;
 mod node;
 pub mod psk;
+mod tombstones;
 mod transport;
 pub mod withdraw;
 

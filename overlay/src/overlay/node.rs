@@ -290,6 +290,17 @@ impl Node {
         rx.await.ok()
     }
 
+    /// Sends the command `make` builds around a stream's sender; the stream ends when the
+    /// driver drops it (at once if the node has stopped).
+    pub(super) async fn command_stream<T>(
+        &self,
+        make: impl FnOnce(fmpsc::UnboundedSender<T>) -> Command,
+    ) -> fmpsc::UnboundedReceiver<T> {
+        let (tx, rx) = fmpsc::unbounded();
+        let _ = self.inner.commands.send(make(tx)).await;
+        rx
+    }
+
     /// Announces that this node provides `namespace`; the announcement is renewed before it
     /// expires and repeated whenever a lost bootstrap comes back, until
     /// [`Node::stop_advertising`].
@@ -319,13 +330,9 @@ impl Node {
     /// withdrew since (`found`'s rules). The node dials each one while the query still knows
     /// its addresses, so a stream can be opened to it right away.
     pub async fn find_providers(&self, namespace: &str) -> fmpsc::UnboundedReceiver<PeerId> {
-        let (tx, rx) = fmpsc::unbounded();
-        let _ = self
-            .inner
-            .commands
-            .send(Command::FindProviders(namespace.to_owned(), tx))
-            .await;
-        rx
+        let namespace = namespace.to_owned();
+        self.command_stream(|found| Command::FindProviders(namespace, found))
+            .await
     }
 
     /// The providers of `namespace` this node's own DHT store holds (unexpired), without

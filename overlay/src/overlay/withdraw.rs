@@ -6,26 +6,31 @@
 //!
 //! Protocol `/mtc/withdraw/1`, one [`rpc`](crate::rpc) request per peer: the namespaces the
 //! sender no longer provides; the answer is empty, sent once the peer's store no longer holds
-//! them. The peers asked are those that may hold the sender's records: every connected peer
-//! and, for each namespace, the closest peers to its key in the sender's routing table (where
-//! its announcements went). It is best effort within [`WITHDRAW_DEADLINE`]: a peer not reached
-//! forgets the record when it expires, as after a crash.
+//! them. The peers asked are those that may hold the sender's records, each as soon as it is
+//! known: every peer connected or being dialled (kad sends an announcement to a peer it is not
+//! connected to once the dial succeeds), the closest peers to each key in the sender's routing
+//! table, and the closest peers to each key the network knows, found by a query as kad's
+//! announcement found them (where they went; also where lookups look). It is best effort
+//! within [`WITHDRAW_DEADLINE`]: a peer not reached forgets the record when it expires, as
+//! after a crash.
 //!
 //! Only namespaces the node advertises are withdrawn (asking to stop one it does not provide
 //! sends nothing), in as many requests as fit them ([`batches`]). An announcement still under
 //! way (kad's own query: find the closest peers, then send them `ADD_PROVIDER`, started by an
 //! advertisement or a republication just before) would put the record back at a peer after
-//! the withdrawal, until it expires; so the withdrawal waits until kad counts those as sent
-//! (at most [`WITHDRAW_DEADLINE`]), and, since kad counts a message as sent once it is queued
-//! and may send it on another connection than ours, is sent a second time shortly after.
+//! the withdrawal, until it expires. The withdrawal waits until kad counts those as sent (at
+//! most [`WITHDRAW_DEADLINE`]); kad counts a message sent once it is queued, and may send it
+//! on another connection than ours, so it can still arrive after the withdrawal: the peers
+//! told drop such announcements for a while ([`super::tombstones`]).
 //!
 //! Threat model: a peer can withdraw only its own records. The provider removed is the peer
 //! the authenticated connection comes from (noise proves its peer ID), never a peer the
 //! message names; a request is at most [`WithdrawProtocol::MAX_REQUEST_BYTES`], so serving one
 //! costs a bounded amount of work.
 
-use std::time::Duration;
+use std::{collections::HashSet, time::Duration};
 
+use futures::{StreamExt, channel::mpsc::UnboundedReceiver, stream::FuturesUnordered};
 use libp2p::{PeerId, StreamProtocol};
 
 use super::{Node, driver::Command};
@@ -59,9 +64,7 @@ pub(super) async fn withdraw(node: &Node, namespaces: Vec<String>) {
     else {
         return; // the node has stopped: nothing left to tell anyone
     };
-    // Announcements already under way go first, or a peer could store the record again after
-    // it heard the withdrawal.
-    let raced = withdrawal.under_way.is_some();
+    // Announcements already under way go first (the peers drop any that arrive after all).
     if let Some(announced) = withdrawal.under_way
         && tokio::time::timeout(WITHDRAW_DEADLINE, announced)
             .await
@@ -72,34 +75,35 @@ pub(super) async fn withdraw(node: &Node, namespaces: Vec<String>) {
     let requests: Vec<Vec<String>> = (batches(&withdrawal.namespaces).into_iter())
         .map(<[_]>::to_vec)
         .collect();
-    tell(node, &withdrawal.holders, &requests).await;
-    if raced {
-        // kad counts an announcement sent once its message is queued on a connection, not
-        // once it is written, and may use another connection to the peer than ours: it can
-        // still arrive after the withdrawal. Telling the peers once more, after their answers
-        // and a pause, removes what it put back.
-        tokio::time::sleep(SECOND_ROUND_PAUSE).await;
-        tell(node, &withdrawal.holders, &requests).await;
-    }
-}
-
-/// How long after the first round of a withdrawal that raced announcements the second goes.
-const SECOND_ROUND_PAUSE: Duration = Duration::from_millis(100);
-
-/// Sends every request to every holder, at once, within [`WITHDRAW_DEADLINE`].
-async fn tell(node: &Node, holders: &[PeerId], requests: &[Vec<String>]) {
-    let asks = holders.iter().flat_map(|&peer| {
-        requests.iter().map(move |request| async move {
-            if let Err(error) = node.request::<WithdrawProtocol>(peer, request).await {
-                tracing::debug!(%peer, %error, "could not withdraw provider records");
-            }
-        })
-    });
-    if tokio::time::timeout(WITHDRAW_DEADLINE, futures::future::join_all(asks))
+    let holders = node
+        .command_stream(|found| Command::FindHolders(withdrawal.namespaces, found))
+        .await;
+    if tokio::time::timeout(WITHDRAW_DEADLINE, tell(node, holders, &requests))
         .await
         .is_err()
     {
         tracing::debug!("some peers were not told of withdrawn records within the deadline");
+    }
+}
+
+/// Sends every request to each holder as it is found, once, and waits for their answers.
+async fn tell(node: &Node, mut holders: UnboundedReceiver<PeerId>, requests: &[Vec<String>]) {
+    let mut told = HashSet::new();
+    let mut asks = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            Some(peer) = holders.next() => {
+                if told.insert(peer) {
+                    asks.extend(requests.iter().map(|request| async move {
+                        if let Err(error) = node.request::<WithdrawProtocol>(peer, request).await {
+                            tracing::debug!(%peer, %error, "could not withdraw provider records");
+                        }
+                    }));
+                }
+            }
+            Some(()) = asks.next() => {}
+            else => break,
+        }
     }
 }
 
