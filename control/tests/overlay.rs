@@ -540,3 +540,29 @@ async fn rtt_to_connected_peers_is_measured() {
     let stats = a.rtt(&b.peer_id()).unwrap();
     assert!(stats.last > Duration::ZERO, "{stats:?}");
 }
+
+/// libp2p-stream drops an inbound stream when its acceptor has not yet taken the one before
+/// (rust-libp2p#5651): a burst of requests to one node lost some of them, which is how CI's
+/// "every stalled upload taken" timed out. Every request of a burst is answered.
+#[testkit::deadline_test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_requests_to_one_node_is_answered_in_full() {
+    let server = start_node(&[], None).await;
+    serve_node_info(&server);
+    let client = start_node(&[bootstrap_of(&server).await], None).await;
+    let answers = futures::future::join_all(
+        (0..64).map(|_| client.request::<NodeInfoProtocol>(server.peer_id(), &())),
+    )
+    .await;
+    let failed: Vec<String> = answers
+        .iter()
+        .filter_map(|answer| answer.as_ref().err().map(ToString::to_string))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 64 failed: {failed:?}",
+        failed.len()
+    );
+    for node in [client, server] {
+        node.shutdown().await;
+    }
+}

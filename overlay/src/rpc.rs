@@ -5,6 +5,14 @@
 //! the server answers with one frame and closes. A frame is a 4-byte big-endian length followed
 //! by that many bytes of CBOR. A length over the protocol's limit is refused before anything
 //! is allocated, so a peer cannot make another buffer more than the limit.
+//!
+//! A stream can be dropped unread: libp2p-stream drops an inbound stream when the server's
+//! acceptor has not yet taken the one before (its guard against floods, rust-libp2p#5651), so
+//! a burst of requests to one node loses some. The opener sees its stream end before the first
+//! byte of an answer. Our servers answer every request they have read (the one exception, a
+//! malformed request, fails the same way again), so such a stream was never read and is
+//! opened again after a short randomised pause: [`Node::open_and_ask`], which every client of
+//! a stream protocol here (this module's requests, blob transfers) goes through.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -67,6 +75,15 @@ pub enum RpcError {
     /// a frame.
     #[error("stream failed: {0}")]
     Io(#[from] std::io::Error),
+    /// Every stream opened to the peer ended before the first byte of an answer: it dropped
+    /// them unread, being flooded (see the module documentation).
+    #[error("{target} dropped unread {attempts} times: the peer is overloaded")]
+    Dropped {
+        /// The protocol and peer, as `"<protocol> to <peer>"`.
+        target: String,
+        /// How many streams were opened.
+        attempts: u32,
+    },
 }
 
 /// Encodes `message` as one frame, refusing it if it exceeds `limit`.
@@ -94,7 +111,47 @@ where
 {
     let mut len = [0; 4];
     io.read_exact(&mut len).await?;
-    let len = u32::from_be_bytes(len);
+    read_body(io, u32::from_be_bytes(len), limit).await
+}
+
+/// Reads one frame like [`read_frame`], or `None` if the stream ends, or is reset, before its
+/// first byte.
+async fn read_frame_or_nothing<T, R>(io: &mut R, limit: u32) -> Result<Option<T>, RpcError>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin,
+{
+    let mut len = [0; 4];
+    let got = match io.read(&mut len).await {
+        Ok(got) => got,
+        Err(error) if ended(&error) => 0,
+        Err(error) => return Err(error.into()),
+    };
+    if got == 0 {
+        return Ok(None);
+    }
+    io.read_exact(&mut len[got..]).await?;
+    read_body(io, u32::from_be_bytes(len), limit)
+        .await
+        .map(Some)
+}
+
+/// Whether `error` is how a stream reports that the other side dropped or reset it (yamux
+/// fails writes with `WriteZero`; reads end early).
+fn ended(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        error.kind(),
+        WriteZero | BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof
+    )
+}
+
+/// Reads the `len`-byte body of a frame whose length prefix has been read.
+async fn read_body<T, R>(io: &mut R, len: u32, limit: u32) -> Result<T, RpcError>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin,
+{
     if len > limit {
         return Err(RpcError::TooLarge {
             len: len.into(),
@@ -120,6 +177,22 @@ where
 /// How many requests of one protocol a node serves at once; more wait for a slot.
 const MAX_CONCURRENT_REQUESTS: usize = 256;
 
+/// Streams [`Node::open_and_ask`] opens for one exchange before it gives up on a peer that
+/// drops them all unread.
+pub const OPEN_ATTEMPTS: u32 = 8;
+
+/// The pause before attempt `attempt` (1 for the first retry) of [`Node::open_and_ask`]: up
+/// to 4 ms doubled for each attempt, drawn at random so that the streams of one burst,
+/// dropped together, do not come back together (about 1 s at most in all).
+fn retry_pause(attempt: u32) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let ceiling = 4_000u64 << attempt.min(OPEN_ATTEMPTS);
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    Duration::from_micros(random % ceiling)
+}
+
 impl Node {
     /// Sends `request` to `peer` over protocol `P` and waits for the answer, within the node's
     /// request timeout. Dials the peer if it is not connected.
@@ -129,26 +202,64 @@ impl Node {
         request: &P::Request,
     ) -> Result<P::Response, RpcError> {
         let timeout = self.timing().request_timeout;
-        let target = |peer: PeerId| format!("{} to {peer}", P::ID);
-        let exchange = async {
-            let mut stream =
-                self.streams()
-                    .open_stream(peer, P::ID)
-                    .await
-                    .map_err(|e| RpcError::Open {
-                        target: target(peer),
-                        reason: e.to_string(),
-                    })?;
-            write_frame(&mut stream, request, P::MAX_REQUEST_BYTES).await?;
-            stream.close().await?;
-            read_frame(&mut stream, P::MAX_RESPONSE_BYTES).await
-        };
-        tokio::time::timeout(timeout, exchange)
+        let frame = encode_frame(request, P::MAX_REQUEST_BYTES)?;
+        let exchange = self.open_and_ask(peer, P::ID, &frame, true, P::MAX_RESPONSE_BYTES);
+        let (answer, _) = tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| RpcError::Timeout {
-                target: target(peer),
+                target: format!("{} to {peer}", P::ID),
                 timeout,
-            })?
+            })??;
+        Ok(answer)
+    }
+
+    /// Opens a stream of `protocol` to `peer` (dialing it if need be), writes `frame` (an
+    /// encoded request), closes the writing side if `close`, and reads the first frame of the
+    /// answer, of at most `limit` bytes; returns it with the stream, for exchanges that go on.
+    /// A stream dropped unread is opened again, at most [`OPEN_ATTEMPTS`] times in all (see
+    /// the module documentation). No timeout of its own: callers bound the whole exchange.
+    pub async fn open_and_ask<T: DeserializeOwned>(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+        frame: &[u8],
+        close: bool,
+        limit: u32,
+    ) -> Result<(T, libp2p::Stream), RpcError> {
+        let target = || format!("{protocol} to {peer}");
+        let mut control = self.streams();
+        for attempt in 0..OPEN_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(retry_pause(attempt)).await;
+            }
+            let mut stream = control
+                .open_stream(peer, protocol.clone())
+                .await
+                .map_err(|e| RpcError::Open {
+                    target: target(),
+                    reason: e.to_string(),
+                })?;
+            let sent = async {
+                stream.write_all(frame).await?;
+                if close {
+                    stream.close().await
+                } else {
+                    stream.flush().await
+                }
+            };
+            match sent.await {
+                Ok(()) => {}
+                Err(error) if ended(&error) => continue,
+                Err(error) => return Err(error.into()),
+            }
+            if let Some(answer) = read_frame_or_nothing(&mut stream, limit).await? {
+                return Ok((answer, stream));
+            }
+        }
+        Err(RpcError::Dropped {
+            target: target(),
+            attempts: OPEN_ATTEMPTS,
+        })
     }
 
     /// Serves protocol `P` with `handler` until the node stops. Each request runs in its own

@@ -38,7 +38,7 @@ use tokio_util::compat::TokioAsyncReadCompatExt;
 use super::{BlobError, BlobStore, Digest, store::CHUNK};
 use crate::{
     overlay::Node,
-    rpc::{RpcError, read_frame, write_frame},
+    rpc::{RpcError, encode_frame, read_frame, write_frame},
 };
 
 /// The stream protocol ID of blob transfers; see the module documentation for the exchange.
@@ -387,24 +387,26 @@ where
     }
 }
 
-async fn open(node: &Node, peer: PeerId) -> Result<Stream, TransferError> {
-    node.streams()
-        .open_stream(peer, PROTOCOL)
-        .await
-        .map_err(|e| TransferError::Unreachable {
-            peer,
-            reason: e.to_string(),
-        })
-}
-
-async fn reply(stream: &mut Stream, peer: PeerId) -> Result<Reply, TransferError> {
-    tokio::time::timeout(IDLE_TIMEOUT, read_frame(stream, HEADER_LIMIT))
+/// Opens a stream to `peer`, sends `request` and returns the first reply with the stream
+/// (a stream the peer drops unread is opened again: [`Node::open_and_ask`]).
+async fn ask(
+    node: &Node,
+    peer: PeerId,
+    request: &Request,
+) -> Result<(Reply, Stream), TransferError> {
+    let frame = encode_frame(request, HEADER_LIMIT)
+        .map_err(|source| TransferError::Protocol { peer, source })?;
+    let asked = node.open_and_ask(peer, PROTOCOL, &frame, false, HEADER_LIMIT);
+    tokio::time::timeout(IDLE_TIMEOUT, asked)
         .await
         .map_err(|_| TransferError::Unreachable {
             peer,
             reason: format!("no answer within {IDLE_TIMEOUT:?}"),
         })?
-        .map_err(|source| TransferError::Protocol { peer, source })
+        .map_err(|error| match error {
+            RpcError::Open { reason, .. } => TransferError::Unreachable { peer, reason },
+            source => TransferError::Protocol { peer, source },
+        })
 }
 
 /// Uploads `size` bytes from `source` as blob `digest` to `peer`; `progress` is told the
@@ -418,11 +420,8 @@ pub async fn upload<R: AsyncRead + Unpin>(
     source: &mut R,
     mut progress: impl FnMut(u64),
 ) -> Result<(), TransferError> {
-    let mut stream = open(node, peer).await?;
-    write_frame(&mut stream, &Request::Put { digest, size }, HEADER_LIMIT)
-        .await
-        .map_err(|source| TransferError::Protocol { peer, source })?;
-    match reply(&mut stream, peer).await? {
+    let (reply, stream) = ask(node, peer, &Request::Put { digest, size }).await?;
+    match reply {
         Reply::Proceed => {}
         Reply::AlreadyStored => {
             progress(size);
@@ -527,11 +526,8 @@ pub async fn holds(
     peer: PeerId,
     digest: Digest,
 ) -> Result<Option<u64>, TransferError> {
-    let mut stream = open(node, peer).await?;
-    write_frame(&mut stream, &Request::Has { digest }, HEADER_LIMIT)
-        .await
-        .map_err(|source| TransferError::Protocol { peer, source })?;
-    match reply(&mut stream, peer).await? {
+    let (reply, _) = ask(node, peer, &Request::Has { digest }).await?;
+    match reply {
         Reply::Holds { size } => Ok(size),
         Reply::Refused { reason } => Err(TransferError::Refused { peer, reason }),
         other => Err(TransferError::Unexpected {
@@ -548,11 +544,8 @@ pub async fn download_from(
     digest: Digest,
     store: &BlobStore,
 ) -> Result<u64, TransferError> {
-    let mut stream = open(node, peer).await?;
-    write_frame(&mut stream, &Request::Get { digest }, HEADER_LIMIT)
-        .await
-        .map_err(|source| TransferError::Protocol { peer, source })?;
-    match reply(&mut stream, peer).await? {
+    let (reply, mut stream) = ask(node, peer, &Request::Get { digest }).await?;
+    match reply {
         Reply::Sending { size } => {
             store
                 .write_from(digest, size, &mut stream, IDLE_TIMEOUT, |_| {})
