@@ -154,6 +154,9 @@ struct Churn {
     listed_after_stop: Vec<Duration>,
     /// Instances still listed when the observer stopped looking.
     still_listed: usize,
+    /// How long each of the observer's lookups took, to the end of its stream (what an
+    /// ingress waits for before it tells its routing core).
+    lookups: Vec<Duration>,
 }
 
 pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
@@ -261,11 +264,14 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
         outln!(
             out,
             "| seen after p50 / p99 / max (ms) | never seen | listed after stop p50 / p99 / \
-             max (ms) | still listed at the end |\n|---|---|---|---|\n| {} | {} | {} | {} |\n",
+             max (ms) | still listed at the end | observer's lookups: count, to the end p50 / \
+             p99 / max (ms) |\n|---|---|---|---|---|\n| {} | {} | {} | {} | {}: {} |\n",
             triple(&mut churn.seen),
             churn.unseen,
             triple(&mut churn.listed_after_stop),
             churn.still_listed,
+            churn.lookups.len(),
+            triple(&mut churn.lookups),
         );
     }
     Ok(())
@@ -553,6 +559,14 @@ impl Worker {
         line.parse().with_context(|| format!("MS, not {line:?}"))
     }
 
+    /// How long each of its observer's lookups took, to the end of its stream.
+    async fn watch_lookups(&mut self) -> anyhow::Result<Vec<Duration>> {
+        let line = self.ask("lookups").await?;
+        let took: Result<Vec<u64>, _> = line.split_whitespace().map(str::parse).collect();
+        let took = took.with_context(|| format!("durations in ms, not {line:?}"))?;
+        Ok(took.into_iter().map(Duration::from_millis).collect())
+    }
+
     /// What its observer has seen of the churn service: (peer, first, last sight, Unix ms).
     async fn seen(&mut self) -> anyhow::Result<Vec<(PeerId, u64, u64)>> {
         let line = self.ask("seen").await?;
@@ -676,7 +690,7 @@ pub async fn serve_nodes(args: NodesArgs) -> anyhow::Result<()> {
     }
     println!("{}", joins.join(" "));
     let mut commands = BufReader::new(tokio::io::stdin()).lines();
-    let seen = Seen::default();
+    let seen = Sightings::default();
     let mut watcher = None;
     while let Some(line) = commands.next_line().await? {
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -739,10 +753,15 @@ pub async fn serve_nodes(args: NodesArgs) -> anyhow::Result<()> {
                 println!("watching");
             }
             ["seen"] => {
-                let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                let seen = seen.providers.lock().unwrap_or_else(|p| p.into_inner());
                 let words: Vec<String> = (seen.iter())
                     .map(|(peer, (first, last))| format!("{peer}:{first}:{last}"))
                     .collect();
+                println!("{}", words.join(" "));
+            }
+            ["lookups"] => {
+                let took = seen.lookups.lock().unwrap_or_else(|p| p.into_inner());
+                let words: Vec<String> = took.iter().map(u64::to_string).collect();
                 println!("{}", words.join(" "));
             }
             ["unwatch"] => {
@@ -765,22 +784,34 @@ pub async fn serve_nodes(args: NodesArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Each provider the observer listed: first and last sight (Unix ms).
-type Seen = Arc<Mutex<HashMap<PeerId, (u64, u64)>>>;
+/// What the observer saw.
+#[derive(Clone, Default)]
+struct Sightings {
+    /// Each provider it listed: first and last sight (Unix ms).
+    providers: Arc<Mutex<HashMap<PeerId, (u64, u64)>>>,
+    /// How long each lookup took to the end of its stream, in ms.
+    lookups: Arc<Mutex<Vec<u64>>>,
+}
 
 /// The churn run's observer: looks [`CHURN_NAMESPACE`] up every `poll` from `node`, as an
 /// ingress discovers a service's instances, and notes when each provider is listed.
-async fn watch(node: Node, poll: Duration, seen: Seen) {
+async fn watch(node: Node, poll: Duration, seen: Sightings) {
     let mut every = tokio::time::interval(poll);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
+        let begin = Instant::now();
         let mut found = node.find_providers(CHURN_NAMESPACE).await;
         while let Some(peer) = found.next().await {
             let now = unix_ms();
-            let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
-            seen.entry(peer).or_insert((now, now)).1 = now;
+            let mut providers = seen.providers.lock().unwrap_or_else(|p| p.into_inner());
+            providers.entry(peer).or_insert((now, now)).1 = now;
         }
+        let took = begin.elapsed().as_millis() as u64;
+        seen.lookups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(took);
     }
 }
 
@@ -853,6 +884,7 @@ async fn churn(args: &Args, workers: &mut [Worker]) -> anyhow::Result<Churn> {
         tokio::time::sleep(poll).await; // polls a condition, with `limit` as its deadline
     };
     workers[0].ask("unwatch").await?;
+    let lookups = workers[0].watch_lookups().await?;
     let sights: HashMap<PeerId, (u64, u64)> = seen
         .into_iter()
         .map(|(peer, first, last)| (peer, (first, last)))
@@ -866,6 +898,7 @@ async fn churn(args: &Args, workers: &mut [Worker]) -> anyhow::Result<Churn> {
         unseen: 0,
         listed_after_stop: Vec::new(),
         still_listed,
+        lookups,
     };
     for (peer, advertised) in started.into_iter().flatten() {
         match sights.get(&peer) {
