@@ -355,7 +355,10 @@ impl Driver {
                 );
                 self.post_after(until - now, Command::Announce(namespace.to_owned()));
             }
-            None => self.publish(namespace),
+            None => {
+                tracing::trace!(namespace, peer = %local, "announcing");
+                self.publish(namespace)
+            }
         }
     }
 
@@ -498,10 +501,13 @@ impl Driver {
     }
 
     fn on_kad_event(&mut self, event: kad::Event) {
-        let (id, result, step) = match event {
+        let (id, result, step, stats) = match event {
             kad::Event::OutboundQueryProgressed {
-                id, result, step, ..
-            } => (id, result, step),
+                id,
+                result,
+                step,
+                stats,
+            } => (id, result, step, stats),
             kad::Event::InboundRequest { request } => return self.store_inbound(request),
             _ => return,
         };
@@ -521,9 +527,22 @@ impl Driver {
                 };
                 self.deliver_holders(id, peers);
             }
-            kad::QueryResult::StartProviding(Err(error)) => {
-                // Usual while the network is small or forming; the record is republished.
-                tracing::debug!(?error, "provider announcement incomplete");
+            kad::QueryResult::StartProviding(result) => {
+                // Kad counts an announcement done once its ADD_PROVIDER messages are queued:
+                // the time is that of finding the closest peers. Incomplete is usual while
+                // the network is small or forming; the record is republished.
+                let took = stats.duration().unwrap_or_default();
+                let (asked, answered) = (stats.num_requests(), stats.num_successes());
+                match result {
+                    Ok(_) => tracing::debug!(?took, asked, answered, "provider announced"),
+                    Err(error) => tracing::debug!(
+                        ?took,
+                        asked,
+                        answered,
+                        ?error,
+                        "provider announcement incomplete"
+                    ),
+                }
             }
             _ => {}
         }
@@ -561,6 +580,7 @@ impl Driver {
                     tracing::debug!(peer = %record.provider, "announcement after its withdrawal dropped");
                     return;
                 }
+                tracing::trace!(peer = %record.provider, "provider record stored");
                 kad::store::RecordStore::add_provider(store, record)
             }
             kad::InboundRequest::PutRecord {
