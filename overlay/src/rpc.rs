@@ -21,7 +21,7 @@ use libp2p::{PeerId, StreamProtocol};
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::Semaphore;
 
-use crate::overlay::Node;
+use crate::overlay::{Backoff, Node};
 
 /// One control protocol: its ID (the version is part of it) and message types.
 pub trait Protocol: Send + Sync + 'static {
@@ -181,16 +181,20 @@ const MAX_CONCURRENT_REQUESTS: usize = 256;
 /// drops them all unread.
 pub const OPEN_ATTEMPTS: u32 = 8;
 
-/// The pause before attempt `attempt` (1 for the first retry) of [`Node::open_and_ask`]: up
-/// to 4 ms doubled for each attempt, drawn at random so that the streams of one burst,
-/// dropped together, do not come back together (about 1 s at most in all).
-fn retry_pause(attempt: u32) -> Duration {
+/// The pauses between attempts of [`Node::open_and_ask`] are drawn at random below a ceiling
+/// that starts here and doubles ([`Backoff`]), so that the streams of one burst, dropped
+/// together, do not come back together...
+const FIRST_RETRY_CEILING: Duration = Duration::from_millis(8);
+/// ...up to this (about 1 s at most in all, over [`OPEN_ATTEMPTS`]).
+const LAST_RETRY_CEILING: Duration = Duration::from_millis(512);
+
+/// A random pause shorter than `ceiling`.
+fn jittered(ceiling: Duration) -> Duration {
     use std::hash::{BuildHasher, Hasher};
-    let ceiling = 4_000u64 << attempt.min(OPEN_ATTEMPTS);
     let random = std::collections::hash_map::RandomState::new()
         .build_hasher()
         .finish();
-    Duration::from_micros(random % ceiling)
+    Duration::from_micros(random % (ceiling.as_micros() as u64).max(1))
 }
 
 impl Node {
@@ -228,9 +232,10 @@ impl Node {
     ) -> Result<(T, libp2p::Stream), RpcError> {
         let target = || format!("{protocol} to {peer}");
         let mut control = self.streams();
+        let mut ceilings = Backoff::new(FIRST_RETRY_CEILING, LAST_RETRY_CEILING);
         for attempt in 0..OPEN_ATTEMPTS {
             if attempt > 0 {
-                tokio::time::sleep(retry_pause(attempt)).await;
+                tokio::time::sleep(jittered(ceilings.next_delay())).await;
             }
             let mut stream = control
                 .open_stream(peer, protocol.clone())
