@@ -24,6 +24,7 @@ const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// (its bucket size) and silently ignores the rest, which suits content that any copy
 /// serves, not a service whose ingresses must see every instance: in the 500-node churn run
 /// 9 of 100 instances were never listed. The store's keys stay bounded by its default (1024).
+/// A node still answers kad's lookups with 20 of them: [`super::providers`] gets the rest.
 pub const MAX_PROVIDERS_PER_KEY: usize = 512;
 /// Largest DHT message: a lookup's answer lists every provider a node holds of the key, each
 /// with its addresses (about 60 bytes for one address, 256 allowed for), and kad's default of

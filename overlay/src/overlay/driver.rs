@@ -31,6 +31,7 @@ use super::{
     found::Found,
     keep::KeptByPeer,
     namespace::record_key,
+    providers::{ANSWER_LIMIT, Finding, HOLDERS_ASKED},
     tombstones::{self, Tombstones},
 };
 use crate::rtt::RttTable;
@@ -50,8 +51,12 @@ pub(crate) enum Command {
     /// A peer withdrew its records of these namespaces; the reply says they are gone here.
     Withdrawn(PeerId, Vec<String>, oneshot::Sender<()>),
     Advertised(oneshot::Sender<Vec<String>>),
-    FindProviders(String, fmpsc::UnboundedSender<PeerId>),
-    LocalProviders(String, oneshot::Sender<Vec<(PeerId, Option<Instant>)>>),
+    FindProviders(String, fmpsc::UnboundedSender<Finding>),
+    /// Providers of a namespace that holders listed beyond a lookup's query
+    /// ([`super::providers`]): dialled at these addresses and recorded in [`Found`] before the
+    /// reply.
+    FoundMore(String, Vec<(PeerId, Vec<Multiaddr>)>, oneshot::Sender<()>),
+    LocalProviders(String, oneshot::Sender<Vec<kad::ProviderRecord>>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     RemoteAddr(PeerId, oneshot::Sender<Option<Multiaddr>>),
@@ -85,7 +90,7 @@ struct Search {
     namespace: String,
     /// None once the caller stopped listening; the query still runs to its end, so that
     /// what it found is complete when recorded in [`Found`].
-    results: Option<fmpsc::UnboundedSender<PeerId>>,
+    results: Option<fmpsc::UnboundedSender<Finding>>,
     /// Every provider sent to `results` (from [`Found`] or the query).
     seen: HashSet<PeerId>,
     /// The providers the query itself found, recorded in [`Found`] when it ends.
@@ -232,7 +237,7 @@ impl Driver {
                 let recent = self.found.recent(&namespace, Instant::now());
                 let seen: HashSet<PeerId> = recent
                     .iter()
-                    .filter(|peer| results.unbounded_send(**peer).is_ok())
+                    .filter(|peer| results.unbounded_send(Finding::Provider(**peer)).is_ok())
                     .copied()
                     .collect();
                 for peer in &seen {
@@ -253,12 +258,20 @@ impl Driver {
                     },
                 );
             }
+            Command::FoundMore(namespace, providers, done) => {
+                let peers = providers.iter().map(|(peer, _)| *peer).collect();
+                for (peer, addrs) in providers {
+                    self.dial(peer, addrs);
+                }
+                self.found.add(&namespace, peers, Instant::now());
+                let _ = done.send(());
+            }
             Command::LocalProviders(namespace, reply) => {
                 let now = Instant::now();
                 let store = self.swarm.behaviour_mut().kad.store_mut();
                 let providers = kad::store::RecordStore::providers(store, &record_key(&namespace));
                 let live = providers.into_iter().filter(|p| !p.is_expired(now));
-                let _ = reply.send(live.map(|p| (p.provider, p.expires)).collect());
+                let _ = reply.send(live.collect());
             }
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
@@ -519,7 +532,10 @@ impl Driver {
                 providers,
                 ..
             })) => self.deliver_providers(id, providers),
-            kad::QueryResult::GetProviders(_) => self.end_search(id),
+            kad::QueryResult::GetProviders(
+                Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { closest_peers })
+                | Err(kad::GetProvidersError::Timeout { closest_peers, .. }),
+            ) => self.end_search(id, &closest_peers),
             kad::QueryResult::GetClosestPeers(result) => {
                 let peers = match result {
                     Ok(kad::GetClosestPeersOk { peers, .. }) => peers,
@@ -547,7 +563,7 @@ impl Driver {
             _ => {}
         }
         if step.last {
-            self.end_search(id);
+            self.end_search(id, &[]);
             self.holder_searches.remove(&id);
         }
     }
@@ -594,13 +610,23 @@ impl Driver {
         }
     }
 
-    /// A provider search's query ended (finished or timed out): what it found answers repeat
-    /// lookups for a while, and the caller's stream ends.
-    fn end_search(&mut self, id: kad::QueryId) {
-        if let Some(search) = self.searches.remove(&id) {
-            self.found
-                .record(&search.namespace, search.found, Instant::now());
+    /// A provider search's query ended (finished or timed out), having reached `holders`
+    /// (closest first): what it found answers repeat lookups for a while, and the caller's
+    /// stream ends, after naming the holders to ask for more if the query found as many as
+    /// an answer holds ([`super::providers`]).
+    fn end_search(&mut self, id: kad::QueryId, holders: &[PeerId]) {
+        let Some(search) = self.searches.remove(&id) else {
+            return;
+        };
+        if let Some(results) = &search.results
+            && search.found.len() >= ANSWER_LIMIT
+            && !holders.is_empty()
+        {
+            let asked = holders.iter().take(HOLDERS_ASKED).copied().collect();
+            let _ = results.unbounded_send(Finding::MayHaveMore(asked));
         }
+        self.found
+            .record(&search.namespace, search.found, Instant::now());
     }
 
     fn deliver_providers(&mut self, id: kad::QueryId, providers: HashSet<PeerId>) {
@@ -619,7 +645,8 @@ impl Driver {
             };
             // Not sent again if the caller had it from `Found` already (but dialled now that
             // the query holds its addresses).
-            if search.seen.insert(peer) && results.unbounded_send(peer).is_err() {
+            if search.seen.insert(peer) && results.unbounded_send(Finding::Provider(peer)).is_err()
+            {
                 // The caller stopped listening (it had what it needed): the query goes on for
                 // `Found`, nobody needs a connection to what it finds.
                 search.results = None;

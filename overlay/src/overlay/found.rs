@@ -4,7 +4,8 @@
 //! # Rules
 //! 1. Every lookup's query runs to its end (finished or timed out), even when its caller
 //!    stopped listening early, and then records what *it* found under its namespace,
-//!    replacing what was there (an empty result removes the entry). Providers a lookup was
+//!    replacing what was there (an empty result removes the entry); what the holders it
+//!    reached list beyond it ([`super::providers`]) is added when they answer. Providers a lookup was
 //!    given from here are not recorded again unless its query found them too, so a provider
 //!    that is gone is listed by at most one lookup after the last query that found it.
 //! 2. A lookup of a namespace whose last query ended at most [`FRESH`] ago is given those
@@ -59,6 +60,19 @@ impl Found {
         }
     }
 
+    /// The holders a lookup of `namespace` reached listed `providers` beyond what its query
+    /// found ([`super::providers`]): they join what it recorded (rule 1).
+    pub fn add(&mut self, namespace: &str, providers: Vec<PeerId>, now: Instant) {
+        let (_, known) = (self.by_namespace)
+            .entry(namespace.to_owned())
+            .or_insert_with(|| (now, Vec::new()));
+        for peer in providers {
+            if !known.contains(&peer) {
+                known.push(peer);
+            }
+        }
+    }
+
     /// `peer` withdrew its records of `namespaces` (rule 3).
     pub fn withdrawn(&mut self, peer: &PeerId, namespaces: &[String]) {
         for namespace in namespaces {
@@ -100,6 +114,18 @@ mod tests {
         found.record("svc", vec![], t0 + Duration::from_secs(3));
         assert!(found.recent("svc", t0 + Duration::from_secs(3)).is_empty());
         assert!(found.by_namespace.is_empty());
+    }
+
+    #[test]
+    fn what_holders_list_beyond_the_query_joins_its_entry() {
+        let mut found = Found::default();
+        let t0 = Instant::now();
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        found.record("svc", vec![a, b], t0);
+        found.add("svc", vec![b, c], t0 + Duration::from_millis(5));
+        assert_eq!(found.recent("svc", t0 + FRESH), &[a, b, c]);
+        found.add("db", vec![c], t0);
+        assert_eq!(found.recent("db", t0), &[c]);
     }
 
     #[test]

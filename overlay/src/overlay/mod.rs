@@ -21,6 +21,7 @@ pub mod identity;
 mod keep;
 mod namespace;
 mod node;
+pub mod providers;
 pub mod psk;
 mod tombstones;
 mod transport;

@@ -6,8 +6,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::channel::mpsc as fmpsc;
-use libp2p::{Multiaddr, PeerId, identity::Keypair, multiaddr::Protocol};
+use futures::{StreamExt, channel::mpsc as fmpsc, stream::BoxStream};
+use libp2p::{Multiaddr, PeerId, identity::Keypair, kad::ProviderRecord, multiaddr::Protocol};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -16,6 +16,7 @@ use super::{
     bootstrap::{BootstrapAddr, BootstrapPolicy, JoinError},
     connections::Connections,
     driver::{self, Command},
+    providers,
     psk::NetworkKey,
     transport, withdraw,
 };
@@ -237,6 +238,7 @@ impl Node {
             }),
         };
         withdraw::serve(&node);
+        providers::serve(&node);
         Ok(node)
     }
 
@@ -325,21 +327,23 @@ impl Node {
     }
 
     /// Finds the providers of `namespace` other than this node. Peers arrive as the DHT query
-    /// finds them, each once; the stream ends when the query does. A lookup within 10 s of the
-    /// last one of `namespace` gets what that one's query found first, at once, less any that
-    /// withdrew since (`found`'s rules). The node dials each one while the query still knows
-    /// its addresses, so a stream can be opened to it right away.
-    pub async fn find_providers(&self, namespace: &str) -> fmpsc::UnboundedReceiver<PeerId> {
-        let namespace = namespace.to_owned();
-        self.command_stream(|found| Command::FindProviders(namespace, found))
-            .await
+    /// finds them, each once, then those that the closest holders list beyond the 20 a
+    /// Kademlia answer holds ([`providers`]); the stream ends after that. A lookup within 10 s
+    /// of the last one of `namespace` gets what that one found first, at once, less any that
+    /// withdrew since (`found`'s rules). The node dials each one while it knows its
+    /// addresses, so a stream can be opened to it right away.
+    pub async fn find_providers(&self, namespace: &str) -> BoxStream<'static, PeerId> {
+        let findings = self
+            .command_stream(|found| Command::FindProviders(namespace.to_owned(), found))
+            .await;
+        providers::complete(self.clone(), namespace.to_owned(), findings).boxed()
     }
 
     /// The providers of `namespace` this node's own DHT store holds (unexpired), without
     /// asking anyone: what this node would answer to a lookup.
     pub async fn local_providers(&self, namespace: &str) -> Vec<PeerId> {
         let stored = self.local_provider_records(namespace).await;
-        stored.into_iter().map(|(peer, _)| peer).collect()
+        stored.into_iter().map(|record| record.provider).collect()
     }
 
     /// When the record this node stores of `provider` under `namespace` lapses unless its
@@ -350,10 +354,13 @@ impl Node {
         provider: PeerId,
     ) -> Option<Instant> {
         let stored = self.local_provider_records(namespace).await;
-        stored.into_iter().find(|(peer, _)| *peer == provider)?.1
+        stored
+            .into_iter()
+            .find(|record| record.provider == provider)?
+            .expires
     }
 
-    async fn local_provider_records(&self, namespace: &str) -> Vec<(PeerId, Option<Instant>)> {
+    pub(super) async fn local_provider_records(&self, namespace: &str) -> Vec<ProviderRecord> {
         let namespace = namespace.to_owned();
         self.command(|reply| Command::LocalProviders(namespace, reply))
             .await

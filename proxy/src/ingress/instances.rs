@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt;
+use futures::{StreamExt, stream::FuturesUnordered};
 use libp2p::PeerId;
 use mtc_overlay::{overlay::Node, rpc::NodeInfoProtocol};
 use tokio::sync::Notify;
@@ -367,9 +367,10 @@ impl Services {
     }
 
     /// The instances of the service with instance key `key` on the overlay, with the address
-    /// of each one's data plane. Only new ones are asked for it: a known instance that is
-    /// listed keeps the address it had, even if it cannot answer now (frozen, say), since
-    /// listed is what this is about; whether it answers is the probes' business.
+    /// of each one's data plane. Only new ones are asked for it, each as soon as it is found:
+    /// a known instance that is listed keeps the address it had, even if it cannot answer now
+    /// (frozen, say), since listed is what this is about; whether it answers is the probes'
+    /// business.
     async fn discover(&self, key: &str) -> Vec<(PeerId, SocketAddr)> {
         let known: HashMap<PeerId, SocketAddr> = self
             .table()
@@ -380,16 +381,20 @@ impl Services {
         let mut providers = self.node.find_providers(key).await;
         let mut found = Vec::new();
         let mut seen = HashSet::new();
-        while let Some(peer) = providers.next().await {
-            if !seen.insert(peer) {
-                continue;
-            }
-            let addr = match known.get(&peer) {
-                Some(addr) => Some(*addr),
-                None => self.data_plane_of(peer).await,
-            };
-            if let Some(addr) = addr {
-                found.push((peer, addr));
+        let mut asking = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                Some(peer) = providers.next() => {
+                    if !seen.insert(peer) {
+                        continue;
+                    }
+                    match known.get(&peer) {
+                        Some(addr) => found.push((peer, *addr)),
+                        None => asking.push(async move { (peer, self.data_plane_of(peer).await) }),
+                    }
+                }
+                Some((peer, addr)) = asking.next() => found.extend(addr.map(|addr| (peer, addr))),
+                else => break,
             }
         }
         found
