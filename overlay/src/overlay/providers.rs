@@ -9,8 +9,10 @@
 //!
 //! A lookup that cannot have been cut short found fewer than 20 providers in all (an answer
 //! holds at most what the whole lookup found). One that found 20 or more asks the closest
-//! holders its query reached ([`HOLDERS_ASKED`] of them, closest first, at once, each within
-//! [`ASK_TIMEOUT`]) for every provider they hold, over protocol `/mtc/providers/1`: the
+//! holders its query reached ([`HOLDERS_ASKED`] of them, closest first, at once) for every
+//! provider they hold, over protocol `/mtc/providers/1`, and waits for their answers at most
+//! [`ASK_TIMEOUT`], and at most [`STRAGGLERS`] after the first one (a holder in a busy
+//! process held a lookup for the whole timeout, once a minute in the churn run): the
 //! request is the namespace, the answer every unexpired provider record the holder stores of
 //! it, with the addresses its provider announced (an ingress has no other way to reach a
 //! sidecar that is a DHT client), at most [`MAX_PROVIDERS_PER_KEY`]. The lookup's stream gives
@@ -28,8 +30,7 @@ use std::{collections::HashSet, time::Duration};
 use futures::{
     Stream, StreamExt,
     channel::mpsc::UnboundedReceiver,
-    future::join_all,
-    stream::{self},
+    stream::{self, FuturesUnordered},
 };
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use serde::{Deserialize, Serialize};
@@ -39,9 +40,12 @@ use crate::rpc::Protocol;
 
 /// How many of the closest holders a lookup that may have been cut short asks.
 pub const HOLDERS_ASKED: usize = 3;
-/// How long a lookup waits for a holder's full list: the holders answered the query a moment
-/// before, so an answer takes a round trip.
+/// How long a lookup waits for the holders' full lists: the holders answered the query a
+/// moment before, so an answer takes a round trip.
 pub const ASK_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a lookup waits for the other holders once one has answered: each holds much the
+/// same records, and the next lookup asks again.
+pub const STRAGGLERS: Duration = Duration::from_millis(50);
 /// A lookup that found this many providers may not have found them all (kad's answer size).
 pub const ANSWER_LIMIT: usize = libp2p::kad::K_VALUE.get();
 
@@ -131,28 +135,41 @@ pub(super) fn complete(
 }
 
 /// Every provider of `namespace` that `holders` list, each once with the addresses any of them
-/// gave, in the order the first holder that answered lists them.
+/// gave, in the order of the answers (within the deadlines of the module documentation).
 async fn ask(node: &Node, namespace: &str, holders: &[PeerId]) -> Vec<(PeerId, Vec<Multiaddr>)> {
     let request = namespace.to_owned();
-    let answers = join_all(holders.iter().map(|holder| {
-        let request = &request;
-        async move {
-            let asked = node.request::<ProvidersProtocol>(*holder, request);
-            match tokio::time::timeout(ASK_TIMEOUT, asked).await {
-                Ok(Ok(listed)) => listed,
-                Ok(Err(error)) => {
-                    tracing::debug!(%holder, %error, "could not ask a holder for every provider");
-                    Vec::new()
+    let mut asks: FuturesUnordered<_> = (holders.iter())
+        .map(|holder| async {
+            let answer = node.request::<ProvidersProtocol>(*holder, &request).await;
+            (*holder, answer)
+        })
+        .collect();
+    let mut deadline = Box::pin(tokio::time::sleep(ASK_TIMEOUT));
+    let (mut listed, mut answered) = (Vec::new(), false);
+    loop {
+        tokio::select! {
+            Some((holder, answer)) = asks.next() => match answer {
+                Ok(answer) => {
+                    if !answered {
+                        answered = true;
+                        let stragglers = tokio::time::Instant::now() + STRAGGLERS;
+                        let until = deadline.deadline().min(stragglers);
+                        deadline.as_mut().reset(until);
+                    }
+                    listed.extend(answer);
                 }
-                Err(_) => {
-                    tracing::debug!(%holder, "no list of every provider within the timeout");
-                    Vec::new()
+                Err(error) => {
+                    tracing::debug!(%holder, %error, "could not ask a holder for every provider")
                 }
+            },
+            () = &mut deadline => {
+                tracing::debug!(unanswered = asks.len(), "holders' lists not all in within the deadline");
+                break;
             }
+            else => break,
         }
-    }))
-    .await;
-    merge(answers.into_iter().flatten())
+    }
+    merge(listed)
 }
 
 /// The providers `listed`, each once with every address given for it; entries that do not
