@@ -10,6 +10,7 @@ use control::{
     overlay::{Node, StartError},
     rpc::{NodeInfoProtocol, serve_node_info},
 };
+use futures::StreamExt;
 use libp2p::identity::Keypair;
 use support::*;
 
@@ -610,6 +611,10 @@ async fn a_service_with_more_instances_than_a_kademlia_bucket_lists_them_all() {
         providers(&seeker, "many").await.len() == INSTANCES
     })
     .await;
+    // A lookup's stream can be polled past its end.
+    let mut found = seeker.find_providers("many").await;
+    while found.next().await.is_some() {}
+    assert!(found.next().await.is_none());
     // Each can be asked at once: the seeker had their addresses only from the lookup.
     let answers = futures::future::join_all(
         instances

@@ -336,7 +336,10 @@ impl Node {
         let findings = self
             .command_stream(|found| Command::FindProviders(namespace.to_owned(), found))
             .await;
-        providers::complete(self.clone(), namespace.to_owned(), findings).boxed()
+        // Fused: a caller may poll it again after its end (in a `select!` loop, say), as it
+        // could the channel this stream used to be.
+        let found = providers::complete(self.clone(), namespace.to_owned(), findings);
+        found.fuse().boxed()
     }
 
     /// The providers of `namespace` this node's own DHT store holds (unexpired), without
