@@ -18,7 +18,10 @@ use std::{
 };
 
 use anyhow::Context;
-use control::overlay::{BootstrapAddr, Node, NodeConfig, Timing, record_key};
+use control::{
+    overlay::{BootstrapAddr, Node, NodeConfig, Timing, record_key},
+    rpc::{NodeInfoProtocol, serve_node_info},
+};
 use futures::{StreamExt, future::join_all, stream};
 use libp2p::{PeerId, identity::Keypair, kad};
 use tokio::{
@@ -147,6 +150,13 @@ struct Churn {
     spread: Duration,
     /// From an instance's advertisement to the observer's first sight of it.
     seen: Vec<Duration>,
+    /// From an instance's advertisement to the end of the first lookup that listed it and
+    /// of its node-info answer: when an ingress hands it to its routing core (its
+    /// `discover`: the lookup read to its end, each new instance asked where its data plane
+    /// is, at once).
+    ready: Vec<Duration>,
+    /// Instances seen whose node-info request never succeeded.
+    never_ready: usize,
     /// Instances the observer never saw.
     unseen: usize,
     /// From an instance's withdrawal to the observer's last sight of it (zero if not seen
@@ -252,7 +262,8 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
              evenly over {:.0} s (kept: first to last {:.1} s), each withdrawn (stopped) {:.0} s after it started, while an \
              observer node looks the service up every {:.1} s as an ingress does (its \
              `discover-interval`). Seen: from an instance's advertisement to its first listing; \
-             listed after stop: from its withdrawal to its last listing (the records' lifetime \
+             ready: to the end of that lookup and of the node-info request the observer sends \
+             each new instance at once, as an ingress does before it routes to it; listed after stop: from its withdrawal to its last listing (the records' lifetime \
              is {:.0} s).\n",
             args.churn_instances,
             args.churn_over.as_secs_f64(),
@@ -263,10 +274,12 @@ pub async fn run(args: Args, out: &mut Report) -> anyhow::Result<()> {
         );
         outln!(
             out,
-            "| seen after p50 / p99 / max (ms) | never seen | listed after stop p50 / p99 / \
-             max (ms) | still listed at the end | observer's lookups: count, to the end p50 / \
-             p99 / max (ms) |\n|---|---|---|---|---|\n| {} | {} | {} | {} | {}: {} |\n",
+            "| seen after p50 / p99 / max (ms) | ready after p50 / p99 / max (ms) | never seen | \
+             listed after stop p50 / p99 / max (ms) | still listed at the end | observer's \
+             lookups: count, to the end p50 / p99 / max (ms) |\n|---|---|---|---|---|---|\n\
+             | {} | {} | {} | {} | {} | {}: {} |\n",
             triple(&mut churn.seen),
+            ready_figures(&mut churn),
             churn.unseen,
             triple(&mut churn.listed_after_stop),
             churn.still_listed,
@@ -283,6 +296,15 @@ fn pair(samples: &mut [Duration]) -> String {
         ms(percentile(samples, 50.0)),
         ms(percentile(samples, 99.0))
     )
+}
+
+/// The churn run's ready column: the triple, and how many were never ready if any.
+fn ready_figures(churn: &mut Churn) -> String {
+    let triple = triple(&mut churn.ready);
+    match churn.never_ready {
+        0 => triple,
+        never => format!("{triple}; {never} never"),
+    }
 }
 
 fn triple(samples: &mut [Duration]) -> String {
@@ -567,20 +589,19 @@ impl Worker {
         Ok(took.into_iter().map(Duration::from_millis).collect())
     }
 
-    /// What its observer has seen of the churn service: (peer, first, last sight, Unix ms).
-    async fn seen(&mut self) -> anyhow::Result<Vec<(PeerId, u64, u64)>> {
+    /// What its observer has seen of the churn service, per peer.
+    async fn seen(&mut self) -> anyhow::Result<Vec<(PeerId, Sighting)>> {
         let line = self.ask("seen").await?;
-        let parse = |word: &str| -> Option<(PeerId, u64, u64)> {
+        let parse = |word: &str| -> Option<(PeerId, Sighting)> {
             let mut parts = word.split(':');
             let peer = parts.next()?.parse().ok()?;
-            Some((
-                peer,
-                parts.next()?.parse().ok()?,
-                parts.next()?.parse().ok()?,
-            ))
+            let mut ms = || parts.next()?.parse().ok();
+            let (first, last, ready) = (ms()?, ms()?, ms()?);
+            let ready = (ready > 0).then_some(ready);
+            Some((peer, Sighting { first, last, ready }))
         };
         let seen: Option<Vec<_>> = line.split_whitespace().map(parse).collect();
-        seen.with_context(|| format!("PEER:FIRST:LAST words, not {line:?}"))
+        seen.with_context(|| format!("PEER:FIRST:LAST:READY words, not {line:?}"))
     }
 
     async fn connections(&mut self) -> anyhow::Result<Vec<usize>> {
@@ -679,6 +700,7 @@ pub async fn serve_nodes(args: NodesArgs) -> anyhow::Result<()> {
     for (node, took) in started {
         match node {
             Ok(node) => {
+                serve_node_info(&node);
                 nodes.push(node);
                 joins.push(format!("{:.1}", took.as_secs_f64() * 1e3));
             }
@@ -755,7 +777,10 @@ pub async fn serve_nodes(args: NodesArgs) -> anyhow::Result<()> {
             ["seen"] => {
                 let seen = seen.providers.lock().unwrap_or_else(|p| p.into_inner());
                 let words: Vec<String> = (seen.iter())
-                    .map(|(peer, (first, last))| format!("{peer}:{first}:{last}"))
+                    .map(|(peer, sight)| {
+                        let ready = sight.ready.unwrap_or(0);
+                        format!("{peer}:{}:{}:{ready}", sight.first, sight.last)
+                    })
                     .collect();
                 println!("{}", words.join(" "));
             }
@@ -784,17 +809,31 @@ pub async fn serve_nodes(args: NodesArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the observer saw of one provider, in Unix ms.
+#[derive(Clone, Copy)]
+struct Sighting {
+    /// Its first listing.
+    first: u64,
+    /// Its last listing.
+    last: u64,
+    /// When an ingress would have handed it to its routing core (see [`Churn::ready`]); None
+    /// if its node-info request failed.
+    ready: Option<u64>,
+}
+
 /// What the observer saw.
 #[derive(Clone, Default)]
 struct Sightings {
-    /// Each provider it listed: first and last sight (Unix ms).
-    providers: Arc<Mutex<HashMap<PeerId, (u64, u64)>>>,
+    /// Each provider it listed.
+    providers: Arc<Mutex<HashMap<PeerId, Sighting>>>,
     /// How long each lookup took to the end of its stream, in ms.
     lookups: Arc<Mutex<Vec<u64>>>,
 }
 
 /// The churn run's observer: looks [`CHURN_NAMESPACE`] up every `poll` from `node`, as an
-/// ingress discovers a service's instances, and notes when each provider is listed.
+/// ingress discovers a service's instances, and notes when each provider is listed. Each new
+/// one is asked for its node info at once, as an ingress asks where its data plane is, and
+/// is ready when both that answer and the lookup's end are in.
 async fn watch(node: Node, poll: Duration, seen: Sightings) {
     let mut every = tokio::time::interval(poll);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -802,11 +841,40 @@ async fn watch(node: Node, poll: Duration, seen: Sightings) {
         every.tick().await;
         let begin = Instant::now();
         let mut found = node.find_providers(CHURN_NAMESPACE).await;
-        while let Some(peer) = found.next().await {
-            let now = unix_ms();
-            let mut providers = seen.providers.lock().unwrap_or_else(|p| p.into_inner());
-            providers.entry(peer).or_insert((now, now)).1 = now;
+        let mut asking = futures::stream::FuturesUnordered::new();
+        let mut answered = Vec::new();
+        loop {
+            tokio::select! {
+                Some(peer) = found.next() => {
+                    let now = unix_ms();
+                    let mut providers = seen.providers.lock().unwrap_or_else(|p| p.into_inner());
+                    let new = !providers.contains_key(&peer);
+                    let sight = providers.entry(peer).or_insert(Sighting {
+                        first: now,
+                        last: now,
+                        ready: None,
+                    });
+                    sight.last = now;
+                    drop(providers);
+                    if new {
+                        let node = &node;
+                        asking.push(async move {
+                            (peer, node.request::<NodeInfoProtocol>(peer, &()).await.is_ok())
+                        });
+                    }
+                }
+                Some((peer, ok)) = asking.next() => if ok { answered.push(peer) },
+                else => break,
+            }
         }
+        let now = unix_ms();
+        let mut providers = seen.providers.lock().unwrap_or_else(|p| p.into_inner());
+        for peer in answered {
+            if let Some(sight) = providers.get_mut(&peer) {
+                sight.ready = Some(now);
+            }
+        }
+        drop(providers);
         let took = begin.elapsed().as_millis() as u64;
         seen.lookups
             .lock()
@@ -863,11 +931,11 @@ async fn churn(args: &Args, workers: &mut [Worker]) -> anyhow::Result<Churn> {
             stopped.insert(peer, workers[worker].withdraw(index).await?);
         }
     }
-    let lingering = |seen: &[(PeerId, u64, u64)], now: u64| {
+    let lingering = |seen: &[(PeerId, Sighting)], now: u64| {
         (seen.iter())
-            .filter(|(peer, _, last)| {
-                stopped.get(peer).is_some_and(|stop| last > stop)
-                    && now.saturating_sub(*last) < 3 * poll.as_millis() as u64
+            .filter(|(peer, sight)| {
+                stopped.get(peer).is_some_and(|stop| sight.last > *stop)
+                    && now.saturating_sub(sight.last) < 3 * poll.as_millis() as u64
             })
             .count()
     };
@@ -885,16 +953,15 @@ async fn churn(args: &Args, workers: &mut [Worker]) -> anyhow::Result<Churn> {
     };
     workers[0].ask("unwatch").await?;
     let lookups = workers[0].watch_lookups().await?;
-    let sights: HashMap<PeerId, (u64, u64)> = seen
-        .into_iter()
-        .map(|(peer, first, last)| (peer, (first, last)))
-        .collect();
+    let sights: HashMap<PeerId, Sighting> = seen.into_iter().collect();
     let advertised: Vec<u64> = started.iter().flatten().map(|&(_, at)| at).collect();
     let first = advertised.iter().min().copied().unwrap_or(0);
     let last = advertised.iter().max().copied().unwrap_or(0);
     let mut churn = Churn {
         spread: Duration::from_millis(last - first),
         seen: Vec::new(),
+        ready: Vec::new(),
+        never_ready: 0,
         unseen: 0,
         listed_after_stop: Vec::new(),
         still_listed,
@@ -902,14 +969,17 @@ async fn churn(args: &Args, workers: &mut [Worker]) -> anyhow::Result<Churn> {
     };
     for (peer, advertised) in started.into_iter().flatten() {
         match sights.get(&peer) {
-            Some(&(first, last)) => {
-                churn
-                    .seen
-                    .push(Duration::from_millis(first.saturating_sub(advertised)));
+            Some(sight) => {
+                let since = |at: u64| Duration::from_millis(at.saturating_sub(advertised));
+                churn.seen.push(since(sight.first));
+                match sight.ready {
+                    Some(ready) => churn.ready.push(since(ready)),
+                    None => churn.never_ready += 1,
+                }
                 let stop = stopped.get(&peer).copied().unwrap_or(u64::MAX);
                 churn
                     .listed_after_stop
-                    .push(Duration::from_millis(last.saturating_sub(stop)));
+                    .push(Duration::from_millis(sight.last.saturating_sub(stop)));
             }
             None => churn.unseen += 1,
         }
