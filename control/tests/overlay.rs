@@ -578,25 +578,21 @@ async fn a_service_with_more_instances_than_a_kademlia_bucket_lists_them_all() {
     const INSTANCES: usize = 30;
     let bootstrap = start_node(&[], None).await;
     let addr = bootstrap_of(&bootstrap).await;
-    // A DHT client, as an ingress on loopback is: it learns the providers only from the
-    // bootstrap's answers.
-    let mut config = node_config(
-        "ingress",
-        Keypair::generate_ed25519(),
-        std::slice::from_ref(&addr),
-    );
-    config.dht_server = false;
-    let seeker = Node::start(config).await.expect("node starts");
-    // Sidecars, as DHT clients: the records are all held by the bootstrap.
-    let mut instances = Vec::new();
-    for _ in 0..INSTANCES {
+    // DHT clients, all of them: the records are held by the bootstrap alone, and the seeker
+    // learns the providers only from its answers.
+    let dht_client = |role: &str| {
         let mut config = node_config(
-            "sidecar",
+            role,
             Keypair::generate_ed25519(),
             std::slice::from_ref(&addr),
         );
         config.dht_server = false;
-        let node = Node::start(config).await.expect("node starts");
+        Node::start(config)
+    };
+    let seeker = dht_client("seeker").await.expect("node starts");
+    let mut instances = Vec::new();
+    for _ in 0..INSTANCES {
+        let node = dht_client("sidecar").await.expect("node starts");
         serve_node_info(&node);
         instances.push(node);
     }

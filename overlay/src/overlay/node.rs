@@ -336,8 +336,7 @@ impl Node {
         let findings = self
             .command_stream(|found| Command::FindProviders(namespace.to_owned(), found))
             .await;
-        // Fused: a caller may poll it again after its end (in a `select!` loop, say), as it
-        // could the channel this stream used to be.
+        // Fused: callers read it in `select!` loops, which poll it again after its end.
         let found = providers::complete(self.clone(), namespace.to_owned(), findings);
         found.fuse().boxed()
     }
