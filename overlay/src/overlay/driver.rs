@@ -53,9 +53,13 @@ pub(crate) enum Command {
     Advertised(oneshot::Sender<Vec<String>>),
     FindProviders(String, fmpsc::UnboundedSender<Finding>),
     /// Providers of a namespace that holders listed beyond a lookup's query
-    /// ([`super::providers`]): dialled at these addresses and recorded in [`Found`] before the
-    /// reply.
-    FoundMore(String, Vec<(PeerId, Vec<Multiaddr>)>, oneshot::Sender<()>),
+    /// ([`super::providers`]): those that have not withdrawn at this node lately are dialled at
+    /// these addresses and recorded in [`Found`], and the reply lists them.
+    FoundMore(
+        String,
+        Vec<(PeerId, Vec<Multiaddr>)>,
+        oneshot::Sender<Vec<PeerId>>,
+    ),
     LocalProviders(String, oneshot::Sender<Vec<kad::ProviderRecord>>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
@@ -258,13 +262,18 @@ impl Driver {
                     },
                 );
             }
-            Command::FoundMore(namespace, providers, done) => {
-                let peers = providers.iter().map(|(peer, _)| *peer).collect();
+            Command::FoundMore(namespace, providers, reply) => {
+                let (key, now) = (record_key(&namespace), Instant::now());
+                let mut kept = Vec::new();
                 for (peer, addrs) in providers {
-                    self.dial(peer, addrs);
+                    // A holder may have answered just before it was told of a withdrawal.
+                    if self.tombstones.standing(&peer, &key, now).is_none() {
+                        self.dial(peer, addrs);
+                        kept.push(peer);
+                    }
                 }
-                self.found.add(&namespace, peers, Instant::now());
-                let _ = done.send(());
+                self.found.add(&namespace, kept.clone(), now);
+                let _ = reply.send(kept);
             }
             Command::LocalProviders(namespace, reply) => {
                 let now = Instant::now();

@@ -10,7 +10,8 @@
 //!    that is gone is listed by at most one lookup after the last query that found it.
 //! 2. A lookup of a namespace whose last query ended at most [`FRESH`] ago is given those
 //!    providers first, at once; its own query then runs as always and adds the rest, and the
-//!    stream ends when the query does. A Kademlia query takes a few round trips to nodes near
+//!    stream ends when the query does (and the holders it names have answered,
+//!    [`super::providers`]). A Kademlia query takes a few round trips to nodes near
 //!    the key even when every connection is open (27–72 ms at 500–1000 nodes, warm, on this
 //!    machine; bench/RESULTS.md). Who benefits: a caller that stops at the first provider
 //!    it can use (none in this tree does yet: each reads to the end, to order providers by

@@ -11,13 +11,15 @@
 //! holds at most what the whole lookup found). One that found 20 or more asks the closest
 //! holders its query reached ([`HOLDERS_ASKED`] of them, closest first, at once) for every
 //! provider they hold, over protocol `/mtc/providers/1`, and waits for their answers at most
-//! [`ASK_TIMEOUT`], and at most [`STRAGGLERS`] after the first one (a holder in a busy
-//! process held a lookup for the whole timeout, once a minute in the churn run): the
+//! [`ASK_TIMEOUT`], and at most [`STRAGGLERS`] after the first one that lists any (a holder in
+//! a busy process held a lookup for the whole timeout, once a minute in the churn run): the
 //! request is the namespace, the answer every unexpired provider record the holder stores of
 //! it, with the addresses its provider announced (an ingress has no other way to reach a
-//! sidecar that is a DHT client), at most [`MAX_PROVIDERS_PER_KEY`]. The lookup's stream gives
-//! what they add after what the query found; the driver dials those and records them with
-//! the query's finds ([`super::found`] rule 1). The providers a lookup gives are unchanged
+//! sidecar that is a DHT client), at most [`MAX_PROVIDERS_PER_KEY`]. The driver dials every
+//! provider they list at those addresses and records it with the query's finds
+//! ([`super::found`] rule 1), less those that withdrew at this node lately
+//! ([`super::tombstones`]: a holder may answer just before it is told); the lookup's stream
+//! gives the ones it has not given yet, after what the query found. The providers a lookup gives are unchanged
 //! otherwise: a holder that cannot be asked (gone, or an older version) costs nothing but
 //! its share of the list.
 //!
@@ -112,22 +114,25 @@ pub(super) fn complete(
                     return Some((peer, state));
                 }
                 Finding::MayHaveMore(holders) => {
-                    let listed = ask(&state.node, &state.namespace, &holders).await;
                     let local = state.node.peer_id();
-                    let new: Vec<(PeerId, Vec<Multiaddr>)> = listed
-                        .into_iter()
-                        .filter(|(peer, _)| *peer != local && !state.given.contains(peer))
-                        .collect();
-                    if new.is_empty() {
+                    let mut listed = ask(&state.node, &state.namespace, &holders).await;
+                    listed.retain(|(peer, _)| *peer != local);
+                    if listed.is_empty() {
                         continue;
                     }
-                    state.more = new.iter().rev().map(|(peer, _)| *peer).collect();
-                    state.given.extend(state.more.iter().copied());
-                    // Dialled (with the addresses only the holders gave) before they are given.
+                    // Every one listed goes to the driver, given already or not, to be dialled
+                    // at the addresses the holders gave (perhaps the only ones there are) and
+                    // recorded; it keeps those that have not withdrawn. The stream then gives
+                    // the ones it has not given.
                     let namespace = state.namespace.clone();
-                    (state.node)
-                        .command(|done| Command::FoundMore(namespace, new, done))
-                        .await;
+                    let kept = (state.node)
+                        .command(|kept| Command::FoundMore(namespace, listed, kept))
+                        .await
+                        .unwrap_or_default();
+                    let new: Vec<PeerId> = (kept.into_iter())
+                        .filter(|peer| state.given.insert(*peer))
+                        .collect();
+                    state.more = new.into_iter().rev().collect();
                 }
             }
         }
@@ -146,11 +151,13 @@ async fn ask(node: &Node, namespace: &str, holders: &[PeerId]) -> Vec<(PeerId, V
         .collect();
     let mut deadline = Box::pin(tokio::time::sleep(ASK_TIMEOUT));
     let (mut listed, mut answered) = (Vec::new(), false);
-    loop {
+    while !asks.is_empty() {
         tokio::select! {
             Some((holder, answer)) = asks.next() => match answer {
                 Ok(answer) => {
-                    if !answered {
+                    // The first list with anything in it starts the stragglers' time (a
+                    // holder new near the key may hold nothing yet).
+                    if !answered && !answer.is_empty() {
                         answered = true;
                         let stragglers = tokio::time::Instant::now() + STRAGGLERS;
                         let until = deadline.deadline().min(stragglers);
@@ -166,7 +173,6 @@ async fn ask(node: &Node, namespace: &str, holders: &[PeerId]) -> Vec<(PeerId, V
                 tracing::debug!(unanswered = asks.len(), "holders' lists not all in within the deadline");
                 break;
             }
-            else => break,
         }
     }
     merge(listed)
