@@ -150,10 +150,9 @@ struct Churn {
     spread: Duration,
     /// From an instance's advertisement to the observer's first sight of it.
     seen: Vec<Duration>,
-    /// From an instance's advertisement to the end of the first lookup that listed it and
-    /// of its node-info answer: when an ingress hands it to its routing core (its
-    /// `discover`: the lookup read to its end, each new instance asked where its data plane
-    /// is, at once).
+    /// From an instance's advertisement to the end of the first lookup that listed it and had
+    /// its node-info answer: when an ingress hands it to its routing core (its `discover`:
+    /// the lookup read to its end, each new instance asked where its data plane is, at once).
     ready: Vec<Duration>,
     /// Instances seen whose node-info request never succeeded.
     never_ready: usize,
@@ -831,9 +830,10 @@ struct Sightings {
 }
 
 /// The churn run's observer: looks [`CHURN_NAMESPACE`] up every `poll` from `node`, as an
-/// ingress discovers a service's instances, and notes when each provider is listed. Each new
-/// one is asked for its node info at once, as an ingress asks where its data plane is, and
-/// is ready when both that answer and the lookup's end are in.
+/// ingress discovers a service's instances, and notes when each provider is listed. Each one
+/// listed is asked for its node info at once until it answers, as an ingress asks where a
+/// new instance's data plane is, and is ready when both that answer and the lookup's end are
+/// in.
 async fn watch(node: Node, poll: Duration, seen: Sightings) {
     let mut every = tokio::time::interval(poll);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -842,21 +842,27 @@ async fn watch(node: Node, poll: Duration, seen: Sightings) {
         let begin = Instant::now();
         let mut found = node.find_providers(CHURN_NAMESPACE).await;
         let mut asking = futures::stream::FuturesUnordered::new();
-        let mut answered = Vec::new();
+        let (mut answered, mut took) = (Vec::new(), None);
         loop {
             tokio::select! {
-                Some(peer) = found.next() => {
+                peer = found.next(), if took.is_none() => {
+                    let Some(peer) = peer else {
+                        took = Some(begin.elapsed().as_millis() as u64);
+                        continue;
+                    };
                     let now = unix_ms();
                     let mut providers = seen.providers.lock().unwrap_or_else(|p| p.into_inner());
-                    let new = !providers.contains_key(&peer);
                     let sight = providers.entry(peer).or_insert(Sighting {
                         first: now,
                         last: now,
                         ready: None,
                     });
                     sight.last = now;
+                    // Asked until it answers once, as an ingress asks a new instance at each
+                    // discovery until it does.
+                    let ask = sight.ready.is_none();
                     drop(providers);
-                    if new {
+                    if ask {
                         let node = &node;
                         asking.push(async move {
                             (peer, node.request::<NodeInfoProtocol>(peer, &()).await.is_ok())
@@ -871,15 +877,14 @@ async fn watch(node: Node, poll: Duration, seen: Sightings) {
         let mut providers = seen.providers.lock().unwrap_or_else(|p| p.into_inner());
         for peer in answered {
             if let Some(sight) = providers.get_mut(&peer) {
-                sight.ready = Some(now);
+                sight.ready.get_or_insert(now);
             }
         }
         drop(providers);
-        let took = begin.elapsed().as_millis() as u64;
         seen.lookups
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(took);
+            .push(took.unwrap_or_default());
     }
 }
 
@@ -988,8 +993,8 @@ async fn churn(args: &Args, workers: &mut [Worker]) -> anyhow::Result<Churn> {
 }
 
 /// Searches from `seeker` until `provider` is found; how long that took, None if not within
-/// `limit`, and how long until that lookup's stream ended (its query's end, what a caller
-/// that reads every provider waits for).
+/// `limit`, and how long until that lookup's stream ended (its query's end, and its holders'
+/// answers where it found 20 or more: what a caller that reads every provider waits for).
 async fn find(seeker: &Node, provider: PeerId, limit: Duration) -> Option<(Duration, Duration)> {
     let begin = Instant::now();
     while begin.elapsed() < limit {
