@@ -27,7 +27,10 @@
 //! probes every instance before routing to it. The request and answer are bounded
 //! ([`ProvidersProtocol`]), and a node answers only from its own store.
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use futures::{
     Stream, StreamExt,
@@ -182,6 +185,7 @@ async fn ask(node: &Node, namespace: &str, holders: &[PeerId]) -> Vec<(PeerId, V
 /// parse are skipped (a holder's fault, not the lookup's).
 fn merge(listed: impl IntoIterator<Item = Listed>) -> Vec<(PeerId, Vec<Multiaddr>)> {
     let mut merged: Vec<(PeerId, Vec<Multiaddr>)> = Vec::new();
+    let mut index: HashMap<PeerId, usize> = HashMap::new();
     for Listed { peer, addrs } in listed {
         let Ok(peer) = peer.parse::<PeerId>() else {
             tracing::debug!(%peer, "a holder listed a provider whose peer ID does not parse");
@@ -190,13 +194,10 @@ fn merge(listed: impl IntoIterator<Item = Listed>) -> Vec<(PeerId, Vec<Multiaddr
         let addrs = addrs
             .iter()
             .filter_map(|addr| addr.parse::<Multiaddr>().ok());
-        let at = match merged.iter().position(|(known, _)| *known == peer) {
-            Some(at) => at,
-            None => {
-                merged.push((peer, Vec::new()));
-                merged.len() - 1
-            }
-        };
+        let at = *index.entry(peer).or_insert_with(|| {
+            merged.push((peer, Vec::new()));
+            merged.len() - 1
+        });
         for addr in addrs {
             if !merged[at].1.contains(&addr) {
                 merged[at].1.push(addr);

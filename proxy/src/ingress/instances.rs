@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{StreamExt, stream::FuturesUnordered};
+use futures::StreamExt;
 use libp2p::PeerId;
 use mtc_overlay::{overlay::Node, rpc::NodeInfoProtocol};
 use tokio::sync::Notify;
@@ -46,6 +46,9 @@ const TICK: Duration = Duration::from_millis(50);
 /// for instances that went away, every `discover-interval` (1 s by default). Twenty ticks a
 /// second were most of an idle proxy's wake-ups (and 0.2–0.3 % of a core).
 const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// How many new instances one discovery asks for their data plane at once.
+const ASKED_AT_ONCE: usize = 32;
 
 /// One service (by its instance key).
 struct Entry {
@@ -378,26 +381,24 @@ impl Services {
             .get(key)
             .map(|entry| entry.core.addresses().collect())
             .unwrap_or_default();
-        let mut providers = self.node.find_providers(key).await;
-        let mut found = Vec::new();
         let mut seen = HashSet::new();
-        let mut asking = FuturesUnordered::new();
-        loop {
-            tokio::select! {
-                Some(peer) = providers.next() => {
-                    if !seen.insert(peer) {
-                        continue;
-                    }
-                    match known.get(&peer) {
-                        Some(addr) => found.push((peer, *addr)),
-                        None => asking.push(async move { (peer, self.data_plane_of(peer).await) }),
-                    }
+        let providers = self.node.find_providers(key).await;
+        providers
+            .filter(move |peer| std::future::ready(seen.insert(*peer)))
+            .map(|peer| {
+                let known = known.get(&peer).copied();
+                async move {
+                    let addr = match known {
+                        Some(addr) => Some(addr),
+                        None => self.data_plane_of(peer).await,
+                    };
+                    addr.map(|addr| (peer, addr))
                 }
-                Some((peer, addr)) = asking.next() => found.extend(addr.map(|addr| (peer, addr))),
-                else => break,
-            }
-        }
-        found
+            })
+            .buffer_unordered(ASKED_AT_ONCE)
+            .filter_map(std::future::ready)
+            .collect()
+            .await
     }
 
     /// Tells the core of `key` the instances found now.
