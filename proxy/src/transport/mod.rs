@@ -6,6 +6,7 @@
 //! rather than every second (the ACK-frequency extension).
 
 pub mod auth;
+pub mod driver;
 mod tls;
 mod udp;
 
@@ -45,7 +46,7 @@ const ACK_ELICITING_THRESHOLD: u32 = 10;
 /// at 16 ms (an edge to its regional cloud) is 2 MB. A stream may have that much unread at
 /// its receiver, a connection twice that, and a sender keeps at most that much unacknowledged;
 /// this bounds what a slow reader at either end can make a proxy hold.
-const STREAM_WINDOW: u32 = 2 << 20;
+pub(crate) const STREAM_WINDOW: u32 = 2 << 20;
 const CONNECTION_WINDOW: u32 = 4 << 20;
 const SEND_WINDOW: u64 = 2 << 20;
 /// How long a peer may delay an acknowledgement (quinn's default `max_ack_delay`).
