@@ -11,7 +11,7 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use http::Response;
 use http_body::Body;
-use quinn::Connection;
+use crate::transport::Connection;
 
 use crate::{
     framing::{
@@ -105,7 +105,7 @@ where
 pub async fn open_stream(
     connection: &Connection,
     blocked: impl FnOnce(),
-) -> Result<(quinn::SendStream, quinn::RecvStream), AttemptError> {
+) -> Result<(crate::transport::SendStream, crate::transport::RecvStream), AttemptError> {
     let mut open = std::pin::pin!(connection.open_bi());
     let opened = match futures::FutureExt::now_or_never(open.as_mut()) {
         Some(opened) => opened,

@@ -52,7 +52,7 @@ use std::{
     time::Duration,
 };
 
-use quinn::{Connection, RecvStream, SendStream};
+use crate::transport::{Connection, RecvStream, SendStream};
 
 use bytes::Bytes;
 

@@ -13,7 +13,7 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame as BodyFrame};
 use http_body_util::BodyExt;
-use quinn::{RecvStream, SendStream};
+use crate::transport::{RecvStream, SendStream};
 
 use crate::framing::{
     self, Decoder, FrameError, Kind, MAX_DATA_BYTES, Piece, decode_trailers, frame_header,

@@ -37,7 +37,7 @@ use futures::FutureExt;
 use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
-use quinn::{RecvStream, SendStream};
+use crate::transport::{RecvStream, SendStream};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{

@@ -58,7 +58,7 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use libp2p::PeerId;
 use mtc_overlay::overlay::Node;
-use quinn::Connection;
+use crate::transport::Connection;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::{TcpListener, TcpStream},

@@ -8,7 +8,7 @@ use std::{pin::pin, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use libp2p::PeerId;
-use quinn::{Connection, RecvStream, SendStream};
+use crate::transport::{Connection, RecvStream, SendStream};
 
 use super::{Attempt, Ingress, RequestError, Resolved, routing::Outcome, watched};
 use crate::{

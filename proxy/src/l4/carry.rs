@@ -31,7 +31,9 @@ use std::{io, net::SocketAddr, sync::Arc};
 
 use bytes::{Bytes, BytesMut};
 use prometheus::IntCounter;
-use quinn::{Connection, RecvStream, SendDatagramError, SendStream};
+use quinn::SendDatagramError;
+
+use crate::transport::{Connection, RecvStream, SendStream};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{

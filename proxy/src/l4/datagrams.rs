@@ -3,7 +3,7 @@
 //!
 //! A tunnel's QUIC datagram is `stream: u64 big-endian | payload`: the ID of the tunnel's
 //! stream (the same at both ends of a connection) says which tunnel it belongs to. A datagram
-//! larger than the path takes ([`quinn::Connection::max_datagram_size`], less those 8 bytes)
+//! larger than the path takes ([`Connection::max_datagram_size`], less those 8 bytes)
 //! crosses on the stream as a `DATAGRAM` frame instead, as does every datagram of a peer that
 //! takes none. A tunnel's sender waits for room in QUIC's datagram send buffer rather than
 //! drop the oldest (back-pressure as on the stream); a receiver whose queue is full drops the
@@ -20,7 +20,7 @@ use std::{
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prometheus::IntCounter;
-use quinn::Connection;
+use crate::transport::Connection;
 use tokio::sync::mpsc;
 
 /// Bytes in front of a tunnel's datagram.

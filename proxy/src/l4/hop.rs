@@ -19,7 +19,7 @@
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use quinn::{Connection, RecvStream, SendStream};
+use crate::transport::{Connection, RecvStream, SendStream};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 

@@ -23,7 +23,7 @@ use bytes::BytesMut;
 use http::{HeaderName, HeaderValue, Method, Request, Uri, header};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use quinn::{RecvStream, SendStream};
+use crate::transport::{RecvStream, SendStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{

@@ -41,7 +41,7 @@ use std::{
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
-use quinn::{RecvStream, SendStream};
+use crate::transport::{RecvStream, SendStream};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{

@@ -1,6 +1,7 @@
-//! The data plane's transport: QUIC (quinn) between proxies, one connection per pair of
-//! proxies, reused by every request, authenticated by overlay identity and network key
-//! ([`auth`]) before any request is served. Datagrams grow to what the path carries (path MTU
+//! The data plane's transport: QUIC between proxies, one connection per pair of proxies,
+//! reused by every request, authenticated by overlay identity and network key ([`auth`])
+//! before any request is served. quinn-proto's state machine runs under one driver task per
+//! endpoint ([`driver`]), which owns the socket and every connection. Datagrams grow to what the path carries (path MTU
 //! discovery up to 64 KiB, GSO batches kept within what the kernel takes, on a socket the
 //! runtime watches for reading only: `udp`), and a peer acknowledges every tenth packet
 //! rather than every second (the ACK-frequency extension).
@@ -10,6 +11,8 @@ pub mod driver;
 mod tls;
 mod udp;
 
+pub use driver::{Connection, RecvStream, SendStream};
+
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -18,10 +21,8 @@ use std::{
 };
 
 use libp2p::{PeerId, identity::Keypair};
-use quinn::{
-    Connection, Endpoint,
-    crypto::rustls::{QuicClientConfig, QuicServerConfig},
-};
+use driver::{Connecting, Endpoint};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 
 use auth::{AuthError, EXPORTER_LABEL, KEYING_MATERIAL_BYTES, MAX_PROOF_BYTES, Proof, Role};
 
@@ -237,17 +238,13 @@ impl Transport {
         let addr = socket.local_addr().map_err(|e| setup(&e))?;
         let listen = |e: std::io::Error| cannot_listen(addr, e);
         size_socket_buffers(&socket);
-        let runtime = quinn::default_runtime()
-            .ok_or_else(|| TransportError::Setup("no async runtime".into()))?;
         let socket = udp::Socket::new(socket).map_err(listen)?;
         let server = match role {
             EndpointRole::Serve => Some(server),
             EndpointRole::DialOnly => None,
         };
-        let mut endpoint =
-            Endpoint::new_with_abstract_socket(endpoint_config(), server, socket, runtime)
-                .map_err(listen)?;
-        endpoint.set_default_client_config(client);
+        let endpoint =
+            Endpoint::new(endpoint_config(), server, client, socket).map_err(|e| setup(&e))?;
         Ok(Self {
             endpoint,
             credentials: Arc::new(Credentials {
@@ -462,7 +459,7 @@ struct Credentials {
 
 impl Credentials {
     /// Completes an inbound connection: the QUIC handshake, then the proofs.
-    async fn handshake(self: Arc<Self>, incoming: quinn::Incoming) -> Accepted {
+    async fn handshake(self: Arc<Self>, incoming: Connecting) -> Accepted {
         let addr = incoming.remote_address();
         let connection = incoming.await.map_err(|e| TransportError::Connect {
             addr,
@@ -489,7 +486,7 @@ impl Credentials {
 
     async fn send_proof(
         &self,
-        send: &mut quinn::SendStream,
+        send: &mut SendStream,
         role: Role,
         material: &[u8; KEYING_MATERIAL_BYTES],
         addr: SocketAddr,
@@ -503,7 +500,7 @@ impl Credentials {
 
     async fn receive_proof(
         &self,
-        recv: &mut quinn::RecvStream,
+        recv: &mut RecvStream,
         expected: Option<PeerId>,
         role: Role,
         material: &[u8; KEYING_MATERIAL_BYTES],

@@ -3,6 +3,7 @@
 //! that must wait leaves its waker where the driver's events find it.
 
 use std::{
+    future::Future,
     io,
     pin::Pin,
     task::{Context, Poll},
@@ -131,10 +132,13 @@ impl SendStream {
 
     /// Resolves when the peer has everything written after a [`SendStream::finish`] (`None`),
     /// or has stopped reading (its code).
-    pub async fn stopped(&mut self) -> Result<Option<VarInt>, StoppedError> {
-        let id = self.id;
-        std::future::poll_fn(|cx| {
-            self.conn.with(|state, key| {
+    /// The future holds a handle of its own: it borrows nothing.
+    pub fn stopped(
+        &self,
+    ) -> impl Future<Output = Result<Option<VarInt>, StoppedError>> + Send + Sync + 'static {
+        let (conn, id) = (self.conn.clone(), self.id);
+        std::future::poll_fn(move |cx| {
+            conn.with(|state, key| {
                 let conn = &mut state.conns[key];
                 match conn.inner.send_stream(id).stopped() {
                     Err(_) => Poll::Ready(Ok(None)),
@@ -149,7 +153,6 @@ impl SendStream {
                 }
             })
         })
-        .await
     }
 }
 
@@ -225,11 +228,13 @@ impl RecvStream {
         self.id
     }
 
-    /// Runs `read` on what the stream holds (in order); waits while it holds nothing.
+    /// Runs `read` on what the stream holds (in order, or as it came); waits while it holds
+    /// nothing.
     /// `Ok(None)` at the stream's end.
     fn poll_read_with<T>(
         &mut self,
         cx: &mut Context,
+        ordered: bool,
         read: impl FnOnce(&mut proto::Chunks) -> ReadStatus<T>,
     ) -> Poll<Result<Option<T>, ReadError>> {
         if self.ended {
@@ -239,7 +244,7 @@ impl RecvStream {
         let (status, ended) = self.conn.with(|state, key| {
             let conn = &mut state.conns[key];
             let mut stream = conn.inner.recv_stream(id);
-            let mut chunks = match stream.read(true) {
+            let mut chunks = match stream.read(ordered) {
                 Ok(chunks) => chunks,
                 Err(proto::ReadableError::ClosedStream) => {
                     return (Poll::Ready(Err(ReadError::ClosedStream)), true);
@@ -282,7 +287,7 @@ impl RecvStream {
         cx: &mut Context,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<Result<Option<usize>, ReadError>> {
-        self.poll_read_with(cx, |chunks| {
+        self.poll_read_with(cx, true, |chunks| {
             let mut read = 0;
             loop {
                 if buf.remaining() == 0 {
@@ -308,10 +313,15 @@ impl RecvStream {
     }
 
     /// The next chunk of at most `max_length` bytes, without copying; `None` at the end.
-    /// Only in-order reads are offered.
-    pub async fn read_chunk(&mut self, max_length: usize) -> Result<Option<Chunk>, ReadError> {
+    /// Unordered reads take chunks as they arrive (a stream read one way is read that way to
+    /// its end).
+    pub async fn read_chunk(
+        &mut self,
+        max_length: usize,
+        ordered: bool,
+    ) -> Result<Option<Chunk>, ReadError> {
         std::future::poll_fn(|cx| {
-            self.poll_read_with(cx, |chunks| match chunks.next(max_length) {
+            self.poll_read_with(cx, ordered, |chunks| match chunks.next(max_length) {
                 Ok(Some(chunk)) => ReadStatus::Readable(chunk),
                 Ok(None) => ReadStatus::Finished(None),
                 Err(error) => ReadStatus::Failed(None, error),
@@ -335,7 +345,7 @@ impl RecvStream {
     /// Everything to the stream's end, if it is at most `size_limit` bytes.
     pub async fn read_to_end(&mut self, size_limit: usize) -> Result<Vec<u8>, ReadToEndError> {
         let mut read = Vec::new();
-        while let Some(chunk) = self.read_chunk(usize::MAX).await? {
+        while let Some(chunk) = self.read_chunk(usize::MAX, true).await? {
             if read.len() + chunk.bytes.len() > size_limit {
                 return Err(ReadToEndError::TooLong);
             }

@@ -82,7 +82,7 @@ async fn pair(client: &Endpoint, server: &Endpoint) -> (Connection, Connection) 
 async fn echo(connection: Connection) {
     while let Ok((mut send, mut recv)) = connection.accept_bi().await {
         tokio::spawn(async move {
-            while let Some(chunk) = recv.read_chunk(usize::MAX).await.unwrap() {
+            while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.unwrap() {
                 send.write_chunk(chunk.bytes).await.unwrap();
             }
             send.finish().unwrap();
