@@ -11,8 +11,8 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use http::Response;
 use http_body::Body;
-use crate::transport::Connection;
 
+use crate::transport::Connection;
 use crate::{
     framing::{
         FrameError, Health, RequestHead, decode_response_head, encode_request_head,

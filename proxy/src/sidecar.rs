@@ -52,8 +52,6 @@ use std::{
     time::Duration,
 };
 
-use crate::transport::{Connection, RecvStream, SendStream};
-
 use bytes::Bytes;
 
 use self::{
@@ -61,6 +59,7 @@ use self::{
     health::{HealthPolicy, Observation, ServiceHealth},
     upstream::{ExchangeError, Exchanged, Switched, Upstream},
 };
+use crate::transport::{Connection, RecvStream, SendStream};
 use crate::{
     framing::view_request_head,
     http1::{arrived_over_h2, asks_upgrade, is_grpc},

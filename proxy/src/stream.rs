@@ -13,11 +13,11 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame as BodyFrame};
 use http_body_util::BodyExt;
-use crate::transport::{RecvStream, SendStream};
 
 use crate::framing::{
     self, Decoder, FrameError, Kind, MAX_DATA_BYTES, Piece, decode_trailers, frame_header,
 };
+use crate::transport::{RecvStream, SendStream};
 
 /// What went wrong reading or writing a message on a QUIC stream.
 #[derive(Debug, thiserror::Error)]

@@ -37,7 +37,6 @@ use futures::FutureExt;
 use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
-use crate::transport::{RecvStream, SendStream};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{
@@ -49,6 +48,7 @@ use tokio::{
 use tokio_util::io::poll_read_buf;
 
 use super::{Ingress, RequestError, Resolved, limits::Limit, tunnel::Upgraded};
+use crate::transport::{RecvStream, SendStream};
 use crate::{
     forward::{Answer, HEAD_CAPACITY},
     framing::{Decoder, FrameError, MAX_DATA_BYTES, decode_trailers},

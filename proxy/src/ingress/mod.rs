@@ -58,7 +58,6 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use libp2p::PeerId;
 use mtc_overlay::overlay::Node;
-use crate::transport::Connection;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -66,6 +65,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::transport::Connection;
 use crate::{
     config::live::LivePerf,
     forward::{Answer, AttemptError, ConnectError, forward_frame},

@@ -8,9 +8,9 @@ use std::{pin::pin, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use libp2p::PeerId;
-use crate::transport::{Connection, RecvStream, SendStream};
 
 use super::{Attempt, Ingress, RequestError, Resolved, routing::Outcome, watched};
+use crate::transport::{Connection, RecvStream, SendStream};
 use crate::{
     forward::{Answer, AttemptError, open_stream},
     framing::{Decoder, Kind, frame_header, view_response_head},

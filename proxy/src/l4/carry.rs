@@ -33,7 +33,6 @@ use bytes::{Bytes, BytesMut};
 use prometheus::IntCounter;
 use quinn::SendDatagramError;
 
-use crate::transport::{Connection, RecvStream, SendStream};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{
@@ -45,6 +44,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::datagrams::{self, DatagramRouter, HEADER_BYTES, Registration};
+use crate::transport::{Connection, RecvStream, SendStream};
 use crate::{
     framing::{Decoder, Kind, MAX_DATAGRAM_BYTES, Piece, frame_header},
     stream::{StreamError, next_piece},

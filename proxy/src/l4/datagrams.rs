@@ -20,8 +20,9 @@ use std::{
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prometheus::IntCounter;
-use crate::transport::Connection;
 use tokio::sync::mpsc;
+
+use crate::transport::Connection;
 
 /// Bytes in front of a tunnel's datagram.
 pub const HEADER_BYTES: usize = 8;

@@ -19,7 +19,6 @@
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use crate::transport::{Connection, RecvStream, SendStream};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +28,7 @@ use super::{
     chain::{Chain, Protocol},
     datagrams::DatagramRouter,
 };
+use crate::transport::{Connection, RecvStream, SendStream};
 use crate::{
     framing::{Decoder, Kind},
     ingress::Ingress,

@@ -23,9 +23,9 @@ use bytes::BytesMut;
 use http::{HeaderName, HeaderValue, Method, Request, Uri, header};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use crate::transport::{RecvStream, SendStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::transport::{RecvStream, SendStream};
 use crate::{
     framing::{Decoder, FrameError, RequestHeadView, ResponseHead, encode_response_head},
     stream::{FramedBody, StreamError, send_message},

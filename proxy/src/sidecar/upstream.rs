@@ -41,7 +41,6 @@ use std::{
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
-use crate::transport::{RecvStream, SendStream};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{
@@ -50,6 +49,7 @@ use tokio::{
     },
 };
 
+use crate::transport::{RecvStream, SendStream};
 use crate::{
     framing::{self, Kind, RequestHeadView, frame_header},
     http1::{

@@ -21,10 +21,10 @@ use std::{
 };
 
 use libp2p::{PeerId, identity::Keypair};
-use driver::{Connecting, Endpoint};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 
 use auth::{AuthError, EXPORTER_LABEL, KEYING_MATERIAL_BYTES, MAX_PROOF_BYTES, Proof, Role};
+use driver::{Connecting, Endpoint};
 
 /// How long the proof exchange after the TLS handshake may take.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
