@@ -594,6 +594,8 @@ impl Future for Driver {
         {
             state.driver = Some(cx.waker().clone());
         }
+        // Work marked while this turn runs is done in it: no need to be woken for it.
+        state.scheduled = true;
         let mut more = false;
 
         // 1. What the socket has.
@@ -641,7 +643,6 @@ impl Future for Driver {
         }
 
         // 3. Connections with something to do, after a send the socket refused.
-        state.scheduled = true;
         if state.unblock(cx) {
             for _ in 0..CONNECTIONS_PER_TURN {
                 let Some(key) = state.dirty.pop_front() else {
