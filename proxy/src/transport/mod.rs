@@ -183,6 +183,20 @@ fn cannot_listen(addr: SocketAddr, error: std::io::Error) -> TransportError {
     TransportError::Setup(format!("cannot listen on {addr} (UDP): {error}"))
 }
 
+/// The QUIC configurations of a serving and a dialling side: our TLS and transport settings.
+fn quic_configs() -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransportError> {
+    let setup = |e: &dyn std::fmt::Display| TransportError::Setup(e.to_string());
+    let server_crypto = QuicServerConfig::try_from(tls::server_config().map_err(|e| setup(&e))?)
+        .map_err(|e| setup(&e))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+    server.transport_config(transport_config());
+    let client_crypto = QuicClientConfig::try_from(tls::client_config().map_err(|e| setup(&e))?)
+        .map_err(|e| setup(&e))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+    client.transport_config(transport_config());
+    Ok((server, client))
+}
+
 fn endpoint_config() -> quinn::EndpointConfig {
     let mut config = quinn::EndpointConfig::default();
     config
@@ -225,16 +239,7 @@ impl Transport {
         role: EndpointRole,
     ) -> Result<Self, TransportError> {
         let setup = |e: &dyn std::fmt::Display| TransportError::Setup(e.to_string());
-        let server_crypto =
-            QuicServerConfig::try_from(tls::server_config().map_err(|e| setup(&e))?)
-                .map_err(|e| setup(&e))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-        server.transport_config(transport_config());
-        let client_crypto =
-            QuicClientConfig::try_from(tls::client_config().map_err(|e| setup(&e))?)
-                .map_err(|e| setup(&e))?;
-        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
-        client.transport_config(transport_config());
+        let (server, client) = quic_configs()?;
         let addr = socket.local_addr().map_err(|e| setup(&e))?;
         let listen = |e: std::io::Error| cannot_listen(addr, e);
         size_socket_buffers(&socket);

@@ -13,24 +13,16 @@ use bytes::Bytes;
 use quinn::{AsyncUdpSocket, ConnectionError, VarInt};
 
 use super::{Connection, Endpoint, RecvStream, SendStream};
-use crate::transport::{STREAM_WINDOW, endpoint_config, tls, transport_config, udp};
+use crate::transport::{STREAM_WINDOW, endpoint_config, quic_configs, tls, udp};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
 fn server_config() -> quinn::ServerConfig {
-    let crypto =
-        quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config().unwrap()).unwrap();
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport_config());
-    config
+    quic_configs().unwrap().0
 }
 
 fn client_config() -> quinn::ClientConfig {
-    let crypto =
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls::client_config().unwrap()).unwrap();
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport_config());
-    config
+    quic_configs().unwrap().1
 }
 
 fn socket() -> Arc<udp::Socket> {
