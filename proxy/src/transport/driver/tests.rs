@@ -343,13 +343,25 @@ async fn datagrams_cross_both_ways() {
     );
 }
 
-/// A test double of the socket that loses every fifth datagram it is given to send: the
-/// kernel's loopback does not lose packets, and making it (netem) needs privileges and
-/// namespaces these tests do not have.
+/// A test double of the socket that loses every fifth datagram it is given to send and holds
+/// every seventh back until after the next: the kernel's loopback neither loses nor reorders
+/// packets, and making it (netem) needs privileges and namespaces these tests do not have.
 #[derive(Debug)]
 struct Lossy {
     socket: Arc<udp::Socket>,
     sends: AtomicUsize,
+    /// A datagram held back: its destination and bytes.
+    held: std::sync::Mutex<Option<(std::net::SocketAddr, Vec<u8>)>>,
+}
+
+impl Lossy {
+    fn wrap(socket: Arc<udp::Socket>) -> Arc<dyn AsyncUdpSocket> {
+        Arc::new(Self {
+            socket,
+            sends: AtomicUsize::new(0),
+            held: std::sync::Mutex::default(),
+        })
+    }
 }
 
 impl AsyncUdpSocket for Lossy {
@@ -358,10 +370,27 @@ impl AsyncUdpSocket for Lossy {
     }
 
     fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
-        if self.sends.fetch_add(1, Ordering::Relaxed) % 5 == 4 {
+        let send = self.sends.fetch_add(1, Ordering::Relaxed);
+        if send % 5 == 4 {
             return Ok(());
         }
-        self.socket.try_send(transmit)
+        let mut held = self.held.lock().unwrap();
+        if send % 7 == 6 && held.is_none() {
+            *held = Some((transmit.destination, transmit.contents.to_vec()));
+            return Ok(());
+        }
+        self.socket.try_send(transmit)?;
+        if let Some((destination, contents)) = held.take() {
+            // Lost if the socket is full, as a late datagram may be.
+            let _ = self.socket.try_send(&quinn::udp::Transmit {
+                destination,
+                ecn: None,
+                contents: &contents,
+                segment_size: None,
+                src_ip: None,
+            });
+        }
+        Ok(())
     }
 
     fn poll_recv(
@@ -392,15 +421,9 @@ impl AsyncUdpSocket for Lossy {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_arrive_whole_over_a_socket_that_loses_a_fifth_of_what_it_sends() {
-    let lossy = |socket| {
-        Arc::new(Lossy {
-            socket,
-            sends: AtomicUsize::new(0),
-        }) as Arc<dyn AsyncUdpSocket>
-    };
-    let client = ours_on(lossy(socket()), false);
-    let server = ours_on(lossy(socket()), true);
+async fn streams_arrive_whole_over_a_socket_that_loses_and_reorders_what_it_sends() {
+    let client = ours_on(Lossy::wrap(socket()), false);
+    let server = ours_on(Lossy::wrap(socket()), true);
     let (dialled, accepted) = pair(&client, &server).await;
     tokio::spawn(echo(accepted));
     let data = pattern(2 << 20, 11);
