@@ -5,7 +5,7 @@
 use std::{
     future::Future,
     net::SocketAddr,
-    pin::Pin,
+    pin::{Pin, pin},
     sync::Arc,
     task::{Context, Poll, Waker},
     time::{Duration, Instant},
@@ -15,8 +15,9 @@ use bytes::Bytes;
 use quinn::{ConnectionError, SendDatagramError, VarInt};
 use quinn_proto::{self as proto, ConnectionHandle, Dir, StreamEvent, StreamId};
 use rustc_hash::FxHashMap;
+use tokio::sync::Notify;
 
-use super::{RecvStream, SendStream, Shared, State, push_waker};
+use super::{RecvStream, SendStream, Shared, State};
 
 /// A connection's state in the driver's [`State`].
 pub(super) struct Conn {
@@ -38,15 +39,21 @@ pub(super) struct Conn {
     pub(super) blocked_writers: FxHashMap<StreamId, Waker>,
     pub(super) blocked_readers: FxHashMap<StreamId, Waker>,
     pub(super) stopped: FxHashMap<StreamId, Waker>,
-    opening: Vec<Waker>,
-    accepting: Vec<Waker>,
-    datagram_readers: Vec<Waker>,
-    datagram_senders: Vec<Waker>,
-    closed: Vec<Waker>,
+    pub(super) signals: Arc<Signals>,
 }
 
-fn wake_all(wakers: &mut Vec<Waker>) {
-    wakers.drain(..).for_each(Waker::wake);
+/// What tasks of a connection wait for, as `Notify`s: any number of tasks may wait, and a
+/// wait that is given up takes its registration with it (a waker list would keep it).
+#[derive(Default)]
+pub(super) struct Signals {
+    /// The peer's stream limit may allow another stream.
+    opening: Notify,
+    /// The peer opened a stream.
+    accepting: Notify,
+    datagram_received: Notify,
+    /// Room for a datagram in the send queue.
+    datagrams_unblocked: Notify,
+    closed: Notify,
 }
 
 fn wake_map(wakers: &mut FxHashMap<StreamId, Waker>) {
@@ -80,11 +87,7 @@ impl Conn {
             blocked_writers: FxHashMap::default(),
             blocked_readers: FxHashMap::default(),
             stopped: FxHashMap::default(),
-            opening: Vec::new(),
-            accepting: Vec::new(),
-            datagram_readers: Vec::new(),
-            datagram_senders: Vec::new(),
-            closed: Vec::new(),
+            signals: Arc::default(),
         }
     }
 
@@ -106,8 +109,12 @@ impl Conn {
                 proto::Event::Stream(StreamEvent::Readable { id }) => {
                     wake_stream(&mut self.blocked_readers, id)
                 }
-                proto::Event::Stream(StreamEvent::Opened { .. }) => wake_all(&mut self.accepting),
-                proto::Event::Stream(StreamEvent::Available { .. }) => wake_all(&mut self.opening),
+                proto::Event::Stream(StreamEvent::Opened { .. }) => {
+                    self.signals.accepting.notify_waiters()
+                }
+                proto::Event::Stream(StreamEvent::Available { .. }) => {
+                    self.signals.opening.notify_waiters()
+                }
                 proto::Event::Stream(StreamEvent::Finished { id }) => {
                     wake_stream(&mut self.stopped, id)
                 }
@@ -115,8 +122,10 @@ impl Conn {
                     wake_stream(&mut self.stopped, id);
                     wake_stream(&mut self.blocked_writers, id);
                 }
-                proto::Event::DatagramReceived => wake_all(&mut self.datagram_readers),
-                proto::Event::DatagramsUnblocked => wake_all(&mut self.datagram_senders),
+                proto::Event::DatagramReceived => self.signals.datagram_received.notify_waiters(),
+                proto::Event::DatagramsUnblocked => {
+                    self.signals.datagrams_unblocked.notify_waiters()
+                }
             }
         }
     }
@@ -133,11 +142,16 @@ impl Conn {
         wake_map(&mut self.blocked_writers);
         wake_map(&mut self.blocked_readers);
         wake_map(&mut self.stopped);
-        wake_all(&mut self.opening);
-        wake_all(&mut self.accepting);
-        wake_all(&mut self.datagram_readers);
-        wake_all(&mut self.datagram_senders);
-        wake_all(&mut self.closed);
+        let signals = &self.signals;
+        for signal in [
+            &signals.opening,
+            &signals.accepting,
+            &signals.datagram_received,
+            &signals.datagrams_unblocked,
+            &signals.closed,
+        ] {
+            signal.notify_waiters();
+        }
     }
 
     /// Closes it now (the driver then sends the CONNECTION_CLOSE).
@@ -154,14 +168,34 @@ impl Conn {
 pub struct Connection {
     pub(super) shared: Arc<Shared>,
     pub(super) key: usize,
+    signals: Arc<Signals>,
 }
 
 impl Connection {
-    /// A handle for connection `key`, whose reference the caller has counted already.
-    pub(super) fn from_key(shared: &Arc<Shared>, key: usize) -> Self {
+    /// A handle for connection `key` of `state` (locked by the caller), whose reference the
+    /// caller has counted already.
+    pub(super) fn from_key(shared: &Arc<Shared>, state: &State, key: usize) -> Self {
         Self {
             shared: Arc::clone(shared),
             key,
+            signals: Arc::clone(&state.conns[key].signals),
+        }
+    }
+
+    /// Waits for `signal` until `check`, run under the lock after the wait is registered (so
+    /// that no notification between the two is missed), has an answer.
+    async fn wait_for<T>(
+        &self,
+        signal: fn(&Signals) -> &Notify,
+        mut check: impl FnMut(&mut State, usize) -> Option<T>,
+    ) -> T {
+        loop {
+            let mut notified = pin!(signal(&self.signals).notified());
+            notified.as_mut().enable();
+            if let Some(answer) = self.with(&mut check) {
+                return answer;
+            }
+            notified.await;
         }
     }
 
@@ -172,49 +206,43 @@ impl Connection {
         f(&mut state, self.key)
     }
 
-    fn with_conn<T>(&self, f: impl FnOnce(&mut Conn) -> T) -> T {
+    pub(super) fn with_conn<T>(&self, f: impl FnOnce(&mut Conn) -> T) -> T {
         self.with(|state, key| f(&mut state.conns[key]))
     }
 
     /// Opens a bidirectional stream, waiting for the peer's stream limit if it is reached.
     pub async fn open_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
-        let id = std::future::poll_fn(|cx| {
-            self.with(|state, key| {
-                let conn = &mut state.conns[key];
-                if let Some(error) = &conn.error {
-                    return Poll::Ready(Err(error.clone()));
-                }
-                match conn.inner.streams().open(Dir::Bi) {
-                    Some(id) => Poll::Ready(Ok(id)),
-                    None => {
-                        push_waker(&mut conn.opening, cx.waker());
-                        Poll::Pending
+        let id = self
+            .wait_for(
+                |signals| &signals.opening,
+                |state, key| {
+                    let conn = &mut state.conns[key];
+                    if let Some(error) = &conn.error {
+                        return Some(Err(error.clone()));
                     }
-                }
-            })
-        })
-        .await?;
+                    conn.inner.streams().open(Dir::Bi).map(Ok)
+                },
+            )
+            .await?;
         Ok(self.streams(id))
     }
 
     /// The next bidirectional stream the peer opens.
     pub async fn accept_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
-        let id = std::future::poll_fn(|cx| {
-            self.with(|state, key| {
-                let conn = &mut state.conns[key];
-                if let Some(id) = conn.inner.streams().accept(Dir::Bi) {
-                    // The peer may be owed more stream credit.
-                    state.mark(key);
-                    return Poll::Ready(Ok(id));
-                }
-                if let Some(error) = &conn.error {
-                    return Poll::Ready(Err(error.clone()));
-                }
-                push_waker(&mut conn.accepting, cx.waker());
-                Poll::Pending
-            })
-        })
-        .await?;
+        let id = self
+            .wait_for(
+                |signals| &signals.accepting,
+                |state, key| {
+                    let conn = &mut state.conns[key];
+                    if let Some(id) = conn.inner.streams().accept(Dir::Bi) {
+                        // The peer may be owed more stream credit.
+                        state.mark(key);
+                        return Some(Ok(id));
+                    }
+                    conn.error.clone().map(Err)
+                },
+            )
+            .await?;
         Ok(self.streams(id))
     }
 
@@ -244,44 +272,42 @@ impl Connection {
     /// Sends an unreliable datagram, waiting for room in the queue rather than dropping.
     pub async fn send_datagram_wait(&self, data: Bytes) -> Result<(), SendDatagramError> {
         let mut data = Some(data);
-        std::future::poll_fn(|cx| {
-            self.with(|state, key| {
+        self.wait_for(
+            |signals| &signals.datagrams_unblocked,
+            |state, key| {
                 let conn = &mut state.conns[key];
                 if let Some(error) = &conn.error {
-                    return Poll::Ready(Err(SendDatagramError::ConnectionLost(error.clone())));
+                    return Some(Err(SendDatagramError::ConnectionLost(error.clone())));
                 }
-                let datagram = data.take().expect("polled after completion");
+                let datagram = data.take().expect("taken back when blocked");
                 match conn.inner.datagrams().send(datagram, false) {
                     Ok(()) => {
                         state.mark(key);
-                        Poll::Ready(Ok(()))
+                        Some(Ok(()))
                     }
                     Err(proto::SendDatagramError::Blocked(datagram)) => {
                         data = Some(datagram);
-                        push_waker(&mut conn.datagram_senders, cx.waker());
-                        Poll::Pending
+                        None
                     }
-                    Err(error) => Poll::Ready(Err(datagram_error(error))),
+                    Err(error) => Some(Err(datagram_error(error))),
                 }
-            })
-        })
+            },
+        )
         .await
     }
 
     /// The next unreliable datagram from the peer.
     pub async fn read_datagram(&self) -> Result<Bytes, ConnectionError> {
-        std::future::poll_fn(|cx| {
-            self.with_conn(|conn| {
-                if let Some(datagram) = conn.inner.datagrams().recv() {
-                    return Poll::Ready(Ok(datagram));
+        self.wait_for(
+            |signals| &signals.datagram_received,
+            |state, key| {
+                let conn = &mut state.conns[key];
+                match conn.inner.datagrams().recv() {
+                    Some(datagram) => Some(Ok(datagram)),
+                    None => conn.error.clone().map(Err),
                 }
-                if let Some(error) = &conn.error {
-                    return Poll::Ready(Err(error.clone()));
-                }
-                push_waker(&mut conn.datagram_readers, cx.waker());
-                Poll::Pending
-            })
-        })
+            },
+        )
         .await
     }
 
@@ -301,15 +327,10 @@ impl Connection {
 
     /// Resolves with the reason once the connection has ended.
     pub async fn closed(&self) -> ConnectionError {
-        std::future::poll_fn(|cx| {
-            self.with_conn(|conn| match &conn.error {
-                Some(error) => Poll::Ready(error.clone()),
-                None => {
-                    push_waker(&mut conn.closed, cx.waker());
-                    Poll::Pending
-                }
-            })
-        })
+        self.wait_for(
+            |signals| &signals.closed,
+            |state, key| state.conns[key].error.clone(),
+        )
         .await
     }
 
@@ -366,7 +387,11 @@ fn datagram_error(error: proto::SendDatagramError) -> SendDatagramError {
 impl Clone for Connection {
     fn clone(&self) -> Self {
         self.with_conn(|conn| conn.refs += 1);
-        Self::from_key(&self.shared, self.key)
+        Self {
+            shared: Arc::clone(&self.shared),
+            key: self.key,
+            signals: Arc::clone(&self.signals),
+        }
     }
 }
 

@@ -180,6 +180,10 @@ impl State {
             self.deadlines.remove(&(at, key));
         }
         self.dirty.retain(|k| *k != key);
+        if self.conns.is_empty() {
+            // With no endpoint handle left either, the driver ends.
+            self.wake_driver();
+        }
     }
 
     /// Waits for the socket to take sends again, if one would have blocked; sends the
@@ -195,7 +199,9 @@ impl State {
                     return false;
                 }
                 Poll::Ready(Err(error)) => {
+                    // The transmit is lost (QUIC recovers it); the connection goes on.
                     tracing::warn!(%error, "QUIC socket: cannot wait for write space");
+                    self.mark(key);
                     return true;
                 }
                 Poll::Ready(Ok(())) => {}
@@ -479,7 +485,11 @@ impl Endpoint {
         let config = state.client_config.clone();
         let (handle, inner) = state.endpoint.connect(now, config, addr, server_name)?;
         let key = state.insert(handle, inner, 1);
-        Ok(Connecting::new(Connection::from_key(&self.shared, key)))
+        Ok(Connecting::new(Connection::from_key(
+            &self.shared,
+            &state,
+            key,
+        )))
     }
 
     /// The next inbound connection, handshaking; `None` once the endpoint is closed.
@@ -490,6 +500,7 @@ impl Endpoint {
                 // Takes over the queue's handle.
                 return Poll::Ready(Some(Connecting::new(Connection::from_key(
                     &self.shared,
+                    &state,
                     key,
                 ))));
             }
@@ -555,8 +566,9 @@ impl Drop for Endpoint {
         let mut state = self.shared.lock();
         state.endpoints -= 1;
         if state.endpoints == 0 {
-            // Inbound connections nobody will accept close; the driver ends once the others
-            // have.
+            // Nobody will accept inbound connections: those queued close, and new ones are
+            // refused. The driver ends once the other connections have.
+            state.closed = true;
             while let Some(key) = state.incoming.pop_front() {
                 state.release(key);
             }

@@ -113,9 +113,9 @@ impl SendStream {
                     state.mark(key);
                     Ok(())
                 }
-                Err(proto::FinishError::Stopped(_)) | Err(proto::FinishError::ClosedStream) => {
-                    Err(ClosedStream::default())
-                }
+                // As quinn: a stream the peer stopped needs no finishing (`stopped` says so).
+                Err(proto::FinishError::Stopped(_)) => Ok(()),
+                Err(proto::FinishError::ClosedStream) => Err(ClosedStream::default()),
             },
         )
     }
@@ -161,6 +161,7 @@ impl Drop for SendStream {
         let id = self.id;
         self.conn.with(|state, key| {
             let conn = &mut state.conns[key];
+            conn.blocked_writers.remove(&id);
             if conn.error.is_some() {
                 return;
             }
@@ -298,8 +299,8 @@ impl RecvStream {
                         buf.put_slice(&chunk.bytes);
                         read += chunk.bytes.len();
                     }
-                    Ok(None) if read == 0 => return ReadStatus::Finished(None),
-                    Ok(None) => return ReadStatus::Readable(read),
+                    // quinn-proto has freed the stream: this read is its last.
+                    Ok(None) => return ReadStatus::Finished((read > 0).then_some(read)),
                     Err(error) => return ReadStatus::Failed((read > 0).then_some(read), error),
                 }
             }
@@ -369,6 +370,8 @@ impl RecvStream {
 
 impl Drop for RecvStream {
     fn drop(&mut self) {
+        let id = self.id;
+        self.conn.with_conn(|conn| conn.blocked_readers.remove(&id));
         if !self.ended {
             let _ = self.stop(0u32.into());
         }

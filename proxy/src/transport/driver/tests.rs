@@ -431,3 +431,51 @@ async fn streams_arrive_whole_over_a_socket_that_loses_and_reorders_what_it_send
     let lost = dialled.stats().path.lost_packets;
     assert!(lost > 0, "nothing was lost");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_into_a_buffer_end_at_the_streams_end_without_an_error() {
+    let (client, server) = (ours(false), ours(true));
+    let (dialled, accepted) = pair(&client, &server).await;
+    for _ in 0..2 {
+        let (mut send, _recv) = dialled.open_bi().await.unwrap();
+        send.write_all(b"0123456789").await.unwrap();
+        send.finish().unwrap();
+    }
+    // The bytes and the end arrive together: a read takes both, the next says "the end".
+    let (_send, mut recv) = within("a stream", accepted.accept_bi()).await.unwrap();
+    let mut read = Vec::new();
+    let mut buf = [0; 100];
+    while let Some(n) = within("a read", recv.read(&mut buf)).await.unwrap() {
+        read.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(read, b"0123456789");
+    let (_send, mut recv) = within("a stream", accepted.accept_bi()).await.unwrap();
+    let short = within("a read", recv.read_exact(&mut buf)).await;
+    assert!(
+        matches!(short, Err(quinn::ReadExactError::FinishedEarly(10))),
+        "{short:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drivers_end_when_the_endpoints_go_before_their_connections() {
+    let (client, server) = (ours(false), ours(true));
+    let (dialled, accepted) = pair(&client, &server).await;
+    let states = [client.state_weak(), server.state_weak()];
+    drop(dialled);
+    within("the close", accepted.closed()).await;
+    within("both sides drained", async {
+        client.wait_idle().await;
+        server.wait_idle().await;
+    })
+    .await;
+    // The endpoints go first; the last handle, to a connection long drained, after them.
+    drop((client, server));
+    drop(accepted);
+    within("the drivers' end", async {
+        while states.iter().any(|state| state.strong_count() > 0) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
