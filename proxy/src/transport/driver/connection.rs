@@ -189,6 +189,10 @@ impl Connection {
         signal: fn(&Signals) -> &Notify,
         mut check: impl FnMut(&mut State, usize) -> Option<T>,
     ) -> T {
+        // Most waits are over at once (a stream to open, a datagram queued): no registration.
+        if let Some(answer) = self.with(&mut check) {
+            return answer;
+        }
         loop {
             let mut notified = pin!(signal(&self.signals).notified());
             notified.as_mut().enable();
