@@ -1,6 +1,6 @@
-//! One connection: its quinn-proto state with the wakers of the tasks waiting on it
-//! ([`Conn`], in the driver's [`State`]), and the handles to it ([`Connection`],
-//! [`Connecting`]).
+//! One connection: its quinn-proto state with the wakers and signals of the tasks waiting on
+//! it ([`Conn`], in the driver's [`State`]; [`Signals`]), and the handles to it
+//! ([`Connection`], [`Connecting`]).
 
 use std::{
     future::Future,

@@ -1,5 +1,5 @@
-//! QUIC driven by one task per endpoint, over quinn-proto (issue 13; docs/quic-driver.md
-//! has the design and the plan for switching the data plane over to it).
+//! QUIC driven by one task per endpoint, over quinn-proto: the data plane's transport
+//! (issue 13; docs/quic-driver.md has the design, what was measured and what is next).
 //!
 //! quinn drives each connection from a task of its own and the endpoint from another, so a
 //! request that arrives on the socket is handed from the endpoint's task to the connection's
@@ -12,7 +12,9 @@
 //! - **Handles call quinn-proto directly.** A [`SendStream`] write locks the state, writes
 //!   into the stream and marks the connection *dirty*; it wakes the driver only if the driver
 //!   is not already due to run ([`State::mark`]). A [`RecvStream`] read takes what quinn-proto
-//!   holds for it or leaves its waker for the driver.
+//!   holds for it or leaves its waker for the driver. Waits on a connection as a whole (a
+//!   stream to open or accept, a datagram, its end) are `tokio::sync::Notify`s, which any
+//!   number of tasks may wait on and give up.
 //! - **The driver** ([`Driver`]), each time it runs: receives up to [`RECV_SLOTS`] datagrams
 //!   per call (GRO batches) and feeds them to the endpoint and on to their connections; runs
 //!   the timers that are due; then, for each dirty connection, exchanges its events with the
