@@ -182,8 +182,9 @@ impl Connection {
         }
     }
 
-    /// Waits for `signal` until `check`, run under the lock after the wait is registered (so
-    /// that no notification between the two is missed), has an answer.
+    /// Waits for `signal` until `check`, run under the lock, has an answer: once at once, then
+    /// each time after the wait is registered (so that no notification between the two is
+    /// missed).
     async fn wait_for<T>(
         &self,
         signal: fn(&Signals) -> &Notify,
@@ -210,7 +211,7 @@ impl Connection {
         f(&mut state, self.key)
     }
 
-    pub(super) fn with_conn<T>(&self, f: impl FnOnce(&mut Conn) -> T) -> T {
+    fn with_conn<T>(&self, f: impl FnOnce(&mut Conn) -> T) -> T {
         self.with(|state, key| f(&mut state.conns[key]))
     }
 
@@ -224,7 +225,9 @@ impl Connection {
                     if let Some(error) = &conn.error {
                         return Some(Err(error.clone()));
                     }
-                    conn.inner.streams().open(Dir::Bi).map(Ok)
+                    let id = conn.inner.streams().open(Dir::Bi)?;
+                    conn.refs += 2;
+                    Some(Ok(id))
                 },
             )
             .await?;
@@ -239,6 +242,7 @@ impl Connection {
                 |state, key| {
                     let conn = &mut state.conns[key];
                     if let Some(id) = conn.inner.streams().accept(Dir::Bi) {
+                        conn.refs += 2;
                         // The peer may be owed more stream credit.
                         state.mark(key);
                         return Some(Ok(id));
@@ -250,11 +254,22 @@ impl Connection {
         Ok(self.streams(id))
     }
 
+    /// The two halves of stream `id`, whose two references the caller has counted already
+    /// (under the lock it opened or accepted the stream in).
     fn streams(&self, id: StreamId) -> (SendStream, RecvStream) {
         (
-            SendStream::new(self.clone(), id),
-            RecvStream::new(self.clone(), id),
+            SendStream::new(self.counted(), id),
+            RecvStream::new(self.counted(), id),
         )
+    }
+
+    /// Another handle, whose reference the caller has counted.
+    fn counted(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+            key: self.key,
+            signals: Arc::clone(&self.signals),
+        }
     }
 
     /// Sends an unreliable datagram, dropping the oldest queued ones if the queue is full.
@@ -391,11 +406,7 @@ fn datagram_error(error: proto::SendDatagramError) -> SendDatagramError {
 impl Clone for Connection {
     fn clone(&self) -> Self {
         self.with_conn(|conn| conn.refs += 1);
-        Self {
-            shared: Arc::clone(&self.shared),
-            key: self.key,
-            signals: Arc::clone(&self.signals),
-        }
+        self.counted()
     }
 }
 

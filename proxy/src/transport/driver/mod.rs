@@ -208,13 +208,8 @@ impl State {
                 }
                 Poll::Ready(Ok(())) => {}
             }
-            match self
-                .socket
-                .try_send(&udp_transmit(&transmit, &self.send_buf[..transmit.size]))
-            {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(error) => tracing::debug!(%error, "QUIC socket: a send failed"),
-                Ok(()) => {}
+            if !self.send(&transmit, &self.send_buf) {
+                continue;
             }
             self.mark(key);
             return true;
@@ -255,20 +250,11 @@ impl State {
             sent += transmit
                 .size
                 .div_ceil(transmit.segment_size.unwrap_or(transmit.size));
-            match self
-                .socket
-                .try_send(&udp_transmit(&transmit, &self.send_buf[..transmit.size]))
-            {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.blocked = Some((key, transmit));
-                    if !self.unblock(cx) {
-                        return false;
-                    }
+            if !self.send(&transmit, &self.send_buf) {
+                self.blocked = Some((key, transmit));
+                if !self.unblock(cx) {
+                    return false;
                 }
-                // As quinn does: a send the network refuses is a lost datagram, which QUIC
-                // recovers from.
-                Err(error) => tracing::debug!(%error, "QUIC socket: a send failed"),
-                Ok(()) => {}
             }
             if sent >= MAX_TRANSMIT_DATAGRAMS {
                 self.mark(key);
@@ -383,11 +369,23 @@ impl State {
     /// Sends a stateless answer of the endpoint's, if the socket has room (else it is lost,
     /// as a datagram may be).
     fn respond(&self, transmit: &proto::Transmit) {
-        let sent = self
+        self.send(transmit, &self.response_buf);
+    }
+
+    /// One send of `transmit`, whose bytes start `buf`; false if the socket is full. Any
+    /// other failure counts as sent: as quinn does, a send the network refuses is a lost
+    /// datagram, which QUIC recovers from.
+    fn send(&self, transmit: &proto::Transmit, buf: &[u8]) -> bool {
+        match self
             .socket
-            .try_send(&udp_transmit(transmit, &self.response_buf[..transmit.size]));
-        if let Err(error) = sent {
-            tracing::debug!(%error, "QUIC socket: a stateless answer was not sent");
+            .try_send(&udp_transmit(transmit, &buf[..transmit.size]))
+        {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(error) => {
+                tracing::debug!(%error, "QUIC socket: a send failed");
+                true
+            }
+            Ok(()) => true,
         }
     }
 }

@@ -17,7 +17,7 @@ use quinn::{
 use quinn_proto::{self as proto, Chunk, StreamId};
 use tokio::io::ReadBuf;
 
-use super::Connection;
+use super::{Connection, State};
 
 /// The sending half of a stream (quinn's `SendStream`). Dropped unfinished, it is finished.
 pub struct SendStream {
@@ -230,8 +230,7 @@ impl RecvStream {
     }
 
     /// Runs `read` on what the stream holds (in order, or as it came); waits while it holds
-    /// nothing.
-    /// `Ok(None)` at the stream's end.
+    /// nothing. `Ok(None)` at the stream's end.
     fn poll_read_with<T>(
         &mut self,
         cx: &mut Context,
@@ -358,23 +357,28 @@ impl RecvStream {
     /// Asks the peer to stop sending, with `code`; what is unread is dropped.
     pub fn stop(&mut self, code: VarInt) -> Result<(), ClosedStream> {
         let id = self.id;
-        self.conn.with(|state, key| {
-            state.conns[key].inner.recv_stream(id).stop(code)?;
-            state.mark(key);
-            Ok(())
-        })?;
+        self.conn.with(|state, key| stop(state, key, id, code))?;
         self.ended = true;
         Ok(())
     }
 }
 
+/// Asks the peer to stop sending on stream `id` of connection `key`.
+fn stop(state: &mut State, key: usize, id: StreamId, code: VarInt) -> Result<(), ClosedStream> {
+    state.conns[key].inner.recv_stream(id).stop(code)?;
+    state.mark(key);
+    Ok(())
+}
+
 impl Drop for RecvStream {
     fn drop(&mut self) {
-        let id = self.id;
-        self.conn.with_conn(|conn| conn.blocked_readers.remove(&id));
-        if !self.ended {
-            let _ = self.stop(0u32.into());
-        }
+        let (id, ended) = (self.id, self.ended);
+        self.conn.with(|state, key| {
+            state.conns[key].blocked_readers.remove(&id);
+            if !ended {
+                let _ = stop(state, key, id, 0u32.into());
+            }
+        });
     }
 }
 
