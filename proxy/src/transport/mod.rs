@@ -1,10 +1,10 @@
 //! The data plane's transport: QUIC between proxies, one connection per pair of proxies,
 //! reused by every request, authenticated by overlay identity and network key ([`auth`])
 //! before any request is served. quinn-proto's state machine runs under one driver task per
-//! endpoint ([`driver`]), which owns the socket and every connection. Datagrams grow to what the path carries (path MTU
-//! discovery up to 64 KiB, GSO batches kept within what the kernel takes, on a socket the
-//! runtime watches for reading only: `udp`), and a peer acknowledges every tenth packet
-//! rather than every second (the ACK-frequency extension).
+//! endpoint ([`driver`]), which owns the socket and every connection. Datagrams grow to what
+//! the path carries (path MTU discovery up to 64 KiB, GSO batches kept within what the
+//! kernel takes, on a socket the runtime watches for reading only: `udp`), and a peer
+//! acknowledges every tenth packet rather than every second (the ACK-frequency extension).
 
 pub mod auth;
 pub mod driver;
@@ -248,8 +248,7 @@ impl Transport {
             EndpointRole::Serve => Some(server),
             EndpointRole::DialOnly => None,
         };
-        let endpoint =
-            Endpoint::new(endpoint_config(), server, client, socket).map_err(|e| setup(&e))?;
+        let endpoint = Endpoint::new(endpoint_config(), server, client, socket);
         Ok(Self {
             endpoint,
             credentials: Arc::new(Credentials {

@@ -412,18 +412,6 @@ fn udp_transmit<'a>(transmit: &proto::Transmit, contents: &'a [u8]) -> quinn::ud
     }
 }
 
-/// Why an endpoint could not be made or a connection not started.
-#[derive(Debug, thiserror::Error)]
-pub enum EndpointError {
-    /// The socket's address could not be read.
-    #[error("QUIC socket: {0}")]
-    Socket(#[from] io::Error),
-    /// quinn-proto refused to start the connection (an unusable address, no identifiers
-    /// left, the endpoint closing).
-    #[error("cannot connect: {0}")]
-    Connect(#[from] proto::ConnectError),
-}
-
 impl Endpoint {
     /// An endpoint on `socket`, accepting connections with `server` if given and dialling
     /// with `client`; spawns its driver on the current Tokio runtime.
@@ -432,7 +420,7 @@ impl Endpoint {
         server: Option<proto::ServerConfig>,
         client: proto::ClientConfig,
         socket: Arc<dyn AsyncUdpSocket>,
-    ) -> Result<Self, EndpointError> {
+    ) -> Self {
         let server_config = server.map(Arc::new);
         let endpoint = proto::Endpoint::new(
             Arc::new(config),
@@ -471,15 +459,16 @@ impl Endpoint {
             shared: Arc::clone(&shared),
             buffer: vec![0; RECV_SLOTS * SLOT_BYTES].into_boxed_slice(),
         });
-        Ok(Self { shared })
+        Self { shared }
     }
 
-    /// Starts a connection to `addr`, presenting `server_name` to its TLS.
+    /// Starts a connection to `addr`, presenting `server_name` to its TLS; quinn-proto refuses
+    /// an unusable address, or when it has no connection identifiers left.
     pub fn connect(
         &self,
         addr: SocketAddr,
         server_name: &str,
-    ) -> Result<Connecting, EndpointError> {
+    ) -> Result<Connecting, proto::ConnectError> {
         let mut state = self.shared.lock();
         let now = Instant::now();
         let config = state.client_config.clone();

@@ -32,7 +32,7 @@ fn socket() -> Arc<udp::Socket> {
 /// One of ours, serving or not, on `socket`.
 fn ours_on(socket: Arc<dyn AsyncUdpSocket>, serve: bool) -> Endpoint {
     let server = serve.then(server_config);
-    Endpoint::new(endpoint_config(), server, client_config(), socket).unwrap()
+    Endpoint::new(endpoint_config(), server, client_config(), socket)
 }
 
 fn ours(serve: bool) -> Endpoint {
