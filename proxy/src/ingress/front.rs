@@ -65,8 +65,12 @@ use crate::{
     upgrade::{self, Ends, IDLE_TIMEOUT, Outcome as UpgradeOutcome, Role},
 };
 
-/// What is read from a client at a time.
+/// What is read from a client at a time: a head, and a body's first read.
 const READ_CHUNK: usize = 8 * 1024;
+/// The largest read of a body: reads double from [`READ_CHUNK`] while a body goes on, so a
+/// small body costs one small buffer and a large upload crosses in few, large `DATA` frames
+/// (as the sidecar reads a service's response).
+const MAX_BODY_READ: usize = 64 * 1024;
 
 /// Serves HTTP/1.1 requests on `stream` from `client` until it closes; `buffer` holds what
 /// was read before (the start of the first request).
@@ -515,6 +519,8 @@ pub struct ClientBody {
     reader: Option<Reader>,
     left: Left,
     back: Option<oneshot::Sender<Reader>>,
+    /// What the next read asks for at most.
+    read_size: usize,
 }
 
 impl ClientBody {
@@ -523,6 +529,7 @@ impl ClientBody {
             reader: None,
             left: Left::Length(0),
             back: None,
+            read_size: READ_CHUNK,
         }
     }
 
@@ -536,6 +543,7 @@ impl ClientBody {
             reader: Some(reader),
             left,
             back: Some(back),
+            read_size: READ_CHUNK,
         }
     }
 
@@ -594,7 +602,14 @@ impl Body for ClientBody {
                     }
                 }
             }
-            reader.buffer.reserve(READ_CHUNK);
+            let wanted = match this.left {
+                Left::Length(left) => {
+                    usize::try_from(left).map_or(this.read_size, |left| left.min(this.read_size))
+                }
+                Left::Chunked(_) => this.read_size,
+            };
+            reader.buffer.reserve(wanted);
+            this.read_size = (this.read_size * 2).min(MAX_BODY_READ);
             match ready!(poll_read_buf(
                 Pin::new(&mut reader.read),
                 cx,
